@@ -1,0 +1,194 @@
+"""`svllm`: run the manager, the router, a worker, or everything at once (`svllm up`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import httpx
+import uvicorn
+
+from .config import ManagerSettings, RouterSettings, WorkerSettings
+
+log = logging.getLogger("svllm")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _server(app: object, host: str, port: int, level: str) -> uvicorn.Server:
+    # The servers log their own access lines only at debug level: the hot path should not pay for logging.
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=level.lower(),  # type: ignore[arg-type]
+                                         access_log=level.lower() == "debug", timeout_graceful_shutdown=5))
+
+
+def manager_app(settings: ManagerSettings) -> object:
+    from .manager.http_app import create_app
+
+    return create_app(settings)
+
+
+def router_app(settings: RouterSettings) -> object:
+    from .manager.http_client import HTTPManagerClient
+    from .router.app import create_router_app
+
+    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url))
+
+
+def worker_app(settings: WorkerSettings) -> object:
+    from .worker.app import create_app
+
+    return create_app(settings)
+
+
+def cmd_manager(args: argparse.Namespace) -> None:
+    settings = ManagerSettings.from_env(host=args.host, port=args.port, db_path=args.db,
+                                        heartbeat_timeout=args.heartbeat_timeout)
+    asyncio.run(_server(manager_app(settings), settings.host, settings.port, args.log_level).serve())
+
+
+def cmd_router(args: argparse.Namespace) -> None:
+    settings = RouterSettings.from_env(host=args.host, port=args.port, manager_url=args.manager_url,
+                                       processes=args.workers)
+    if settings.processes > 1:
+        # Stateless apart from its table, so N processes each keep their own and share the port.
+        os.environ.update(ROUTER_HOST=settings.host, ROUTER_PORT=str(settings.port), MANAGER_URL=settings.manager_url)
+        os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--workers", str(settings.processes),
+                                   "--worker-class", "uvicorn.workers.UvicornWorker", "--bind",
+                                   f"{settings.host}:{settings.port}", "--graceful-timeout", "10",
+                                   "serverless_vllm.router.app:app_from_env()"])
+    asyncio.run(_server(router_app(settings), settings.host, settings.port, args.log_level).serve())
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    settings = WorkerSettings.from_env(worker_id=args.worker_id, host=args.host, port=args.port,
+                                       manager_url=args.manager_url, public_url=args.public_url,
+                                       heartbeat_interval_s=args.heartbeat_interval)
+    asyncio.run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
+
+
+async def register_model(url: str, body: dict[str, object]) -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=60.0) as client:
+        resp = await client.post(f"{url.rstrip('/')}/v1/models/register", json=body)
+        if resp.status_code >= 400:
+            raise SystemExit(f"registration failed ({resp.status_code}): {resp.text}")
+        return resp.json()
+
+
+def _registration_body(args: argparse.Namespace) -> dict[str, object]:
+    body: dict[str, object] = {"alias": args.alias or os.path.basename(args.model.rstrip("/")),
+                               "model_name": args.model}
+    if args.max_model_len:
+        body["max_model_len"] = args.max_model_len
+    if args.engine_arg:
+        body["extra_args"] = args.engine_arg
+    return body
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    info = asyncio.run(register_model(args.url, _registration_body(args)))
+    print(f"registered {info['alias']} -> {info['model_name']} (state: {info['state']})")
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    """Manager, router and one local worker in one process: the quick start without Docker."""
+    state_dir = os.path.abspath(args.state_dir)
+    manager = ManagerSettings.from_env(host="127.0.0.1", port=args.manager_port,
+                                       db_path=os.path.join(state_dir, "manager.db"))
+    router = RouterSettings.from_env(host=args.host, port=args.port, manager_url=f"http://127.0.0.1:{manager.port}")
+    worker = WorkerSettings.from_env(host="127.0.0.1", port=args.worker_port, manager_url=router.manager_url,
+                                     public_url=f"http://127.0.0.1:{args.worker_port}", heartbeat_interval_s=2.0,
+                                     log_dir=os.path.join(state_dir, "engines"))
+
+    async def run() -> None:
+        servers = [_server(manager_app(manager), manager.host, manager.port, args.log_level),
+                   _server(router_app(router), router.host, router.port, args.log_level),
+                   _server(worker_app(worker), worker.host, worker.port, args.log_level)]
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        url = f"http://127.0.0.1:{router.port}"
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.1)
+        if args.model and all(s.started for s in servers):
+            info = await register_model(url, _registration_body(args))
+            log.info("registered %s -> %s", info["alias"], info["model_name"])
+        log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> None:
+    from .testing.tiny_model import make_tiny_model
+
+    print(make_tiny_model(args.path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svllm", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("manager", help="the manager (registry, placement, routing table)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--db", help="SQLite path of the registry (env MANAGER_DB)")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds without heartbeat before unhealthy")
+    p.set_defaults(func=cmd_manager)
+
+    p = sub.add_parser("router", help="the OpenAI-compatible router")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--manager-url")
+    p.add_argument("--workers", type=int, help="router processes (gunicorn with uvicorn workers)")
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("worker", help="a worker: runs vLLM engines on this machine")
+    p.add_argument("--worker-id")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--manager-url", help="the manager, or a router (it passes worker calls on)")
+    p.add_argument("--public-url", help="the address others use to reach this worker")
+    p.add_argument("--heartbeat-interval", type=float)
+    p.set_defaults(func=cmd_worker)
+
+    def model_flags(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--model", required=required, help="HF id or local path of the model")
+        p.add_argument("--alias", help="name clients use (default: the model's folder name)")
+        p.add_argument("--max-model-len", type=int)
+        p.add_argument("--engine-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
+
+    p = sub.add_parser("up", help="manager + router + one local worker in one process")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=18000)
+    p.add_argument("--manager-port", type=int, default=9000)
+    p.add_argument("--worker-port", type=int, default=7000)
+    p.add_argument("--state-dir", default=os.environ.get("SVLLM_STATE_DIR", ".svllm"))
+    model_flags(p, required=False)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("register", help="register a model with a running router")
+    p.add_argument("--url", default=os.environ.get("ROUTER_URL", "http://127.0.0.1:18000"))
+    model_flags(p, required=True)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random Llama model (for trying the system without a hub)")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Errors in the OpenAI shape, one exception type for every component, and FastAPI handlers for them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .schemas import error_body
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+class APIError(Exception):
+    """An error meant for the client: status, message, machine-readable code, optional headers."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses Ray process boundaries intact (the default pickling would lose status and code).
+        return (APIError.from_dict, (self.to_dict(),))
+
+    def body(self) -> dict[str, Any]:
+        body = error_body(self.message, _TYPES.get(self.status, "server_error" if self.status >= 500 else
+                                                    "invalid_request_error"), self.code)
+        if self.details is not None:
+            body["error"]["details"] = self.details
+        return body
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "message": self.message, "code": self.code,
+                "headers": self.headers, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> APIError:
+        return cls(d["status"], d["message"], d.get("code"), d.get("headers"), d.get("details"))
+
+    @classmethod
+    def from_response(cls, status: int, content: bytes, headers: dict[str, str] | None = None) -> APIError:
+        """Rebuild an APIError from another component's error response."""
+        try:
+            err = json.loads(content)["error"]
+            return cls(status, err.get("message") or "error", err.get("code"), headers, err.get("details"))
+        except (ValueError, KeyError, TypeError):
+            return cls(status, content.decode("utf-8", "replace")[:500] or f"upstream status {status}")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error of the app leave in the OpenAI shape, 500s included."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return APIError(400, _validation_message(exc), "invalid_request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(exc).__name__}", "internal_error").response()

@@ -1,0 +1,1 @@
+"""The manager: registry of workers and models, routing table, placement and lifecycle decisions."""

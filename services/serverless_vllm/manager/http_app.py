@@ -1,0 +1,87 @@
+"""The manager as a plain HTTP service: a thin FastAPI adapter over ManagerCore."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query, Response
+
+from ..config import ManagerSettings
+from ..errors import install_error_handlers
+from ..schemas import (
+    DemandReport,
+    Heartbeat,
+    HeartbeatReply,
+    ModelInfo,
+    ModelPatch,
+    ModelSpec,
+    RoutingTable,
+    WorkerInfo,
+    WorkerRegistration,
+)
+from .core import ManagerCore
+
+
+def create_app(settings: ManagerSettings, core: ManagerCore | None = None) -> FastAPI:
+    core = core or ManagerCore(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        yield
+        await core.close()
+
+    app = FastAPI(title="serverless-vllm manager", lifespan=lifespan)
+    app.state.core = core
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return core.health()
+
+    @app.post("/workers/register")
+    async def register_worker(reg: WorkerRegistration) -> HeartbeatReply:
+        return await core.register_worker(reg)
+
+    @app.post("/workers/heartbeat")
+    async def heartbeat(hb: Heartbeat) -> HeartbeatReply:
+        return await core.heartbeat(hb)
+
+    @app.get("/workers")
+    async def workers() -> list[WorkerInfo]:
+        return core.list_workers()
+
+    @app.post("/models")
+    async def register_model(spec: ModelSpec) -> ModelInfo:
+        return await core.register_model(spec)
+
+    @app.get("/models")
+    async def list_models() -> list[ModelInfo]:
+        return core.list_models()
+
+    @app.get("/models/{alias}")
+    async def get_model(alias: str) -> ModelInfo:
+        return core.model_info(alias)
+
+    @app.patch("/models/{alias}")
+    async def patch_model(alias: str, patch: ModelPatch) -> ModelInfo:
+        return await core.patch_model(alias, patch)
+
+    @app.delete("/models/{alias}", status_code=204)
+    async def delete_model(alias: str) -> Response:
+        await core.delete_model(alias)
+        return Response(status_code=204)
+
+    @app.get("/routing")
+    async def routing(after: int = Query(-1, ge=-1), epoch: str = Query("", max_length=64),
+                      timeout: float = Query(0.0, ge=0.0, le=60.0)) -> RoutingTable:
+        return await core.wait_routing(after, epoch, timeout)
+
+    @app.post("/demand", status_code=204)
+    async def demand(report: DemandReport) -> Response:
+        await core.report_demand(report)
+        return Response(status_code=204)
+
+    return app

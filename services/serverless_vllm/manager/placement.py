@@ -1,0 +1,156 @@
+"""Placement: which worker and which GPUs serve a replica. Pure functions over a snapshot of the fleet.
+
+Memory-aware: a replica asking for gpu_memory_utilization u with tensor_parallel_size t needs t GPUs of one
+worker, each with at least u of its memory not yet claimed by other replicas; several replicas share a GPU
+when their fractions fit. CPU-only workers (no GPU) run a bounded number of engines and are used only
+when no GPU worker fits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from ..schemas import EngineArgs, PlacementRejection
+
+# Claims are floats; tolerate rounding so that e.g. 0.3 + 0.3 + 0.4 fits one GPU.
+_EPS = 1e-6
+
+
+@dataclass
+class WorkerCapacity:
+    """What placement needs to know about one worker."""
+
+    worker_id: str
+    healthy: bool
+    gpu_indices: list[int]
+    gpu_claims: dict[int, float] = field(default_factory=dict)  # GPU index -> claimed fraction
+    cpu_slots: int = 0
+    cpu_used: int = 0
+    aliases: set[str] = field(default_factory=set)  # models with a replica here already
+
+    def free_fraction(self, gpu: int) -> float:
+        return 1.0 - self.gpu_claims.get(gpu, 0.0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    worker_id: str
+    gpus: list[int]  # empty: CPU engine
+    fraction: float  # claimed on each GPU
+
+
+class PlacementError(Exception):
+    def __init__(self, alias: str, rejections: list[PlacementRejection]) -> None:
+        self.rejections = rejections
+        reasons = "; ".join(f"{r.worker_id}: {r.reason}" for r in rejections) or "no workers registered"
+        super().__init__(f"cannot place {alias!r}: {reasons}")
+
+
+def _fit_gpus(worker: WorkerCapacity, need: int, fraction: float) -> list[int] | None:
+    """Best fit: the `need` GPUs with the least free memory that still fits, to keep big holes for big models."""
+    fitting = [g for g in worker.gpu_indices if worker.free_fraction(g) + _EPS >= fraction]
+    if len(fitting) < need:
+        return None
+    fitting.sort(key=lambda g: (worker.free_fraction(g), g))
+    return sorted(fitting[:need])
+
+
+def _gpu_rejection(worker: WorkerCapacity, need: int, fraction: float) -> str:
+    if len(worker.gpu_indices) < need:
+        return f"has {len(worker.gpu_indices)} GPU(s), model needs tensor_parallel_size={need}"
+    free = ", ".join(f"gpu{g}: {worker.free_fraction(g):.2f}" for g in worker.gpu_indices)
+    return f"needs {need} GPU(s) with {fraction:.2f} unclaimed memory each; unclaimed: {free}"
+
+
+def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Placement:
+    """Choose where one new replica of `alias` goes, or raise PlacementError explaining every rejection.
+
+    Preference: GPU workers over CPU workers; workers not yet serving this model (so replicas survive a
+    worker's loss); then the least busy worker.
+    """
+    need, fraction = engine.tensor_parallel_size, engine.gpu_memory_utilization
+    rejections: list[PlacementRejection] = []
+    candidates: list[tuple[tuple[int, int, float], Placement]] = []
+    for w in workers:
+        if not w.healthy:
+            rejections.append(PlacementRejection(worker_id=w.worker_id, reason="not healthy"))
+            continue
+        repeat = int(alias in w.aliases)
+        if w.gpu_indices:
+            gpus = _fit_gpus(w, need, fraction)
+            if gpus is None:
+                rejections.append(PlacementRejection(worker_id=w.worker_id, reason=_gpu_rejection(w, need, fraction)))
+                continue
+            load = sum(w.gpu_claims.values()) / len(w.gpu_indices)
+            candidates.append(((0, repeat, load), Placement(w.worker_id, gpus, fraction)))
+        else:
+            if need > 1:
+                rejections.append(PlacementRejection(
+                    worker_id=w.worker_id, reason=f"CPU-only worker cannot run tensor_parallel_size={need}"))
+                continue
+            if w.cpu_used >= w.cpu_slots:
+                rejections.append(PlacementRejection(
+                    worker_id=w.worker_id, reason=f"CPU-only worker full ({w.cpu_used}/{w.cpu_slots} engines)"))
+                continue
+            load = w.cpu_used / max(1, w.cpu_slots)
+            candidates.append(((1, repeat, load), Placement(w.worker_id, [], 0.0)))
+    if not candidates:
+        raise PlacementError(alias, rejections)
+    candidates.sort(key=lambda c: c[0])
+    return candidates[0][1]
+
+
+def claim(workers: list[WorkerCapacity], placement: Placement, alias: str) -> None:
+    """Record a placement in the snapshot so that later decisions in the same pass see it."""
+    for w in workers:
+        if w.worker_id == placement.worker_id:
+            if placement.gpus:
+                for g in placement.gpus:
+                    w.gpu_claims[g] = w.gpu_claims.get(g, 0.0) + placement.fraction
+            else:
+                w.cpu_used += 1
+            w.aliases.add(alias)
+            return
+
+
+def release(workers: list[WorkerCapacity], worker_id: str, gpus: list[int], fraction: float) -> None:
+    """Undo a claim (used to ask 'would it fit if this replica were stopped?')."""
+    for w in workers:
+        if w.worker_id == worker_id:
+            if gpus:
+                for g in gpus:
+                    w.gpu_claims[g] = max(0.0, w.gpu_claims.get(g, 0.0) - fraction)
+            else:
+                w.cpu_used = max(0, w.cpu_used - 1)
+            return
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    replica_id: str
+    worker_id: str
+    gpus: list[int]
+    fraction: float
+    last_used: float  # LRU order
+
+
+def plan_eviction(alias: str, engine: EngineArgs, workers: list[WorkerCapacity],
+                  candidates: list[EvictionCandidate]) -> tuple[Placement, list[str]] | None:
+    """Fewest least-recently-used idle replicas whose stopping lets `alias` fit; None if none suffice.
+
+    `candidates` are idle replicas of other models above their min_replicas, as the caller decided.
+    """
+    trial = copy.deepcopy(workers)
+    evicted: list[str] = []
+    for cand in sorted(candidates, key=lambda c: c.last_used):
+        release(trial, cand.worker_id, cand.gpus, cand.fraction)
+        evicted.append(cand.replica_id)
+        try:
+            placement = place(alias, engine, trial)
+        except PlacementError:
+            continue
+        # Keep only the evictions on the chosen worker: the others did not help.
+        useful = [c.replica_id for c in candidates if c.replica_id in evicted and c.worker_id == placement.worker_id]
+        return placement, useful
+    return None

@@ -1,0 +1,96 @@
+"""Worker registry and the heartbeat state machine: healthy -> unhealthy -> dead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..schemas import EngineStatus, GPUInfo, Heartbeat, WorkerInfo, WorkerRegistration, WorkerState
+
+
+@dataclass
+class WorkerRecord:
+    registration: WorkerRegistration
+    last_heartbeat: float
+    state: WorkerState = WorkerState.HEALTHY
+    gpus: list[GPUInfo] = field(default_factory=list)
+    engines: dict[str, EngineStatus] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> str:
+        return self.registration.worker_id
+
+    @property
+    def url(self) -> str:
+        return self.registration.url
+
+    def info(self, now: float) -> WorkerInfo:
+        reg = self.registration
+        return WorkerInfo(
+            worker_id=reg.worker_id, url=reg.url, state=self.state, gpus=self.gpus, cpu_slots=reg.cpu_slots,
+            sleep_supported=reg.sleep_supported, heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
+            engines=list(self.engines.values()),
+        )
+
+
+class WorkerRegistry:
+    """Tracks workers by heartbeat age.
+
+    No heartbeat for `timeout` seconds: unhealthy (no new requests or placements). For twice that: dead
+    (its replicas are placed elsewhere). A heartbeat from a dead or unknown worker is refused so that the
+    worker registers again and reports what it actually runs.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._workers: dict[str, WorkerRecord] = {}
+
+    def register(self, reg: WorkerRegistration, now: float) -> WorkerRecord:
+        record = WorkerRecord(registration=reg, last_heartbeat=now, gpus=list(reg.gpus),
+                              engines={e.replica_id: e for e in reg.engines})
+        self._workers[reg.worker_id] = record
+        return record
+
+    def heartbeat(self, hb: Heartbeat, now: float) -> WorkerRecord | None:
+        """Apply a heartbeat; None means 'unknown to me, register again'."""
+        record = self._workers.get(hb.worker_id)
+        if record is None or record.state is WorkerState.DEAD:
+            return None
+        record.last_heartbeat = now
+        record.state = WorkerState.HEALTHY
+        record.gpus = list(hb.gpus)
+        record.engines = {e.replica_id: e for e in hb.engines}
+        return record
+
+    def sweep(self, now: float) -> list[tuple[WorkerRecord, WorkerState]]:
+        """Advance states by heartbeat age; returns (worker, new state) for each change."""
+        changes = []
+        for record in self._workers.values():
+            age = now - record.last_heartbeat
+            new = record.state
+            if age > 2 * self.timeout:
+                new = WorkerState.DEAD
+            elif age > self.timeout and record.state is WorkerState.HEALTHY:
+                new = WorkerState.UNHEALTHY
+            if new is not record.state:
+                record.state = new
+                changes.append((record, new))
+        return changes
+
+    def mark_dead(self, worker_id: str) -> WorkerRecord | None:
+        record = self._workers.get(worker_id)
+        if record is not None and record.state is not WorkerState.DEAD:
+            record.state = WorkerState.DEAD
+            return record
+        return None
+
+    def forget(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    def get(self, worker_id: str) -> WorkerRecord | None:
+        return self._workers.get(worker_id)
+
+    def all(self) -> list[WorkerRecord]:
+        return list(self._workers.values())
+
+    def healthy(self) -> list[WorkerRecord]:
+        return [w for w in self._workers.values() if w.state is WorkerState.HEALTHY]

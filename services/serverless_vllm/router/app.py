@@ -1,0 +1,172 @@
+"""The router's FastAPI app. Both deployments serve this same app: uvicorn/gunicorn in HTTP mode, Ray Serve
+in hybrid mode; only the ManagerAPI implementation handed in differs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..config import RouterSettings
+from ..errors import APIError, install_error_handlers
+from ..manager.protocol import ManagerAPI
+from ..schemas import Heartbeat, HeartbeatReply, ModelInfo, ModelPatch, ModelSpec, WorkerInfo, WorkerRegistration
+from .proxy import Forwarder
+from .sync import ManagerSync
+from .table import RouteTable
+
+log = logging.getLogger(__name__)
+
+SESSION_HEADER = "x-session-id"
+
+
+async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The raw body (forwarded as is) and its parsed JSON object, with a size limit and clear errors."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        parsed = json.loads(body)
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not valid UTF-8", "invalid_json") from None
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise APIError(400, "request body must be a JSON object", "invalid_json")
+    return body, parsed
+
+
+def _model_field(payload: dict[str, Any]) -> str:
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required and must be a non-empty string", "invalid_request")
+    return model
+
+
+def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
+    """GET /v1/models/{alias}: our model state, plus the fields of OpenAI's model object so clients parse it."""
+    return {"id": info.alias, "object": "model", "created": int(info.created_at), "owned_by": "serverless-vllm",
+            **info.model_dump(mode="json")}
+
+
+def create_router_app(settings: RouterSettings, manager_factory: Callable[[], ManagerAPI],
+                      upstream_headers: dict[str, str] | None = None) -> FastAPI:
+    """`manager_factory` is called once the event loop runs (clients bind to the loop they are made in)."""
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        manager = manager_factory()
+        table = RouteTable()
+        sync = ManagerSync(manager, table, settings.router_id, settings.report_interval_s)
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200),
+        )
+        state.update(manager=manager, table=table, sync=sync,
+                     forwarder=Forwarder(settings, table, sync, manager, client, upstream_headers))
+        await sync.start()
+        try:
+            yield
+        finally:
+            await sync.stop()
+            await client.aclose()
+            await manager.close()
+
+    app = FastAPI(title="serverless-vllm router", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def manager() -> ManagerAPI:
+        return state["manager"]
+
+    # ------------------------------------------------------------------ inference (the hot path)
+
+    async def _inference(request: Request, path: str) -> Response:
+        body, payload = await read_json_body(request, settings.max_body_bytes)
+        alias = _model_field(payload)
+        user = payload.get("user")
+        affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
+        return await state["forwarder"].forward(path, body, alias, affinity)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _inference(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _inference(request, "/v1/completions")
+
+    # ------------------------------------------------------------------ models
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        table: RouteTable = state["table"]
+        if not table.loaded:
+            await state["sync"].refresh()
+        return {"object": "list", "data": [
+            {"id": alias, "object": "model", "created": route.created, "owned_by": "serverless-vllm",
+             "state": route.state.value} for alias, route in sorted(table.aliases().items())]}
+
+    @app.post("/v1/models/register")
+    async def register_model(spec: ModelSpec) -> JSONResponse:
+        info = await manager().register_model(spec)
+        await state["sync"].refresh()
+        return JSONResponse(_retrieve_shape(info))
+
+    @app.get("/v1/models/{alias}")
+    async def get_model(alias: str) -> JSONResponse:
+        return JSONResponse(_retrieve_shape(await manager().get_model(alias)))
+
+    @app.patch("/v1/models/{alias}")
+    async def patch_model(alias: str, patch: ModelPatch) -> JSONResponse:
+        return JSONResponse(_retrieve_shape(await manager().patch_model(alias, patch)))
+
+    @app.delete("/v1/models/{alias}")
+    async def delete_model(alias: str) -> dict[str, Any]:
+        await manager().delete_model(alias)
+        await state["sync"].refresh()
+        return {"id": alias, "object": "model", "deleted": True}
+
+    # ------------------------------------------------------------------ fleet
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        table: RouteTable = state["table"]
+        return {"status": "ok", "routing_version": table.version, "routing_loaded": table.loaded,
+                "models": len(table.aliases())}
+
+    @app.get("/workers")
+    async def workers() -> list[WorkerInfo]:
+        return await manager().list_workers()
+
+    # Worker-facing calls pass through, so a worker's MANAGER_URL may point at the router.
+    @app.post("/workers/register")
+    async def register_worker(reg: WorkerRegistration) -> HeartbeatReply:
+        return await manager().register_worker(reg)
+
+    @app.post("/workers/heartbeat")
+    async def heartbeat(hb: Heartbeat) -> HeartbeatReply:
+        return await manager().heartbeat(hb)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for gunicorn (`svllm router --workers N`): each process builds its own table from the env."""
+    from ..manager.http_client import HTTPManagerClient
+
+    settings = RouterSettings.from_env()
+    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url))

@@ -1,0 +1,121 @@
+"""Forwarding one inference request: pick a replica (or hold while the model cold-starts), relay, retry once.
+
+The hot path for a ready model is: table lookup, one pooled HTTP request to the worker, byte relay.
+No manager call, no JSON re-encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+from starlette.responses import Response
+
+from ..config import RouterSettings
+from ..errors import APIError
+from ..manager.protocol import ManagerAPI
+from ..relay import RelayResponse, full_response, is_event_stream
+from ..schemas import Endpoint, ModelState
+from .sync import ManagerSync
+from .table import RouteTable
+
+log = logging.getLogger(__name__)
+
+# A worker sets this header on a 503 meaning "that replica is not here (any more)": safe to retry elsewhere.
+RETRY_HEADER = "x-svllm-retry"
+REPLICA_HEADER = "x-svllm-replica"
+
+
+def _unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
+    return APIError(503, message, code, {"Retry-After": str(retry_after)})
+
+
+class Forwarder:
+    def __init__(self, settings: RouterSettings, table: RouteTable, sync: ManagerSync, manager: ManagerAPI,
+                 client: httpx.AsyncClient, upstream_headers: dict[str, str] | None = None) -> None:
+        self._settings = settings
+        self._table = table
+        self._sync = sync
+        self._manager = manager
+        self._client = client
+        self._headers = {"content-type": "application/json", **(upstream_headers or {})}
+
+    async def forward(self, path: str, body: bytes, alias: str, affinity: str | None = None) -> Response:
+        tried: set[str] = set()
+        for _attempt in range(2):  # the first try, and one retry on another replica
+            endpoint = self._table.pick(alias, frozenset(tried), affinity) or await self._hold(alias, tried, affinity)
+            response = await self._send(path, body, alias, endpoint)
+            if response is not None:
+                return response
+            tried.add(endpoint.replica_id)
+        raise APIError(502, f"the replicas of '{alias}' failed before answering; try again", "upstream_error")
+
+    async def _send(self, path: str, body: bytes, alias: str, endpoint: Endpoint) -> Response | None:
+        """Send to one replica. None: it failed before any byte reached the client (retry is safe)."""
+        self._table.started(alias, endpoint)
+        released = False
+
+        def done() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._table.finished(alias, endpoint)
+
+        request = self._client.build_request("POST", f"{endpoint.url}{path}", content=body,
+                                             headers={**self._headers, REPLICA_HEADER: endpoint.replica_id})
+        try:
+            upstream = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            done()
+            log.warning("replica %s on %s unreachable: %s", endpoint.replica_id, endpoint.worker_id, exc)
+            if isinstance(exc, httpx.ConnectError):
+                self._sync.upstream_failed(endpoint)
+            return None
+        if upstream.status_code == 503 and upstream.headers.get(RETRY_HEADER):
+            await upstream.aclose()
+            done()
+            return None
+        if is_event_stream(upstream):
+            return RelayResponse(upstream, on_done=done)
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError as exc:
+            log.warning("replica %s failed mid-response: %s", endpoint.replica_id, exc)
+            return None
+        finally:
+            await upstream.aclose()
+            done()
+        return full_response(upstream, content)
+
+    async def _hold(self, alias: str, tried: set[str], affinity: str | None) -> Endpoint:
+        """No ready replica: wait (bounded queue, cold-start timeout) while the manager brings one up."""
+        if self._table.route(alias) is None:
+            # Unknown here: the registry decides (a fresh router, or a registration the table has not seen).
+            await self._manager.get_model(alias)  # raises 404 for aliases that are not registered
+            await self._sync.refresh()
+            endpoint = self._table.pick(alias, frozenset(tried), affinity)
+            if endpoint is not None:
+                return endpoint
+        if self._table.queue_depth(alias) >= self._settings.max_queue_per_model:
+            raise _unavailable(f"too many requests are waiting for '{alias}' to start", "queue_full", 2)
+        self._table.enqueue(alias)
+        self._sync.nudge()
+        try:
+            async with asyncio.timeout(self._settings.cold_start_timeout_s):
+                while True:
+                    route = self._table.route(alias)
+                    if route is None:
+                        raise APIError(404, f"The model '{alias}' does not exist", "model_not_found")
+                    if route.state is ModelState.FAILED:
+                        raise _unavailable(f"model '{alias}' failed to start: {route.error}", "model_failed", 30)
+                    endpoint = self._table.pick(alias, frozenset(tried), affinity)
+                    if endpoint is not None:
+                        return endpoint
+                    await self._table.wait_change()
+        except TimeoutError:
+            limit = self._settings.cold_start_timeout_s
+            raise _unavailable(f"model '{alias}' did not become ready within {limit:.0f} s",
+                               "cold_start_timeout", 10) from None
+        finally:
+            self._table.dequeue(alias)

@@ -1,0 +1,116 @@
+"""The router's local routing table: every registered alias, its ready replicas, and requests in flight.
+
+Ready models are served from here alone; the manager is only asked when the table has no answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..schemas import DemandReport, Endpoint, ModelLoad, ModelRoute, RoutingTable
+
+
+@dataclass
+class ModelCounters:
+    in_flight: int = 0
+    queued: int = 0
+    requests: int = 0  # since the last demand report
+
+
+class RouteTable:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._table: RoutingTable | None = None
+        self._in_flight: dict[str, int] = defaultdict(int)  # replica id -> requests in flight
+        self._models: dict[str, ModelCounters] = defaultdict(ModelCounters)
+        self._changed = asyncio.Event()
+        self._rng = rng or random.Random()
+
+    # ------------------------------------------------------------------ table
+
+    @property
+    def loaded(self) -> bool:
+        return self._table is not None
+
+    @property
+    def version(self) -> int:
+        return self._table.version if self._table else -1
+
+    @property
+    def epoch(self) -> str:
+        return self._table.epoch if self._table else ""
+
+    def update(self, table: RoutingTable) -> None:
+        self._table = table
+        live = {e.replica_id for route in table.models.values() for e in route.endpoints}
+        for rid in [r for r, n in self._in_flight.items() if n == 0 and r not in live]:
+            del self._in_flight[rid]
+        # Wake every waiter; they resume in the order they started waiting (arrival order).
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    def route(self, alias: str) -> ModelRoute | None:
+        return self._table.models.get(alias) if self._table else None
+
+    def aliases(self) -> dict[str, ModelRoute]:
+        return dict(self._table.models) if self._table else {}
+
+    # ------------------------------------------------------------------ choosing a replica
+
+    def pick(self, alias: str, exclude: frozenset[str] = frozenset(), affinity: str | None = None) -> Endpoint | None:
+        """Fewest requests in flight, by the power of two random choices; or a stable replica per session key."""
+        route = self.route(alias)
+        if route is None:
+            return None
+        candidates = [e for e in route.endpoints if e.replica_id not in exclude]
+        if not candidates:
+            return None
+        if affinity is not None:
+            # Rendezvous hashing: a session keeps its replica while that replica exists.
+            return max(candidates, key=lambda e: hashlib.blake2b(f"{affinity}|{e.replica_id}".encode(),
+                                                                  digest_size=8).digest())
+        if len(candidates) > 2:
+            candidates = self._rng.sample(candidates, 2)
+        low = min(self._in_flight[e.replica_id] for e in candidates)
+        return self._rng.choice([e for e in candidates if self._in_flight[e.replica_id] == low])
+
+    # ------------------------------------------------------------------ counters
+
+    def started(self, alias: str, endpoint: Endpoint) -> None:
+        self._in_flight[endpoint.replica_id] += 1
+        counters = self._models[alias]
+        counters.in_flight += 1
+        counters.requests += 1
+
+    def finished(self, alias: str, endpoint: Endpoint) -> None:
+        self._in_flight[endpoint.replica_id] -= 1
+        self._models[alias].in_flight -= 1
+
+    def queue_depth(self, alias: str) -> int:
+        return self._models[alias].queued
+
+    def enqueue(self, alias: str) -> None:
+        self._models[alias].queued += 1
+
+    def dequeue(self, alias: str) -> None:
+        self._models[alias].queued -= 1
+
+    def in_flight(self, alias: str) -> int:
+        return self._models[alias].in_flight
+
+    def demand(self, router_id: str) -> DemandReport:
+        """Load per model since the last call; aliases with waiting requests are asked to wake."""
+        models, wake = {}, []
+        for alias, c in self._models.items():
+            if c.in_flight or c.queued or c.requests:
+                models[alias] = ModelLoad(in_flight=c.in_flight, queued=c.queued, requests=c.requests)
+            if c.queued:
+                wake.append(alias)
+            c.requests = 0
+        return DemandReport(router_id=router_id, models=models, wake=wake)

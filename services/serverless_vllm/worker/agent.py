@@ -1,0 +1,152 @@
+"""The worker's control loop: register, heartbeat, and make the running engines match the manager's assignments."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+
+from .. import __version__
+from ..aio import wait_event
+from ..config import WorkerSettings
+from ..manager.http_client import HTTPManagerClient
+from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatReply, ReplicaState, WorkerRegistration
+from .engine import EngineProcess
+from .gpus import GPUProbe, cpu_slots
+
+log = logging.getLogger(__name__)
+
+
+class WorkerAgent:
+    def __init__(self, settings: WorkerSettings, *, probe: GPUProbe | None = None,
+                 manager: HTTPManagerClient | None = None, engine_client: httpx.AsyncClient | None = None,
+                 manager_headers: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self._probe = probe or GPUProbe()
+        self._manager = manager or HTTPManagerClient(settings.manager_url, headers=manager_headers)
+        self._engine_client = engine_client
+        self.engines: dict[str, EngineProcess] = {}
+        self.gpus: list[GPUInfo] = []
+        self._apply_lock = asyncio.Lock()
+        self._nudge = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self.registered = False
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.gpus = self._probe.detect()
+        log.info("worker %s: %s", self.settings.worker_id,
+                 f"{len(self.gpus)} GPU(s)" if self.gpus else f"CPU-only, {cpu_slots(self.settings)} engine slot(s)")
+        self._loop = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        await asyncio.gather(*(e.stop() for e in self.engines.values()), return_exceptions=True)
+        self.engines.clear()
+        await self._manager.close()
+
+    def nudge(self) -> None:
+        """An engine changed state: tell the manager now rather than at the next beat."""
+        self._nudge.set()
+
+    # ------------------------------------------------------------------ manager link
+
+    def statuses(self) -> list[EngineStatus]:
+        out = []
+        for engine in self.engines.values():
+            status = engine.status()
+            status.gpus = engine.assignment.gpus
+            status.model_name = engine.assignment.model_name
+            out.append(status)
+        return out
+
+    def registration(self) -> WorkerRegistration:
+        return WorkerRegistration(
+            worker_id=self.settings.worker_id, url=self.settings.advertised_url(), gpus=self.gpus,
+            cpu_slots=0 if self.gpus else cpu_slots(self.settings), sleep_supported=self.has_gpu,
+            engines=self.statuses(), version=__version__)
+
+    async def _heartbeat_loop(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                if not self.registered:
+                    reply = await self._manager.register_worker(self.registration())
+                    self.registered = True
+                    log.info("registered with the manager at %s", self.settings.manager_url)
+                else:
+                    beat = Heartbeat(worker_id=self.settings.worker_id, gpus=self._probe.sample(),
+                                     engines=self.statuses())
+                    reply = await self._manager.heartbeat(beat)
+                await self._handle(reply)
+                delay = 1.0
+                await wait_event(self._nudge, self.settings.heartbeat_interval_s)
+                self._nudge.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The manager is away (restart, network): engines keep serving; keep trying.
+                log.warning("manager unreachable (%s); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.heartbeat_interval_s)
+
+    async def _handle(self, reply: HeartbeatReply) -> None:
+        if reply.reregister:
+            log.info("manager does not know this worker (it restarted?): registering again")
+            self.registered = False
+            self.nudge()
+            return
+        await self.apply(reply.assignments)
+
+    # ------------------------------------------------------------------ desired state
+
+    async def apply(self, assignments: list[Assignment]) -> list[EngineStatus]:
+        """Start what is assigned and missing, stop what runs and is not assigned, sleep or wake as asked."""
+        async with self._apply_lock:
+            wanted = {a.replica_id: a for a in assignments}
+            for rid in [rid for rid in self.engines if rid not in wanted]:
+                engine = self.engines.pop(rid)
+                log.info("stopping engine %s (%s)", rid, engine.alias)
+                self._spawn(engine.stop())
+            for rid, assignment in wanted.items():
+                engine = self.engines.get(rid)
+                if engine is None:
+                    engine = EngineProcess(assignment, self.settings, has_gpu=self.has_gpu, on_change=self.nudge,
+                                           client=self._engine_client)
+                    self.engines[rid] = engine
+                    log.info("starting engine %s: %s as %s", rid, assignment.model_name, assignment.alias)
+                    await engine.start()
+                elif assignment.asleep and engine.state is ReplicaState.READY:
+                    self._spawn(engine.sleep(1))
+                elif not assignment.asleep and engine.state is ReplicaState.SLEEPING:
+                    self._spawn(engine.wake())
+            return self.statuses()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.error("engine operation failed: %s", t.exception()))
+
+    def ready_engine(self, alias: str | None, replica_id: str | None) -> EngineProcess | None:
+        """The engine to serve a request: the replica the router chose, else any ready one of the alias."""
+        if replica_id:
+            engine = self.engines.get(replica_id)
+            if engine is not None and engine.state is ReplicaState.READY:
+                return engine
+        for engine in self.engines.values():
+            if engine.alias == alias and engine.state is ReplicaState.READY:
+                return engine
+        return None

@@ -1,0 +1,199 @@
+"""Real processes for end-to-end tests: `svllm` services started as a user starts them, on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the service may not be up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_exc!r})")
+
+
+class Service:
+    """One `svllm <command>` process with its log in a file."""
+
+    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str], log_dir: Path) -> None:
+        self.name, self.args, self.port, self.env = name, args, port, env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 60) -> Service:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
+        self.proc = subprocess.Popen([str(VENV_BIN / "svllm"), *self.args], env={**os.environ, **self.env},
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            wait_until(self.healthy, timeout, what=f"{self.name} /health")
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.log()}")
+        return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+
+    def log(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9 of the service process alone (its engines must die with it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def engine_pids() -> set[int]:
+    """Every vLLM OpenAI server (and its engine core) on this machine, from /proc."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in cmdline or b"VLLM::EngineCore" in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Stack:
+    """Manager, router and workers as separate real processes, as in the plain-HTTP deployment."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.env = {
+            "MANAGER_DB": str(tmp / "manager.db"),
+            "SVLLM_STATE_DIR": str(tmp / "state"),
+            "HEARTBEAT_TIMEOUT": "3",
+            "HEARTBEAT_INTERVAL": "0.5",
+            "ENGINE_EXTRA_ARGS": "--enforce-eager",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "CPU_SLOTS": "2",
+            **(env or {}),
+        }
+        self.manager = Service("manager", ["manager", "--host", "127.0.0.1", "--port", str(free_port())],
+                               0, self.env, tmp)
+        self.manager.port = int(self.manager.args[-1])
+        port = free_port()
+        self.router = Service("router", ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url",
+                                         self.manager.url], port, self.env, tmp)
+        self.workers: dict[str, Service] = {}
+
+    def add_worker(self, worker_id: str, manager_url: str | None = None, wait: bool = True,
+                   env: dict[str, str] | None = None) -> Service:
+        port = free_port()
+        worker = Service(worker_id, ["worker", "--worker-id", worker_id, "--host", "127.0.0.1", "--port", str(port),
+                                     "--manager-url", manager_url or self.manager.url],
+                         port, {**self.env, **(env or {})}, self.tmp)
+        self.workers[worker_id] = worker
+        return worker.start(wait=wait)
+
+    def start(self, workers: int = 2) -> Stack:
+        self.manager.start()
+        self.router.start()
+        for i in range(1, workers + 1):
+            self.add_worker(f"w{i}")
+        return self
+
+    def stop(self) -> None:
+        for service in [*self.workers.values(), self.router, self.manager]:
+            service.stop()
+
+    # ------------------------------------------------------------------ API helpers
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.get(f"{self.router.url}{path}", timeout=30, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.post(f"{self.router.url}{path}", timeout=60, **kw)
+
+    def model(self, alias: str) -> dict[str, Any]:
+        resp = self.get(f"/v1/models/{alias}")
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_model(self, alias: str, state: str, timeout: float = 180) -> dict[str, Any]:
+        return wait_until(lambda: (m := self.model(alias))["state"] == state and m, timeout,
+                          interval=0.5, what=f"model {alias} {state}")
+
+    def workers_by_id(self) -> dict[str, dict[str, Any]]:
+        return {w["worker_id"]: w for w in self.get("/workers").json()}
+
+    def openai(self, **kw: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.router.url}/v1", api_key=kw.pop("api_key", "unused"),
+                             max_retries=0, timeout=kw.pop("timeout", 120), **kw)
+
+
+def descendants(pid: int) -> set[int]:
+    """All processes below `pid` (engines run in their own sessions but stay children of their worker)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().split(")")[-1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out

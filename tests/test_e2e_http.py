@@ -1,0 +1,172 @@
+"""End to end, plain-HTTP mode: manager, router and two workers as real processes serving a real CPU vLLM
+engine on the tiny model, driven with the official openai client.
+
+The tests of this module share one stack and run in file order, each building on the state the previous
+one left (that is the story of a deployment: register, serve, fail, lose a worker, restart the manager).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from .harness import Stack, alive, descendants, engine_pids, wait_until
+
+ALIAS = "tiny"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    s = Stack(tmp_path_factory.mktemp("e2e-http")).start(workers=2)
+    yield s
+    s.stop()
+
+
+def error_of(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert {"message", "type", "code"} <= set(body["error"]), body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_workers_register(stack: Stack) -> None:
+    workers = wait_until(lambda: (w := stack.workers_by_id()) and len(w) == 2 and w, 30, what="two workers")
+    assert {w["state"] for w in workers.values()} == {"healthy"}
+    assert all(w["gpus"] == [] and w["cpu_slots"] == 2 for w in workers.values())  # CPU-only machine
+
+
+def test_register_and_serve(stack: Stack, tiny_model: Path) -> None:
+    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
+                                                    "max_model_len": 512})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["alias"] == ALIAS
+    info = stack.wait_model(ALIAS, "ready")
+    assert len(info["replicas"]) == 1 and info["replicas"][0]["state"] == "ready"
+
+
+def test_chat_and_completion(stack: Stack) -> None:
+    client = stack.openai()
+    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=8)
+    assert chat.model == ALIAS and chat.choices[0].message.content is not None
+    assert chat.usage.completion_tokens > 0
+    text = client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=8)
+    assert text.choices[0].text is not None and text.usage.completion_tokens > 0
+
+
+def test_streaming_chat_and_completion(stack: Stack) -> None:
+    client = stack.openai()
+    chunks = list(client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=8, stream=True))
+    assert len(chunks) >= 2  # streamed chunk by chunk, not one buffered answer
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    pieces = list(client.completions.create(model=ALIAS, prompt="abc", max_tokens=8, stream=True))
+    assert len(pieces) >= 2 and all(p.model == ALIAS for p in pieces)
+
+
+def test_models_list(stack: Stack) -> None:
+    models = stack.openai().models.list()
+    assert ALIAS in [m.id for m in models.data]
+
+
+def test_unknown_model_is_404(stack: Stack) -> None:
+    with pytest.raises(openai.NotFoundError):
+        stack.openai().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    resp = stack.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert resp.status_code == 404 and error_of(resp)["code"] == "model_not_found"
+    assert stack.get("/v1/models/nope").status_code == 404
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"{not json", 400),
+    (b"[1, 2]", 400),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', 400),  # no model
+    (b'{"model": 42, "messages": []}', 400),
+    (b'\xff\xfe{"model": "tiny"}', 400),  # not UTF-8
+])
+def test_malformed_inference_requests(stack: Stack, body: bytes, status: int) -> None:
+    resp = stack.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    error_of(resp)
+
+
+@pytest.mark.parametrize("body", [
+    {"alias": "x", "model_name": "m", "gpu_memory_utilization": 0},
+    {"alias": "x", "model_name": "m", "gpu_memory_utilization": 1.5},
+    {"alias": "", "model_name": "m"},
+    {"alias": "bad/alias", "model_name": "m"},
+    {"model_name": "m"},
+    {"alias": "x"},
+    {"alias": "x", "model_name": "m", "unknown_field": 1},
+    {"alias": "x", "model_name": "m", "min_replicas": 3, "max_replicas": 1},
+])
+def test_invalid_registrations(stack: Stack, body: dict) -> None:
+    resp = stack.post("/v1/models/register", json=body)
+    assert resp.status_code == 400, resp.text
+    error_of(resp)
+
+
+def test_duplicate_alias_with_other_settings(stack: Stack, tiny_model: Path) -> None:
+    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
+                                                    "max_model_len": 256})
+    assert resp.status_code == 400 and error_of(resp)["code"] == "alias_exists"
+    # The same registration again is not an error.
+    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
+                                                    "max_model_len": 512})
+    assert resp.status_code == 200
+
+
+def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    resp = stack.post("/v1/models/register", json={"alias": "broken", "model_name": str(missing)})
+    assert resp.status_code == 200
+    info = stack.wait_model("broken", "failed", timeout=120)
+    assert info["last_error"] and "no-such-model" in info["last_error"]  # the engine's own log lines
+    resp = stack.post("/v1/completions", json={"model": "broken", "prompt": "x"})
+    assert resp.status_code == 503 and error_of(resp)["code"] == "model_failed"
+    assert resp.headers["retry-after"]
+    # Nothing else is disturbed.
+    assert stack.model(ALIAS)["state"] == "ready"
+    assert stack.openai().completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
+    assert stack.post("/v1/models/register", json={}).status_code == 400
+    assert httpx.delete(f"{stack.router.url}/v1/models/broken", timeout=10).status_code == 200
+    assert stack.get("/v1/models/broken").status_code == 404
+
+
+def test_killed_worker_is_dead_and_leaves_routing(stack: Stack) -> None:
+    replica = stack.model(ALIAS)["replicas"][0]
+    victim = stack.workers[replica["worker_id"]]
+    its_processes = descendants(victim.proc.pid)
+    assert its_processes & engine_pids(), "the engine should run under the worker that serves it"
+    victim.kill()
+    wait_until(lambda: stack.workers_by_id()[victim.name]["state"] == "dead", 30, what="worker declared dead")
+    # No orphan: the engine and its engine core died with their worker.
+    wait_until(lambda: not any(alive(p) for p in its_processes), 30, what="the killed worker's engine to exit")
+    # The model is no longer routed there; it is placed on the surviving worker and serves again.
+    info = stack.wait_model(ALIAS, "ready", timeout=240)
+    assert all(r["worker_id"] != victim.name for r in info["replicas"])
+    assert stack.openai().completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
+
+
+def test_manager_restart_keeps_registrations(stack: Stack) -> None:
+    replicas_before = {r["replica_id"] for r in stack.model(ALIAS)["replicas"]}
+    stack.manager.signal(signal.SIGKILL)
+    stack.manager.proc.wait(10)
+    # While the manager is away, the router keeps serving the ready model from its own table.
+    assert stack.openai().completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
+    stack.manager.start()
+    info = stack.wait_model(ALIAS, "ready", timeout=60)
+    assert info["alias"] == ALIAS and info["engine"]["max_model_len"] == 512
+    workers = wait_until(lambda: (w := stack.workers_by_id()) and any(x["state"] == "healthy" for x in w.values())
+                         and w, 30, what="workers re-registered")
+    survivor = [w for w in workers.values() if w["state"] == "healthy"]
+    assert survivor and survivor[0]["engines"]
+    # The running engine was adopted, not restarted.
+    assert {r["replica_id"] for r in stack.model(ALIAS)["replicas"]} == replicas_before
+    assert stack.openai().chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "x"}],
+                                                  max_tokens=2).choices

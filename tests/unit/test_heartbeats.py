@@ -1,0 +1,45 @@
+"""The heartbeat state machine: healthy -> unhealthy -> dead, recovery, and re-registration."""
+
+from serverless_vllm.manager.workers import WorkerRegistry
+from serverless_vllm.schemas import Heartbeat, WorkerRegistration, WorkerState
+
+
+def reg(wid: str = "w1") -> WorkerRegistration:
+    return WorkerRegistration(worker_id=wid, url="http://127.0.0.1:7000", cpu_slots=1)
+
+
+def test_unhealthy_after_timeout_then_dead_after_twice() -> None:
+    registry = WorkerRegistry(timeout=10)
+    registry.register(reg(), now=0)
+    assert registry.sweep(now=9) == []
+    changes = registry.sweep(now=11)
+    assert [(w.worker_id, s) for w, s in changes] == [("w1", WorkerState.UNHEALTHY)]
+    assert registry.healthy() == []
+    changes = registry.sweep(now=21)
+    assert [(w.worker_id, s) for w, s in changes] == [("w1", WorkerState.DEAD)]
+    assert registry.sweep(now=100) == []  # no repeated transitions
+
+
+def test_heartbeat_restores_an_unhealthy_worker() -> None:
+    registry = WorkerRegistry(timeout=10)
+    registry.register(reg(), now=0)
+    registry.sweep(now=15)
+    assert registry.heartbeat(Heartbeat(worker_id="w1"), now=16) is not None
+    assert registry.get("w1").state is WorkerState.HEALTHY
+
+
+def test_unknown_or_dead_worker_is_told_to_register_again() -> None:
+    registry = WorkerRegistry(timeout=10)
+    assert registry.heartbeat(Heartbeat(worker_id="ghost"), now=0) is None
+    registry.register(reg(), now=0)
+    registry.sweep(now=25)
+    assert registry.heartbeat(Heartbeat(worker_id="w1"), now=26) is None
+    registry.register(reg(), now=27)
+    assert registry.get("w1").state is WorkerState.HEALTHY
+
+
+def test_mark_dead_is_immediate_and_once() -> None:
+    registry = WorkerRegistry(timeout=10)
+    registry.register(reg(), now=0)
+    assert registry.mark_dead("w1") is not None
+    assert registry.mark_dead("w1") is None

@@ -1,0 +1,141 @@
+"""ManagerCore without transport: registry persistence, worker re-registration, placement and adoption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serverless_vllm.config import ManagerSettings
+from serverless_vllm.errors import APIError
+from serverless_vllm.manager.core import ManagerCore
+from serverless_vllm.schemas import (
+    EngineStatus,
+    GPUInfo,
+    Heartbeat,
+    ModelSpec,
+    ReplicaState,
+    WorkerRegistration,
+)
+
+# Nothing listens on the discard port: pushes fail fast and heartbeat replies carry the assignments instead.
+NOWHERE = "http://127.0.0.1:9"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gpu(index: int) -> GPUInfo:
+    return GPUInfo(index=index, name="NVIDIA H100", uuid=f"GPU-{index}", memory_total_mb=81559, memory_free_mb=81000)
+
+
+@pytest.fixture
+async def core(tmp_path: Path):
+    c = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10), clock=Clock())
+    await c.start()
+    yield c
+    await c.close()
+
+
+async def test_registration_persists_across_restart(tmp_path: Path) -> None:
+    settings = ManagerSettings(db_path=str(tmp_path / "m.db"))
+    first = ManagerCore(settings)
+    await first.register_model(ModelSpec(alias="a", model_name="org/a", max_model_len=1024, preload=False))
+    await first.close()
+    second = ManagerCore(settings)
+    info = second.model_info("a")
+    assert info.model_name == "org/a" and info.engine.max_model_len == 1024 and info.state == "cold"
+    assert second.epoch != first.epoch
+    await second.close()
+
+
+async def test_duplicate_and_unknown(core: ManagerCore) -> None:
+    spec = ModelSpec(alias="a", model_name="org/a", preload=False)
+    await core.register_model(spec)
+    await core.register_model(spec)  # idempotent
+    with pytest.raises(APIError) as err:
+        await core.register_model(spec.model_copy(update={"max_model_len": 64}))
+    assert err.value.status == 400
+    with pytest.raises(APIError) as err:
+        core.model_info("missing")
+    assert err.value.status == 404
+
+
+async def test_unknown_worker_heartbeat_asks_to_register(core: ManagerCore) -> None:
+    reply = await core.heartbeat(Heartbeat(worker_id="w1"))
+    assert reply.reregister
+
+
+async def test_preloaded_model_is_assigned_and_routed_when_ready(core: ManagerCore) -> None:
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0), gpu(1)]))
+    await core.register_model(ModelSpec(alias="a", model_name="org/a", gpu_memory_utilization=0.5))
+    await core.reconcile()
+    reply = await core.heartbeat(Heartbeat(worker_id="w1"))
+    assert len(reply.assignments) == 1
+    assignment = reply.assignments[0]
+    assert assignment.alias == "a" and len(assignment.gpus) == 1
+    assert core.routing_table().models["a"].state == "loading"
+    await core.heartbeat(Heartbeat(worker_id="w1", engines=[EngineStatus(
+        replica_id=assignment.replica_id, alias="a", state=ReplicaState.READY, gpus=assignment.gpus)]))
+    route = core.routing_table().models["a"]
+    assert route.state == "ready" and route.endpoints[0].url == NOWHERE
+
+
+async def test_placement_failure_is_explained(core: ManagerCore) -> None:
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
+    await core.register_model(ModelSpec(alias="big", model_name="org/big", tensor_parallel_size=4))
+    await core.reconcile()
+    info = core.model_info("big")
+    assert info.state == "failed"
+    assert "w1" in info.last_error and "tensor_parallel_size=4" in info.last_error
+
+
+async def test_failed_engine_marks_model_failed_with_log(core: ManagerCore) -> None:
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
+    await core.register_model(ModelSpec(alias="a", model_name="/nope"))
+    await core.reconcile()
+    rid = (await core.heartbeat(Heartbeat(worker_id="w1"))).assignments[0].replica_id
+    await core.heartbeat(Heartbeat(worker_id="w1", engines=[EngineStatus(
+        replica_id=rid, alias="a", state=ReplicaState.FAILED, error="exited with 1",
+        log_tail=["OSError: /nope is not a directory"])]))
+    await core.reconcile()
+    info = core.model_info("a")
+    assert info.state == "failed" and "/nope is not a directory" in info.last_error
+    assert info.replicas == []
+    # It is not restarted in a loop.
+    assert (await core.heartbeat(Heartbeat(worker_id="w1"))).assignments == []
+
+
+async def test_restart_adopts_running_engines(tmp_path: Path) -> None:
+    settings = ManagerSettings(db_path=str(tmp_path / "m.db"))
+    first = ManagerCore(settings)
+    await first.register_model(ModelSpec(alias="a", model_name="org/a", preload=False))
+    await first.close()
+    core = ManagerCore(settings)
+    await core.start()
+    running = EngineStatus(replica_id="a-1234", alias="a", state=ReplicaState.READY, model_name="org/a")
+    stray = EngineStatus(replica_id="x-1", alias="unregistered", state=ReplicaState.READY)
+    reply = await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=2,
+                                                          engines=[running, stray]))
+    assert [a.replica_id for a in reply.assignments] == ["a-1234"]  # the stray engine will be stopped
+    assert core.routing_table().models["a"].endpoints[0].replica_id == "a-1234"
+    await core.close()
+
+
+async def test_dead_worker_replicas_move(core: ManagerCore) -> None:
+    clock: Clock = core._clock  # type: ignore[assignment]
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
+    await core.register_model(ModelSpec(alias="a", model_name="org/a"))
+    await core.reconcile()
+    assert core.model_info("a").replicas[0].worker_id == "w1"
+    await core.register_worker(WorkerRegistration(worker_id="w2", url=NOWHERE, cpu_slots=1))
+    clock.now += 21  # w1 silent for twice the timeout; w2 heartbeats
+    await core.heartbeat(Heartbeat(worker_id="w2"))
+    await core.reconcile()
+    assert [r.worker_id for r in core.model_info("a").replicas] == ["w2"]
+    assert (await core.heartbeat(Heartbeat(worker_id="w1"))).reregister

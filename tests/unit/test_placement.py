@@ -1,0 +1,97 @@
+"""Placement: memory-aware GPU sharing, CPU fallback, explained rejections, LRU eviction."""
+
+import pytest
+
+from serverless_vllm.manager.placement import (
+    EvictionCandidate,
+    PlacementError,
+    WorkerCapacity,
+    claim,
+    place,
+    plan_eviction,
+)
+from serverless_vllm.schemas import EngineArgs
+
+
+def gpu_worker(wid: str, n: int = 2, claims: dict[int, float] | None = None, healthy: bool = True) -> WorkerCapacity:
+    return WorkerCapacity(worker_id=wid, healthy=healthy, gpu_indices=list(range(n)), gpu_claims=dict(claims or {}))
+
+
+def cpu_worker(wid: str, slots: int = 2, used: int = 0) -> WorkerCapacity:
+    return WorkerCapacity(worker_id=wid, healthy=True, gpu_indices=[], cpu_slots=slots, cpu_used=used)
+
+
+def test_fractions_share_a_gpu_until_full() -> None:
+    workers = [gpu_worker("w1", n=1)]
+    engine = EngineArgs(gpu_memory_utilization=0.3)
+    for _ in range(3):
+        p = place("m", engine, workers)
+        assert p.worker_id == "w1" and p.gpus == [0]
+        claim(workers, p, "m")
+    # 0.9 claimed: a fourth 0.3 does not fit, and the reason says what is free.
+    with pytest.raises(PlacementError) as err:
+        place("m", engine, workers)
+    assert "w1" in str(err.value) and "0.10" in str(err.value)
+
+
+def test_rounding_does_not_reject_an_exact_fit() -> None:
+    workers = [gpu_worker("w1", n=1, claims={0: 0.1 + 0.2})]
+    assert place("m", EngineArgs(gpu_memory_utilization=0.7), workers).gpus == [0]
+
+
+def test_tensor_parallel_needs_that_many_gpus_each_with_room() -> None:
+    workers = [gpu_worker("small", n=1), gpu_worker("big", n=4, claims={0: 0.8, 1: 0.8})]
+    p = place("m", EngineArgs(tensor_parallel_size=2, gpu_memory_utilization=0.5), workers)
+    assert p.worker_id == "big" and p.gpus == [2, 3]
+
+
+def test_best_fit_keeps_a_whole_gpu_free() -> None:
+    workers = [gpu_worker("w1", n=2, claims={0: 0.5})]
+    assert place("m", EngineArgs(gpu_memory_utilization=0.4), workers).gpus == [0]
+
+
+def test_prefers_gpu_workers_then_cpu_when_no_gpu_fits() -> None:
+    workers = [cpu_worker("laptop"), gpu_worker("gpu", n=1)]
+    assert place("m", EngineArgs(gpu_memory_utilization=0.9), workers).worker_id == "gpu"
+    workers[1].gpu_claims[0] = 0.9
+    p = place("m", EngineArgs(gpu_memory_utilization=0.9), workers)
+    assert p.worker_id == "laptop" and p.gpus == []
+
+
+def test_replicas_spread_over_workers() -> None:
+    workers = [cpu_worker("a"), cpu_worker("b")]
+    first = place("m", EngineArgs(), workers)
+    claim(workers, first, "m")
+    second = place("m", EngineArgs(), workers)
+    assert {first.worker_id, second.worker_id} == {"a", "b"}
+
+
+def test_every_rejection_is_explained() -> None:
+    workers = [gpu_worker("sick", healthy=False), cpu_worker("full", slots=1, used=1), gpu_worker("one", n=1)]
+    with pytest.raises(PlacementError) as err:
+        place("m", EngineArgs(tensor_parallel_size=2), workers)
+    reasons = {r.worker_id: r.reason for r in err.value.rejections}
+    assert reasons["sick"] == "not healthy"
+    assert "CPU-only" in reasons["full"]
+    assert "tensor_parallel_size=2" in reasons["one"]
+
+
+def test_no_workers_at_all() -> None:
+    with pytest.raises(PlacementError, match="no workers registered"):
+        place("m", EngineArgs(), [])
+
+
+def test_eviction_frees_least_recently_used_first() -> None:
+    workers = [gpu_worker("w", n=1, claims={0: 0.8})]
+    candidates = [EvictionCandidate("new", "w", [0], 0.4, last_used=200.0),
+                  EvictionCandidate("old", "w", [0], 0.4, last_used=100.0)]
+    plan = plan_eviction("m", EngineArgs(gpu_memory_utilization=0.5), workers, candidates)
+    assert plan is not None
+    placement, evicted = plan
+    assert placement.worker_id == "w" and evicted == ["old"]
+
+
+def test_eviction_gives_up_when_nothing_helps() -> None:
+    workers = [gpu_worker("w", n=1, claims={0: 0.9})]
+    candidates = [EvictionCandidate("r", "w", [0], 0.2, last_used=1.0)]
+    assert plan_eviction("m", EngineArgs(gpu_memory_utilization=0.5), workers, candidates) is None
