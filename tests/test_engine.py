@@ -1,0 +1,446 @@
+"""EngineProcess: command/env, supervision logic, and the real vLLM CPU engine on the tiny model.
+
+At most one vLLM engine runs at a time: the tests that start their own engine run before the module's shared
+engine is created (pytest runs them in file order) and stop theirs before they return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from serverless_vllm.config import WorkerSettings
+from serverless_vllm.schemas import Assignment, EngineArgs, ReplicaState
+from serverless_vllm.worker import engine as engine_mod
+from serverless_vllm.worker.engine import EngineError, EngineProcess, group_members
+
+START_TIMEOUT = 240.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a reparented zombie may wait for a lazy init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root`, from /proc (no psutil)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        if predicate() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+async def wait_until_dead(pids: list[int], timeout: float) -> list[int]:
+    await eventually(lambda: not any(alive(p) for p in pids), timeout, 0.2)
+    return [p for p in pids if alive(p)]
+
+
+def wait_until_dead_sync(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def make_settings(tmp: Path, **overrides: object) -> WorkerSettings:
+    values: dict[str, object] = {
+        "worker_id": "test-worker",
+        "log_dir": str(tmp / "logs"),
+        "engine_extra_args": ["--enforce-eager"],  # halves start-up on CPU
+        "engine_start_timeout_s": START_TIMEOUT,
+    }
+    values.update(overrides)
+    return WorkerSettings.model_validate(values)
+
+
+def make_assignment(
+    model: str | Path, replica_id: str = "r-tiny-1", alias: str = "tiny", **engine: object
+) -> Assignment:
+    return Assignment(replica_id=replica_id, alias=alias, model_name=str(model), engine=EngineArgs(**engine))
+
+
+# --------------------------------------------------------------------------- command and environment
+
+
+def test_cpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = make_settings(tmp_path, cpu_kvcache_gib=3, engine_extra_args=["--enforce-eager"])
+    eng = EngineProcess(make_assignment("/m", max_model_len=512, extra_args=["--seed", "7"]), settings, has_gpu=False)
+    cmd = eng.command(4321)
+    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[3:] == [
+        "--model", "/m", "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "4321",
+        "--dtype", "auto", "--tensor-parallel-size", "1", "--max-model-len", "512",
+        "--enforce-eager", "--seed", "7",
+    ]  # fmt: skip
+    env = eng.environment()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["HF_HUB_OFFLINE"] == "1"  # passed through, not forced
+    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert not eng.sleep_supported
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
+    assert eng.environment()["VLLM_CPU_KVCACHE_SPACE"] == "5"  # the operator's value wins
+
+
+def test_gpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    a = make_assignment("org/model", gpu_memory_utilization=0.8, tensor_parallel_size=2).model_copy(
+        update={"gpus": [2, 3]}
+    )
+    eng = EngineProcess(a, make_settings(tmp_path, engine_extra_args=[]), has_gpu=True)
+    cmd = eng.command(5000)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.8"
+    assert "--enable-sleep-mode" in cmd and "--max-model-len" not in cmd
+    env = eng.environment()
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"  # /sleep and /wake_up exist only in dev mode
+    assert "HF_HUB_OFFLINE" not in env
+    assert eng.sleep_supported
+
+
+async def test_sleep_refused_on_cpu(tmp_path: Path) -> None:
+    eng = EngineProcess(make_assignment("/m"), make_settings(tmp_path), has_gpu=False)
+    with pytest.raises(EngineError, match="GPU"):
+        await eng.sleep()
+    with pytest.raises(EngineError, match="GPU"):
+        await eng.wake()
+
+
+# --------------------------------------------------------------------------- supervision, with a stand-in server
+
+# Stands in for the vLLM server where only supervision is under test: answers /health (mode "serve"), exits at
+# once with an error ("die"), never answers ("mute"), or, like vLLM, also runs a child process in its group that
+# ignores SIGTERM and its parent's death ("tree").
+_STAND_IN = textwrap.dedent(
+    """
+    import http.server, subprocess, sys, time
+    port, mode = int(sys.argv[1]), sys.argv[2]
+    print("stand-in engine starting", flush=True)
+    if mode == "die":
+        print("ValueError: model weights are broken", flush=True)
+        sys.exit(3)
+    if mode == "mute":
+        time.sleep(3600)
+    if mode == "tree":
+        subprocess.Popen([sys.executable, "-c", "import ctypes, signal, time; "
+                          "ctypes.CDLL(None).prctl(15, b'stubborn-child', 0, 0, 0); "
+                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"])
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers()
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+    """
+)
+
+
+class StandInEngine(EngineProcess):
+    mode = "serve"
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-c", _STAND_IN, str(port), self.mode]
+
+
+async def test_crash_restarts_with_backoff_then_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "BACKOFF_MAX_S", 0.2)  # the real 1, 2, 4 ... s backoff, capped for speed
+    changes: list[ReplicaState] = []
+
+    def record() -> None:
+        changes.append(eng.state)
+
+    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path), has_gpu=False, on_change=record)
+    await eng.start()
+    try:
+        assert await eng.wait_ready(20)
+        first_port = eng.port
+        for crash in range(1, 5):
+            pid = eng.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert await eventually(lambda: eng.state != ReplicaState.READY, 5)  # seen within 0.1 s
+            assert await eng.wait_ready(20), eng.log_tail()
+            assert eng.restarts == crash
+            assert eng.port == first_port  # a restart keeps its port
+            assert eng.error is None  # cleared once ready again
+            assert eng.status().log_tail  # the tail rides along after a crash
+        pid = eng.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the fifth crash within 10 minutes
+        assert await eventually(lambda: eng.state == ReplicaState.FAILED, 20)
+        assert eng.error is not None and "5 crashes" in eng.error and "SIGKILL" in eng.error
+        assert eng.restarts == 4
+        assert changes.count(ReplicaState.READY) == 5
+    finally:
+        await eng.stop()
+
+
+async def test_exit_before_ready_fails_without_retry(tmp_path: Path) -> None:
+    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path), has_gpu=False)
+    eng.mode = "die"
+    await eng.start()
+    try:
+        assert not await eng.wait_ready(20)
+        assert eng.state == ReplicaState.FAILED
+        assert eng.error == "engine exited with code 3 before becoming ready: ValueError: model weights are broken"
+        assert eng.restarts == 0
+        status = eng.status()
+        assert status.state == ReplicaState.FAILED and "stand-in engine starting" in status.log_tail
+        assert "ValueError: model weights are broken" in eng.log_path.read_text()
+    finally:
+        await eng.stop()
+
+
+async def test_start_timeout_fails_and_kills(tmp_path: Path) -> None:
+    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path, engine_start_timeout_s=1.0), has_gpu=False)
+    eng.mode = "mute"
+    await eng.start()
+    pid = eng.pid
+    assert pid is not None
+    try:
+        assert not await eng.wait_ready(20)
+        assert eng.state == ReplicaState.FAILED
+        assert eng.error is not None and "not ready within" in eng.error
+        assert await wait_until_dead([pid], 5) == []
+    finally:
+        await eng.stop()
+
+
+# --------------------------------------------------------------------------- the real engine: failure, orphans
+
+
+async def test_bad_model_path_fails_fast(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    eng = EngineProcess(make_assignment(missing, replica_id="r-bad"), make_settings(tmp_path), has_gpu=False)
+    started = time.monotonic()
+    await eng.start()
+    pgid = eng.pid
+    assert pgid is not None
+    try:
+        assert not await eng.wait_ready(120)
+        elapsed = time.monotonic() - started
+        assert eng.state == ReplicaState.FAILED
+        assert elapsed < 90
+        assert eng.error is not None and "before becoming ready" in eng.error
+        assert str(missing) in eng.error, eng.error
+        assert any(str(missing) in line for line in eng.status().log_tail)
+        assert group_members(pgid) == []
+    finally:
+        await eng.stop()
+
+
+# A worker in miniature: starts one engine, reports its processes, then dies as the test says.
+_WORKER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from serverless_vllm.config import WorkerSettings
+    from serverless_vllm.schemas import Assignment, EngineArgs
+    from serverless_vllm.worker.engine import EngineProcess
+
+    kind, model, out, how = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+
+    class StandIn(EngineProcess):
+        def command(self, port):
+            return [sys.executable, "-c", Path(model).read_text(), str(port), "tree"]
+
+    async def main():
+        settings = WorkerSettings(log_dir=str(out.parent / "logs"), engine_extra_args=["--enforce-eager"])
+        assignment = Assignment(replica_id="r-orphan", alias="tiny", model_name=model, engine=EngineArgs())
+        eng = (StandIn if kind == "stand-in" else EngineProcess)(assignment, settings, has_gpu=False)
+        await eng.start()
+        ok = await eng.wait_ready(240)
+        out.write_text(json.dumps({"ok": ok, "pgid": eng.pid, "guard": eng._launch.guard.pid}))
+        if how == "exit":  # the worker ends without stopping its engine, once the test has looked
+            while not out.with_suffix(".go").exists():
+                await asyncio.sleep(0.1)
+            return
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+def run_worker_and_kill(kind: str, model: str, tmp_path: Path, how: str, expect: list[str]) -> None:
+    out = tmp_path / "engine.json"
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER_SCRIPT)
+    worker = subprocess.Popen(
+        [sys.executable, str(script), kind, model, str(out), how],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    recorded: list[int] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not out.exists() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        recorded = descendants(worker.pid)  # engine, its children, the guard
+        assert out.exists(), "the worker script never reported its engine"
+        info = json.loads(out.read_text())
+        assert info["ok"], info
+        names = [comm(p) for p in recorded]  # /proc comm is cut at 15 characters
+        for name in expect:
+            assert any(n.startswith(name) for n in names), names
+        assert info["guard"] in recorded
+        assert len(group_members(info["pgid"])) >= len(expect)
+
+        if how == "exit":
+            out.with_suffix(".go").touch()
+            assert worker.wait(30) == 0
+        else:
+            worker.send_signal(getattr(signal, how))
+            worker.wait(10)
+        # The guard's grace (5 s) plus a shutdown: all gone well within 20 s.
+        left = wait_until_dead_sync(recorded, 20)
+        assert left == [], [(p, comm(p)) for p in left]
+        assert group_members(info["pgid"]) == []
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        for pid in recorded:  # never leave an engine behind for the next test, whatever failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "exit"])
+def test_no_orphans_when_worker_dies_stand_in(tmp_path: Path, how: str) -> None:
+    # The stand-in's child ignores SIGTERM and outlives its parent, like EngineCore: only the guard's
+    # escalation to SIGKILL of the whole group ends it.
+    source = tmp_path / "stand_in.py"
+    source.write_text(_STAND_IN)
+    run_worker_and_kill("stand-in", str(source), tmp_path, how, expect=["python", "stubborn-child"])
+
+
+def test_no_orphans_when_worker_is_killed_real_engine(tiny_model: Path, tmp_path: Path) -> None:
+    run_worker_and_kill("vllm", str(tiny_model), tmp_path, "SIGKILL", expect=["VLLM::EngineCor", "VLLM::Worker"])
+
+
+# --------------------------------------------------------------------------- the real engine: one shared
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EngineProcess]:
+    eng = EngineProcess(make_assignment(tiny_model), make_settings(tmp_path_factory.mktemp("engine")), has_gpu=False)
+    started = time.monotonic()
+    await eng.start()
+    try:
+        assert await eng.wait_ready(START_TIMEOUT), eng.log_tail(40)
+        print(f"\nvLLM CPU engine ready in {time.monotonic() - started:.1f}s")
+        yield eng
+    finally:
+        await eng.stop()
+
+
+pytestmark_shared = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytestmark_shared
+async def test_engine_ready_and_serves(engine: EngineProcess) -> None:
+    assert engine.state == ReplicaState.READY
+    assert engine.port is not None and engine.base_url == f"http://127.0.0.1:{engine.port}"
+    assert engine.pid is not None and engine.restarts == 0 and engine.error is None
+    status = engine.status()
+    assert status.state == ReplicaState.READY and status.pid == engine.pid and status.log_tail == []
+    async with httpx.AsyncClient(base_url=engine.base_url, timeout=60) as client:
+        chat = await client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
+        )
+        assert chat.status_code == 200, chat.text
+        body = chat.json()
+        assert body["model"] == "tiny" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] > 0
+        completion = await client.post("/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 5})
+        assert completion.status_code == 200, completion.text
+        assert completion.json()["usage"]["completion_tokens"] == 5
+    assert engine.log_path.is_file() and "Starting vLLM" in engine.log_path.read_text()
+    assert any("/health" in line for line in engine.log_tail(200))
+
+
+@pytestmark_shared
+async def test_engine_restarts_after_kill9(engine: EngineProcess) -> None:
+    pid = engine.pid
+    assert pid is not None
+    before = group_members(pid)
+    assert len(before) >= 3  # API server, EngineCore, Worker (+ resource tracker)
+    os.kill(pid, signal.SIGKILL)
+    # Out of READY at once, EngineCore and Worker swept by the guard, then one restart after 1 s.
+    assert await eventually(lambda: engine.state != ReplicaState.READY, 5)
+    assert await engine.wait_ready(START_TIMEOUT), engine.log_tail(40)
+    assert engine.restarts == 1
+    assert engine.pid is not None and engine.pid != pid
+    assert await wait_until_dead(before, 5) == []
+    status = engine.status()
+    assert status.restarts == 1 and status.log_tail  # a recent crash: the tail rides along
+    async with httpx.AsyncClient(base_url=engine.base_url, timeout=60) as client:
+        r = await client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+@pytestmark_shared
+async def test_engine_stop_leaves_no_process(engine: EngineProcess) -> None:
+    pgid = engine.pid
+    assert pgid is not None
+    members = group_members(pgid)
+    assert members
+    started = time.monotonic()
+    await engine.stop()
+    assert time.monotonic() - started < 25
+    assert engine.state == ReplicaState.STOPPING and engine.stopped
+    assert engine.pid is None
+    assert group_members(pgid) == []
+    assert [p for p in members if alive(p)] == []
+    await engine.stop()  # idempotent
