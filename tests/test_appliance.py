@@ -1,0 +1,338 @@
+"""The container appliance: compose files, images, and the whole stack end to end in Docker.
+
+* ``test_compose_files_valid`` (cheap, runs whenever ``docker compose`` is usable): both compose
+  files (CPU default, GPU override) and the test override validate; Prometheus' config passes
+  ``promtool`` when it is installed.
+* the end-to-end tests (opt-in: ``SVLLM_APPLIANCE_TESTS=1``; minutes; root is needed to install
+  Docker on a fresh machine). They share one stack and run in file order: build the images on a
+  debootstrap base with host-side wheelhouses (tests/appliance/harness.py); ``docker compose up``
+  with 2 workers, the tiny model registered by the one-shot ``init`` service; chat and streaming
+  through the published router port with the official ``openai`` client; ``--scale worker=3``;
+  Prometheus targets up; ``down`` + ``up`` keeps the registrations (SQLite on a named volume).
+
+Environment: SVLLM_APPLIANCE_KEEP=1 leaves the stack up afterwards;
+SVLLM_APPLIANCE_EXTRA_COMPOSE=a.yaml:b.yaml adds compose files (e.g. to try another head command).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("test_appliance")
+
+
+def _load_harness() -> Any:
+    spec = importlib.util.spec_from_file_location("appliance_harness", REPO / "tests" / "appliance" / "harness.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+# A fresh machine installs Docker, debootstraps the base and fills the wheelhouses in the
+# first test's setup (about 10 minutes); later runs reuse all of it.
+pytestmark = pytest.mark.timeout(2400)
+
+API_KEY = "test-client-key"
+ADMIN_KEY = "test-admin-key"
+WORKER_TOKEN = "test-worker-token"
+ALIAS = "tiny"
+ALIAS2 = "tiny-again"
+
+
+def _compose_usable() -> bool:
+    return shutil.which("docker") is not None and subprocess.run(
+        ["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 2.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+# --------------------------------------------------------------------------- cheap checks
+
+@pytest.mark.skipif(not _compose_usable(), reason="docker compose not installed (tests/appliance/harness.py docker)")
+def test_compose_files_valid() -> None:
+    env = {"HOME": os.environ.get("HOME", "/root"), "PATH": os.environ["PATH"]}
+    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"], harness.COMPOSE_FILES):
+        args = [a for f in files for a in ("-f", f)]
+        for env_file in ([], ["--env-file", ".env.example"]):
+            res = subprocess.run(["docker", "compose", *env_file, *args, "config", "--format", "json"],
+                                 cwd=REPO, capture_output=True, text=True, env=env)
+            assert res.returncode == 0, res.stderr
+            cfg = json.loads(res.stdout)
+            services = cfg["services"]
+            # (the test override moves grafana, which has no image here, into a profile)
+            expected = {"head", "worker", "init", "prometheus"}
+            if files != harness.COMPOSE_FILES:
+                expected.add("grafana")
+            assert expected <= set(services)
+            worker = services["worker"]
+            # Scalable workers: no fixed name, no host ports.
+            assert "container_name" not in worker and not worker.get("ports")
+            assert cfg["networks"]["backend"].get("internal") is True
+            for svc in expected:
+                for port in services[svc].get("ports", []):
+                    assert port["host_ip"] == "127.0.0.1", (svc, port)
+            if "compose.gpu.yaml" in files:
+                assert worker["build"]["dockerfile"] == "docker/worker-gpu.Dockerfile"
+                dev = worker["deploy"]["resources"]["reservations"]["devices"][0]
+                assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"] and dev["count"] == 1
+    if shutil.which("promtool"):
+        res = subprocess.run(["promtool", "check", "config", "prometheus/prometheus.yml"], cwd=REPO,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- the stack
+
+class Appliance:
+    def __init__(self, models_dir: Path) -> None:
+        self.router_port, self.prom_port, self.dashboard_port = _free_port(), _free_port(), _free_port()
+        extra = [f for f in os.environ.get("SVLLM_APPLIANCE_EXTRA_COMPOSE", "").split(":") if f]
+        self.files = [*harness.COMPOSE_FILES, *extra]
+        self.env = harness.test_env(
+            COMPOSE_PROJECT_NAME="svllm-apptest",
+            SVLLM_HEAD_IMAGE="svllm-test/head:dev",
+            SVLLM_WORKER_IMAGE="svllm-test/worker-cpu:dev",
+            ROUTER_PORT=str(self.router_port),
+            PROMETHEUS_PORT=str(self.prom_port),
+            RAY_DASHBOARD_PORT=str(self.dashboard_port),
+            GRAFANA_PORT=str(_free_port()),
+            MODELS_DIR=str(models_dir),
+            DEFAULT_MODEL=f"/models/{ALIAS}",
+            DEFAULT_ALIAS=ALIAS,
+            DEFAULT_MAX_MODEL_LEN="512",
+            WORKER_REPLICAS="2",
+            HF_HUB_OFFLINE="1",
+            HEARTBEAT_TIMEOUT="15",
+            HEARTBEAT_INTERVAL="2",
+            SVLLM_API_KEYS=API_KEY,
+            SVLLM_ADMIN_KEY=ADMIN_KEY,
+            SVLLM_WORKER_TOKEN=WORKER_TOKEN,
+        )
+        self.url = f"http://127.0.0.1:{self.router_port}"
+
+    def compose(self, *args: str, check: bool = True, capture: bool = False, timeout: float = 1800,
+                **env: str) -> subprocess.CompletedProcess:
+        return harness.compose(*args, files=self.files, env={**self.env, **env}, check=check, capture=capture,
+                               timeout=timeout)
+
+    # HTTP helpers (admin key on every call: harmless where it is not needed)
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.post(self.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60, **kw)
+
+    def model_ids(self) -> set[str]:
+        resp = httpx.get(self.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        resp.raise_for_status()
+        return {m["id"] for m in resp.json()["data"]}
+
+    def workers(self) -> list[dict[str, Any]]:
+        resp = self.get("/workers")
+        resp.raise_for_status()
+        body = resp.json()
+        return body["workers"] if isinstance(body, dict) else body
+
+    def healthy_workers(self) -> list[dict[str, Any]]:
+        return [w for w in self.workers()
+                if str(w.get("state", w.get("status", "healthy"))).lower() in ("healthy", "ready", "up", "alive")]
+
+    def head_up(self) -> bool:
+        return httpx.get(self.url + "/health", timeout=5).status_code == 200
+
+    def wait_head(self, timeout: float = 300) -> None:
+        _wait(self.head_up, timeout, "the head's /health on the published port")
+
+    def container_states(self) -> dict[str, list[dict[str, Any]]]:
+        out = self.compose("ps", "-a", "--format", "json", capture=True).stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")] \
+            if not out.lstrip().startswith("[") else json.loads(out)
+        states: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            states.setdefault(row["Service"], []).append(row)
+        return states
+
+    def init_exit_code(self) -> int | None:
+        rows = self.container_states().get("init", [])
+        if rows and rows[0]["State"] == "exited":
+            return int(rows[0]["ExitCode"])
+        return None
+
+    def prom_targets(self) -> list[dict[str, Any]]:
+        resp = httpx.get(f"http://127.0.0.1:{self.prom_port}/api/v1/targets", timeout=10)
+        resp.raise_for_status()
+        return resp.json()["data"]["activeTargets"]
+
+    def openai(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
+
+    def dump_logs(self) -> None:
+        res = self.compose("logs", "--no-color", "--tail", "150", check=False, capture=True, timeout=120)
+        log.error("compose logs:\n%s", res.stdout[-30000:])
+
+
+@pytest.fixture(scope="module")
+def appliance_enabled() -> None:
+    if os.environ.get("SVLLM_APPLIANCE_TESTS") != "1":
+        pytest.skip("set SVLLM_APPLIANCE_TESTS=1 to build the images and run the stack in Docker (minutes)")
+
+
+@pytest.fixture(scope="module")
+def models_dir(appliance_enabled: None, tiny_model: Path) -> Iterator[Path]:
+    """A world-readable copy of the tiny model (the containers run as uid 1000)."""
+    root = Path(tempfile.mkdtemp(prefix="svllm-appliance-models-"))
+    shutil.copytree(tiny_model, root / ALIAS)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def appliance(models_dir: Path, request: pytest.FixtureRequest) -> Iterator[Appliance]:
+    if not harness.docker_ok() and os.geteuid() != 0:
+        pytest.skip("no usable Docker engine and not root to install one")
+    harness.prepare_all()
+    app = Appliance(models_dir)
+    app.compose("down", "-v", "--remove-orphans", check=False)
+    t0 = time.monotonic()
+    for svc in ("head", "worker", "prometheus"):
+        app.compose("build", svc)
+    log.info("images built in %.0f s", time.monotonic() - t0)
+    failed_before = request.session.testsfailed
+    try:
+        yield app
+    finally:
+        if request.session.testsfailed > failed_before:
+            app.dump_logs()
+        if os.environ.get("SVLLM_APPLIANCE_KEEP") != "1":
+            app.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
+
+
+# The end-to-end steps share one stack (module fixture) and run in this order; each one leaves
+# the stack as the next expects, so a failure in one still lets the later ones report.
+
+def test_up_two_workers_and_init_registration(appliance: Appliance) -> None:
+    app = appliance
+    t0 = time.monotonic()
+    app.compose("up", "-d")
+    app.wait_head(300)
+    log.info("head healthy after %.0f s", time.monotonic() - t0)
+    _wait(lambda: len(app.healthy_workers()) == 2, 240, "2 workers registered")
+    ids = {w.get("worker_id") for w in app.workers()}
+    assert len(ids) == 2, app.workers()
+    # init waits for healthy workers, then registers DEFAULT_MODEL
+    _wait(lambda: app.init_exit_code() is not None, 240, "the init service to finish")
+    assert app.init_exit_code() == 0, app.compose("logs", "init", capture=True, check=False).stdout
+    assert ALIAS in app.model_ids()
+
+
+def test_ray_dashboard_published(appliance: Appliance) -> None:
+    """The head's Ray dashboard answers on its published (loopback) port. Ray enables token auth
+    by default for the cluster it starts: the token is in the head at ~/.ray/auth_token."""
+    url = f"http://127.0.0.1:{appliance.dashboard_port}/api/version"
+    resp = _wait(lambda: (r := httpx.get(url, timeout=5)).status_code in (200, 401) and r, 60, "the Ray dashboard")
+    if resp.status_code == 401:
+        token = appliance.compose("exec", "-T", "head", "cat", "/home/svllm/.ray/auth_token",
+                                  capture=True).stdout.strip()
+        resp = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert resp.status_code == 200, resp.text
+    assert "ray_version" in resp.json()
+
+
+def test_openai_chat_and_streaming(appliance: Appliance) -> None:
+    client = appliance.openai()
+    t1 = time.monotonic()
+    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=8, temperature=0)
+    log.info("first chat (cold start in a container) took %.0f s", time.monotonic() - t1)
+    assert chat.choices[0].message.content is not None
+    assert chat.usage is None or chat.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, temperature=0, stream=True))
+    assert chunks and any(c.choices and c.choices[0].delta.content for c in chunks)
+
+
+def test_register_through_api(appliance: Appliance) -> None:
+    resp = appliance.post("/v1/models/register", json={"alias": ALIAS2, "model_name": f"/models/{ALIAS}",
+                                                       "max_model_len": 256})
+    assert resp.status_code in (200, 201), resp.text
+    assert ALIAS2 in appliance.model_ids()
+
+
+def test_scale_to_three_workers(appliance: Appliance) -> None:
+    appliance.compose("up", "-d", "--scale", "worker=3")
+    _wait(lambda: len(appliance.healthy_workers()) == 3, 240, "3 workers registered")
+    assert len({w.get("worker_id") for w in appliance.workers()}) >= 3
+
+
+def test_prometheus_targets_up(appliance: Appliance) -> None:
+    """Prometheus (prometheus/prometheus.yml) scrapes every target it finds through the head: the
+    head's static targets plus whatever its service discovery lists; all up, one per worker."""
+    seen: dict[str, list[tuple[str, str, str]]] = {}
+
+    def ok() -> bool:
+        seen.clear()
+        for t in appliance.prom_targets():
+            seen.setdefault(t["labels"]["job"], []).append((t["scrapeUrl"], t["health"], t.get("lastError", "")))
+        everything_up = bool(seen) and all(h == "up" for rows in seen.values() for _, h, _ in rows)
+        return everything_up and "svllm-head" in seen and len(seen.get("svllm-workers", [])) == 3
+
+    try:
+        _wait(ok, 120, "Prometheus targets up", interval=5)
+    except TimeoutError:
+        pytest.fail(f"targets not all up (want svllm-head, 3 svllm-workers): {json.dumps(seen, indent=1)}")
+    log.info("prometheus targets: %s", seen)
+
+
+def test_down_up_keeps_registrations(appliance: Appliance) -> None:
+    """The registry lives in the manager's SQLite on a named volume: `down` + `up` keeps it.
+    init is told to register nothing this time, so what is listed afterwards was persisted."""
+    app = appliance
+    app.compose("down", timeout=300)
+    app.compose("up", "-d", DEFAULT_MODEL="")
+    app.wait_head(300)
+    assert {ALIAS, ALIAS2} <= app.model_ids()
+    _wait(lambda: len(app.healthy_workers()) >= 2, 240, "workers back after restart")
+    again = app.openai().chat.completions.create(model=ALIAS2, messages=[{"role": "user", "content": "Again"}],
+                                                 max_tokens=4, temperature=0)
+    assert again.choices[0].message.content is not None
