@@ -1,0 +1,108 @@
+"""The manager as a detached Ray actor: a thin adapter over ManagerCore, method for method."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from ..config import AuthSettings, ManagerSettings
+from ..manager.core import ManagerCore
+from ..schemas import (
+    DemandReport,
+    Heartbeat,
+    HeartbeatReply,
+    ModelInfo,
+    ModelPatch,
+    ModelSpec,
+    RoutingTable,
+    WorkerInfo,
+    WorkerRegistration,
+)
+from . import package_logging
+
+log = logging.getLogger(__name__)
+
+# Enough for every router replica's long-poll plus worker heartbeats and API calls at once.
+MAX_CONCURRENCY = 100
+
+
+class ManagerActor:
+    """Async actor. Ray re-runs the constructor after a crash: registrations reload from SQLite and the new
+    core gets a new epoch; workers re-register on their next heartbeat."""
+
+    def __init__(self, settings: ManagerSettings, auth: AuthSettings) -> None:
+        package_logging()
+        # The constructor cannot start asyncio tasks, so the reconcile loop starts on the first call.
+        # Credentials come from the deploying command, not this process's env (the raylet's, not the operator's).
+        self._core = ManagerCore(settings, worker_headers=auth.worker_headers())
+        log.info("manager actor up (pid %d, epoch %s, db %s)", os.getpid(), self._core.epoch, settings.db_path)
+
+    async def _started(self) -> ManagerCore:
+        await self._core.start()  # idempotent
+        return self._core
+
+    # ------------------------------------------------------------------ operations
+
+    async def health(self) -> dict[str, Any]:
+        return (await self._started()).health()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def settings(self) -> ManagerSettings:
+        return self._core.settings
+
+    # ------------------------------------------------------------------ ManagerAPI
+
+    async def register_model(self, spec: ModelSpec) -> ModelInfo:
+        return await (await self._started()).register_model(spec)
+
+    async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:
+        return await (await self._started()).patch_model(alias, patch)
+
+    async def get_model(self, alias: str) -> ModelInfo:
+        return (await self._started()).model_info(alias)
+
+    async def list_models(self) -> list[ModelInfo]:
+        return (await self._started()).list_models()
+
+    async def delete_model(self, alias: str) -> None:
+        await (await self._started()).delete_model(alias)
+
+    async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply:
+        return await (await self._started()).register_worker(reg)
+
+    async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
+        return await (await self._started()).heartbeat(hb)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        return (await self._started()).list_workers()
+
+    async def wait_routing(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
+        return await (await self._started()).wait_routing(after_version, epoch, timeout)
+
+    async def report_demand(self, report: DemandReport) -> None:
+        await (await self._started()).report_demand(report)
+
+    async def metrics_text(self) -> bytes:
+        return (await self._started()).metrics_text()
+
+
+def get_or_create_manager(settings: ManagerSettings, auth: AuthSettings, name: str, namespace: str,
+                          pin_to_head: bool = True) -> ray.actor.ActorHandle:
+    """The named detached manager actor: created once, reused by every later `svllm ray-services`."""
+    options: dict[str, Any] = {
+        "name": name, "namespace": namespace, "lifetime": "detached", "get_if_exists": True,
+        "max_concurrency": MAX_CONCURRENCY,
+        # Restart forever on failure; calls in flight fail (the router turns that into a 503) rather than
+        # being replayed against the new core.
+        "max_restarts": -1, "max_task_retries": 0,
+        "num_cpus": 0,  # I/O-bound: must not take a CPU slot from real work
+    }
+    if pin_to_head:
+        # The SQLite registry lives on the head node's disk: a restart must come back there.
+        options["resources"] = {"node:__internal_head__": 0.001}
+    return ray.remote(ManagerActor).options(**options).remote(settings, auth)

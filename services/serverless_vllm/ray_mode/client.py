@@ -1,0 +1,112 @@
+"""ManagerAPI over Ray remote calls: how the Serve router talks to the manager actor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from ..errors import APIError
+from ..schemas import (
+    DemandReport,
+    Heartbeat,
+    HeartbeatReply,
+    ModelInfo,
+    ModelPatch,
+    ModelSpec,
+    RoutingTable,
+    WorkerInfo,
+    WorkerRegistration,
+)
+from . import DEFAULT_NAMESPACE, MANAGER_ACTOR_NAME
+
+log = logging.getLogger(__name__)
+
+# Margin over a long-poll's own timeout before the call counts as lost.
+_POLL_MARGIN_S = 10.0
+
+
+def _unavailable(reason: str) -> APIError:
+    return APIError(503, f"manager unavailable: {reason}", "manager_unavailable", {"Retry-After": "2"})
+
+
+class RayManagerClient:
+    """Calls the named manager actor; errors come back as APIError, exactly as over HTTP."""
+
+    def __init__(self, name: str = MANAGER_ACTOR_NAME, namespace: str = DEFAULT_NAMESPACE,
+                 timeout_s: float = 30.0, handle: Any = None) -> None:
+        self._name = name
+        self._namespace = namespace
+        self._timeout = timeout_s
+        self._actor = handle
+
+    async def _handle(self) -> Any:
+        if self._actor is None:
+            try:
+                # A GCS lookup: off the event loop, it may take a moment while the cluster is busy.
+                self._actor = await asyncio.to_thread(ray.get_actor, self._name, namespace=self._namespace)
+            except ValueError:
+                raise _unavailable(f"no actor '{self._name}' in namespace '{self._namespace}'") from None
+        return self._actor
+
+    async def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        actor = await self._handle()
+        try:
+            async with asyncio.timeout(timeout or self._timeout):
+                return await getattr(actor, method).remote(*args)
+        except RayTaskError as exc:
+            # The core raised: an APIError (it pickles intact) is the manager's answer; anything else is a bug.
+            if isinstance(exc.cause, APIError):
+                raise APIError.from_dict(exc.cause.to_dict()) from None
+            log.error("manager call %s failed: %s", method, exc)
+            raise APIError(500, f"manager error: {type(exc.cause).__name__}", "manager_error") from None
+        except RayActorError as exc:
+            # Died (Ray restarts it) or unreachable for now: the caller retries; a fresh lookup finds the
+            # actor again even if it was deleted and created anew.
+            self._actor = None
+            raise _unavailable(type(exc).__name__) from None
+        except (TimeoutError, GetTimeoutError):
+            raise _unavailable(f"no answer to {method} within {timeout or self._timeout:.0f} s") from None
+
+    async def register_model(self, spec: ModelSpec) -> ModelInfo:
+        return await self._call("register_model", spec)
+
+    async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:
+        return await self._call("patch_model", alias, patch)
+
+    async def get_model(self, alias: str) -> ModelInfo:
+        return await self._call("get_model", alias)
+
+    async def list_models(self) -> list[ModelInfo]:
+        return await self._call("list_models")
+
+    async def delete_model(self, alias: str) -> None:
+        await self._call("delete_model", alias)
+
+    async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply:
+        return await self._call("register_worker", reg)
+
+    async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
+        return await self._call("heartbeat", hb)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        return await self._call("list_workers")
+
+    async def wait_routing(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
+        return await self._call("wait_routing", after_version, epoch, timeout, timeout=timeout + _POLL_MARGIN_S)
+
+    async def report_demand(self, report: DemandReport) -> None:
+        await self._call("report_demand", report)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call("health")
+
+    async def metrics_text(self) -> bytes:
+        return await self._call("metrics_text")
+
+    async def close(self) -> None:
+        # The actor belongs to the cluster, not to this router: just drop the handle.
+        self._actor = None

@@ -1,0 +1,45 @@
+"""The router as a Ray Serve deployment: the same FastAPI app as in HTTP mode, built on each replica."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+
+from ..config import AuthSettings, RouterSettings
+from ..router.app import create_router_app
+from . import package_logging
+from .client import RayManagerClient
+
+# Settings that are per process or meaningless under Serve (Serve owns the socket; each replica names itself).
+_PER_REPLICA = {"router_id", "host", "port", "manager_url", "processes"}
+
+
+@serve.ingress()  # late-bound: Serve calls __serve_build_asgi_app__ on each replica, then runs its lifespan
+class RouterIngress:
+    def __init__(self, settings: dict[str, Any], auth: AuthSettings, manager_name: str, namespace: str) -> None:
+        package_logging()
+        # Built here, in the replica: each replica gets its own router_id, table and manager client.
+        self._settings = RouterSettings(**settings)
+        self._auth = auth  # from the deploying command: a replica's env is the raylet's, not the operator's
+        self._manager_name = manager_name
+        self._namespace = namespace
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        # The lifespan (table sync with the manager actor) runs in the replica once this returns.
+        # Router -> manager is a Ray call inside the cluster: no HTTP credential to present.
+        return create_router_app(self._settings, lambda: RayManagerClient(self._manager_name, self._namespace),
+                                 auth=self._auth)
+
+
+def router_application(settings: RouterSettings, auth: AuthSettings, *, manager_name: str, namespace: str,
+                       replicas: int, max_ongoing_requests: int, num_cpus: float) -> Application:
+    deployment = serve.deployment(
+        RouterIngress, name="Router", num_replicas=replicas,
+        # Serve's default (5) would queue requests at the proxy while replicas idle waiting on engines.
+        max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_cpus": num_cpus},
+    )
+    return deployment.bind(settings.model_dump(mode="json", exclude=_PER_REPLICA), auth, manager_name, namespace)
