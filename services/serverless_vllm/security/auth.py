@@ -1,0 +1,218 @@
+"""Bearer credentials for every HTTP service, and a body-size guard, as one pure ASGI middleware.
+
+Roles: client API keys (inference, model listing), the admin key (register, patch, delete, /workers; also the
+router's credential to the manager) and the worker token (workers <-> manager, router -> worker). Each app maps
+(method, path) to the roles it accepts; anything not mapped needs the admin key (default deny). Health, metrics
+and service discovery stay open for probes and Prometheus (read-only, no secrets).
+
+Checks are constant time: the presented token is hashed once and compared with hmac.compare_digest against
+every accepted key's digest (fixed length, no early exit). Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..config import AuthSettings
+from ..errors import APIError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class Role(StrEnum):
+    CLIENT = "client"
+    ADMIN = "admin"
+    WORKER = "worker"
+
+
+class AuthConfigError(ValueError):
+    """Authentication is on but a credential this service needs is missing (or two roles share a secret)."""
+
+
+# (method, route path) -> the roles accepted, or None for a public route.
+Policy = Callable[[str, str], frozenset[Role] | None]
+
+CLIENT_OR_ADMIN = frozenset({Role.CLIENT, Role.ADMIN})
+ADMIN_ONLY = frozenset({Role.ADMIN})
+WORKER_ONLY = frozenset({Role.WORKER})
+WORKER_OR_ADMIN = frozenset({Role.WORKER, Role.ADMIN})
+
+# Read-only operational endpoints: liveness probes (compose healthchecks) and Prometheus scrapes / discovery.
+OPS_PATHS = frozenset({"/health", "/metrics", "/manager/metrics", "/sd/targets", "/sd/workers"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+WORKER_CALLS = frozenset({"/workers/register", "/workers/heartbeat"})
+
+
+def router_policy(method: str, path: str) -> frozenset[Role] | None:
+    if path in OPS_PATHS:
+        return None
+    if path in INFERENCE_PATHS:
+        return CLIENT_OR_ADMIN
+    if method in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/")):
+        return CLIENT_OR_ADMIN
+    if path in WORKER_CALLS:  # passed on to the manager with the router's own credential
+        return WORKER_ONLY
+    return ADMIN_ONLY  # register, patch, delete, /workers, docs, anything unknown
+
+
+def manager_policy(method: str, path: str) -> frozenset[Role] | None:
+    if path in OPS_PATHS:
+        return None
+    if path in WORKER_CALLS:  # from workers directly, or from a router passing them on (admin key)
+        return WORKER_OR_ADMIN
+    return ADMIN_ONLY  # the registry and routing table: only routers (admin key) and operators
+
+
+def worker_policy(method: str, path: str) -> frozenset[Role] | None:
+    if path in OPS_PATHS or (method == "GET" and path.startswith("/engines/") and path.endswith("/metrics")):
+        return None
+    return WORKER_ONLY  # inference (the router is the only legitimate caller) and /engines (the manager)
+
+
+# What each service needs configured when authentication is on.
+REQUIRED: dict[str, tuple[Role, ...]] = {
+    "router": (Role.CLIENT, Role.ADMIN, Role.WORKER),
+    "manager": (Role.ADMIN, Role.WORKER),
+    "worker": (Role.WORKER,),
+}
+_ENV = {Role.CLIENT: "SVLLM_API_KEYS (or SVLLM_API_KEYS_FILE)", Role.ADMIN: "SVLLM_ADMIN_KEY",
+        Role.WORKER: "SVLLM_WORKER_TOKEN"}
+
+
+def _digest(secret: str | bytes) -> bytes:
+    return hashlib.sha256(secret.encode() if isinstance(secret, str) else secret).digest()
+
+
+class Authenticator:
+    """The accepted key digests per role; built once per app, read-only afterwards."""
+
+    def __init__(self, settings: AuthSettings, service: str) -> None:
+        self.enabled = settings.enabled
+        secrets: dict[Role, list[str]] = {
+            Role.CLIENT: [k.get_secret_value() for k in settings.api_keys],
+            Role.ADMIN: [settings.admin_key.get_secret_value()] if settings.admin_key else [],
+            Role.WORKER: [settings.worker_token.get_secret_value()] if settings.worker_token else [],
+        }
+        if self.enabled:
+            missing = [_ENV[r] for r in REQUIRED[service] if not secrets[r]]
+            if missing:
+                raise AuthConfigError(
+                    f"authentication is on but the {service} has no {', '.join(missing)}: set them, or set "
+                    "SVLLM_AUTH=off for local development only")
+            owners: dict[str, Role] = {}
+            for role, values in secrets.items():
+                for value in values:
+                    if owners.setdefault(value, role) is not role:
+                        raise AuthConfigError(f"a {role.value} credential equals a {owners[value].value} "
+                                              "credential: every role needs its own secret")
+        self._digests = {role: tuple(_digest(v) for v in values) for role, values in secrets.items()}
+
+    def allowed(self, token: bytes | None, roles: frozenset[Role]) -> bool:
+        if token is None:
+            return False
+        presented = _digest(token)
+        ok = False
+        for role in roles:
+            for digest in self._digests[role]:
+                ok |= hmac.compare_digest(presented, digest)  # no early exit: time does not tell which key
+        return ok
+
+
+def bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            token = token.strip()
+            return token if scheme.lower() == b"bearer" and token else None
+    return None
+
+
+def _route_path(scope: Scope) -> str:
+    # The path the app's router matches (Starlette strips root_path the same way).
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _unauthorized(token: bytes | None, roles: frozenset[Role]) -> APIError:
+    needed = " or ".join(sorted(r.value for r in roles))
+    if token is None:
+        return APIError(401, f"missing credentials: send 'Authorization: Bearer <key>' ({needed} key)",
+                        "missing_api_key", {"WWW-Authenticate": "Bearer"})
+    return APIError(401, f"invalid credentials for this route (it needs a {needed} key)", "invalid_api_key",
+                    {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class GuardMiddleware:
+    """Authentication (before anything is read) and a request body size limit, for every route of an app."""
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, policy: Policy,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self._auth = authenticator
+        self._policy = policy
+        self._limit = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self._auth.enabled:
+            await send({"type": "websocket.close", "code": 1008})  # no route uses them: refused, not unguarded
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._auth.enabled:
+            roles = self._policy(scope["method"], _route_path(scope))
+            if roles is not None:
+                token = bearer_token(scope)
+                if not self._auth.allowed(token, roles):
+                    await _unauthorized(token, roles).response()(scope, receive, send)
+                    return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit():
+                    await APIError(400, "invalid Content-Length header", "invalid_header").response()(
+                        scope, receive, send)
+                    return
+                if int(value) > self._limit:
+                    await self._too_large().response()(scope, receive, send)
+                    return
+        await self.app(scope, self._limited(receive), send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body larger than {self._limit} bytes", "body_too_large")
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self._limit
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # An HTTPException passes FastAPI's body parsing unchanged and leaves as a 413 (chunked
+                    # bodies without a Content-Length end here).
+                    raise HTTPException(413, f"request body larger than {limit} bytes")
+            return message
+
+        return limited
+
+
+def install_guard(app: Any, settings: AuthSettings, service: str, policy: Policy,
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Authenticator:
+    """Add the guard as the outermost middleware of `app`; raises AuthConfigError when credentials are missing."""
+    authenticator = Authenticator(settings, service)
+    if not authenticator.enabled:
+        log.warning("%s: authentication is OFF (SVLLM_AUTH=off): for local development only", service)
+    app.add_middleware(GuardMiddleware, authenticator=authenticator, policy=policy, max_body_bytes=max_body_bytes)
+    return authenticator

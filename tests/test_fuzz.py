@@ -1,0 +1,317 @@
+"""Bad input against real processes (credentials on, a real CPU vLLM engine): a catalogue of malformed requests,
+streams the client drops early, and schemathesis fuzzing of the router's, the worker's and the manager's APIs
+from their own OpenAPI schemas. Zero server errors; the only 5xx allowed are documented 503s (cold-start
+timeout, failed model, replica not on this worker), and the engine is never left stuck.
+
+Operations whose valid input legitimately starts engines or points the manager at arbitrary URLs (a worker's
+PUT /engines, worker registration) are fuzzed with invalid input only; the real model is never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from serverless_vllm.security.inference import CHAT_FIELDS, COMPLETION_FIELDS, OPERATOR_FIELDS
+
+from .secure_harness import ADMIN_KEY, API_KEY, WORKER_TOKEN, Observations, SecureStack, bearer
+
+ALIAS = "tiny"
+MAX_MODEL_LEN = 128
+M = [{"role": "user", "content": "hi"}]
+# 503s the API documents (with Retry-After): they are answers, not server errors.
+DOCUMENTED_503 = {"cold_start_timeout", "model_failed", "queue_full", "overloaded", "replica_unavailable",
+                  "manager_unavailable"}
+
+
+@pytest.fixture(scope="module")
+def obs() -> Iterator[Observations]:
+    o = Observations("fuzz")
+    yield o
+    o.write()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
+    # One engine slot held by the real model (min_replicas 1: never evicted), so registrations the fuzzer makes
+    # cannot start engines; a short cold-start timeout so requests for them end quickly.
+    s = SecureStack(tmp_path_factory.mktemp("fuzz"), env={"CPU_SLOTS": "1", "COLD_START_TIMEOUT": "2",
+                                                          "FAILED_RETRY_AFTER": "600"}).start(workers=1)
+    try:
+        s.register(ALIAS, tiny_model, max_model_len=MAX_MODEL_LEN, min_replicas=1)
+        s.wait_model(ALIAS, "ready", timeout=300)
+        yield s
+    finally:
+        s.stop()
+
+
+def test_router_field_lists_cover_installed_vllm() -> None:
+    """The router's allow-lists are vLLM's request fields (minus operator-only ones): a new vLLM field shows here."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    assert set(ChatCompletionRequest.model_fields) - OPERATOR_FIELDS <= CHAT_FIELDS
+    assert set(CompletionRequest.model_fields) - OPERATOR_FIELDS <= COMPLETION_FIELDS
+
+
+def running_requests(stack: SecureStack) -> float:
+    replica = stack.model(ALIAS)["replicas"][0]["replica_id"]
+    text = httpx.get(f"{stack.workers['w1'].url}/engines/{replica}/metrics", timeout=10).text
+    values = [float(m.group(1)) for m in re.finditer(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M)]
+    return sum(values)
+
+
+def _send(stack: SecureStack, path: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(stack.router.url + path, content=content, timeout=60,
+                      headers={"content-type": "application/json", **bearer(API_KEY), **(headers or {})})
+
+
+def _j(body: Any) -> bytes:
+    return json.dumps(body).encode()
+
+
+BAD_INPUTS: list[tuple[str, str, bytes, dict[str, str] | None]] = [
+    ("invalid JSON", "/v1/chat/completions", b"{not json", None),
+    ("invalid UTF-8", "/v1/chat/completions", b'{"model": "tiny", "messages": "\xff\xfe"}', None),
+    ("JSON array body", "/v1/completions", b"[1, 2]", None),
+    ("empty body", "/v1/completions", b"", None),
+    ("10^5 nested arrays", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None),
+    ("NaN temperature", "/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', None),
+    ("5000-digit integer", "/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+     None),
+    ("missing model", "/v1/chat/completions", _j({"messages": M}), None),
+    ("model of wrong type", "/v1/chat/completions", _j({"model": ["tiny"], "messages": M}), None),
+    ("model with path characters", "/v1/completions", _j({"model": "../workers", "prompt": "x"}), None),
+    ("unknown model", "/v1/completions", _j({"model": "nope", "prompt": "x"}), None),
+    ("empty messages", "/v1/chat/completions", _j({"model": ALIAS, "messages": []}), None),
+    ("message without role", "/v1/chat/completions", _j({"model": ALIAS, "messages": [{"content": "x"}]}), None),
+    ("message content of wrong type", "/v1/chat/completions",
+     _j({"model": ALIAS, "messages": [{"role": "user", "content": 5}]}), None),
+    ("empty prompt", "/v1/completions", _j({"model": ALIAS, "prompt": ""}), None),
+    ("prompt longer than the context", "/v1/completions", _j({"model": ALIAS, "prompt": "hello " * 400}), None),
+    ("out-of-vocabulary token ids", "/v1/completions", _j({"model": ALIAS, "prompt": [10**12]}), None),
+    ("max_tokens 10^30", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 10**30}), None),
+    ("max_tokens above the context", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 100_000}),
+     None),
+    ("max_tokens as string", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": "8"}), None),
+    ("negative max_tokens", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": -1}), None),
+    ("n = 1000", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "n": 1000}), None),
+    ("temperature -1", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "temperature": -1}), None),
+    ("logprobs 10^5", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "logprobs": 100_000}), None),
+    ("stop of wrong type", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "stop": [1, 2]}), None),
+    ("invalid regex for structured output", "/v1/completions",
+     _j({"model": ALIAS, "prompt": "x", "structured_outputs": {"regex": "("}}), None),
+    ("unknown field", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "tempreature": 0.5}), None),
+    ("client-set request_id", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "request_id": "r1"}), None),
+    ("client chat template", "/v1/chat/completions", _j({"model": ALIAS, "messages": M, "chat_template": "{{x}}"}),
+     None),
+    ("stream_options without stream", "/v1/completions",
+     _j({"model": ALIAS, "prompt": "x", "stream_options": {"include_usage": True}}), None),
+    ("tool_choice without tools", "/v1/chat/completions",
+     _j({"model": ALIAS, "messages": M, "tool_choice": "required"}), None),
+    ("9 MiB body", "/v1/completions", _j({"model": ALIAS, "prompt": "x" * (9 * 1024 * 1024)}), None),
+    ("text/plain content type", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 1}),
+     {"content-type": "text/plain"}),
+]
+
+
+AUTH = f"Authorization: Bearer {API_KEY}\r\n"
+RAW_REQUESTS = [  # malformed HTTP that no client library sends
+    ("Content-Length not a number",
+     f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: abc\r\n\r\n{{}}"),
+    ("two different Content-Lengths",
+     f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}"),
+    ("64 KiB header", f"GET /v1/models HTTP/1.1\r\nHost: x\r\n{AUTH}X-Big: {'a' * 65536}\r\n\r\n"),
+    ("invalid chunked encoding",
+     f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"),
+]
+
+
+def raw_status(port: int, request: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        data = sock.recv(65536)
+    return int(data.split(b" ", 2)[1]) if data else 0  # 0: the server closed the connection without an answer
+
+
+def test_bad_inputs_get_clear_4xx(stack: SecureStack, obs: Observations) -> None:
+    seen = []
+    for name, path, content, headers in BAD_INPUTS:
+        try:
+            resp = _send(stack, path, content, headers)
+        except httpx.HTTPError as exc:  # the client library refuses to send it (Content-Length)
+            seen.append((name, f"not sent by httpx ({type(exc).__name__})", ""))
+            continue
+        body = resp.json()
+        seen.append((name, resp.status_code, body.get("error", {}).get("code") if "error" in body else "ok"))
+        if name == "text/plain content type":  # a valid body: served whatever the content type says
+            assert resp.status_code == 200, resp.text
+            continue
+        assert 400 <= resp.status_code < 500, (name, resp.status_code, resp.text[:300])
+        assert set(body) == {"error"} and body["error"]["message"], (name, body)
+    more = [  # the admin API too
+        ("register: model_name not a string", "POST", "/v1/models/register", {"alias": "x", "model_name": 5}),
+        ("register: unknown field", "POST", "/v1/models/register", {"alias": "x", "model_name": "o/x", "gpu": 1}),
+        ("register: min_replicas > max_replicas", "POST", "/v1/models/register",
+         {"alias": "x", "model_name": "o/x", "min_replicas": 3, "max_replicas": 1}),
+        ("patch: wrong type", "PATCH", f"/v1/models/{ALIAS}", {"max_replicas": "many"}),
+        ("patch: unknown field", "PATCH", f"/v1/models/{ALIAS}", {"model_name": "o/other"}),
+        ("path alias with a slash", "GET", "/v1/models/a%2Fb", None),
+        ("path alias of 300 characters", "DELETE", "/v1/models/" + "a" * 300, None),
+    ]
+    for name, method, path, body in more:
+        resp = httpx.request(method, stack.router.url + path, json=body, headers=bearer(ADMIN_KEY), timeout=30)
+        seen.append((name, resp.status_code, resp.json()["error"]["code"]))
+        assert 400 <= resp.status_code < 500, (name, resp.text)
+    for name, raw in RAW_REQUESTS:
+        status = raw_status(stack.router.port, raw)
+        seen.append((name, status, "connection closed" if not status else "answered" if status < 400 else "refused"))
+        assert status < 500, (name, status)  # refused (4xx), closed, or (a long header) simply served
+    obs.record("bad_inputs", seen)
+    # Nothing stuck: the engine serves at once.
+    assert running_requests(stack) == 0
+    assert stack.openai().completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
+
+
+def test_streams_dropped_early_do_not_leave_the_engine_busy(stack: SecureStack, obs: Observations) -> None:
+    body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": MAX_MODEL_LEN - 16, "stream": True,
+            "ignore_eos": True}
+    drops = []
+    for _ in range(5):
+        with httpx.Client(timeout=60) as client, client.stream(
+                "POST", stack.router.url + "/v1/completions", json=body, headers=bearer(API_KEY)) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            assert "choices" in first
+        drops.append(time.monotonic())  # the connection is closed here, mid-stream
+    start = time.monotonic()
+    while running_requests(stack) > 0 and time.monotonic() - start < 10:
+        time.sleep(0.1)
+    settle = time.monotonic() - start
+    assert running_requests(stack) == 0, "the engine kept generating for clients that left"
+    # Streaming still works end to end, and the engine answers at once.
+    chunks = list(stack.openai().completions.create(model=ALIAS, prompt="x", max_tokens=4, stream=True))
+    assert len(chunks) >= 2
+    obs.record("dropped_streams", {"count": len(drops), "engine_idle_after_s": round(settle, 2)})
+
+
+# ------------------------------------------------------------------------------------------ schemathesis
+
+NEGATIVE_ONLY = {("PUT", "/engines"), ("POST", "/workers/register")}
+WORKER_CALLS = {"/workers/register", "/workers/heartbeat"}
+INFERENCE = {"/v1/chat/completions", "/v1/completions"}
+
+
+def _protected(case: Any) -> bool:
+    """Cases that would remove the real model or impersonate the real worker."""
+    params = case.path_parameters or {}
+    if params.get("alias") == ALIAS and case.method.upper() in ("DELETE", "PATCH"):
+        return True
+    body = case.body if isinstance(case.body, dict) else {}
+    return body.get("worker_id") == "w1"
+
+
+class Fuzzer:
+    """Runs schemathesis-generated cases of one API against a live service and tallies the answers."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], worker_calls: dict[str, str] | None = None) -> None:
+        import requests
+
+        self.base_url, self.headers = base_url, headers
+        self.worker_calls = worker_calls or headers  # credential of the worker-facing routes (a router's pass-on)
+        self.session = requests.Session()
+        self.statuses: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self.documented_503 = 0
+        self.impossible = 0
+
+    def send(self, op: Any, mode: Any, case: Any) -> None:
+        import requests
+
+        if _protected(case):
+            return
+        if op.path in INFERENCE and isinstance(case.body, dict) and zlib.crc32(repr(case.body).encode()) % 3:
+            case.body["model"] = ALIAS  # most cases reach the real engine, not just the alias check
+        if op.path == "/routing" and isinstance(case.query, dict):
+            case.query["timeout"] = 0  # a long-poll would only wait
+        try:
+            headers = self.worker_calls if op.path in WORKER_CALLS else self.headers
+            resp = case.call(base_url=self.base_url, headers=headers, session=self.session, timeout=60)
+        except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, ValueError):
+            self.statuses[0] += 1  # not sendable over HTTP at all
+            return
+        self.statuses[resp.status_code] += 1
+        if resp.status_code == 503:
+            code = (resp.json().get("error") or {}).get("code")
+            if code in DOCUMENTED_503 and resp.headers.get("retry-after"):
+                self.documented_503 += 1
+                return
+        if resp.status_code >= 500:
+            self.failures.append(f"{op.method.upper()} {op.path} {mode.value}: {resp.status_code} {resp.text[:300]}"
+                                 f" <- {case.path_parameters} {case.query} {str(case.body)[:300]}")
+
+    def run(self, op: Any, mode: Any, examples: int) -> None:
+        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis.errors import Unsatisfiable
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def run(case: Any) -> None:
+            self.send(op, mode, case)
+
+        try:
+            run()
+        except Unsatisfiable:
+            self.impossible += 1  # no invalid input exists for an operation without parameters
+
+
+def fuzz(base_url: str, headers: dict[str, str], examples: int, inference_examples: int,
+         worker_calls: dict[str, str] | None = None) -> dict[str, Any]:
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    raw = httpx.get(f"{base_url}/openapi.json", headers=headers, timeout=10).json()
+    fuzzer = Fuzzer(base_url, headers, worker_calls)
+    operations = 0
+    for result in schemathesis.openapi.from_dict(raw).get_all_operations():
+        op = result.ok()
+        operations += 1
+        negative_only = (op.method.upper(), op.path) in NEGATIVE_ONLY
+        modes = [GenerationMode.NEGATIVE] if negative_only else [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+        for mode in modes:
+            fuzzer.run(op, mode, inference_examples if op.path in INFERENCE else examples)
+    return {"operations": operations, "cases": sum(fuzzer.statuses.values()),
+            "statuses": dict(sorted(fuzzer.statuses.items())), "documented_503": fuzzer.documented_503,
+            "negative_impossible": fuzzer.impossible,
+            "failures": fuzzer.failures}
+
+
+@pytest.mark.parametrize(("service", "examples", "inference_examples"),
+                         [("router", 25, 40), ("worker", 25, 40), ("manager", 15, 0)])
+def test_fuzz_from_openapi_has_no_server_errors(stack: SecureStack, obs: Observations, service: str,
+                                                examples: int, inference_examples: int) -> None:
+    url, headers = {"router": (stack.router.url, bearer(ADMIN_KEY)),
+                    "worker": (stack.workers["w1"].url, bearer(WORKER_TOKEN)),
+                    "manager": (stack.manager.url, bearer(ADMIN_KEY))}[service]
+    start = time.monotonic()
+    # Worker-facing routes take the worker token (a router passes them on; the manager takes the admin key too).
+    result = fuzz(url, headers, examples, inference_examples, bearer(WORKER_TOKEN) if service == "router" else None)
+    result["seconds"] = round(time.monotonic() - start, 1)
+    obs.record(f"schemathesis_{service}", result)
+    assert result["cases"] > 0 and not result["failures"], "\n".join(result["failures"][:20])
+    # The fuzzing left the real model serving and the engine idle.
+    assert stack.model(ALIAS)["state"] == "ready"
+    assert stack.openai().completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
+    assert running_requests(stack) == 0

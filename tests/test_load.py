@@ -1,0 +1,123 @@
+"""A bounded load test on loopback: closed-loop clients against the router, one real CPU vLLM engine behind it.
+
+Two steps of fixed duration, then it stops by itself: CONCURRENCY_OK clients (within the router's in-flight cap
+per replica) for STEP_S seconds, then CONCURRENCY_OVER clients (three times the cap) for STEP_S seconds.
+Expected: no error at all within capacity; under overload only the documented 503 "overloaded" (with
+Retry-After) for the excess, while the admitted requests keep their throughput and a bounded latency
+(backpressure, not collapse); the router's memory flat; the engine idle afterwards. Figures go to
+build/reliability/load.json (docs/reliability.md quotes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .secure_harness import API_KEY, Observations, SecureStack, bearer, rss_kib
+
+ALIAS = "tiny"
+CAP = 8  # MAX_INFLIGHT_PER_REPLICA of this stack
+CONCURRENCY_OK = 8
+CONCURRENCY_OVER = 24
+STEP_S = 20.0
+MAX_TOKENS = 16
+CLIENT_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def obs() -> Iterator[Observations]:
+    o = Observations("load")
+    yield o
+    o.write()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
+    s = SecureStack(tmp_path_factory.mktemp("load"), env={"CPU_SLOTS": "1", "MAX_INFLIGHT_PER_REPLICA": str(CAP)})
+    s.start(workers=1)
+    try:
+        s.register(ALIAS, tiny_model, max_model_len=256, min_replicas=1, max_replicas=1)
+        s.wait_model(ALIAS, "ready", timeout=300)
+        yield s
+    finally:
+        s.stop()
+
+
+async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` loops, each sending its next request when the previous one is answered, for `seconds`."""
+    latencies: list[float] = []
+    outcomes: Counter[str] = Counter()
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S, limits=limits, headers=bearer(API_KEY)) as client:
+
+        async def loop(i: int) -> None:
+            body = {"model": ALIAS, "prompt": f"Request {i} says", "max_tokens": MAX_TOKENS, "ignore_eos": True}
+            while time.monotonic() < deadline:
+                start = time.monotonic()
+                try:
+                    resp = await client.post(f"{url}/v1/completions", json=body)
+                except httpx.TimeoutException:
+                    outcomes["timeout"] += 1
+                    continue
+                except httpx.HTTPError as exc:
+                    outcomes[f"transport:{type(exc).__name__}"] += 1
+                    continue
+                if resp.status_code == 200:
+                    latencies.append(time.monotonic() - start)
+                    outcomes["200"] += 1
+                    continue
+                code = resp.json().get("error", {}).get("code")
+                outcomes[f"{resp.status_code}:{code}"] += 1
+                if resp.status_code == 503:
+                    assert int(resp.headers["retry-after"]) >= 1
+                    await asyncio.sleep(0.25)  # a client backs off (less than Retry-After, to keep the pressure)
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop(i) for i in range(clients)))
+        elapsed = time.monotonic() - started
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99
+    return {"clients": clients, "seconds": round(elapsed, 1), "outcomes": dict(outcomes),
+            "answered_per_s": round(outcomes["200"] / elapsed, 2),
+            "tokens_per_s": round(outcomes["200"] * MAX_TOKENS / elapsed, 1),
+            "latency_s": {"p50": round(q[49], 3), "p95": round(q[94], 3), "p99": round(q[98], 3),
+                          "max": round(max(latencies, default=0.0), 3)}}
+
+
+def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observations) -> None:
+    router_pid = stack.router.proc.pid
+    asyncio.run(closed_loop(stack.router.url, 2, 3.0))  # warm-up (pools, first compiled paths)
+    rss_before = rss_kib(router_pid)
+    within = asyncio.run(closed_loop(stack.router.url, CONCURRENCY_OK, STEP_S))
+    over = asyncio.run(closed_loop(stack.router.url, CONCURRENCY_OVER, STEP_S))
+    rss_after = rss_kib(router_pid)
+    obs.record("setup", {"engines": 1, "max_model_len": 256, "max_tokens": MAX_TOKENS,
+                         "max_in_flight_per_replica": CAP, "step_seconds": STEP_S,
+                         "client_timeout_s": CLIENT_TIMEOUT_S})
+    obs.record("within_capacity", within)
+    obs.record("overload", over)
+    obs.record("router_rss_kib", {"before": rss_before, "after": rss_after, "growth": rss_after - rss_before})
+
+    # Within capacity: every request answered.
+    assert set(within["outcomes"]) == {"200"}, within
+    # Overload: answers, or the documented 503 at once; nothing else (no timeouts, no 5xx, no resets).
+    assert set(over["outcomes"]) <= {"200", "503:overloaded"}, over
+    assert over["outcomes"].get("503:overloaded", 0) > 0, over  # the excess was shed, not queued without bound
+    # Backpressure, not collapse: the admitted requests keep most of the throughput and a bounded latency.
+    assert over["answered_per_s"] >= 0.6 * within["answered_per_s"], (within, over)
+    assert over["latency_s"]["p99"] <= 3 * within["latency_s"]["p99"] + 1.0, (within, over)
+    # The router's memory is flat and the engine is idle when the load stops.
+    assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
+    replica = stack.model(ALIAS)["replicas"][0]["replica_id"]
+    text = httpx.get(f"{stack.workers['w1'].url}/engines/{replica}/metrics", timeout=10).text
+    running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("vllm:num_requests_running{"))
+    assert running == 0
