@@ -10,6 +10,9 @@ import pytest
 # Set before any engine starts: no hub on these machines, and a small CPU KV cache per engine.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+# Services started by tests without credentials run in local-development mode; tests/test_security.py and the
+# fault and load tests configure keys explicitly.
+os.environ.setdefault("SVLLM_AUTH", "off")
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True, timeout: float = 60) -> Service:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(VENV_BIN / "svllm"), *self.args], env={**os.environ, **self.env},
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
@@ -117,12 +117,19 @@ class Stack:
         self.env = {
             "MANAGER_DB": str(tmp / "manager.db"),
             "SVLLM_STATE_DIR": str(tmp / "state"),
-            "HEARTBEAT_TIMEOUT": "3",
+            "HEARTBEAT_TIMEOUT": "5",
             "HEARTBEAT_INTERVAL": "0.5",
             "ENGINE_EXTRA_ARGS": "--enforce-eager",
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "HF_HUB_OFFLINE": "1",
             "CPU_SLOTS": "2",
+            # vLLM's "auto" binding pins every CPU engine's OpenMP threads to the same core: a busy engine's
+            # spinning threads then starve a second engine starting beside it for minutes. Let the OS schedule.
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            # Local development settings: no credentials (tests/test_security.py turns them on), and local model
+            # paths allowed under the pytest session's temporary root (the tiny model, a missing model).
+            "SVLLM_AUTH": "off",
+            "SVLLM_MODEL_DIRS": str(tmp.parent),
             **(env or {}),
         }
         self.manager = Service("manager", ["manager", "--host", "127.0.0.1", "--port", str(free_port())],

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from .harness import Stack, alive, descendants, engine_pids, wait_until
+from .harness import Service, Stack, alive, descendants, engine_pids, free_port, wait_until
 
 ALIAS = "tiny"
 
@@ -72,6 +72,21 @@ def test_streaming_chat_and_completion(stack: Stack) -> None:
 def test_models_list(stack: Stack) -> None:
     models = stack.openai().models.list()
     assert ALIAS in [m.id for m in models.data]
+
+
+def test_router_scales_out_to_several_processes(stack: Stack) -> None:
+    """`svllm router --workers 2`: gunicorn processes, each with its own table, on one port."""
+    port = free_port()
+    router = Service("router-x2", ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url",
+                                   stack.manager.url, "--workers", "2"], port, stack.env, stack.tmp)
+    router.start()
+    try:
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        for _ in range(4):  # several connections land on both processes
+            assert client.completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
+        assert len(descendants(router.proc.pid)) >= 2
+    finally:
+        router.stop()
 
 
 def test_unknown_model_is_404(stack: Stack) -> None:

@@ -6,13 +6,15 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 
 import httpx
 import uvicorn
+from pydantic import SecretStr
 
-from .config import ManagerSettings, RouterSettings, WorkerSettings
+from .config import AuthSettings, ManagerSettings, RouterSettings, WorkerSettings
 
 log = logging.getLogger("svllm")
 
@@ -27,23 +29,26 @@ def _server(app: object, host: str, port: int, level: str) -> uvicorn.Server:
                                          access_log=level.lower() == "debug", timeout_graceful_shutdown=5))
 
 
-def manager_app(settings: ManagerSettings) -> object:
+def manager_app(settings: ManagerSettings, auth: AuthSettings | None = None) -> object:
     from .manager.http_app import create_app
 
-    return create_app(settings)
+    return create_app(settings, auth=auth)
 
 
-def router_app(settings: RouterSettings) -> object:
+def router_app(settings: RouterSettings, auth: AuthSettings | None = None) -> object:
     from .manager.http_client import HTTPManagerClient
     from .router.app import create_router_app
 
-    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url))
+    auth = auth or AuthSettings.from_env()
+    # The router's service credential to the manager is the admin key (it checks that key itself anyway).
+    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url, headers=auth.admin_headers()),
+                             auth=auth)
 
 
-def worker_app(settings: WorkerSettings) -> object:
+def worker_app(settings: WorkerSettings, auth: AuthSettings | None = None) -> object:
     from .worker.app import create_app
 
-    return create_app(settings)
+    return create_app(settings, auth=auth)
 
 
 def cmd_manager(args: argparse.Namespace) -> None:
@@ -72,9 +77,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
     asyncio.run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
-async def register_model(url: str, body: dict[str, object]) -> dict[str, object]:
+async def register_model(url: str, body: dict[str, object], auth: AuthSettings | None = None) -> dict[str, object]:
+    headers = (auth or AuthSettings.from_env()).admin_headers()  # SVLLM_ADMIN_KEY
     async with httpx.AsyncClient(timeout=60.0) as client:
-        resp = await client.post(f"{url.rstrip('/')}/v1/models/register", json=body)
+        resp = await client.post(f"{url.rstrip('/')}/v1/models/register", json=body, headers=headers)
         if resp.status_code >= 400:
             raise SystemExit(f"registration failed ({resp.status_code}): {resp.text}")
         return resp.json()
@@ -98,17 +104,20 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_up(args: argparse.Namespace) -> None:
     """Manager, router and one local worker in one process: the quick start without Docker."""
     state_dir = os.path.abspath(args.state_dir)
+    auth = _local_auth()
+    # Local mode: any absolute model path, unless SVLLM_MODEL_DIRS narrows it.
     manager = ManagerSettings.from_env(host="127.0.0.1", port=args.manager_port,
-                                       db_path=os.path.join(state_dir, "manager.db"))
+                                       db_path=os.path.join(state_dir, "manager.db"),
+                                       model_dirs=None if os.environ.get("SVLLM_MODEL_DIRS") else ["/"])
     router = RouterSettings.from_env(host=args.host, port=args.port, manager_url=f"http://127.0.0.1:{manager.port}")
     worker = WorkerSettings.from_env(host="127.0.0.1", port=args.worker_port, manager_url=router.manager_url,
                                      public_url=f"http://127.0.0.1:{args.worker_port}", heartbeat_interval_s=2.0,
                                      log_dir=os.path.join(state_dir, "engines"))
 
     async def run() -> None:
-        servers = [_server(manager_app(manager), manager.host, manager.port, args.log_level),
-                   _server(router_app(router), router.host, router.port, args.log_level),
-                   _server(worker_app(worker), worker.host, worker.port, args.log_level)]
+        servers = [_server(manager_app(manager, auth), manager.host, manager.port, args.log_level),
+                   _server(router_app(router, auth), router.host, router.port, args.log_level),
+                   _server(worker_app(worker, auth), worker.host, worker.port, args.log_level)]
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         url = f"http://127.0.0.1:{router.port}"
         while not all(s.started for s in servers):
@@ -116,12 +125,29 @@ def cmd_up(args: argparse.Namespace) -> None:
                 break
             await asyncio.sleep(0.1)
         if args.model and all(s.started for s in servers):
-            info = await register_model(url, _registration_body(args))
+            info = await register_model(url, _registration_body(args), auth)
             log.info("registered %s -> %s", info["alias"], info["model_name"])
         log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
         await asyncio.gather(*tasks)
 
     asyncio.run(run())
+
+
+def _local_auth() -> AuthSettings:
+    """`svllm up`: authentication off unless credentials are set (said in the log); with client keys set, the
+    internal credentials it lacks are made up for this run (all three services live in this process)."""
+    auth = AuthSettings.from_env()
+    if not auth.configured and not os.environ.get("SVLLM_AUTH"):
+        log.warning("authentication is OFF (local mode: no SVLLM_API_KEYS, SVLLM_ADMIN_KEY or SVLLM_WORKER_TOKEN "
+                    "set); set them before exposing this beyond loopback")
+        return auth.model_copy(update={"mode": "off"})
+    if not auth.enabled:
+        return auth
+    generated = {k: SecretStr(secrets.token_urlsafe(32)) for k in ("admin_key", "worker_token") if getattr(auth, k)
+                 is None}
+    if "admin_key" in generated:
+        log.warning("no SVLLM_ADMIN_KEY: a random one is used for this run (register models with --model)")
+    return auth.model_copy(update=generated)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -181,13 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a tiny random Llama model (for trying the system without a hub)")
     p.add_argument("path")
     p.set_defaults(func=cmd_tiny_model)
+
+    from .ray_mode.cli import add_parser as add_ray_services_parser  # no Ray import until the command runs
+
+    add_ray_services_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from .security.auth import AuthConfigError
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    args.func(args)
+    try:
+        args.func(args)
+    except AuthConfigError as exc:
+        raise SystemExit(f"svllm {args.command}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ command-line flags override them. Settings objects are immutable and passed to t
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 def _env(name: str, default: Any) -> Any:
@@ -41,6 +42,9 @@ class ManagerSettings(_Settings):
     # A model whose engine failed to start is not retried automatically for this long.
     failed_retry_after_s: float = 30.0
     worker_timeout_s: float = 10.0
+    # Directories local model paths must lie under (security/models.py); empty: hub ids only. "/" allows any
+    # absolute path (what `svllm up` uses on a developer's machine).
+    model_dirs: list[str] = []
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ManagerSettings:
@@ -51,6 +55,7 @@ class ManagerSettings(_Settings):
             "heartbeat_timeout": float(_env("HEARTBEAT_TIMEOUT", 60.0)),
             "scale_down_delay_s": float(_env("SCALE_DOWN_DELAY", 30.0)),
             "failed_retry_after_s": float(_env("FAILED_RETRY_AFTER", 30.0)),
+            "model_dirs": [d for d in re.split(r"[,:]", _env("SVLLM_MODEL_DIRS", "")) if d.strip()],
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -68,6 +73,12 @@ class RouterSettings(_Settings):
     max_queue_per_model: int = 256
     report_interval_s: float = 1.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # Unknown top-level fields of inference requests are a 400 (security/inference.py), unless this is set
+    # (a newer vLLM on the workers with parameters the router does not know yet).
+    allow_unknown_fields: bool = False
+    # Backpressure: requests in flight per ready replica beyond which a model answers 503 "overloaded" at once
+    # (vLLM would queue them without bound); 0 = no cap.
+    max_in_flight_per_replica: int = 256
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RouterSettings:
@@ -79,6 +90,9 @@ class RouterSettings(_Settings):
             "request_timeout_s": float(_env("REQUEST_TIMEOUT", 600.0)),
             "cold_start_timeout_s": float(_env("COLD_START_TIMEOUT", 600.0)),
             "max_queue_per_model": int(_env("MAX_QUEUE_PER_MODEL", 256)),
+            "max_body_bytes": int(_env("MAX_BODY_BYTES", 8 * 1024 * 1024)),
+            "allow_unknown_fields": str(_env("ALLOW_UNKNOWN_FIELDS", "0")).lower() in ("1", "true", "yes", "on"),
+            "max_in_flight_per_replica": int(_env("MAX_INFLIGHT_PER_REPLICA", 256)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -123,3 +137,54 @@ class WorkerSettings(_Settings):
             return self.public_url.rstrip("/")
         host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
         return f"http://{host}:{self.port}"
+
+
+class AuthSettings(_Settings):
+    """Credentials of every service (enforced by security/auth.py). Secrets are SecretStr: never in a repr or log.
+
+    mode "on" (the default) needs the credentials of the service's role; "off" is for local development only
+    and must be asked for explicitly (SVLLM_AUTH=off; `svllm up` without credentials).
+    """
+
+    mode: Literal["on", "off"] = "on"
+    api_keys: tuple[SecretStr, ...] = ()  # clients: inference and model listing
+    admin_key: SecretStr | None = None  # register, patch, delete, /workers; also the router's key to the manager
+    worker_token: SecretStr | None = None  # worker <-> manager, router -> worker
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "on"
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_keys or self.admin_key or self.worker_token)
+
+    def worker_headers(self) -> dict[str, str]:
+        """What a worker, the manager and the router present to each other (worker token)."""
+        return _bearer(self.worker_token) if self.enabled else {}
+
+    def admin_headers(self) -> dict[str, str]:
+        """What the router presents to the manager's HTTP API (the admin key, as a service credential)."""
+        return _bearer(self.admin_key) if self.enabled else {}
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> AuthSettings:
+        mode = str(_env("SVLLM_AUTH", "on")).strip().lower()
+        if mode not in ("on", "off"):
+            raise ValueError(f"SVLLM_AUTH must be 'on' or 'off', not {mode!r}")
+        keys = [k.strip() for k in str(_env("SVLLM_API_KEYS", "")).split(",") if k.strip()]
+        key_file = _env("SVLLM_API_KEYS_FILE", "")
+        if key_file:
+            # One key per line; blank lines and '#' comments ignored. A missing file is an error (fail closed).
+            lines = Path(key_file).read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        admin, token = str(_env("SVLLM_ADMIN_KEY", "")).strip(), str(_env("SVLLM_WORKER_TOKEN", "")).strip()
+        values: dict[str, Any] = {"mode": mode, "api_keys": tuple(SecretStr(k) for k in keys),
+                                  "admin_key": SecretStr(admin) if admin else None,
+                                  "worker_token": SecretStr(token) if token else None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _bearer(secret: SecretStr | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret.get_secret_value()}"} if secret is not None else {}

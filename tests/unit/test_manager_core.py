@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from serverless_vllm.config import ManagerSettings
 from serverless_vllm.errors import APIError
 from serverless_vllm.manager.core import ManagerCore
@@ -36,7 +35,8 @@ def gpu(index: int) -> GPUInfo:
 
 @pytest.fixture
 async def core(tmp_path: Path):
-    c = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10), clock=Clock())
+    c = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]),
+                    clock=Clock())
     await c.start()
     yield c
     await c.close()
@@ -134,8 +134,38 @@ async def test_dead_worker_replicas_move(core: ManagerCore) -> None:
     await core.reconcile()
     assert core.model_info("a").replicas[0].worker_id == "w1"
     await core.register_worker(WorkerRegistration(worker_id="w2", url=NOWHERE, cpu_slots=1))
-    clock.now += 21  # w1 silent for twice the timeout; w2 heartbeats
-    await core.heartbeat(Heartbeat(worker_id="w2"))
-    await core.reconcile()
+    for _ in range(21):  # w1 silent for twice the timeout while the manager runs; w2 heartbeats
+        clock.now += 1
+        await core.heartbeat(Heartbeat(worker_id="w2"))
+        await core.reconcile()
     assert [r.worker_id for r in core.model_info("a").replicas] == ["w2"]
     assert (await core.heartbeat(Heartbeat(worker_id="w1"))).reregister
+
+
+async def test_one_failed_replica_does_not_fail_a_serving_model(core: ManagerCore) -> None:
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
+    await core.register_worker(WorkerRegistration(worker_id="w2", url=NOWHERE, cpu_slots=1))
+    await core.register_model(ModelSpec(alias="a", model_name="org/a", min_replicas=2, max_replicas=2))
+    await core.reconcile()
+    ids = {w: (await core.heartbeat(Heartbeat(worker_id=w))).assignments[0].replica_id for w in ("w1", "w2")}
+    await core.heartbeat(Heartbeat(worker_id="w1", engines=[EngineStatus(
+        replica_id=ids["w1"], alias="a", state=ReplicaState.READY)]))
+    await core.heartbeat(Heartbeat(worker_id="w2", engines=[EngineStatus(
+        replica_id=ids["w2"], alias="a", state=ReplicaState.FAILED, error="out of memory")]))
+    await core.reconcile()
+    info = core.model_info("a")
+    assert info.state == "ready" and info.desired_replicas == 2 and "out of memory" in info.last_error
+    assert len(info.replicas) == 2  # the failed one was replaced
+
+
+async def test_a_stalled_manager_does_not_declare_workers_dead(core: ManagerCore) -> None:
+    clock: Clock = core._clock  # type: ignore[assignment]
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
+    await core.reconcile()
+    clock.now += 25  # the manager itself did not run for 25 s: the worker's silence is ours
+    await core.reconcile()
+    assert core.list_workers()[0].state == "healthy"
+    for _ in range(11):  # now it really is silent, and we were running to see it
+        clock.now += 1
+        await core.reconcile()
+    assert core.list_workers()[0].state == "unhealthy"

@@ -1,7 +1,6 @@
 """Placement: memory-aware GPU sharing, CPU fallback, explained rejections, LRU eviction."""
 
 import pytest
-
 from serverless_vllm.manager.placement import (
     EvictionCandidate,
     PlacementError,

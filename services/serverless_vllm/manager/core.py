@@ -15,12 +15,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 from ..aio import wait_event
-from ..config import ManagerSettings
+from ..config import AuthSettings, ManagerSettings
 from ..errors import APIError
+from ..metrics import sd
+from ..metrics.manager import ManagerMetrics
 from ..schemas import (
     Assignment,
     DemandReport,
@@ -39,6 +42,7 @@ from ..schemas import (
     WorkerRegistration,
     WorkerState,
 )
+from ..security.models import check_registration
 from .autoscale import ScaleState, next_target
 from .placement import EvictionCandidate, PlacementError, WorkerCapacity, claim, place, plan_eviction
 from .store import ModelStore
@@ -71,6 +75,7 @@ class Replica:
     asleep: bool = False  # desired: put to vLLM sleep (warm tier) rather than stopped
     asleep_since: float = 0.0
     error: str | None = None
+    cold_start_at: float | None = None  # placed as a cold start: its duration is observed at the first READY
 
 
 @dataclass
@@ -97,16 +102,20 @@ class ManagerCore:
         self._wake: set[str] = set()
         self._pushed: dict[str, str] = {}  # worker id -> digest of the assignments it last accepted
         self._client = client
-        self._worker_headers = worker_headers or {}
+        # Calls to workers carry the worker token; adapters that pass none (the Ray actor) take it from the env.
+        self._worker_headers = AuthSettings.from_env().worker_headers() if worker_headers is None else worker_headers
         self.stats = ManagerStats()
+        self.metrics = ManagerMetrics(self)
         self.epoch = uuid.uuid4().hex[:12]
         self._version = 0
         self._table = RoutingTable(version=0, epoch=self.epoch, models={})
         self._changed: asyncio.Condition | None = None
         self._kick: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._started_at: float | None = None  # clock time of start(): workers re-register within a heartbeat
         self._reconcile_lock: asyncio.Lock | None = None
         self._probes: set[asyncio.Task[None]] = set()
+        self._last_sweep: float | None = None
         now = clock()
         for spec, created_at in self._store.load():
             # After a restart every model counts as just used, so adopted engines are not dropped at once.
@@ -125,6 +134,8 @@ class ManagerCore:
             if self._client is None:
                 self._client = httpx.AsyncClient(timeout=self.settings.worker_timeout_s,
                                                  limits=httpx.Limits(max_connections=200))
+            if self._started_at is None:
+                self._started_at = self._clock()
             self._loop_task = asyncio.create_task(self._run(), name="manager-reconcile")
 
     async def close(self) -> None:
@@ -159,6 +170,7 @@ class ManagerCore:
         return record
 
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
+        check_registration(spec, self.settings.model_dirs)  # hub ids or allowed dirs only; no unsafe engine flags
         existing = self._models.get(spec.alias)
         if existing is not None:
             if existing.spec == spec:
@@ -270,6 +282,9 @@ class ManagerCore:
                 if replica.state is not ReplicaState.FAILED:
                     replica.state = ReplicaState.PENDING
                 continue
+            if report.state is ReplicaState.READY and replica.cold_start_at is not None:
+                self.metrics.cold_start_done(replica.alias, self._clock() - replica.cold_start_at)
+                replica.cold_start_at = None
             replica.state = report.state
             if report.state is ReplicaState.FAILED:
                 tail = "\n".join(report.log_tail[-20:])
@@ -320,6 +335,15 @@ class ManagerCore:
                 await self._changed.wait_for(lambda: self._version > after_version)
         return self._table
 
+    def metrics_text(self) -> bytes:
+        """The manager's metrics in Prometheus text format (the HTTP service serves it at /metrics; in Ray mode
+        the router relays it at /manager/metrics, the manager actor having no HTTP port)."""
+        return self.metrics.render()
+
+    def sd_targets(self, kind: sd.SDKind = "engines") -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery: the running engines (or the workers) as scrape targets."""
+        return sd.targets(self.list_workers(), kind)
+
     def health(self) -> dict[str, object]:
         states = [w.state for w in self._workers.all()]
         return {"status": "ok", "epoch": self.epoch, "routing_version": self._version,
@@ -333,11 +357,7 @@ class ManagerCore:
         assert self._reconcile_lock is not None
         async with self._reconcile_lock:
             now = self._clock()
-            for record, state in self._workers.sweep(now):
-                log.warning("worker %s is %s (no heartbeat for %.0f s)", record.worker_id, state.value,
-                            now - record.last_heartbeat)
-                if state is WorkerState.DEAD:
-                    self._on_worker_dead(record)
+            self._sweep_workers(now)
             loads = self._loads(now)
             wakes, self._wake = self._wake, set()
             self._collect_failures(now)
@@ -345,6 +365,20 @@ class ManagerCore:
                 self._scale_model(alias, model, loads.get(alias, 0.0), alias in wakes, now)
             self._rebuild_table()
             await self._push_assignments()
+
+    def _sweep_workers(self, now: float) -> None:
+        stalled = now - self._last_sweep if self._last_sweep is not None else 0.0
+        self._last_sweep = now
+        if stalled > self.settings.heartbeat_timeout / 2:
+            # This process did not run for a while (CPU starvation, a pause): every heartbeat looks late
+            # because we were not there to receive it. Judge workers again on the next pass.
+            log.warning("manager loop stalled for %.1f s: that silence is not held against workers", stalled)
+            self._workers.excuse(stalled, now)
+        for record, state in self._workers.sweep(now):
+            log.warning("worker %s is %s (no heartbeat for %.0f s)", record.worker_id, state.value,
+                        now - record.last_heartbeat)
+            if state is WorkerState.DEAD:
+                self._on_worker_dead(record)
 
     def _loads(self, now: float) -> dict[str, float]:
         loads: dict[str, float] = {}
@@ -374,10 +408,12 @@ class ManagerCore:
             self.stats.engine_failures += 1
             if model is not None:
                 model.last_error = replica.error or "engine failed"
-                model.failed_at = now
-                # Do not restart it in a loop: FAILED for a while, then the next request tries again.
-                model.scale.target = 0
                 log.error("replica %s of %s failed: %s", replica.replica_id, replica.alias, model.last_error)
+                if not any(r.alias == replica.alias for r in self._replicas.values()):
+                    # Nothing serves it: FAILED for a while, then the next request tries again (no restart loop).
+                    # A model that still has replicas keeps its target; the autoscaler places another.
+                    model.failed_at = now
+                    model.scale.target = 0
 
     def _failed_recently(self, model: ModelRecord, now: float) -> bool:
         return model.failed_at is not None and now - model.failed_at < self.settings.failed_retry_after_s
@@ -440,6 +476,10 @@ class ManagerCore:
         except PlacementError as err:
             plan = plan_eviction(alias, engine, capacities, self._eviction_candidates(alias))
             if plan is None:
+                if self._awaiting_workers(now):
+                    # Just (re)started and no worker is back yet: wait for their re-registration (they bring
+                    # their running engines) instead of failing the model for failed_retry_after_s.
+                    return False
                 self.stats.placements_failed += 1
                 model.last_error = str(err)
                 model.failed_at = now
@@ -457,9 +497,15 @@ class ManagerCore:
         claim(capacities, placement, alias)
         if not any(r.alias == alias and r.replica_id != replica.replica_id for r in self._replicas.values()):
             self.stats.cold_starts += 1
+            replica.cold_start_at = now
+            self.metrics.cold_start(alias)
         log.info("placing %s of %s on %s (gpus %s)", replica.replica_id, alias, placement.worker_id,
                  placement.gpus or "cpu")
         return True
+
+    def _awaiting_workers(self, now: float) -> bool:
+        return (not self._workers.all() and self._started_at is not None
+                and now - self._started_at < self.settings.heartbeat_timeout)
 
     def _eviction_candidates(self, alias: str) -> list[EvictionCandidate]:
         loads = self._loads(self._clock())

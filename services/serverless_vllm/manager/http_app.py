@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Response
+from fastapi import FastAPI, Path, Query, Response
 
-from ..config import ManagerSettings
+from ..config import AuthSettings, ManagerSettings
 from ..errors import install_error_handlers
+from ..metrics.manager import install_manager_metrics
 from ..schemas import (
+    ALIAS_PATTERN,
     DemandReport,
     Heartbeat,
     HeartbeatReply,
@@ -21,11 +23,17 @@ from ..schemas import (
     WorkerInfo,
     WorkerRegistration,
 )
+from ..security.auth import install_guard, manager_policy
 from .core import ManagerCore
 
+Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
 
-def create_app(settings: ManagerSettings, core: ManagerCore | None = None) -> FastAPI:
-    core = core or ManagerCore(settings)
+
+def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth: AuthSettings | None = None) -> FastAPI:
+    """`auth`: credentials (default: from the environment). The whole API needs the admin key (routers use it
+    as their service credential) except worker registration and heartbeats (worker token) and health/metrics."""
+    auth = auth or AuthSettings.from_env()
+    core = core or ManagerCore(settings, worker_headers=auth.worker_headers())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -36,6 +44,8 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None) -> Fa
     app = FastAPI(title="serverless-vllm manager", lifespan=lifespan)
     app.state.core = core
     install_error_handlers(app)
+    install_manager_metrics(app, core)  # /metrics, /sd/targets, /sd/workers
+    install_guard(app, auth, "manager", manager_policy)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -62,15 +72,15 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None) -> Fa
         return core.list_models()
 
     @app.get("/models/{alias}")
-    async def get_model(alias: str) -> ModelInfo:
+    async def get_model(alias: Alias) -> ModelInfo:
         return core.model_info(alias)
 
     @app.patch("/models/{alias}")
-    async def patch_model(alias: str, patch: ModelPatch) -> ModelInfo:
+    async def patch_model(alias: Alias, patch: ModelPatch) -> ModelInfo:
         return await core.patch_model(alias, patch)
 
     @app.delete("/models/{alias}", status_code=204)
-    async def delete_model(alias: str) -> Response:
+    async def delete_model(alias: Alias) -> Response:
         await core.delete_model(alias)
         return Response(status_code=204)
 

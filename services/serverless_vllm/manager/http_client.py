@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
@@ -48,16 +49,16 @@ class HTTPManagerClient:
         return await self._call("POST", "/models", ModelInfo, body=spec)
 
     async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:
-        return await self._call("PATCH", f"/models/{alias}", ModelInfo, body=patch)
+        return await self._call("PATCH", f"/models/{quote(alias, safe='')}", ModelInfo, body=patch)
 
     async def get_model(self, alias: str) -> ModelInfo:
-        return await self._call("GET", f"/models/{alias}", ModelInfo)
+        return await self._call("GET", f"/models/{quote(alias, safe='')}", ModelInfo)
 
     async def list_models(self) -> list[ModelInfo]:
         return await self._call("GET", "/models", list[ModelInfo])
 
     async def delete_model(self, alias: str) -> None:
-        await self._call("DELETE", f"/models/{alias}", None)
+        await self._call("DELETE", f"/models/{quote(alias, safe='')}", None)
 
     async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply:
         return await self._call("POST", "/workers/register", HeartbeatReply, body=reg)
@@ -77,6 +78,15 @@ class HTTPManagerClient:
 
     async def health(self) -> dict[str, Any]:
         return await self._call("GET", "/health", dict[str, Any])
+
+    async def metrics_text(self) -> bytes:
+        try:
+            resp = await self._client.get("/metrics")
+        except httpx.HTTPError as exc:
+            raise APIError(503, f"manager unreachable: {type(exc).__name__}", "manager_unavailable") from exc
+        if resp.status_code >= 400:
+            raise APIError.from_response(resp.status_code, resp.content)
+        return resp.content
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -76,6 +76,11 @@ class WorkerRegistry:
                 changes.append((record, new))
         return changes
 
+    def excuse(self, seconds: float, now: float) -> None:
+        """Do not count `seconds` of silence against anyone: the manager itself was not running then."""
+        for record in self._workers.values():
+            record.last_heartbeat = min(now, record.last_heartbeat + seconds)
+
     def mark_dead(self, worker_id: str) -> WorkerRecord | None:
         record = self._workers.get(worker_id)
         if record is not None and record.state is not WorkerState.DEAD:

@@ -7,16 +7,28 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..config import RouterSettings
+from ..config import AuthSettings, RouterSettings
 from ..errors import APIError, install_error_handlers
 from ..manager.protocol import ManagerAPI
-from ..schemas import Heartbeat, HeartbeatReply, ModelInfo, ModelPatch, ModelSpec, WorkerInfo, WorkerRegistration
+from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
+from ..schemas import (
+    ALIAS_PATTERN,
+    Heartbeat,
+    HeartbeatReply,
+    ModelInfo,
+    ModelPatch,
+    ModelSpec,
+    WorkerInfo,
+    WorkerRegistration,
+)
+from ..security.auth import install_guard, router_policy
+from ..security.inference import CHAT_OPENAPI, COMPLETION_OPENAPI, check_inference
 from .proxy import Forwarder
 from .sync import ManagerSync
 from .table import RouteTable
@@ -24,6 +36,8 @@ from .table import RouteTable
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-session-id"
+# A path alias that cannot be registered is a clear 400, never a manager call.
+Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
 
 
 async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
@@ -42,18 +56,11 @@ async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str,
         parsed = json.loads(body)
     except UnicodeDecodeError:
         raise APIError(400, "request body is not valid UTF-8", "invalid_json") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(parsed, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_json")
     return body, parsed
-
-
-def _model_field(payload: dict[str, Any]) -> str:
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "'model' is required and must be a non-empty string", "invalid_request")
-    return model
 
 
 def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
@@ -63,9 +70,13 @@ def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
 
 
 def create_router_app(settings: RouterSettings, manager_factory: Callable[[], ManagerAPI],
-                      upstream_headers: dict[str, str] | None = None) -> FastAPI:
-    """`manager_factory` is called once the event loop runs (clients bind to the loop they are made in)."""
+                      upstream_headers: dict[str, str] | None = None, auth: AuthSettings | None = None) -> FastAPI:
+    """`manager_factory` is called once the event loop runs (clients bind to the loop they are made in).
+    `auth`: credentials (default: from the environment); requests to workers carry the worker token."""
     state: dict[str, Any] = {}
+    auth = auth or AuthSettings.from_env()
+    upstream_headers = {**auth.worker_headers(), **(upstream_headers or {})}
+    metrics = RouterMetrics(lambda: state.get("table"))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +88,8 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
             limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200),
         )
         state.update(manager=manager, table=table, sync=sync,
-                     forwarder=Forwarder(settings, table, sync, manager, client, upstream_headers))
+                     forwarder=Forwarder(settings, table, sync, manager, client, upstream_headers,
+                                         on_hold=metrics.observe_queue_wait))
         await sync.start()
         try:
             yield
@@ -88,6 +100,8 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
 
     app = FastAPI(title="serverless-vllm router", lifespan=lifespan)
     install_error_handlers(app)
+    install_router_metrics(app, metrics, lambda: state["manager"])  # /metrics, /manager/metrics, /sd/*
+    install_guard(app, auth, "router", router_policy, settings.max_body_bytes)  # keys checked before anything
 
     def manager() -> ManagerAPI:
         return state["manager"]
@@ -96,16 +110,17 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
 
     async def _inference(request: Request, path: str) -> Response:
         body, payload = await read_json_body(request, settings.max_body_bytes)
-        alias = _model_field(payload)
+        alias = check_inference(path, payload, settings.allow_unknown_fields)
+        request.scope[MODEL_SCOPE_KEY] = alias  # the metrics middleware labels the request with it
         user = payload.get("user")
         affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
         return await state["forwarder"].forward(path, body, alias, affinity)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:
         return await _inference(request, "/v1/chat/completions")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
     async def completions(request: Request) -> Response:
         return await _inference(request, "/v1/completions")
 
@@ -127,15 +142,15 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         return JSONResponse(_retrieve_shape(info))
 
     @app.get("/v1/models/{alias}")
-    async def get_model(alias: str) -> JSONResponse:
+    async def get_model(alias: Alias) -> JSONResponse:
         return JSONResponse(_retrieve_shape(await manager().get_model(alias)))
 
     @app.patch("/v1/models/{alias}")
-    async def patch_model(alias: str, patch: ModelPatch) -> JSONResponse:
+    async def patch_model(alias: Alias, patch: ModelPatch) -> JSONResponse:
         return JSONResponse(_retrieve_shape(await manager().patch_model(alias, patch)))
 
     @app.delete("/v1/models/{alias}")
-    async def delete_model(alias: str) -> dict[str, Any]:
+    async def delete_model(alias: Alias) -> dict[str, Any]:
         await manager().delete_model(alias)
         await state["sync"].refresh()
         return {"id": alias, "object": "model", "deleted": True}
@@ -145,7 +160,8 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
     @app.get("/health")
     async def health() -> dict[str, Any]:
         table: RouteTable = state["table"]
-        return {"status": "ok", "routing_version": table.version, "routing_loaded": table.loaded,
+        return {"status": "ok", "router_id": settings.router_id, "routing_epoch": table.epoch,
+                "routing_version": table.version, "routing_loaded": table.loaded,
                 "models": len(table.aliases())}
 
     @app.get("/workers")
@@ -169,4 +185,5 @@ def app_from_env() -> FastAPI:
     from ..manager.http_client import HTTPManagerClient
 
     settings = RouterSettings.from_env()
-    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url))
+    headers = AuthSettings.from_env().admin_headers()  # the router's credential to the manager
+    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url, headers=headers))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import httpx
 from starlette.responses import Response
@@ -33,15 +35,18 @@ def _unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
 
 class Forwarder:
     def __init__(self, settings: RouterSettings, table: RouteTable, sync: ManagerSync, manager: ManagerAPI,
-                 client: httpx.AsyncClient, upstream_headers: dict[str, str] | None = None) -> None:
+                 client: httpx.AsyncClient, upstream_headers: dict[str, str] | None = None,
+                 on_hold: Callable[[str, float], None] | None = None) -> None:
         self._settings = settings
         self._table = table
         self._sync = sync
         self._manager = manager
         self._client = client
         self._headers = {"content-type": "application/json", **(upstream_headers or {})}
+        self._on_hold = on_hold  # told how long each request waited for a ready replica (metrics)
 
     async def forward(self, path: str, body: bytes, alias: str, affinity: str | None = None) -> Response:
+        self._shed_if_full(alias)
         tried: set[str] = set()
         for _attempt in range(2):  # the first try, and one retry on another replica
             endpoint = self._table.pick(alias, frozenset(tried), affinity) or await self._hold(alias, tried, affinity)
@@ -50,6 +55,15 @@ class Forwarder:
                 return response
             tried.add(endpoint.replica_id)
         raise APIError(502, f"the replicas of '{alias}' failed before answering; try again", "upstream_error")
+
+    def _shed_if_full(self, alias: str) -> None:
+        """Backpressure: every ready replica at its in-flight cap -> 503 now, instead of an engine queue that grows
+        until every client times out."""
+        cap = self._settings.max_in_flight_per_replica
+        route = self._table.route(alias) if cap > 0 else None
+        if route is not None and route.endpoints and self._table.in_flight(alias) >= cap * len(route.endpoints):
+            raise _unavailable(f"'{alias}' is at capacity ({cap} requests in flight per replica); retry shortly",
+                               "overloaded", 1)
 
     async def _send(self, path: str, body: bytes, alias: str, endpoint: Endpoint) -> Response | None:
         """Send to one replica. None: it failed before any byte reached the client (retry is safe)."""
@@ -76,6 +90,12 @@ class Forwarder:
             await upstream.aclose()
             done()
             return None
+        if upstream.status_code == 401:
+            # The worker refused the router's credential: an operator's mistake, not the client's key.
+            await upstream.aclose()
+            done()
+            log.error("worker %s refused the router's worker token (SVLLM_WORKER_TOKEN differs)", endpoint.worker_id)
+            raise APIError(502, "the router is not authorized by the worker", "upstream_unauthorized")
         if is_event_stream(upstream):
             return RelayResponse(upstream, on_done=done)
         try:
@@ -101,6 +121,7 @@ class Forwarder:
             raise _unavailable(f"too many requests are waiting for '{alias}' to start", "queue_full", 2)
         self._table.enqueue(alias)
         self._sync.nudge()
+        held_since = time.monotonic()
         try:
             async with asyncio.timeout(self._settings.cold_start_timeout_s):
                 while True:
@@ -119,3 +140,5 @@ class Forwarder:
                                "cold_start_timeout", 10) from None
         finally:
             self._table.dequeue(alias)
+            if self._on_hold is not None:
+                self._on_hold(alias, time.monotonic() - held_since)

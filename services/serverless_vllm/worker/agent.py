@@ -12,6 +12,7 @@ from .. import __version__
 from ..aio import wait_event
 from ..config import WorkerSettings
 from ..manager.http_client import HTTPManagerClient
+from ..metrics.worker import WorkerMetrics
 from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatReply, ReplicaState, WorkerRegistration
 from .engine import EngineProcess
 from .gpus import GPUProbe, cpu_slots
@@ -25,6 +26,7 @@ class WorkerAgent:
                  manager_headers: dict[str, str] | None = None) -> None:
         self.settings = settings
         self._probe = probe or GPUProbe()
+        self.metrics = WorkerMetrics(self._probe, lambda: self.engines.values())
         self._manager = manager or HTTPManagerClient(settings.manager_url, headers=manager_headers)
         self._engine_client = engine_client
         self.engines: dict[str, EngineProcess] = {}
@@ -59,6 +61,7 @@ class WorkerAgent:
     def nudge(self) -> None:
         """An engine changed state: tell the manager now rather than at the next beat."""
         self._nudge.set()
+        self.metrics.engines_changed(self.engines.values())  # crashes, restarts, start times
 
     # ------------------------------------------------------------------ manager link
 
@@ -125,6 +128,7 @@ class WorkerAgent:
                     engine = EngineProcess(assignment, self.settings, has_gpu=self.has_gpu, on_change=self.nudge,
                                            client=self._engine_client)
                     self.engines[rid] = engine
+                    self.metrics.engine_started(engine)
                     log.info("starting engine %s: %s as %s", rid, assignment.model_name, assignment.alias)
                     await engine.start()
                 elif assignment.asleep and engine.state is ReplicaState.READY:

