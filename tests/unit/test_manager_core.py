@@ -169,3 +169,43 @@ async def test_a_stalled_manager_does_not_declare_workers_dead(core: ManagerCore
         clock.now += 1
         await core.reconcile()
     assert core.list_workers()[0].state == "unhealthy"
+
+
+async def test_idle_gpu_replica_sleeps_then_wakes_on_demand(core: ManagerCore) -> None:
+    """The warm tier: on a worker that supports vLLM sleep, idle means asleep (not stopped); demand wakes it."""
+    from serverless_vllm.schemas import DemandReport
+
+    clock: Clock = core._clock  # type: ignore[assignment]
+    await core.register_worker(WorkerRegistration(worker_id="g1", url=NOWHERE, gpus=[gpu(0)], sleep_supported=True))
+    await core.register_model(ModelSpec(alias="a", model_name="org/a", idle_timeout_s=5, gpu_memory_utilization=0.5))
+    await core.reconcile()
+    rid = (await core.heartbeat(Heartbeat(worker_id="g1"))).assignments[0].replica_id
+    ready = EngineStatus(replica_id=rid, alias="a", state=ReplicaState.READY, gpus=[0])
+    await core.heartbeat(Heartbeat(worker_id="g1", engines=[ready]))
+    for _ in range(6):  # idle past the timeout, the manager running (and the worker beating) all along
+        clock.now += 1
+        await core.heartbeat(Heartbeat(worker_id="g1", engines=[ready]))
+        await core.reconcile()
+    assignment = (await core.heartbeat(Heartbeat(worker_id="g1", engines=[ready]))).assignments[0]
+    assert assignment.replica_id == rid and assignment.asleep  # kept, asleep: its GPU claim stays
+    asleep = ready.model_copy(update={"state": ReplicaState.SLEEPING})
+    await core.heartbeat(Heartbeat(worker_id="g1", engines=[asleep]))
+    assert core.routing_table().models["a"].state == "sleeping"
+    await core.report_demand(DemandReport(router_id="r1", wake=["a"]))
+    await core.reconcile()
+    assignment = (await core.heartbeat(Heartbeat(worker_id="g1", engines=[asleep]))).assignments[0]
+    assert assignment.replica_id == rid and not assignment.asleep  # woken, not a new cold start
+
+
+async def test_cpu_worker_stops_idle_replica(core: ManagerCore) -> None:
+    clock: Clock = core._clock  # type: ignore[assignment]
+    await core.register_worker(WorkerRegistration(worker_id="c1", url=NOWHERE, cpu_slots=1))
+    await core.register_model(ModelSpec(alias="a", model_name="org/a", idle_timeout_s=5))
+    await core.reconcile()
+    rid = (await core.heartbeat(Heartbeat(worker_id="c1"))).assignments[0].replica_id
+    ready = EngineStatus(replica_id=rid, alias="a", state=ReplicaState.READY)
+    for _ in range(6):
+        clock.now += 1
+        await core.heartbeat(Heartbeat(worker_id="c1", engines=[ready]))
+        await core.reconcile()
+    assert (await core.heartbeat(Heartbeat(worker_id="c1", engines=[ready]))).assignments == []
