@@ -146,16 +146,13 @@ class Setup:
 
     def _start_extra_router(self, variant: str, mport: int) -> None:
         """A second router process with the same app and one thing changed, next to the product's own:
-        `uvloop` (served on uvloop instead of asyncio's default loop) or `httpx2` (the hot path's HTTP client
-        is httpx2, the maintained fork whose connection pool is not quadratic in its connections)."""
+        `asyncio` (served on asyncio's own event loop and h11, instead of the default uvloop and httptools)."""
         port = free_port()
-        loop = "uvloop" if variant == "uvloop" else "asyncio"
-        swap = "import sys, httpx2; sys.modules['httpx'] = httpx2; " if variant == "httpx2" else ""
-        code = (swap + "import uvicorn; from serverless_vllm.cli import router_app; "
+        code = ("import uvicorn; from serverless_vllm.cli import router_app; "
                 "from serverless_vllm.config import RouterSettings; "
                 f"s = RouterSettings.from_env(host='127.0.0.1', port={port}, manager_url='http://127.0.0.1:{mport}'); "
                 f"uvicorn.Server(uvicorn.Config(router_app(s), host='127.0.0.1', port={port}, log_level='warning', "
-                f"access_log=False, loop='{loop}')).run()")
+                "access_log=False, loop='asyncio', http='h11')).run()")
         router = self.procs.start(f"router-{variant}", [sys.executable, "-c", code], self.env)
         wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), 60, what=f"router {variant}")
         self.urls[f"ours_http_{variant}"] = f"http://127.0.0.1:{port}"
@@ -378,8 +375,9 @@ def top_frames(raw: Path, n: int = 25) -> dict[str, Any]:
 
 _CATEGORIES = (
     ("socket writes (kernel: loopback TCP send)", ("_SelectorSocketTransport.write", "UVStream.write")),
-    ("HTTP client (httpx, httpcore, h11, anyio)", ("httpx/", "httpcore/", "h11/", "anyio/")),
-    ("HTTP server and framework (uvicorn, starlette, fastapi)", ("uvicorn/", "starlette/", "fastapi/")),
+    ("HTTP client (aiohttp, multidict, yarl; httpx for control)",
+     ("aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/")),
+    ("HTTP server and framework (uvicorn, starlette, fastapi, anyio)", ("uvicorn/", "starlette/", "fastapi/", "anyio/")),
     ("serverless_vllm (router, worker, auth, metrics)", ("serverless_vllm/", "auth.py", "inference.py")),
     ("event loop (asyncio)", ("asyncio/",)),
 )
@@ -419,9 +417,9 @@ def main() -> None:
     p.add_argument("--fake-engine", action="store_true",
                    help="an instant stand-in for vLLM behind every path (bench/fake_vllm): the proxies' own cost")
     p.add_argument("--fake-interval-ms", type=float, default=10.0, help="token interval of the stand-in's streams")
-    p.add_argument("--extra-router", action="append", choices=("uvloop", "httpx2"),
-                   help="also measure a router variant (config ours_http_<variant>): served on uvloop, or with "
-                        "httpx2 as its HTTP client (repeatable)")
+    p.add_argument("--extra-router", action="append", choices=("asyncio",),
+                   help="also measure a router variant (config ours_http_<variant>): served on asyncio's own loop "
+                        "and h11 instead of uvloop and httptools")
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 2400, quick 0)")
     p.add_argument("--out", default=None, help="results name (default hot_path or hot_path_quick)")
     a = p.parse_args()
@@ -443,7 +441,7 @@ def main() -> None:
                                                       if a.fake_engine else "vLLM CPU, tiny model")}}
     try:
         setup.start()
-        configs = [c for c in ("direct", "ours_http", "ours_http_uvloop", "ours_http_httpx2", "ours_hybrid", "rust")
+        configs = [c for c in ("direct", "ours_http", "ours_http_asyncio", "ours_hybrid", "rust")
                    if c in setup.urls]
         result["configs"] = configs
         body_path = setup.tmp / "body.json"

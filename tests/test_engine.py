@@ -256,6 +256,21 @@ async def test_start_timeout_fails_and_kills(tmp_path: Path) -> None:
         await eng.stop()
 
 
+async def test_engine_runs_at_the_configured_niceness(tmp_path: Path) -> None:
+    """ENGINE_NICE lowers the engine's priority below the worker's (so the relay is not starved by it)."""
+    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path, engine_nice=7), has_gpu=False)
+    eng.mode = "mute"
+    await eng.start()
+    try:
+        pid = eng.pid
+        assert pid is not None
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        nice = int(stat[stat.rfind(")") + 2 :].split()[16])  # field 19 of proc(5)
+        assert nice == min(19, os.nice(0) + 7)
+    finally:
+        await eng.stop()
+
+
 # --------------------------------------------------------------------------- the real engine: failure, orphans
 
 

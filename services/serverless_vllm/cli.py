@@ -8,7 +8,8 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import httpx
 import uvicorn
@@ -27,6 +28,17 @@ def _server(app: object, host: str, port: int, level: str) -> uvicorn.Server:
     # The servers log their own access lines only at debug level: the hot path should not pay for logging.
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=level.lower(),  # type: ignore[arg-type]
                                          access_log=level.lower() == "debug", timeout_graceful_shutdown=5))
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's event loop: uvloop when installed (it comes with vLLM and with Ray), whose socket I/O costs
+    less per request on the relay than asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def manager_app(settings: ManagerSettings, auth: AuthSettings | None = None) -> object:
@@ -54,7 +66,7 @@ def worker_app(settings: WorkerSettings, auth: AuthSettings | None = None) -> ob
 def cmd_manager(args: argparse.Namespace) -> None:
     settings = ManagerSettings.from_env(host=args.host, port=args.port, db_path=args.db,
                                         heartbeat_timeout=args.heartbeat_timeout)
-    asyncio.run(_server(manager_app(settings), settings.host, settings.port, args.log_level).serve())
+    _run(_server(manager_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
 def cmd_router(args: argparse.Namespace) -> None:
@@ -67,14 +79,14 @@ def cmd_router(args: argparse.Namespace) -> None:
                                    "--worker-class", "uvicorn.workers.UvicornWorker", "--bind",
                                    f"{settings.host}:{settings.port}", "--graceful-timeout", "10",
                                    "serverless_vllm.router.app:app_from_env()"])
-    asyncio.run(_server(router_app(settings), settings.host, settings.port, args.log_level).serve())
+    _run(_server(router_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     settings = WorkerSettings.from_env(worker_id=args.worker_id, host=args.host, port=args.port,
                                        manager_url=args.manager_url, public_url=args.public_url,
                                        heartbeat_interval_s=args.heartbeat_interval)
-    asyncio.run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
+    _run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
 async def register_model(url: str, body: dict[str, object], auth: AuthSettings | None = None) -> dict[str, object]:
@@ -130,7 +142,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
         await asyncio.gather(*tasks)
 
-    asyncio.run(run())
+    _run(run())
 
 
 def _local_auth() -> AuthSettings:

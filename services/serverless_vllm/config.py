@@ -113,6 +113,9 @@ class WorkerSettings(_Settings):
     log_dir: str = Field(default_factory=lambda: str(_default_state_dir() / "engines"))
     # Arguments added to every engine this worker starts (e.g. --enforce-eager on CPU to start faster).
     engine_extra_args: list[str] = []
+    # Niceness added to engine processes. An engine saturating the CPU (a CPU worker) would otherwise make the
+    # worker's relay and heartbeats wait behind its threads; 0 leaves engines at the worker's priority.
+    engine_nice: int = Field(default=5, ge=0, le=19)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:
@@ -128,6 +131,7 @@ class WorkerSettings(_Settings):
             "cpu_kvcache_gib": int(_env("VLLM_CPU_KVCACHE_SPACE", 1)),
             "log_dir": _env("ENGINE_LOG_DIR", str(_default_state_dir() / "engines")),
             "engine_extra_args": _env("ENGINE_EXTRA_ARGS", "").split(),
+            "engine_nice": int(_env("ENGINE_NICE", 5)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import httpx
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -17,6 +16,7 @@ from ..config import AuthSettings, RouterSettings
 from ..errors import APIError, install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
+from ..relay import UpstreamClient
 from ..schemas import (
     ALIAS_PATTERN,
     Heartbeat,
@@ -83,10 +83,7 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         manager = manager_factory()
         table = RouteTable()
         sync = ManagerSync(manager, table, settings.router_id, settings.report_interval_s)
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200),
-        )
+        client = UpstreamClient(read_timeout_s=settings.request_timeout_s)
         state.update(manager=manager, table=table, sync=sync,
                      forwarder=Forwarder(settings, table, sync, manager, client, upstream_headers,
                                          on_hold=metrics.observe_queue_wait))
@@ -95,7 +92,7 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
             yield
         finally:
             await sync.stop()
-            await client.aclose()
+            await client.close()
             await manager.close()
 
     app = FastAPI(title="serverless-vllm router", lifespan=lifespan)

@@ -11,13 +11,12 @@ import logging
 import time
 from collections.abc import Callable
 
-import httpx
 from starlette.responses import Response
 
 from ..config import RouterSettings
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
-from ..relay import RelayResponse, full_response, is_event_stream
+from ..relay import UpstreamClient, UpstreamError, close_upstream
 from ..schemas import Endpoint, ModelState
 from .sync import ManagerSync
 from .table import RouteTable
@@ -35,7 +34,7 @@ def _unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
 
 class Forwarder:
     def __init__(self, settings: RouterSettings, table: RouteTable, sync: ManagerSync, manager: ManagerAPI,
-                 client: httpx.AsyncClient, upstream_headers: dict[str, str] | None = None,
+                 client: UpstreamClient, upstream_headers: dict[str, str] | None = None,
                  on_hold: Callable[[str, float], None] | None = None) -> None:
         self._settings = settings
         self._table = table
@@ -76,37 +75,30 @@ class Forwarder:
                 released = True
                 self._table.finished(alias, endpoint)
 
-        request = self._client.build_request("POST", f"{endpoint.url}{path}", content=body,
-                                             headers={**self._headers, REPLICA_HEADER: endpoint.replica_id})
+        headers = {**self._headers, REPLICA_HEADER: endpoint.replica_id}
         try:
-            upstream = await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
+            upstream = await self._client.open(f"{endpoint.url}{path}", body, headers)
+        except UpstreamError as exc:
             done()
             log.warning("replica %s on %s unreachable: %s", endpoint.replica_id, endpoint.worker_id, exc)
-            if isinstance(exc, httpx.ConnectError):
+            if exc.refused:
                 self._sync.upstream_failed(endpoint)
             return None
-        if upstream.status_code == 503 and upstream.headers.get(RETRY_HEADER):
-            await upstream.aclose()
+        if upstream.status == 503 and upstream.headers.get(RETRY_HEADER):
+            close_upstream(upstream)
             done()
             return None
-        if upstream.status_code == 401:
+        if upstream.status == 401:
             # The worker refused the router's credential: an operator's mistake, not the client's key.
-            await upstream.aclose()
+            close_upstream(upstream)
             done()
             log.error("worker %s refused the router's worker token (SVLLM_WORKER_TOKEN differs)", endpoint.worker_id)
             raise APIError(502, "the router is not authorized by the worker", "upstream_unauthorized")
-        if is_event_stream(upstream):
-            return RelayResponse(upstream, on_done=done)
         try:
-            content = await upstream.aread()
-        except httpx.HTTPError as exc:
-            log.warning("replica %s failed mid-response: %s", endpoint.replica_id, exc)
+            return await self._client.respond(upstream, on_done=done)
+        except UpstreamError as exc:
+            log.warning("replica %s %s", endpoint.replica_id, exc)
             return None
-        finally:
-            await upstream.aclose()
-            done()
-        return full_response(upstream, content)
 
     async def _hold(self, alias: str, tried: set[str], affinity: str | None) -> Endpoint:
         """No ready replica: wait (bounded queue, cold-start timeout) while the manager brings one up."""

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from ..config import AuthSettings, WorkerSettings
 from ..errors import APIError, install_error_handlers
 from ..metrics.worker import install_worker_metrics
-from ..relay import RelayResponse, full_response, is_event_stream
+from ..relay import UpstreamClient, UpstreamError
 from ..router.app import read_json_body
 from ..router.proxy import REPLICA_HEADER, RETRY_HEADER
 from ..schemas import Assignment, EngineStatus
@@ -37,17 +37,19 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # One pooled client for every request to every local engine.
+        # Pooled clients to the local engines: `relay` for inference, `client` for control (health, sleep, metrics).
+        relay = UpstreamClient()
         client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
-                                   limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
+                                   limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
         worker = agent or WorkerAgent(settings, engine_client=client, manager_headers=auth.worker_headers())
-        state.update(agent=worker, client=client)
+        state.update(agent=worker, client=client, relay=relay)
         await worker.start()
         try:
             yield
         finally:
             await worker.stop()
             await client.aclose()
+            await relay.close()
 
     app = FastAPI(title="serverless-vllm worker", lifespan=lifespan)
     install_error_handlers(app)
@@ -64,23 +66,13 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         engine = agent.ready_engine(None if replica_id else alias, replica_id)
         if engine is None:
             raise _not_here(f"no ready engine here for {replica_id or alias!r}")
-        client: httpx.AsyncClient = state["client"]
-        request_out = client.build_request("POST", f"{engine.base_url}{path}", content=body,
-                                           headers={"content-type": "application/json"})
+        relay: UpstreamClient = state["relay"]
         try:
-            upstream = await client.send(request_out, stream=True)
-        except httpx.TransportError as exc:
-            raise _not_here(f"engine {engine.replica_id} unreachable ({type(exc).__name__})") from None
-        if is_event_stream(upstream):
-            return RelayResponse(upstream)
-        try:
-            content = await upstream.aread()
-        except httpx.HTTPError as exc:
-            # The engine died before answering: nothing reached the client, so the router may retry elsewhere.
-            raise _not_here(f"engine {engine.replica_id} failed before answering ({type(exc).__name__})") from None
-        finally:
-            await upstream.aclose()
-        return full_response(upstream, content)
+            upstream = await relay.open(f"{engine.base_url}{path}", body, {"content-type": "application/json"})
+            return await relay.respond(upstream)
+        except UpstreamError as exc:
+            # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
+            raise _not_here(f"engine {engine.replica_id} failed before answering ({exc})") from None
 
     @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:

@@ -141,7 +141,7 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
-def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
+def _engine_preexec(parent_pid: int, nice: int) -> Callable[[], None]:
     # libc is loaded here, in the parent: the forked child must not dlopen before exec.
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -149,6 +149,8 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:  # the worker died between fork and prctl
             os._exit(1)
+        if nice:
+            os.nice(nice)  # inherited by EngineCore and every thread it starts
 
     return preexec
 
@@ -488,7 +490,7 @@ class EngineProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.environment(),
                 start_new_session=True,
-                preexec_fn=_pdeathsig_preexec(os.getpid()),
+                preexec_fn=_engine_preexec(os.getpid(), self.settings.engine_nice),
                 limit=_STREAM_LIMIT,
             )
         except BaseException:
