@@ -61,6 +61,11 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def niceness(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2 :].split()[16])  # field 19 of proc(5)
+
+
 def comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -264,9 +269,7 @@ async def test_engine_runs_at_the_configured_niceness(tmp_path: Path) -> None:
     try:
         pid = eng.pid
         assert pid is not None
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        nice = int(stat[stat.rfind(")") + 2 :].split()[16])  # field 19 of proc(5)
-        assert nice == min(19, os.nice(0) + 7)
+        assert niceness(pid) == min(19, os.nice(0) + 7)
     finally:
         await eng.stop()
 

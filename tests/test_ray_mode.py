@@ -87,10 +87,18 @@ class RayCluster:
 
     def start(self) -> RayCluster:
         workers = _free_range(64)
-        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port, "--node-manager-port": free_port(),
-                 "--object-manager-port": free_port(), "--ray-client-server-port": free_port(),
-                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                 "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+        while self.port in range(workers, workers + 64) or self.dashboard_port in range(workers, workers + 64):
+            workers = _free_range(64)  # Ray refuses a component port inside the workers' range
+
+        def outside() -> int:
+            while (port := free_port()) in range(workers, workers + 64):
+                pass
+            return port
+
+        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port, "--node-manager-port": outside(),
+                 "--object-manager-port": outside(), "--ray-client-server-port": outside(),
+                 "--dashboard-agent-listen-port": outside(), "--dashboard-agent-grpc-port": outside(),
+                 "--runtime-env-agent-port": outside(), "--metrics-export-port": outside(),
                  "--min-worker-port": workers, "--max-worker-port": workers + 63}
         args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                 "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
