@@ -5,7 +5,10 @@ A of them with min_replicas 1, placed at once, the rest cold with preload false)
 registers W simulated 8-GPU workers and heartbeats each of them every second, reporting the replicas they were
 assigned as ready. Measured over a steady window: heartbeat latency (p50/p99, client side), the achieved
 heartbeat rate against the offered one, the manager's CPU (busy fraction of one core) and memory (RSS), and
-how many workers the manager still sees as healthy. Steps grow W and M to show where it breaks.
+how many workers the manager still sees as healthy. Steps grow W and M to show where it breaks. The manager
+retries a failed placement after FAILED_RETRY_S (not the default 30 s): its first pass runs when the first
+worker registers, when most of the A models do not fit yet; without the retry they would stay unplaced (failed)
+through the window and the heartbeats would carry almost no replicas.
 
 Part 2 (ManagerCore in this process, same fleet shape): the time of one placement decision (`place`), of the
 capacity snapshot it works on, of a heartbeat in the core (no HTTP), of a routing-table rebuild, and of a full
@@ -70,6 +73,10 @@ def make_registry(db: Path, models: int, active: int) -> None:
 # --------------------------------------------------------------------------- part 1
 
 
+# How soon the manager retries a model whose placement failed (see the module docstring).
+FAILED_RETRY_S = 2.0
+
+
 def step(procs: Procs, env: dict[str, str], token: str, workers: int, models: int, active: int, warmup: float,
          duration: float) -> dict[str, Any]:
     tag = f"w{workers}-m{models}"
@@ -78,7 +85,8 @@ def step(procs: Procs, env: dict[str, str], token: str, workers: int, models: in
     port = free_port()
     t0 = time.monotonic()
     manager = procs.start(f"manager-{tag}", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(port)],
-                          {**env, "MANAGER_DB": str(db), "HEARTBEAT_TIMEOUT": "10"})
+                          {**env, "MANAGER_DB": str(db), "HEARTBEAT_TIMEOUT": "10",
+                           "FAILED_RETRY_AFTER": str(FAILED_RETRY_S)})
     wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{port}/health"), 300, what="manager")
     startup_s = time.monotonic() - t0
     rss_idle = proc_rss_mb(manager.pid)
@@ -185,9 +193,19 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
             await core.heartbeat(hb)
             times.append(time.perf_counter() - t)
         out["heartbeat_in_core_ms"] = summary(times, 1000.0, 3)
+        # A heartbeat that changes one replica's state (ready <-> starting): that model's route is rebuilt.
+        flip = [hb, hb.model_copy(update={"engines": [e.model_copy(update={"state": ReplicaState.STARTING})
+                                                      for e in hb.engines]})]
+        times = []
+        while len(times) < repeat and (len(times) < 3 or sum(times) < 5.0):
+            t = time.perf_counter()
+            await core.heartbeat(flip[len(times) % 2])
+            times.append(time.perf_counter() - t)
+        await core.heartbeat(hb)
+        out["heartbeat_in_core_with_state_change_ms"] = summary(times, 1000.0, 3)
         # What-if: the same heartbeat when the routing table is not rebuilt (it changes nothing here).
         rebuild = core._rebuild_table
-        core._rebuild_table = lambda: None  # type: ignore[method-assign]
+        core._rebuild_table = lambda *_: None  # type: ignore[method-assign]
         times = []
         while len(times) < repeat and (len(times) < 3 or sum(times) < 5.0):
             t = time.perf_counter()
@@ -209,6 +227,9 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
         out["reconcile_pass_ms"] = summary(times, 1000.0, 1)
         # A cold start's decision: one model goes from 0 to 1 replica (scale, place, push, table).
         cold = [a for a, m in core._models.items() if m.scale.target == 0][:3]
+        for i in range(len(cold), 3):  # every model active (--quick): register cold ones to measure
+            spec = ModelSpec(alias=f"cold-{i}", model_name="org/cold", gpu_memory_utilization=0.3, preload=False)
+            cold.append((await core.register_model(spec)).alias)
         times = []
         for alias in cold:
             core._wake.add(alias)
@@ -254,7 +275,8 @@ def main() -> None:
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
                               "settings": {"steps": steps, "active": a.active, "duration_s": duration,
                                            "warmup_s": warmup, "heartbeat_interval_s": 1.0,
-                                           "gpus_per_worker": 8, "gpu_memory_utilization": 0.3}}
+                                           "gpus_per_worker": 8, "gpu_memory_utilization": 0.3,
+                                           "failed_retry_after_s": FAILED_RETRY_S}}
     try:
         result["quiet"] = wait_for_quiet(a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400),
                                          own_marker=str(procs.tmp))

@@ -10,27 +10,18 @@ from serverless_vllm.errors import APIError
 from serverless_vllm.manager.core import ManagerCore
 from serverless_vllm.schemas import (
     EngineStatus,
-    GPUInfo,
     Heartbeat,
     ModelSpec,
     ReplicaState,
     WorkerRegistration,
 )
 
+from .fleet import Clock, gpu
+
 # Nothing listens on the discard port: pushes fail fast and heartbeat replies carry the assignments instead.
 NOWHERE = "http://127.0.0.1:9"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def gpu(index: int) -> GPUInfo:
-    return GPUInfo(index=index, name="NVIDIA H100", uuid=f"GPU-{index}", memory_total_mb=81559, memory_free_mb=81000)
 
 
 @pytest.fixture

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +27,12 @@ from ..schemas import (
     Assignment,
     DemandReport,
     Endpoint,
+    EngineArgs,
     Heartbeat,
     HeartbeatReply,
     ModelInfo,
     ModelPatch,
+    ModelPolicy,
     ModelRoute,
     ModelSpec,
     ModelState,
@@ -44,7 +45,7 @@ from ..schemas import (
 )
 from ..security.models import check_registration
 from .autoscale import ScaleState, next_target
-from .placement import EvictionCandidate, PlacementError, WorkerCapacity, claim, place, plan_eviction
+from .placement import EvictionCandidate, PlacementError, WorkerCapacity, place, plan_eviction
 from .store import ModelStore
 from .workers import WorkerRecord, WorkerRegistry
 
@@ -54,6 +55,16 @@ log = logging.getLogger(__name__)
 DEMAND_TTL_S = 5.0
 _ACTIVE = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.WAKING)
 
+# What can differ between two versions of a worker's assignments: (replica id, asleep) of each replica, in
+# list order. A replica's alias, GPUs, model and engine are fixed for its id (PATCH changes policy only), so
+# equal keys mean equal assignment lists; comparing keys replaces building and hashing every worker's
+# serialized assignments on each pass. What a worker accepted is remembered as the set (PushedKey): the
+# order of a list does not matter to the worker, so a reordering alone is not pushed again.
+AssignmentKey = tuple[tuple[str, bool], ...]
+PushedKey = frozenset[tuple[str, bool]]
+# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created.
+RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int]
+
 
 @dataclass
 class ModelRecord:
@@ -62,6 +73,23 @@ class ModelRecord:
     scale: ScaleState = field(default_factory=ScaleState)
     last_error: str | None = None
     failed_at: float | None = None  # monotonic; the model is FAILED for failed_retry_after_s after this
+    # (spec, its policy, its engine args): derived once per spec, not per reconcile pass or heartbeat reply
+    # (each derivation is a pydantic dump and validation, and a pass asks for 10,000 models' policies).
+    _derived: tuple[ModelSpec, ModelPolicy, EngineArgs] | None = field(default=None, init=False, repr=False,
+                                                                       compare=False)
+
+    def _derive(self) -> tuple[ModelSpec, ModelPolicy, EngineArgs]:
+        if self._derived is None or self._derived[0] is not self.spec:  # `spec` is replaced by PATCH
+            self._derived = (self.spec, self.spec.policy(), self.spec.engine_args())
+        return self._derived
+
+    def policy(self) -> ModelPolicy:
+        """spec.policy(), cached: callers must not mutate it."""
+        return self._derive()[1]
+
+    def engine(self) -> EngineArgs:
+        """spec.engine_args(), cached: callers must not mutate it."""
+        return self._derive()[2]
 
 
 @dataclass
@@ -76,6 +104,60 @@ class Replica:
     asleep_since: float = 0.0
     error: str | None = None
     cold_start_at: float | None = None  # placed as a cold start: its duration is observed at the first READY
+
+
+class ReplicaIndex:
+    """The desired replicas by id, also indexed by model alias and by worker.
+
+    A replica's alias and worker never change, so the indexes only move on add and remove. They turn the
+    per-model and per-worker questions (routing table, heartbeat replies, scaling, placement) from scans of
+    every replica (O(models x replicas) for a table rebuild) into lookups. Iteration order is insertion order,
+    in the whole and in each group, as with the plain dict this replaces.
+    """
+
+    def __init__(self) -> None:
+        self._all: dict[str, Replica] = {}
+        self._by_alias: dict[str, dict[str, Replica]] = {}
+        self._by_worker: dict[str, dict[str, Replica]] = {}
+
+    def add(self, replica: Replica) -> None:
+        if replica.replica_id in self._all:
+            self.remove(replica.replica_id)  # replaced: keep the groups consistent
+        self._all[replica.replica_id] = replica
+        self._by_alias.setdefault(replica.alias, {})[replica.replica_id] = replica
+        self._by_worker.setdefault(replica.worker_id, {})[replica.replica_id] = replica
+
+    def remove(self, replica_id: str) -> Replica:
+        replica = self._all.pop(replica_id)
+        for index, key in ((self._by_alias, replica.alias), (self._by_worker, replica.worker_id)):
+            group = index[key]
+            del group[replica_id]
+            if not group:
+                del index[key]
+        return replica
+
+    def get(self, replica_id: str) -> Replica | None:
+        return self._all.get(replica_id)
+
+    def __contains__(self, replica_id: object) -> bool:
+        return replica_id in self._all
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def values(self) -> Iterable[Replica]:
+        return self._all.values()
+
+    def of_alias(self, alias: str) -> list[Replica]:
+        group = self._by_alias.get(alias)
+        return list(group.values()) if group else []
+
+    def of_worker(self, worker_id: str) -> list[Replica]:
+        group = self._by_worker.get(worker_id)
+        return list(group.values()) if group else []
+
+    def has_alias(self, alias: str) -> bool:
+        return alias in self._by_alias
 
 
 @dataclass
@@ -97,10 +179,18 @@ class ManagerCore:
         self._store = ModelStore(settings.db_path)
         self._workers = WorkerRegistry(settings.heartbeat_timeout)
         self._models: dict[str, ModelRecord] = {}
-        self._replicas: dict[str, Replica] = {}
+        self._replicas = ReplicaIndex()
         self._demand: dict[str, tuple[float, DemandReport]] = {}
         self._wake: set[str] = set()
-        self._pushed: dict[str, str] = {}  # worker id -> digest of the assignments it last accepted
+        self._pushed: dict[str, PushedKey] = {}  # worker id -> the assignments it last accepted
+        # worker id -> (key, reply): a heartbeat reply is rebuilt only when that worker's assignments change.
+        self._replies: dict[str, tuple[AssignmentKey, HeartbeatReply]] = {}
+        # alias -> the inputs of its current route: a rebuild compares these and creates only changed routes.
+        self._route_keys: dict[str, RouteKey] = {}
+        # The capacity snapshot of the reconcile pass under way, built at its first placement and kept in step
+        # with every replica added or removed during the pass (instead of rebuilt for each placement).
+        self._caps: dict[str, WorkerCapacity] | None = None
+        self._pass_open = False
         self._client = client
         # Calls to workers carry the worker token; adapters that pass none (the Ray actor) take it from the env.
         self._worker_headers = AuthSettings.from_env().worker_headers() if worker_headers is None else worker_headers
@@ -183,7 +273,7 @@ class ManagerCore:
         self._models[spec.alias] = ModelRecord(spec=spec, created_at=created,
                                                scale=ScaleState(target=target, last_active=now))
         log.info("registered model %s -> %s (preload=%s)", spec.alias, spec.model_name, spec.preload)
-        self._rebuild_table()
+        self._rebuild_table([spec.alias])
         self._poke()
         return self.model_info(spec.alias)
 
@@ -204,10 +294,10 @@ class ManagerCore:
         self._model(alias)
         self._store.delete(alias)
         del self._models[alias]
-        for rid in [r.replica_id for r in self._replicas.values() if r.alias == alias]:
-            del self._replicas[rid]
+        for replica in self._replicas.of_alias(alias):
+            self._remove_replica(replica.replica_id)
         log.info("deleted model %s", alias)
-        self._rebuild_table()
+        self._rebuild_table([alias])
         self._poke()
 
     def model_info(self, alias: str) -> ModelInfo:
@@ -215,11 +305,11 @@ class ManagerCore:
         spec = record.spec
         replicas = [ReplicaInfo(replica_id=r.replica_id, worker_id=r.worker_id, gpus=r.gpus, state=r.state,
                                 asleep=r.asleep, error=r.error)
-                    for r in self._replicas.values() if r.alias == alias]
+                    for r in self._replicas.of_alias(alias)]
         route = self._table.models.get(alias)
         return ModelInfo(alias=alias, model_name=spec.model_name,
-                         state=route.state if route else ModelState.COLD, engine=spec.engine_args(),
-                         policy=spec.policy(), desired_replicas=record.scale.target, replicas=replicas,
+                         state=route.state if route else ModelState.COLD, engine=record.engine(),
+                         policy=record.policy(), desired_replicas=record.scale.target, replicas=replicas,
                          last_error=record.last_error, created_at=record.created_at)
 
     def list_models(self) -> list[ModelInfo]:
@@ -237,10 +327,13 @@ class ManagerCore:
         return self._reply(record)
 
     async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
+        known = self._workers.get(hb.worker_id)
+        was_healthy = known is not None and known.state is WorkerState.HEALTHY
         record = self._workers.heartbeat(hb, self._clock())
         if record is None:
             return HeartbeatReply(reregister=True)
-        self._apply_reports(record)
+        # A worker back to healthy re-enters routing: rebuild the table even if no replica changed.
+        self._apply_reports(record, rebuild=not was_healthy)
         return self._reply(record)
 
     def list_workers(self) -> list[WorkerInfo]:
@@ -248,9 +341,14 @@ class ManagerCore:
         return [w.info(now) for w in self._workers.all()]
 
     def _reply(self, record: WorkerRecord) -> HeartbeatReply:
-        assignments = self._assignments(record.worker_id)
-        self._pushed[record.worker_id] = _digest(assignments)
-        return HeartbeatReply(assignments=assignments)
+        """The worker's assignments; the reply object is reused until they change (callers must not mutate it)."""
+        key = self._assignment_key(record.worker_id)
+        cached = self._replies.get(record.worker_id)
+        if cached is None or cached[0] != key:
+            cached = (key, HeartbeatReply(assignments=self._assignments(record.worker_id)))
+            self._replies[record.worker_id] = cached
+        self._pushed[record.worker_id] = frozenset(key)
+        return cached[1]
 
     def _adopt_engines(self, record: WorkerRecord) -> None:
         """Take over engines a worker already runs (after a manager restart) when they still fit the registry."""
@@ -260,36 +358,44 @@ class ManagerCore:
             model = self._models.get(status.alias)
             if model is None or (status.model_name and status.model_name != model.spec.model_name):
                 continue
-            mine = [r for r in self._replicas.values() if r.alias == status.alias]
+            mine = self._replicas.of_alias(status.alias)
             if len(mine) >= model.spec.max_replicas:
                 continue
-            self._replicas[status.replica_id] = Replica(
+            self._add_replica_record(Replica(
                 replica_id=status.replica_id, alias=status.alias, worker_id=record.worker_id, gpus=status.gpus,
                 fraction=model.spec.gpu_memory_utilization if status.gpus else 0.0, state=status.state,
-                asleep=status.state is ReplicaState.SLEEPING, asleep_since=self._clock())
+                asleep=status.state is ReplicaState.SLEEPING, asleep_since=self._clock()))
             model.scale.target = max(model.scale.target, sum(1 for r in mine if not r.asleep) +
                                      (status.state is not ReplicaState.SLEEPING))
             log.info("adopted running engine %s of %s on %s", status.replica_id, status.alias, record.worker_id)
 
-    def _apply_reports(self, record: WorkerRecord) -> None:
-        """Fold a worker's engine reports into the replicas' actual state."""
-        for replica in self._replicas.values():
-            if replica.worker_id != record.worker_id:
-                continue
+    def _apply_reports(self, record: WorkerRecord, rebuild: bool = True) -> None:
+        """Fold a worker's engine reports into the replicas' actual state.
+
+        Costs O(this worker's replicas): only the routes of models whose replica changed state are rebuilt, or,
+        with `rebuild` (the worker registered or came back to healthy, so its endpoints enter routing), the
+        routes of every model it runs. A heartbeat that changes nothing leaves the table alone."""
+        mine = self._replicas.of_worker(record.worker_id)
+        changed: set[str] = {r.alias for r in mine} if rebuild else set()
+        for replica in mine:
             report = record.engines.get(replica.replica_id)
             if report is None:
                 # Not (or no longer) running there: the assignments make the worker start it.
-                if replica.state is not ReplicaState.FAILED:
+                if replica.state not in (ReplicaState.FAILED, ReplicaState.PENDING):
                     replica.state = ReplicaState.PENDING
+                    changed.add(replica.alias)
                 continue
             if report.state is ReplicaState.READY and replica.cold_start_at is not None:
                 self.metrics.cold_start_done(replica.alias, self._clock() - replica.cold_start_at)
                 replica.cold_start_at = None
+            if replica.state is not report.state:
+                changed.add(replica.alias)
             replica.state = report.state
             if report.state is ReplicaState.FAILED:
                 tail = "\n".join(report.log_tail[-20:])
                 replica.error = f"{report.error or 'engine failed'}\n{tail}".strip()
-        self._rebuild_table()
+        if changed:
+            self._rebuild_table(changed)
 
     # ------------------------------------------------------------------ routers
 
@@ -361,8 +467,18 @@ class ManagerCore:
             loads = self._loads(now)
             wakes, self._wake = self._wake, set()
             self._collect_failures(now)
-            for alias, model in self._models.items():
-                self._scale_model(alias, model, loads.get(alias, 0.0), alias in wakes, now)
+            self._pass_open, self._caps = True, None
+            try:
+                for alias, model in self._models.items():
+                    load, wake = loads.get(alias, 0.0), alias in wakes
+                    if (not load and not wake and model.scale.target == 0 and model.spec.min_replicas == 0
+                            and not self._replicas.has_alias(alias)):
+                        # Cold, unasked-for and not to be kept warm: the autoscaler keeps it at 0 and there is
+                        # nothing to place or stop (most of 10,000 registered models, every pass).
+                        continue
+                    self._scale_model(alias, model, load, wake, now)
+            finally:
+                self._pass_open, self._caps = False, None
             self._rebuild_table()
             await self._push_assignments()
 
@@ -392,24 +508,26 @@ class ManagerCore:
 
     def _on_worker_dead(self, record: WorkerRecord) -> None:
         self._workers.mark_dead(record.worker_id)
-        lost = [r for r in self._replicas.values() if r.worker_id == record.worker_id]
+        lost = self._replicas.of_worker(record.worker_id)
         for replica in lost:
-            del self._replicas[replica.replica_id]
+            self._remove_replica(replica.replica_id)
         if lost:
             self.stats.failovers += len(lost)
             log.warning("worker %s dead: %d replica(s) will be placed elsewhere", record.worker_id, len(lost))
         self._pushed.pop(record.worker_id, None)
-        self._rebuild_table()
+        self._replies.pop(record.worker_id, None)
+        # Its endpoints were all replicas of these models; other routes are untouched.
+        self._rebuild_table({r.alias for r in lost})
 
     def _collect_failures(self, now: float) -> None:
         for replica in [r for r in self._replicas.values() if r.state is ReplicaState.FAILED]:
             model = self._models.get(replica.alias)
-            del self._replicas[replica.replica_id]
+            self._remove_replica(replica.replica_id)
             self.stats.engine_failures += 1
             if model is not None:
                 model.last_error = replica.error or "engine failed"
                 log.error("replica %s of %s failed: %s", replica.replica_id, replica.alias, model.last_error)
-                if not any(r.alias == replica.alias for r in self._replicas.values()):
+                if not self._replicas.has_alias(replica.alias):
                     # Nothing serves it: FAILED for a while, then the next request tries again (no restart loop).
                     # A model that still has replicas keeps its target; the autoscaler places another.
                     model.failed_at = now
@@ -422,8 +540,8 @@ class ManagerCore:
         spec = model.spec
         if self._failed_recently(model, now):
             return
-        model.scale.target = next_target(spec.policy(), model.scale, load, wake, now, self.settings.scale_down_delay_s)
-        mine = [r for r in self._replicas.values() if r.alias == alias]
+        model.scale.target = next_target(model.policy(), model.scale, load, wake, now, self.settings.scale_down_delay_s)
+        mine = self._replicas.of_alias(alias)
         awake = [r for r in mine if not r.asleep]
         asleep = sorted((r for r in mine if r.asleep), key=lambda r: -r.asleep_since)
         missing = model.scale.target - len(awake)
@@ -444,31 +562,53 @@ class ManagerCore:
                     replica.asleep, replica.asleep_since = True, now
                     log.info("putting %s of %s to sleep", replica.replica_id, alias)
                 else:
-                    del self._replicas[replica.replica_id]
+                    self._remove_replica(replica.replica_id)
                     log.info("stopping %s of %s", replica.replica_id, alias)
         for replica in asleep:
             if now - replica.asleep_since >= spec.idle_timeout_s:
-                del self._replicas[replica.replica_id]
+                self._remove_replica(replica.replica_id)
                 log.info("unloading sleeping %s of %s", replica.replica_id, alias)
 
+    # ------------------------------------------------------------------ replicas and capacity
+
+    def _add_replica_record(self, replica: Replica) -> None:
+        """Every replica enters through here (and leaves through _remove_replica): the indexes and the pass's
+        capacity snapshot stay in step with the replicas."""
+        self._replicas.add(replica)
+        if self._caps is not None and (cap := self._caps.get(replica.worker_id)) is not None:
+            _count(cap, replica)  # appended last, as a fresh snapshot would sum it: the same floats
+
+    def _remove_replica(self, replica_id: str) -> Replica:
+        replica = self._replicas.remove(replica_id)
+        if self._caps is not None and replica.worker_id in self._caps:
+            record = self._workers.get(replica.worker_id)
+            if record is not None:
+                # Recounted rather than subtracted, so that claims are summed exactly as a fresh snapshot would
+                # (placement breaks ties on them) and `aliases` drops a model with no replica left there.
+                self._caps[replica.worker_id] = self._capacity(record)
+        return replica
+
+    def _capacity(self, record: WorkerRecord) -> WorkerCapacity:
+        cap = WorkerCapacity(worker_id=record.worker_id, healthy=record.state is WorkerState.HEALTHY,
+                             gpu_indices=[g.index for g in record.gpus], cpu_slots=record.registration.cpu_slots)
+        for r in self._replicas.of_worker(record.worker_id):
+            _count(cap, r)
+        return cap
+
+    def _capacity_map(self) -> dict[str, WorkerCapacity]:
+        """A snapshot of the fleet for placement: O(workers + replicas)."""
+        return {w.worker_id: self._capacity(w) for w in self._workers.all() if w.state is not WorkerState.DEAD}
+
     def _capacities(self) -> list[WorkerCapacity]:
-        capacities = {w.worker_id: WorkerCapacity(
-            worker_id=w.worker_id, healthy=w.state is WorkerState.HEALTHY, gpu_indices=[g.index for g in w.gpus],
-            cpu_slots=w.registration.cpu_slots) for w in self._workers.all() if w.state is not WorkerState.DEAD}
-        for r in self._replicas.values():
-            cap = capacities.get(r.worker_id)
-            if cap is None:
-                continue
-            if r.gpus:
-                for g in r.gpus:
-                    cap.gpu_claims[g] = cap.gpu_claims.get(g, 0.0) + r.fraction
-            else:
-                cap.cpu_used += 1
-            cap.aliases.add(r.alias)
-        return list(capacities.values())
+        if self._pass_open:
+            # Within a reconcile pass: built once at its first placement, then kept in step (see _caps).
+            if self._caps is None:
+                self._caps = self._capacity_map()
+            return list(self._caps.values())
+        return list(self._capacity_map().values())
 
     def _add_replica(self, alias: str, model: ModelRecord, now: float) -> bool:
-        engine = model.spec.engine_args()
+        engine = model.engine()
         capacities = self._capacities()
         try:
             placement = place(alias, engine, capacities)
@@ -488,14 +628,13 @@ class ManagerCore:
                 return False
             placement, evict = plan
         for rid in evict:
-            victim = self._replicas.pop(rid)
+            victim = self._remove_replica(rid)
             self.stats.evictions += 1
             log.info("evicting idle %s of %s to make room for %s", rid, victim.alias, alias)
         replica = Replica(replica_id=f"{alias}-{uuid.uuid4().hex[:8]}", alias=alias, worker_id=placement.worker_id,
                           gpus=placement.gpus, fraction=placement.fraction)
-        self._replicas[replica.replica_id] = replica
-        claim(capacities, placement, alias)
-        if not any(r.alias == alias and r.replica_id != replica.replica_id for r in self._replicas.values()):
+        self._add_replica_record(replica)  # also claims its share in the pass's capacity snapshot
+        if len(self._replicas.of_alias(alias)) == 1:  # the model's only replica: a cold start
             self.stats.cold_starts += 1
             replica.cold_start_at = now
             self.metrics.cold_start(alias)
@@ -511,9 +650,10 @@ class ManagerCore:
         loads = self._loads(self._clock())
         out = []
         for other, model in self._models.items():
-            if other == alias or loads.get(other, 0.0) > 0:
+            # Most models have no replica: the index answers that before anything else is looked at.
+            if not self._replicas.has_alias(other) or other == alias or loads.get(other, 0.0) > 0:
                 continue
-            mine = [r for r in self._replicas.values() if r.alias == other]
+            mine = self._replicas.of_alias(other)
             # Sleeping replicas go first, then awake ones, never below min_replicas.
             mine.sort(key=lambda r: not r.asleep)
             for r in mine[: max(0, len(mine) - model.spec.min_replicas)]:
@@ -522,62 +662,104 @@ class ManagerCore:
 
     def _assignments(self, worker_id: str) -> list[Assignment]:
         out = []
-        for r in self._replicas.values():
+        for r in self._replicas.of_worker(worker_id):
             model = self._models.get(r.alias)
-            if r.worker_id == worker_id and model is not None:
+            if model is not None:
                 out.append(Assignment(replica_id=r.replica_id, alias=r.alias, model_name=model.spec.model_name,
-                                      engine=model.spec.engine_args(), gpus=r.gpus, asleep=r.asleep))
+                                      engine=model.engine(), gpus=r.gpus, asleep=r.asleep))
         return out
+
+    def _assignment_key(self, worker_id: str) -> AssignmentKey:
+        """What identifies the worker's assignments (see AssignmentKey), in O(its replicas)."""
+        return tuple((r.replica_id, r.asleep) for r in self._replicas.of_worker(worker_id) if r.alias in self._models)
 
     async def _push_assignments(self) -> None:
         pushes = []
         for record in self._workers.all():
             if record.state is WorkerState.DEAD:
                 continue
-            assignments = self._assignments(record.worker_id)
-            digest = _digest(assignments)
-            if self._pushed.get(record.worker_id) != digest:
-                pushes.append(self._push(record, assignments, digest))
+            key = frozenset(self._assignment_key(record.worker_id))
+            if self._pushed.get(record.worker_id) != key:
+                pushes.append(self._push(record, self._assignments(record.worker_id), key))
         if pushes:
             await asyncio.gather(*pushes)
 
-    async def _push(self, record: WorkerRecord, assignments: list[Assignment], digest: str) -> None:
+    async def _push(self, record: WorkerRecord, assignments: list[Assignment], key: PushedKey) -> None:
         assert self._client is not None
         try:
             resp = await self._client.put(f"{record.url}/engines", headers=self._worker_headers,
                                           json=[a.model_dump(mode="json") for a in assignments])
             resp.raise_for_status()
-            self._pushed[record.worker_id] = digest
+            self._pushed[record.worker_id] = key
         except httpx.HTTPError as exc:
             # The next heartbeat reply carries the same assignments, so nothing is lost.
             log.warning("push to worker %s failed (%s); its next heartbeat will carry it", record.worker_id, exc)
 
     # ------------------------------------------------------------------ routing table
 
-    def _rebuild_table(self) -> None:
+    def _rebuild_table(self, aliases: Iterable[str] | None = None) -> None:
+        """Bring the routes of `aliases` (default: every model) up to date; a new table version if any changed.
+
+        O(models + replicas) for all, O(their replicas) for a few: a route is recomputed from its model's
+        replicas only (the index), compared by its inputs, and created only when they changed; unchanged
+        routes are shared with the previous table."""
         now = self._clock()
-        healthy = {w.worker_id: w for w in self._workers.healthy()}
-        models: dict[str, ModelRoute] = {}
-        for alias, model in self._models.items():
-            mine = [r for r in self._replicas.values() if r.alias == alias]
-            endpoints = [Endpoint(replica_id=r.replica_id, worker_id=r.worker_id, url=healthy[r.worker_id].url)
-                         for r in mine if r.state is ReplicaState.READY and not r.asleep and r.worker_id in healthy]
-            error = None
-            if endpoints:
-                state = ModelState.READY
-            elif any(r.state in _ACTIVE and not r.asleep for r in mine):
-                state = ModelState.LOADING
-            elif any(r.asleep for r in mine):
-                state = ModelState.SLEEPING
-            elif self._failed_recently(model, now):
-                state, error = ModelState.FAILED, model.last_error
-            else:
-                state = ModelState.COLD
-            models[alias] = ModelRoute(state=state, endpoints=endpoints, error=error, created=int(model.created_at))
-        if models != self._table.models:
-            self._version += 1
-            self._table = RoutingTable(version=self._version, epoch=self.epoch, models=models)
-            self._notify()
+        if aliases is None:
+            targets: Iterable[str] = self._models
+            gone = [a for a in self._route_keys if a not in self._models]
+        else:
+            wanted = set(aliases)
+            targets = [a for a in wanted if a in self._models]
+            gone = [a for a in wanted if a not in self._models and a in self._route_keys]
+        changed: dict[str, RouteKey] = {}
+        for alias in targets:
+            key = self._route_key(self._models[alias], self._replicas.of_alias(alias), now)
+            if self._route_keys.get(alias) != key:
+                changed[alias] = key
+        if not changed and not gone:
+            return
+        for alias in gone:
+            del self._route_keys[alias]
+        self._route_keys.update(changed)
+        fresh = {alias: _route(key) for alias, key in changed.items()}
+        if aliases is None:
+            # In registration order, as the routers list them; unchanged routes are the previous objects.
+            previous = self._table.models
+            models = {alias: fresh[alias] if alias in fresh else previous[alias] for alias in self._models}
+        else:
+            # A copy (C speed) keeps every alias in place; a new one goes last, as it did in self._models.
+            models = dict(self._table.models)
+            for alias in gone:
+                del models[alias]
+            models.update(fresh)
+        self._version += 1
+        # Every route was validated when created: the container need not validate 10,000 of them again.
+        self._table = RoutingTable.model_construct(version=self._version, epoch=self.epoch, models=models)
+        self._notify()
+
+    def _route_key(self, model: ModelRecord, mine: list[Replica], now: float) -> RouteKey:
+        if not mine:  # most models, on every full rebuild: the same answer as below, sooner
+            if self._failed_recently(model, now):
+                return ModelState.FAILED, (), model.last_error, int(model.created_at)
+            return ModelState.COLD, (), None, int(model.created_at)
+        endpoints = []
+        for r in mine:
+            if r.state is ReplicaState.READY and not r.asleep:
+                worker = self._workers.get(r.worker_id)
+                if worker is not None and worker.state is WorkerState.HEALTHY:
+                    endpoints.append((r.replica_id, r.worker_id, worker.url))
+        error = None
+        if endpoints:
+            state = ModelState.READY
+        elif any(r.state in _ACTIVE and not r.asleep for r in mine):
+            state = ModelState.LOADING
+        elif any(r.asleep for r in mine):
+            state = ModelState.SLEEPING
+        elif self._failed_recently(model, now):
+            state, error = ModelState.FAILED, model.last_error
+        else:
+            state = ModelState.COLD
+        return state, tuple(endpoints), error, int(model.created_at)
 
     def _notify(self) -> None:
         if self._changed is None:
@@ -591,6 +773,17 @@ class ManagerCore:
             asyncio.get_running_loop().create_task(notify(self._changed))
 
 
-def _digest(assignments: list[Assignment]) -> str:
-    blob = "|".join(a.model_dump_json() for a in sorted(assignments, key=lambda a: a.replica_id))
-    return hashlib.sha256(blob.encode()).hexdigest()
+def _count(cap: WorkerCapacity, replica: Replica) -> None:
+    """Add one replica's claim to a worker's capacity."""
+    if replica.gpus:
+        for g in replica.gpus:
+            cap.gpu_claims[g] = cap.gpu_claims.get(g, 0.0) + replica.fraction
+    else:
+        cap.cpu_used += 1
+    cap.aliases.add(replica.alias)
+
+
+def _route(key: RouteKey) -> ModelRoute:
+    state, endpoints, error, created = key
+    return ModelRoute(state=state, endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url)
+                                              for rid, wid, url in endpoints], error=error, created=created)

@@ -70,6 +70,28 @@ def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Plac
     worker's loss); then the least busy worker.
     """
     need, fraction = engine.tensor_parallel_size, engine.gpu_memory_utilization
+    # Fast path: the winner is the first worker with the smallest (kind, repeat, load) among those that fit.
+    # A worker's rank is cheap and the GPU fit is not, so the fit is tried only for a worker that would rank
+    # strictly first so far (ties go to the earlier one, as in the stable sort below). O(workers) either way,
+    # but most workers cost a few comparisons; the rejections are only written out when nothing fits.
+    best: tuple[tuple[int, int, float], Placement] | None = None
+    for w in workers:
+        if not w.healthy:
+            continue
+        repeat = int(alias in w.aliases)
+        if w.gpu_indices:
+            rank = (0, repeat, sum(w.gpu_claims.values()) / len(w.gpu_indices))
+            if best is not None and rank >= best[0]:
+                continue
+            gpus = _fit_gpus(w, need, fraction)
+            if gpus is not None:
+                best = (rank, Placement(w.worker_id, gpus, fraction))
+        elif need <= 1 and w.cpu_used < w.cpu_slots:
+            rank = (1, repeat, w.cpu_used / max(1, w.cpu_slots))
+            if best is None or rank < best[0]:
+                best = (rank, Placement(w.worker_id, [], 0.0))
+    if best is not None:
+        return best[1]
     rejections: list[PlacementRejection] = []
     candidates: list[tuple[tuple[int, int, float], Placement]] = []
     for w in workers:
@@ -141,6 +163,8 @@ def plan_eviction(alias: str, engine: EngineArgs, workers: list[WorkerCapacity],
 
     `candidates` are idle replicas of other models above their min_replicas, as the caller decided.
     """
+    if not candidates:
+        return None  # nothing to evict: spare the copy of the whole fleet
     trial = copy.deepcopy(workers)
     evicted: list[str] = []
     for cand in sorted(candidates, key=lambda c: c.last_used):
