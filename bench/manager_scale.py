@@ -262,7 +262,7 @@ def main() -> None:
     p.add_argument("--out", help="results name (default manager_scale or manager_scale_quick)")
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 2400, quick 0)")
     a = p.parse_args()
-    default_steps = "50:500" if a.quick else "100:1000,300:1000,1000:1000,100:10000,300:10000,1000:10000"
+    default_steps = "50:500" if a.quick else "100:1000,300:1000,1000:1000,100:10000,300:10000,1000:10000,2000:10000,3000:10000"
     steps = [tuple(int(x) for x in s.split(":")) for s in (a.steps or default_steps).split(",")]
     duration = a.duration or (5.0 if a.quick else 20.0)
     warmup = a.warmup or (3.0 if a.quick else 8.0)

@@ -81,6 +81,10 @@ async def test_placement_failure_is_explained(core: ManagerCore) -> None:
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
     await core.register_model(ModelSpec(alias="big", model_name="org/big", tensor_parallel_size=4))
     await core.reconcile()
+    # Just started: the workers that have not re-registered yet may have room, so the model is not failed yet.
+    assert core.model_info("big").state != "failed"
+    core._clock.now += core.settings.heartbeat_timeout  # type: ignore[attr-defined]
+    await core.reconcile()
     info = core.model_info("big")
     assert info.state == "failed"
     assert "w1" in info.last_error and "tensor_parallel_size=4" in info.last_error

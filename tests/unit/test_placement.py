@@ -9,7 +9,7 @@ from serverless_vllm.manager.placement import (
     place,
     plan_eviction,
 )
-from serverless_vllm.schemas import EngineArgs
+from serverless_vllm.schemas import EngineArgs, PlacementRejection
 
 
 def gpu_worker(wid: str, n: int = 2, claims: dict[int, float] | None = None, healthy: bool = True) -> WorkerCapacity:
@@ -94,3 +94,12 @@ def test_eviction_gives_up_when_nothing_helps() -> None:
     workers = [gpu_worker("w", n=1, claims={0: 0.9})]
     candidates = [EvictionCandidate("r", "w", [0], 0.2, last_used=1.0)]
     assert plan_eviction("m", EngineArgs(gpu_memory_utilization=0.5), workers, candidates) is None
+
+
+def test_placement_error_names_at_most_ten_workers() -> None:
+    """The message goes into the model's error and every router's table: at fleet scale it stays short."""
+    rejections = [PlacementRejection(worker_id=f"w{i}", reason="not healthy") for i in range(15)]
+    message = str(PlacementError("big", rejections))
+    assert "w9: not healthy" in message and "w10" not in message
+    assert message.endswith("and 5 other worker(s)")
+    assert str(PlacementError("big", [])) == "cannot place 'big': no workers registered"

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 # A router's load report counts for this long; after that the router is presumed gone.
 DEMAND_TTL_S = 5.0
+# Least time between two passes: events that come in a storm (1,000 workers registering after a restart) are
+# handled in one pass instead of a pass each, and the requests themselves get the CPU in between.
+MIN_PASS_GAP_S = 0.05
 _ACTIVE = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.WAKING)
 
 # What can differ between two versions of a worker's assignments: (replica id, asleep) of each replica, in
@@ -246,6 +249,7 @@ class ManagerCore:
                 await self.reconcile()
             except Exception:
                 log.exception("reconcile pass failed")
+            await asyncio.sleep(MIN_PASS_GAP_S)
 
     def _poke(self) -> None:
         if self._kick is not None:
@@ -643,8 +647,9 @@ class ManagerCore:
         return True
 
     def _awaiting_workers(self, now: float) -> bool:
-        return (not self._workers.all() and self._started_at is not None
-                and now - self._started_at < self.settings.heartbeat_timeout)
+        # Every live worker re-registers within a heartbeat interval of a restart; until then a model that finds
+        # no room may only be missing the workers that have not come back yet.
+        return self._started_at is not None and now - self._started_at < self.settings.heartbeat_timeout
 
     def _eviction_candidates(self, alias: str) -> list[EvictionCandidate]:
         loads = self._loads(self._clock())

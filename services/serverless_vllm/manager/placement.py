@@ -40,10 +40,16 @@ class Placement:
     fraction: float  # claimed on each GPU
 
 
+_REASONS_SHOWN = 10
+
+
 class PlacementError(Exception):
     def __init__(self, alias: str, rejections: list[PlacementRejection]) -> None:
         self.rejections = rejections
-        reasons = "; ".join(f"{r.worker_id}: {r.reason}" for r in rejections) or "no workers registered"
+        # The first few reasons: the message goes into the model's error, every router's table and the log.
+        shown = "; ".join(f"{r.worker_id}: {r.reason}" for r in rejections[:_REASONS_SHOWN])
+        more = len(rejections) - _REASONS_SHOWN
+        reasons = (f"{shown}; and {more} other worker(s)" if more > 0 else shown) or "no workers registered"
         super().__init__(f"cannot place {alias!r}: {reasons}")
 
 
