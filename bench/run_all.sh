@@ -8,7 +8,7 @@ bash bench/setup.sh
 PY=.venv/bin/python
 Q=("$@")
 $PY bench/hot_path.py --profile "${Q[@]}"
-$PY bench/hot_path.py --fake-engine --extra-router httpx2 --extra-router uvloop --profile "${Q[@]}"
+$PY bench/hot_path.py --fake-engine --extra-router asyncio --profile "${Q[@]}"
 $PY bench/control_calls.py "${Q[@]}"
 $PY bench/cold_start.py "${Q[@]}"
 $PY bench/manager_scale.py "${Q[@]}"
