@@ -15,3 +15,7 @@ class Clock:
 
 def gpu(index: int) -> GPUInfo:
     return GPUInfo(index=index, name="NVIDIA H100", uuid=f"GPU-{index}", memory_total_mb=81559, memory_free_mb=81000)
+
+
+# Nothing listens on the discard port: pushes fail fast and heartbeat replies carry the assignments instead.
+NOWHERE = "http://127.0.0.1:9"

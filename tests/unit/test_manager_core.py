@@ -16,12 +16,7 @@ from serverless_vllm.schemas import (
     WorkerRegistration,
 )
 
-from .fleet import Clock, gpu
-
-# Nothing listens on the discard port: pushes fail fast and heartbeat replies carry the assignments instead.
-NOWHERE = "http://127.0.0.1:9"
-
-
+from .fleet import NOWHERE, Clock, gpu
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 
-from ..schemas import ModelInfo, ModelState, ReplicaState, WorkerInfo, WorkerState
+from ..schemas import ModelInfo, ReplicaState, WorkerInfo, WorkerState
 from .common import STARTUP_BUCKETS, metrics_response, one_hot, render
 
 if TYPE_CHECKING:
@@ -42,8 +42,12 @@ class _FleetCollector(Collector):
             age.add_metric([w.worker_id], w.heartbeat_age_s)
         yield age
 
-        yield one_hot("svllm_model_state", "Models by state: cold, loading, ready, sleeping, failed (1 = current).",
-                      ["model"], (([m.alias], m.state.value) for m in models), [s.value for s in ModelState])
+        # Only the current state (not one-hot with zeros as for workers): a registry may hold 10,000 models.
+        state = GaugeMetricFamily("svllm_model_state", "Models by state: cold, loading, ready, sleeping, failed "
+                                  "(1 = current).", labels=["model", "state"])
+        for m in models:
+            state.add_metric([m.alias, m.state.value], 1.0)
+        yield state
         desired = GaugeMetricFamily("svllm_model_desired_replicas", "Replicas the autoscaler wants awake.",
                                     labels=["model"])
         replicas = GaugeMetricFamily("svllm_model_replicas", "Replicas by state (ready = serving).",
@@ -52,6 +56,10 @@ class _FleetCollector(Collector):
                                  labels=["model", "replica", "worker", "gpus", "state"])
         for m in models:
             desired.add_metric([m.alias], m.desired_replicas)
+            if not m.replicas:
+                # Most models of a large registry: one series (ready = 0) instead of one per state.
+                replicas.add_metric([m.alias, ReplicaState.READY.value], 0)
+                continue
             counts = {s.value: 0 for s in ReplicaState}
             for r in m.replicas:
                 counts[r.state.value] += 1
@@ -89,17 +97,19 @@ class ManagerMetrics:
 
     def cold_start(self, alias: str) -> None:
         self._cold_starts.labels(alias).inc()
+        # The duration series appear with a model's first cold start (at 0, before its first observation, so
+        # increase() counts that one): a histogram per registered model would be ~20 series each.
+        self._cold_start_seconds.labels(alias)
 
     def cold_start_done(self, alias: str, seconds: float) -> None:
         self._cold_start_seconds.labels(alias).observe(seconds)
 
     def _sync_models(self) -> None:
-        # Series of every registered model exist from its registration at 0, so rate()/increase() see the
-        # first cold start; those of deleted models go, so labels stay bounded by the registry.
+        # The cold-start counter of every registered model exists from its registration at 0, so rate() and
+        # increase() see the first cold start; the series of deleted models go, so labels stay bounded.
         aliases = {m.alias for m in self._core.list_models()}
         for alias in aliases - self._aliases:
             self._cold_starts.labels(alias)
-            self._cold_start_seconds.labels(alias)
         for alias in self._aliases - aliases:
             for metric in (self._cold_starts, self._cold_start_seconds):
                 try:
