@@ -147,7 +147,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         "CPU_SLOTS": "1", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S), "FAILED_RETRY_AFTER": "3",
         "COLD_START_TIMEOUT": "30"}).start(workers=2)
     try:
-        s.register(ALIAS, tiny_model, max_model_len=256, min_replicas=2, max_replicas=2)
+        # A long context so a stream can outlast the fault it is cut by (see LongStream).
+        s.register(ALIAS, tiny_model, max_model_len=2048, min_replicas=2, max_replicas=2)
         wait_until(lambda: full_health(s), ENGINE_START_S, interval=1, what="two ready replicas")
         yield s
     finally:
@@ -212,7 +213,9 @@ class LongStream(threading.Thread):
         self.seconds = 0.0
 
     def run(self) -> None:
-        body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        # Long enough to be still generating when the fault hits: a stream short enough to sit whole in the
+        # relay's and the kernel's buffers by then would end complete, and the cut would go untested.
+        body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
         start = time.monotonic()
         try:
             with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client, client.stream(
