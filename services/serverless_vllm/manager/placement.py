@@ -78,7 +78,7 @@ def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Plac
     need, fraction = engine.tensor_parallel_size, engine.gpu_memory_utilization
     # Fast path: the winner is the first worker with the smallest (kind, repeat, load) among those that fit.
     # A worker's rank is cheap and the GPU fit is not, so the fit is tried only for a worker that would rank
-    # strictly first so far (ties go to the earlier one, as in the stable sort below). O(workers) either way,
+    # strictly first so far (ties go to the earlier one). O(workers) either way,
     # but most workers cost a few comparisons; the rejections are only written out when nothing fits.
     best: tuple[tuple[int, int, float], Placement] | None = None
     for w in workers:
@@ -98,35 +98,19 @@ def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Plac
                 best = (rank, Placement(w.worker_id, [], 0.0))
     if best is not None:
         return best[1]
-    rejections: list[PlacementRejection] = []
-    candidates: list[tuple[tuple[int, int, float], Placement]] = []
-    for w in workers:
-        if not w.healthy:
-            rejections.append(PlacementRejection(worker_id=w.worker_id, reason="not healthy"))
-            continue
-        repeat = int(alias in w.aliases)
-        if w.gpu_indices:
-            gpus = _fit_gpus(w, need, fraction)
-            if gpus is None:
-                rejections.append(PlacementRejection(worker_id=w.worker_id, reason=_gpu_rejection(w, need, fraction)))
-                continue
-            load = sum(w.gpu_claims.values()) / len(w.gpu_indices)
-            candidates.append(((0, repeat, load), Placement(w.worker_id, gpus, fraction)))
-        else:
-            if need > 1:
-                rejections.append(PlacementRejection(
-                    worker_id=w.worker_id, reason=f"CPU-only worker cannot run tensor_parallel_size={need}"))
-                continue
-            if w.cpu_used >= w.cpu_slots:
-                rejections.append(PlacementRejection(
-                    worker_id=w.worker_id, reason=f"CPU-only worker full ({w.cpu_used}/{w.cpu_slots} engines)"))
-                continue
-            load = w.cpu_used / max(1, w.cpu_slots)
-            candidates.append(((1, repeat, load), Placement(w.worker_id, [], 0.0)))
-    if not candidates:
-        raise PlacementError(alias, rejections)
-    candidates.sort(key=lambda c: c[0])
-    return candidates[0][1]
+    raise PlacementError(alias, [PlacementRejection(worker_id=w.worker_id, reason=_rejection(w, need, fraction))
+                                 for w in workers])
+
+
+def _rejection(w: WorkerCapacity, need: int, fraction: float) -> str:
+    """Why `w` cannot take the replica (only asked once no worker could)."""
+    if not w.healthy:
+        return "not healthy"
+    if w.gpu_indices:
+        return _gpu_rejection(w, need, fraction)
+    if need > 1:
+        return f"CPU-only worker cannot run tensor_parallel_size={need}"
+    return f"CPU-only worker full ({w.cpu_used}/{w.cpu_slots} engines)"
 
 
 def claim(workers: list[WorkerCapacity], placement: Placement, alias: str) -> None:
