@@ -38,14 +38,6 @@ RUN set -eu; \
     /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS \
         -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel
 
-# Then the package itself (the dependencies above are already satisfied).
-COPY pyproject.toml README* /src/
-COPY services/ /src/services/
-RUN set -eu; \
-    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
-    /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS --no-build-isolation "/src[ray]"; \
-    /opt/venv/bin/python -c "import serverless_vllm"
-
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
 
@@ -60,7 +52,14 @@ RUN set -eu; \
     useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
     install -d -o svllm -g svllm /data
 
+# Dependencies in one layer that only a change of requirements rebuilds; our package in a small one on top.
 COPY --from=builder /opt/venv /opt/venv
+COPY pyproject.toml README* /src/
+COPY services/ /src/services/
+RUN set -eu; \
+    /opt/venv/bin/pip install --no-deps --no-build-isolation /src; \
+    rm -rf /src; \
+    /opt/venv/bin/python -c "import serverless_vllm, ray.serve"
 COPY docker/register_default_model.py /usr/local/bin/svllm-register-default
 
 ENV PATH=/opt/venv/bin:$PATH \

@@ -47,12 +47,6 @@ RUN set -eu; \
     /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec; \
     find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
-COPY pyproject.toml README* /src/
-COPY services/ /src/services/
-RUN set -eu; \
-    /opt/venv/bin/pip install --no-deps --no-build-isolation /src; \
-    /opt/venv/bin/python -c "import serverless_vllm, vllm, torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
-
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
 
@@ -76,7 +70,15 @@ RUN set -eu; \
     useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
     install -d -o svllm -g svllm /cache /cache/huggingface /models
 
+# The dependencies (several GB) are one layer that only a change of requirements rebuilds; our package
+# goes on top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.
 COPY --from=builder /opt/venv /opt/venv
+COPY pyproject.toml README* /src/
+COPY services/ /src/services/
+RUN set -eu; \
+    /opt/venv/bin/pip install --no-deps --no-build-isolation /src; \
+    rm -rf /src; \
+    /opt/venv/bin/python -c "import serverless_vllm, vllm, torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -237,6 +237,7 @@ def appliance(models_dir: Path, request: pytest.FixtureRequest) -> Iterator[Appl
     t0 = time.monotonic()
     for svc in ("head", "worker", "prometheus"):
         app.compose("build", svc)
+    harness.prune_stale_images()
     log.info("images built in %.0f s", time.monotonic() - t0)
     failed_before = request.session.testsfailed
     try:

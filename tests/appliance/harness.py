@@ -232,7 +232,22 @@ def build_images(services: list[str] | None = None, env: dict[str, str] | None =
         compose("build", svc, env=env)
         times[svc] = time.monotonic() - t0
         log.info("built %s in %.0f s", svc, times[svc])
+    prune_stale_images()
     return times
+
+
+# Each rebuild leaves the image it replaces untagged, and BuildKit keeps every layer it made. Repeated test
+# runs on one machine once filled its disk this way (66 GB), so each build is followed by a cleanup of what
+# only our builds left behind, with the build cache bounded (SVLLM_TEST_BUILD_CACHE_KEEP, docker's units).
+IMAGE_TITLES = ("serverless-vllm-head", "serverless-vllm-worker-cpu", "serverless-vllm-worker-gpu")
+
+
+def prune_stale_images() -> None:
+    for title in IMAGE_TITLES:
+        run(["docker", "image", "prune", "-f", "--filter", f"label=org.opencontainers.image.title={title}"],
+            check=False, capture=True)
+    keep = os.environ.get("SVLLM_TEST_BUILD_CACHE_KEEP", "12GB")
+    run(["docker", "builder", "prune", "-f", "--keep-storage", keep], check=False, capture=True)
 
 
 def prepare_all() -> None:
