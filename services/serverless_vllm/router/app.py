@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..config import AuthSettings, RouterSettings
 from ..errors import APIError, install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
+from ..plain_route import PlainRoute
 from ..relay import UpstreamClient
 from ..schemas import (
     ALIAS_PATTERN,
@@ -113,13 +114,17 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
         return await state["forwarder"].forward(path, body, alias, affinity)
 
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
+    inference = APIRouter(route_class=PlainRoute)
+
+    @inference.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:
         return await _inference(request, "/v1/chat/completions")
 
-    @app.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
+    @inference.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
     async def completions(request: Request) -> Response:
         return await _inference(request, "/v1/completions")
+
+    app.include_router(inference)
 
     # ------------------------------------------------------------------ models
 

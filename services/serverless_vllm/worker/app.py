@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from ..config import AuthSettings, WorkerSettings
 from ..errors import APIError, install_error_handlers
 from ..metrics.worker import install_worker_metrics
+from ..plain_route import PlainRoute
 from ..relay import UpstreamClient, UpstreamError
 from ..router.app import read_json_body
 from ..router.proxy import REPLICA_HEADER, RETRY_HEADER
@@ -74,13 +75,17 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
             raise _not_here(f"engine {engine.replica_id} failed before answering ({exc})") from None
 
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
+    inference = APIRouter(route_class=PlainRoute)
+
+    @inference.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:
         return await _inference(request, "/v1/chat/completions")
 
-    @app.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
+    @inference.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
     async def completions(request: Request) -> Response:
         return await _inference(request, "/v1/completions")
+
+    app.include_router(inference)
 
     @app.put("/engines")
     async def put_engines(assignments: list[Assignment]) -> list[EngineStatus]:
