@@ -16,7 +16,7 @@ from starlette.responses import Response
 from ..config import RouterSettings
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
-from ..relay import UpstreamClient, UpstreamError, close_upstream
+from ..relay import UpstreamClient, UpstreamError
 from ..schemas import Endpoint, ModelState
 from .sync import ManagerSync
 from .table import RouteTable
@@ -77,7 +77,7 @@ class Forwarder:
 
         headers = {**self._headers, REPLICA_HEADER: endpoint.replica_id}
         try:
-            upstream = await self._client.open(f"{endpoint.url}{path}", body, headers)
+            upstream = await self._client.open(endpoint.url, path, body, headers)
         except UpstreamError as exc:
             done()
             log.warning("replica %s on %s unreachable: %s", endpoint.replica_id, endpoint.worker_id, exc)
@@ -85,12 +85,12 @@ class Forwarder:
                 self._sync.upstream_failed(endpoint)
             return None
         if upstream.status == 503 and upstream.headers.get(RETRY_HEADER):
-            close_upstream(upstream)
+            upstream.close()
             done()
             return None
         if upstream.status == 401:
             # The worker refused the router's credential: an operator's mistake, not the client's key.
-            close_upstream(upstream)
+            upstream.close()
             done()
             log.error("worker %s refused the router's worker token (SVLLM_WORKER_TOKEN differs)", endpoint.worker_id)
             raise APIError(502, "the router is not authorized by the worker", "upstream_unauthorized")

@@ -69,7 +69,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             raise _not_here(f"no ready engine here for {replica_id or alias!r}")
         relay: UpstreamClient = state["relay"]
         try:
-            upstream = await relay.open(f"{engine.base_url}{path}", body, {"content-type": "application/json"})
+            upstream = await relay.open(engine.base_url, path, body, {"content-type": "application/json"})
             return await relay.respond(upstream)
         except UpstreamError as exc:
             # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
