@@ -97,9 +97,6 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
             await manager.close()
 
     app = FastAPI(title="serverless-vllm router", lifespan=lifespan)
-    install_error_handlers(app)
-    install_router_metrics(app, metrics, lambda: state["manager"])  # /metrics, /manager/metrics, /sd/*
-    install_guard(app, auth, "router", router_policy, settings.max_body_bytes)  # keys checked before anything
 
     def manager() -> ManagerAPI:
         return state["manager"]
@@ -125,6 +122,11 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         return await _inference(request, "/v1/completions")
 
     app.include_router(inference)
+
+    # Installed after the inference routes, so that those are the first routes matched against a request.
+    install_error_handlers(app)
+    install_router_metrics(app, metrics, lambda: state["manager"])  # /metrics, /manager/metrics, /sd/*
+    install_guard(app, auth, "router", router_policy, settings.max_body_bytes)  # keys checked before anything
 
     # ------------------------------------------------------------------ models
 

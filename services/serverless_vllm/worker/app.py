@@ -53,9 +53,6 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             await relay.close()
 
     app = FastAPI(title="serverless-vllm worker", lifespan=lifespan)
-    install_error_handlers(app)
-    install_worker_metrics(app, lambda: state["agent"], lambda: state["client"])  # /metrics, engines' metrics
-    install_guard(app, auth, "worker", worker_policy)
 
     async def _inference(request: Request, path: str) -> Response:
         agent: WorkerAgent = state["agent"]
@@ -86,6 +83,11 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         return await _inference(request, "/v1/completions")
 
     app.include_router(inference)
+
+    # Installed after the inference routes, so that those are the first routes matched against a request.
+    install_error_handlers(app)
+    install_worker_metrics(app, lambda: state["agent"], lambda: state["client"])  # /metrics, engines' metrics
+    install_guard(app, auth, "worker", worker_policy)
 
     @app.put("/engines")
     async def put_engines(assignments: list[Assignment]) -> list[EngineStatus]:
