@@ -2,7 +2,8 @@
 
 The relay's peers are known HTTP/1.1 servers (our worker, vLLM's uvicorn) and its requests are all alike: a POST
 with a JSON body, answered by JSON or by an event stream. For that, a general client costs far more than the
-bytes it moves: aiohttp took about 0.1 ms of CPU per request here, this client about 0.02 ms (bench/README).
+bytes it moves: aiohttp took about 0.1 ms of CPU per request here, this client about 0.02 ms
+(bench/relay_client.py, docs/benchmarks.md).
 Responses are parsed by httptools (the parser uvicorn itself uses), one request per connection at a time, and
 idle connections are kept per host for reuse.
 
@@ -32,9 +33,10 @@ _MAX_IDLE_PER_HOST = 256
 class UpstreamError(Exception):
     """Nothing usable came back: the upstream refused, vanished, timed out or sent garbage."""
 
-    def __init__(self, message: str, refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, nothing_received: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.nothing_received = nothing_received  # closed before a single byte of the response came
 
 
 class _Origin:
@@ -66,6 +68,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._received = False  # any byte of the current response
 
     # -------------------------------------------------------------- asyncio.Protocol
 
@@ -74,6 +77,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
+        self._received = True
         if self._response is None:  # bytes nobody asked for: the connection cannot be trusted any more
             self.abort()
             return
@@ -86,7 +90,8 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         self._stop_timer()
         if self._response is not None and not self._response.complete:
-            self._fail(UpstreamError("connection closed before the response ended"))
+            self._fail(UpstreamError("connection closed before the response ended",
+                                     nothing_received=not self._received))
 
     # -------------------------------------------------------------- httptools callbacks
 
@@ -114,6 +119,7 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self._parser = httptools.HttpResponseParser(self)
         self._last_read = self._loop.time()
+        self._received = False
         if self._read_timeout_s is not None:
             self._timer = self._loop.call_later(self._read_timeout_s, self._check_timeout)
         self.transport.write(request)
@@ -257,7 +263,19 @@ class Client:
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
         head.append(b"\r\n")
         request = b"".join(head) + body
-        connection = self._take_idle(origin) or await self._connect(origin)
+        reused = self._take_idle(origin)
+        if reused is not None:
+            try:
+                return await self._exchange(reused, origin, request)
+            except UpstreamError as exc:
+                # A kept-alive connection the server closed just as it was reused (its keep-alive timeout, a
+                # restart) without a byte of answer: the request most likely never got there (and a completion
+                # asked for twice has no side effect), so it goes again on a new connection, once.
+                if not exc.nothing_received:
+                    raise
+        return await self._exchange(await self._connect(origin), origin, request)
+
+    async def _exchange(self, connection: _Connection, origin: _Origin, request: bytes) -> UpstreamResponse:
         response = UpstreamResponse(connection, self, origin)
         connection.send(request, response)
         try:

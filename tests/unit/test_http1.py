@@ -219,3 +219,32 @@ async def test_connection_the_server_closed_while_idle_is_not_reused() -> None:
             await asyncio.sleep(0.1)
         assert connections == 2
         client.close()
+
+
+async def test_a_reused_connection_closed_without_an_answer_is_retried_on_a_new_one() -> None:
+    connections = 0
+
+    async def keep_alive_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        if connections == 1:
+            # The race of a keep-alive timeout: the next request arrives as the server gives up on the connection.
+            await read_request(reader)
+            writer.transport.abort()
+            return
+        writer.close()
+
+    srv, url = await raw_server(keep_alive_then_drop)
+    async with srv:
+        client = Client()
+        first = await client.post(url, "/", b"{}", {})
+        assert await first.read() == b"ok"
+        first.close()
+        second = await client.post(url, "/", b"{}", {})
+        assert second.status == 200 and await second.read() == b"ok"
+        second.close()
+        assert connections == 2
+        client.close()
