@@ -375,8 +375,8 @@ def top_frames(raw: Path, n: int = 25) -> dict[str, Any]:
 
 _CATEGORIES = (
     ("socket writes (kernel: loopback TCP send)", ("_SelectorSocketTransport.write", "UVStream.write")),
-    ("HTTP client (aiohttp, multidict, yarl; httpx for control)",
-     ("aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/")),
+    ("HTTP client (serverless_vllm.http1 for the relay; httpx for control)",
+     ("serverless_vllm/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/")),
     ("HTTP server and framework (uvicorn, starlette, fastapi, anyio)", ("uvicorn/", "starlette/", "fastapi/", "anyio/")),
     ("serverless_vllm (router, worker, auth, metrics)", ("serverless_vllm/", "auth.py", "inference.py")),
     ("event loop (asyncio)", ("asyncio/",)),

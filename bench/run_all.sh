@@ -9,6 +9,7 @@ PY=.venv/bin/python
 Q=("$@")
 $PY bench/hot_path.py --profile "${Q[@]}"
 $PY bench/hot_path.py --fake-engine --extra-router asyncio --profile "${Q[@]}"
+$PY bench/relay_client.py "${Q[@]}"
 $PY bench/control_calls.py "${Q[@]}"
 $PY bench/cold_start.py "${Q[@]}"
 $PY bench/manager_scale.py "${Q[@]}"
