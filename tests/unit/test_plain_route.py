@@ -3,7 +3,7 @@
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.testclient import TestClient
 from serverless_vllm.errors import APIError, install_error_handlers
-from serverless_vllm.plain_route import PlainRoute
+from serverless_vllm.inference_routes import PlainRoute
 
 
 def make_app() -> FastAPI:

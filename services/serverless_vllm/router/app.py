@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Path, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..config import AuthSettings, RouterSettings
 from ..errors import APIError, install_error_handlers
+from ..inference_routes import inference_routes
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
-from ..plain_route import PlainRoute
 from ..relay import UpstreamClient
 from ..schemas import (
     ALIAS_PATTERN,
@@ -29,7 +29,7 @@ from ..schemas import (
     WorkerRegistration,
 )
 from ..security.auth import install_guard, router_policy
-from ..security.inference import CHAT_OPENAPI, COMPLETION_OPENAPI, check_inference
+from ..security.inference import check_inference
 from .proxy import Forwarder
 from .sync import ManagerSync
 from .table import RouteTable
@@ -111,17 +111,7 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
         return await state["forwarder"].forward(path, body, alias, affinity)
 
-    inference = APIRouter(route_class=PlainRoute)
-
-    @inference.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
-    async def chat_completions(request: Request) -> Response:
-        return await _inference(request, "/v1/chat/completions")
-
-    @inference.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
-    async def completions(request: Request) -> Response:
-        return await _inference(request, "/v1/completions")
-
-    app.include_router(inference)
+    app.include_router(inference_routes(_inference))
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)

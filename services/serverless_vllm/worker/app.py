@@ -8,18 +8,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, WorkerSettings
 from ..errors import APIError, install_error_handlers
+from ..inference_routes import inference_routes
 from ..metrics.worker import install_worker_metrics
-from ..plain_route import PlainRoute
 from ..relay import UpstreamClient, UpstreamError
 from ..router.app import read_json_body
 from ..router.proxy import REPLICA_HEADER, RETRY_HEADER
 from ..schemas import Assignment, EngineStatus
 from ..security.auth import DEFAULT_MAX_BODY_BYTES, install_guard, worker_policy
-from ..security.inference import CHAT_OPENAPI, COMPLETION_OPENAPI, check_inference
+from ..security.inference import check_inference
 from .agent import WorkerAgent
 
 log = logging.getLogger(__name__)
@@ -72,17 +72,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
             raise _not_here(f"engine {engine.replica_id} failed before answering ({exc})") from None
 
-    inference = APIRouter(route_class=PlainRoute)
-
-    @inference.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
-    async def chat_completions(request: Request) -> Response:
-        return await _inference(request, "/v1/chat/completions")
-
-    @inference.post("/v1/completions", openapi_extra=COMPLETION_OPENAPI)
-    async def completions(request: Request) -> Response:
-        return await _inference(request, "/v1/completions")
-
-    app.include_router(inference)
+    app.include_router(inference_routes(_inference))
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)
