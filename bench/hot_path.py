@@ -180,7 +180,8 @@ class Setup:
         sport = free_port()
         env = {**self.env, "MANAGER_DB": str(self.tmp / "ray-manager.db"), "HEARTBEAT_TIMEOUT": "30"}
         deploy = subprocess.run([SVLLM, "ray-services", "--address", self.cluster.address, "--namespace", NAMESPACE,
-                                 "--host", "127.0.0.1", "--port", str(sport), "--replicas", "1", "--detach"],
+                                 "--host", "127.0.0.1", "--port", str(sport), "--proxy-port", str(free_port()),
+                                 "--replicas", "1", "--detach"],
                                 env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
         if deploy.returncode != 0:
             raise RuntimeError(f"ray-services failed: {deploy.stdout[-2000:]}{deploy.stderr[-4000:]}")

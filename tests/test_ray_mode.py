@@ -4,9 +4,10 @@ a real `svllm worker` outside the cluster serving a real CPU vLLM engine on the 
 
 The worker sits behind a TCP forwarder and binds 127.0.0.2: only its PUBLIC_URL (the forwarder) reaches it.
 The tests run in file order and tell one story: the worker first joins a plain-HTTP manager, moves to the Ray
-services by changing only --manager-url, cold-starts the model and serves through two Serve replicas, outlives
-a SIGKILL of the manager actor, and the router application is deleted and restored with the design's
-operational commands. One engine is started for the whole module.
+services by changing only --manager-url, cold-starts the model and serves through the router replica, which
+listens on the API port itself (Serve's direct ingress), outlives a SIGKILL of the manager actor, the router
+application is deleted and restored with the design's operational commands, and finally Serve is redeployed with
+its proxy in front of two router replicas on the one node. One engine is started for the whole module.
 """
 
 from __future__ import annotations
@@ -230,6 +231,8 @@ class Env:
         self.http = Stack(tmp)  # for the plain-HTTP phase; its env (MANAGER_DB, intervals) is shared by all
         self.env = self.http.env
         self.serve_port = free_port()
+        self.proxy_port = free_port()  # Serve's own proxy under direct ingress
+        self.router_replicas = 1
         self.worker_port = free_port()
         self.forwarder = TCPForwarder("127.0.0.2", self.worker_port).start()
         self.worker: Service | None = None
@@ -248,7 +251,8 @@ class Env:
 
     def ray_services(self, *extra: str, detach: bool = True) -> list[str]:
         return ["ray-services", "--address", self.cluster.address, "--namespace", NAMESPACE, "--host", "127.0.0.1",
-                "--port", str(self.serve_port), "--replicas", "2", *(["--detach"] if detach else []), *extra]
+                "--port", str(self.serve_port), "--proxy-port", str(self.proxy_port),
+                "--replicas", str(self.router_replicas), *(["--detach"] if detach else []), *extra]
 
     def deploy(self, *extra: str) -> None:
         out = subprocess.run([str(VENV_BIN / "svllm"), *self.ray_services(*extra)], env={**os.environ, **self.env},
@@ -352,7 +356,12 @@ def test_ray_services_deploy(env: Env) -> None:
     status = yaml.safe_load(env.cluster.cli("serve", "status", "-a", env.cluster.dashboard))
     app = status["applications"]["router"]
     assert app["status"] == "RUNNING"
-    assert app["deployments"]["Router"]["replica_states"] == {"RUNNING": 2}
+    assert app["deployments"]["Router"]["replica_states"] == {"RUNNING": 1}
+    # Direct ingress: the router replica itself listens on the API port (no proxy hop); Serve's proxy stays on
+    # the head node, on its own port, in front of the same application.
+    health = env.get("/health").json()
+    assert listener_pid(env.serve_port) == int(health["router_id"].rsplit("-", 1)[1])
+    assert httpx.get(f"http://127.0.0.1:{env.proxy_port}/health", timeout=10).json()["router_id"] == health["router_id"]
     # The dashboard shows both: the Serve application and the named manager actor.
     apps = httpx.get(f"{env.cluster.dashboard}/api/serve/applications/", headers=env.cluster.dashboard_headers,
                      timeout=10).json()["applications"]
@@ -416,36 +425,23 @@ def test_errors_cross_ray_intact(env: Env) -> None:
     asyncio.run(calls())
 
 
-def router_healths(env: Env, replicas: int = 2) -> dict[str, dict[str, Any]]:
-    """/health of every router replica (Serve spreads requests; ask until each one has answered)."""
+def listener_pid(port: int) -> int:
+    """The process listening on 127.0.0.1:port (ss is iproute2's, present wherever the tests run)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split("pid=", 1)[1].split(",", 1)[0])
+
+
+def router_healths(env: Env) -> dict[str, dict[str, Any]]:
+    """/health of every router replica (the proxy spreads requests; ask until each one has answered)."""
     seen: dict[str, dict[str, Any]] = {}
 
     def all_seen() -> bool:
         health = env.get("/health").json()
         seen[health["router_id"]] = health
-        return len(seen) >= replicas
+        return len(seen) >= env.router_replicas
 
     wait_until(all_seen, 30, interval=0.05, what="every router replica to answer")
     return seen
-
-
-def test_two_router_replicas_keep_their_own_consistent_tables(env: Env, tiny_model: Path) -> None:
-    version = env.health()["routing_version"]
-    wait_until(lambda: {h["routing_version"] for h in router_healths(env).values()} == {version}, 30,
-               what="both replicas at the manager's version")
-    # A registration through one replica reaches the other through its own long-poll.
-    resp = httpx.post(f"{env.router_url}/v1/models/register", timeout=30,
-                      json={"alias": "lazy", "model_name": str(tiny_model), "preload": False})
-    assert resp.status_code == 200 and resp.json()["state"] == "cold"
-    wait_until(lambda: all(h["models"] == 2 for h in router_healths(env).values()), 30,
-               what="both replicas to see the new alias")
-    assert httpx.delete(f"{env.router_url}/v1/models/lazy", timeout=30).status_code == 200
-    wait_until(lambda: all(h["models"] == 1 for h in router_healths(env).values()), 30,
-               what="both replicas to drop the alias")
-    healths = router_healths(env)
-    assert len({h["routing_epoch"] for h in healths.values()}) == 1
-    for _ in range(6):  # whichever replica answers, the ready model is served
-        assert completion(env) is not None
 
 
 def test_manager_actor_killed_comes_back_while_ready_model_serves(env: Env) -> None:
@@ -503,12 +499,22 @@ def test_replace_manager_keeps_registrations_and_engines(env: Env) -> None:
     assert completion(env) is not None
 
 
+def router_gone(env: Env) -> Callable[[], bool]:
+    def gone() -> bool:  # direct ingress: the replica's socket closed with it
+        try:
+            return env.get("/health").status_code == 404
+        except httpx.ConnectError:
+            return True
+
+    return gone
+
+
 def test_serve_delete_and_ray_services_again_restores_the_router(env: Env) -> None:
     manager_pid = ray.get(env.manager().pid.remote())
     from ray import serve
 
     serve.delete("router")  # Ray 2.60's CLI has no `serve delete`; the API call is the operator's command
-    wait_until(lambda: env.get("/health").status_code == 404 or None, 30, what="the router application gone")
+    wait_until(router_gone(env), 30, what="the router application gone")
     # `svllm ray-services` again, in the foreground this time (as a container's main process runs it).
     service = Service("ray-services", env.ray_services(detach=False), env.serve_port, env.env, env.tmp)
     env.services.append(service)
@@ -520,3 +526,43 @@ def test_serve_delete_and_ray_services_again_restores_the_router(env: Env) -> No
     service.stop()
     assert service.proc.returncode == 0, service.log()
     assert env.get("/health").status_code == 200 and completion(env) is not None
+
+
+def test_direct_ingress_refuses_more_replicas_than_nodes(env: Env) -> None:
+    out = subprocess.run([str(VENV_BIN / "svllm"), *env.ray_services("--replicas", "2")],
+                         env={**os.environ, **env.env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "--ingress proxy" in out.stderr, out.stderr[-3000:]
+    assert completion(env) is not None  # refused before touching what runs
+
+
+def test_proxy_ingress_two_router_replicas_keep_their_own_consistent_tables(env: Env, tiny_model: Path) -> None:
+    from ray import serve
+
+    # Switching the ingress restarts Serve (its proxy settings are fixed when it starts); the manager actor and
+    # the engine stay.
+    from serverless_vllm.ray_mode.ingress import wait_until_bindable
+
+    serve.shutdown()
+    # Serve's proxy binds without SO_REUSEADDR too: wait out the stopped replica's TIME_WAIT connections.
+    wait_until_bindable("127.0.0.1", env.serve_port)
+    env.router_replicas = 2
+    env.deploy("--ingress", "proxy")
+    status = yaml.safe_load(env.cluster.cli("serve", "status", "-a", env.cluster.dashboard))
+    assert status["applications"]["router"]["deployments"]["Router"]["replica_states"] == {"RUNNING": 2}
+    assert listener_pid(env.serve_port) not in {int(r.rsplit("-", 1)[1]) for r in router_healths(env)}
+    version = env.health()["routing_version"]
+    wait_until(lambda: {h["routing_version"] for h in router_healths(env).values()} == {version}, 30,
+               what="both replicas at the manager's version")
+    # A registration through one replica reaches the other through its own long-poll.
+    resp = httpx.post(f"{env.router_url}/v1/models/register", timeout=30,
+                      json={"alias": "lazy", "model_name": str(tiny_model), "preload": False})
+    assert resp.status_code == 200 and resp.json()["state"] == "cold"
+    wait_until(lambda: all(h["models"] == 2 for h in router_healths(env).values()), 30,
+               what="both replicas to see the new alias")
+    assert httpx.delete(f"{env.router_url}/v1/models/lazy", timeout=30).status_code == 200
+    wait_until(lambda: all(h["models"] == 1 for h in router_healths(env).values()), 30,
+               what="both replicas to drop the alias")
+    healths = router_healths(env)
+    assert len({h["routing_epoch"] for h in healths.values()}) == 1
+    for _ in range(6):  # whichever replica answers, the ready model is served
+        assert completion(env) is not None

@@ -19,7 +19,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--app-name", default=ROUTER_APP_NAME, help="Serve application name of the router")
     p.add_argument("--host", default=os.environ.get("SERVE_HOST", "0.0.0.0"), help="Serve HTTP host")
     p.add_argument("--port", type=int, default=int(os.environ.get("SERVE_PORT", 8000)), help="Serve HTTP port")
-    p.add_argument("--replicas", type=int, default=int(os.environ.get("ROUTER_REPLICAS", 1)))
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("ROUTER_REPLICAS", 1)),
+                   help="router replicas (with direct ingress at most one per node)")
+    p.add_argument("--ingress", choices=("direct", "proxy"), default=os.environ.get("SERVE_INGRESS", "direct"),
+                   help="direct: each router replica serves --port itself (Serve direct ingress, no proxy hop); "
+                        "proxy: Serve's proxy on every node forwards to the replicas")
+    p.add_argument("--proxy-port", type=int, default=int(os.environ.get("SERVE_PROXY_PORT", 8001)),
+                   help="Serve's own proxy under direct ingress (head node)")
     p.add_argument("--max-ongoing-requests", type=int, default=1000, help="per router replica")
     p.add_argument("--router-num-cpus", type=float, default=0.0, help="CPUs each router replica reserves")
     p.add_argument("--no-pin-manager", action="store_true",
@@ -41,6 +47,7 @@ def cmd_ray_services(args: argparse.Namespace) -> None:
     settings = RayServicesSettings(
         address=args.address or None, namespace=args.namespace, manager_name=args.manager_name,
         app_name=args.app_name, host=args.host, port=args.port, replicas=args.replicas,
+        ingress=args.ingress, proxy_port=args.proxy_port,
         max_ongoing_requests=args.max_ongoing_requests, router_num_cpus=args.router_num_cpus,
         pin_manager_to_head=not args.no_pin_manager, replace_manager=args.replace_manager,
         dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port, detach=args.detach)

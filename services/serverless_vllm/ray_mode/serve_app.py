@@ -12,6 +12,7 @@ from ..config import AuthSettings, RouterSettings
 from ..router.app import create_router_app
 from . import package_logging
 from .client import RayManagerClient
+from .ingress import Ingress, deployment_options, wait_until_bindable
 
 # Settings that are per process or meaningless under Serve (Serve owns the socket; each replica names itself).
 _PER_REPLICA = {"router_id", "host", "port", "manager_url", "processes"}
@@ -19,8 +20,11 @@ _PER_REPLICA = {"router_id", "host", "port", "manager_url", "processes"}
 
 @serve.ingress()  # late-bound: Serve calls __serve_build_asgi_app__ on each replica, then runs its lifespan
 class RouterIngress:
-    def __init__(self, settings: dict[str, Any], auth: AuthSettings, manager_name: str, namespace: str) -> None:
+    def __init__(self, settings: dict[str, Any], auth: AuthSettings, manager_name: str, namespace: str,
+                 api_address: tuple[str, int] | None) -> None:
         package_logging()
+        if api_address is not None:  # direct ingress: Serve binds this port for the replica after this returns
+            wait_until_bindable(*api_address)
         # Built here, in the replica: each replica gets its own router_id, table and manager client.
         self._settings = RouterSettings(**settings)
         self._auth = auth  # from the deploying command: a replica's env is the raylet's, not the operator's
@@ -35,11 +39,13 @@ class RouterIngress:
 
 
 def router_application(settings: RouterSettings, auth: AuthSettings, *, manager_name: str, namespace: str,
-                       replicas: int, max_ongoing_requests: int, num_cpus: float) -> Application:
+                       replicas: int, max_ongoing_requests: int, num_cpus: float, ingress: Ingress,
+                       api_address: tuple[str, int]) -> Application:
     deployment = serve.deployment(
         RouterIngress, name="Router", num_replicas=replicas,
         # Serve's default (5) would queue requests at the proxy while replicas idle waiting on engines.
         max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": num_cpus},
+        **deployment_options(ingress, num_cpus),
     )
-    return deployment.bind(settings.model_dump(mode="json", exclude=_PER_REPLICA), auth, manager_name, namespace)
+    return deployment.bind(settings.model_dump(mode="json", exclude=_PER_REPLICA), auth, manager_name, namespace,
+                           api_address if ingress == "direct" else None)

@@ -16,6 +16,7 @@ from ..config import AuthSettings, ManagerSettings, RouterSettings
 from ..security.auth import Authenticator
 from . import DEFAULT_NAMESPACE, MANAGER_ACTOR_NAME, ROUTER_APP_NAME
 from .actor import get_or_create_manager
+from .ingress import Ingress, serve_start_options
 from .serve_app import router_application
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ class RayServicesSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = 8000
     replicas: int = 1
+    # "direct": each router replica serves `port` itself, at most one per node; "proxy": Serve's proxy on every
+    # node forwards to the replicas (one more hop; any number of replicas). See ingress.py.
+    ingress: Ingress = "direct"
+    proxy_port: int = 8001  # Serve's own proxy under direct ingress (head node only)
     max_ongoing_requests: int = 1000
     router_num_cpus: float = 0.0
     pin_manager_to_head: bool = True
@@ -80,6 +85,7 @@ def deploy(settings: RayServicesSettings, manager: ManagerSettings, router: Rout
            auth: AuthSettings) -> dict[str, Any]:
     """Create or reuse the manager actor, then (re)deploy the router application. Returns the manager's health."""
     Authenticator(auth, "router")  # refuse a bad auth setup here, not in every replica's constructor
+    _check_replicas_fit(settings)
     if settings.replace_manager:
         _replace_manager(settings)
     actor = get_or_create_manager(manager, auth, settings.manager_name, settings.namespace,
@@ -92,14 +98,38 @@ def deploy(settings: RayServicesSettings, manager: ManagerSettings, router: Rout
                     "(run with --replace-manager to apply the new ones)", running)
     log.info("manager actor '%s' (namespace %s) ready: epoch %s, %s model(s)", settings.manager_name,
              settings.namespace, health["epoch"], health["models"])
-    serve.start(http_options={"host": settings.host, "port": settings.port, "location": "EveryNode"})
-    serve.run(router_application(router, auth, manager_name=settings.manager_name, namespace=settings.namespace,
-                                 replicas=settings.replicas, max_ongoing_requests=settings.max_ongoing_requests,
-                                 num_cpus=settings.router_num_cpus),
-              name=settings.app_name, route_prefix="/")
-    log.info("router application '%s' running (%d replica(s)): OpenAI API at http://%s:%d/v1", settings.app_name,
-             settings.replicas, settings.host, settings.port)
+    serve.start(**serve_start_options(settings.ingress, settings.host, settings.port, settings.proxy_port))
+    app = router_application(router, auth, manager_name=settings.manager_name, namespace=settings.namespace,
+                             replicas=settings.replicas, max_ongoing_requests=settings.max_ongoing_requests,
+                             num_cpus=settings.router_num_cpus, ingress=settings.ingress,
+                             api_address=(settings.host, settings.port))
+    if settings.ingress == "direct":
+        _stop_running_router(settings.app_name)
+    serve.run(app, name=settings.app_name, route_prefix="/")
+    log.info("router application '%s' running (%d replica(s), %s ingress): OpenAI API at http://%s:%d/v1",
+             settings.app_name, settings.replicas, settings.ingress, settings.host, settings.port)
     return health
+
+
+def _stop_running_router(app_name: str) -> None:
+    """Under direct ingress a node's API port belongs to one replica, so Serve's rolling update (start the new
+    replica, then stop the old) cannot work, and Serve replaces every replica on each deploy: a running router
+    is stopped first. The API is down for the few seconds a replica takes to start."""
+    if app_name in serve.status().applications:
+        log.info("stopping the running router application '%s' before deploying it again", app_name)
+        serve.delete(app_name)
+
+
+def _check_replicas_fit(settings: RayServicesSettings) -> None:
+    """Direct ingress gives each node's router replica the API port: more replicas than nodes could never start,
+    and Serve would wait for them forever."""
+    if settings.ingress != "direct":
+        return
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if settings.replicas > nodes:
+        raise SystemExit(f"--replicas {settings.replicas} with direct ingress needs {settings.replicas} nodes "
+                         f"(one router replica per node serves port {settings.port}); the cluster has {nodes}. "
+                         "Use --ingress proxy for several replicas on one node.")
 
 
 def _watch(settings: RayServicesSettings, stop: threading.Event) -> None:

@@ -1,0 +1,83 @@
+"""How requests reach the router replicas in hybrid mode: Ray Serve's direct ingress, or its proxy.
+
+Through Serve's proxy every request takes one more hop (proxy -> handle -> replica), which costs 10-16 ms of
+CPU per request on the benchmark machine (docs/benchmarks.md). With direct ingress each router replica serves
+HTTP itself, on the API port of its node, so clients talk to the same FastAPI app as in HTTP mode with only
+Serve's per-request bookkeeping in between. One port means at most one router replica per node (like one proxy
+per node); the proxy mode remains for several replicas on one node.
+
+Ray 2.60 reads these switches from the environment of the Serve controller and of each replica, so they are
+passed as runtime_env variables of those actors, never set in a process's own environment.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Ingress = Literal["direct", "proxy"]
+
+
+def controller_env(port: int) -> dict[str, str]:
+    """The controller hands out replica ports: here exactly `port`, free again as soon as its replica is gone."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+        # The quarantine keeps a freed port from a load balancer's stale entries; nothing balances in front of
+        # a replica here, and a redeploy's new replica needs the port at once.
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+
+
+def replica_env() -> dict[str, str]:
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        # Same reason as the quarantine: no load balancer needs 30 s to notice a replica going away.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+
+
+def serve_start_options(ingress: Ingress, host: str, port: int, proxy_port: int) -> dict[str, Any]:
+    """Keyword arguments of serve.start(). Under direct ingress Serve still runs one proxy on the head node; it
+    gets `proxy_port`, out of the replicas' way."""
+    if ingress == "proxy":
+        return {"http_options": {"host": host, "port": port, "location": "EveryNode"}}
+    return {"http_options": {"host": host, "port": proxy_port},
+            "controller_options": {"runtime_env": {"env_vars": controller_env(port)}}}
+
+
+def deployment_options(ingress: Ingress, num_cpus: float) -> dict[str, Any]:
+    """Options of the router's serve.deployment() that depend on the ingress."""
+    if ingress == "proxy":
+        return {"ray_actor_options": {"num_cpus": num_cpus}}
+    return {"max_replicas_per_node": 1,
+            "ray_actor_options": {"num_cpus": num_cpus, "runtime_env": {"env_vars": replica_env()}}}
+
+
+def wait_until_bindable(host: str, port: int, timeout_s: float = 120.0) -> None:
+    """Called by a direct-ingress replica before Serve binds the API port for it. Ray binds that socket without
+    SO_REUSEADDR, so the port of a replica that just stopped stays unusable while its closed connections sit in
+    TIME_WAIT (up to 60 s on Linux), and a failed bind makes the controller block the port for good."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    log.warning("port %s:%d is still in use; starting anyway", host, port)
+                    break
+        if not waited:
+            log.info("waiting for %s:%d to be free (the previous router replica's connections)", host, port)
+            waited = True
+        time.sleep(0.5)
