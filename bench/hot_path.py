@@ -3,7 +3,7 @@
 The same CPU vLLM engine(s), the same load, four ways in:
   direct       client -> engine
   ours_http    client -> `svllm router` -> `svllm worker` -> engine           (plain HTTP deployment)
-  ours_hybrid  client -> Ray Serve proxy -> router replica -> worker -> engine  (`svllm ray-services`)
+  ours_hybrid  client -> router replica (Serve direct ingress) -> worker -> engine  (`svllm ray-services`)
   rust         client -> `vllm-router` (PyPI, Rust) -> engine                  (--policy power_of_two)
 
 All four are up at once and are measured in interleaved rounds (the order rotates each round), so slow phases
@@ -181,7 +181,7 @@ class Setup:
         env = {**self.env, "MANAGER_DB": str(self.tmp / "ray-manager.db"), "HEARTBEAT_TIMEOUT": "30"}
         deploy = subprocess.run([SVLLM, "ray-services", "--address", self.cluster.address, "--namespace", NAMESPACE,
                                  "--host", "127.0.0.1", "--port", str(sport), "--proxy-port", str(free_port()),
-                                 "--replicas", "1", "--detach"],
+                                 "--ingress", self.args.hybrid_ingress, "--replicas", "1", "--detach"],
                                 env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
         if deploy.returncode != 0:
             raise RuntimeError(f"ray-services failed: {deploy.stdout[-2000:]}{deploy.stderr[-4000:]}")
@@ -412,6 +412,8 @@ def main() -> None:
     p.add_argument("--stream-tokens", type=int, default=16, help="output tokens of streaming requests")
     p.add_argument("--replicas", type=int, default=1, help="engines behind every router (direct needs 1)")
     p.add_argument("--no-hybrid", action="store_true")
+    p.add_argument("--hybrid-ingress", choices=("direct", "proxy"), default="direct",
+                   help="how requests reach the hybrid router replica (svllm ray-services --ingress)")
     p.add_argument("--no-rust", action="store_true")
     p.add_argument("--no-stream", action="store_true")
     p.add_argument("--profile", action="store_true", help="py-spy the router and worker at the top concurrency")
@@ -437,7 +439,8 @@ def main() -> None:
                               "settings": {"rounds": rounds, "duration_s": duration, "concurrency": concurrencies,
                                            "max_tokens": a.max_tokens, "stream_tokens": a.stream_tokens,
                                            "stream_prompts": stream_prompts, "gap_requests": gap_requests,
-                                           "replicas": a.replicas, "auth": "on (ours); none (direct, rust)",
+                                           "replicas": a.replicas, "hybrid_ingress": a.hybrid_ingress,
+                                           "auth": "on (ours); none (direct, rust)",
                                            "engine": (f"fake (instant, {a.fake_interval_ms} ms per streamed token)"
                                                       if a.fake_engine else "vLLM CPU, tiny model")}}
     try:
