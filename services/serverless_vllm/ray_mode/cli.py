@@ -47,7 +47,7 @@ def cmd_ray_services(args: argparse.Namespace) -> None:
     settings = RayServicesSettings(
         address=args.address or None, namespace=args.namespace, manager_name=args.manager_name,
         app_name=args.app_name, host=args.host, port=args.port, replicas=args.replicas,
-        ingress=args.ingress, proxy_port=args.proxy_port,
+        ingress=args.ingress, proxy_port=args.proxy_port, access_log=args.log_level.lower() == "debug",
         max_ongoing_requests=args.max_ongoing_requests, router_num_cpus=args.router_num_cpus,
         pin_manager_to_head=not args.no_pin_manager, replace_manager=args.replace_manager,
         dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port, detach=args.detach)

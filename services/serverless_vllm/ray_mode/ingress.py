@@ -41,6 +41,10 @@ def replica_env() -> dict[str, str]:
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         # Same reason as the quarantine: no load balancer needs 30 s to notice a replica going away.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        # Our app is async and never blocks its loop, so it can run on the loop of the replica's own HTTP server
+        # instead of a second loop in its own thread: no thread hop per request (measured: 0.8 against 1.1-1.5 ms
+        # of Ray CPU per request at concurrency 1, with the stand-in engine).
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     }
 
 

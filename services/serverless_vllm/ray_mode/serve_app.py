@@ -40,11 +40,14 @@ class RouterIngress:
 
 def router_application(settings: RouterSettings, auth: AuthSettings, *, manager_name: str, namespace: str,
                        replicas: int, max_ongoing_requests: int, num_cpus: float, ingress: Ingress,
-                       api_address: tuple[str, int]) -> Application:
+                       api_address: tuple[str, int], access_log: bool) -> Application:
     deployment = serve.deployment(
         RouterIngress, name="Router", num_replicas=replicas,
         # Serve's default (5) would queue requests at the proxy while replicas idle waiting on engines.
         max_ongoing_requests=max_ongoing_requests,
+        # Serve's line per request (as uvicorn's in HTTP mode: only at debug level) is a good part of its cost per
+        # request; request counts and latencies are in /metrics.
+        logging_config={"enable_access_log": access_log},
         **deployment_options(ingress, num_cpus),
     )
     return deployment.bind(settings.model_dump(mode="json", exclude=_PER_REPLICA), auth, manager_name, namespace,

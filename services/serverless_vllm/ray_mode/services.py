@@ -39,6 +39,7 @@ class RayServicesSettings(BaseModel):
     proxy_port: int = 8001  # Serve's own proxy under direct ingress (head node only)
     max_ongoing_requests: int = 1000
     router_num_cpus: float = 0.0
+    access_log: bool = False  # Serve's line per request (LOG_LEVEL=debug turns it on, as in HTTP mode)
     pin_manager_to_head: bool = True
     # Replace a running manager actor (new settings or credentials, an upgrade); registrations stay in SQLite.
     replace_manager: bool = False
@@ -102,7 +103,7 @@ def deploy(settings: RayServicesSettings, manager: ManagerSettings, router: Rout
     app = router_application(router, auth, manager_name=settings.manager_name, namespace=settings.namespace,
                              replicas=settings.replicas, max_ongoing_requests=settings.max_ongoing_requests,
                              num_cpus=settings.router_num_cpus, ingress=settings.ingress,
-                             api_address=(settings.host, settings.port))
+                             api_address=(settings.host, settings.port), access_log=settings.access_log)
     if settings.ingress == "direct":
         _stop_running_router(settings.app_name)
     serve.run(app, name=settings.app_name, route_prefix="/")
