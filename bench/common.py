@@ -443,8 +443,11 @@ class RayCluster:
                 "--object-store-memory", str(200 * 2**20)]
         for flag, port in ports.items():
             args += [flag, str(port)]
+        # Workers at niceness 0, as `svllm ray-services` starts its own cluster (the appliance's head): at Ray's
+        # default of 15 the router replica would wait behind the engine (niceness 5) on these shared cores.
         self.proc = self.procs.start("ray-head", args, {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                                                        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
+                                                        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                                                        "RAY_worker_niceness": "0"})
         os.environ["RAY_AUTH_MODE"] = "disabled"  # this process may be a driver of the cluster too
         self.procs.cleanups.append(self._kill_leftovers)
         wait_until(self._up, 300, interval=0.5, what="the Ray head")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -61,6 +62,10 @@ def connect(settings: RayServicesSettings) -> bool:
             return False
         except ConnectionError:
             log.info("no running Ray cluster found: starting a local one")
+    # Ray starts its workers at niceness 15 to keep its own daemons responsive; here those workers are the
+    # manager and the router replicas, which must not wait behind CPU engines on the same machine (a laptop,
+    # the appliance) that the worker starts at ENGINE_NICE.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(namespace=settings.namespace, include_dashboard=True, dashboard_host=settings.dashboard_host,
              dashboard_port=settings.dashboard_port)
     return True
