@@ -45,8 +45,8 @@ def router_application(settings: RouterSettings, auth: AuthSettings, *, manager_
         RouterIngress, name="Router", num_replicas=replicas,
         # Serve's default (5) would queue requests at the proxy while replicas idle waiting on engines.
         max_ongoing_requests=max_ongoing_requests,
-        # Serve's line per request (as uvicorn's in HTTP mode: only at debug level) is a good part of its cost per
-        # request; request counts and latencies are in /metrics.
+        # Serve's log line per request, like uvicorn's in HTTP mode, only at debug level: it is a file write (and a
+        # stderr copy) per request; request counts and latencies are in /metrics.
         logging_config={"enable_access_log": access_log},
         **deployment_options(ingress, num_cpus),
     )
