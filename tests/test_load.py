@@ -3,9 +3,14 @@
 Two steps of fixed duration, then it stops by itself: CONCURRENCY_OK clients (within the router's in-flight cap
 per replica) for STEP_S seconds, then CONCURRENCY_OVER clients (three times the cap) for STEP_S seconds.
 Expected: no error at all within capacity; under overload only the documented 503 "overloaded" (with
-Retry-After) for the excess, while the admitted requests keep their throughput and a bounded latency
+Retry-After) for the excess, while the admitted requests keep the engine at its cap with a bounded latency
 (backpressure, not collapse); the router's memory flat; the engine idle afterwards. Figures go to
 build/reliability/load.json (docs/reliability.md quotes them).
+
+"Keeps the engine at its cap" is checked by Little's law (mean requests in flight = answered/s x mean latency),
+not by comparing answers per second between the two steps: the CPU engine's own speed swings by +-40% from
+one 20 s step to the next on a shared 2-core machine, which a throughput ratio cannot tell from a collapse.
+A router that starved the engine (leaked slots, shed with free capacity) would show fewer in flight.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99
     return {"clients": clients, "seconds": round(elapsed, 1), "outcomes": dict(outcomes),
             "answered_per_s": round(outcomes["200"] / elapsed, 2),
+            # Little's law over the answered requests: how many of them were in flight on average.
+            "mean_in_flight": round(sum(latencies) / elapsed, 2),
             "tokens_per_s": round(outcomes["200"] * MAX_TOKENS / elapsed, 1),
             "latency_s": {"p50": round(q[49], 3), "p95": round(q[94], 3), "p99": round(q[98], 3),
                           "max": round(max(latencies, default=0.0), 3)}}
@@ -111,8 +118,9 @@ def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observation
     # Overload: answers, or the documented 503 at once; nothing else (no timeouts, no 5xx, no resets).
     assert set(over["outcomes"]) <= {"200", "503:overloaded"}, over
     assert over["outcomes"].get("503:overloaded", 0) > 0, over  # the excess was shed, not queued without bound
-    # Backpressure, not collapse: the admitted requests keep most of the throughput and a bounded latency.
-    assert over["answered_per_s"] >= 0.6 * within["answered_per_s"], (within, over)
+    # Backpressure, not collapse: the admitted requests keep the engine at its cap, with a bounded latency.
+    assert within["mean_in_flight"] >= 0.75 * CONCURRENCY_OK, within
+    assert over["mean_in_flight"] >= 0.75 * CAP, over
     assert over["latency_s"]["p99"] <= 3 * within["latency_s"]["p99"] + 1.0, (within, over)
     # The router's memory is flat and the engine is idle when the load stops.
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
