@@ -325,15 +325,21 @@ async def chunk_gaps(url: str, headers: dict[str, str], requests: int, max_token
 
 
 def profile(setup: Setup, body_path: Path, concurrency: int, seconds: int) -> dict[str, Any]:
-    """py-spy on the router and the worker while `hey` drives ours_http; the top frames by own and total time."""
+    """py-spy on the router and the worker while `hey` drives ours_http, and on the hybrid router replica while it
+    drives ours_hybrid; the top frames by own and total time."""
     out: dict[str, Any] = {}
-    for name in ("router", "worker"):
+    targets = [("router", setup.pids["router"], "ours_http"), ("worker", setup.pids["worker"], "ours_http")]
+    if "ours_hybrid" in setup.urls:
+        # The replica's router_id ends with its pid (serve_app.py).
+        router_id = httpx.get(f"{setup.urls['ours_hybrid']}/health", timeout=10).json()["router_id"]
+        targets.append(("hybrid_replica", int(router_id.rsplit("-", 1)[1]), "ours_hybrid"))
+    for name, pid, config in targets:
         raw = setup.tmp / f"profile-{name}.txt"
-        spy = subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(setup.pids[name]), "--duration",
+        spy = subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--duration",
                                 str(seconds), "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
-        run_hey(setup.urls["ours_http"], setup.headers, concurrency, seconds - 2, body_path, None)
+        run_hey(setup.urls[config], setup.headers, concurrency, seconds - 2, body_path, None)
         spy.wait(60)
         out[name] = top_frames(raw)
     return out
@@ -379,6 +385,7 @@ _CATEGORIES = (
     ("HTTP client (serverless_vllm.http1 for the relay; httpx for control)",
      ("serverless_vllm/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/")),
     ("HTTP server and framework (uvicorn, starlette, fastapi, anyio)", ("uvicorn/", "starlette/", "fastapi/", "anyio/")),
+    ("Ray Serve and Ray (replica bookkeeping, metrics, core worker)", ("ray/",)),
     ("serverless_vllm (router, worker, auth, metrics)", ("serverless_vllm/", "auth.py", "inference.py")),
     ("event loop (asyncio)", ("asyncio/",)),
 )
@@ -416,7 +423,7 @@ def main() -> None:
                    help="how requests reach the hybrid router replica (svllm ray-services --ingress)")
     p.add_argument("--no-rust", action="store_true")
     p.add_argument("--no-stream", action="store_true")
-    p.add_argument("--profile", action="store_true", help="py-spy the router and worker at the top concurrency")
+    p.add_argument("--profile", action="store_true", help="py-spy the router, the worker and the hybrid router replica at the top concurrency")
     p.add_argument("--fake-engine", action="store_true",
                    help="an instant stand-in for vLLM behind every path (bench/fake_vllm): the proxies' own cost")
     p.add_argument("--fake-interval-ms", type=float, default=10.0, help="token interval of the stand-in's streams")

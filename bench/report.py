@@ -72,13 +72,12 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
                    f"| {f(r['events_per_response'], 0)} | {f(r['ttft_p50_ms'], 2)} |")
     if "profile" in d:
         out.append("\n### Where the router's and the worker's CPU goes (py-spy, own time by category)\n")
-        out.append("| process | samples | " + " | ".join(c for c, _ in d["profile"]["router"]["own_by_category_pct"])
-                   + " |")
-        out.append("|---|---|" + "---|" * len(d["profile"]["router"]["own_by_category_pct"]))
+        columns = list(dict.fromkeys(c for t in d["profile"].values() for c, _ in t["own_by_category_pct"]))
+        out.append("| process | samples | " + " | ".join(columns) + " |")
+        out.append("|---|---|" + "---|" * len(columns))
         for proc, t in d["profile"].items():
             cats = dict(t["own_by_category_pct"])
-            out.append(f"| {proc} | {t['busy_samples']} | " + " | ".join(
-                f"{cats.get(c, 0)}%" for c, _ in d["profile"]["router"]["own_by_category_pct"]) + " |")
+            out.append(f"| {proc} | {t['busy_samples']} | " + " | ".join(f"{cats.get(c, 0)}%" for c in columns) + " |")
         out.append("\nBy file or package (own time, the top ten; a C call such as a socket write counts for the Python "
                    "line that made it):\n")
         for proc, t in d["profile"].items():
