@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int, avoid: Container[int] = ()) -> list[int]:
+    """`n` distinct free ports, none in `avoid`: the sockets are held together while the kernel picks, so two
+    calls of free_port() in a row cannot hand out the same port twice."""
+    while True:
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            ports = [int(s.getsockname()[1]) for s in socks]
+        if not any(p in avoid for p in ports):
+            return ports
 
 
 class ProcessExited(RuntimeError):
@@ -414,7 +427,7 @@ class RayCluster:
     def __init__(self, procs: Procs, num_cpus: int = 2) -> None:
         self.procs = procs
         self.temp_dir = Path(tempfile.mkdtemp(prefix="svbr", dir="/tmp"))  # short: unix socket paths
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port = free_ports(2)
         self.num_cpus = num_cpus
         self.proc: Proc | None = None
 
@@ -425,17 +438,15 @@ class RayCluster:
     def start(self) -> RayCluster:
         first = _free_range(64)
 
-        def outside() -> int:  # a free port outside the workers' range (Ray refuses overlaps)
-            while (port := free_port()) in range(first, first + 64):
-                pass
-            return port
-
         while self.port in range(first, first + 64) or self.dashboard_port in range(first, first + 64):
             first = _free_range(64)
-        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port, "--node-manager-port": outside(),
-                 "--object-manager-port": outside(), "--ray-client-server-port": outside(),
-                 "--dashboard-agent-listen-port": outside(), "--dashboard-agent-grpc-port": outside(),
-                 "--runtime-env-agent-port": outside(), "--metrics-export-port": outside(),
+        # Every component on its own port, outside the workers' range (Ray refuses overlaps and shared ports).
+        components = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                      "--metrics-export-port")
+        taken = {*range(first, first + 64), self.port, self.dashboard_port}
+        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port,
+                 **dict(zip(components, free_ports(len(components), taken), strict=True)),
                  "--min-worker-port": first, "--max-worker-port": first + 63}
         args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                 "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",

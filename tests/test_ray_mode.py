@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .harness import VENV_BIN, Service, Stack, alive, descendants, engine_pids, free_port, wait_until
+from .harness import VENV_BIN, Service, Stack, alive, descendants, engine_pids, free_ports, wait_until
 
 ray = pytest.importorskip("ray")
 yaml = pytest.importorskip("yaml")
@@ -74,7 +74,7 @@ class RayCluster:
         # Ray 2.60 token authentication with a token of our own (not the user's ~/.ray/auth_token); every process
         # of the module (this driver, svllm ray-services, the serve CLI) gets it from the environment.
         self.token = secrets.token_hex(16)
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port = free_ports(2)
         self.log_path = log_dir / "ray-head.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -91,15 +91,13 @@ class RayCluster:
         while self.port in range(workers, workers + 64) or self.dashboard_port in range(workers, workers + 64):
             workers = _free_range(64)  # Ray refuses a component port inside the workers' range
 
-        def outside() -> int:
-            while (port := free_port()) in range(workers, workers + 64):
-                pass
-            return port
-
-        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port, "--node-manager-port": outside(),
-                 "--object-manager-port": outside(), "--ray-client-server-port": outside(),
-                 "--dashboard-agent-listen-port": outside(), "--dashboard-agent-grpc-port": outside(),
-                 "--runtime-env-agent-port": outside(), "--metrics-export-port": outside(),
+        # Every component on its own port, outside the workers' range (Ray refuses overlaps and shared ports).
+        components = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                      "--metrics-export-port")
+        taken = {*range(workers, workers + 64), self.port, self.dashboard_port}
+        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port,
+                 **dict(zip(components, free_ports(len(components), taken), strict=True)),
                  "--min-worker-port": workers, "--max-worker-port": workers + 63}
         args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                 "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
@@ -230,10 +228,9 @@ class Env:
         self.tmp, self.cluster = tmp, cluster
         self.http = Stack(tmp)  # for the plain-HTTP phase; its env (MANAGER_DB, intervals) is shared by all
         self.env = self.http.env
-        self.serve_port = free_port()
-        self.proxy_port = free_port()  # Serve's own proxy under direct ingress
+        # proxy_port: Serve's own proxy under direct ingress.
+        self.serve_port, self.proxy_port, self.worker_port = free_ports(3)
         self.router_replicas = 1
-        self.worker_port = free_port()
         self.forwarder = TCPForwarder("127.0.0.2", self.worker_port).start()
         self.worker: Service | None = None
         self.services: list[Service] = []
