@@ -10,6 +10,7 @@ from fastapi import FastAPI, Path, Query, Response
 
 from ..config import AuthSettings, ManagerSettings
 from ..errors import install_error_handlers
+from ..heap import freeze_startup_heap
 from ..metrics.manager import install_manager_metrics
 from ..schemas import (
     ALIAS_PATTERN,
@@ -38,6 +39,7 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await core.start()
+        freeze_startup_heap()
         yield
         await core.close()
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from ..config import AuthSettings, RouterSettings
 from ..errors import APIError, install_error_handlers
+from ..heap import freeze_startup_heap
 from ..inference_routes import inference_routes
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
@@ -89,6 +90,7 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
                      forwarder=Forwarder(settings, table, sync, manager, client, upstream_headers,
                                          on_hold=metrics.observe_queue_wait))
         await sync.start()
+        freeze_startup_heap()
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, WorkerSettings
 from ..errors import APIError, install_error_handlers
+from ..heap import freeze_startup_heap
 from ..inference_routes import inference_routes
 from ..metrics.worker import install_worker_metrics
 from ..relay import UpstreamClient, UpstreamError
@@ -45,6 +46,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         worker = agent or WorkerAgent(settings, engine_client=client, manager_headers=auth.worker_headers())
         state.update(agent=worker, client=client, relay=relay)
         await worker.start()
+        freeze_startup_heap()
         try:
             yield
         finally:
