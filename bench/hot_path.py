@@ -384,7 +384,8 @@ _CATEGORIES = (
     ("socket writes (kernel: loopback TCP send)", ("_SelectorSocketTransport.write", "UVStream.write")),
     ("HTTP client (serverless_vllm.http1 for the relay; httpx for control)",
      ("serverless_vllm/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/")),
-    ("HTTP server and framework (uvicorn, starlette, fastapi, anyio)", ("uvicorn/", "starlette/", "fastapi/", "anyio/")),
+    ("HTTP server and framework (uvicorn, starlette, fastapi, anyio)",
+     ("uvicorn/", "starlette/", "fastapi/", "anyio/", "serverless_vllm/server_protocol")),
     ("Ray Serve and Ray (replica bookkeeping, metrics, core worker)", ("ray/",)),
     ("serverless_vllm (router, worker, auth, metrics)", ("serverless_vllm/", "auth.py", "inference.py")),
     ("event loop (asyncio)", ("asyncio/",)),
@@ -517,6 +518,7 @@ def summarise(configs: list[str], concurrencies: list[int], nonstream: list[dict
                          "rps": median([r["rps"] for r in runs]), "requests": n,
                          "errors": sum(r["errors"] for r in runs), "cpu_ms_per_request": cpu_ms}
         _ratios(rows, ("p50_ms", "p99_ms", "rps"))
+        _paired_rps_ratios(rows, [r for r in nonstream if r["concurrency"] == c], "rps")
         out["nonstream"][str(c)] = rows
         srows: dict[str, dict[str, Any]] = {}
         for cfg in configs:
@@ -532,6 +534,7 @@ def summarise(configs: list[str], concurrencies: list[int], nonstream: list[dict
                           "rps": median([r["request_throughput"] for r in runs]),
                           "failed": sum(r["failed"] or 0 for r in runs)}
         _ratios(srows, ("ttft_p50_ms", "itl_p50_ms", "e2el_p50_ms", "rps"))
+        _paired_rps_ratios(srows, [r for r in stream if r["concurrency"] == c], "request_throughput")
         out["stream"][str(c)] = srows
     for cfg in configs:
         runs = [g for g in gaps if g["config"] == cfg]
@@ -542,6 +545,21 @@ def summarise(configs: list[str], concurrencies: list[int], nonstream: list[dict
                                       "events_per_response": median([g["events_per_response"]["p50"] for g in runs]),
                                       "ttft_p50_ms": median([g["ttft_ms"]["p50"] for g in runs])}
     return out
+
+
+def _paired_rps_ratios(rows: dict[str, dict[str, Any]], runs: list[dict[str, Any]], key: str) -> None:
+    """Requests per second against the Rust router's within each round (runs minutes apart, not the whole run
+    apart), and their median: the engine's speed drifts between rounds on a shared machine, and a ratio of two
+    medians taken over different rounds carries that drift."""
+    by_round: dict[tuple[int, str], float] = {(r["round"], r["config"]): r[key] for r in runs}
+    for cfg, row in rows.items():
+        if cfg == "rust":
+            continue
+        paired = [ratio(by_round[(rnd, cfg)], by_round[(rnd, "rust")]) for rnd, c in sorted(by_round)
+                  if c == cfg and (rnd, "rust") in by_round]
+        if paired:
+            row["rps_vs_rust_by_round"] = paired
+            row["rps_vs_rust_paired_median"] = median(paired)
 
 
 def _ratios(rows: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> None:

@@ -64,6 +64,17 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
             out.append(f"| {c} | {cfg} | {f(r['ttft_p50_ms'])} | {f(r['ttft_p99_ms'])} | {f(r['itl_p50_ms'])} "
                        f"| {f(r['itl_p99_ms'])} | {f(r['e2el_p50_ms'])} | {f(r['rps'])} | {f(vd.get('ttft_p50_ms'), 2)} "
                        f"| {f(vd.get('rps'), 2)} | {f(vr.get('rps'), 2)} | {r['failed']} |")
+    paired = [(kind, c, cfg, r) for kind in ("nonstream", "stream") for c, rows in s[kind].items()
+              for cfg, r in rows.items() if "rps_vs_rust_by_round" in r]
+    if paired:
+        out.append("\n### Requests per second against the Rust router, paired by round\n")
+        out.append("Each round measures every configuration within minutes, so a ratio taken inside one round is "
+                   "free of the drift between rounds that a ratio of medians carries.\n")
+        out.append("| load | c | config | median of the rounds' ratios | each round |")
+        out.append("|---|---|---|---|---|")
+        for kind, c, cfg, r in paired:
+            rounds = ", ".join(f(x, 2) for x in r["rps_vs_rust_by_round"])
+            out.append(f"| {kind} | {c} | {cfg} | {f(r['rps_vs_rust_paired_median'], 2)} | {rounds} |")
     out.append("\n### Chunk gaps seen by the client (64 tokens, concurrency 1)\n")
     out.append("| config | gap p50 ms | gap p99 ms | SSE events per read | events per response | TTFT p50 ms |")
     out.append("|---|---|---|---|---|---|")
