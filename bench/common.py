@@ -21,11 +21,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from serverless_vllm.testing.ports import free_port as free_port  # re-exported for the bench scripts
+from serverless_vllm.testing.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -37,25 +39,6 @@ ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 # --------------------------------------------------------------------------- small things
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int, avoid: Container[int] = ()) -> list[int]:
-    """`n` distinct free ports, none in `avoid`: the sockets are held together while the kernel picks, so two
-    calls of free_port() in a row cannot hand out the same port twice."""
-    while True:
-        with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            ports = [int(s.getsockname()[1]) for s in socks]
-        if not any(p in avoid for p in ports):
-            return ports
 
 
 class ProcessExited(RuntimeError):

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from serverless_vllm.testing.ports import free_port
+from serverless_vllm.testing.ports import free_ports as free_ports  # re-exported for the tests
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int, avoid: Container[int] = ()) -> list[int]:
-    """`n` distinct free ports, none in `avoid`: the sockets are held together while the kernel picks, so two
-    calls of free_port() in a row cannot hand out the same port twice."""
-    while True:
-        with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            ports = [int(s.getsockname()[1]) for s in socks]
-        if not any(p in avoid for p in ports):
-            return ports
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "condition") -> Any:

@@ -5,7 +5,6 @@ layer, so the test sees the writes the kernel gets."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +13,7 @@ import httpx
 import pytest
 from serverless_vllm import cli
 from serverless_vllm.server_protocol import CoalescingHttpToolsProtocol
+from serverless_vllm.testing.ports import free_port
 
 EVENT_GAP_S = 0.05
 
@@ -60,9 +60,7 @@ async def serving(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, l
         real_connection_made(self, _RecordingTransport(transport, writes))  # type: ignore[arg-type]
 
     monkeypatch.setattr(CoalescingHttpToolsProtocol, "connection_made", connection_made)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = cli._server(app, "127.0.0.1", port, "warning")
     assert server.config.http is CoalescingHttpToolsProtocol  # what the services run
     task = asyncio.create_task(server.serve())
