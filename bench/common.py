@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from serverless_vllm.testing.ports import free_port as free_port  # re-exported for the bench scripts
 from serverless_vllm.testing.ports import free_ports
+from serverless_vllm.testing.ray_head import ray_head_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -419,24 +420,7 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> RayCluster:
-        first = _free_range(64)
-
-        while self.port in range(first, first + 64) or self.dashboard_port in range(first, first + 64):
-            first = _free_range(64)
-        # Every component on its own port, outside the workers' range (Ray refuses overlaps and shared ports).
-        components = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
-                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                      "--metrics-export-port")
-        taken = {*range(first, first + 64), self.port, self.dashboard_port}
-        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port,
-                 **dict(zip(components, free_ports(len(components), taken), strict=True)),
-                 "--min-worker-port": first, "--max-worker-port": first + 63}
-        args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
-                "--temp-dir", str(self.temp_dir), "--num-cpus", str(self.num_cpus),
-                "--object-store-memory", str(200 * 2**20)]
-        for flag, port in ports.items():
-            args += [flag, str(port)]
+        args = ray_head_args(VENV_BIN / "ray", self.temp_dir, self.port, self.dashboard_port, self.num_cpus)
         # Workers at niceness 0, as `svllm ray-services` starts its own cluster (the appliance's head): at Ray's
         # default of 15 the router replica would wait behind the engine (niceness 5) on these shared cores.
         self.proc = self.procs.start("ray-head", args, {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
@@ -467,26 +451,6 @@ class RayCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _free_range(n: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            start = s.getsockname()[1]
-        if start + n >= 65535:
-            continue
-        ok = True
-        for port in range(start, start + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise RuntimeError("no free port range")
 
 
 class SwitchableForwarder:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -30,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+from serverless_vllm.testing.ray_head import ray_head_args
 
 from .harness import VENV_BIN, Service, Stack, alive, descendants, engine_pids, free_ports, wait_until
 
@@ -46,30 +45,10 @@ ALIAS = "tiny"
 # --------------------------------------------------------------------------- a Ray cluster of our own
 
 
-def _free_range(count: int) -> int:
-    """The first of `count` consecutive free ports (Ray's worker processes take one each)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 class RayCluster:
     """`ray start --head --block` with every port explicit and a private temp dir: never touches other clusters."""
 
     def __init__(self, log_dir: Path) -> None:
-        # Short path: Ray's unix sockets live below it and must stay under 107 bytes.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="svr", dir="/tmp"))
         # Ray 2.60 token authentication with a token of our own (not the user's ~/.ray/auth_token); every process
         # of the module (this driver, svllm ray-services, the serve CLI) gets it from the environment.
@@ -87,23 +66,7 @@ class RayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self) -> RayCluster:
-        workers = _free_range(64)
-        while self.port in range(workers, workers + 64) or self.dashboard_port in range(workers, workers + 64):
-            workers = _free_range(64)  # Ray refuses a component port inside the workers' range
-
-        # Every component on its own port, outside the workers' range (Ray refuses overlaps and shared ports).
-        components = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
-                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                      "--metrics-export-port")
-        taken = {*range(workers, workers + 64), self.port, self.dashboard_port}
-        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port,
-                 **dict(zip(components, free_ports(len(components), taken), strict=True)),
-                 "--min-worker-port": workers, "--max-worker-port": workers + 63}
-        args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
-                "--temp-dir", str(self.temp_dir), "--num-cpus", "2", "--object-store-memory", str(200 * 2**20)]
-        for flag, port in ports.items():
-            args += [flag, str(port)]
+        args = ray_head_args(VENV_BIN / "ray", self.temp_dir, self.port, self.dashboard_port)
         # No drain wait on SIGTERM: the fixture's teardown should take seconds, not half a minute.
         env = {**os.environ, **self.auth_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                "RAY_USAGE_STATS_ENABLED": "0"}
