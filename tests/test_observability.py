@@ -324,7 +324,7 @@ async def test_apps_in_one_process_keep_separate_registries(tmp_path: Path, monk
     assert all(any(getattr(r, "path", "") == "/metrics" for r in app.routes) for app in apps)  # type: ignore[attr-defined]
     core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m3.db")))
     # The method the Ray path relays at the router's /manager/metrics.
-    assert b"# TYPE svllm_worker_state gauge" in core.metrics_text()
+    assert b"# TYPE svllm_worker_state gauge" in await core.metrics_text()
     await core.close()
     assert not [m.name for m in REGISTRY.collect() if m.name.startswith("svllm_")]
 

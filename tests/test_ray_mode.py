@@ -346,6 +346,11 @@ def test_worker_moves_to_ray_services_with_only_a_new_manager_url(env: Env) -> N
     assert env.openai(timeout=600).completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
     info = env.wait_model("ready", timeout=30)
     assert [r["worker_id"] for r in info["replicas"]] == ["w1"]
+    # The manager actor has no HTTP port: the router relays its metrics (formatted in a thread of the actor).
+    relayed = env.get("/manager/metrics")
+    assert relayed.status_code == 200, relayed.text
+    assert 'svllm_worker_state{worker="w1",state="healthy"} 1.0' in relayed.text
+    assert f'svllm_cold_starts_total{{model="{ALIAS}"}} 1.0' in relayed.text
 
 
 def test_openai_client_through_serve(env: Env) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from serverless_vllm.config import ManagerSettings
@@ -15,17 +18,26 @@ def series(text: str, name: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(name + "{")]
 
 
-async def test_per_model_series_stay_few_for_idle_models(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def one_worker_core(tmp_path: Path) -> AsyncIterator[ManagerCore]:
+    """A started ManagerCore with one CPU worker registered (at an address nothing answers)."""
     core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]),
                        clock=Clock())
     await core.start()
     try:
         await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
+        yield core
+    finally:
+        await core.close()
+
+
+async def test_per_model_series_stay_few_for_idle_models(tmp_path: Path) -> None:
+    async with one_worker_core(tmp_path) as core:
         await core.register_model(ModelSpec(alias="hot", model_name="/m/hot", min_replicas=1))
         for i in range(3):
             await core.register_model(ModelSpec(alias=f"idle-{i}", model_name=f"/m/idle{i}", preload=False))
         await core.reconcile()
-        text = core.metrics_text().decode()
+        text = (await core.metrics_text()).decode()
 
         # One state series per model: the current one.
         states = series(text, "svllm_model_state")
@@ -42,5 +54,48 @@ async def test_per_model_series_stay_few_for_idle_models(tmp_path: Path) -> None
         assert 'svllm_cold_starts_total{model="hot"} 1.0' in text
         assert 'svllm_cold_start_duration_seconds_count{model="hot"} 0.0' in text
         assert "svllm_cold_start_duration_seconds_count{model=\"idle-0\"}" not in text
-    finally:
-        await core.close()
+
+
+async def test_deleted_models_leave_the_exposition(tmp_path: Path) -> None:
+    async with one_worker_core(tmp_path) as core:
+        await core.register_model(ModelSpec(alias="gone", model_name="/m/gone", min_replicas=1))
+        await core.reconcile()
+        assert 'svllm_cold_starts_total{model="gone"} 1.0' in (await core.metrics_text()).decode()
+        await core.delete_model("gone")
+        text = (await core.metrics_text()).decode()
+        assert 'model="gone"' not in text
+        # Registered again: its counter starts from 0, not from the deleted model's count.
+        await core.register_model(ModelSpec(alias="gone", model_name="/m/gone", preload=False))
+        assert 'svllm_cold_starts_total{model="gone"} 0.0' in (await core.metrics_text()).decode()
+
+
+async def test_a_scrape_leaves_the_event_loop_free_and_parses(tmp_path: Path) -> None:
+    """A scrape of a large registry is formatted off the event loop (the one that takes heartbeats), and what it
+    writes is the text format prometheus_client's own parser reads back, series for series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with one_worker_core(tmp_path) as core:
+        for i in range(2000):
+            await core.register_model(ModelSpec(alias=f"m-{i}", model_name=f"/m/{i}", preload=False))
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        text = (await core.metrics_text()).decode()
+        during = ticks - before
+        task.cancel()
+        assert during > 0  # the loop ran other work while the scrape was formatted
+
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert len(families["svllm_model_state"].samples) == 2000
+        assert len(families["svllm_cold_starts"].samples) == 2000  # the parser drops a counter's _total
+        assert {s.labels["state"]: s.value for s in families["svllm_worker_state"].samples} == {
+            "healthy": 1.0, "unhealthy": 0.0, "dead": 0.0}
+        assert families["svllm_manager_evictions"].type == "counter"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from ..aio import wait_event
 from ..config import AuthSettings, ManagerSettings
 from ..errors import APIError
 from ..metrics import sd
-from ..metrics.manager import ManagerMetrics
+from ..metrics.manager import FleetSnapshot, ManagerMetrics, ModelRow, ReplicaRow
 from ..schemas import (
     Assignment,
     DemandReport,
@@ -445,10 +446,24 @@ class ManagerCore:
                 await self._changed.wait_for(lambda: self._version > after_version)
         return self._table
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         """The manager's metrics in Prometheus text format (the HTTP service serves it at /metrics; in Ray mode
         the router relays it at /manager/metrics, the manager actor having no HTTP port)."""
-        return self.metrics.render()
+        return await self.metrics.render()
+
+    def fleet_snapshot(self) -> FleetSnapshot:
+        """Workers, models and replicas as plain values, for a scrape (cheaper than list_models' full infos)."""
+        now = self._clock()
+        workers = [(w.worker_id, w.state.value, round(max(0.0, now - w.last_heartbeat), 3))
+                   for w in self._workers.all()]
+        models = []
+        for alias, record in self._models.items():
+            route = self._table.models.get(alias)
+            replicas = tuple(ReplicaRow(r.replica_id, r.worker_id, ",".join(map(str, r.gpus)) or "cpu", r.state.value)
+                             for r in self._replicas.of_alias(alias))
+            models.append(ModelRow(alias, (route.state if route else ModelState.COLD).value, record.scale.target,
+                                   replicas))
+        return FleetSnapshot(workers, models, dataclasses.replace(self.stats))
 
     def sd_targets(self, kind: sd.SDKind = "engines") -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery: the running engines (or the workers) as scrape targets."""

@@ -2,83 +2,99 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Histogram
 from starlette.responses import Response
 
-from ..schemas import ModelInfo, ReplicaState, WorkerInfo, WorkerState
-from .common import STARTUP_BUCKETS, metrics_response, one_hot, render
+from ..schemas import ReplicaState, WorkerState
+from .common import STARTUP_BUCKETS, TextFamily, metrics_response, one_hot, render
 
 if TYPE_CHECKING:
     from ..manager.core import ManagerCore, ManagerStats
 
 
-class FleetView(Protocol):
-    """What the collector reads from ManagerCore (a protocol: core imports this module, not the reverse)."""
+class ReplicaRow(NamedTuple):  # tuples: 10,000 of them are built on the event loop per scrape
+    replica_id: str
+    worker_id: str
+    gpus: str  # "0,1", or "cpu"
+    state: str
 
+
+class ModelRow(NamedTuple):
+    alias: str
+    state: str
+    desired: int
+    replicas: tuple[ReplicaRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """What a scrape shows, copied out of the manager's live state as plain values: it is taken on the event loop
+    that owns that state and formatted in a thread (see ManagerMetrics.render)."""
+
+    workers: list[tuple[str, str, float]]  # worker id, state, seconds since its last heartbeat
+    models: list[ModelRow]
     stats: ManagerStats
 
-    def list_workers(self) -> list[WorkerInfo]: ...
-    def list_models(self) -> list[ModelInfo]: ...
+
+class FleetView(Protocol):
+    """What the metrics read from ManagerCore (a protocol: core imports this module, not the reverse)."""
+
+    def fleet_snapshot(self) -> FleetSnapshot: ...
 
 
-class _FleetCollector(Collector):
-    def __init__(self, core: FleetView) -> None:
-        self._core = core
+def _fleet_text(fleet: FleetSnapshot) -> str:
+    worker_state = one_hot(TextFamily("svllm_worker_state", "gauge", "Workers by state (1 for the current state).",
+                                      ["worker", "state"]),
+                           (((worker,), state) for worker, state, _ in fleet.workers), _WORKER_STATES)
+    age = TextFamily("svllm_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat.",
+                     ["worker"])
+    for worker, _, seconds in fleet.workers:
+        age.add((worker,), seconds)
 
-    def collect(self) -> Iterator[Metric]:
-        workers = self._core.list_workers()
-        models = self._core.list_models()
-        yield one_hot("svllm_worker_state", "Workers by state (1 for the current state).", ["worker"],
-                      (([w.worker_id], w.state.value) for w in workers), [s.value for s in WorkerState])
-        age = GaugeMetricFamily("svllm_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat.",
-                                labels=["worker"])
-        for w in workers:
-            age.add_metric([w.worker_id], w.heartbeat_age_s)
-        yield age
+    # Only the current state (not one-hot with zeros as for workers): a registry may hold 10,000 models.
+    state = TextFamily("svllm_model_state", "gauge", "Models by state: cold, loading, ready, sleeping, failed "
+                       "(1 = current).", ["model", "state"])
+    desired = TextFamily("svllm_model_desired_replicas", "gauge", "Replicas the autoscaler wants awake.", ["model"])
+    replicas = TextFamily("svllm_model_replicas", "gauge", "Replicas by state (ready = serving).",
+                          ["model", "state"])
+    info = TextFamily("svllm_replica_info", "gauge", "One series per replica: where it runs and its state.",
+                      ["model", "replica", "worker", "gpus", "state"])
+    for m in fleet.models:
+        state.add((m.alias, m.state), 1.0)
+        desired.add((m.alias,), m.desired)
+        if not m.replicas:
+            # Most models of a large registry: one series (ready = 0) instead of one per state.
+            replicas.add((m.alias, _READY), 0)
+            continue
+        counts = dict.fromkeys(_REPLICA_STATES, 0)
+        for r in m.replicas:
+            counts[r.state] += 1
+            info.add((m.alias, r.replica_id, r.worker_id, r.gpus, r.state), 1.0)
+        for replica_state, n in counts.items():
+            replicas.add((m.alias, replica_state), n)
 
-        # Only the current state (not one-hot with zeros as for workers): a registry may hold 10,000 models.
-        state = GaugeMetricFamily("svllm_model_state", "Models by state: cold, loading, ready, sleeping, failed "
-                                  "(1 = current).", labels=["model", "state"])
-        for m in models:
-            state.add_metric([m.alias, m.state.value], 1.0)
-        yield state
-        desired = GaugeMetricFamily("svllm_model_desired_replicas", "Replicas the autoscaler wants awake.",
-                                    labels=["model"])
-        replicas = GaugeMetricFamily("svllm_model_replicas", "Replicas by state (ready = serving).",
-                                     labels=["model", "state"])
-        info = GaugeMetricFamily("svllm_replica_info", "One series per replica: where it runs and its state.",
-                                 labels=["model", "replica", "worker", "gpus", "state"])
-        for m in models:
-            desired.add_metric([m.alias], m.desired_replicas)
-            if not m.replicas:
-                # Most models of a large registry: one series (ready = 0) instead of one per state.
-                replicas.add_metric([m.alias, ReplicaState.READY.value], 0)
-                continue
-            counts = {s.value: 0 for s in ReplicaState}
-            for r in m.replicas:
-                counts[r.state.value] += 1
-                gpus = ",".join(str(g) for g in r.gpus) or "cpu"
-                info.add_metric([m.alias, r.replica_id, r.worker_id, gpus, r.state.value], 1.0)
-            for state, n in counts.items():
-                replicas.add_metric([m.alias, state], n)
-        yield from (desired, replicas, info)
+    stats = fleet.stats
+    counters = [TextFamily(f"{name}_total", "counter", doc) for name, doc in _STATS]
+    for family, value in zip(counters, (stats.placements_failed, stats.evictions, stats.failovers,
+                                        stats.engine_failures), strict=True):
+        family.add((), value)
+    return "".join(f.text() for f in (worker_state, age, state, desired, replicas, info, *counters))
 
-        stats = self._core.stats
-        for name, doc, value in (
-            ("svllm_manager_placement_failures", "Replicas that could not be placed (no capacity).",
-             stats.placements_failed),
-            ("svllm_manager_evictions", "Idle replicas evicted to make room for another model.", stats.evictions),
-            ("svllm_manager_failovers", "Replicas lost with a dead worker and placed again.", stats.failovers),
-            ("svllm_manager_engine_failures", "Replicas whose engine failed (start failure or crash loop).",
-             stats.engine_failures),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
+
+_WORKER_STATES = [s.value for s in WorkerState]
+_REPLICA_STATES = [s.value for s in ReplicaState]
+_READY = ReplicaState.READY.value
+_STATS = (  # ManagerStats' counters, in the order _fleet_text reads them
+    ("svllm_manager_placement_failures", "Replicas that could not be placed (no capacity)."),
+    ("svllm_manager_evictions", "Idle replicas evicted to make room for another model."),
+    ("svllm_manager_failovers", "Replicas lost with a dead worker and placed again."),
+    ("svllm_manager_engine_failures", "Replicas whose engine failed (start failure or crash loop)."),
+)
 
 
 class ManagerMetrics:
@@ -86,17 +102,17 @@ class ManagerMetrics:
 
     def __init__(self, core: FleetView) -> None:
         self._core = core
+        # The duration histogram, through prometheus_client; the fleet's series and the cold-start counts are
+        # written per scrape by _fleet_text (one per registered model: 10,000 of them).
         self.registry = CollectorRegistry()
-        self.registry.register(_FleetCollector(core))
-        self._cold_starts = Counter("svllm_cold_starts", "Replicas placed for a model that had none.", ["model"],
-                                    registry=self.registry)
         self._cold_start_seconds = Histogram(
             "svllm_cold_start_duration_seconds", "From placing a cold model's replica to its first ready report.",
             ["model"], buckets=STARTUP_BUCKETS, registry=self.registry)
+        self._cold_starts: dict[str, int] = {}  # alias -> replicas placed for it while it had none
         self._aliases: set[str] = set()
 
     def cold_start(self, alias: str) -> None:
-        self._cold_starts.labels(alias).inc()
+        self._cold_starts[alias] = self._cold_starts.get(alias, 0) + 1
         # The duration series appear with a model's first cold start (at 0, before its first observation, so
         # increase() counts that one): a histogram per registered model would be ~20 series each.
         self._cold_start_seconds.labels(alias)
@@ -104,23 +120,38 @@ class ManagerMetrics:
     def cold_start_done(self, alias: str, seconds: float) -> None:
         self._cold_start_seconds.labels(alias).observe(seconds)
 
-    def _sync_models(self) -> None:
-        # The cold-start counter of every registered model exists from its registration at 0, so rate() and
-        # increase() see the first cold start; the series of deleted models go, so labels stay bounded.
-        aliases = {m.alias for m in self._core.list_models()}
+    def _sync_models(self, fleet: FleetSnapshot) -> dict[str, int]:
+        """The cold-start counts to show. Every registered model's counter exists from its registration, at 0,
+        so rate() and increase() see the first cold start; the series of deleted models go, so labels stay
+        bounded."""
+        aliases = {m.alias for m in fleet.models}
         for alias in aliases - self._aliases:
-            self._cold_starts.labels(alias)
+            self._cold_starts.setdefault(alias, 0)
         for alias in self._aliases - aliases:
-            for metric in (self._cold_starts, self._cold_start_seconds):
-                try:
-                    metric.remove(alias)
-                except KeyError:
-                    pass
+            self._cold_starts.pop(alias, None)
+            try:
+                self._cold_start_seconds.remove(alias)
+            except KeyError:
+                pass
         self._aliases = aliases
+        return dict(self._cold_starts)  # a copy for the formatting thread: the loop goes on counting
 
-    def render(self) -> bytes:
-        self._sync_models()
-        return render(self.registry)
+    async def render(self) -> bytes:
+        """Called on the event loop that owns the manager's state. With 10,000 models a scrape is ~60,000
+        series, and formatting them takes a few hundred milliseconds of CPU that on the loop would hold up
+        every heartbeat and routing call. The loop only copies the plain values out; a thread formats them,
+        and the loop keeps answering between the interpreter's thread switches."""
+        fleet = self._core.fleet_snapshot()
+        counts = self._sync_models(fleet)
+        return await asyncio.to_thread(self._format, fleet, counts)
+
+    def _format(self, fleet: FleetSnapshot, cold_starts: dict[str, int]) -> bytes:
+        counter = TextFamily("svllm_cold_starts_total", "counter", "Replicas placed for a model that had none.",
+                             ["model"])
+        for alias, n in cold_starts.items():
+            counter.add((alias,), n)
+        # prometheus_client's metrics lock their own state, so the histogram may be read from this thread.
+        return (_fleet_text(fleet) + counter.text()).encode() + render(self.registry)
 
 
 def install_manager_metrics(app: FastAPI, core: ManagerCore) -> None:
@@ -129,7 +160,7 @@ def install_manager_metrics(app: FastAPI, core: ManagerCore) -> None:
     # Async handlers on purpose: they run on the event loop that owns the core's state, never in a thread.
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return metrics_response(core.metrics_text())
+        return metrics_response(await core.metrics_text())
 
     @app.get("/sd/targets")
     async def sd_engines() -> list[dict[str, Any]]:

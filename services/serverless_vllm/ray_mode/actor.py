@@ -88,7 +88,7 @@ class ManagerActor:
         await (await self._started()).report_demand(report)
 
     async def metrics_text(self) -> bytes:
-        return (await self._started()).metrics_text()
+        return await (await self._started()).metrics_text()
 
 
 def get_or_create_manager(settings: ManagerSettings, auth: AuthSettings, name: str, namespace: str,
