@@ -149,8 +149,10 @@ def scale(d: dict[str, Any]) -> list[str]:
         out.append("|---|---|---|---|")
         for key in ("place_ms", "capacity_snapshot_ms", "heartbeat_in_core_ms", "heartbeat_in_core_without_table_rebuild_ms",
                     "rebuild_table_ms", "reconcile_pass_ms", "reconcile_pass_without_table_rebuild_ms",
-                    "reconcile_with_one_cold_start_ms"):
-            v = c.get(key, {})
+                    "reconcile_with_one_cold_start_ms", "metrics_scrape_ms", "loop_gap_during_scrapes_ms"):
+            if key not in c:  # results of older runs lack the newer measurements
+                continue
+            v = c[key]
             out.append(f"| {key[:-3]} | {f(v.get('p50'), 3)} | {f(v.get('p99'), 3)} | {v.get('n')} |")
         out.append(f"| first reconcile (places {c['replicas']} replicas) | {c['first_reconcile_with_placements_ms']} | | 1 |")
     return out
