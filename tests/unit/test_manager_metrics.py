@@ -67,6 +67,11 @@ async def test_deleted_models_leave_the_exposition(tmp_path: Path) -> None:
         # Registered again: its counter starts from 0, not from the deleted model's count.
         await core.register_model(ModelSpec(alias="gone", model_name="/m/gone", preload=False))
         assert 'svllm_cold_starts_total{model="gone"} 0.0' in (await core.metrics_text()).decode()
+        # Registered, cold-started and deleted between two scrapes: nothing of it is left either.
+        await core.register_model(ModelSpec(alias="brief", model_name="/m/brief", min_replicas=1))
+        await core.reconcile()
+        await core.delete_model("brief")
+        assert 'model="brief"' not in (await core.metrics_text()).decode()
 
 
 async def test_a_scrape_leaves_the_event_loop_free_and_parses(tmp_path: Path) -> None:

@@ -301,6 +301,7 @@ class ManagerCore:
         del self._models[alias]
         for replica in self._replicas.of_alias(alias):
             self._remove_replica(replica.replica_id)
+        self.metrics.forget(alias)
         log.info("deleted model %s", alias)
         self._rebuild_table([alias])
         self._poke()

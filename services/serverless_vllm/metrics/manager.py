@@ -103,13 +103,12 @@ class ManagerMetrics:
     def __init__(self, core: FleetView) -> None:
         self._core = core
         # The duration histogram, through prometheus_client; the fleet's series and the cold-start counts are
-        # written per scrape by _fleet_text (one per registered model: 10,000 of them).
+        # written per scrape by _format (a count for every registered model: 10,000 of them).
         self.registry = CollectorRegistry()
         self._cold_start_seconds = Histogram(
             "svllm_cold_start_duration_seconds", "From placing a cold model's replica to its first ready report.",
             ["model"], buckets=STARTUP_BUCKETS, registry=self.registry)
         self._cold_starts: dict[str, int] = {}  # alias -> replicas placed for it while it had none
-        self._aliases: set[str] = set()
 
     def cold_start(self, alias: str) -> None:
         self._cold_starts[alias] = self._cold_starts.get(alias, 0) + 1
@@ -120,21 +119,14 @@ class ManagerMetrics:
     def cold_start_done(self, alias: str, seconds: float) -> None:
         self._cold_start_seconds.labels(alias).observe(seconds)
 
-    def _sync_models(self, fleet: FleetSnapshot) -> dict[str, int]:
-        """The cold-start counts to show. Every registered model's counter exists from its registration, at 0,
-        so rate() and increase() see the first cold start; the series of deleted models go, so labels stay
-        bounded."""
-        aliases = {m.alias for m in fleet.models}
-        for alias in aliases - self._aliases:
-            self._cold_starts.setdefault(alias, 0)
-        for alias in self._aliases - aliases:
-            self._cold_starts.pop(alias, None)
-            try:
-                self._cold_start_seconds.remove(alias)
-            except KeyError:
-                pass
-        self._aliases = aliases
-        return dict(self._cold_starts)  # a copy for the formatting thread: the loop goes on counting
+    def forget(self, alias: str) -> None:
+        """The model was deleted: its series go (labels stay bounded), and an alias registered again counts
+        from 0."""
+        self._cold_starts.pop(alias, None)
+        try:
+            self._cold_start_seconds.remove(alias)
+        except KeyError:
+            pass
 
     async def render(self) -> bytes:
         """Called on the event loop that owns the manager's state. With 10,000 models a scrape is ~60,000
@@ -142,14 +134,16 @@ class ManagerMetrics:
         every heartbeat and routing call. The loop only copies the plain values out; a thread formats them,
         and the loop keeps answering between the interpreter's thread switches."""
         fleet = self._core.fleet_snapshot()
-        counts = self._sync_models(fleet)
+        counts = dict(self._cold_starts)  # the loop goes on counting while the thread writes
         return await asyncio.to_thread(self._format, fleet, counts)
 
     def _format(self, fleet: FleetSnapshot, cold_starts: dict[str, int]) -> bytes:
+        # Every registered model's counter, from its registration at 0, so that rate() and increase() see the
+        # first cold start.
         counter = TextFamily("svllm_cold_starts_total", "counter", "Replicas placed for a model that had none.",
                              ["model"])
-        for alias, n in cold_starts.items():
-            counter.add((alias,), n)
+        for m in fleet.models:
+            counter.add((m.alias,), cold_starts.get(m.alias, 0))
         # prometheus_client's metrics lock their own state, so the histogram may be read from this thread.
         return (_fleet_text(fleet) + counter.text()).encode() + render(self.registry)
 
