@@ -129,7 +129,7 @@ class ManagerMetrics:
             pass
 
     async def render(self) -> bytes:
-        """Called on the event loop that owns the manager's state. With 10,000 models a scrape is ~60,000
+        """Called on the event loop that owns the manager's state. With 10,000 models a scrape is ~70,000
         series, and formatting them takes a few hundred milliseconds of CPU that on the loop would hold up
         every heartbeat and routing call. The loop only copies the plain values out; a thread formats them,
         and the loop keeps answering between the interpreter's thread switches."""
