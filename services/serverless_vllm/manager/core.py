@@ -312,11 +312,14 @@ class ManagerCore:
         replicas = [ReplicaInfo(replica_id=r.replica_id, worker_id=r.worker_id, gpus=r.gpus, state=r.state,
                                 asleep=r.asleep, error=r.error)
                     for r in self._replicas.of_alias(alias)]
+        return ModelInfo(alias=alias, model_name=spec.model_name, state=self._model_state(alias),
+                         engine=record.engine(), policy=record.policy(), desired_replicas=record.scale.target,
+                         replicas=replicas, last_error=record.last_error, created_at=record.created_at)
+
+    def _model_state(self, alias: str) -> ModelState:
+        """A model's state is its route's: the table is rebuilt whenever a replica changes state."""
         route = self._table.models.get(alias)
-        return ModelInfo(alias=alias, model_name=spec.model_name,
-                         state=route.state if route else ModelState.COLD, engine=record.engine(),
-                         policy=record.policy(), desired_replicas=record.scale.target, replicas=replicas,
-                         last_error=record.last_error, created_at=record.created_at)
+        return route.state if route else ModelState.COLD
 
     def list_models(self) -> list[ModelInfo]:
         return [self.model_info(alias) for alias in self._models]
@@ -459,11 +462,9 @@ class ManagerCore:
                    for w in self._workers.all()]
         models = []
         for alias, record in self._models.items():
-            route = self._table.models.get(alias)
             replicas = tuple(ReplicaRow(r.replica_id, r.worker_id, ",".join(map(str, r.gpus)) or "cpu", r.state.value)
                              for r in self._replicas.of_alias(alias))
-            models.append(ModelRow(alias, (route.state if route else ModelState.COLD).value, record.scale.target,
-                                   replicas))
+            models.append(ModelRow(alias, self._model_state(alias).value, record.scale.target, replicas))
         return FleetSnapshot(workers, models, dataclasses.replace(self.stats))
 
     def sd_targets(self, kind: sd.SDKind = "engines") -> list[dict[str, Any]]:
