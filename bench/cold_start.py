@@ -57,8 +57,14 @@ from common import (
 )
 
 ALIAS = "tiny"
-REQUEST = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-           "stream": True}
+REQUEST = {
+    "model": ALIAS,
+    "prompt": "Once upon a time",
+    "max_tokens": 8,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+}
 
 
 def first_token(url: str, headers: dict[str, str], timeout: float) -> float:
@@ -106,11 +112,18 @@ class EngineWatch(threading.Thread):
 def reference(procs: Procs, model: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
     port = free_port()
     t0 = time.perf_counter()
-    proc = procs.start(f"vllm-direct-{port}", engine_command(model, ALIAS, port),
-                       {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")} | {"PYTHONUNBUFFERED": "1"})
+    proc = procs.start(
+        f"vllm-direct-{port}",
+        engine_command(model, ALIAS, port),
+        {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")} | {"PYTHONUNBUFFERED": "1"},
+    )
     try:
-        wait_until(lambda: proc.check() or http_ok(f"http://127.0.0.1:{port}/health"), timeout, interval=0.1,
-                   what="vLLM started by hand")
+        wait_until(
+            lambda: proc.check() or http_ok(f"http://127.0.0.1:{port}/health"),
+            timeout,
+            interval=0.1,
+            what="vLLM started by hand",
+        )
         healthy = time.perf_counter()
         tok = first_token(f"http://127.0.0.1:{port}", {}, 60)
     finally:
@@ -129,15 +142,24 @@ def ours(router: str, headers: dict[str, str], marker: str, timeout: float) -> d
         watch.join(5)
     out: dict[str, Any] = {"ttft_s": round(tok - t0, 3)}
     if watch.spawned is not None and watch.healthy is not None:
-        out["phases_s"] = {"placement_and_spawn": round(watch.spawned - t0, 3),
-                           "engine_boot": round(watch.healthy - watch.spawned, 3),
-                           "ready_to_first_token": round(tok - watch.healthy, 3)}
+        out["phases_s"] = {
+            "placement_and_spawn": round(watch.spawned - t0, 3),
+            "engine_boot": round(watch.healthy - watch.spawned, 3),
+            "ready_to_first_token": round(tok - watch.healthy, 3),
+        }
     return out
 
 
 def wait_cold(router: str, headers: dict[str, str], marker: str, timeout: float) -> None:
-    wait_until(lambda: httpx.get(f"{router}/v1/models/{ALIAS}", headers=headers, timeout=10).json()["state"] == "cold"
-               and not pids_matching(ENGINE_MODULE, marker), timeout, interval=0.5, what="scale to zero")
+    wait_until(
+        lambda: (
+            httpx.get(f"{router}/v1/models/{ALIAS}", headers=headers, timeout=10).json()["state"] == "cold"
+            and not pids_matching(ENGINE_MODULE, marker)
+        ),
+        timeout,
+        interval=0.5,
+        what="scale to zero",
+    )
 
 
 def main() -> None:
@@ -154,38 +176,82 @@ def main() -> None:
     env = {**base_env(procs.tmp), **auth, "HEARTBEAT_INTERVAL": "5", "CPU_SLOTS": "1"}
     admin = {"authorization": f"Bearer {auth['SVLLM_ADMIN_KEY']}"}
     client = {"authorization": f"Bearer {client_key}"}
-    result: dict[str, Any] = {"benchmark": "cold_start", "command": " ".join(["python", *sys.argv]),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-                              "settings": {"rounds": rounds, "request": REQUEST, "engine_args": "--dtype auto "
-                                           "--tensor-parallel-size 1 --max-model-len 512 --enforce-eager",
-                                           "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"],
-                                           "worker_heartbeat_interval_s": env["HEARTBEAT_INTERVAL"]},
-                              "gpu_wake_from_sleep": "not measured: no GPU on this machine (the CPU build of vLLM "
-                                                     "refuses --enable-sleep-mode)"}
+    result: dict[str, Any] = {
+        "benchmark": "cold_start",
+        "command": " ".join(["python", *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "settings": {
+            "rounds": rounds,
+            "request": REQUEST,
+            "engine_args": "--dtype auto --tensor-parallel-size 1 --max-model-len 512 --enforce-eager",
+            "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"],
+            "worker_heartbeat_interval_s": env["HEARTBEAT_INTERVAL"],
+        },
+        "gpu_wake_from_sleep": "not measured: no GPU on this machine (the CPU build of vLLM "
+        "refuses --enable-sleep-mode)",
+    }
     runs: list[dict[str, Any]] = []
     try:
         model = tiny_model(procs.tmp)
         mport, rport, wport = free_port(), free_port(), free_port()
         manager = procs.start("manager", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)], env)
         wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 60, what="manager")
-        router = procs.start("router", [SVLLM, "router", "--host", "127.0.0.1", "--port", str(rport),
-                                        "--manager-url", f"http://127.0.0.1:{mport}"], env)
+        router = procs.start(
+            "router",
+            [
+                SVLLM,
+                "router",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(rport),
+                "--manager-url",
+                f"http://127.0.0.1:{mport}",
+            ],
+            env,
+        )
         url = f"http://127.0.0.1:{rport}"
         wait_until(lambda: router.check() or http_ok(f"{url}/health"), 60, what="router")
-        worker = procs.start("worker", [SVLLM, "worker", "--worker-id", "bench-w1", "--host", "127.0.0.1",
-                                        "--port", str(wport), "--manager-url", f"http://127.0.0.1:{mport}"], env)
+        worker = procs.start(
+            "worker",
+            [
+                SVLLM,
+                "worker",
+                "--worker-id",
+                "bench-w1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(wport),
+                "--manager-url",
+                f"http://127.0.0.1:{mport}",
+            ],
+            env,
+        )
         wait_until(lambda: worker.check() or http_ok(f"http://127.0.0.1:{wport}/health"), 60, what="worker")
-        spec = {"alias": ALIAS, "model_name": str(model), "max_model_len": 512, "min_replicas": 0, "max_replicas": 1,
-                "idle_timeout_s": a.idle_timeout, "preload": False}
+        spec = {
+            "alias": ALIAS,
+            "model_name": str(model),
+            "max_model_len": 512,
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "idle_timeout_s": a.idle_timeout,
+            "preload": False,
+        }
         httpx.post(f"{url}/v1/models/register", json=spec, headers=admin, timeout=60).raise_for_status()
-        wait_until(lambda: "bench-w1" in httpx.get(f"{url}/workers", headers=admin, timeout=10).text, 60,
-                   what="worker registered")
+        wait_until(
+            lambda: "bench-w1" in httpx.get(f"{url}/workers", headers=admin, timeout=10).text,
+            60,
+            what="worker registered",
+        )
         # One start first, not timed: the page cache holds vLLM's files for every timed start alike.
         log("warm-up start (not timed)")
         ours(url, client, str(procs.tmp / "models"), 900)
         wait_cold(url, admin, str(procs.tmp / "models"), 300)
-        result["quiet"] = wait_for_quiet(a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400),
-                                         own_marker=str(procs.tmp))
+        result["quiet"] = wait_for_quiet(
+            a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400), own_marker=str(procs.tmp)
+        )
         for r in range(rounds):
             order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
             for kind in order:
@@ -200,11 +266,14 @@ def main() -> None:
         ref = [r["ttft_s"] for r in runs if r["kind"] == "reference"]
         our = [r["ttft_s"] for r in runs if r["kind"] == "ours"]
         result["summary"] = {
-            "reference_ttft_s": summary(ref), "ours_ttft_s": summary(our),
+            "reference_ttft_s": summary(ref),
+            "ours_ttft_s": summary(our),
             "ratio_median": ratio(median(our), median(ref)),
             "added_s_median": round(median(our) - median(ref), 3),
-            "ours_phases_median_s": {k: median([r["phases_s"][k] for r in runs if "phases_s" in r])
-                                     for k in ("placement_and_spawn", "engine_boot", "ready_to_first_token")},
+            "ours_phases_median_s": {
+                k: median([r["phases_s"][k] for r in runs if "phases_s" in r])
+                for k in ("placement_and_spawn", "engine_boot", "ready_to_first_token")
+            },
             "reference_engine_ready_median_s": median([r["engine_ready_s"] for r in runs if r["kind"] == "reference"]),
         }
         result["runs"] = runs

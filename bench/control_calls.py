@@ -63,8 +63,15 @@ def make_registry(db: Path, models: int) -> None:
 
     store = ModelStore(str(db))
     for i in range(models):
-        store.save(ModelSpec(alias=f"model-{i:05d}", model_name=f"org/model-{i % 50}", max_model_len=4096,
-                             gpu_memory_utilization=0.3, preload=False))
+        store.save(
+            ModelSpec(
+                alias=f"model-{i:05d}",
+                model_name=f"org/model-{i % 50}",
+                max_model_len=4096,
+                gpu_memory_utilization=0.3,
+                preload=False,
+            )
+        )
     store.close()
 
 
@@ -96,8 +103,9 @@ async def time_calls(client: Any, calls: int, alias: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- part 1
 
 
-def part1(procs: Procs, env: dict[str, str], admin: dict[str, str], models: int, calls: int,
-          blocks: int) -> dict[str, Any]:
+def part1(
+    procs: Procs, env: dict[str, str], admin: dict[str, str], models: int, calls: int, blocks: int
+) -> dict[str, Any]:
     import ray
     from serverless_vllm.config import AuthSettings, ManagerSettings
     from serverless_vllm.manager.http_client import HTTPManagerClient
@@ -108,8 +116,11 @@ def part1(procs: Procs, env: dict[str, str], admin: dict[str, str], models: int,
     make_registry(db, models)
     shutil.copy(db, procs.tmp / f"registry-{models}-ray.db")
     mport = free_port()
-    manager = procs.start(f"manager-{models}", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)],
-                          {**env, "MANAGER_DB": str(db)})
+    manager = procs.start(
+        f"manager-{models}",
+        [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)],
+        {**env, "MANAGER_DB": str(db)},
+    )
     wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 120, what="manager")
 
     settings = ManagerSettings(db_path=str(procs.tmp / f"registry-{models}-ray.db"), heartbeat_timeout=30)
@@ -136,16 +147,23 @@ def part1(procs: Procs, env: dict[str, str], admin: dict[str, str], models: int,
     manager.stop()
     out: dict[str, Any] = {"models": models, "calls_per_block": calls, "blocks": blocks, "blocks_raw": per}
     for label in ("http", "ray"):
-        out[label] = {op: {k: _median([blk[op][k] for blk in per[label]]) for k in ("p50", "p99")}
-                      for op in ("wait_routing", "report_demand", "get_model", "health")}
-    out["http_over_ray_p50"] = {op: ratio(out["http"][op]["p50"], out["ray"][op]["p50"], 2)
-                                for op in ("wait_routing", "report_demand", "get_model", "health")}
+        out[label] = {
+            op: {k: _median([blk[op][k] for blk in per[label]]) for k in ("p50", "p99")}
+            for op in ("wait_routing", "report_demand", "get_model", "health")
+        }
+    out["http_over_ray_p50"] = {
+        op: ratio(out["http"][op]["p50"], out["ray"][op]["p50"], 2)
+        for op in ("wait_routing", "report_demand", "get_model", "health")
+    }
     return out
 
 
 def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2] if len(values) % 2 else sum(sorted(values)[len(values) // 2 - 1:
-                                                                                 len(values) // 2 + 1]) / 2
+    return (
+        sorted(values)[len(values) // 2]
+        if len(values) % 2
+        else sum(sorted(values)[len(values) // 2 - 1 : len(values) // 2 + 1]) / 2
+    )
 
 
 # --------------------------------------------------------------------------- part 2
@@ -179,8 +197,9 @@ class CountingManager:
             return dict(self.counts)
 
 
-def part2(procs: Procs, env: dict[str, str], admin: dict[str, str], client_key: str, burst_s: float,
-          concurrency: int) -> dict[str, Any]:
+def part2(
+    procs: Procs, env: dict[str, str], admin: dict[str, str], client_key: str, burst_s: float, concurrency: int
+) -> dict[str, Any]:
     import uvicorn
     from serverless_vllm.config import AuthSettings, RouterSettings
     from serverless_vllm.manager.http_client import HTTPManagerClient
@@ -190,8 +209,22 @@ def part2(procs: Procs, env: dict[str, str], admin: dict[str, str], client_key: 
     mport, rport, wport = free_port(), free_port(), free_port()
     manager = procs.start("manager", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)], env)
     wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 60, what="manager")
-    worker = procs.start("worker", [SVLLM, "worker", "--worker-id", "bench-w1", "--host", "127.0.0.1", "--port",
-                                    str(wport), "--manager-url", f"http://127.0.0.1:{mport}"], {**env, "CPU_SLOTS": "1"})
+    worker = procs.start(
+        "worker",
+        [
+            SVLLM,
+            "worker",
+            "--worker-id",
+            "bench-w1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(wport),
+            "--manager-url",
+            f"http://127.0.0.1:{mport}",
+        ],
+        {**env, "CPU_SLOTS": "1"},
+    )
     wait_until(lambda: worker.check() or http_ok(f"http://127.0.0.1:{wport}/health"), 60, what="worker")
 
     # The router, in this process, with the real app and a counting ManagerAPI client.
@@ -204,8 +237,9 @@ def part2(procs: Procs, env: dict[str, str], admin: dict[str, str], client_key: 
         counting["m"] = CountingManager(HTTPManagerClient(f"http://127.0.0.1:{mport}", headers=auth.admin_headers()))
         return counting["m"]
 
-    settings = RouterSettings(host="127.0.0.1", port=rport, manager_url=f"http://127.0.0.1:{mport}",
-                              router_id="bench-counting-router")
+    settings = RouterSettings(
+        host="127.0.0.1", port=rport, manager_url=f"http://127.0.0.1:{mport}", router_id="bench-counting-router"
+    )
     app = create_router_app(settings, factory, auth=auth)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=rport, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name="router", daemon=True)
@@ -214,17 +248,51 @@ def part2(procs: Procs, env: dict[str, str], admin: dict[str, str], client_key: 
     url = f"http://127.0.0.1:{rport}"
     wait_until(lambda: http_ok(f"{url}/health"), 60, what="in-process router")
 
-    spec = {"alias": "tiny", "model_name": str(model), "max_model_len": 512, "min_replicas": 1, "max_replicas": 1,
-            "idle_timeout_s": 3600, "preload": True}
+    spec = {
+        "alias": "tiny",
+        "model_name": str(model),
+        "max_model_len": 512,
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "idle_timeout_s": 3600,
+        "preload": True,
+    }
     httpx.post(f"{url}/v1/models/register", json=spec, headers=admin, timeout=60).raise_for_status()
     log("waiting for the engine to start")
-    wait_until(lambda: httpx.get(f"{url}/v1/models/tiny", headers=admin, timeout=10).json()["state"] == "ready",
-               900, interval=1, what="engine ready")
+    wait_until(
+        lambda: httpx.get(f"{url}/v1/models/tiny", headers=admin, timeout=10).json()["state"] == "ready",
+        900,
+        interval=1,
+        what="engine ready",
+    )
     body = procs.tmp / "body.json"
-    body.write_text(json.dumps({"model": "tiny", "prompt": "Hello there, how are you?", "max_tokens": 4,
-                                "temperature": 0, "ignore_eos": True}))
-    hey = ["hey", "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", str(body), "-o", "csv",
-           "-H", f"authorization: Bearer {client_key}", f"{url}/v1/completions"]
+    body.write_text(
+        json.dumps(
+            {
+                "model": "tiny",
+                "prompt": "Hello there, how are you?",
+                "max_tokens": 4,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+        )
+    )
+    hey = [
+        "hey",
+        "-c",
+        str(concurrency),
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-D",
+        str(body),
+        "-o",
+        "csv",
+        "-H",
+        f"authorization: Bearer {client_key}",
+        f"{url}/v1/completions",
+    ]
     subprocess.run([*hey[:1], "-n", "20", *hey[1:]], capture_output=True, timeout=120)  # warm-up
     time.sleep(2.5)  # let the demand report of the warm-up go out
     meter = CPUMeter({"manager": lambda: [manager.pid]})
@@ -239,12 +307,17 @@ def part2(procs: Procs, env: dict[str, str], admin: dict[str, str], client_key: 
     ok = sum(1 for line in lines if line.split(",")[6] == "200")
     calls = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))}
     calls = {k: v for k, v in calls.items() if v}
-    return {"burst_s": round(elapsed, 2), "concurrency": concurrency, "requests_ok": ok,
-            "requests_failed": len(lines) - ok, "manager_calls_during_burst": calls,
-            "per_request_calls": {k: round(v / max(1, ok), 5) for k, v in calls.items()},
-            "manager_cpu_s_during_burst": cpu.get("manager"),
-            "note": "report_demand is the router's periodic load report (report_interval_s = 1 s), not per request; "
-                    "wait_routing is the pending long-poll (counted when issued)"}
+    return {
+        "burst_s": round(elapsed, 2),
+        "concurrency": concurrency,
+        "requests_ok": ok,
+        "requests_failed": len(lines) - ok,
+        "manager_calls_during_burst": calls,
+        "per_request_calls": {k: round(v / max(1, ok), 5) for k, v in calls.items()},
+        "manager_cpu_s_during_burst": cpu.get("manager"),
+        "note": "report_demand is the router's periodic load report (report_interval_s = 1 s), not per request; "
+        "wait_routing is the pending long-poll (counted when issued)",
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -272,14 +345,19 @@ def main() -> None:
     env = {**base_env(procs.tmp), **auth}
     os.environ.update(auth)  # the actor's credentials come from this process (AuthSettings.from_env)
     admin = {"authorization": f"Bearer {auth['SVLLM_ADMIN_KEY']}"}
-    result: dict[str, Any] = {"benchmark": "control_calls", "command": " ".join(["python", *sys.argv]),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-                              "settings": {"registry_sizes": sizes, "calls": calls, "blocks": blocks, "burst_s": burst}}
+    result: dict[str, Any] = {
+        "benchmark": "control_calls",
+        "command": " ".join(["python", *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "settings": {"registry_sizes": sizes, "calls": calls, "blocks": blocks, "burst_s": burst},
+    }
     import ray
 
     try:
-        result["quiet"] = wait_for_quiet(a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400),
-                                         own_marker=str(procs.tmp))
+        result["quiet"] = wait_for_quiet(
+            a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400), own_marker=str(procs.tmp)
+        )
         cluster = RayCluster(procs).start()
         ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
         procs.cleanups.append(ray.shutdown)
@@ -290,8 +368,10 @@ def main() -> None:
             log(f"control calls with {n} registered models")
             res = part1(procs, env, admin, n, calls, blocks)
             result["calls"].append(res)
-            log(f"  p50 us http {[res['http'][op]['p50'] for op in res['http']]} "
-                f"ray {[res['ray'][op]['p50'] for op in res['ray']]}")
+            log(
+                f"  p50 us http {[res['http'][op]['p50'] for op in res['http']]} "
+                f"ray {[res['ray'][op]['p50'] for op in res['ray']]}"
+            )
         ray.shutdown()
         if not a.skip_burst:
             result["burst"] = part2(procs, env, admin, client_key, burst, 8)

@@ -100,11 +100,26 @@ class Setup:
         model = tiny_model(self.tmp)
         mport, rport, wport = free_port(), free_port(), free_port()
         # The HTTP manager keeps the worker healthy after it moves to the manager actor (see the module doc).
-        manager = self.procs.start("manager", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)],
-                                   {**self.env, "HEARTBEAT_TIMEOUT": "1000000"})
+        manager = self.procs.start(
+            "manager",
+            [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)],
+            {**self.env, "HEARTBEAT_TIMEOUT": "1000000"},
+        )
         wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 60, what="manager")
-        router = self.procs.start("router", [SVLLM, "router", "--host", "127.0.0.1", "--port", str(rport),
-                                             "--manager-url", f"http://127.0.0.1:{mport}"], self.env)
+        router = self.procs.start(
+            "router",
+            [
+                SVLLM,
+                "router",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(rport),
+                "--manager-url",
+                f"http://127.0.0.1:{mport}",
+            ],
+            self.env,
+        )
         wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{rport}/health"), 60, what="router")
         self.forwarder = SwitchableForwarder(("127.0.0.1", mport)).start()
         self.procs.cleanups.append(self.forwarder.stop)
@@ -112,14 +127,36 @@ class Setup:
         if a.fake_engine:
             # The worker's engine command imports bench/fake_vllm instead of vLLM (see its docstring).
             worker_env.update(PYTHONPATH=str(FAKE_VLLM), FAKE_TOKEN_INTERVAL_MS=str(a.fake_interval_ms))
-        worker = self.procs.start("worker", [SVLLM, "worker", "--worker-id", "bench-w1", "--host", "127.0.0.1",
-                                             "--port", str(wport), "--manager-url", self.forwarder.url,
-                                             "--public-url", f"http://127.0.0.1:{wport}"], worker_env)
+        worker = self.procs.start(
+            "worker",
+            [
+                SVLLM,
+                "worker",
+                "--worker-id",
+                "bench-w1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(wport),
+                "--manager-url",
+                self.forwarder.url,
+                "--public-url",
+                f"http://127.0.0.1:{wport}",
+            ],
+            worker_env,
+        )
         wait_until(lambda: worker.check() or http_ok(f"http://127.0.0.1:{wport}/health"), 60, what="worker")
         self.urls["ours_http"] = f"http://127.0.0.1:{rport}"
         self.pids.update(manager=manager.pid, router=router.pid, worker=worker.pid)
-        spec = {"alias": ALIAS, "model_name": str(model), "max_model_len": 512, "min_replicas": a.replicas,
-                "max_replicas": a.replicas, "idle_timeout_s": 7 * 24 * 3600, "preload": True}
+        spec = {
+            "alias": ALIAS,
+            "model_name": str(model),
+            "max_model_len": 512,
+            "min_replicas": a.replicas,
+            "max_replicas": a.replicas,
+            "idle_timeout_s": 7 * 24 * 3600,
+            "preload": True,
+        }
         resp = httpx.post(f"{self.urls['ours_http']}/v1/models/register", json=spec, headers=self.admin, timeout=60)
         resp.raise_for_status()
         log("waiting for the engine(s) to start")
@@ -148,11 +185,13 @@ class Setup:
         """A second router process with the same app and one thing changed, next to the product's own:
         `asyncio` (served on asyncio's own event loop and h11, instead of the default uvloop and httptools)."""
         port = free_port()
-        code = ("import uvicorn; from serverless_vllm.cli import router_app; "
-                "from serverless_vllm.config import RouterSettings; "
-                f"s = RouterSettings.from_env(host='127.0.0.1', port={port}, manager_url='http://127.0.0.1:{mport}'); "
-                f"uvicorn.Server(uvicorn.Config(router_app(s), host='127.0.0.1', port={port}, log_level='warning', "
-                "access_log=False, loop='asyncio', http='h11')).run()")
+        code = (
+            "import uvicorn; from serverless_vllm.cli import router_app; "
+            "from serverless_vllm.config import RouterSettings; "
+            f"s = RouterSettings.from_env(host='127.0.0.1', port={port}, manager_url='http://127.0.0.1:{mport}'); "
+            f"uvicorn.Server(uvicorn.Config(router_app(s), host='127.0.0.1', port={port}, log_level='warning', "
+            "access_log=False, loop='asyncio', http='h11')).run()"
+        )
         router = self.procs.start(f"router-{variant}", [sys.executable, "-c", code], self.env)
         wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), 60, what=f"router {variant}")
         self.urls[f"ours_http_{variant}"] = f"http://127.0.0.1:{port}"
@@ -162,12 +201,27 @@ class Setup:
         if not RUST_ROUTER.exists():
             raise SystemExit(f"{RUST_ROUTER} missing: run `bash bench/setup.sh` first")
         port = free_port()
-        rust = self.procs.start("vllm-router", [
-            str(RUST_ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy",
-            # Its power_of_two refuses a single worker; with one engine every policy sends it everything.
-            "power_of_two" if len(self.engine_ports) > 1 else "round_robin",
-            "--worker-urls", *[f"http://127.0.0.1:{p}" for p in self.engine_ports],
-            "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1", "--log-level", "warning"])
+        rust = self.procs.start(
+            "vllm-router",
+            [
+                str(RUST_ROUTER),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--policy",
+                # Its power_of_two refuses a single worker; with one engine every policy sends it everything.
+                "power_of_two" if len(self.engine_ports) > 1 else "round_robin",
+                "--worker-urls",
+                *[f"http://127.0.0.1:{p}" for p in self.engine_ports],
+                "--prometheus-port",
+                str(free_port()),
+                "--prometheus-host",
+                "127.0.0.1",
+                "--log-level",
+                "warning",
+            ],
+        )
         wait_until(lambda: rust.check() or http_ok(f"http://127.0.0.1:{port}/health"), 120, what="vllm-router")
         self.urls["rust"] = f"http://127.0.0.1:{port}"
         self.pids["rust"] = rust.pid
@@ -179,17 +233,45 @@ class Setup:
         self.procs.cleanups.append(self.cluster._kill_leftovers)
         sport = free_port()
         env = {**self.env, "MANAGER_DB": str(self.tmp / "ray-manager.db"), "HEARTBEAT_TIMEOUT": "30"}
-        deploy = subprocess.run([SVLLM, "ray-services", "--address", self.cluster.address, "--namespace", NAMESPACE,
-                                 "--host", "127.0.0.1", "--port", str(sport), "--proxy-port", str(free_port()),
-                                 "--ingress", self.args.hybrid_ingress, "--replicas", "1", "--detach"],
-                                env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        deploy = subprocess.run(
+            [
+                SVLLM,
+                "ray-services",
+                "--address",
+                self.cluster.address,
+                "--namespace",
+                NAMESPACE,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sport),
+                "--proxy-port",
+                str(free_port()),
+                "--ingress",
+                self.args.hybrid_ingress,
+                "--replicas",
+                "1",
+                "--detach",
+            ],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if deploy.returncode != 0:
             raise RuntimeError(f"ray-services failed: {deploy.stdout[-2000:]}{deploy.stderr[-4000:]}")
         url = f"http://127.0.0.1:{sport}"
         wait_until(lambda: http_ok(f"{url}/health"), 120, what="Serve router")
         # Same spec, no preload: the actor places nothing; it adopts the engine when the worker registers.
-        spec = {"alias": ALIAS, "model_name": str(model), "max_model_len": 512, "min_replicas": 0,
-                "max_replicas": self.args.replicas, "idle_timeout_s": 7 * 24 * 3600, "preload": False}
+        spec = {
+            "alias": ALIAS,
+            "model_name": str(model),
+            "max_model_len": 512,
+            "min_replicas": 0,
+            "max_replicas": self.args.replicas,
+            "idle_timeout_s": 7 * 24 * 3600,
+            "preload": False,
+        }
         httpx.post(f"{url}/v1/models/register", json=spec, headers=self.admin, timeout=60).raise_for_status()
         self.forwarder.switch(("127.0.0.1", sport))
         wait_until(lambda: self._ready(url, self.args.replicas), 120, interval=1, what="engine adopted by the actor")
@@ -200,8 +282,12 @@ class Setup:
 
     def cpu_groups(self) -> dict[str, Any]:
         engines = lambda: {p for port in self.engine_ports for p in _engine_tree(port)}  # noqa: E731
-        groups: dict[str, Any] = {"engine": engines, "router": lambda: [self.pids["router"]],
-                                  "worker": lambda: [self.pids["worker"]], "manager": lambda: [self.pids["manager"]]}
+        groups: dict[str, Any] = {
+            "engine": engines,
+            "router": lambda: [self.pids["router"]],
+            "worker": lambda: [self.pids["worker"]],
+            "manager": lambda: [self.pids["manager"]],
+        }
         if "rust" in self.pids:
             groups["rust"] = lambda: [self.pids["rust"]]
         for key in [k for k in self.pids if k.startswith("router_")]:
@@ -227,14 +313,36 @@ def _engine_tree(port: int) -> set[int]:
 
 
 def body(max_tokens: int, stream: bool = False) -> dict[str, Any]:
-    return {"model": ALIAS, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": stream}
+    return {
+        "model": ALIAS,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
-def run_hey(url: str, headers: dict[str, str], concurrency: int, duration_s: float, body_path: Path,
-            meter: CPUMeter | None) -> dict[str, Any]:
-    cmd = ["hey", "-z", f"{duration_s}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json",
-           "-D", str(body_path), "-o", "csv", "-t", "60"]
+def run_hey(
+    url: str, headers: dict[str, str], concurrency: int, duration_s: float, body_path: Path, meter: CPUMeter | None
+) -> dict[str, Any]:
+    cmd = [
+        "hey",
+        "-z",
+        f"{duration_s}s",
+        "-c",
+        str(concurrency),
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-D",
+        str(body_path),
+        "-o",
+        "csv",
+        "-t",
+        "60",
+    ]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
     cmd.append(f"{url}/v1/completions")
@@ -256,22 +364,60 @@ def run_hey(url: str, headers: dict[str, str], concurrency: int, duration_s: flo
         end = max(end, float(row["offset"]) + float(row["response-time"]))
     if not lat:
         raise RuntimeError(f"hey got no answer from {url}: {err.decode()[-500:]}")
-    return {"ok": ok, "errors": bad, "rps": round(ok / end, 2) if end else None,
-            "latency_ms": summary(lat, 1000.0), "cpu_s": cpu}
+    return {
+        "ok": ok,
+        "errors": bad,
+        "rps": round(ok / end, 2) if end else None,
+        "latency_ms": summary(lat, 1000.0),
+        "cpu_s": cpu,
+    }
 
 
 # --------------------------------------------------------------------------- streaming: vLLM's client
 
 
-def vllm_bench_runs(setup: Setup, label: str, concurrency: int, prompts: int, output_len: int,
-                    model: Path) -> dict[str, Any]:
-    return {"label": label, "args": [
-        "--backend", "openai", "--base-url", setup.urls[label.split("|")[0]], "--endpoint", "/v1/completions",
-        "--model", ALIAS, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "32",
-        "--random-output-len", str(output_len), "--ignore-eos", "--num-prompts", str(prompts),
-        "--max-concurrency", str(concurrency), "--request-rate", "inf", "--disable-tqdm", "--num-warmups", "0",
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--ready-check-timeout-sec", "0", "--header", f"authorization=Bearer {setup.client_key}"]}
+def vllm_bench_runs(
+    setup: Setup, label: str, concurrency: int, prompts: int, output_len: int, model: Path
+) -> dict[str, Any]:
+    return {
+        "label": label,
+        "args": [
+            "--backend",
+            "openai",
+            "--base-url",
+            setup.urls[label.split("|")[0]],
+            "--endpoint",
+            "/v1/completions",
+            "--model",
+            ALIAS,
+            "--tokenizer",
+            str(model),
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "32",
+            "--random-output-len",
+            str(output_len),
+            "--ignore-eos",
+            "--num-prompts",
+            str(prompts),
+            "--max-concurrency",
+            str(concurrency),
+            "--request-rate",
+            "inf",
+            "--disable-tqdm",
+            "--num-warmups",
+            "0",
+            "--percentile-metrics",
+            "ttft,tpot,itl,e2el",
+            "--metric-percentiles",
+            "50,99",
+            "--ready-check-timeout-sec",
+            "0",
+            "--header",
+            f"authorization=Bearer {setup.client_key}",
+        ],
+    }
 
 
 def run_vllm_bench(runs: list[dict[str, Any]], tmp: Path, timeout: float) -> list[dict[str, Any]]:
@@ -279,8 +425,13 @@ def run_vllm_bench(runs: list[dict[str, Any]], tmp: Path, timeout: float) -> lis
     runs_path.write_text(json.dumps(runs))
     out_path.unlink(missing_ok=True)
     with open(tmp / "vllm-bench.log", "ab") as logf:
-        subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_bench_runner.py")), str(runs_path),
-                        str(out_path)], stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, check=True)
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("vllm_bench_runner.py")), str(runs_path), str(out_path)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=True,
+        )
     return json.loads(out_path.read_text())
 
 
@@ -300,8 +451,12 @@ async def chunk_gaps(url: str, headers: dict[str, str], requests: int, max_token
             t0 = time.perf_counter()
             times: list[float] = []
             buf = b""
-            async with client.stream("POST", f"{url}/v1/completions", content=payload,
-                                     headers={**headers, "content-type": "application/json"}) as resp:
+            async with client.stream(
+                "POST",
+                f"{url}/v1/completions",
+                content=payload,
+                headers={**headers, "content-type": "application/json"},
+            ) as resp:
                 resp.raise_for_status()
                 async for chunk in resp.aiter_raw():
                     now = time.perf_counter()
@@ -316,9 +471,13 @@ async def chunk_gaps(url: str, headers: dict[str, str], requests: int, max_token
             if times:
                 ttft.append(times[0] - t0)
                 gaps.extend(b - a for a, b in itertools.pairwise(times))
-    return {"requests": requests, "events_per_response": summary(events_per_response),
-            "events_per_read": round(events_total / max(1, reads), 3), "gap_ms": summary(gaps, 1000.0),
-            "ttft_ms": summary(ttft, 1000.0)}
+    return {
+        "requests": requests,
+        "events_per_response": summary(events_per_response),
+        "events_per_read": round(events_total / max(1, reads), 3),
+        "gap_ms": summary(gaps, 1000.0),
+        "ttft_ms": summary(ttft, 1000.0),
+    }
 
 
 # --------------------------------------------------------------------------- profiling
@@ -335,9 +494,25 @@ def profile(setup: Setup, body_path: Path, concurrency: int, seconds: int) -> di
         targets.append(("hybrid_replica", int(router_id.rsplit("-", 1)[1]), "ours_hybrid"))
     for name, pid, config in targets:
         raw = setup.tmp / f"profile-{name}.txt"
-        spy = subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--duration",
-                                str(seconds), "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(raw)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            [
+                str(VENV_BIN / "py-spy"),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(seconds),
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(1.0)
         run_hey(setup.urls[config], setup.headers, concurrency, seconds - 2, body_path, None)
         spy.wait(60)
@@ -367,7 +542,7 @@ def top_frames(raw: Path, n: int = 25) -> dict[str, Any]:
             total[f] += c
         # Which library the leaf frame lives in (own time by package).
         leaf = frames[-1]
-        path = leaf[leaf.find("(") + 1: leaf.rfind(")")] if "(" in leaf else leaf
+        path = leaf[leaf.find("(") + 1 : leaf.rfind(")")] if "(" in leaf else leaf
         by_file[_package(path)] += c
 
     def share(d: dict[str, int]) -> list[tuple[str, float]]:
@@ -376,16 +551,25 @@ def top_frames(raw: Path, n: int = 25) -> dict[str, Any]:
     categories: dict[str, int] = defaultdict(int)
     for frame, c in own.items():
         categories[_category(frame)] += c
-    return {"busy_samples": samples, "own_by_category_pct": share(categories), "own_pct": share(own),
-            "total_pct": share(total), "own_by_package_pct": share(by_file)}
+    return {
+        "busy_samples": samples,
+        "own_by_category_pct": share(categories),
+        "own_pct": share(own),
+        "total_pct": share(total),
+        "own_by_package_pct": share(by_file),
+    }
 
 
 _CATEGORIES = (
     ("socket writes (kernel: loopback TCP send)", ("_SelectorSocketTransport.write", "UVStream.write")),
-    ("HTTP client (serverless_vllm.http1 for the relay; httpx for control)",
-     ("serverless_vllm/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/")),
-    ("HTTP server and framework (uvicorn, starlette, fastapi, anyio)",
-     ("uvicorn/", "starlette/", "fastapi/", "anyio/", "serverless_vllm/server_protocol")),
+    (
+        "HTTP client (serverless_vllm.http1 for the relay; httpx for control)",
+        ("serverless_vllm/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/"),
+    ),
+    (
+        "HTTP server and framework (uvicorn, starlette, fastapi, anyio)",
+        ("uvicorn/", "starlette/", "fastapi/", "anyio/", "serverless_vllm/server_protocol"),
+    ),
     ("Ray Serve and Ray (replica bookkeeping, metrics, core worker)", ("ray/",)),
     ("serverless_vllm (router, worker, auth, metrics)", ("serverless_vllm/", "auth.py", "inference.py")),
     ("event loop (asyncio)", ("asyncio/",)),
@@ -420,17 +604,32 @@ def main() -> None:
     p.add_argument("--stream-tokens", type=int, default=16, help="output tokens of streaming requests")
     p.add_argument("--replicas", type=int, default=1, help="engines behind every router (direct needs 1)")
     p.add_argument("--no-hybrid", action="store_true")
-    p.add_argument("--hybrid-ingress", choices=("direct", "proxy"), default="direct",
-                   help="how requests reach the hybrid router replica (svllm ray-services --ingress)")
+    p.add_argument(
+        "--hybrid-ingress",
+        choices=("direct", "proxy"),
+        default="direct",
+        help="how requests reach the hybrid router replica (svllm ray-services --ingress)",
+    )
     p.add_argument("--no-rust", action="store_true")
     p.add_argument("--no-stream", action="store_true")
-    p.add_argument("--profile", action="store_true", help="py-spy the router, the worker and the hybrid router replica at the top concurrency")
-    p.add_argument("--fake-engine", action="store_true",
-                   help="an instant stand-in for vLLM behind every path (bench/fake_vllm): the proxies' own cost")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the router, the worker and the hybrid router replica at the top concurrency",
+    )
+    p.add_argument(
+        "--fake-engine",
+        action="store_true",
+        help="an instant stand-in for vLLM behind every path (bench/fake_vllm): the proxies' own cost",
+    )
     p.add_argument("--fake-interval-ms", type=float, default=10.0, help="token interval of the stand-in's streams")
-    p.add_argument("--extra-router", action="append", choices=("asyncio",),
-                   help="also measure a router variant (config ours_http_<variant>): served on asyncio's own loop "
-                        "and h11 instead of uvloop and httptools")
+    p.add_argument(
+        "--extra-router",
+        action="append",
+        choices=("asyncio",),
+        help="also measure a router variant (config ours_http_<variant>): served on asyncio's own loop "
+        "and h11 instead of uvloop and httptools",
+    )
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 2400, quick 0)")
     p.add_argument("--out", default=None, help="results name (default hot_path or hot_path_quick)")
     a = p.parse_args()
@@ -442,51 +641,72 @@ def main() -> None:
     name = a.out or ("hot_path" + ("_fake" if a.fake_engine else "") + ("_quick" if a.quick else ""))
 
     setup = Setup(a)
-    result: dict[str, Any] = {"benchmark": "hot_path", "command": " ".join(["python", *sys.argv]),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-                              "settings": {"rounds": rounds, "duration_s": duration, "concurrency": concurrencies,
-                                           "max_tokens": a.max_tokens, "stream_tokens": a.stream_tokens,
-                                           "stream_prompts": stream_prompts, "gap_requests": gap_requests,
-                                           "replicas": a.replicas, "hybrid_ingress": a.hybrid_ingress,
-                                           "auth": "on (ours); none (direct, rust)",
-                                           "engine": (f"fake (instant, {a.fake_interval_ms} ms per streamed token)"
-                                                      if a.fake_engine else "vLLM CPU, tiny model")}}
+    result: dict[str, Any] = {
+        "benchmark": "hot_path",
+        "command": " ".join(["python", *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "settings": {
+            "rounds": rounds,
+            "duration_s": duration,
+            "concurrency": concurrencies,
+            "max_tokens": a.max_tokens,
+            "stream_tokens": a.stream_tokens,
+            "stream_prompts": stream_prompts,
+            "gap_requests": gap_requests,
+            "replicas": a.replicas,
+            "hybrid_ingress": a.hybrid_ingress,
+            "auth": "on (ours); none (direct, rust)",
+            "engine": (
+                f"fake (instant, {a.fake_interval_ms} ms per streamed token)"
+                if a.fake_engine
+                else "vLLM CPU, tiny model"
+            ),
+        },
+    }
     try:
         setup.start()
-        configs = [c for c in ("direct", "ours_http", "ours_http_asyncio", "ours_hybrid", "rust")
-                   if c in setup.urls]
+        configs = [c for c in ("direct", "ours_http", "ours_http_asyncio", "ours_hybrid", "rust") if c in setup.urls]
         result["configs"] = configs
         body_path = setup.tmp / "body.json"
         body_path.write_text(json.dumps(body(a.max_tokens)))
         # Warm every path (connection pools, first-request work in the engine).
         for cfg in configs:
             run_hey(setup.urls[cfg], setup.headers, 4, 1.0, body_path, None)
-        result["quiet"] = wait_for_quiet(a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400),
-                                         own_marker=str(setup.tmp))
+        result["quiet"] = wait_for_quiet(
+            a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400), own_marker=str(setup.tmp)
+        )
         meter = CPUMeter(setup.cpu_groups())
         model = setup.tmp / "models" / "tiny"
         nonstream: list[dict[str, Any]] = []
         stream: list[dict[str, Any]] = []
         gaps: list[dict[str, Any]] = []
         for r in range(rounds):
-            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for c in concurrencies:
                 for cfg in order:
                     res = run_hey(setup.urls[cfg], setup.headers, c, duration, body_path, meter)
                     nonstream.append({"round": r, "config": cfg, "concurrency": c, **res})
-                    log(f"round {r} c={c} {cfg}: p50 {res['latency_ms']['p50']:.1f} ms, p99 "
-                        f"{res['latency_ms']['p99']:.1f} ms, {res['rps']} req/s, load {os.getloadavg()[0]:.2f}")
+                    log(
+                        f"round {r} c={c} {cfg}: p50 {res['latency_ms']['p50']:.1f} ms, p99 "
+                        f"{res['latency_ms']['p99']:.1f} ms, {res['rps']} req/s, load {os.getloadavg()[0]:.2f}"
+                    )
             if not a.no_stream:
-                runs = [vllm_bench_runs(setup, f"{cfg}|{c}", c, stream_prompts[c], a.stream_tokens, model)
-                        for c in concurrencies for cfg in order]
+                runs = [
+                    vllm_bench_runs(setup, f"{cfg}|{c}", c, stream_prompts[c], a.stream_tokens, model)
+                    for c in concurrencies
+                    for cfg in order
+                ]
                 for item in run_vllm_bench(runs, setup.tmp, timeout=1800):
                     cfg, c = item["label"].split("|")
                     stream.append({"round": r, "config": cfg, "concurrency": int(c), **item["result"]})
                 for cfg in order:
                     g = asyncio.run(chunk_gaps(setup.urls[cfg], setup.headers, gap_requests, 64))
                     gaps.append({"round": r, "config": cfg, **g})
-                    log(f"round {r} chunk gaps {cfg}: p50 {g['gap_ms']['p50']} ms, p99 {g['gap_ms']['p99']} ms, "
-                        f"{g['events_per_read']} events/read")
+                    log(
+                        f"round {r} chunk gaps {cfg}: p50 {g['gap_ms']['p50']} ms, p99 {g['gap_ms']['p99']} ms, "
+                        f"{g['events_per_read']} events/read"
+                    )
             result["loadavg_after_round_" + str(r)] = list(os.getloadavg())
         result["nonstream_runs"], result["stream_runs"], result["gap_runs"] = nonstream, stream, gaps
         result["summary"] = summarise(configs, concurrencies, nonstream, stream, gaps)
@@ -500,8 +720,13 @@ def main() -> None:
     print(json.dumps(result.get("summary", {}), indent=1))
 
 
-def summarise(configs: list[str], concurrencies: list[int], nonstream: list[dict[str, Any]],
-              stream: list[dict[str, Any]], gaps: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(
+    configs: list[str],
+    concurrencies: list[int],
+    nonstream: list[dict[str, Any]],
+    stream: list[dict[str, Any]],
+    gaps: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Median over rounds of each run's statistic; ratios against direct and against the Rust router."""
     out: dict[str, Any] = {"nonstream": {}, "stream": {}, "chunk_gaps": {}}
     for c in concurrencies:
@@ -511,12 +736,19 @@ def summarise(configs: list[str], concurrencies: list[int], nonstream: list[dict
             if not runs:
                 continue
             n = sum(r["ok"] for r in runs)
-            cpu_ms = {k: round(1000 * median([r["cpu_s"].get(k, 0) / max(1, r["ok"]) for r in runs]), 3)
-                      for k in runs[0]["cpu_s"] if k != "wall_s"}
-            rows[cfg] = {"p50_ms": median([r["latency_ms"]["p50"] for r in runs]),
-                         "p99_ms": median([r["latency_ms"]["p99"] for r in runs]),
-                         "rps": median([r["rps"] for r in runs]), "requests": n,
-                         "errors": sum(r["errors"] for r in runs), "cpu_ms_per_request": cpu_ms}
+            cpu_ms = {
+                k: round(1000 * median([r["cpu_s"].get(k, 0) / max(1, r["ok"]) for r in runs]), 3)
+                for k in runs[0]["cpu_s"]
+                if k != "wall_s"
+            }
+            rows[cfg] = {
+                "p50_ms": median([r["latency_ms"]["p50"] for r in runs]),
+                "p99_ms": median([r["latency_ms"]["p99"] for r in runs]),
+                "rps": median([r["rps"] for r in runs]),
+                "requests": n,
+                "errors": sum(r["errors"] for r in runs),
+                "cpu_ms_per_request": cpu_ms,
+            }
         _ratios(rows, ("p50_ms", "p99_ms", "rps"))
         _paired_rps_ratios(rows, [r for r in nonstream if r["concurrency"] == c], "rps")
         out["nonstream"][str(c)] = rows
@@ -525,25 +757,29 @@ def summarise(configs: list[str], concurrencies: list[int], nonstream: list[dict
             runs = [r for r in stream if r["config"] == cfg and r["concurrency"] == c]
             if not runs:
                 continue
-            srows[cfg] = {"ttft_p50_ms": median([r["median_ttft_ms"] for r in runs]),
-                          "ttft_p99_ms": median([r["p99_ttft_ms"] for r in runs]),
-                          "itl_p50_ms": median([r["median_itl_ms"] for r in runs]),
-                          "itl_p99_ms": median([r["p99_itl_ms"] for r in runs]),
-                          "e2el_p50_ms": median([r["median_e2el_ms"] for r in runs]),
-                          "e2el_p99_ms": median([r["p99_e2el_ms"] for r in runs]),
-                          "rps": median([r["request_throughput"] for r in runs]),
-                          "failed": sum(r["failed"] or 0 for r in runs)}
+            srows[cfg] = {
+                "ttft_p50_ms": median([r["median_ttft_ms"] for r in runs]),
+                "ttft_p99_ms": median([r["p99_ttft_ms"] for r in runs]),
+                "itl_p50_ms": median([r["median_itl_ms"] for r in runs]),
+                "itl_p99_ms": median([r["p99_itl_ms"] for r in runs]),
+                "e2el_p50_ms": median([r["median_e2el_ms"] for r in runs]),
+                "e2el_p99_ms": median([r["p99_e2el_ms"] for r in runs]),
+                "rps": median([r["request_throughput"] for r in runs]),
+                "failed": sum(r["failed"] or 0 for r in runs),
+            }
         _ratios(srows, ("ttft_p50_ms", "itl_p50_ms", "e2el_p50_ms", "rps"))
         _paired_rps_ratios(srows, [r for r in stream if r["concurrency"] == c], "request_throughput")
         out["stream"][str(c)] = srows
     for cfg in configs:
         runs = [g for g in gaps if g["config"] == cfg]
         if runs:
-            out["chunk_gaps"][cfg] = {"gap_p50_ms": median([g["gap_ms"]["p50"] for g in runs]),
-                                      "gap_p99_ms": median([g["gap_ms"]["p99"] for g in runs]),
-                                      "events_per_read": median([g["events_per_read"] for g in runs]),
-                                      "events_per_response": median([g["events_per_response"]["p50"] for g in runs]),
-                                      "ttft_p50_ms": median([g["ttft_ms"]["p50"] for g in runs])}
+            out["chunk_gaps"][cfg] = {
+                "gap_p50_ms": median([g["gap_ms"]["p50"] for g in runs]),
+                "gap_p99_ms": median([g["gap_ms"]["p99"] for g in runs]),
+                "events_per_read": median([g["events_per_read"] for g in runs]),
+                "events_per_response": median([g["events_per_response"]["p50"] for g in runs]),
+                "ttft_p50_ms": median([g["ttft_ms"]["p50"] for g in runs]),
+            }
     return out
 
 
@@ -555,8 +791,11 @@ def _paired_rps_ratios(rows: dict[str, dict[str, Any]], runs: list[dict[str, Any
     for cfg, row in rows.items():
         if cfg == "rust":
             continue
-        paired = [ratio(by_round[(rnd, cfg)], by_round[(rnd, "rust")]) for rnd, c in sorted(by_round)
-                  if c == cfg and (rnd, "rust") in by_round]
+        paired = [
+            ratio(by_round[(rnd, cfg)], by_round[(rnd, "rust")])
+            for rnd, c in sorted(by_round)
+            if c == cfg and (rnd, "rust") in by_round
+        ]
         if paired:
             row["rps_vs_rust_by_round"] = paired
             row["rps_vs_rust_paired_median"] = median(paired)
@@ -568,8 +807,11 @@ def _ratios(rows: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> None:
             if ref in rows and ref != cfg:
                 row[f"vs_{ref}"] = {k: ratio(row[k], rows[ref][k]) for k in keys}
                 first = keys[0]
-                row[f"added_{first}_vs_{ref}"] = (round(row[first] - rows[ref][first], 3)
-                                                  if row[first] is not None and rows[ref][first] is not None else None)
+                row[f"added_{first}_vs_{ref}"] = (
+                    round(row[first] - rows[ref][first], 3)
+                    if row[first] is not None and rows[ref][first] is not None
+                    else None
+                )
 
 
 if __name__ == "__main__":

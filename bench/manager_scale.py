@@ -60,9 +60,16 @@ def make_registry(db: Path, models: int, active: int) -> None:
     rows = []
     now = time.time()
     for i in range(models):
-        spec = ModelSpec(alias=f"model-{i:05d}", model_name=f"org/model-{i % 97}", max_model_len=8192,
-                         gpu_memory_utilization=0.3, min_replicas=1 if i < active else 0, max_replicas=2,
-                         idle_timeout_s=3600, preload=i < active)
+        spec = ModelSpec(
+            alias=f"model-{i:05d}",
+            model_name=f"org/model-{i % 97}",
+            max_model_len=8192,
+            gpu_memory_utilization=0.3,
+            min_replicas=1 if i < active else 0,
+            max_replicas=2,
+            idle_timeout_s=3600,
+            preload=i < active,
+        )
         rows.append((spec.alias, spec.model_dump_json(), now + i * 1e-6))
     db_conn = sqlite3.connect(str(db))
     with db_conn:
@@ -77,24 +84,51 @@ def make_registry(db: Path, models: int, active: int) -> None:
 FAILED_RETRY_S = 2.0
 
 
-def step(procs: Procs, env: dict[str, str], token: str, workers: int, models: int, active: int, warmup: float,
-         duration: float) -> dict[str, Any]:
+def step(
+    procs: Procs,
+    env: dict[str, str],
+    token: str,
+    workers: int,
+    models: int,
+    active: int,
+    warmup: float,
+    duration: float,
+) -> dict[str, Any]:
     tag = f"w{workers}-m{models}"
     db = procs.tmp / f"{tag}.db"
     make_registry(db, models, active)
     port = free_port()
     t0 = time.monotonic()
-    manager = procs.start(f"manager-{tag}", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(port)],
-                          {**env, "MANAGER_DB": str(db), "HEARTBEAT_TIMEOUT": "10",
-                           "FAILED_RETRY_AFTER": str(FAILED_RETRY_S)})
+    manager = procs.start(
+        f"manager-{tag}",
+        [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(port)],
+        {**env, "MANAGER_DB": str(db), "HEARTBEAT_TIMEOUT": "10", "FAILED_RETRY_AFTER": str(FAILED_RETRY_S)},
+    )
     wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{port}/health"), 300, what="manager")
     startup_s = time.monotonic() - t0
     rss_idle = proc_rss_mb(manager.pid)
     out_path = procs.tmp / f"sim-{tag}.json"
-    sim = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sim_workers.py")), "--port", str(port),
-                            "--token", token, "--workers", str(workers), "--warmup", str(warmup), "--duration",
-                            str(duration), "--out", str(out_path)],
-                           stdout=subprocess.PIPE, stderr=open(procs.tmp / f"sim-{tag}.log", "wb"), text=True)
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sim_workers.py")),
+            "--port",
+            str(port),
+            "--token",
+            token,
+            "--workers",
+            str(workers),
+            "--warmup",
+            str(warmup),
+            "--duration",
+            str(duration),
+            "--out",
+            str(out_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(procs.tmp / f"sim-{tag}.log", "wb"),
+        text=True,
+    )
     cpu0 = cpu_sim0 = t_start = 0.0
     window: dict[str, Any] = {}
     try:
@@ -104,9 +138,11 @@ def step(procs: Procs, env: dict[str, str], token: str, workers: int, models: in
                 t_start, cpu0, cpu_sim0 = time.monotonic(), proc_cpu_seconds(manager.pid), proc_cpu_seconds(sim.pid)
             elif line.startswith("WINDOW_END"):
                 wall = time.monotonic() - t_start
-                window = {"manager_cpu_busy": round((proc_cpu_seconds(manager.pid) - cpu0) / wall, 3),
-                          "simulator_cpu_busy": round((proc_cpu_seconds(sim.pid) - cpu_sim0) / wall, 3),
-                          "manager_rss_mb": round(proc_rss_mb(manager.pid), 1)}
+                window = {
+                    "manager_cpu_busy": round((proc_cpu_seconds(manager.pid) - cpu0) / wall, 3),
+                    "simulator_cpu_busy": round((proc_cpu_seconds(sim.pid) - cpu_sim0) / wall, 3),
+                    "manager_rss_mb": round(proc_rss_mb(manager.pid), 1),
+                }
                 try:
                     import httpx
 
@@ -123,8 +159,15 @@ def step(procs: Procs, env: dict[str, str], token: str, workers: int, models: in
     if sim.returncode != 0 or not out_path.exists():
         raise RuntimeError(f"simulator failed: {(procs.tmp / f'sim-{tag}.log').read_text()[-2000:]}")
     res = json.loads(out_path.read_text())
-    return {"workers": workers, "models": models, "active_models": active, "manager_startup_s": round(startup_s, 2),
-            "manager_rss_mb_before_workers": round(rss_idle, 1), **window, "heartbeats": res}
+    return {
+        "workers": workers,
+        "models": models,
+        "active_models": active,
+        "manager_startup_s": round(startup_s, 2),
+        "manager_rss_mb_before_workers": round(rss_idle, 1),
+        **window,
+        "heartbeats": res,
+    }
 
 
 # --------------------------------------------------------------------------- part 2
@@ -154,18 +197,20 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
     async def run() -> dict[str, Any]:
         transport = httpx.MockTransport(lambda request: httpx.Response(200, json=[]))
         client = httpx.AsyncClient(transport=transport)
-        core = ManagerCore(ManagerSettings(db_path=str(tmp), heartbeat_timeout=3600), client=client,
-                           worker_headers={})
+        core = ManagerCore(ManagerSettings(db_path=str(tmp), heartbeat_timeout=3600), client=client, worker_headers={})
         await core.start()
         freeze_startup_heap()  # as the manager service does once it has loaded the registry
-        gpus = [GPUInfo(index=g, name="H100", uuid=f"u{g}", memory_total_mb=81559, memory_free_mb=80000)
-                for g in range(8)]
+        gpus = [
+            GPUInfo(index=g, name="H100", uuid=f"u{g}", memory_total_mb=81559, memory_free_mb=80000) for g in range(8)
+        ]
         # The fleet is put in place directly (registering 1,000 workers through the API would rebuild the
         # table each time: that cost is what part 1 measures).
         now = core._clock()
         for i in range(workers):
-            core._workers.register(WorkerRegistration(worker_id=f"sim-{i:05d}", url=f"http://sim/{i}", gpus=gpus,
-                                                      sleep_supported=True), now)
+            core._workers.register(
+                WorkerRegistration(worker_id=f"sim-{i:05d}", url=f"http://sim/{i}", gpus=gpus, sleep_supported=True),
+                now,
+            )
         t0 = time.perf_counter()
         await core.reconcile()  # places the active models
         first_pass_ms = (time.perf_counter() - t0) * 1000
@@ -173,16 +218,23 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
         by_worker: dict[str, list[EngineStatus]] = {}
         for r in core._replicas.values():
             r.state = ReplicaState.READY
-            by_worker.setdefault(r.worker_id, []).append(EngineStatus(replica_id=r.replica_id, alias=r.alias,
-                                                                      state=ReplicaState.READY, gpus=r.gpus))
-        beats = {f"sim-{i:05d}": Heartbeat(worker_id=f"sim-{i:05d}", gpus=gpus,
-                                           engines=by_worker.get(f"sim-{i:05d}", [])) for i in range(workers)}
+            by_worker.setdefault(r.worker_id, []).append(
+                EngineStatus(replica_id=r.replica_id, alias=r.alias, state=ReplicaState.READY, gpus=r.gpus)
+            )
+        beats = {
+            f"sim-{i:05d}": Heartbeat(worker_id=f"sim-{i:05d}", gpus=gpus, engines=by_worker.get(f"sim-{i:05d}", []))
+            for i in range(workers)
+        }
         for _wid, hb in beats.items():
             core._workers.heartbeat(hb, core._clock())
         core._rebuild_table()
         await core.reconcile()
-        out: dict[str, Any] = {"workers": workers, "models": models, "replicas": len(core._replicas),
-                               "first_reconcile_with_placements_ms": round(first_pass_ms, 1)}
+        out: dict[str, Any] = {
+            "workers": workers,
+            "models": models,
+            "replicas": len(core._replicas),
+            "first_reconcile_with_placements_ms": round(first_pass_ms, 1),
+        }
         engine = ModelSpec(alias="x", model_name="org/x", gpu_memory_utilization=0.3).engine_args()
         capacities = core._capacities()
         out["capacity_snapshot_ms"] = timeit(core._capacities, repeat)
@@ -220,8 +272,12 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
             times.append(time.perf_counter() - t)
         out["heartbeat_in_core_ms"] = summary(times, 1000.0, 3)
         # A heartbeat that changes one replica's state (ready <-> starting): that model's route is rebuilt.
-        flip = [hb, hb.model_copy(update={"engines": [e.model_copy(update={"state": ReplicaState.STARTING})
-                                                      for e in hb.engines]})]
+        flip = [
+            hb,
+            hb.model_copy(
+                update={"engines": [e.model_copy(update={"state": ReplicaState.STARTING}) for e in hb.engines]}
+            ),
+        ]
         times = []
         while len(times) < repeat and (len(times) < 3 or sum(times) < 5.0):
             t = time.perf_counter()
@@ -288,7 +344,9 @@ def main() -> None:
     p.add_argument("--out", help="results name (default manager_scale or manager_scale_quick)")
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 2400, quick 0)")
     a = p.parse_args()
-    default_steps = "50:500" if a.quick else "100:1000,300:1000,1000:1000,100:10000,300:10000,1000:10000,2000:10000,3000:10000"
+    default_steps = (
+        "50:500" if a.quick else "100:1000,300:1000,1000:1000,100:10000,300:10000,1000:10000,2000:10000,3000:10000"
+    )
     steps = [tuple(int(x) for x in s.split(":")) for s in (a.steps or default_steps).split(",")]
     duration = a.duration or (5.0 if a.quick else 20.0)
     warmup = a.warmup or (3.0 if a.quick else 8.0)
@@ -297,15 +355,26 @@ def main() -> None:
     procs = Procs("scale")
     auth, _ = auth_env()
     env = {**base_env(procs.tmp), **auth}
-    result: dict[str, Any] = {"benchmark": "manager_scale", "command": " ".join(["python", *sys.argv]),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-                              "settings": {"steps": steps, "active": a.active, "duration_s": duration,
-                                           "warmup_s": warmup, "heartbeat_interval_s": 1.0,
-                                           "gpus_per_worker": 8, "gpu_memory_utilization": 0.3,
-                                           "failed_retry_after_s": FAILED_RETRY_S}}
+    result: dict[str, Any] = {
+        "benchmark": "manager_scale",
+        "command": " ".join(["python", *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "settings": {
+            "steps": steps,
+            "active": a.active,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "heartbeat_interval_s": 1.0,
+            "gpus_per_worker": 8,
+            "gpu_memory_utilization": 0.3,
+            "failed_retry_after_s": FAILED_RETRY_S,
+        },
+    }
     try:
-        result["quiet"] = wait_for_quiet(a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400),
-                                         own_marker=str(procs.tmp))
+        result["quiet"] = wait_for_quiet(
+            a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400), own_marker=str(procs.tmp)
+        )
         biggest = max(steps, key=lambda s: (s[0], s[1]))
         log(f"in-process timings with {biggest[0]} workers, {biggest[1]} models")
         result["core"] = in_process(biggest[0], biggest[1], min(a.active, biggest[1]), 20 if a.quick else 100)
@@ -313,12 +382,13 @@ def main() -> None:
         result["steps"] = []
         for workers, models in [] if a.skip_sim else steps:
             log(f"step: {workers} workers, {models} models")
-            res = step(procs, env, auth["SVLLM_WORKER_TOKEN"], workers, models, min(a.active, models), warmup,
-                       duration)
+            res = step(procs, env, auth["SVLLM_WORKER_TOKEN"], workers, models, min(a.active, models), warmup, duration)
             hb = res["heartbeats"]
-            log(f"  heartbeats {hb['achieved_rate_per_s']}/{hb['offered_rate_per_s']} per s, p50 "
+            log(
+                f"  heartbeats {hb['achieved_rate_per_s']}/{hb['offered_rate_per_s']} per s, p50 "
                 f"{hb['latency_ms']['p50']} ms, p99 {hb['latency_ms']['p99']} ms, manager CPU "
-                f"{res.get('manager_cpu_busy')}, RSS {res.get('manager_rss_mb')} MB, workers {res.get('workers_by_state')}")
+                f"{res.get('manager_cpu_busy')}, RSS {res.get('manager_rss_mb')} MB, workers {res.get('workers_by_state')}"
+            )
             result["steps"].append(res)
     finally:
         result["loadavg_end"] = list(os.getloadavg())

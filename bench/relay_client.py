@@ -60,8 +60,10 @@ async def _measure(client: str, base_url: str, requests: int, concurrency: int) 
 
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=2000, limit_per_host=0, keepalive_timeout=60.0),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"))  # as the relay had it configured
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )  # as the relay had it configured
 
         async def one() -> None:
             async with session.post(base_url + path, data=BODY, headers=HEADERS) as resp:
@@ -86,8 +88,13 @@ async def _measure(client: str, base_url: str, requests: int, concurrency: int) 
     done = requests // concurrency * concurrency
     user = after.ru_utime - before.ru_utime
     system = after.ru_stime - before.ru_stime
-    return {"requests": done, "rps": round(done / elapsed, 1), "cpu_ms_per_request": round((user + system) * 1e3 / done, 4),
-            "user_ms_per_request": round(user * 1e3 / done, 4), "system_ms_per_request": round(system * 1e3 / done, 4)}
+    return {
+        "requests": done,
+        "rps": round(done / elapsed, 1),
+        "cpu_ms_per_request": round((user + system) * 1e3 / done, 4),
+        "user_ms_per_request": round(user * 1e3 / done, 4),
+        "system_ms_per_request": round(system * 1e3 / done, 4),
+    }
 
 
 def child_main(client: str, base_url: str, requests: int, concurrency: int) -> None:
@@ -97,9 +104,24 @@ def child_main(client: str, base_url: str, requests: int, concurrency: int) -> N
 
 
 def run_client(client: str, base_url: str, requests: int, concurrency: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--child", client, "--url", base_url, "--requests", str(requests),
-                          "--concurrency", str(concurrency)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "services")})
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            client,
+            "--url",
+            base_url,
+            "--requests",
+            str(requests),
+            "--concurrency",
+            str(concurrency),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "services")},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{client} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,34 +143,45 @@ def main() -> None:
     rounds = a.rounds or (1 if a.quick else 3)
     requests = a.requests or (2000 if a.quick else 10000)
     quiet = wait_for_quiet(a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 600))
-    result: dict[str, Any] = {"benchmark": "relay_client", "command": " ".join(["python", "bench/relay_client.py",
-                                                                                 *sys.argv[1:]]),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-                              "quiet": quiet, "settings": {"rounds": rounds, "requests": requests,
-                                                           "concurrency": a.concurrency}, "runs": []}
+    result: dict[str, Any] = {
+        "benchmark": "relay_client",
+        "command": " ".join(["python", "bench/relay_client.py", *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "quiet": quiet,
+        "settings": {"rounds": rounds, "requests": requests, "concurrency": a.concurrency},
+        "runs": [],
+    }
     port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port)],
-                                env={**os.environ, "PYTHONPATH": str(FAKE_VLLM)}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(FAKE_VLLM)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: http_ok(f"{base_url}/health"), 30, what="the stand-in engine")
         for r in range(rounds):
             for c in a.concurrency:
                 for client in CLIENTS:
-                    run = {"round": r, "client": client, "concurrency": c,
-                           **run_client(client, base_url, requests, c)}
+                    run = {"round": r, "client": client, "concurrency": c, **run_client(client, base_url, requests, c)}
                     log(f"{run}")
                     result["runs"].append(run)
     finally:
         upstream.terminate()
         upstream.wait(10)
     result["summary"] = {
-        str(c): {client: {key: median(run[key] for run in result["runs"]
-                                      if run["client"] == client and run["concurrency"] == c)
-                          for key in ("cpu_ms_per_request", "user_ms_per_request", "system_ms_per_request", "rps")}
-                 for client in CLIENTS}
-        for c in a.concurrency}
+        str(c): {
+            client: {
+                key: median(run[key] for run in result["runs"] if run["client"] == client and run["concurrency"] == c)
+                for key in ("cpu_ms_per_request", "user_ms_per_request", "system_ms_per_request", "rps")
+            }
+            for client in CLIENTS
+        }
+        for c in a.concurrency
+    }
     result["loadavg_end"] = loadavg()
     write_result("relay_client_quick" if a.quick else "relay_client", result)
     print(json.dumps(result["summary"], indent=1))

@@ -1,6 +1,6 @@
 """Render bench/results/*.json as Markdown tables: bench/results/summary.md (`--quick`: the *_quick results).
 
-    .venv/bin/python bench/report.py
+.venv/bin/python bench/report.py
 """
 
 from __future__ import annotations
@@ -29,47 +29,73 @@ def f(x: Any, digits: int = 1) -> str:
 def context(d: dict[str, Any]) -> str:
     q = d.get("quiet", {})
     m = d.get("machine", {})
-    return (f"_{d.get('started', '')}, {m.get('cores')} cores, load at start {q.get('loadavg_at_start')}, "
-            f"quiet: {q.get('quiet')} (waited {q.get('waited_s')} s, {q.get('other_vllm_engines_at_start')} other "
-            f"vLLM engines), load at end {[round(x, 2) for x in d.get('loadavg_end', [])]}. "
-            f"Command: `{d.get('command')}`_\n")
+    return (
+        f"_{d.get('started', '')}, {m.get('cores')} cores, load at start {q.get('loadavg_at_start')}, "
+        f"quiet: {q.get('quiet')} (waited {q.get('waited_s')} s, {q.get('other_vllm_engines_at_start')} other "
+        f"vLLM engines), load at end {[round(x, 2) for x in d.get('loadavg_end', [])]}. "
+        f"Command: `{d.get('command')}`_\n"
+    )
 
 
 def hot_path(d: dict[str, Any], title: str) -> list[str]:
-    out = [f"## {title}\n", context(d), f"Engine: {d['settings'].get('engine', 'vLLM CPU, tiny model')}. "
-           "Medians over rounds of each run's statistic; ratios are against `direct` and against the Rust router.\n"]
+    out = [
+        f"## {title}\n",
+        context(d),
+        f"Engine: {d['settings'].get('engine', 'vLLM CPU, tiny model')}. "
+        "Medians over rounds of each run's statistic; ratios are against `direct` and against the Rust router.\n",
+    ]
     s = d["summary"]
     out.append("### Non-streaming (hey, 8 output tokens)\n")
-    out.append("| c | config | p50 ms | p99 ms | req/s | p50 vs direct | req/s vs direct | p50 vs rust | req/s vs rust "
-               "| added p50 ms vs direct | CPU ms/request (router+worker or proxy) | errors |")
+    out.append(
+        "| c | config | p50 ms | p99 ms | req/s | p50 vs direct | req/s vs direct | p50 vs rust | req/s vs rust "
+        "| added p50 ms vs direct | CPU ms/request (router+worker or proxy) | errors |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c, rows in s["nonstream"].items():
         for cfg, r in rows.items():
             cpu = r["cpu_ms_per_request"]
-            proxy = {"direct": 0.0, "rust": cpu.get("rust", 0.0),
-                     "ours_hybrid": cpu.get("worker", 0) + cpu.get("ray", 0)}.get(
-                cfg, cpu.get("worker", 0) + cpu.get(f"router_{cfg.split('ours_http_')[-1]}" if cfg.startswith(
-                    "ours_http_") else "router", 0))
+            proxy = {
+                "direct": 0.0,
+                "rust": cpu.get("rust", 0.0),
+                "ours_hybrid": cpu.get("worker", 0) + cpu.get("ray", 0),
+            }.get(
+                cfg,
+                cpu.get("worker", 0)
+                + cpu.get(f"router_{cfg.split('ours_http_')[-1]}" if cfg.startswith("ours_http_") else "router", 0),
+            )
             vd, vr = r.get("vs_direct", {}), r.get("vs_rust", {})
-            out.append(f"| {c} | {cfg} | {f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['rps'])} | {f(vd.get('p50_ms'), 2)} "
-                       f"| {f(vd.get('rps'), 2)} | {f(vr.get('p50_ms'), 2)} | {f(vr.get('rps'), 2)} "
-                       f"| {f(r.get('added_p50_ms_vs_direct'))} | {f(proxy, 2)} | {r['errors']} |")
+            out.append(
+                f"| {c} | {cfg} | {f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['rps'])} | {f(vd.get('p50_ms'), 2)} "
+                f"| {f(vd.get('rps'), 2)} | {f(vr.get('p50_ms'), 2)} | {f(vr.get('rps'), 2)} "
+                f"| {f(r.get('added_p50_ms_vs_direct'))} | {f(proxy, 2)} | {r['errors']} |"
+            )
     out.append("\n### Streaming (vLLM's benchmark client, 16 output tokens)\n")
-    out.append("| c | config | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | req/s "
-               "| TTFT p50 vs direct | req/s vs direct | req/s vs rust | failed |")
+    out.append(
+        "| c | config | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | req/s "
+        "| TTFT p50 vs direct | req/s vs direct | req/s vs rust | failed |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c, rows in s["stream"].items():
         for cfg, r in rows.items():
             vd, vr = r.get("vs_direct", {}), r.get("vs_rust", {})
-            out.append(f"| {c} | {cfg} | {f(r['ttft_p50_ms'])} | {f(r['ttft_p99_ms'])} | {f(r['itl_p50_ms'])} "
-                       f"| {f(r['itl_p99_ms'])} | {f(r['e2el_p50_ms'])} | {f(r['rps'])} | {f(vd.get('ttft_p50_ms'), 2)} "
-                       f"| {f(vd.get('rps'), 2)} | {f(vr.get('rps'), 2)} | {r['failed']} |")
-    paired = [(kind, c, cfg, r) for kind in ("nonstream", "stream") for c, rows in s[kind].items()
-              for cfg, r in rows.items() if "rps_vs_rust_by_round" in r]
+            out.append(
+                f"| {c} | {cfg} | {f(r['ttft_p50_ms'])} | {f(r['ttft_p99_ms'])} | {f(r['itl_p50_ms'])} "
+                f"| {f(r['itl_p99_ms'])} | {f(r['e2el_p50_ms'])} | {f(r['rps'])} | {f(vd.get('ttft_p50_ms'), 2)} "
+                f"| {f(vd.get('rps'), 2)} | {f(vr.get('rps'), 2)} | {r['failed']} |"
+            )
+    paired = [
+        (kind, c, cfg, r)
+        for kind in ("nonstream", "stream")
+        for c, rows in s[kind].items()
+        for cfg, r in rows.items()
+        if "rps_vs_rust_by_round" in r
+    ]
     if paired:
         out.append("\n### Requests per second against the Rust router, paired by round\n")
-        out.append("Each round measures every configuration within minutes, so a ratio taken inside one round is "
-                   "free of the drift between rounds that a ratio of medians carries.\n")
+        out.append(
+            "Each round measures every configuration within minutes, so a ratio taken inside one round is "
+            "free of the drift between rounds that a ratio of medians carries.\n"
+        )
         out.append("| load | c | config | median of the rounds' ratios | each round |")
         out.append("|---|---|---|---|---|")
         for kind, c, cfg, r in paired:
@@ -79,8 +105,10 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
     out.append("| config | gap p50 ms | gap p99 ms | SSE events per read | events per response | TTFT p50 ms |")
     out.append("|---|---|---|---|---|---|")
     for cfg, r in s["chunk_gaps"].items():
-        out.append(f"| {cfg} | {f(r['gap_p50_ms'], 2)} | {f(r['gap_p99_ms'], 2)} | {f(r['events_per_read'], 3)} "
-                   f"| {f(r['events_per_response'], 0)} | {f(r['ttft_p50_ms'], 2)} |")
+        out.append(
+            f"| {cfg} | {f(r['gap_p50_ms'], 2)} | {f(r['gap_p99_ms'], 2)} | {f(r['events_per_read'], 3)} "
+            f"| {f(r['events_per_response'], 0)} | {f(r['ttft_p50_ms'], 2)} |"
+        )
     if "profile" in d:
         out.append("\n### Where the router's and the worker's CPU goes (py-spy, own time by category)\n")
         columns = list(dict.fromkeys(c for t in d["profile"].values() for c, _ in t["own_by_category_pct"]))
@@ -89,8 +117,10 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
         for proc, t in d["profile"].items():
             cats = dict(t["own_by_category_pct"])
             out.append(f"| {proc} | {t['busy_samples']} | " + " | ".join(f"{cats.get(c, 0)}%" for c in columns) + " |")
-        out.append("\nBy file or package (own time, the top ten; a C call such as a socket write counts for the Python "
-                   "line that made it):\n")
+        out.append(
+            "\nBy file or package (own time, the top ten; a C call such as a socket write counts for the Python "
+            "line that made it):\n"
+        )
         for proc, t in d["profile"].items():
             top = ", ".join(f"{name} {pct}%" for name, pct in t.get("own_by_package_pct", [])[:10])
             out.append(f"- {proc}: {top}")
@@ -98,86 +128,127 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
 
 
 def control(d: dict[str, Any]) -> list[str]:
-    out = ["## Control calls: router -> manager over HTTP and over Ray\n", context(d),
-           f"Ray round-trip floor (an empty actor method): p50 {f(d['ray_floor_us']['p50'])} us, "
-           f"p99 {f(d['ray_floor_us']['p99'])} us.\n",
-           "| models | call | HTTP p50 us | HTTP p99 us | Ray p50 us | Ray p99 us | HTTP/Ray (p50) |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "## Control calls: router -> manager over HTTP and over Ray\n",
+        context(d),
+        f"Ray round-trip floor (an empty actor method): p50 {f(d['ray_floor_us']['p50'])} us, "
+        f"p99 {f(d['ray_floor_us']['p99'])} us.\n",
+        "| models | call | HTTP p50 us | HTTP p99 us | Ray p50 us | Ray p99 us | HTTP/Ray (p50) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for blk in d.get("calls", []):
         for op in blk["http"]:
-            out.append(f"| {blk['models']} | {op} | {f(blk['http'][op]['p50'])} | {f(blk['http'][op]['p99'])} "
-                       f"| {f(blk['ray'][op]['p50'])} | {f(blk['ray'][op]['p99'])} | {f(blk['http_over_ray_p50'][op], 2)} |")
+            out.append(
+                f"| {blk['models']} | {op} | {f(blk['http'][op]['p50'])} | {f(blk['http'][op]['p99'])} "
+                f"| {f(blk['ray'][op]['p50'])} | {f(blk['ray'][op]['p99'])} | {f(blk['http_over_ray_p50'][op], 2)} |"
+            )
     if "burst" in d:
         b = d["burst"]
-        out.append(f"\nBurst of inference through a ready model ({b['requests_ok']} requests in {b['burst_s']} s, "
-                   f"concurrency {b['concurrency']}): manager calls made by the router during the burst: "
-                   f"`{b['manager_calls_during_burst']}`; manager CPU during the burst: {b['manager_cpu_s_during_burst']} s.\n")
+        out.append(
+            f"\nBurst of inference through a ready model ({b['requests_ok']} requests in {b['burst_s']} s, "
+            f"concurrency {b['concurrency']}): manager calls made by the router during the burst: "
+            f"`{b['manager_calls_during_burst']}`; manager CPU during the burst: {b['manager_cpu_s_during_burst']} s.\n"
+        )
     return out
 
 
 def cold(d: dict[str, Any]) -> list[str]:
     s = d["summary"]
-    out = ["## Cold start\n", context(d),
-           "| | n | p50 s | min s | max s |", "|---|---|---|---|---|",
-           f"| vLLM started by hand, then the request | {s['reference_ttft_s']['n']} | {f(s['reference_ttft_s']['p50'], 2)} "
-           f"| {f(s['reference_ttft_s']['min'], 2)} | {f(s['reference_ttft_s']['max'], 2)} |",
-           f"| request to a model at zero replicas | {s['ours_ttft_s']['n']} | {f(s['ours_ttft_s']['p50'], 2)} "
-           f"| {f(s['ours_ttft_s']['min'], 2)} | {f(s['ours_ttft_s']['max'], 2)} |",
-           f"\nRatio (median ours / median reference): **{s['ratio_median']}**; added: {s['added_s_median']} s. "
-           f"Our time split (medians): {s['ours_phases_median_s']}. {d.get('gpu_wake_from_sleep', '')}\n"]
+    out = [
+        "## Cold start\n",
+        context(d),
+        "| | n | p50 s | min s | max s |",
+        "|---|---|---|---|---|",
+        f"| vLLM started by hand, then the request | {s['reference_ttft_s']['n']} | {f(s['reference_ttft_s']['p50'], 2)} "
+        f"| {f(s['reference_ttft_s']['min'], 2)} | {f(s['reference_ttft_s']['max'], 2)} |",
+        f"| request to a model at zero replicas | {s['ours_ttft_s']['n']} | {f(s['ours_ttft_s']['p50'], 2)} "
+        f"| {f(s['ours_ttft_s']['min'], 2)} | {f(s['ours_ttft_s']['max'], 2)} |",
+        f"\nRatio (median ours / median reference): **{s['ratio_median']}**; added: {s['added_s_median']} s. "
+        f"Our time split (medians): {s['ours_phases_median_s']}. {d.get('gpu_wake_from_sleep', '')}\n",
+    ]
     return out
 
 
 def scale(d: dict[str, Any]) -> list[str]:
-    out = ["## Manager scale\n", context(d),
-           "| workers | models | replicas | heartbeats/s achieved / offered | hb p50 ms | hb p99 ms | errors or timeouts "
-           "| registrations failed or late | manager CPU (cores) | manager RSS MB | workers healthy/unhealthy/dead |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Manager scale\n",
+        context(d),
+        "| workers | models | replicas | heartbeats/s achieved / offered | hb p50 ms | hb p99 ms | errors or timeouts "
+        "| registrations failed or late | manager CPU (cores) | manager RSS MB | workers healthy/unhealthy/dead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for st in d.get("steps", []):
         hb = st["heartbeats"]
         ws = st.get("workers_by_state") or {}
-        out.append(f"| {st['workers']} | {st['models']} | {st.get('replicas', '-')} | {hb['achieved_rate_per_s']} / "
-                   f"{hb['offered_rate_per_s']} | {f(hb['latency_ms']['p50'])} | {f(hb['latency_ms']['p99'])} "
-                   f"| {hb['errors_or_timeouts']} | {hb.get('registrations_failed_or_late', '-')} "
-                   f"| {st.get('manager_cpu_busy')} | {st.get('manager_rss_mb')} "
-                   f"| {ws.get('healthy', '-')}/{ws.get('unhealthy', '-')}/{ws.get('dead', '-')} |")
+        out.append(
+            f"| {st['workers']} | {st['models']} | {st.get('replicas', '-')} | {hb['achieved_rate_per_s']} / "
+            f"{hb['offered_rate_per_s']} | {f(hb['latency_ms']['p50'])} | {f(hb['latency_ms']['p99'])} "
+            f"| {hb['errors_or_timeouts']} | {hb.get('registrations_failed_or_late', '-')} "
+            f"| {st.get('manager_cpu_busy')} | {st.get('manager_rss_mb')} "
+            f"| {ws.get('healthy', '-')}/{ws.get('unhealthy', '-')}/{ws.get('dead', '-')} |"
+        )
     c = d.get("core")
     if c:
-        out.append(f"\nIn-process ManagerCore with {c['workers']} workers, {c['models']} models, {c['replicas']} replicas "
-                   "(milliseconds, p50 / p99):\n")
+        out.append(
+            f"\nIn-process ManagerCore with {c['workers']} workers, {c['models']} models, {c['replicas']} replicas "
+            "(milliseconds, p50 / p99):\n"
+        )
         out.append("| operation | p50 ms | p99 ms | n |")
         out.append("|---|---|---|---|")
-        for key in ("place_ms", "capacity_snapshot_ms", "heartbeat_in_core_ms", "heartbeat_in_core_without_table_rebuild_ms",
-                    "rebuild_table_ms", "reconcile_pass_ms", "reconcile_pass_without_table_rebuild_ms",
-                    "reconcile_with_one_cold_start_ms", "metrics_scrape_ms", "loop_gap_during_scrapes_ms"):
+        for key in (
+            "place_ms",
+            "capacity_snapshot_ms",
+            "heartbeat_in_core_ms",
+            "heartbeat_in_core_without_table_rebuild_ms",
+            "rebuild_table_ms",
+            "reconcile_pass_ms",
+            "reconcile_pass_without_table_rebuild_ms",
+            "reconcile_with_one_cold_start_ms",
+            "metrics_scrape_ms",
+            "loop_gap_during_scrapes_ms",
+        ):
             if key not in c:  # results of older runs lack the newer measurements
                 continue
             v = c[key]
             out.append(f"| {key[:-3]} | {f(v.get('p50'), 3)} | {f(v.get('p99'), 3)} | {v.get('n')} |")
-        out.append(f"| first reconcile (places {c['replicas']} replicas) | {c['first_reconcile_with_placements_ms']} | | 1 |")
+        out.append(
+            f"| first reconcile (places {c['replicas']} replicas) | {c['first_reconcile_with_placements_ms']} | | 1 |"
+        )
     return out
 
 
 def relay(d: dict[str, Any]) -> list[str]:
-    out = ["## The relay's HTTP client alone\n", context(d),
-           "Each client in its own process, POSTing the relay's request to the instant stand-in engine; medians "
-           "over rounds.\n",
-           "| c | client | CPU ms/request | user ms | system ms | req/s |", "|---|---|---|---|---|---|"]
+    out = [
+        "## The relay's HTTP client alone\n",
+        context(d),
+        "Each client in its own process, POSTing the relay's request to the instant stand-in engine; medians "
+        "over rounds.\n",
+        "| c | client | CPU ms/request | user ms | system ms | req/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for c, clients in d["summary"].items():
         for name, v in clients.items():
-            out.append(f"| {c} | {name} | {f(v['cpu_ms_per_request'], 3)} | {f(v['user_ms_per_request'], 3)} "
-                       f"| {f(v['system_ms_per_request'], 3)} | {f(v['rps'], 0)} |")
+            out.append(
+                f"| {c} | {name} | {f(v['cpu_ms_per_request'], 3)} | {f(v['user_ms_per_request'], 3)} "
+                f"| {f(v['system_ms_per_request'], 3)} | {f(v['rps'], 0)} |"
+            )
     return out
 
 
 def main() -> None:
     suffix = "_quick" if "--quick" in sys.argv else ""
-    lines = ["# Benchmark results (generated by bench/report.py from bench/results/*.json)\n",
-             "How to read them: docs/benchmarks.md.\n"]
-    for name, fn in ((f"hot_path{suffix}", lambda d: hot_path(d, "Hot path: vLLM CPU engine (tiny model)")),
-                     (f"hot_path_fake{suffix}", lambda d: hot_path(d, "Hot path: instant stand-in engine (proxy cost only)")),
-                     (f"control_calls{suffix}", control), (f"cold_start{suffix}", cold),
-                     (f"manager_scale{suffix}", scale), (f"relay_client{suffix}", relay)):
+    lines = [
+        "# Benchmark results (generated by bench/report.py from bench/results/*.json)\n",
+        "How to read them: docs/benchmarks.md.\n",
+    ]
+    for name, fn in (
+        (f"hot_path{suffix}", lambda d: hot_path(d, "Hot path: vLLM CPU engine (tiny model)")),
+        (f"hot_path_fake{suffix}", lambda d: hot_path(d, "Hot path: instant stand-in engine (proxy cost only)")),
+        (f"control_calls{suffix}", control),
+        (f"cold_start{suffix}", cold),
+        (f"manager_scale{suffix}", scale),
+        (f"relay_client{suffix}", relay),
+    ):
         d = load(name)
         if d is None and not suffix:
             # No full run of this one yet: show the smoke run, and say so.

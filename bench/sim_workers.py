@@ -24,8 +24,17 @@ GPU_MB = 81_559
 
 
 def gpus_json(i: int) -> list[dict[str, Any]]:
-    return [{"index": g, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-sim-{i:05d}-{g}", "memory_total_mb": GPU_MB,
-             "memory_free_mb": GPU_MB - 1024, "utilization_pct": 0.0} for g in range(8)]
+    return [
+        {
+            "index": g,
+            "name": "NVIDIA H100 80GB HBM3",
+            "uuid": f"GPU-sim-{i:05d}-{g}",
+            "memory_total_mb": GPU_MB,
+            "memory_free_mb": GPU_MB - 1024,
+            "utilization_pct": 0.0,
+        }
+        for g in range(8)
+    ]
 
 
 class Conn:
@@ -40,8 +49,10 @@ class Conn:
     async def request(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.auth}"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
         assert self.reader is not None
         try:
             self.writer.write(head + body)
@@ -83,13 +94,31 @@ class Sim:
         return f"sim-{i:05d}"
 
     def registration(self, i: int) -> bytes:
-        return json.dumps({"worker_id": self.wid(i), "url": f"http://127.0.0.1:{self.sink_port}/w/{self.wid(i)}",
-                           "gpus": gpus_json(i), "cpu_slots": 0, "sleep_supported": True, "engines": [],
-                           "version": "sim"}).encode()
+        return json.dumps(
+            {
+                "worker_id": self.wid(i),
+                "url": f"http://127.0.0.1:{self.sink_port}/w/{self.wid(i)}",
+                "gpus": gpus_json(i),
+                "cpu_slots": 0,
+                "sleep_supported": True,
+                "engines": [],
+                "version": "sim",
+            }
+        ).encode()
 
     def heartbeat(self, i: int, gpus: list[dict[str, Any]]) -> bytes:
-        engines = [{"replica_id": x["replica_id"], "alias": x["alias"], "state": "ready", "gpus": x["gpus"],
-                    "model_name": x["model_name"], "port": 8000, "pid": 1} for x in self.assignments.get(self.wid(i), [])]
+        engines = [
+            {
+                "replica_id": x["replica_id"],
+                "alias": x["alias"],
+                "state": "ready",
+                "gpus": x["gpus"],
+                "model_name": x["model_name"],
+                "port": 8000,
+                "pid": 1,
+            }
+            for x in self.assignments.get(self.wid(i), [])
+        ]
         return json.dumps({"worker_id": self.wid(i), "gpus": gpus, "engines": engines}).encode()
 
     async def register(self, i: int, conn: Conn) -> None:
@@ -114,8 +143,9 @@ class Sim:
                 return
             in_window = w0 <= t_send < w1
             try:
-                status, payload = await asyncio.wait_for(conn.request("POST", "/workers/heartbeat",
-                                                                      self.heartbeat(i, gpus)), self.a.timeout)
+                status, payload = await asyncio.wait_for(
+                    conn.request("POST", "/workers/heartbeat", self.heartbeat(i, gpus)), self.a.timeout
+                )
                 dt = time.monotonic() - t_send
                 if status != 200:
                     raise RuntimeError(f"heartbeat {status}")
@@ -215,15 +245,24 @@ class Sim:
             return round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))] * 1000, 2) if lat else None
 
         expected = a.workers * a.duration / a.interval
-        return {"workers": a.workers, "interval_s": a.interval, "window_s": a.duration,
-                "registration_s": round(registration_s, 2), "registrations_failed_or_late": failed,
-                "registration_ms": {"p50": _p(self.reg_lat, 50), "p99": _p(self.reg_lat, 99)},
-                "heartbeats_sent": self.sent, "heartbeats_expected": int(expected),
-                "achieved_rate_per_s": round(self.sent / a.duration, 1), "offered_rate_per_s": a.workers / a.interval,
-                "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(lat[-1] * 1000, 2) if lat else None},
-                "late_over_interval": self.late, "errors_or_timeouts": self.errors, "reregisters": self.reregisters,
-                "pushes_received": self.pushes,
-                "replicas_reported": sum(len(v) for v in self.assignments.values())}
+        return {
+            "workers": a.workers,
+            "interval_s": a.interval,
+            "window_s": a.duration,
+            "registration_s": round(registration_s, 2),
+            "registrations_failed_or_late": failed,
+            "registration_ms": {"p50": _p(self.reg_lat, 50), "p99": _p(self.reg_lat, 99)},
+            "heartbeats_sent": self.sent,
+            "heartbeats_expected": int(expected),
+            "achieved_rate_per_s": round(self.sent / a.duration, 1),
+            "offered_rate_per_s": a.workers / a.interval,
+            "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(lat[-1] * 1000, 2) if lat else None},
+            "late_over_interval": self.late,
+            "errors_or_timeouts": self.errors,
+            "reregisters": self.reregisters,
+            "pushes_received": self.pushes,
+            "replicas_reported": sum(len(v) for v in self.assignments.values()),
+        }
 
 
 def _p(values: list[float], q: float) -> float | None:

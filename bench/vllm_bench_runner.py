@@ -16,9 +16,25 @@ import sys
 import time
 
 # The metrics we keep from vLLM's result (milliseconds, requests/s, tokens/s).
-KEEP = ("completed", "failed", "duration", "request_throughput", "output_throughput",
-        "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
-        "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms")
+KEEP = (
+    "completed",
+    "failed",
+    "duration",
+    "request_throughput",
+    "output_throughput",
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "mean_itl_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "mean_e2el_ms",
+    "median_e2el_ms",
+    "p99_e2el_ms",
+)
 
 
 def main() -> None:
@@ -38,8 +54,11 @@ def main() -> None:
         kept = {k: result.get(k) for k in KEEP}
         kept["wall_s"] = round(time.monotonic() - t0, 3)
         out.append({"label": run["label"], "result": kept})
-        print(f"{run['label']}: {kept['completed']} ok, {kept['failed']} failed, "
-              f"ttft p50 {kept['median_ttft_ms']:.1f} ms, {kept['request_throughput']:.1f} req/s", flush=True)
+        print(
+            f"{run['label']}: {kept['completed']} ok, {kept['failed']} failed, "
+            f"ttft p50 {kept['median_ttft_ms']:.1f} ms, {kept['request_throughput']:.1f} req/s",
+            flush=True,
+        )
     with open(sys.argv[2], "w") as f:
         json.dump(out, f, indent=1)
 

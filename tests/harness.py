@@ -46,8 +46,13 @@ class Service:
 
     def start(self, wait: bool = True, timeout: float = 60) -> Service:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(VENV_BIN / "svllm"), *self.args], env={**os.environ, **self.env},
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "svllm"), *self.args],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if wait:
             wait_until(self.healthy, timeout, what=f"{self.name} /health")
         return self
@@ -127,20 +132,41 @@ class Stack:
             "SVLLM_MODEL_DIRS": str(tmp.parent),
             **(env or {}),
         }
-        self.manager = Service("manager", ["manager", "--host", "127.0.0.1", "--port", str(free_port())],
-                               0, self.env, tmp)
+        self.manager = Service(
+            "manager", ["manager", "--host", "127.0.0.1", "--port", str(free_port())], 0, self.env, tmp
+        )
         self.manager.port = int(self.manager.args[-1])
         port = free_port()
-        self.router = Service("router", ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url",
-                                         self.manager.url], port, self.env, tmp)
+        self.router = Service(
+            "router",
+            ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", self.manager.url],
+            port,
+            self.env,
+            tmp,
+        )
         self.workers: dict[str, Service] = {}
 
-    def add_worker(self, worker_id: str, manager_url: str | None = None, wait: bool = True,
-                   env: dict[str, str] | None = None) -> Service:
+    def add_worker(
+        self, worker_id: str, manager_url: str | None = None, wait: bool = True, env: dict[str, str] | None = None
+    ) -> Service:
         port = free_port()
-        worker = Service(worker_id, ["worker", "--worker-id", worker_id, "--host", "127.0.0.1", "--port", str(port),
-                                     "--manager-url", manager_url or self.manager.url],
-                         port, {**self.env, **(env or {})}, self.tmp)
+        worker = Service(
+            worker_id,
+            [
+                "worker",
+                "--worker-id",
+                worker_id,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--manager-url",
+                manager_url or self.manager.url,
+            ],
+            port,
+            {**self.env, **(env or {})},
+            self.tmp,
+        )
         self.workers[worker_id] = worker
         return worker.start(wait=wait)
 
@@ -169,8 +195,12 @@ class Stack:
         return resp.json()
 
     def wait_model(self, alias: str, state: str, timeout: float = 180) -> dict[str, Any]:
-        return wait_until(lambda: (m := self.model(alias))["state"] == state and m, timeout,
-                          interval=0.5, what=f"model {alias} {state}")
+        return wait_until(
+            lambda: (m := self.model(alias))["state"] == state and m,
+            timeout,
+            interval=0.5,
+            what=f"model {alias} {state}",
+        )
 
     def workers_by_id(self) -> dict[str, dict[str, Any]]:
         return {w["worker_id"]: w for w in self.get("/workers").json()}
@@ -178,8 +208,13 @@ class Stack:
     def openai(self, **kw: Any) -> Any:
         import openai
 
-        return openai.OpenAI(base_url=f"{self.router.url}/v1", api_key=kw.pop("api_key", "unused"),
-                             max_retries=0, timeout=kw.pop("timeout", 120), **kw)
+        return openai.OpenAI(
+            base_url=f"{self.router.url}/v1",
+            api_key=kw.pop("api_key", "unused"),
+            max_retries=0,
+            timeout=kw.pop("timeout", 120),
+            **kw,
+        )
 
 
 def descendants(pid: int) -> set[int]:

@@ -19,8 +19,12 @@ ADMIN_KEY = "svllm-test-admin-key-0123456789"
 WORKER_TOKEN = "svllm-test-worker-token-012345"
 SECRETS = (API_KEY, API_KEY_2, ADMIN_KEY, WORKER_TOKEN)
 
-AUTH_ENV = {"SVLLM_AUTH": "on", "SVLLM_API_KEYS": f"{API_KEY},{API_KEY_2}", "SVLLM_ADMIN_KEY": ADMIN_KEY,
-            "SVLLM_WORKER_TOKEN": WORKER_TOKEN}
+AUTH_ENV = {
+    "SVLLM_AUTH": "on",
+    "SVLLM_API_KEYS": f"{API_KEY},{API_KEY_2}",
+    "SVLLM_ADMIN_KEY": ADMIN_KEY,
+    "SVLLM_WORKER_TOKEN": WORKER_TOKEN,
+}
 
 REPO = Path(__file__).resolve().parents[1]
 OBSERVATIONS = Path(os.environ.get("SVLLM_OBSERVATIONS_DIR", REPO / "build" / "reliability"))

@@ -58,8 +58,10 @@ ALIAS2 = "tiny-again"
 
 
 def _compose_usable() -> bool:
-    return shutil.which("docker") is not None and subprocess.run(
-        ["docker", "compose", "version"], capture_output=True).returncode == 0
+    return (
+        shutil.which("docker") is not None
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    )
 
 
 def _free_port() -> int:
@@ -85,14 +87,20 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: flo
 
 # --------------------------------------------------------------------------- cheap checks
 
+
 @pytest.mark.skipif(not _compose_usable(), reason="docker compose not installed (tests/appliance/harness.py docker)")
 def test_compose_files_valid() -> None:
     env = {"HOME": os.environ.get("HOME", "/root"), "PATH": os.environ["PATH"]}
     for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"], harness.COMPOSE_FILES):
         args = [a for f in files for a in ("-f", f)]
         for env_file in ([], ["--env-file", ".env.example"]):
-            res = subprocess.run(["docker", "compose", *env_file, *args, "config", "--format", "json"],
-                                 cwd=REPO, capture_output=True, text=True, env=env)
+            res = subprocess.run(
+                ["docker", "compose", *env_file, *args, "config", "--format", "json"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             assert res.returncode == 0, res.stderr
             cfg = json.loads(res.stdout)
             services = cfg["services"]
@@ -113,12 +121,14 @@ def test_compose_files_valid() -> None:
                 dev = worker["deploy"]["resources"]["reservations"]["devices"][0]
                 assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"] and dev["count"] == 1
     if shutil.which("promtool"):
-        res = subprocess.run(["promtool", "check", "config", "prometheus/prometheus.yml"], cwd=REPO,
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["promtool", "check", "config", "prometheus/prometheus.yml"], cwd=REPO, capture_output=True, text=True
+        )
         assert res.returncode == 0, res.stdout + res.stderr
 
 
 # --------------------------------------------------------------------------- the stack
+
 
 class Appliance:
     def __init__(self, models_dir: Path) -> None:
@@ -147,10 +157,12 @@ class Appliance:
         )
         self.url = f"http://127.0.0.1:{self.router_port}"
 
-    def compose(self, *args: str, check: bool = True, capture: bool = False, timeout: float = 1800,
-                **env: str) -> subprocess.CompletedProcess:
-        return harness.compose(*args, files=self.files, env={**self.env, **env}, check=check, capture=capture,
-                               timeout=timeout)
+    def compose(
+        self, *args: str, check: bool = True, capture: bool = False, timeout: float = 1800, **env: str
+    ) -> subprocess.CompletedProcess:
+        return harness.compose(
+            *args, files=self.files, env={**self.env, **env}, check=check, capture=capture, timeout=timeout
+        )
 
     # HTTP helpers (admin key on every call: harmless where it is not needed)
     def get(self, path: str, **kw: Any) -> httpx.Response:
@@ -171,8 +183,11 @@ class Appliance:
         return body["workers"] if isinstance(body, dict) else body
 
     def healthy_workers(self) -> list[dict[str, Any]]:
-        return [w for w in self.workers()
-                if str(w.get("state", w.get("status", "healthy"))).lower() in ("healthy", "ready", "up", "alive")]
+        return [
+            w
+            for w in self.workers()
+            if str(w.get("state", w.get("status", "healthy"))).lower() in ("healthy", "ready", "up", "alive")
+        ]
 
     def head_up(self) -> bool:
         return httpx.get(self.url + "/health", timeout=5).status_code == 200
@@ -182,8 +197,11 @@ class Appliance:
 
     def container_states(self) -> dict[str, list[dict[str, Any]]]:
         out = self.compose("ps", "-a", "--format", "json", capture=True).stdout
-        rows = [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")] \
-            if not out.lstrip().startswith("[") else json.loads(out)
+        rows = (
+            [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
+            if not out.lstrip().startswith("[")
+            else json.loads(out)
+        )
         states: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             states.setdefault(row["Service"], []).append(row)
@@ -252,6 +270,7 @@ def appliance(models_dir: Path, request: pytest.FixtureRequest) -> Iterator[Appl
 # The end-to-end steps share one stack (module fixture) and run in this order; each one leaves
 # the stack as the next expects, so a failure in one still lets the later ones report.
 
+
 def test_up_two_workers_and_init_registration(appliance: Appliance) -> None:
     app = appliance
     t0 = time.monotonic()
@@ -273,8 +292,9 @@ def test_ray_dashboard_published(appliance: Appliance) -> None:
     url = f"http://127.0.0.1:{appliance.dashboard_port}/api/version"
     resp = _wait(lambda: (r := httpx.get(url, timeout=5)).status_code in (200, 401) and r, 60, "the Ray dashboard")
     if resp.status_code == 401:
-        token = appliance.compose("exec", "-T", "head", "cat", "/home/svllm/.ray/auth_token",
-                                  capture=True).stdout.strip()
+        token = appliance.compose(
+            "exec", "-T", "head", "cat", "/home/svllm/.ray/auth_token", capture=True
+        ).stdout.strip()
         resp = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
     assert resp.status_code == 200, resp.text
     assert "ray_version" in resp.json()
@@ -283,19 +303,24 @@ def test_ray_dashboard_published(appliance: Appliance) -> None:
 def test_openai_chat_and_streaming(appliance: Appliance) -> None:
     client = appliance.openai()
     t1 = time.monotonic()
-    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
-                                          max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
     log.info("first chat (cold start in a container) took %.0f s", time.monotonic() - t1)
     assert chat.choices[0].message.content is not None
     assert chat.usage is None or chat.usage.completion_tokens > 0
-    chunks = list(client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hi"}],
-                                                 max_tokens=8, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=ALIAS, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert chunks and any(c.choices and c.choices[0].delta.content for c in chunks)
 
 
 def test_register_through_api(appliance: Appliance) -> None:
-    resp = appliance.post("/v1/models/register", json={"alias": ALIAS2, "model_name": f"/models/{ALIAS}",
-                                                       "max_model_len": 256})
+    resp = appliance.post(
+        "/v1/models/register", json={"alias": ALIAS2, "model_name": f"/models/{ALIAS}", "max_model_len": 256}
+    )
     assert resp.status_code in (200, 201), resp.text
     assert ALIAS2 in appliance.model_ids()
 
@@ -334,6 +359,7 @@ def test_down_up_keeps_registrations(appliance: Appliance) -> None:
     app.wait_head(300)
     assert {ALIAS, ALIAS2} <= app.model_ids()
     _wait(lambda: len(app.healthy_workers()) >= 2, 240, "workers back after restart")
-    again = app.openai().chat.completions.create(model=ALIAS2, messages=[{"role": "user", "content": "Again"}],
-                                                 max_tokens=4, temperature=0)
+    again = app.openai().chat.completions.create(
+        model=ALIAS2, messages=[{"role": "user", "content": "Again"}], max_tokens=4, temperature=0
+    )
     assert again.choices[0].message.content is not None

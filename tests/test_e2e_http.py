@@ -41,8 +41,7 @@ def test_workers_register(stack: Stack) -> None:
 
 
 def test_register_and_serve(stack: Stack, tiny_model: Path) -> None:
-    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
-                                                    "max_model_len": 512})
+    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512})
     assert resp.status_code == 200, resp.text
     assert resp.json()["alias"] == ALIAS
     info = stack.wait_model(ALIAS, "ready")
@@ -51,8 +50,7 @@ def test_register_and_serve(stack: Stack, tiny_model: Path) -> None:
 
 def test_chat_and_completion(stack: Stack) -> None:
     client = stack.openai()
-    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hello"}],
-                                          max_tokens=8)
+    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hello"}], max_tokens=8)
     assert chat.model == ALIAS and chat.choices[0].message.content is not None
     assert chat.usage.completion_tokens > 0
     text = client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=8)
@@ -61,8 +59,11 @@ def test_chat_and_completion(stack: Stack) -> None:
 
 def test_streaming_chat_and_completion(stack: Stack) -> None:
     client = stack.openai()
-    chunks = list(client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=8, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+        )
+    )
     assert len(chunks) >= 2  # streamed chunk by chunk, not one buffered answer
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
     pieces = list(client.completions.create(model=ALIAS, prompt="abc", max_tokens=8, stream=True))
@@ -77,8 +78,13 @@ def test_models_list(stack: Stack) -> None:
 def test_router_scales_out_to_several_processes(stack: Stack) -> None:
     """`svllm router --workers 2`: gunicorn processes, each with its own table, on one port."""
     port = free_port()
-    router = Service("router-x2", ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url",
-                                   stack.manager.url, "--workers", "2"], port, stack.env, stack.tmp)
+    router = Service(
+        "router-x2",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", stack.manager.url, "--workers", "2"],
+        port,
+        stack.env,
+        stack.tmp,
+    )
     router.start()
     try:
         client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -97,29 +103,35 @@ def test_unknown_model_is_404(stack: Stack) -> None:
     assert stack.get("/v1/models/nope").status_code == 404
 
 
-@pytest.mark.parametrize(("body", "status"), [
-    (b"{not json", 400),
-    (b"[1, 2]", 400),
-    (b'{"messages": [{"role": "user", "content": "x"}]}', 400),  # no model
-    (b'{"model": 42, "messages": []}', 400),
-    (b'\xff\xfe{"model": "tiny"}', 400),  # not UTF-8
-])
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', 400),  # no model
+        (b'{"model": 42, "messages": []}', 400),
+        (b'\xff\xfe{"model": "tiny"}', 400),  # not UTF-8
+    ],
+)
 def test_malformed_inference_requests(stack: Stack, body: bytes, status: int) -> None:
     resp = stack.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == status, resp.text
     error_of(resp)
 
 
-@pytest.mark.parametrize("body", [
-    {"alias": "x", "model_name": "m", "gpu_memory_utilization": 0},
-    {"alias": "x", "model_name": "m", "gpu_memory_utilization": 1.5},
-    {"alias": "", "model_name": "m"},
-    {"alias": "bad/alias", "model_name": "m"},
-    {"model_name": "m"},
-    {"alias": "x"},
-    {"alias": "x", "model_name": "m", "unknown_field": 1},
-    {"alias": "x", "model_name": "m", "min_replicas": 3, "max_replicas": 1},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"alias": "x", "model_name": "m", "gpu_memory_utilization": 0},
+        {"alias": "x", "model_name": "m", "gpu_memory_utilization": 1.5},
+        {"alias": "", "model_name": "m"},
+        {"alias": "bad/alias", "model_name": "m"},
+        {"model_name": "m"},
+        {"alias": "x"},
+        {"alias": "x", "model_name": "m", "unknown_field": 1},
+        {"alias": "x", "model_name": "m", "min_replicas": 3, "max_replicas": 1},
+    ],
+)
 def test_invalid_registrations(stack: Stack, body: dict) -> None:
     resp = stack.post("/v1/models/register", json=body)
     assert resp.status_code == 400, resp.text
@@ -127,12 +139,10 @@ def test_invalid_registrations(stack: Stack, body: dict) -> None:
 
 
 def test_duplicate_alias_with_other_settings(stack: Stack, tiny_model: Path) -> None:
-    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
-                                                    "max_model_len": 256})
+    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 256})
     assert resp.status_code == 400 and error_of(resp)["code"] == "alias_exists"
     # The same registration again is not an error.
-    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
-                                                    "max_model_len": 512})
+    resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512})
     assert resp.status_code == 200
 
 
@@ -177,11 +187,17 @@ def test_manager_restart_keeps_registrations(stack: Stack) -> None:
     stack.manager.start()
     info = stack.wait_model(ALIAS, "ready", timeout=60)
     assert info["alias"] == ALIAS and info["engine"]["max_model_len"] == 512
-    workers = wait_until(lambda: (w := stack.workers_by_id()) and any(x["state"] == "healthy" for x in w.values())
-                         and w, 30, what="workers re-registered")
+    workers = wait_until(
+        lambda: (w := stack.workers_by_id()) and any(x["state"] == "healthy" for x in w.values()) and w,
+        30,
+        what="workers re-registered",
+    )
     survivor = [w for w in workers.values() if w["state"] == "healthy"]
     assert survivor and survivor[0]["engines"]
     # The running engine was adopted, not restarted.
     assert {r["replica_id"] for r in stack.model(ALIAS)["replicas"]} == replicas_before
-    assert stack.openai().chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "x"}],
-                                                  max_tokens=2).choices
+    assert (
+        stack.openai()
+        .chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        .choices
+    )

@@ -35,8 +35,15 @@ ENGINE_START_S = 480  # an engine restart on a loaded 2-core machine (about 30 s
 THINK_S = 0.25
 REQUEST_TIMEOUT_S = 15  # the router's read timeout towards a worker: bounds requests stuck on a frozen worker
 # Codes of clean errors a client may see while a fault is in progress (all documented, OpenAI-shaped).
-CLEAN_CODES = {"upstream_error", "stream_interrupted", "replica_unavailable", "model_failed", "cold_start_timeout",
-               "overloaded", "manager_unavailable"}
+CLEAN_CODES = {
+    "upstream_error",
+    "stream_interrupted",
+    "replica_unavailable",
+    "model_failed",
+    "cold_start_timeout",
+    "overloaded",
+    "manager_unavailable",
+}
 
 
 @dataclass
@@ -78,8 +85,9 @@ class Traffic:
                 kind, code = one_request(client, self.url, stream=(n + index) % 2 == 0)
                 # A failure belongs to the phase it ended in (the fault that caused it), an answer to its start.
                 with self._lock:
-                    self.outcomes.append(Outcome(phase if kind == "ok" else self.phase, kind, code,
-                                                 time.monotonic() - start))
+                    self.outcomes.append(
+                        Outcome(phase if kind == "ok" else self.phase, kind, code, time.monotonic() - start)
+                    )
                 # Think time: steady traffic that leaves CPU to engines restarting on this small machine.
                 time.sleep(THINK_S if kind == "ok" else 0.5)
 
@@ -87,17 +95,27 @@ class Traffic:
         mine = [o for o in self.outcomes if o.phase == phase]
         kinds = Counter(o.kind for o in mine)
         codes = Counter(o.code for o in mine if o.code)
-        return {"requests": len(mine), "kinds": dict(kinds), "error_codes": dict(codes),
-                "max_seconds": round(max((o.seconds for o in mine), default=0.0), 2)}
+        return {
+            "requests": len(mine),
+            "kinds": dict(kinds),
+            "error_codes": dict(codes),
+            "max_seconds": round(max((o.seconds for o in mine), default=0.0), 2),
+        }
 
 
-def one_request(client: httpx.Client, url: str, stream: bool, max_tokens: int = 16,
-                headers: dict[str, str] | None = None) -> tuple[str, str | None]:
+def one_request(
+    client: httpx.Client, url: str, stream: bool, max_tokens: int = 16, headers: dict[str, str] | None = None
+) -> tuple[str, str | None]:
     """One request, classified: ok, a clean error (with its code), or a failure mode (hang, cut, unclean)."""
     try:
         if stream:
-            body = {"model": ALIAS, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-                    "stream": True, "ignore_eos": True}
+            body = {
+                "model": ALIAS,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "ignore_eos": True,
+            }
             with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
                 if resp.status_code != 200:
                     resp.read()
@@ -109,8 +127,11 @@ def one_request(client: httpx.Client, url: str, stream: bool, max_tokens: int = 
                         err = json.loads(line[5:])["error"]
                         return "stream_error", err.get("code")
                 return "truncated", None
-        resp = client.post(f"{url}/v1/completions", json={"model": ALIAS, "prompt": "Once upon a time",
-                                                           "max_tokens": max_tokens}, headers=headers)
+        resp = client.post(
+            f"{url}/v1/completions",
+            json={"model": ALIAS, "prompt": "Once upon a time", "max_tokens": max_tokens},
+            headers=headers,
+        )
         if resp.status_code == 200 and resp.json()["choices"]:
             return "ok", None
         return classify_error(resp)
@@ -143,9 +164,15 @@ def obs() -> Iterator[Observations]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
-    s = SecureStack(tmp_path_factory.mktemp("faults"), env={
-        "CPU_SLOTS": "1", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S), "FAILED_RETRY_AFTER": "3",
-        "COLD_START_TIMEOUT": "30"}).start(workers=2)
+    s = SecureStack(
+        tmp_path_factory.mktemp("faults"),
+        env={
+            "CPU_SLOTS": "1",
+            "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
+            "FAILED_RETRY_AFTER": "3",
+            "COLD_START_TIMEOUT": "30",
+        },
+    ).start(workers=2)
     try:
         # A long context so a stream can outlast the fault it is cut by (see LongStream).
         s.register(ALIAS, tiny_model, max_model_len=2048, min_replicas=2, max_replicas=2)
@@ -182,8 +209,11 @@ def ready_replicas(stack: SecureStack) -> dict[str, dict[str, Any]]:
 
 def full_health(stack: SecureStack) -> bool:
     workers = stack.workers_by_id()
-    return (set(ready_replicas(stack)) == {"w1", "w2"} and all(workers[w]["state"] == "healthy" for w in ("w1", "w2"))
-            and stack.get("/v1/models").json()["data"][0]["state"] == "ready")
+    return (
+        set(ready_replicas(stack)) == {"w1", "w2"}
+        and all(workers[w]["state"] == "healthy" for w in ("w1", "w2"))
+        and stack.get("/v1/models").json()["data"][0]["state"] == "ready"
+    )
 
 
 def engine_group(stack: SecureStack, worker: str) -> set[int]:
@@ -218,9 +248,15 @@ class LongStream(threading.Thread):
         body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
         start = time.monotonic()
         try:
-            with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client, client.stream(
-                    "POST", f"{self.url}/v1/completions", json=body,
-                    headers={**bearer(API_KEY), "x-session-id": self.session}) as resp:
+            with (
+                httpx.Client(timeout=CLIENT_TIMEOUT_S) as client,
+                client.stream(
+                    "POST",
+                    f"{self.url}/v1/completions",
+                    json=body,
+                    headers={**bearer(API_KEY), "x-session-id": self.session},
+                ) as resp,
+            ):
                 result: tuple[str, str | None] = ("truncated", None)
                 for line in resp.iter_lines():
                     if line.startswith("data:"):
@@ -254,8 +290,9 @@ def check_phase(traffic: Traffic, phase: str, allow_transport_errors: bool = Fal
 def recovered_traffic(traffic: Traffic, phase: str, n: int = 6) -> None:
     """After recovery, the traffic is all answers again."""
     traffic.phase = f"{phase} (recovered)"
-    wait_until(lambda: sum(1 for o in traffic.outcomes if o.phase == traffic.phase) >= n, 120,
-               what="traffic after recovery")
+    wait_until(
+        lambda: sum(1 for o in traffic.outcomes if o.phase == traffic.phase) >= n, 120, what="traffic after recovery"
+    )
     tail = [o.kind for o in traffic.outcomes if o.phase == traffic.phase]
     assert set(tail) == {"ok"}, tail
 
@@ -270,8 +307,7 @@ def sample_router_rss(stack: SecureStack, obs: Observations, label: str) -> int:
 # ------------------------------------------------------------------------------------------ the faults
 
 
-def test_warm_up_and_baseline(stack: SecureStack, traffic: Traffic, engines_seen: set[int],
-                              obs: Observations) -> None:
+def test_warm_up_and_baseline(stack: SecureStack, traffic: Traffic, engines_seen: set[int], obs: Observations) -> None:
     for w in ("w1", "w2"):
         engines_seen |= engine_group(stack, w)
     wait_until(lambda: len(traffic.outcomes) >= 40, 120, what="warm-up traffic")
@@ -281,8 +317,9 @@ def test_warm_up_and_baseline(stack: SecureStack, traffic: Traffic, engines_seen
     sample_router_rss(stack, obs, "baseline after warm-up")
 
 
-def test_kill_9_worker_while_streaming(stack: SecureStack, traffic: Traffic, engines_seen: set[int],
-                                       obs: Observations) -> None:
+def test_kill_9_worker_while_streaming(
+    stack: SecureStack, traffic: Traffic, engines_seen: set[int], obs: Observations
+) -> None:
     phase = traffic.phase = "kill -9 worker while streaming"
     victim = stack.workers["w1"]
     engine = engine_group(stack, "w1")
@@ -304,13 +341,19 @@ def test_kill_9_worker_while_streaming(stack: SecureStack, traffic: Traffic, eng
     engines_seen |= engine_group(stack, "w1")
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
-    obs.record(phase, {"cut_stream": stream.result, "cut_stream_seconds": round(stream.seconds, 2),
-                       "engine_processes_gone_after_s": round(orphans_gone, 1),
-                       "full_health_after_s": round(recovery, 1), "traffic": summary})
+    obs.record(
+        phase,
+        {
+            "cut_stream": stream.result,
+            "cut_stream_seconds": round(stream.seconds, 2),
+            "engine_processes_gone_after_s": round(orphans_gone, 1),
+            "full_health_after_s": round(recovery, 1),
+            "traffic": summary,
+        },
+    )
 
 
-def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_seen: set[int],
-                               obs: Observations) -> None:
+def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_seen: set[int], obs: Observations) -> None:
     phase = traffic.phase = "kill -9 engine API server"
     before = stack.engines("w2")[0]
     old_group = engine_group(stack, "w2")
@@ -323,17 +366,28 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
     assert stream.result is not None and stream.result[0] == "stream_error", stream.result
     wait_until(lambda: not living(old_group), 30, what="the killed engine's EngineCore and workers to exit")
     orphans_gone = time.monotonic() - started
-    wait_until(lambda: full_health(stack) and stack.engines("w2")[0]["pid"] != before["pid"], ENGINE_START_S,
-               interval=1, what="the engine restarted by its worker")
+    wait_until(
+        lambda: full_health(stack) and stack.engines("w2")[0]["pid"] != before["pid"],
+        ENGINE_START_S,
+        interval=1,
+        what="the engine restarted by its worker",
+    )
     recovery = time.monotonic() - started
     after = stack.engines("w2")[0]
     assert after["replica_id"] == before["replica_id"] and after["restarts"] == before["restarts"] + 1
     engines_seen |= engine_group(stack, "w2")
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
-    obs.record(phase, {"cut_stream": stream.result, "engine_processes_gone_after_s": round(orphans_gone, 1),
-                       "restarted_same_replica": True, "full_health_after_s": round(recovery, 1),
-                       "traffic": summary})
+    obs.record(
+        phase,
+        {
+            "cut_stream": stream.result,
+            "engine_processes_gone_after_s": round(orphans_gone, 1),
+            "restarted_same_replica": True,
+            "full_health_after_s": round(recovery, 1),
+            "traffic": summary,
+        },
+    )
 
 
 def test_sigstop_worker_then_resume(stack: SecureStack, traffic: Traffic, obs: Observations) -> None:
@@ -358,9 +412,17 @@ def test_sigstop_worker_then_resume(stack: SecureStack, traffic: Traffic, obs: O
     assert stack.engines("w1")[0]["pid"] == engine_pid and alive(engine_pid)
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
-    obs.record(phase, {"out_of_routing_after_s": round(out_of_routing, 1), "dead_after_s": round(dead_after, 1),
-                       "frozen_for_s": round(frozen_for, 1), "same_engine_process_taken_back": True,
-                       "full_health_after_s": round(recovery, 1), "traffic": summary})
+    obs.record(
+        phase,
+        {
+            "out_of_routing_after_s": round(out_of_routing, 1),
+            "dead_after_s": round(dead_after, 1),
+            "frozen_for_s": round(frozen_for, 1),
+            "same_engine_process_taken_back": True,
+            "full_health_after_s": round(recovery, 1),
+            "traffic": summary,
+        },
+    )
 
 
 def test_manager_restart_under_traffic(stack: SecureStack, traffic: Traffic, obs: Observations) -> None:
@@ -380,8 +442,15 @@ def test_manager_restart_under_traffic(stack: SecureStack, traffic: Traffic, obs
     assert set(summary["kinds"]) == {"ok"}, summary  # a ready model does not need the manager
     recovered_traffic(traffic, phase)
     sample_router_rss(stack, obs, "after worker, engine, SIGSTOP and manager faults")
-    obs.record(phase, {"registrations_survived": True, "engines_adopted": True,
-                       "full_health_after_s": round(recovery, 1), "traffic": summary})
+    obs.record(
+        phase,
+        {
+            "registrations_survived": True,
+            "engines_adopted": True,
+            "full_health_after_s": round(recovery, 1),
+            "traffic": summary,
+        },
+    )
 
 
 def test_router_restart_under_traffic(stack: SecureStack, traffic: Traffic, obs: Observations) -> None:
@@ -397,15 +466,24 @@ def test_router_restart_under_traffic(stack: SecureStack, traffic: Traffic, obs:
     # Requests cut by the router's death were aborted in the engines, none left running for nobody.
     for w in ("w1", "w2"):
         replica = stack.engines(w)[0]["replica_id"]
-        wait_until(lambda r=replica, w=w: "vllm:num_requests_running" in (text := httpx.get(
-            f"{stack.workers[w].url}/engines/{r}/metrics", timeout=10).text) and running(text) <= traffic.clients,
-            30, what="engines not busy for clients that are gone")
+        wait_until(
+            lambda r=replica, w=w: (
+                "vllm:num_requests_running"
+                in (text := httpx.get(f"{stack.workers[w].url}/engines/{r}/metrics", timeout=10).text)
+                and running(text) <= traffic.clients
+            ),
+            30,
+            what="engines not busy for clients that are gone",
+        )
     obs.record(phase, {"full_health_after_s": round(recovery, 1), "traffic": summary})
 
 
 def running(metrics_text: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith("vllm:num_requests_running{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("vllm:num_requests_running{")
+    )
 
 
 def test_router_memory_is_flat(stack: SecureStack, traffic: Traffic, obs: Observations) -> None:

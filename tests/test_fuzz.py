@@ -29,8 +29,14 @@ ALIAS = "tiny"
 MAX_MODEL_LEN = 128
 M = [{"role": "user", "content": "hi"}]
 # 503s the API documents (with Retry-After): they are answers, not server errors.
-DOCUMENTED_503 = {"cold_start_timeout", "model_failed", "queue_full", "overloaded", "replica_unavailable",
-                  "manager_unavailable"}
+DOCUMENTED_503 = {
+    "cold_start_timeout",
+    "model_failed",
+    "queue_full",
+    "overloaded",
+    "replica_unavailable",
+    "manager_unavailable",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,9 @@ def obs() -> Iterator[Observations]:
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
     # One engine slot held by the real model (min_replicas 1: never evicted), so registrations the fuzzer makes
     # cannot start engines; a short cold-start timeout so requests for them end quickly.
-    s = SecureStack(tmp_path_factory.mktemp("fuzz"), env={"CPU_SLOTS": "1", "COLD_START_TIMEOUT": "2",
-                                                          "FAILED_RETRY_AFTER": "600"}).start(workers=1)
+    s = SecureStack(
+        tmp_path_factory.mktemp("fuzz"), env={"CPU_SLOTS": "1", "COLD_START_TIMEOUT": "2", "FAILED_RETRY_AFTER": "600"}
+    ).start(workers=1)
     try:
         s.register(ALIAS, tiny_model, max_model_len=MAX_MODEL_LEN, min_replicas=1)
         s.wait_model(ALIAS, "ready", timeout=300)
@@ -72,8 +79,12 @@ def running_requests(stack: SecureStack) -> float:
 
 
 def _send(stack: SecureStack, path: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(stack.router.url + path, content=content, timeout=60,
-                      headers={"content-type": "application/json", **bearer(API_KEY), **(headers or {})})
+    return httpx.post(
+        stack.router.url + path,
+        content=content,
+        timeout=60,
+        headers={"content-type": "application/json", **bearer(API_KEY), **(headers or {})},
+    )
 
 
 def _j(body: Any) -> bytes:
@@ -87,53 +98,91 @@ BAD_INPUTS: list[tuple[str, str, bytes, dict[str, str] | None]] = [
     ("empty body", "/v1/completions", b"", None),
     ("10^5 nested arrays", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None),
     ("NaN temperature", "/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', None),
-    ("5000-digit integer", "/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
-     None),
+    (
+        "5000-digit integer",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+        None,
+    ),
     ("missing model", "/v1/chat/completions", _j({"messages": M}), None),
     ("model of wrong type", "/v1/chat/completions", _j({"model": ["tiny"], "messages": M}), None),
     ("model with path characters", "/v1/completions", _j({"model": "../workers", "prompt": "x"}), None),
     ("unknown model", "/v1/completions", _j({"model": "nope", "prompt": "x"}), None),
     ("empty messages", "/v1/chat/completions", _j({"model": ALIAS, "messages": []}), None),
     ("message without role", "/v1/chat/completions", _j({"model": ALIAS, "messages": [{"content": "x"}]}), None),
-    ("message content of wrong type", "/v1/chat/completions",
-     _j({"model": ALIAS, "messages": [{"role": "user", "content": 5}]}), None),
+    (
+        "message content of wrong type",
+        "/v1/chat/completions",
+        _j({"model": ALIAS, "messages": [{"role": "user", "content": 5}]}),
+        None,
+    ),
     ("empty prompt", "/v1/completions", _j({"model": ALIAS, "prompt": ""}), None),
     ("prompt longer than the context", "/v1/completions", _j({"model": ALIAS, "prompt": "hello " * 400}), None),
     ("out-of-vocabulary token ids", "/v1/completions", _j({"model": ALIAS, "prompt": [10**12]}), None),
     ("max_tokens 10^30", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 10**30}), None),
-    ("max_tokens above the context", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 100_000}),
-     None),
+    (
+        "max_tokens above the context",
+        "/v1/completions",
+        _j({"model": ALIAS, "prompt": "x", "max_tokens": 100_000}),
+        None,
+    ),
     ("max_tokens as string", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": "8"}), None),
     ("negative max_tokens", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": -1}), None),
     ("n = 1000", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "n": 1000}), None),
     ("temperature -1", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "temperature": -1}), None),
     ("logprobs 10^5", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "logprobs": 100_000}), None),
     ("stop of wrong type", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "stop": [1, 2]}), None),
-    ("invalid regex for structured output", "/v1/completions",
-     _j({"model": ALIAS, "prompt": "x", "structured_outputs": {"regex": "("}}), None),
+    (
+        "invalid regex for structured output",
+        "/v1/completions",
+        _j({"model": ALIAS, "prompt": "x", "structured_outputs": {"regex": "("}}),
+        None,
+    ),
     ("unknown field", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "tempreature": 0.5}), None),
     ("client-set request_id", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "request_id": "r1"}), None),
-    ("client chat template", "/v1/chat/completions", _j({"model": ALIAS, "messages": M, "chat_template": "{{x}}"}),
-     None),
-    ("stream_options without stream", "/v1/completions",
-     _j({"model": ALIAS, "prompt": "x", "stream_options": {"include_usage": True}}), None),
-    ("tool_choice without tools", "/v1/chat/completions",
-     _j({"model": ALIAS, "messages": M, "tool_choice": "required"}), None),
+    (
+        "client chat template",
+        "/v1/chat/completions",
+        _j({"model": ALIAS, "messages": M, "chat_template": "{{x}}"}),
+        None,
+    ),
+    (
+        "stream_options without stream",
+        "/v1/completions",
+        _j({"model": ALIAS, "prompt": "x", "stream_options": {"include_usage": True}}),
+        None,
+    ),
+    (
+        "tool_choice without tools",
+        "/v1/chat/completions",
+        _j({"model": ALIAS, "messages": M, "tool_choice": "required"}),
+        None,
+    ),
     ("9 MiB body", "/v1/completions", _j({"model": ALIAS, "prompt": "x" * (9 * 1024 * 1024)}), None),
-    ("text/plain content type", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 1}),
-     {"content-type": "text/plain"}),
+    (
+        "text/plain content type",
+        "/v1/completions",
+        _j({"model": ALIAS, "prompt": "x", "max_tokens": 1}),
+        {"content-type": "text/plain"},
+    ),
 ]
 
 
 AUTH = f"Authorization: Bearer {API_KEY}\r\n"
 RAW_REQUESTS = [  # malformed HTTP that no client library sends
-    ("Content-Length not a number",
-     f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: abc\r\n\r\n{{}}"),
-    ("two different Content-Lengths",
-     f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}"),
+    (
+        "Content-Length not a number",
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: abc\r\n\r\n{{}}",
+    ),
+    (
+        "two different Content-Lengths",
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}",
+    ),
     ("64 KiB header", f"GET /v1/models HTTP/1.1\r\nHost: x\r\n{AUTH}X-Big: {'a' * 65536}\r\n\r\n"),
-    ("invalid chunked encoding",
-     f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"),
+    (
+        "invalid chunked encoding",
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
+    ),
 ]
 
 
@@ -162,8 +211,12 @@ def test_bad_inputs_get_clear_4xx(stack: SecureStack, obs: Observations) -> None
     more = [  # the admin API too
         ("register: model_name not a string", "POST", "/v1/models/register", {"alias": "x", "model_name": 5}),
         ("register: unknown field", "POST", "/v1/models/register", {"alias": "x", "model_name": "o/x", "gpu": 1}),
-        ("register: min_replicas > max_replicas", "POST", "/v1/models/register",
-         {"alias": "x", "model_name": "o/x", "min_replicas": 3, "max_replicas": 1}),
+        (
+            "register: min_replicas > max_replicas",
+            "POST",
+            "/v1/models/register",
+            {"alias": "x", "model_name": "o/x", "min_replicas": 3, "max_replicas": 1},
+        ),
         ("patch: wrong type", "PATCH", f"/v1/models/{ALIAS}", {"max_replicas": "many"}),
         ("patch: unknown field", "PATCH", f"/v1/models/{ALIAS}", {"model_name": "o/other"}),
         ("path alias with a slash", "GET", "/v1/models/a%2Fb", None),
@@ -184,12 +237,19 @@ def test_bad_inputs_get_clear_4xx(stack: SecureStack, obs: Observations) -> None
 
 
 def test_streams_dropped_early_do_not_leave_the_engine_busy(stack: SecureStack, obs: Observations) -> None:
-    body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": MAX_MODEL_LEN - 16, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": ALIAS,
+        "prompt": "Once upon a time",
+        "max_tokens": MAX_MODEL_LEN - 16,
+        "stream": True,
+        "ignore_eos": True,
+    }
     drops = []
     for _ in range(5):
-        with httpx.Client(timeout=60) as client, client.stream(
-                "POST", stack.router.url + "/v1/completions", json=body, headers=bearer(API_KEY)) as resp:
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", stack.router.url + "/v1/completions", json=body, headers=bearer(API_KEY)) as resp,
+        ):
             assert resp.status_code == 200
             lines = resp.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
@@ -258,15 +318,23 @@ class Fuzzer:
                 self.documented_503 += 1
                 return
         if resp.status_code >= 500:
-            self.failures.append(f"{op.method.upper()} {op.path} {mode.value}: {resp.status_code} {resp.text[:300]}"
-                                 f" <- {case.path_parameters} {case.query} {str(case.body)[:300]}")
+            self.failures.append(
+                f"{op.method.upper()} {op.path} {mode.value}: {resp.status_code} {resp.text[:300]}"
+                f" <- {case.path_parameters} {case.query} {str(case.body)[:300]}"
+            )
 
     def run(self, op: Any, mode: Any, examples: int) -> None:
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis.errors import Unsatisfiable
 
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=op.as_strategy(generation_mode=mode))
         def run(case: Any) -> None:
             self.send(op, mode, case)
@@ -277,8 +345,13 @@ class Fuzzer:
             self.impossible += 1  # no invalid input exists for an operation without parameters
 
 
-def fuzz(base_url: str, headers: dict[str, str], examples: int, inference_examples: int,
-         worker_calls: dict[str, str] | None = None) -> dict[str, Any]:
+def fuzz(
+    base_url: str,
+    headers: dict[str, str],
+    examples: int,
+    inference_examples: int,
+    worker_calls: dict[str, str] | None = None,
+) -> dict[str, Any]:
     import schemathesis
     from schemathesis import GenerationMode
 
@@ -292,19 +365,27 @@ def fuzz(base_url: str, headers: dict[str, str], examples: int, inference_exampl
         modes = [GenerationMode.NEGATIVE] if negative_only else [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
         for mode in modes:
             fuzzer.run(op, mode, inference_examples if op.path in INFERENCE else examples)
-    return {"operations": operations, "cases": sum(fuzzer.statuses.values()),
-            "statuses": dict(sorted(fuzzer.statuses.items())), "documented_503": fuzzer.documented_503,
-            "negative_impossible": fuzzer.impossible,
-            "failures": fuzzer.failures}
+    return {
+        "operations": operations,
+        "cases": sum(fuzzer.statuses.values()),
+        "statuses": dict(sorted(fuzzer.statuses.items())),
+        "documented_503": fuzzer.documented_503,
+        "negative_impossible": fuzzer.impossible,
+        "failures": fuzzer.failures,
+    }
 
 
-@pytest.mark.parametrize(("service", "examples", "inference_examples"),
-                         [("router", 25, 40), ("worker", 25, 40), ("manager", 15, 0)])
-def test_fuzz_from_openapi_has_no_server_errors(stack: SecureStack, obs: Observations, service: str,
-                                                examples: int, inference_examples: int) -> None:
-    url, headers = {"router": (stack.router.url, bearer(ADMIN_KEY)),
-                    "worker": (stack.workers["w1"].url, bearer(WORKER_TOKEN)),
-                    "manager": (stack.manager.url, bearer(ADMIN_KEY))}[service]
+@pytest.mark.parametrize(
+    ("service", "examples", "inference_examples"), [("router", 25, 40), ("worker", 25, 40), ("manager", 15, 0)]
+)
+def test_fuzz_from_openapi_has_no_server_errors(
+    stack: SecureStack, obs: Observations, service: str, examples: int, inference_examples: int
+) -> None:
+    url, headers = {
+        "router": (stack.router.url, bearer(ADMIN_KEY)),
+        "worker": (stack.workers["w1"].url, bearer(WORKER_TOKEN)),
+        "manager": (stack.manager.url, bearer(ADMIN_KEY)),
+    }[service]
     start = time.monotonic()
     # Worker-facing routes take the worker token (a router passes them on; the manager takes the admin key too).
     result = fuzz(url, headers, examples, inference_examples, bearer(WORKER_TOKEN) if service == "router" else None)

@@ -23,9 +23,18 @@ ALIAS = "lazy"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Stack:
     s = Stack(tmp_path_factory.mktemp("lifecycle"), env={"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2"}).start(workers=2)
-    resp = s.post("/v1/models/register", json={
-        "alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512, "preload": False,
-        "idle_timeout_s": 6, "max_replicas": 2, "target_concurrency": 8})
+    resp = s.post(
+        "/v1/models/register",
+        json={
+            "alias": ALIAS,
+            "model_name": str(tiny_model),
+            "max_model_len": 512,
+            "preload": False,
+            "idle_timeout_s": 6,
+            "max_replicas": 2,
+            "target_concurrency": 8,
+        },
+    )
     assert resp.status_code == 200, resp.text
     yield s
     s.stop()
@@ -35,17 +44,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Stack:
 def strict_router(stack: Stack) -> Service:
     """A second router on the same manager with a tiny queue and a short cold-start timeout."""
     port = free_port()
-    router = Service("router-strict", ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url",
-                                       stack.manager.url], port,
-                     {**stack.env, "MAX_QUEUE_PER_MODEL": "2", "COLD_START_TIMEOUT": "2"}, stack.tmp)
+    router = Service(
+        "router-strict",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", stack.manager.url],
+        port,
+        {**stack.env, "MAX_QUEUE_PER_MODEL": "2", "COLD_START_TIMEOUT": "2"},
+        stack.tmp,
+    )
     router.start()
     yield router
     router.stop()
 
 
 def complete(url: str, max_tokens: int = 4, timeout: float = 300) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", json={"model": ALIAS, "prompt": "Once upon a time",
-                                                     "max_tokens": max_tokens}, timeout=timeout)
+    return httpx.post(
+        f"{url}/v1/completions",
+        json={"model": ALIAS, "prompt": "Once upon a time", "max_tokens": max_tokens},
+        timeout=timeout,
+    )
 
 
 def engines_running(stack: Stack) -> int:
@@ -59,8 +75,13 @@ def engine_logs(stack: Stack) -> list[Path]:
 def test_registered_model_at_zero_replicas_is_cold(stack: Stack) -> None:
     info = stack.model(ALIAS)
     assert info["state"] == "cold" and info["replicas"] == []
-    assert info["policy"] == {"min_replicas": 0, "max_replicas": 2, "idle_timeout_s": 6.0,
-                              "target_concurrency": 8.0, "preload": False}
+    assert info["policy"] == {
+        "min_replicas": 0,
+        "max_replicas": 2,
+        "idle_timeout_s": 6.0,
+        "target_concurrency": 8.0,
+        "preload": False,
+    }
     # Unregistered: 404 at once. Registered at zero replicas: listed, and requests wait (next test).
     resp = stack.post("/v1/completions", json={"model": "never-registered", "prompt": "x"})
     assert resp.status_code == 404
@@ -139,8 +160,11 @@ def test_killed_worker_fails_over_without_failed_requests(stack: Stack) -> None:
         while time.monotonic() < deadline:
             results.append(complete(stack.router.url).status_code)
             info = stack.model(ALIAS)
-            if info["state"] == "ready" and all(r["worker_id"] != victim.name for r in info["replicas"]) \
-                    and len(results) > 3:
+            if (
+                info["state"] == "ready"
+                and all(r["worker_id"] != victim.name for r in info["replicas"])
+                and len(results) > 3
+            ):
                 return
 
     with ThreadPoolExecutor(1) as pool:

@@ -90,13 +90,21 @@ async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
         await asyncio.gather(*(loop(i) for i in range(clients)))
         elapsed = time.monotonic() - started
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99
-    return {"clients": clients, "seconds": round(elapsed, 1), "outcomes": dict(outcomes),
-            "answered_per_s": round(outcomes["200"] / elapsed, 2),
-            # Little's law over the answered requests: how many of them were in flight on average.
-            "mean_in_flight": round(sum(latencies) / elapsed, 2),
-            "tokens_per_s": round(outcomes["200"] * MAX_TOKENS / elapsed, 1),
-            "latency_s": {"p50": round(q[49], 3), "p95": round(q[94], 3), "p99": round(q[98], 3),
-                          "max": round(max(latencies, default=0.0), 3)}}
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "outcomes": dict(outcomes),
+        "answered_per_s": round(outcomes["200"] / elapsed, 2),
+        # Little's law over the answered requests: how many of them were in flight on average.
+        "mean_in_flight": round(sum(latencies) / elapsed, 2),
+        "tokens_per_s": round(outcomes["200"] * MAX_TOKENS / elapsed, 1),
+        "latency_s": {
+            "p50": round(q[49], 3),
+            "p95": round(q[94], 3),
+            "p99": round(q[98], 3),
+            "max": round(max(latencies, default=0.0), 3),
+        },
+    }
 
 
 def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observations) -> None:
@@ -106,9 +114,17 @@ def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observation
     within = asyncio.run(closed_loop(stack.router.url, CONCURRENCY_OK, STEP_S))
     over = asyncio.run(closed_loop(stack.router.url, CONCURRENCY_OVER, STEP_S))
     rss_after = rss_kib(router_pid)
-    obs.record("setup", {"engines": 1, "max_model_len": 256, "max_tokens": MAX_TOKENS,
-                         "max_in_flight_per_replica": CAP, "step_seconds": STEP_S,
-                         "client_timeout_s": CLIENT_TIMEOUT_S})
+    obs.record(
+        "setup",
+        {
+            "engines": 1,
+            "max_model_len": 256,
+            "max_tokens": MAX_TOKENS,
+            "max_in_flight_per_replica": CAP,
+            "step_seconds": STEP_S,
+            "client_timeout_s": CLIENT_TIMEOUT_S,
+        },
+    )
     obs.record("within_capacity", within)
     obs.record("overload", over)
     obs.record("router_rss_kib", {"before": rss_before, "after": rss_after, "growth": rss_after - rss_before})
@@ -126,6 +142,7 @@ def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observation
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
     replica = stack.model(ALIAS)["replicas"][0]["replica_id"]
     text = httpx.get(f"{stack.workers['w1'].url}/engines/{replica}/metrics", timeout=10).text
-    running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("vllm:num_requests_running{"))
+    running = sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running{")
+    )
     assert running == 0

@@ -112,8 +112,9 @@ def substitute(expr: str, variables: dict[str, str], range_s: int) -> str:
 
 
 def documented_or_used(name: str, corpus: str) -> bool:
-    return re.search(rf"(?<![A-Za-z0-9_:]){re.escape(name)}(?:_bucket|_sum|_count)?(?![A-Za-z0-9_:])",
-                     corpus) is not None
+    return (
+        re.search(rf"(?<![A-Za-z0-9_:]){re.escape(name)}(?:_bucket|_sum|_count)?(?![A-Za-z0-9_:])", corpus) is not None
+    )
 
 
 def exported_names(exposition: str) -> set[str]:
@@ -173,14 +174,28 @@ def test_dashboards_are_grafana_10_json() -> None:
 
 def test_dashboards_cover_the_issue() -> None:
     used = {n for q in queries() for n in metric_names(q.expr)}
-    for name in ("svllm_worker_state", "svllm_worker_heartbeat_age_seconds", "svllm_gpu_memory_used_bytes",
-                 "svllm_gpu_memory_total_bytes", "svllm_gpu_utilization_ratio", "svllm_model_desired_replicas",
-                 "svllm_model_replicas", "svllm_cold_starts_total", "svllm_requests_total",
-                 "svllm_request_duration_seconds_bucket", "svllm_time_to_first_token_seconds_bucket",
-                 "svllm_router_queued_requests", "vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket",
-                 "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
-                 "vllm:generation_tokens_total", "vllm:prefix_cache_hits_total"):
+    for name in (
+        "svllm_worker_state",
+        "svllm_worker_heartbeat_age_seconds",
+        "svllm_gpu_memory_used_bytes",
+        "svllm_gpu_memory_total_bytes",
+        "svllm_gpu_utilization_ratio",
+        "svllm_model_desired_replicas",
+        "svllm_model_replicas",
+        "svllm_cold_starts_total",
+        "svllm_requests_total",
+        "svllm_request_duration_seconds_bucket",
+        "svllm_time_to_first_token_seconds_bucket",
+        "svllm_router_queued_requests",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:generation_tokens_total",
+        "vllm:prefix_cache_hits_total",
+    ):
         assert name in used, f"no panel shows {name}"
     traffic = [q.expr for q in queries() if q.dashboard == "svllm-traffic.json"]
     for quantile in ("0.5", "0.95", "0.99"):
@@ -190,24 +205,37 @@ def test_dashboards_cover_the_issue() -> None:
 def test_promtool_checks_config_rules_and_rule_tests(promtool: str) -> None:
     rules = sorted(str(p) for p in (REPO / "prometheus" / "rules").glob("*.yml"))
     assert rules
-    for args in (["check", "config", "prometheus/prometheus.yml"], ["check", "rules", *rules],
-                 ["test", "rules", *sorted(str(p) for p in (REPO / "prometheus" / "tests").glob("*.yml"))]):
+    for args in (
+        ["check", "config", "prometheus/prometheus.yml"],
+        ["check", "rules", *rules],
+        ["test", "rules", *sorted(str(p) for p in (REPO / "prometheus" / "tests").glob("*.yml"))],
+    ):
         res = subprocess.run([promtool, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, f"promtool {' '.join(args)}:\n{res.stdout}{res.stderr}"
     alerts = {r["alert"] for f in rules for g in yaml.safe_load(Path(f).read_text())["groups"] for r in g["rules"]}
-    assert {"SvllmWorkerDown", "SvllmModelQueuedWithoutReplica", "SvllmHighErrorRate",
-            "SvllmHeartbeatAgeHigh"} <= alerts
+    assert {
+        "SvllmWorkerDown",
+        "SvllmModelQueuedWithoutReplica",
+        "SvllmHighErrorRate",
+        "SvllmHeartbeatAgeHigh",
+    } <= alerts
 
 
 def test_gpu_metrics_from_nvml_fake() -> None:
     """The GPU collector against FakeNVML: a stand-in for two GPUs and a driver that cannot exist here."""
-    nvml = FakeNVML(gpus=[FakeGPU(name="NVIDIA H100 80GB HBM3", memory_total_mb=81559, memory_used_mb=2048,
-                                  utilization_pct=40),
-                          FakeGPU(name="NVIDIA A10G", uuid="GPU-1", memory_total_mb=23028,
-                                  utilization_supported=False)])
+    nvml = FakeNVML(
+        gpus=[
+            FakeGPU(name="NVIDIA H100 80GB HBM3", memory_total_mb=81559, memory_used_mb=2048, utilization_pct=40),
+            FakeGPU(name="NVIDIA A10G", uuid="GPU-1", memory_total_mb=23028, utilization_supported=False),
+        ]
+    )
     text = WorkerMetrics(GPUProbe(nvml=nvml), lambda: []).render().decode()
-    samples = {(s.name, s.labels["gpu"]): s.value for f in text_string_to_metric_families(text)
-               for s in f.samples if s.name.startswith("svllm_gpu_")}
+    samples = {
+        (s.name, s.labels["gpu"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("svllm_gpu_")
+    }
     mib = 1024 * 1024
     assert samples[("svllm_gpu_memory_total_bytes", "0")] == 81559 * mib
     assert samples[("svllm_gpu_memory_used_bytes", "0")] == 2048 * mib
@@ -216,7 +244,7 @@ def test_gpu_metrics_from_nvml_fake() -> None:
     assert 'gpu_name="NVIDIA A10G"' in text
     # Usage is read at scrape time, not at start-up.
     nvml.gpus[0].memory_used_mb = 4096
-    assert "svllm_gpu_memory_used_bytes{gpu=\"0\"" in WorkerMetrics(GPUProbe(nvml=nvml), lambda: []).render().decode()
+    assert 'svllm_gpu_memory_used_bytes{gpu="0"' in WorkerMetrics(GPUProbe(nvml=nvml), lambda: []).render().decode()
     # A CPU-only worker (no NVML library) exports no GPU series at all.
     cpu = WorkerMetrics(GPUProbe(nvml=FakeNVML(init_error=NVML_ERROR_LIBRARY_NOT_FOUND)), lambda: [])
     assert "svllm_gpu_" not in cpu.render().decode()
@@ -240,8 +268,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 def test_engine_lifecycle_counters() -> None:
     engines: dict[str, FakeEngine] = {}
-    metrics = WorkerMetrics(GPUProbe(nvml=FakeNVML(init_error=NVML_ERROR_LIBRARY_NOT_FOUND)),
-                            lambda: engines.values())
+    metrics = WorkerMetrics(GPUProbe(nvml=FakeNVML(init_error=NVML_ERROR_LIBRARY_NOT_FOUND)), lambda: engines.values())
     e = engines["r1"] = FakeEngine("r1", "m")
     metrics.engine_started(e)
     text = metrics.render().decode()
@@ -279,8 +306,7 @@ def test_router_model_label_is_bounded() -> None:
         metrics.observe_request(alias, "chat_completions", 200, 0.1, 0.05)
     metrics.observe_queue_wait(ALIAS, 12.0)
     text = metrics.render().decode()
-    models = {s.labels["model"] for f in text_string_to_metric_families(text) for s in f.samples
-              if "model" in s.labels}
+    models = {s.labels["model"] for f in text_string_to_metric_families(text) for s in f.samples if "model" in s.labels}
     assert models == {ALIAS, UNKNOWN_MODEL}
     assert sample(text, "svllm_requests_total", model=UNKNOWN_MODEL, status="200") == 4
     assert sample(text, "svllm_router_queued_requests", model=ALIAS) == 0
@@ -290,23 +316,59 @@ def test_router_model_label_is_bounded() -> None:
 
 def test_service_discovery_targets() -> None:
     def worker(wid: str, url: str, state: WorkerState, engines: list[tuple[str, ReplicaState]]) -> WorkerInfo:
-        return WorkerInfo(worker_id=wid, url=url, state=state, gpus=[], cpu_slots=1, sleep_supported=False,
-                          heartbeat_age_s=0.1, engines=[EngineStatus(replica_id=rid, alias="m", state=st)
-                                                        for rid, st in engines])
+        return WorkerInfo(
+            worker_id=wid,
+            url=url,
+            state=state,
+            gpus=[],
+            cpu_slots=1,
+            sleep_supported=False,
+            heartbeat_age_s=0.1,
+            engines=[EngineStatus(replica_id=rid, alias="m", state=st) for rid, st in engines],
+        )
 
-    workers = [worker("a", "http://10.0.0.1:7000", WorkerState.HEALTHY,
-                      [("m-1", ReplicaState.READY), ("m-2", ReplicaState.STARTING), ("m-3", ReplicaState.SLEEPING)]),
-               worker("b", "https://gpu-b.example:8443/svllm/", WorkerState.UNHEALTHY, [("m-4", ReplicaState.READY)]),
-               worker("c", "http://10.0.0.3:7000", WorkerState.DEAD, [("m-5", ReplicaState.READY)])]
+    workers = [
+        worker(
+            "a",
+            "http://10.0.0.1:7000",
+            WorkerState.HEALTHY,
+            [("m-1", ReplicaState.READY), ("m-2", ReplicaState.STARTING), ("m-3", ReplicaState.SLEEPING)],
+        ),
+        worker("b", "https://gpu-b.example:8443/svllm/", WorkerState.UNHEALTHY, [("m-4", ReplicaState.READY)]),
+        worker("c", "http://10.0.0.3:7000", WorkerState.DEAD, [("m-5", ReplicaState.READY)]),
+    ]
     engines = sd.targets(workers, "engines")
     assert engines == [
-        {"targets": ["10.0.0.1:7000"], "labels": {"__scheme__": "http", "__metrics_path__": "/engines/m-1/metrics",
-                                                  "worker": "a", "model": "m", "replica": "m-1"}},
-        {"targets": ["10.0.0.1:7000"], "labels": {"__scheme__": "http", "__metrics_path__": "/engines/m-3/metrics",
-                                                  "worker": "a", "model": "m", "replica": "m-3"}},
-        {"targets": ["gpu-b.example:8443"], "labels": {"__scheme__": "https",
-                                                       "__metrics_path__": "/svllm/engines/m-4/metrics",
-                                                       "worker": "b", "model": "m", "replica": "m-4"}},
+        {
+            "targets": ["10.0.0.1:7000"],
+            "labels": {
+                "__scheme__": "http",
+                "__metrics_path__": "/engines/m-1/metrics",
+                "worker": "a",
+                "model": "m",
+                "replica": "m-1",
+            },
+        },
+        {
+            "targets": ["10.0.0.1:7000"],
+            "labels": {
+                "__scheme__": "http",
+                "__metrics_path__": "/engines/m-3/metrics",
+                "worker": "a",
+                "model": "m",
+                "replica": "m-3",
+            },
+        },
+        {
+            "targets": ["gpu-b.example:8443"],
+            "labels": {
+                "__scheme__": "https",
+                "__metrics_path__": "/svllm/engines/m-4/metrics",
+                "worker": "b",
+                "model": "m",
+                "replica": "m-4",
+            },
+        },
     ]
     assert [g["labels"]["worker"] for g in sd.targets(workers, "workers")] == ["a", "b"]
 
@@ -318,8 +380,11 @@ async def test_apps_in_one_process_keep_separate_registries(tmp_path: Path, monk
     from serverless_vllm.cli import manager_app, router_app, worker_app
     from serverless_vllm.manager.core import ManagerCore
 
-    apps = [manager_app(ManagerSettings(db_path=str(tmp_path / "m.db"))), router_app(RouterSettings()),
-            worker_app(WorkerSettings(log_dir=str(tmp_path / "logs")))]
+    apps = [
+        manager_app(ManagerSettings(db_path=str(tmp_path / "m.db"))),
+        router_app(RouterSettings()),
+        worker_app(WorkerSettings(log_dir=str(tmp_path / "logs"))),
+    ]
     apps.append(manager_app(ManagerSettings(db_path=str(tmp_path / "m2.db"))))  # twice: still no clash
     assert all(any(getattr(r, "path", "") == "/metrics" for r in app.routes) for app in apps)  # type: ignore[attr-defined]
     core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m3.db")))
@@ -369,9 +434,17 @@ class Prometheus:
     def start(self, prometheus: str) -> Prometheus:
         log = (self.tmp / "prometheus.log").open("ab")
         self.proc = subprocess.Popen(
-            [prometheus, f"--config.file={self.config}", f"--storage.tsdb.path={self.tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                prometheus,
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={self.tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.started = time.time()
         wait_until(lambda: httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200, 60, what="Prometheus")
         return self
@@ -415,8 +488,15 @@ def _has_values(result: list[dict[str, Any]]) -> bool:
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtool: str) -> Iterator[Observed]:
     tmp = tmp_path_factory.mktemp("observability")
-    stack = Stack(tmp, env={"SVLLM_API_KEYS": CLIENT_KEY, "SVLLM_ADMIN_KEY": ADMIN_KEY,
-                            "SVLLM_WORKER_TOKEN": WORKER_TOKEN, "SVLLM_MODEL_DIRS": str(tiny_model.parent)})
+    stack = Stack(
+        tmp,
+        env={
+            "SVLLM_API_KEYS": CLIENT_KEY,
+            "SVLLM_ADMIN_KEY": ADMIN_KEY,
+            "SVLLM_WORKER_TOKEN": WORKER_TOKEN,
+            "SVLLM_MODEL_DIRS": str(tiny_model.parent),
+        },
+    )
     prom: Prometheus | None = None
     t0 = time.monotonic()
     try:
@@ -426,25 +506,38 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
         prom = Prometheus(tmp, f"127.0.0.1:{stack.router.port}").start(shutil.which("prometheus") or "prometheus")
         wait_until(lambda: prom.has('up{job="svllm-workers", worker="w1"} == 1'), 60, what="worker scraped via SD")
         # Registered cold: the first request waits for the engine, so the cold start path is measured too.
-        resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
-                                                        "max_model_len": 512, "preload": False}, headers=ADMIN)
+        resp = stack.post(
+            "/v1/models/register",
+            json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512, "preload": False},
+            headers=ADMIN,
+        )
         assert resp.status_code == 200, resp.text
         # Counters and histograms of the model are scraped at 0 before anything happens to it.
-        for expr in (f'svllm_cold_starts_total{{model="{ALIAS}"}}',
-                     f'svllm_router_queue_wait_seconds_count{{model="{ALIAS}"}}'):
+        for expr in (
+            f'svllm_cold_starts_total{{model="{ALIAS}"}}',
+            f'svllm_router_queue_wait_seconds_count{{model="{ALIAS}"}}',
+        ):
             wait_until(lambda e=expr: prom.has(e), 30, what=expr)
         log.info("stack and Prometheus up after %.0f s", time.monotonic() - t0)
         drive_traffic(stack)
         log.info("cold start and first traffic done after %.0f s", time.monotonic() - t0)
         # The engine is discovered and its vLLM metrics arrive labelled with worker, model and replica.
-        wait_until(lambda: prom.has(f'vllm:generation_tokens_total{{worker="{WORKER}", model="{ALIAS}"}} > 0'),
-                   60, what="vLLM metrics through service discovery")
+        wait_until(
+            lambda: prom.has(f'vllm:generation_tokens_total{{worker="{WORKER}", model="{ALIAS}"}} > 0'),
+            60,
+            what="vLLM metrics through service discovery",
+        )
         drive_traffic(stack, first=False)  # more traffic now that the engine is scraped: rates see it
         time.sleep(4 * SCRAPE_S)
         log.info("traffic scraped after %.0f s", time.monotonic() - t0)
-        exported = {name: httpx.get(url, timeout=10).text for name, url in (
-            ("router", f"{stack.router.url}/metrics"), ("manager", f"{stack.manager.url}/metrics"),
-            ("worker", f"{stack.workers[WORKER].url}/metrics"))}
+        exported = {
+            name: httpx.get(url, timeout=10).text
+            for name, url in (
+                ("router", f"{stack.router.url}/metrics"),
+                ("manager", f"{stack.manager.url}/metrics"),
+                ("worker", f"{stack.workers[WORKER].url}/metrics"),
+            )
+        }
         yield Observed(stack, prom, exported)
     finally:
         if prom is not None:
@@ -480,7 +573,10 @@ def test_targets_discovered_and_up(observed: Observed) -> None:
     [engine] = by_job["svllm-engines"]
     replica = observed.stack.get(f"/v1/models/{ALIAS}", headers=CLIENT).json()["replicas"][0]["replica_id"]
     assert {k: engine["labels"][k] for k in ("worker", "model", "replica")} == {
-        "worker": WORKER, "model": ALIAS, "replica": replica}
+        "worker": WORKER,
+        "model": ALIAS,
+        "replica": replica,
+    }
     assert engine["scrapeUrl"].endswith(f"/engines/{replica}/metrics")
     # Service discovery is the manager's, also reachable through the router; like /metrics it needs no key.
     stack = observed.stack
@@ -491,14 +587,23 @@ def test_targets_discovered_and_up(observed: Observed) -> None:
 
 
 def test_vllm_metrics_labelled_by_worker_and_model(observed: Observed) -> None:
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+    ):
         result = observed.prom.query(name)
         assert result, f"{name} not in Prometheus"
-        assert all(r["metric"]["worker"] == WORKER and r["metric"]["model"] == ALIAS and r["metric"]["replica"]
-                   for r in result), result
+        assert all(
+            r["metric"]["worker"] == WORKER and r["metric"]["model"] == ALIAS and r["metric"]["replica"] for r in result
+        ), result
 
 
 def test_component_metrics_have_the_traffic(observed: Observed) -> None:
@@ -510,15 +615,30 @@ def test_component_metrics_have_the_traffic(observed: Observed) -> None:
     assert float(q(f'svllm_router_queue_wait_seconds_count{{model="{ALIAS}"}}')[0]["value"][1]) >= 1
     assert float(q(f'svllm_cold_starts_total{{model="{ALIAS}"}}')[0]["value"][1]) == 1
     assert float(q(f'svllm_cold_start_duration_seconds_count{{model="{ALIAS}"}}')[0]["value"][1]) == 1
-    assert float(q(f'svllm_engine_start_duration_seconds_count{{model="{ALIAS}", worker="{WORKER}"}}')[0]
-                 ["value"][1]) == 1
+    assert (
+        float(q(f'svllm_engine_start_duration_seconds_count{{model="{ALIAS}", worker="{WORKER}"}}')[0]["value"][1]) == 1
+    )
     assert q(f'svllm_worker_state{{worker="{WORKER}", state="healthy"}} == 1')
     assert q(f'svllm_model_state{{model="{ALIAS}", state="ready"}} == 1')
     assert q(f'svllm_replica_info{{model="{ALIAS}", worker="{WORKER}", gpus="cpu", state="ready"}}')
     labels = {k for r in q('{__name__=~"svllm_.*"}') for k in r["metric"]}
     # Bounded labels: no request ids, no paths, nothing per request.
-    assert labels <= {"__name__", "job", "instance", "worker", "model", "replica", "state", "status", "endpoint",
-                      "le", "gpu", "gpu_name", "gpus", "appliance"}, labels
+    assert labels <= {
+        "__name__",
+        "job",
+        "instance",
+        "worker",
+        "model",
+        "replica",
+        "state",
+        "status",
+        "endpoint",
+        "le",
+        "gpu",
+        "gpu_name",
+        "gpus",
+        "appliance",
+    }, labels
 
 
 def test_every_panel_returns_data(observed: Observed) -> None:

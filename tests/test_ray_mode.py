@@ -68,8 +68,12 @@ class RayCluster:
     def start(self) -> RayCluster:
         args = ray_head_args(VENV_BIN / "ray", self.temp_dir, self.port, self.dashboard_port)
         # No drain wait on SIGTERM: the fixture's teardown should take seconds, not half a minute.
-        env = {**os.environ, **self.auth_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-               "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {
+            **os.environ,
+            **self.auth_env,
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -112,8 +116,13 @@ class RayCluster:
 
     def cli(self, *args: str, timeout: float = 60) -> str:
         """`serve ...` / `ray ...` against this cluster, as an operator types it."""
-        out = subprocess.run([str(VENV_BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "RAY_ADDRESS": self.address})
+        out = subprocess.run(
+            [str(VENV_BIN / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "RAY_ADDRESS": self.address},
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
@@ -167,8 +176,9 @@ class TCPForwarder:
         self.bytes_forwarded += n
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                count: Callable[[int], None] | None = None) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: Callable[[int], None] | None = None
+) -> None:
     try:
         while chunk := await reader.read(65536):
             if count is not None:
@@ -204,19 +214,52 @@ class Env:
 
     def start_worker(self, manager_url: str) -> Service:
         """The worker on a 'remote' machine: bound to 127.0.0.2, reachable only through the forwarder."""
-        self.worker = Service("w1", ["worker", "--worker-id", "w1", "--host", "127.0.0.2", "--port",
-                                     str(self.worker_port), "--manager-url", manager_url],
-                              self.forwarder.port, {**self.env, "PUBLIC_URL": self.forwarder.url}, self.tmp)
+        self.worker = Service(
+            "w1",
+            [
+                "worker",
+                "--worker-id",
+                "w1",
+                "--host",
+                "127.0.0.2",
+                "--port",
+                str(self.worker_port),
+                "--manager-url",
+                manager_url,
+            ],
+            self.forwarder.port,
+            {**self.env, "PUBLIC_URL": self.forwarder.url},
+            self.tmp,
+        )
         return self.worker.start()
 
     def ray_services(self, *extra: str, detach: bool = True) -> list[str]:
-        return ["ray-services", "--address", self.cluster.address, "--namespace", NAMESPACE, "--host", "127.0.0.1",
-                "--port", str(self.serve_port), "--proxy-port", str(self.proxy_port),
-                "--replicas", str(self.router_replicas), *(["--detach"] if detach else []), *extra]
+        return [
+            "ray-services",
+            "--address",
+            self.cluster.address,
+            "--namespace",
+            NAMESPACE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.serve_port),
+            "--proxy-port",
+            str(self.proxy_port),
+            "--replicas",
+            str(self.router_replicas),
+            *(["--detach"] if detach else []),
+            *extra,
+        ]
 
     def deploy(self, *extra: str) -> None:
-        out = subprocess.run([str(VENV_BIN / "svllm"), *self.ray_services(*extra)], env={**os.environ, **self.env},
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [str(VENV_BIN / "svllm"), *self.ray_services(*extra)],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
     def manager(self) -> Any:
@@ -235,8 +278,12 @@ class Env:
 
     def wait_model(self, state: str, timeout: float = 300) -> dict[str, Any]:
         try:
-            return wait_until(lambda: (m := self.model())["state"] == state and m, timeout, interval=0.5,
-                              what=f"model {ALIAS} {state}")
+            return wait_until(
+                lambda: (m := self.model())["state"] == state and m,
+                timeout,
+                interval=0.5,
+                what=f"model {ALIAS} {state}",
+            )
         except TimeoutError as exc:
             worker_log = self.worker.log(40) if self.worker else ""
             raise AssertionError(f"{exc}\nmodel: {self.model()}\nworker log:\n{worker_log}") from None
@@ -299,8 +346,10 @@ def test_worker_first_joins_an_http_mode_manager(env: Env, tiny_model: Path) -> 
     env.http.start(workers=0)
     env.start_worker(env.http.router.url)
     # Registered here, in plain-HTTP mode; it starts on first use (one engine start for the whole module).
-    resp = env.http.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model),
-                                                       "max_model_len": 512, "preload": False})
+    resp = env.http.post(
+        "/v1/models/register",
+        json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512, "preload": False},
+    )
     assert resp.status_code == 200, resp.text
     worker = wait_until(lambda: env.http.workers_by_id().get("w1"), 30, what="w1 registered")
     assert worker["url"] == env.forwarder.url and worker["state"] == "healthy"  # its PUBLIC_URL, not its bind
@@ -323,8 +372,9 @@ def test_ray_services_deploy(env: Env) -> None:
     assert listener_pid(env.serve_port) == int(health["router_id"].rsplit("-", 1)[1])
     assert httpx.get(f"http://127.0.0.1:{env.proxy_port}/health", timeout=10).json()["router_id"] == health["router_id"]
     # The dashboard shows both: the Serve application and the named manager actor.
-    apps = httpx.get(f"{env.cluster.dashboard}/api/serve/applications/", headers=env.cluster.dashboard_headers,
-                     timeout=10).json()["applications"]
+    apps = httpx.get(
+        f"{env.cluster.dashboard}/api/serve/applications/", headers=env.cluster.dashboard_headers, timeout=10
+    ).json()["applications"]
     assert "router" in apps
     from ray.util.state import list_actors
 
@@ -338,8 +388,14 @@ def test_worker_moves_to_ray_services_with_only_a_new_manager_url(env: Env) -> N
     first_args = env.worker.args
     env.start_worker(env.router_url)  # the Serve router passes worker calls to the manager actor
     assert [a for a in env.worker.args if a not in first_args] == [env.router_url]
-    wait_until(lambda: [(w["worker_id"], w["url"], w["state"]) for w in env.get("/workers").json()]
-               == [("w1", env.forwarder.url, "healthy")], 30, what="the worker registered at its PUBLIC_URL")
+    wait_until(
+        lambda: (
+            [(w["worker_id"], w["url"], w["state"]) for w in env.get("/workers").json()]
+            == [("w1", env.forwarder.url, "healthy")]
+        ),
+        30,
+        what="the worker registered at its PUBLIC_URL",
+    )
     # The registration came over in MANAGER_DB, cold: the first request is held by the Serve router while the
     # engine starts on the moved worker (generous timeout: engines start slowly on a loaded machine).
     assert env.model()["state"] == "cold"
@@ -356,13 +412,15 @@ def test_worker_moves_to_ray_services_with_only_a_new_manager_url(env: Env) -> N
 def test_openai_client_through_serve(env: Env) -> None:
     client = env.openai()
     before = env.forwarder.bytes_forwarded
-    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hello"}],
-                                          max_tokens=8)
+    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hello"}], max_tokens=8)
     assert chat.model == ALIAS and chat.usage.completion_tokens > 0
     text = client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=8)
     assert text.choices[0].text is not None and text.usage.completion_tokens > 0
-    chunks = list(client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=8, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+        )
+    )
     assert len(chunks) >= 2 and any(c.choices and c.choices[0].delta.content for c in chunks)
     pieces = list(client.completions.create(model=ALIAS, prompt="abc", max_tokens=8, stream=True))
     assert len(pieces) >= 2 and all(p.model == ALIAS for p in pieces)
@@ -426,8 +484,11 @@ def test_manager_actor_killed_comes_back_while_ready_model_serves(env: Env) -> N
         return health if health["epoch"] != before["epoch"] else None
 
     def recovered(epoch: str) -> bool:
-        return (env.health()["workers"]["healthy"] == 1 and env.model()["state"] == "ready"
-                and {h["routing_epoch"] for h in router_healths(env).values()} == {epoch})
+        return (
+            env.health()["workers"]["healthy"] == 1
+            and env.model()["state"] == "ready"
+            and {h["routing_epoch"] for h in router_healths(env).values()} == {epoch}
+        )
 
     # Requests keep flowing the whole time: during the gap (served from the routers' own tables), while the
     # actor restarts, and while the worker re-registers; not one may fail.
@@ -457,9 +518,15 @@ def test_replace_manager_keeps_registrations_and_engines(env: Env) -> None:
     assert after["epoch"] != before["epoch"] and after["models"] == 1
     assert ray.get(env.manager().pid.remote()) != pid
     # Routers find the new actor by name (the old handle is dead); the worker re-registers, its engine adopted.
-    wait_until(lambda: env.health()["workers"]["healthy"] == 1 and env.model()["state"] == "ready"
-               and {h["routing_epoch"] for h in router_healths(env).values()} == {after["epoch"]}, 60,
-               what="recovery with the new manager actor")
+    wait_until(
+        lambda: (
+            env.health()["workers"]["healthy"] == 1
+            and env.model()["state"] == "ready"
+            and {h["routing_epoch"] for h in router_healths(env).values()} == {after["epoch"]}
+        ),
+        60,
+        what="recovery with the new manager actor",
+    )
     assert {r["replica_id"] for r in env.model()["replicas"]} == replicas
     assert completion(env) is not None
 
@@ -494,8 +561,13 @@ def test_serve_delete_and_ray_services_again_restores_the_router(env: Env) -> No
 
 
 def test_direct_ingress_refuses_more_replicas_than_nodes(env: Env) -> None:
-    out = subprocess.run([str(VENV_BIN / "svllm"), *env.ray_services("--replicas", "2")],
-                         env={**os.environ, **env.env}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(VENV_BIN / "svllm"), *env.ray_services("--replicas", "2")],
+        env={**os.environ, **env.env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0 and "--ingress proxy" in out.stderr, out.stderr[-3000:]
     assert completion(env) is not None  # refused before touching what runs
 
@@ -516,17 +588,27 @@ def test_proxy_ingress_two_router_replicas_keep_their_own_consistent_tables(env:
     assert status["applications"]["router"]["deployments"]["Router"]["replica_states"] == {"RUNNING": 2}
     assert listener_pid(env.serve_port) not in {int(r.rsplit("-", 1)[1]) for r in router_healths(env)}
     version = env.health()["routing_version"]
-    wait_until(lambda: {h["routing_version"] for h in router_healths(env).values()} == {version}, 30,
-               what="both replicas at the manager's version")
+    wait_until(
+        lambda: {h["routing_version"] for h in router_healths(env).values()} == {version},
+        30,
+        what="both replicas at the manager's version",
+    )
     # A registration through one replica reaches the other through its own long-poll.
-    resp = httpx.post(f"{env.router_url}/v1/models/register", timeout=30,
-                      json={"alias": "lazy", "model_name": str(tiny_model), "preload": False})
+    resp = httpx.post(
+        f"{env.router_url}/v1/models/register",
+        timeout=30,
+        json={"alias": "lazy", "model_name": str(tiny_model), "preload": False},
+    )
     assert resp.status_code == 200 and resp.json()["state"] == "cold"
-    wait_until(lambda: all(h["models"] == 2 for h in router_healths(env).values()), 30,
-               what="both replicas to see the new alias")
+    wait_until(
+        lambda: all(h["models"] == 2 for h in router_healths(env).values()),
+        30,
+        what="both replicas to see the new alias",
+    )
     assert httpx.delete(f"{env.router_url}/v1/models/lazy", timeout=30).status_code == 200
-    wait_until(lambda: all(h["models"] == 1 for h in router_healths(env).values()), 30,
-               what="both replicas to drop the alias")
+    wait_until(
+        lambda: all(h["models"] == 1 for h in router_healths(env).values()), 30, what="both replicas to drop the alias"
+    )
     healths = router_healths(env)
     assert len({h["routing_epoch"] for h in healths.values()}) == 1
     for _ in range(6):  # whichever replica answers, the ready model is served

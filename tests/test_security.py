@@ -47,8 +47,12 @@ ALIAS = "tiny"
 
 
 def settings(**kw: object) -> AuthSettings:
-    env = {"SVLLM_API_KEYS": f"{API_KEY},{API_KEY_2}", "SVLLM_ADMIN_KEY": ADMIN_KEY,
-           "SVLLM_WORKER_TOKEN": WORKER_TOKEN, "SVLLM_AUTH": "on"}
+    env = {
+        "SVLLM_API_KEYS": f"{API_KEY},{API_KEY_2}",
+        "SVLLM_ADMIN_KEY": ADMIN_KEY,
+        "SVLLM_WORKER_TOKEN": WORKER_TOKEN,
+        "SVLLM_AUTH": "on",
+    }
     saved = {k: os.environ.get(k) for k in [*env, "SVLLM_API_KEYS_FILE"]}
     os.environ.update(env)
     os.environ.pop("SVLLM_API_KEYS_FILE", None)
@@ -98,39 +102,46 @@ def test_authenticator_roles_and_fail_closed_configuration() -> None:
         Authenticator(AuthSettings(), "worker")
     Authenticator(AuthSettings(worker_token=settings().worker_token), "worker")  # a worker needs the token only
     with pytest.raises(AuthConfigError, match="own secret"):
-        Authenticator(AuthSettings(api_keys=settings().api_keys, admin_key=settings().api_keys[0],
-                                   worker_token=settings().worker_token), "router")
+        Authenticator(
+            AuthSettings(
+                api_keys=settings().api_keys, admin_key=settings().api_keys[0], worker_token=settings().worker_token
+            ),
+            "router",
+        )
     off = Authenticator(AuthSettings(mode="off"), "router")  # explicitly off: no keys needed
     assert not off.enabled
     assert settings(mode="off").worker_headers() == {} and settings().worker_headers() == bearer(WORKER_TOKEN)
 
 
-@pytest.mark.parametrize(("policy", "method", "path", "roles"), [
-    (router_policy, "POST", "/v1/chat/completions", {"client", "admin"}),
-    (router_policy, "POST", "/v1/completions", {"client", "admin"}),
-    (router_policy, "GET", "/v1/models", {"client", "admin"}),
-    (router_policy, "GET", "/v1/models/tiny", {"client", "admin"}),
-    (router_policy, "POST", "/v1/models/register", {"admin"}),
-    (router_policy, "PATCH", "/v1/models/tiny", {"admin"}),
-    (router_policy, "DELETE", "/v1/models/tiny", {"admin"}),
-    (router_policy, "GET", "/workers", {"admin"}),
-    (router_policy, "POST", "/workers/register", {"worker"}),
-    (router_policy, "POST", "/workers/heartbeat", {"worker"}),
-    (router_policy, "GET", "/openapi.json", {"admin"}),
-    (router_policy, "POST", "/sleep", {"admin"}),  # anything unknown: default deny
-    (router_policy, "GET", "/health", None),
-    (router_policy, "GET", "/metrics", None),
-    (manager_policy, "GET", "/routing", {"admin"}),
-    (manager_policy, "POST", "/models", {"admin"}),
-    (manager_policy, "POST", "/demand", {"admin"}),
-    (manager_policy, "POST", "/workers/heartbeat", {"worker", "admin"}),
-    (manager_policy, "GET", "/health", None),
-    (worker_policy, "PUT", "/engines", {"worker"}),
-    (worker_policy, "GET", "/engines", {"worker"}),
-    (worker_policy, "POST", "/v1/completions", {"worker"}),
-    (worker_policy, "GET", "/engines/r1/metrics", None),
-    (worker_policy, "GET", "/health", None),
-])
+@pytest.mark.parametrize(
+    ("policy", "method", "path", "roles"),
+    [
+        (router_policy, "POST", "/v1/chat/completions", {"client", "admin"}),
+        (router_policy, "POST", "/v1/completions", {"client", "admin"}),
+        (router_policy, "GET", "/v1/models", {"client", "admin"}),
+        (router_policy, "GET", "/v1/models/tiny", {"client", "admin"}),
+        (router_policy, "POST", "/v1/models/register", {"admin"}),
+        (router_policy, "PATCH", "/v1/models/tiny", {"admin"}),
+        (router_policy, "DELETE", "/v1/models/tiny", {"admin"}),
+        (router_policy, "GET", "/workers", {"admin"}),
+        (router_policy, "POST", "/workers/register", {"worker"}),
+        (router_policy, "POST", "/workers/heartbeat", {"worker"}),
+        (router_policy, "GET", "/openapi.json", {"admin"}),
+        (router_policy, "POST", "/sleep", {"admin"}),  # anything unknown: default deny
+        (router_policy, "GET", "/health", None),
+        (router_policy, "GET", "/metrics", None),
+        (manager_policy, "GET", "/routing", {"admin"}),
+        (manager_policy, "POST", "/models", {"admin"}),
+        (manager_policy, "POST", "/demand", {"admin"}),
+        (manager_policy, "POST", "/workers/heartbeat", {"worker", "admin"}),
+        (manager_policy, "GET", "/health", None),
+        (worker_policy, "PUT", "/engines", {"worker"}),
+        (worker_policy, "GET", "/engines", {"worker"}),
+        (worker_policy, "POST", "/v1/completions", {"worker"}),
+        (worker_policy, "GET", "/engines/r1/metrics", None),
+        (worker_policy, "GET", "/health", None),
+    ],
+)
 def test_route_policies(policy, method: str, path: str, roles: set[str] | None) -> None:
     got = policy(method, path)
     assert (None if got is None else {r.value for r in got}) == roles
@@ -160,8 +171,13 @@ def _error(resp: httpx.Response) -> dict:
 
 
 def test_guard_answers_401_in_openai_shape(guarded: TestClient) -> None:
-    for headers in ({}, bearer("wrong"), {"authorization": f"Basic {API_KEY}"}, {"authorization": "Bearer"},
-                    bearer(WORKER_TOKEN)):
+    for headers in (
+        {},
+        bearer("wrong"),
+        {"authorization": f"Basic {API_KEY}"},
+        {"authorization": "Bearer"},
+        bearer(WORKER_TOKEN),
+    ):
         resp = guarded.post("/v1/completions", content=b"{}", headers=headers)
         assert resp.status_code == 401, headers
         err = _error(resp)
@@ -169,8 +185,10 @@ def test_guard_answers_401_in_openai_shape(guarded: TestClient) -> None:
         assert resp.headers["www-authenticate"].startswith("Bearer")
         assert API_KEY not in resp.text and WORKER_TOKEN not in resp.text
     assert guarded.post("/v1/completions", content=b"{}", headers=bearer(API_KEY)).status_code == 200
-    assert guarded.post("/v1/completions", content=b"{}", headers={"Authorization": f"bearer {API_KEY}"}).status_code \
+    assert (
+        guarded.post("/v1/completions", content=b"{}", headers={"Authorization": f"bearer {API_KEY}"}).status_code
         == 200
+    )
     # A client key is not an admin key.
     assert guarded.post("/v1/models/register", json={}, headers=bearer(API_KEY)).status_code == 401
     assert guarded.post("/v1/models/register", json={}, headers=bearer(ADMIN_KEY)).status_code == 200
@@ -192,16 +210,35 @@ def test_guard_limits_body_size(guarded: TestClient) -> None:
     assert guarded.post("/v1/completions", content=b"x" * 5000).status_code == 401
 
 
-@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "org/model.v1_2-x", "/models/tiny",
-                                  "/models/org/tiny/", "/models"])
+@pytest.mark.parametrize(
+    "name", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "org/model.v1_2-x", "/models/tiny", "/models/org/tiny/", "/models"]
+)
 def test_allowed_model_names(name: str) -> None:
     check_model_name(name, ["/models"])
 
 
-@pytest.mark.parametrize("name", ["/etc", "/models/../etc/passwd", "/models/x/../../etc", "../models/tiny",
-                                  "models/../../etc", "./tiny", "~/models", "org/../x", "a/b/c", "org/x--y",
-                                  "file:///models/tiny", "s3://bucket/model", "/models\x00/x", "-org/x", "org/x.",
-                                  "/modelsX/tiny", "org/" + "x" * 200])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc",
+        "/models/../etc/passwd",
+        "/models/x/../../etc",
+        "../models/tiny",
+        "models/../../etc",
+        "./tiny",
+        "~/models",
+        "org/../x",
+        "a/b/c",
+        "org/x--y",
+        "file:///models/tiny",
+        "s3://bucket/model",
+        "/models\x00/x",
+        "-org/x",
+        "org/x.",
+        "/modelsX/tiny",
+        "org/" + "x" * 200,
+    ],
+)
 def test_refused_model_names(name: str) -> None:
     with pytest.raises(APIError) as err:
         check_model_name(name, ["/models"])
@@ -220,11 +257,26 @@ def test_local_paths_need_configured_dirs_and_symlinks_cannot_escape(tmp_path: P
     check_model_name("/anything/at/all", ["/"])  # `svllm up` local mode
 
 
-@pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "1"], ["--ho", "x"],
-                                  ["--served_model_name", "x"], ["--model", "/etc"], ["--trust-remote-code"],
-                                  ["--middleware", "os.system"], ["--worker-cls", "x.Y"], ["--api-key", "k"],
-                                  ["--kv-transfer-config", "{}"], ["--kv-transfer-config.kv_connector", "x"],
-                                  ["--tokenizer", "/etc"], ["--config", "/tmp/x.yaml"], ["--uds", "/tmp/s"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--host", "0.0.0.0"],
+        ["--host=0.0.0.0"],
+        ["--port", "1"],
+        ["--ho", "x"],
+        ["--served_model_name", "x"],
+        ["--model", "/etc"],
+        ["--trust-remote-code"],
+        ["--middleware", "os.system"],
+        ["--worker-cls", "x.Y"],
+        ["--api-key", "k"],
+        ["--kv-transfer-config", "{}"],
+        ["--kv-transfer-config.kv_connector", "x"],
+        ["--tokenizer", "/etc"],
+        ["--config", "/tmp/x.yaml"],
+        ["--uds", "/tmp/s"],
+    ],
+)
 def test_refused_engine_args(args: list[str]) -> None:
     with pytest.raises(APIError) as err:
         check_engine_args(args)
@@ -232,38 +284,54 @@ def test_refused_engine_args(args: list[str]) -> None:
 
 
 def test_allowed_engine_args() -> None:
-    check_engine_args(["--enforce-eager", "--max-num-seqs", "8", "--enable-prefix-caching", "--seed=1",
-                       "--tokenizer-mode", "auto", "-tp", "1", "--kv-cache-dtype", "auto"])
+    check_engine_args(
+        [
+            "--enforce-eager",
+            "--max-num-seqs",
+            "8",
+            "--enable-prefix-caching",
+            "--seed=1",
+            "--tokenizer-mode",
+            "auto",
+            "-tp",
+            "1",
+            "--kv-cache-dtype",
+            "auto",
+        ]
+    )
 
 
 M = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize(("path", "body", "status"), [
-    ("/v1/chat/completions", {"model": "tiny", "messages": M}, None),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5, "stream": True}, None),
-    ("/v1/completions", {"model": "tiny", "prompt": [1, 2], "n": 2, "temperature": 0.5, "seed": 3}, None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400),
-    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "no role"}]}, 400),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [5]}, 400),
-    ("/v1/completions", {"model": "tiny"}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**30}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": True}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 1000}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "bogus_field": 1}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "request_id": "mine"}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "kv_transfer_params": {}}, 400),
-    ("/v1/chat/completions", {"model": "tiny", "messages": M, "chat_template": "{{ 7*7 }}"}, 400),
-    ("/v1/completions", {"model": 5, "prompt": "x"}, 400),
-    ("/v1/completions", {"model": "../routing", "prompt": "x"}, 404),
-    ("/v1/completions", {"model": "a?b=c", "prompt": "x"}, 404),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/chat/completions", {"model": "tiny", "messages": M}, None),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5, "stream": True}, None),
+        ("/v1/completions", {"model": "tiny", "prompt": [1, 2], "n": 2, "temperature": 0.5, "seed": 3}, None),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400),
+        ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "no role"}]}, 400),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [5]}, 400),
+        ("/v1/completions", {"model": "tiny"}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**30}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": True}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 1000}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "bogus_field": 1}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "request_id": "mine"}, 400),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "kv_transfer_params": {}}, 400),
+        ("/v1/chat/completions", {"model": "tiny", "messages": M, "chat_template": "{{ 7*7 }}"}, 400),
+        ("/v1/completions", {"model": 5, "prompt": "x"}, 400),
+        ("/v1/completions", {"model": "../routing", "prompt": "x"}, 404),
+        ("/v1/completions", {"model": "a?b=c", "prompt": "x"}, 404),
+    ],
+)
 def test_inference_checks(path: str, body: dict, status: int | None) -> None:
     if status is None:
         assert check_inference(path, body) == "tiny"
@@ -305,8 +373,14 @@ CHAT = {"model": ALIAS, "messages": M, "max_tokens": 2}
 def test_router_roles(stack: SecureStack, obs: Observations) -> None:
     r = stack.router.url
     matrix = {  # (method, path, body) -> {credential: expected status}
-        ("POST", "/v1/chat/completions", "chat"): {None: 401, "wrong": 401, WORKER_TOKEN: 401, API_KEY: 200,
-                                                   API_KEY_2: 200, ADMIN_KEY: 200},
+        ("POST", "/v1/chat/completions", "chat"): {
+            None: 401,
+            "wrong": 401,
+            WORKER_TOKEN: 401,
+            API_KEY: 200,
+            API_KEY_2: 200,
+            ADMIN_KEY: 200,
+        },
         ("GET", "/v1/models", None): {None: 401, "wrong": 401, WORKER_TOKEN: 401, API_KEY: 200, ADMIN_KEY: 200},
         ("GET", f"/v1/models/{ALIAS}", None): {None: 401, API_KEY: 200, ADMIN_KEY: 200},
         ("POST", "/v1/models/register", "spec"): {None: 401, API_KEY: 401, WORKER_TOKEN: 401, ADMIN_KEY: 200},
@@ -318,9 +392,13 @@ def test_router_roles(stack: SecureStack, obs: Observations) -> None:
         ("GET", "/health", None): {None: 200},
         ("GET", "/metrics", None): {None: 200},
     }
-    bodies = {"chat": CHAT, "spec": {"alias": ALIAS, "model_name": stack.model(ALIAS)["model_name"],
-                                     "max_model_len": 256}, "patch": {"idle_timeout_s": 600},
-              "beat": {"worker_id": "nobody"}, None: None}
+    bodies = {
+        "chat": CHAT,
+        "spec": {"alias": ALIAS, "model_name": stack.model(ALIAS)["model_name"], "max_model_len": 256},
+        "patch": {"idle_timeout_s": 600},
+        "beat": {"worker_id": "nobody"},
+        None: None,
+    }
     seen = []
     for (method, path, body), expected in matrix.items():
         for key, status in expected.items():
@@ -328,9 +406,28 @@ def test_router_roles(stack: SecureStack, obs: Observations) -> None:
             assert resp.status_code == status, (method, path, key and key[:12], resp.text[:300])
             if status == 401:
                 assert _error(resp)["type"] == "authentication_error"
-            seen.append((method, path, "none" if key is None else next(
-                (n for n, k in [("client", API_KEY), ("client", API_KEY_2), ("admin", ADMIN_KEY),
-                                ("worker", WORKER_TOKEN)] if k == key), "wrong"), resp.status_code))
+            seen.append(
+                (
+                    method,
+                    path,
+                    "none"
+                    if key is None
+                    else next(
+                        (
+                            n
+                            for n, k in [
+                                ("client", API_KEY),
+                                ("client", API_KEY_2),
+                                ("admin", ADMIN_KEY),
+                                ("worker", WORKER_TOKEN),
+                            ]
+                            if k == key
+                        ),
+                        "wrong",
+                    ),
+                    resp.status_code,
+                )
+            )
     obs.record("router_role_matrix", seen)
     # The official client with a key works, without one it is an AuthenticationError.
     assert stack.openai().chat.completions.create(model=ALIAS, messages=M, max_tokens=2).choices
@@ -372,12 +469,30 @@ def test_worker_and_manager_need_their_credentials(stack: SecureStack, obs: Obse
     assert [e["state"] for e in stack.engines("w1")] == ["ready"]
 
 
-DEV_ENDPOINTS = [("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"), ("POST", "/collective_rpc"),
-                 ("POST", "/reset_prefix_cache"), ("POST", "/reset_mm_cache"), ("POST", "/v1/load_lora_adapter"),
-                 ("POST", "/v1/unload_lora_adapter"), ("POST", "/start_profile"), ("POST", "/stop_profile"),
-                 ("GET", "/server_info"), ("POST", "/scale_elastic_ep"), ("POST", "/pause"), ("POST", "/resume"),
-                 ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/v1/embeddings"), ("POST", "/pooling"),
-                 ("POST", "/invocations"), ("POST", "/v1/responses"), ("GET", "/version"), ("GET", "/ping")]
+DEV_ENDPOINTS = [
+    ("POST", "/sleep"),
+    ("POST", "/wake_up"),
+    ("GET", "/is_sleeping"),
+    ("POST", "/collective_rpc"),
+    ("POST", "/reset_prefix_cache"),
+    ("POST", "/reset_mm_cache"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/start_profile"),
+    ("POST", "/stop_profile"),
+    ("GET", "/server_info"),
+    ("POST", "/scale_elastic_ep"),
+    ("POST", "/pause"),
+    ("POST", "/resume"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/pooling"),
+    ("POST", "/invocations"),
+    ("POST", "/v1/responses"),
+    ("GET", "/version"),
+    ("GET", "/ping"),
+]
 
 
 def test_vllm_admin_and_dev_endpoints_are_out_of_reach(stack: SecureStack, obs: Observations) -> None:
@@ -393,8 +508,12 @@ def test_vllm_admin_and_dev_endpoints_are_out_of_reach(stack: SecureStack, obs: 
     obs.record("dev_endpoints_router_worker_status", results)
     # The engine itself listens on loopback only.
     port = stack.engines("w1")[0]["port"]
-    listeners = [line.split()[1] for f in ("/proc/net/tcp", "/proc/net/tcp6")
-                 for line in Path(f).read_text().splitlines()[1:] if line.split()[3] == "0A"]  # LISTEN
+    listeners = [
+        line.split()[1]
+        for f in ("/proc/net/tcp", "/proc/net/tcp6")
+        for line in Path(f).read_text().splitlines()[1:]
+        if line.split()[3] == "0A"
+    ]  # LISTEN
     mine = [addr for addr in listeners if int(addr.rsplit(":", 1)[1], 16) == port]
     assert mine and all(addr.split(":")[0] in ("0100007F", "00000000000000000000000001000000") for addr in mine)
     obs.record("engine_listens_on", mine)
@@ -402,9 +521,14 @@ def test_vllm_admin_and_dev_endpoints_are_out_of_reach(stack: SecureStack, obs: 
 
 def test_model_source_policy_end_to_end(stack: SecureStack, tiny_model: Path, obs: Observations) -> None:
     refused = {}
-    for name, extra in [("/etc", []), (f"{tiny_model}/../../../etc", []), ("../../etc/passwd", []),
-                        ("org/x", ["--host", "0.0.0.0"]), ("org/x", ["--trust-remote-code"]),
-                        ("org/x", ["--middleware", "os.system"])]:
+    for name, extra in [
+        ("/etc", []),
+        (f"{tiny_model}/../../../etc", []),
+        ("../../etc/passwd", []),
+        ("org/x", ["--host", "0.0.0.0"]),
+        ("org/x", ["--trust-remote-code"]),
+        ("org/x", ["--middleware", "os.system"]),
+    ]:
         resp = stack.post("/v1/models/register", json={"alias": "evil", "model_name": name, "extra_args": extra})
         assert resp.status_code == 400, (name, extra, resp.text)
         refused[f"{name} {' '.join(extra)}".strip()] = _error(resp)["code"]
@@ -424,10 +548,18 @@ def test_no_secret_in_any_log(stack: SecureStack) -> None:
 
 def test_services_refuse_to_start_without_credentials(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SVLLM_")}
-    for command in (["manager", "--port", str(free_port())], ["router", "--port", str(free_port())],
-                    ["worker", "--port", str(free_port())]):
-        out = subprocess.run([str(VENV_BIN / "svllm"), *command], env={**env, "MANAGER_DB": str(tmp_path / "m.db")},
-                             capture_output=True, text=True, timeout=60)
+    for command in (
+        ["manager", "--port", str(free_port())],
+        ["router", "--port", str(free_port())],
+        ["worker", "--port", str(free_port())],
+    ):
+        out = subprocess.run(
+            [str(VENV_BIN / "svllm"), *command],
+            env={**env, "MANAGER_DB": str(tmp_path / "m.db")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode != 0 and "SVLLM_AUTH=off" in out.stderr, (command, out.stderr[-500:])
 
 

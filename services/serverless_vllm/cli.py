@@ -28,9 +28,17 @@ def _setup_logging(level: str) -> None:
 def _server(app: object, host: str, port: int, level: str) -> uvicorn.Server:
     # The servers log their own access lines only at debug level: the hot path should not pay for logging.
     # One socket write per response instead of two (server_protocol.py).
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=level.lower(),  # type: ignore[arg-type]
-                                         http=CoalescingHttpToolsProtocol, access_log=level.lower() == "debug",
-                                         timeout_graceful_shutdown=5))
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=level.lower(),  # type: ignore[arg-type]
+            http=CoalescingHttpToolsProtocol,
+            access_log=level.lower() == "debug",
+            timeout_graceful_shutdown=5,
+        )
+    )
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -56,8 +64,9 @@ def router_app(settings: RouterSettings, auth: AuthSettings | None = None) -> ob
 
     auth = auth or AuthSettings.from_env()
     # The router's service credential to the manager is the admin key (it checks that key itself anyway).
-    return create_router_app(settings, lambda: HTTPManagerClient(settings.manager_url, headers=auth.admin_headers()),
-                             auth=auth)
+    return create_router_app(
+        settings, lambda: HTTPManagerClient(settings.manager_url, headers=auth.admin_headers()), auth=auth
+    )
 
 
 def worker_app(settings: WorkerSettings, auth: AuthSettings | None = None) -> object:
@@ -67,28 +76,48 @@ def worker_app(settings: WorkerSettings, auth: AuthSettings | None = None) -> ob
 
 
 def cmd_manager(args: argparse.Namespace) -> None:
-    settings = ManagerSettings.from_env(host=args.host, port=args.port, db_path=args.db,
-                                        heartbeat_timeout=args.heartbeat_timeout)
+    settings = ManagerSettings.from_env(
+        host=args.host, port=args.port, db_path=args.db, heartbeat_timeout=args.heartbeat_timeout
+    )
     _run(_server(manager_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
 def cmd_router(args: argparse.Namespace) -> None:
-    settings = RouterSettings.from_env(host=args.host, port=args.port, manager_url=args.manager_url,
-                                       processes=args.workers)
+    settings = RouterSettings.from_env(
+        host=args.host, port=args.port, manager_url=args.manager_url, processes=args.workers
+    )
     if settings.processes > 1:
         # Stateless apart from its table, so N processes each keep their own and share the port.
         os.environ.update(ROUTER_HOST=settings.host, ROUTER_PORT=str(settings.port), MANAGER_URL=settings.manager_url)
-        os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--workers", str(settings.processes),
-                                   "--worker-class", "serverless_vllm.gunicorn_worker.CoalescingUvicornWorker",
-                                   "--bind", f"{settings.host}:{settings.port}", "--graceful-timeout", "10",
-                                   "serverless_vllm.router.app:app_from_env()"])
+        os.execvp(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--workers",
+                str(settings.processes),
+                "--worker-class",
+                "serverless_vllm.gunicorn_worker.CoalescingUvicornWorker",
+                "--bind",
+                f"{settings.host}:{settings.port}",
+                "--graceful-timeout",
+                "10",
+                "serverless_vllm.router.app:app_from_env()",
+            ],
+        )
     _run(_server(router_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    settings = WorkerSettings.from_env(worker_id=args.worker_id, host=args.host, port=args.port,
-                                       manager_url=args.manager_url, public_url=args.public_url,
-                                       heartbeat_interval_s=args.heartbeat_interval)
+    settings = WorkerSettings.from_env(
+        worker_id=args.worker_id,
+        host=args.host,
+        port=args.port,
+        manager_url=args.manager_url,
+        public_url=args.public_url,
+        heartbeat_interval_s=args.heartbeat_interval,
+    )
     _run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
@@ -102,8 +131,10 @@ async def register_model(url: str, body: dict[str, object], auth: AuthSettings |
 
 
 def _registration_body(args: argparse.Namespace) -> dict[str, object]:
-    body: dict[str, object] = {"alias": args.alias or os.path.basename(args.model.rstrip("/")),
-                               "model_name": args.model}
+    body: dict[str, object] = {
+        "alias": args.alias or os.path.basename(args.model.rstrip("/")),
+        "model_name": args.model,
+    }
     if args.max_model_len:
         body["max_model_len"] = args.max_model_len
     if args.engine_arg:
@@ -121,18 +152,28 @@ def cmd_up(args: argparse.Namespace) -> None:
     state_dir = os.path.abspath(args.state_dir)
     auth = _local_auth()
     # Local mode: any absolute model path, unless SVLLM_MODEL_DIRS narrows it.
-    manager = ManagerSettings.from_env(host="127.0.0.1", port=args.manager_port,
-                                       db_path=os.path.join(state_dir, "manager.db"),
-                                       model_dirs=None if os.environ.get("SVLLM_MODEL_DIRS") else ["/"])
+    manager = ManagerSettings.from_env(
+        host="127.0.0.1",
+        port=args.manager_port,
+        db_path=os.path.join(state_dir, "manager.db"),
+        model_dirs=None if os.environ.get("SVLLM_MODEL_DIRS") else ["/"],
+    )
     router = RouterSettings.from_env(host=args.host, port=args.port, manager_url=f"http://127.0.0.1:{manager.port}")
-    worker = WorkerSettings.from_env(host="127.0.0.1", port=args.worker_port, manager_url=router.manager_url,
-                                     public_url=f"http://127.0.0.1:{args.worker_port}", heartbeat_interval_s=2.0,
-                                     log_dir=os.path.join(state_dir, "engines"))
+    worker = WorkerSettings.from_env(
+        host="127.0.0.1",
+        port=args.worker_port,
+        manager_url=router.manager_url,
+        public_url=f"http://127.0.0.1:{args.worker_port}",
+        heartbeat_interval_s=2.0,
+        log_dir=os.path.join(state_dir, "engines"),
+    )
 
     async def run() -> None:
-        servers = [_server(manager_app(manager, auth), manager.host, manager.port, args.log_level),
-                   _server(router_app(router, auth), router.host, router.port, args.log_level),
-                   _server(worker_app(worker, auth), worker.host, worker.port, args.log_level)]
+        servers = [
+            _server(manager_app(manager, auth), manager.host, manager.port, args.log_level),
+            _server(router_app(router, auth), router.host, router.port, args.log_level),
+            _server(worker_app(worker, auth), worker.host, worker.port, args.log_level),
+        ]
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         url = f"http://127.0.0.1:{router.port}"
         while not all(s.started for s in servers):
@@ -153,13 +194,16 @@ def _local_auth() -> AuthSettings:
     internal credentials it lacks are made up for this run (all three services live in this process)."""
     auth = AuthSettings.from_env()
     if not auth.configured and not os.environ.get("SVLLM_AUTH"):
-        log.warning("authentication is OFF (local mode: no SVLLM_API_KEYS, SVLLM_ADMIN_KEY or SVLLM_WORKER_TOKEN "
-                    "set); set them before exposing this beyond loopback")
+        log.warning(
+            "authentication is OFF (local mode: no SVLLM_API_KEYS, SVLLM_ADMIN_KEY or SVLLM_WORKER_TOKEN "
+            "set); set them before exposing this beyond loopback"
+        )
         return auth.model_copy(update={"mode": "off"})
     if not auth.enabled:
         return auth
-    generated = {k: SecretStr(secrets.token_urlsafe(32)) for k in ("admin_key", "worker_token") if getattr(auth, k)
-                 is None}
+    generated = {
+        k: SecretStr(secrets.token_urlsafe(32)) for k in ("admin_key", "worker_token") if getattr(auth, k) is None
+    }
     if "admin_key" in generated:
         log.warning("no SVLLM_ADMIN_KEY: a random one is used for this run (register models with --model)")
     return auth.model_copy(update=generated)

@@ -183,9 +183,12 @@ class AuthSettings(_Settings):
             lines = Path(key_file).read_text().splitlines()
             keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         admin, token = str(_env("SVLLM_ADMIN_KEY", "")).strip(), str(_env("SVLLM_WORKER_TOKEN", "")).strip()
-        values: dict[str, Any] = {"mode": mode, "api_keys": tuple(SecretStr(k) for k in keys),
-                                  "admin_key": SecretStr(admin) if admin else None,
-                                  "worker_token": SecretStr(token) if token else None}
+        values: dict[str, Any] = {
+            "mode": mode,
+            "api_keys": tuple(SecretStr(k) for k in keys),
+            "admin_key": SecretStr(admin) if admin else None,
+            "worker_token": SecretStr(token) if token else None,
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

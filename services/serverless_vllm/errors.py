@@ -15,16 +15,30 @@ from .schemas import error_body
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
 
 
 class APIError(Exception):
     """An error meant for the client: status, message, machine-readable code, optional headers."""
 
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: Any = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -37,8 +51,11 @@ class APIError(Exception):
         return (APIError.from_dict, (self.to_dict(),))
 
     def body(self) -> dict[str, Any]:
-        body = error_body(self.message, _TYPES.get(self.status, "server_error" if self.status >= 500 else
-                                                    "invalid_request_error"), self.code)
+        body = error_body(
+            self.message,
+            _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error"),
+            self.code,
+        )
         if self.details is not None:
             body["error"]["details"] = self.details
         return body
@@ -47,8 +64,13 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "message": self.message, "code": self.code,
-                "headers": self.headers, "details": self.details}
+        return {
+            "status": self.status,
+            "message": self.message,
+            "code": self.code,
+            "headers": self.headers,
+            "details": self.details,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> APIError:

@@ -90,8 +90,9 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         self._stop_timer()
         if self._response is not None and not self._response.complete:
-            self._fail(UpstreamError("connection closed before the response ended",
-                                     nothing_received=not self._received))
+            self._fail(
+                UpstreamError("connection closed before the response ended", nothing_received=not self._received)
+            )
 
     # -------------------------------------------------------------- httptools callbacks
 
@@ -257,8 +258,14 @@ class Client:
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = _Origin(base_url)
-        head = [f"POST {origin.path_prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
-                b"host: ", origin.host_header, b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\n"]
+        head = [
+            f"POST {origin.path_prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
+            b"host: ",
+            origin.host_header,
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
         for name, value in headers.items():
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
         head.append(b"\r\n")
@@ -303,8 +310,12 @@ class Client:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self._read_timeout_s), origin.host, origin.port, ssl=context,
-                    server_hostname=origin.host if context else None)
+                    lambda: _Connection(self._read_timeout_s),
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host if context else None,
+                )
         except TimeoutError:
             raise UpstreamError(f"connecting to {origin.host}:{origin.port} timed out", refused=True) from None
         except OSError as exc:

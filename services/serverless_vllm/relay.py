@@ -87,8 +87,7 @@ class UpstreamClient:
         """POST `body` and return once the response headers are in. Raises UpstreamError."""
         return await self._client.post(base_url, path, body, headers)
 
-    async def respond(self, upstream: UpstreamResponse,
-                      on_done: Callable[[], None] | None = None) -> Response:
+    async def respond(self, upstream: UpstreamResponse, on_done: Callable[[], None] | None = None) -> Response:
         """The client's response: an event stream is relayed chunk by chunk, anything else read whole first (so a
         failure before the end is still retryable: raises UpstreamError). `on_done` runs once, when it ends."""
         if is_event_stream(upstream):

@@ -61,12 +61,25 @@ def wheel_requirements(image: str) -> list[str]:
     return reqs + BUILD_TOOLS
 
 
-def run(cmd: list[str] | str, *, check: bool = True, capture: bool = False, timeout: float | None = None,
-        env: dict[str, str] | None = None, cwd: Path | None = REPO) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str] | str,
+    *,
+    check: bool = True,
+    capture: bool = False,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = REPO,
+) -> subprocess.CompletedProcess:
     log.info("$ %s", cmd if isinstance(cmd, str) else " ".join(cmd))
     return subprocess.run(
-        cmd, check=check, text=True, timeout=timeout, cwd=cwd, shell=isinstance(cmd, str),
-        stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
+        cmd,
+        check=check,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        shell=isinstance(cmd, str),
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
         env={**os.environ, **(env or {})},
     )
 
@@ -79,6 +92,7 @@ def docker_ok() -> bool:
 
 # --------------------------------------------------------------------------- engine + compose
 
+
 def ensure_docker(timeout: float = 120) -> None:
     """`docker info` works afterwards, or RuntimeError."""
     if docker_ok():
@@ -89,8 +103,7 @@ def ensure_docker(timeout: float = 120) -> None:
         # No systemd on these machines: start containerd-backed dockerd by hand, detached.
         DOCKERD_LOG.parent.mkdir(parents=True, exist_ok=True)
         with open(DOCKERD_LOG, "ab") as out:
-            subprocess.Popen(["dockerd"], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+            subprocess.Popen(["dockerd"], stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not docker_ok():
             if time.monotonic() > deadline:
@@ -126,6 +139,7 @@ def ensure_compose() -> None:
 
 
 # --------------------------------------------------------------------------- base image
+
 
 def image_exists(tag: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
@@ -163,21 +177,34 @@ def ensure_base_image(tag: str = BASE_IMAGE) -> str:
     with tempfile.TemporaryDirectory(prefix="svllm-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         t0 = time.monotonic()
-        run(["debootstrap", "--variant=minbase",
-             "--include=python3,python3-venv,python3-pip,ca-certificates,curl",
-             "bookworm", str(rootfs), mirror], timeout=1200, cwd=None)
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,python3-pip,ca-certificates,curl",
+                "bookworm",
+                str(rootfs),
+                mirror,
+            ],
+            timeout=1200,
+            cwd=None,
+        )
         # Trim what an image does not need.
         for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for p in (rootfs / sub).glob("*"):
                 if p.is_file():
                     p.unlink()
-        run(f"tar -C {rootfs} -c . | docker import "
-            "-c 'ENV LANG=C.UTF-8' -c 'CMD [\"/bin/bash\"]' - " + tag, timeout=600, cwd=None)
+        run(
+            f"tar -C {rootfs} -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD [\"/bin/bash\"]' - " + tag,
+            timeout=600,
+            cwd=None,
+        )
         log.info("base image %s built in %.0f s", tag, time.monotonic() - t0)
     return tag
 
 
 # --------------------------------------------------------------------------- wheelhouse
+
 
 def ensure_wheelhouse(which: list[str] | None = None, root: Path = WHEELHOUSE, force: bool = False) -> Path:
     """``docker/wheelhouse/<image>/`` filled with wheels for every dependency of that image
@@ -201,23 +228,34 @@ def ensure_wheelhouse(which: list[str] | None = None, root: Path = WHEELHOUSE, f
         run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(dest), *reqs], timeout=3600)
         stamp.write_text(digest + "\n")
         size = sum(p.stat().st_size for p in dest.glob("*.whl")) / 2**20
-        log.info("wheelhouse %s: %d wheels, %.0f MiB, %.0f s", name, len(list(dest.glob("*.whl"))), size,
-                 time.monotonic() - t0)
+        log.info(
+            "wheelhouse %s: %d wheels, %.0f MiB, %.0f s",
+            name,
+            len(list(dest.glob("*.whl"))),
+            size,
+            time.monotonic() - t0,
+        )
     return root
 
 
 # --------------------------------------------------------------------------- compose helpers
 
+
 def test_env(**extra: str) -> dict[str, str]:
     """Environment for `docker compose` with the test override."""
-    env = {"SVLLM_BASE_IMAGE": BASE_IMAGE, "COMPOSE_PROJECT_NAME": "svllm-test",
-           "BIND_ADDRESS": "127.0.0.1"}
+    env = {"SVLLM_BASE_IMAGE": BASE_IMAGE, "COMPOSE_PROJECT_NAME": "svllm-test", "BIND_ADDRESS": "127.0.0.1"}
     env.update(extra)
     return env
 
 
-def compose(*args: str, files: list[str] | None = None, env: dict[str, str] | None = None,
-            check: bool = True, capture: bool = False, timeout: float | None = 1800) -> subprocess.CompletedProcess:
+def compose(
+    *args: str,
+    files: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    capture: bool = False,
+    timeout: float | None = 1800,
+) -> subprocess.CompletedProcess:
     cmd = ["docker", "compose"]
     for f in files or COMPOSE_FILES:
         cmd += ["-f", f]
@@ -244,8 +282,11 @@ IMAGE_TITLES = ("serverless-vllm-head", "serverless-vllm-worker-cpu", "serverles
 
 def prune_stale_images() -> None:
     for title in IMAGE_TITLES:
-        run(["docker", "image", "prune", "-f", "--filter", f"label=org.opencontainers.image.title={title}"],
-            check=False, capture=True)
+        run(
+            ["docker", "image", "prune", "-f", "--filter", f"label=org.opencontainers.image.title={title}"],
+            check=False,
+            capture=True,
+        )
     keep = os.environ.get("SVLLM_TEST_BUILD_CACHE_KEEP", "12GB")
     run(["docker", "builder", "prune", "-f", "--keep-storage", keep], check=False, capture=True)
 

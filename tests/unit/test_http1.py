@@ -42,8 +42,9 @@ def make_app(seen: Seen) -> Callable[..., Awaitable[None]]:
             more = message.get("more_body", False)
         seen.bodies.append(body)
         if scope["path"].endswith("/stream"):
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
             for i in range(1000):
                 await send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
                 await asyncio.sleep(0.01)
@@ -59,8 +60,13 @@ def make_app(seen: Seen) -> Callable[..., Awaitable[None]]:
             await send({"type": "http.response.body", "body": b""})
             return
         reply = b'{"echo": %d}' % len(body)
-        await send({"type": "http.response.start", "status": 201,
-                    "headers": [(b"content-type", b"application/json"), (b"x-extra", b"yes")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"x-extra", b"yes")],
+            }
+        )
         await send({"type": "http.response.body", "body": reply})
 
     return app
@@ -70,8 +76,9 @@ def make_app(seen: Seen) -> Callable[..., Awaitable[None]]:
 async def server() -> AsyncIterator[tuple[str, Seen]]:
     seen = Seen()
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(make_app(seen), host="127.0.0.1", port=port, log_level="warning",
-                                        lifespan="off"))
+    srv = uvicorn.Server(
+        uvicorn.Config(make_app(seen), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     task = asyncio.create_task(srv.serve())
     for _ in range(500):  # uvicorn says nothing when it is up; poll its flag, for 5 s at most
         if srv.started:
@@ -82,8 +89,9 @@ async def server() -> AsyncIterator[tuple[str, Seen]]:
     await task
 
 
-async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-                     ) -> tuple[asyncio.Server, str]:
+async def raw_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, str]:
     srv = await asyncio.start_server(handler, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
     return srv, f"http://127.0.0.1:{port}"
@@ -161,7 +169,7 @@ async def test_silence_past_the_read_timeout_fails() -> None:
 async def test_body_cut_short_raises_and_headers_cut_short_raise() -> None:
     async def cut_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"par")
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"par')
         await writer.drain()
         writer.close()
 

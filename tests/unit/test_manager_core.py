@@ -21,8 +21,9 @@ from .fleet import NOWHERE, Clock, gpu
 
 @pytest.fixture
 async def core(tmp_path: Path):
-    c = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]),
-                    clock=Clock())
+    c = ManagerCore(
+        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]), clock=Clock()
+    )
     await c.start()
     yield c
     await c.close()
@@ -66,8 +67,16 @@ async def test_preloaded_model_is_assigned_and_routed_when_ready(core: ManagerCo
     assignment = reply.assignments[0]
     assert assignment.alias == "a" and len(assignment.gpus) == 1
     assert core.routing_table().models["a"].state == "loading"
-    await core.heartbeat(Heartbeat(worker_id="w1", engines=[EngineStatus(
-        replica_id=assignment.replica_id, alias="a", state=ReplicaState.READY, gpus=assignment.gpus)]))
+    await core.heartbeat(
+        Heartbeat(
+            worker_id="w1",
+            engines=[
+                EngineStatus(
+                    replica_id=assignment.replica_id, alias="a", state=ReplicaState.READY, gpus=assignment.gpus
+                )
+            ],
+        )
+    )
     route = core.routing_table().models["a"]
     assert route.state == "ready" and route.endpoints[0].url == NOWHERE
 
@@ -90,9 +99,20 @@ async def test_failed_engine_marks_model_failed_with_log(core: ManagerCore) -> N
     await core.register_model(ModelSpec(alias="a", model_name="/nope"))
     await core.reconcile()
     rid = (await core.heartbeat(Heartbeat(worker_id="w1"))).assignments[0].replica_id
-    await core.heartbeat(Heartbeat(worker_id="w1", engines=[EngineStatus(
-        replica_id=rid, alias="a", state=ReplicaState.FAILED, error="exited with 1",
-        log_tail=["OSError: /nope is not a directory"])]))
+    await core.heartbeat(
+        Heartbeat(
+            worker_id="w1",
+            engines=[
+                EngineStatus(
+                    replica_id=rid,
+                    alias="a",
+                    state=ReplicaState.FAILED,
+                    error="exited with 1",
+                    log_tail=["OSError: /nope is not a directory"],
+                )
+            ],
+        )
+    )
     await core.reconcile()
     info = core.model_info("a")
     assert info.state == "failed" and "/nope is not a directory" in info.last_error
@@ -110,8 +130,9 @@ async def test_restart_adopts_running_engines(tmp_path: Path) -> None:
     await core.start()
     running = EngineStatus(replica_id="a-1234", alias="a", state=ReplicaState.READY, model_name="org/a")
     stray = EngineStatus(replica_id="x-1", alias="unregistered", state=ReplicaState.READY)
-    reply = await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=2,
-                                                          engines=[running, stray]))
+    reply = await core.register_worker(
+        WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=2, engines=[running, stray])
+    )
     assert [a.replica_id for a in reply.assignments] == ["a-1234"]  # the stray engine will be stopped
     assert core.routing_table().models["a"].endpoints[0].replica_id == "a-1234"
     await core.close()
@@ -138,10 +159,15 @@ async def test_one_failed_replica_does_not_fail_a_serving_model(core: ManagerCor
     await core.register_model(ModelSpec(alias="a", model_name="org/a", min_replicas=2, max_replicas=2))
     await core.reconcile()
     ids = {w: (await core.heartbeat(Heartbeat(worker_id=w))).assignments[0].replica_id for w in ("w1", "w2")}
-    await core.heartbeat(Heartbeat(worker_id="w1", engines=[EngineStatus(
-        replica_id=ids["w1"], alias="a", state=ReplicaState.READY)]))
-    await core.heartbeat(Heartbeat(worker_id="w2", engines=[EngineStatus(
-        replica_id=ids["w2"], alias="a", state=ReplicaState.FAILED, error="out of memory")]))
+    await core.heartbeat(
+        Heartbeat(worker_id="w1", engines=[EngineStatus(replica_id=ids["w1"], alias="a", state=ReplicaState.READY)])
+    )
+    await core.heartbeat(
+        Heartbeat(
+            worker_id="w2",
+            engines=[EngineStatus(replica_id=ids["w2"], alias="a", state=ReplicaState.FAILED, error="out of memory")],
+        )
+    )
     await core.reconcile()
     info = core.model_info("a")
     assert info.state == "ready" and info.desired_replicas == 2 and "out of memory" in info.last_error

@@ -50,8 +50,11 @@ def reference_routes(core: ManagerCore) -> dict[str, ModelRoute]:
     out: dict[str, ModelRoute] = {}
     for alias, model in core._models.items():
         mine = [r for r in replicas if r.alias == alias]
-        endpoints = [{"replica_id": r.replica_id, "worker_id": r.worker_id, "url": healthy[r.worker_id].url}
-                     for r in mine if r.state is ReplicaState.READY and not r.asleep and r.worker_id in healthy]
+        endpoints = [
+            {"replica_id": r.replica_id, "worker_id": r.worker_id, "url": healthy[r.worker_id].url}
+            for r in mine
+            if r.state is ReplicaState.READY and not r.asleep and r.worker_id in healthy
+        ]
         error = None
         if endpoints:
             state = ModelState.READY
@@ -72,15 +75,30 @@ def reference_assignments(core: ManagerCore, worker_id: str) -> list[Assignment]
     for r in core._replicas.values():
         model = core._models.get(r.alias)
         if r.worker_id == worker_id and model is not None:
-            out.append(Assignment(replica_id=r.replica_id, alias=r.alias, model_name=model.spec.model_name,
-                                  engine=model.spec.engine_args(), gpus=r.gpus, asleep=r.asleep))
+            out.append(
+                Assignment(
+                    replica_id=r.replica_id,
+                    alias=r.alias,
+                    model_name=model.spec.model_name,
+                    engine=model.spec.engine_args(),
+                    gpus=r.gpus,
+                    asleep=r.asleep,
+                )
+            )
     return out
 
 
 def reference_capacities(core: ManagerCore) -> dict[str, WorkerCapacity]:
-    capacities = {w.worker_id: WorkerCapacity(
-        worker_id=w.worker_id, healthy=w.state is WorkerState.HEALTHY, gpu_indices=[g.index for g in w.gpus],
-        cpu_slots=w.registration.cpu_slots) for w in core._workers.all() if w.state is not WorkerState.DEAD}
+    capacities = {
+        w.worker_id: WorkerCapacity(
+            worker_id=w.worker_id,
+            healthy=w.state is WorkerState.HEALTHY,
+            gpu_indices=[g.index for g in w.gpus],
+            cpu_slots=w.registration.cpu_slots,
+        )
+        for w in core._workers.all()
+        if w.state is not WorkerState.DEAD
+    }
     for r in core._replicas.values():
         cap = capacities.get(r.worker_id)
         if cap is None:
@@ -162,10 +180,16 @@ class Fleet:
     async def register_model(self) -> None:
         rng = self.rng
         self.n_models += 1
-        spec = ModelSpec(alias=f"m{self.n_models}", model_name=f"org/m{self.n_models % 5}",
-                         gpu_memory_utilization=rng.choice([0.2, 0.3, 0.5, 0.9]),
-                         tensor_parallel_size=rng.choice([1, 1, 1, 2]), min_replicas=rng.choice([0, 0, 1, 2]),
-                         max_replicas=3, idle_timeout_s=rng.choice([3.0, 30.0]), preload=rng.random() < 0.5)
+        spec = ModelSpec(
+            alias=f"m{self.n_models}",
+            model_name=f"org/m{self.n_models % 5}",
+            gpu_memory_utilization=rng.choice([0.2, 0.3, 0.5, 0.9]),
+            tensor_parallel_size=rng.choice([1, 1, 1, 2]),
+            min_replicas=rng.choice([0, 0, 1, 2]),
+            max_replicas=3,
+            idle_timeout_s=rng.choice([3.0, 30.0]),
+            preload=rng.random() < 0.5,
+        )
         await self.core.register_model(spec)
 
     async def delete_model(self) -> None:
@@ -175,8 +199,9 @@ class Fleet:
     async def patch_model(self) -> None:
         if self.core._models:
             n = self.rng.choice([0, 1, 2])
-            await self.core.patch_model(self.rng.choice(list(self.core._models)),
-                                        ModelPatch(min_replicas=n, max_replicas=max(n, 1) + 1))
+            await self.core.patch_model(
+                self.rng.choice(list(self.core._models)), ModelPatch(min_replicas=n, max_replicas=max(n, 1) + 1)
+            )
 
     async def register_worker(self) -> None:
         rng = self.rng
@@ -187,9 +212,14 @@ class Fleet:
             self.n_workers += 1
             worker_id = f"w{self.n_workers}"
         gpus = [gpu(i) for i in range(rng.choice([0, 1, 2, 4]))]
-        reg = WorkerRegistration(worker_id=worker_id, url=f"http://{worker_id}:{rng.randint(7000, 7002)}",
-                                 gpus=gpus, cpu_slots=0 if gpus else 2, sleep_supported=rng.random() < 0.5,
-                                 engines=list(self.running.get(worker_id, {}).values()))
+        reg = WorkerRegistration(
+            worker_id=worker_id,
+            url=f"http://{worker_id}:{rng.randint(7000, 7002)}",
+            gpus=gpus,
+            cpu_slots=0 if gpus else 2,
+            sleep_supported=rng.random() < 0.5,
+            engines=list(self.running.get(worker_id, {}).values()),
+        )
         reply = await self.core.register_worker(reg)
         assert reply.assignments == reference_assignments(self.core, worker_id)
 
@@ -203,10 +233,23 @@ class Fleet:
             roll = self.rng.random()
             if roll < 0.1:
                 continue  # not (yet) running
-            state = (ReplicaState.FAILED if roll < 0.15 else ReplicaState.STARTING if roll < 0.3
-                     else ReplicaState.SLEEPING if a.asleep else ReplicaState.READY)
-            engines[a.replica_id] = EngineStatus(replica_id=a.replica_id, alias=a.alias, state=state, gpus=a.gpus,
-                                                 model_name=a.model_name, error="boom" if state == "failed" else None)
+            state = (
+                ReplicaState.FAILED
+                if roll < 0.15
+                else ReplicaState.STARTING
+                if roll < 0.3
+                else ReplicaState.SLEEPING
+                if a.asleep
+                else ReplicaState.READY
+            )
+            engines[a.replica_id] = EngineStatus(
+                replica_id=a.replica_id,
+                alias=a.alias,
+                state=state,
+                gpus=a.gpus,
+                model_name=a.model_name,
+                error="boom" if state == "failed" else None,
+            )
         self.running[worker_id] = engines
         reply = await self.core.heartbeat(Heartbeat(worker_id=worker_id, engines=list(engines.values())))
         assert reply.reregister or reply.assignments == reference_assignments(self.core, worker_id)
@@ -214,9 +257,13 @@ class Fleet:
     async def demand(self) -> None:
         if self.core._models:
             aliases = self.rng.sample(list(self.core._models), k=min(2, len(self.core._models)))
-            await self.core.report_demand(DemandReport(
-                router_id="r1", models={a: ModelLoad(in_flight=self.rng.choice([0, 5, 20])) for a in aliases},
-                wake=aliases[:1]))
+            await self.core.report_demand(
+                DemandReport(
+                    router_id="r1",
+                    models={a: ModelLoad(in_flight=self.rng.choice([0, 5, 20])) for a in aliases},
+                    wake=aliases[:1],
+                )
+            )
 
     async def endpoint_refused(self) -> None:
         # A router could not connect to a worker's engine: the manager probes it and, refused, declares it dead.
@@ -236,9 +283,19 @@ class Fleet:
 
     async def step(self) -> None:
         op = self.rng.choices(
-            [self.register_model, self.delete_model, self.patch_model, self.register_worker, self.heartbeat,
-             self.demand, self.core.reconcile, self.time_passes, self.endpoint_refused],
-            weights=[3, 1, 1, 2, 8, 1, 3, 2, 1])[0]
+            [
+                self.register_model,
+                self.delete_model,
+                self.patch_model,
+                self.register_worker,
+                self.heartbeat,
+                self.demand,
+                self.core.reconcile,
+                self.time_passes,
+                self.endpoint_refused,
+            ],
+            weights=[3, 1, 1, 2, 8, 1, 3, 2, 1],
+        )[0]
         await op()
 
 
@@ -252,10 +309,18 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
         assert fleet is not None
         return fleet.transport(request)
 
-    core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10,
-                                       failed_retry_after_s=5, scale_down_delay_s=2, model_dirs=["/"]),
-                       clock=clock, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
-                       worker_headers={})
+    core = ManagerCore(
+        ManagerSettings(
+            db_path=str(tmp_path / "m.db"),
+            heartbeat_timeout=10,
+            failed_retry_after_s=5,
+            scale_down_delay_s=2,
+            model_dirs=["/"],
+        ),
+        clock=clock,
+        client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        worker_headers={},
+    )
     fleet = Fleet(core, rng, clock)
     await core.start()
     try:
@@ -305,8 +370,14 @@ async def test_pass_snapshot_follows_adds_and_removes_exactly(tmp_path: Path) ->
     rng = random.Random(7)
     core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), model_dirs=["/"]), clock=Clock())
     for i in range(4):
-        await core.register_worker(WorkerRegistration(worker_id=f"w{i}", url=f"http://w{i}", cpu_slots=0 if i else 3,
-                                                      gpus=[gpu(g) for g in range(2 if i else 0)]))
+        await core.register_worker(
+            WorkerRegistration(
+                worker_id=f"w{i}",
+                url=f"http://w{i}",
+                cpu_slots=0 if i else 3,
+                gpus=[gpu(g) for g in range(2 if i else 0)],
+            )
+        )
     core._pass_open = True
     core._capacities()  # the pass's snapshot, kept in step from here on
     ids: list[str] = []
@@ -316,8 +387,13 @@ async def test_pass_snapshot_follows_adds_and_removes_exactly(tmp_path: Path) ->
         else:
             worker = f"w{rng.randrange(4)}"
             gpus = [] if worker == "w0" else rng.sample([0, 1], k=rng.choice([1, 2]))
-            replica = Replica(replica_id=f"r{n}", alias=f"m{rng.randrange(5)}", worker_id=worker, gpus=gpus,
-                              fraction=rng.choice([0.1, 0.2, 0.3]) if gpus else 0.0)
+            replica = Replica(
+                replica_id=f"r{n}",
+                alias=f"m{rng.randrange(5)}",
+                worker_id=worker,
+                gpus=gpus,
+                fraction=rng.choice([0.1, 0.2, 0.3]) if gpus else 0.0,
+            )
             core._add_replica_record(replica)
             ids.append(replica.replica_id)
         assert core._caps == reference_capacities(core)  # floats equal to the last bit, aliases included
@@ -331,17 +407,32 @@ def test_place_fast_path_picks_what_the_full_ranking_picks(seed: int) -> None:
     workers = []
     for i in range(rng.randint(1, 30)):
         if rng.random() < 0.2:
-            workers.append(WorkerCapacity(worker_id=f"c{i}", healthy=rng.random() < 0.9, gpu_indices=[],
-                                          cpu_slots=rng.randint(0, 3), cpu_used=rng.randint(0, 3),
-                                          aliases={"m"} if rng.random() < 0.3 else set()))
+            workers.append(
+                WorkerCapacity(
+                    worker_id=f"c{i}",
+                    healthy=rng.random() < 0.9,
+                    gpu_indices=[],
+                    cpu_slots=rng.randint(0, 3),
+                    cpu_used=rng.randint(0, 3),
+                    aliases={"m"} if rng.random() < 0.3 else set(),
+                )
+            )
         else:
             n = rng.choice([1, 2, 4, 8])
             claims = {g: rng.choice([0.0, 0.1, 0.3, 0.3, 0.6, 0.9]) for g in range(n) if rng.random() < 0.7}
-            workers.append(WorkerCapacity(worker_id=f"g{i}", healthy=rng.random() < 0.9, gpu_indices=list(range(n)),
-                                          gpu_claims=claims, aliases={"m"} if rng.random() < 0.3 else set()))
+            workers.append(
+                WorkerCapacity(
+                    worker_id=f"g{i}",
+                    healthy=rng.random() < 0.9,
+                    gpu_indices=list(range(n)),
+                    gpu_claims=claims,
+                    aliases={"m"} if rng.random() < 0.3 else set(),
+                )
+            )
     for _ in range(10):
-        engine = EngineArgs(gpu_memory_utilization=rng.choice([0.1, 0.3, 0.5, 0.95]),
-                            tensor_parallel_size=rng.choice([1, 1, 2, 4]))
+        engine = EngineArgs(
+            gpu_memory_utilization=rng.choice([0.1, 0.3, 0.5, 0.95]), tensor_parallel_size=rng.choice([1, 1, 2, 4])
+        )
         expected = reference_place("m", engine, workers)
         try:
             p = place("m", engine, workers)
@@ -356,13 +447,15 @@ def test_place_fast_path_picks_what_the_full_ranking_picks(seed: int) -> None:
 
 async def test_heartbeat_reply_is_reused_until_assignments_change(tmp_path: Path) -> None:
     clock = Clock()
-    core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), model_dirs=["/"]), clock=clock,
-                       client=httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))),
-                       worker_headers={})
+    core = ManagerCore(
+        ManagerSettings(db_path=str(tmp_path / "m.db"), model_dirs=["/"]),
+        clock=clock,
+        client=httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))),
+        worker_headers={},
+    )
     app = create_app(core.settings, core=core)
     await core.start()
-    await core.register_worker(WorkerRegistration(worker_id="g1", url="http://g1", gpus=[gpu(0)],
-                                                  sleep_supported=True))
+    await core.register_worker(WorkerRegistration(worker_id="g1", url="http://g1", gpus=[gpu(0)], sleep_supported=True))
     await core.register_model(ModelSpec(alias="a", model_name="org/a", gpu_memory_utilization=0.5, idle_timeout_s=5))
     await core.reconcile()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as http:
@@ -388,7 +481,6 @@ async def test_heartbeat_reply_is_reused_until_assignments_change(tmp_path: Path
         unknown = await http.post("/workers/heartbeat", json={"worker_id": "ghost"})
         assert unknown.json() == {"reregister": True, "assignments": []}
     await core.close()
-
 
 
 async def test_routing_json_is_the_current_table(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ def series(text: str, name: str) -> list[str]:
 @contextlib.asynccontextmanager
 async def one_worker_core(tmp_path: Path) -> AsyncIterator[ManagerCore]:
     """A started ManagerCore with one CPU worker registered (at an address nothing answers)."""
-    core = ManagerCore(ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]),
-                       clock=Clock())
+    core = ManagerCore(
+        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]), clock=Clock()
+    )
     await core.start()
     try:
         await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
@@ -53,7 +54,7 @@ async def test_per_model_series_stay_few_for_idle_models(tmp_path: Path) -> None
         assert len(series(text, "svllm_cold_starts_total")) == 4
         assert 'svllm_cold_starts_total{model="hot"} 1.0' in text
         assert 'svllm_cold_start_duration_seconds_count{model="hot"} 0.0' in text
-        assert "svllm_cold_start_duration_seconds_count{model=\"idle-0\"}" not in text
+        assert 'svllm_cold_start_duration_seconds_count{model="idle-0"}' not in text
 
 
 async def test_deleted_models_leave_the_exposition(tmp_path: Path) -> None:
@@ -102,5 +103,8 @@ async def test_a_scrape_leaves_the_event_loop_free_and_parses(tmp_path: Path) ->
         assert len(families["svllm_model_state"].samples) == 2000
         assert len(families["svllm_cold_starts"].samples) == 2000  # the parser drops a counter's _total
         assert {s.labels["state"]: s.value for s in families["svllm_worker_state"].samples} == {
-            "healthy": 1.0, "unhealthy": 0.0, "dead": 0.0}
+            "healthy": 1.0,
+            "unhealthy": 0.0,
+            "dead": 0.0,
+        }
         assert families["svllm_manager_evictions"].type == "counter"

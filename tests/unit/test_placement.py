@@ -82,8 +82,10 @@ def test_no_workers_at_all() -> None:
 
 def test_eviction_frees_least_recently_used_first() -> None:
     workers = [gpu_worker("w", n=1, claims={0: 0.8})]
-    candidates = [EvictionCandidate("new", "w", [0], 0.4, last_used=200.0),
-                  EvictionCandidate("old", "w", [0], 0.4, last_used=100.0)]
+    candidates = [
+        EvictionCandidate("new", "w", [0], 0.4, last_used=200.0),
+        EvictionCandidate("old", "w", [0], 0.4, last_used=100.0),
+    ]
     plan = plan_eviction("m", EngineArgs(gpu_memory_utilization=0.5), workers, candidates)
     assert plan is not None
     placement, evicted = plan

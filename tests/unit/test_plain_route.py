@@ -36,8 +36,9 @@ def test_errors_reach_the_app_handlers_in_the_openai_shape() -> None:
         resp = client.post("/echo", content=b"bad")
         wrong_method = client.get("/echo")
     assert resp.status_code == 400
-    assert resp.json() == {"error": {"message": "bad body", "type": "invalid_request_error", "param": None,
-                                     "code": "invalid_request"}}
+    assert resp.json() == {
+        "error": {"message": "bad body", "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+    }
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
 
 

@@ -10,8 +10,9 @@ from serverless_vllm.schemas import Endpoint, ModelRoute, ModelState, RoutingTab
 def table_with(n: int) -> RouteTable:
     table = RouteTable(rng=random.Random(1))
     endpoints = [Endpoint(replica_id=f"r{i}", worker_id=f"w{i}", url=f"http://w{i}") for i in range(n)]
-    table.update(RoutingTable(version=1, epoch="e", models={"m": ModelRoute(state=ModelState.READY,
-                                                                                endpoints=endpoints)}))
+    table.update(
+        RoutingTable(version=1, epoch="e", models={"m": ModelRoute(state=ModelState.READY, endpoints=endpoints)})
+    )
     return table
 
 

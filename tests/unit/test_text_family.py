@@ -12,8 +12,10 @@ ODD = 'a "quoted" back\\slash\nnewline'
 
 
 def parsed(text: str) -> list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]:
-    return [(f.name, f.type, f.documentation, [(s.name, s.labels, s.value) for s in f.samples])
-            for f in text_string_to_metric_families(text)]
+    return [
+        (f.name, f.type, f.documentation, [(s.name, s.labels, s.value) for s in f.samples])
+        for f in text_string_to_metric_families(text)
+    ]
 
 
 def reference(*families: GaugeMetricFamily | CounterMetricFamily) -> str:
@@ -45,7 +47,12 @@ def test_counter_and_unlabelled_series() -> None:
 
 
 def test_one_hot_writes_every_state() -> None:
-    family = one_hot(TextFamily("svllm_s", "gauge", "States.", ["worker", "state"]),
-                     [(("w1",), "b"), (("w2",), "a")], ["a", "b"])
+    family = one_hot(
+        TextFamily("svllm_s", "gauge", "States.", ["worker", "state"]), [(("w1",), "b"), (("w2",), "a")], ["a", "b"]
+    )
     assert [(s[1]["worker"], s[1]["state"], s[2]) for s in parsed(family.text())[0][3]] == [
-        ("w1", "a", 0.0), ("w1", "b", 1.0), ("w2", "a", 1.0), ("w2", "b", 0.0)]
+        ("w1", "a", 0.0),
+        ("w1", "b", 1.0),
+        ("w2", "a", 1.0),
+        ("w2", "b", 0.0),
+    ]

@@ -21,8 +21,9 @@ class ScaleState:
     below_since: float | None = None
 
 
-def next_target(policy: ModelPolicy, state: ScaleState, load: float, wake: bool, now: float,
-                scale_down_delay_s: float) -> int:
+def next_target(
+    policy: ModelPolicy, state: ScaleState, load: float, wake: bool, now: float, scale_down_delay_s: float
+) -> int:
     """Return the new target (and update `state.below_since`).
 
     load: requests in flight plus queued at the routers. wake: a request waits with no ready replica.

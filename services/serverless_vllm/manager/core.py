@@ -79,8 +79,9 @@ class ModelRecord:
     failed_at: float | None = None  # monotonic; the model is FAILED for failed_retry_after_s after this
     # (spec, its policy, its engine args): derived once per spec, not per reconcile pass or heartbeat reply
     # (each derivation is a pydantic dump and validation, and a pass asks for 10,000 models' policies).
-    _derived: tuple[ModelSpec, ModelPolicy, EngineArgs] | None = field(default=None, init=False, repr=False,
-                                                                       compare=False)
+    _derived: tuple[ModelSpec, ModelPolicy, EngineArgs] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def _derive(self) -> tuple[ModelSpec, ModelPolicy, EngineArgs]:
         if self._derived is None or self._derived[0] is not self.spec:  # `spec` is replaced by PATCH
@@ -176,8 +177,14 @@ class ManagerStats:
 
 
 class ManagerCore:
-    def __init__(self, settings: ManagerSettings, *, clock: Callable[[], float] = time.monotonic,
-                 client: httpx.AsyncClient | None = None, worker_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        client: httpx.AsyncClient | None = None,
+        worker_headers: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self._clock = clock
         self._store = ModelStore(settings.db_path)
@@ -213,8 +220,9 @@ class ManagerCore:
         now = clock()
         for spec, created_at in self._store.load():
             # After a restart every model counts as just used, so adopted engines are not dropped at once.
-            self._models[spec.alias] = ModelRecord(spec=spec, created_at=created_at,
-                                                   scale=ScaleState(target=spec.min_replicas, last_active=now))
+            self._models[spec.alias] = ModelRecord(
+                spec=spec, created_at=created_at, scale=ScaleState(target=spec.min_replicas, last_active=now)
+            )
         self._rebuild_table()
 
     # ------------------------------------------------------------------ lifecycle
@@ -226,8 +234,9 @@ class ManagerCore:
             self._kick = asyncio.Event()
             self._reconcile_lock = asyncio.Lock()
             if self._client is None:
-                self._client = httpx.AsyncClient(timeout=self.settings.worker_timeout_s,
-                                                 limits=httpx.Limits(max_connections=200))
+                self._client = httpx.AsyncClient(
+                    timeout=self.settings.worker_timeout_s, limits=httpx.Limits(max_connections=200)
+                )
             if self._started_at is None:
                 self._started_at = self._clock()
             self._loop_task = asyncio.create_task(self._run(), name="manager-reconcile")
@@ -270,13 +279,18 @@ class ManagerCore:
         if existing is not None:
             if existing.spec == spec:
                 return self.model_info(spec.alias)  # idempotent re-registration
-            raise APIError(400, f"alias '{spec.alias}' is already registered with different settings "
-                                "(delete it first, or PATCH its policy)", "alias_exists")
+            raise APIError(
+                400,
+                f"alias '{spec.alias}' is already registered with different settings "
+                "(delete it first, or PATCH its policy)",
+                "alias_exists",
+            )
         now = self._clock()
         created = self._store.save(spec)
         target = max(spec.min_replicas, 1 if spec.preload else 0)
-        self._models[spec.alias] = ModelRecord(spec=spec, created_at=created,
-                                               scale=ScaleState(target=target, last_active=now))
+        self._models[spec.alias] = ModelRecord(
+            spec=spec, created_at=created, scale=ScaleState(target=target, last_active=now)
+        )
         log.info("registered model %s -> %s (preload=%s)", spec.alias, spec.model_name, spec.preload)
         self._rebuild_table([spec.alias])
         self._poke()
@@ -309,12 +323,28 @@ class ManagerCore:
     def model_info(self, alias: str) -> ModelInfo:
         record = self._model(alias)
         spec = record.spec
-        replicas = [ReplicaInfo(replica_id=r.replica_id, worker_id=r.worker_id, gpus=r.gpus, state=r.state,
-                                asleep=r.asleep, error=r.error)
-                    for r in self._replicas.of_alias(alias)]
-        return ModelInfo(alias=alias, model_name=spec.model_name, state=self._model_state(alias),
-                         engine=record.engine(), policy=record.policy(), desired_replicas=record.scale.target,
-                         replicas=replicas, last_error=record.last_error, created_at=record.created_at)
+        replicas = [
+            ReplicaInfo(
+                replica_id=r.replica_id,
+                worker_id=r.worker_id,
+                gpus=r.gpus,
+                state=r.state,
+                asleep=r.asleep,
+                error=r.error,
+            )
+            for r in self._replicas.of_alias(alias)
+        ]
+        return ModelInfo(
+            alias=alias,
+            model_name=spec.model_name,
+            state=self._model_state(alias),
+            engine=record.engine(),
+            policy=record.policy(),
+            desired_replicas=record.scale.target,
+            replicas=replicas,
+            last_error=record.last_error,
+            created_at=record.created_at,
+        )
 
     def _model_state(self, alias: str) -> ModelState:
         """A model's state is its route's: the table is rebuilt whenever a replica changes state."""
@@ -329,8 +359,14 @@ class ManagerCore:
     async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply:
         record = self._workers.register(reg, self._clock())
         self._adopt_engines(record)
-        log.info("worker %s registered at %s (%d GPU(s), %d CPU slot(s), %d engine(s))",
-                 reg.worker_id, reg.url, len(reg.gpus), reg.cpu_slots, len(reg.engines))
+        log.info(
+            "worker %s registered at %s (%d GPU(s), %d CPU slot(s), %d engine(s))",
+            reg.worker_id,
+            reg.url,
+            len(reg.gpus),
+            reg.cpu_slots,
+            len(reg.engines),
+        )
         self._apply_reports(record)
         self._poke()
         return self._reply(record)
@@ -370,12 +406,21 @@ class ManagerCore:
             mine = self._replicas.of_alias(status.alias)
             if len(mine) >= model.spec.max_replicas:
                 continue
-            self._add_replica_record(Replica(
-                replica_id=status.replica_id, alias=status.alias, worker_id=record.worker_id, gpus=status.gpus,
-                fraction=model.spec.gpu_memory_utilization if status.gpus else 0.0, state=status.state,
-                asleep=status.state is ReplicaState.SLEEPING, asleep_since=self._clock()))
-            model.scale.target = max(model.scale.target, sum(1 for r in mine if not r.asleep) +
-                                     (status.state is not ReplicaState.SLEEPING))
+            self._add_replica_record(
+                Replica(
+                    replica_id=status.replica_id,
+                    alias=status.alias,
+                    worker_id=record.worker_id,
+                    gpus=status.gpus,
+                    fraction=model.spec.gpu_memory_utilization if status.gpus else 0.0,
+                    state=status.state,
+                    asleep=status.state is ReplicaState.SLEEPING,
+                    asleep_since=self._clock(),
+                )
+            )
+            model.scale.target = max(
+                model.scale.target, sum(1 for r in mine if not r.asleep) + (status.state is not ReplicaState.SLEEPING)
+            )
             log.info("adopted running engine %s of %s on %s", status.replica_id, status.alias, record.worker_id)
 
     def _apply_reports(self, record: WorkerRecord, rebuild: bool = True) -> None:
@@ -458,12 +503,15 @@ class ManagerCore:
     def fleet_snapshot(self) -> FleetSnapshot:
         """Workers, models and replicas as plain values, for a scrape (cheaper than list_models' full infos)."""
         now = self._clock()
-        workers = [(w.worker_id, w.state.value, round(max(0.0, now - w.last_heartbeat), 3))
-                   for w in self._workers.all()]
+        workers = [
+            (w.worker_id, w.state.value, round(max(0.0, now - w.last_heartbeat), 3)) for w in self._workers.all()
+        ]
         models = []
         for alias, record in self._models.items():
-            replicas = tuple(ReplicaRow(r.replica_id, r.worker_id, ",".join(map(str, r.gpus)) or "cpu", r.state.value)
-                             for r in self._replicas.of_alias(alias))
+            replicas = tuple(
+                ReplicaRow(r.replica_id, r.worker_id, ",".join(map(str, r.gpus)) or "cpu", r.state.value)
+                for r in self._replicas.of_alias(alias)
+            )
             models.append(ModelRow(alias, self._model_state(alias).value, record.scale.target, replicas))
         return FleetSnapshot(workers, models, dataclasses.replace(self.stats))
 
@@ -473,9 +521,14 @@ class ManagerCore:
 
     def health(self) -> dict[str, object]:
         states = [w.state for w in self._workers.all()]
-        return {"status": "ok", "epoch": self.epoch, "routing_version": self._version,
-                "models": len(self._models), "replicas": len(self._replicas),
-                "workers": {s.value: states.count(s) for s in WorkerState}}
+        return {
+            "status": "ok",
+            "epoch": self.epoch,
+            "routing_version": self._version,
+            "models": len(self._models),
+            "replicas": len(self._replicas),
+            "workers": {s.value: states.count(s) for s in WorkerState},
+        }
 
     # ------------------------------------------------------------------ reconcile
 
@@ -492,8 +545,13 @@ class ManagerCore:
             try:
                 for alias, model in self._models.items():
                     load, wake = loads.get(alias, 0.0), alias in wakes
-                    if (not load and not wake and model.scale.target == 0 and model.spec.min_replicas == 0
-                            and not self._replicas.has_alias(alias)):
+                    if (
+                        not load
+                        and not wake
+                        and model.scale.target == 0
+                        and model.spec.min_replicas == 0
+                        and not self._replicas.has_alias(alias)
+                    ):
                         # Cold, unasked-for and not to be kept warm: the autoscaler keeps it at 0 and there is
                         # nothing to place or stop (most of 10,000 registered models, every pass).
                         continue
@@ -512,8 +570,9 @@ class ManagerCore:
             log.warning("manager loop stalled for %.1f s: that silence is not held against workers", stalled)
             self._workers.excuse(stalled, now)
         for record, state in self._workers.sweep(now):
-            log.warning("worker %s is %s (no heartbeat for %.0f s)", record.worker_id, state.value,
-                        now - record.last_heartbeat)
+            log.warning(
+                "worker %s is %s (no heartbeat for %.0f s)", record.worker_id, state.value, now - record.last_heartbeat
+            )
             if state is WorkerState.DEAD:
                 self._on_worker_dead(record)
 
@@ -610,8 +669,12 @@ class ManagerCore:
         return replica
 
     def _capacity(self, record: WorkerRecord) -> WorkerCapacity:
-        cap = WorkerCapacity(worker_id=record.worker_id, healthy=record.state is WorkerState.HEALTHY,
-                             gpu_indices=[g.index for g in record.gpus], cpu_slots=record.registration.cpu_slots)
+        cap = WorkerCapacity(
+            worker_id=record.worker_id,
+            healthy=record.state is WorkerState.HEALTHY,
+            gpu_indices=[g.index for g in record.gpus],
+            cpu_slots=record.registration.cpu_slots,
+        )
         for r in self._replicas.of_worker(record.worker_id):
             _count(cap, r)
         return cap
@@ -652,15 +715,21 @@ class ManagerCore:
             victim = self._remove_replica(rid)
             self.stats.evictions += 1
             log.info("evicting idle %s of %s to make room for %s", rid, victim.alias, alias)
-        replica = Replica(replica_id=f"{alias}-{uuid.uuid4().hex[:8]}", alias=alias, worker_id=placement.worker_id,
-                          gpus=placement.gpus, fraction=placement.fraction)
+        replica = Replica(
+            replica_id=f"{alias}-{uuid.uuid4().hex[:8]}",
+            alias=alias,
+            worker_id=placement.worker_id,
+            gpus=placement.gpus,
+            fraction=placement.fraction,
+        )
         self._add_replica_record(replica)  # also claims its share in the pass's capacity snapshot
         if len(self._replicas.of_alias(alias)) == 1:  # the model's only replica: a cold start
             self.stats.cold_starts += 1
             replica.cold_start_at = now
             self.metrics.cold_start(alias)
-        log.info("placing %s of %s on %s (gpus %s)", replica.replica_id, alias, placement.worker_id,
-                 placement.gpus or "cpu")
+        log.info(
+            "placing %s of %s on %s (gpus %s)", replica.replica_id, alias, placement.worker_id, placement.gpus or "cpu"
+        )
         return True
 
     def _awaiting_workers(self, now: float) -> bool:
@@ -687,8 +756,16 @@ class ManagerCore:
         for r in self._replicas.of_worker(worker_id):
             model = self._models.get(r.alias)
             if model is not None:
-                out.append(Assignment(replica_id=r.replica_id, alias=r.alias, model_name=model.spec.model_name,
-                                      engine=model.engine(), gpus=r.gpus, asleep=r.asleep))
+                out.append(
+                    Assignment(
+                        replica_id=r.replica_id,
+                        alias=r.alias,
+                        model_name=model.spec.model_name,
+                        engine=model.engine(),
+                        gpus=r.gpus,
+                        asleep=r.asleep,
+                    )
+                )
         return out
 
     def _assignment_key(self, worker_id: str) -> AssignmentKey:
@@ -709,8 +786,11 @@ class ManagerCore:
     async def _push(self, record: WorkerRecord, assignments: list[Assignment], key: PushedKey) -> None:
         assert self._client is not None
         try:
-            resp = await self._client.put(f"{record.url}/engines", headers=self._worker_headers,
-                                          json=[a.model_dump(mode="json") for a in assignments])
+            resp = await self._client.put(
+                f"{record.url}/engines",
+                headers=self._worker_headers,
+                json=[a.model_dump(mode="json") for a in assignments],
+            )
             resp.raise_for_status()
             self._pushed[record.worker_id] = key
         except httpx.HTTPError as exc:
@@ -807,5 +887,9 @@ def _count(cap: WorkerCapacity, replica: Replica) -> None:
 
 def _route(key: RouteKey) -> ModelRoute:
     state, endpoints, error, created = key
-    return ModelRoute(state=state, endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url)
-                                              for rid, wid, url in endpoints], error=error, created=created)
+    return ModelRoute(
+        state=state,
+        endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url) for rid, wid, url in endpoints],
+        error=error,
+        created=created,
+    )

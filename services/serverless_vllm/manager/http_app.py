@@ -102,8 +102,11 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
     served: dict[str, tuple[RoutingTable, bytes]] = {}
 
     @app.get("/routing", response_model=RoutingTable)
-    async def routing(after: int = Query(-1, ge=-1), epoch: str = Query("", max_length=64),
-                      timeout: float = Query(0.0, ge=0.0, le=60.0)) -> Response:
+    async def routing(
+        after: int = Query(-1, ge=-1),
+        epoch: str = Query("", max_length=64),
+        timeout: float = Query(0.0, ge=0.0, le=60.0),
+    ) -> Response:
         table = await core.wait_routing(after, epoch, timeout)
         cached = served.get("table")
         if cached is None or cached[0] is not table:  # the core makes a new table object for each version

@@ -27,18 +27,31 @@ T = TypeVar("T")
 class HTTPManagerClient:
     def __init__(self, base_url: str, headers: dict[str, str] | None = None) -> None:
         # Separate from the inference client: long-polls must not take connections from the hot path.
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers or {},
-                                         timeout=httpx.Timeout(10.0, read=75.0))
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers or {}, timeout=httpx.Timeout(10.0, read=75.0)
+        )
 
-    async def _call(self, method: str, path: str, result: Any, *, body: BaseModel | None = None,
-                    params: dict[str, Any] | None = None) -> Any:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        result: Any,
+        *,
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
         try:
-            resp = await self._client.request(method, path, params=params,
-                                              content=body.model_dump_json() if body is not None else None,
-                                              headers={"content-type": "application/json"} if body else None)
+            resp = await self._client.request(
+                method,
+                path,
+                params=params,
+                content=body.model_dump_json() if body is not None else None,
+                headers={"content-type": "application/json"} if body else None,
+            )
         except httpx.HTTPError as exc:
-            raise APIError(503, f"manager unreachable: {type(exc).__name__}", "manager_unavailable",
-                           {"Retry-After": "2"}) from exc
+            raise APIError(
+                503, f"manager unreachable: {type(exc).__name__}", "manager_unavailable", {"Retry-After": "2"}
+            ) from exc
         if resp.status_code >= 400:
             raise APIError.from_response(resp.status_code, resp.content)
         if result is None:
@@ -70,8 +83,9 @@ class HTTPManagerClient:
         return await self._call("GET", "/workers", list[WorkerInfo])
 
     async def wait_routing(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
-        return await self._call("GET", "/routing", RoutingTable,
-                                params={"after": after_version, "epoch": epoch, "timeout": timeout})
+        return await self._call(
+            "GET", "/routing", RoutingTable, params={"after": after_version, "epoch": epoch, "timeout": timeout}
+        )
 
     async def report_demand(self, report: DemandReport) -> None:
         await self._call("POST", "/demand", None, body=report)

@@ -98,8 +98,9 @@ def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Plac
                 best = (rank, Placement(w.worker_id, [], 0.0))
     if best is not None:
         return best[1]
-    raise PlacementError(alias, [PlacementRejection(worker_id=w.worker_id, reason=_rejection(w, need, fraction))
-                                 for w in workers])
+    raise PlacementError(
+        alias, [PlacementRejection(worker_id=w.worker_id, reason=_rejection(w, need, fraction)) for w in workers]
+    )
 
 
 def _rejection(w: WorkerCapacity, need: int, fraction: float) -> str:
@@ -147,8 +148,9 @@ class EvictionCandidate:
     last_used: float  # LRU order
 
 
-def plan_eviction(alias: str, engine: EngineArgs, workers: list[WorkerCapacity],
-                  candidates: list[EvictionCandidate]) -> tuple[Placement, list[str]] | None:
+def plan_eviction(
+    alias: str, engine: EngineArgs, workers: list[WorkerCapacity], candidates: list[EvictionCandidate]
+) -> tuple[Placement, list[str]] | None:
     """Fewest least-recently-used idle replicas whose stopping lets `alias` fit; None if none suffice.
 
     `candidates` are idle replicas of other models above their min_replicas, as the caller decided.

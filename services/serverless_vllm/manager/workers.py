@@ -26,8 +26,13 @@ class WorkerRecord:
     def info(self, now: float) -> WorkerInfo:
         reg = self.registration
         return WorkerInfo(
-            worker_id=reg.worker_id, url=reg.url, state=self.state, gpus=self.gpus, cpu_slots=reg.cpu_slots,
-            sleep_supported=reg.sleep_supported, heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
+            worker_id=reg.worker_id,
+            url=reg.url,
+            state=self.state,
+            gpus=self.gpus,
+            cpu_slots=reg.cpu_slots,
+            sleep_supported=reg.sleep_supported,
+            heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
             engines=list(self.engines.values()),
         )
 
@@ -45,8 +50,9 @@ class WorkerRegistry:
         self._workers: dict[str, WorkerRecord] = {}
 
     def register(self, reg: WorkerRegistration, now: float) -> WorkerRecord:
-        record = WorkerRecord(registration=reg, last_heartbeat=now, gpus=list(reg.gpus),
-                              engines={e.replica_id: e for e in reg.engines})
+        record = WorkerRecord(
+            registration=reg, last_heartbeat=now, gpus=list(reg.gpus), engines={e.replica_id: e for e in reg.engines}
+        )
         self._workers[reg.worker_id] = record
         return record
 

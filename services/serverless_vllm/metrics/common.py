@@ -61,7 +61,7 @@ class TextFamily:
 
 def _escape_label_value(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return value
 
 

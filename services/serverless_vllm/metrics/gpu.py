@@ -21,12 +21,15 @@ class GPUCollector(Collector):
         if not gpus:
             return
         labels = ["gpu", "gpu_name"]
-        used = GaugeMetricFamily("svllm_gpu_memory_used_bytes", "GPU memory in use (all processes), from NVML.",
-                                 labels=labels)
+        used = GaugeMetricFamily(
+            "svllm_gpu_memory_used_bytes", "GPU memory in use (all processes), from NVML.", labels=labels
+        )
         total = GaugeMetricFamily("svllm_gpu_memory_total_bytes", "GPU memory in total, from NVML.", labels=labels)
-        util = GaugeMetricFamily("svllm_gpu_utilization_ratio",
-                                 "Fraction of the last sample period the GPU was busy (NVML utilisation, 0-1).",
-                                 labels=labels)
+        util = GaugeMetricFamily(
+            "svllm_gpu_utilization_ratio",
+            "Fraction of the last sample period the GPU was busy (NVML utilisation, 0-1).",
+            labels=labels,
+        )
         for g in gpus:
             values = [str(g.index), g.name]
             used.add_metric(values, float((g.memory_total_mb - g.memory_free_mb) * _MIB))

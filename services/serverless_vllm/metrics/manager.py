@@ -48,22 +48,32 @@ class FleetView(Protocol):
 
 
 def _fleet_text(fleet: FleetSnapshot) -> str:
-    worker_state = one_hot(TextFamily("svllm_worker_state", "gauge", "Workers by state (1 for the current state).",
-                                      ["worker", "state"]),
-                           (((worker,), state) for worker, state, _ in fleet.workers), _WORKER_STATES)
-    age = TextFamily("svllm_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat.",
-                     ["worker"])
+    worker_state = one_hot(
+        TextFamily("svllm_worker_state", "gauge", "Workers by state (1 for the current state).", ["worker", "state"]),
+        (((worker,), state) for worker, state, _ in fleet.workers),
+        _WORKER_STATES,
+    )
+    age = TextFamily(
+        "svllm_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat.", ["worker"]
+    )
     for worker, _, seconds in fleet.workers:
         age.add((worker,), seconds)
 
     # Only the current state (not one-hot with zeros as for workers): a registry may hold 10,000 models.
-    state = TextFamily("svllm_model_state", "gauge", "Models by state: cold, loading, ready, sleeping, failed "
-                       "(1 = current).", ["model", "state"])
+    state = TextFamily(
+        "svllm_model_state",
+        "gauge",
+        "Models by state: cold, loading, ready, sleeping, failed (1 = current).",
+        ["model", "state"],
+    )
     desired = TextFamily("svllm_model_desired_replicas", "gauge", "Replicas the autoscaler wants awake.", ["model"])
-    replicas = TextFamily("svllm_model_replicas", "gauge", "Replicas by state (ready = serving).",
-                          ["model", "state"])
-    info = TextFamily("svllm_replica_info", "gauge", "One series per replica: where it runs and its state.",
-                      ["model", "replica", "worker", "gpus", "state"])
+    replicas = TextFamily("svllm_model_replicas", "gauge", "Replicas by state (ready = serving).", ["model", "state"])
+    info = TextFamily(
+        "svllm_replica_info",
+        "gauge",
+        "One series per replica: where it runs and its state.",
+        ["model", "replica", "worker", "gpus", "state"],
+    )
     for m in fleet.models:
         state.add((m.alias, m.state), 1.0)
         desired.add((m.alias,), m.desired)
@@ -80,8 +90,9 @@ def _fleet_text(fleet: FleetSnapshot) -> str:
 
     stats = fleet.stats
     counters = [TextFamily(f"{name}_total", "counter", doc) for name, doc in _STATS]
-    for family, value in zip(counters, (stats.placements_failed, stats.evictions, stats.failovers,
-                                        stats.engine_failures), strict=True):
+    for family, value in zip(
+        counters, (stats.placements_failed, stats.evictions, stats.failovers, stats.engine_failures), strict=True
+    ):
         family.add((), value)
     return "".join(f.text() for f in (worker_state, age, state, desired, replicas, info, *counters))
 
@@ -106,8 +117,12 @@ class ManagerMetrics:
         # written per scrape by _format (a count for every registered model: 10,000 of them).
         self.registry = CollectorRegistry()
         self._cold_start_seconds = Histogram(
-            "svllm_cold_start_duration_seconds", "From placing a cold model's replica to its first ready report.",
-            ["model"], buckets=STARTUP_BUCKETS, registry=self.registry)
+            "svllm_cold_start_duration_seconds",
+            "From placing a cold model's replica to its first ready report.",
+            ["model"],
+            buckets=STARTUP_BUCKETS,
+            registry=self.registry,
+        )
         self._cold_starts: dict[str, int] = {}  # alias -> replicas placed for it while it had none
 
     def cold_start(self, alias: str) -> None:
@@ -140,8 +155,9 @@ class ManagerMetrics:
     def _format(self, fleet: FleetSnapshot, cold_starts: dict[str, int]) -> bytes:
         # Every registered model's counter, from its registration at 0, so that rate() and increase() see the
         # first cold start.
-        counter = TextFamily("svllm_cold_starts_total", "counter", "Replicas placed for a model that had none.",
-                             ["model"])
+        counter = TextFamily(
+            "svllm_cold_starts_total", "counter", "Replicas placed for a model that had none.", ["model"]
+        )
         for m in fleet.models:
             counter.add((m.alias,), cold_starts.get(m.alias, 0))
         # prometheus_client's metrics lock their own state, so the histogram may be read from this thread.

@@ -36,12 +36,16 @@ class _LoadCollector(Collector):
         self._table = table
 
     def collect(self) -> Iterator[Metric]:
-        in_flight = GaugeMetricFamily("svllm_router_in_flight_requests",
-                                      "Requests being answered by a replica, per model (this router).",
-                                      labels=["model"])
-        queued = GaugeMetricFamily("svllm_router_queued_requests",
-                                   "Requests waiting for a ready replica (cold start, wake), per model (this router).",
-                                   labels=["model"])
+        in_flight = GaugeMetricFamily(
+            "svllm_router_in_flight_requests",
+            "Requests being answered by a replica, per model (this router).",
+            labels=["model"],
+        )
+        queued = GaugeMetricFamily(
+            "svllm_router_queued_requests",
+            "Requests waiting for a ready replica (cold start, wake), per model (this router).",
+            labels=["model"],
+        )
         table = self._table()
         for alias in sorted(table.aliases()) if table is not None else ():
             in_flight.add_metric([alias], table.in_flight(alias))
@@ -55,17 +59,33 @@ class RouterMetrics:
         self._table = table
         self.registry = CollectorRegistry()
         self.registry.register(_LoadCollector(table))
-        self._requests = Counter("svllm_requests", "Inference requests answered, by model, endpoint and status.",
-                                 ["model", "endpoint", "status"], registry=self.registry)
-        self._duration = Histogram("svllm_request_duration_seconds",
-                                   "End-to-end latency of inference requests, to the last byte (queueing included).",
-                                   ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._ttft = Histogram("svllm_time_to_first_token_seconds",
-                               "Streaming requests: time from arrival to the first streamed event.",
-                               ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._queue_wait = Histogram("svllm_router_queue_wait_seconds",
-                                     "Time requests waited for a ready replica (cold start or wake seen by clients).",
-                                     ["model"], buckets=STARTUP_BUCKETS, registry=self.registry)
+        self._requests = Counter(
+            "svllm_requests",
+            "Inference requests answered, by model, endpoint and status.",
+            ["model", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "svllm_request_duration_seconds",
+            "End-to-end latency of inference requests, to the last byte (queueing included).",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._ttft = Histogram(
+            "svllm_time_to_first_token_seconds",
+            "Streaming requests: time from arrival to the first streamed event.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue_wait = Histogram(
+            "svllm_router_queue_wait_seconds",
+            "Time requests waited for a ready replica (cold start or wake seen by clients).",
+            ["model"],
+            buckets=STARTUP_BUCKETS,
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._ttft_children: dict[tuple[str, str], Any] = {}
@@ -77,8 +97,7 @@ class RouterMetrics:
             return alias
         return UNKNOWN_MODEL
 
-    def observe_request(self, alias: object, endpoint: str, status: int, duration: float,
-                        ttft: float | None) -> None:
+    def observe_request(self, alias: object, endpoint: str, status: int, duration: float, ttft: float | None) -> None:
         model = self.model_label(alias)
         key = (model, endpoint, str(status))
         counter = self._request_children.get(key)
@@ -137,8 +156,9 @@ class RequestMetricsMiddleware:
             nonlocal status, streaming, first
             if message["type"] == "http.response.start":
                 status = message["status"]
-                streaming = any(k == b"content-type" and v.startswith(b"text/event-stream")
-                                for k, v in message.get("headers", ()))
+                streaming = any(
+                    k == b"content-type" and v.startswith(b"text/event-stream") for k, v in message.get("headers", ())
+                )
             elif first is None and message["type"] == "http.response.body" and message.get("body"):
                 first = time.perf_counter()
             await send(message)
@@ -147,8 +167,9 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, timed_send)
         finally:
             ttft = first - start if streaming and first is not None else None
-            self._metrics.observe_request(scope.get(MODEL_SCOPE_KEY), endpoint, status,
-                                          time.perf_counter() - start, ttft)
+            self._metrics.observe_request(
+                scope.get(MODEL_SCOPE_KEY), endpoint, status, time.perf_counter() - start, ttft
+            )
 
 
 def install_router_metrics(app: FastAPI, metrics: RouterMetrics, manager: Callable[[], ManagerAPI]) -> None:

@@ -25,8 +25,10 @@ _SCRAPABLE = frozenset({ReplicaState.READY, ReplicaState.SLEEPING, ReplicaState.
 def _target(url: str, path: str, labels: dict[str, str]) -> TargetGroup:
     parts = urlsplit(url)
     prefix = parts.path.rstrip("/")  # a worker advertised behind a path prefix keeps it
-    return {"targets": [parts.netloc],
-            "labels": {"__scheme__": parts.scheme or "http", "__metrics_path__": f"{prefix}{path}", **labels}}
+    return {
+        "targets": [parts.netloc],
+        "labels": {"__scheme__": parts.scheme or "http", "__metrics_path__": f"{prefix}{path}", **labels},
+    }
 
 
 def worker_targets(workers: Iterable[WorkerInfo]) -> list[TargetGroup]:
@@ -43,8 +45,7 @@ def engine_targets(workers: Iterable[WorkerInfo]) -> list[TargetGroup]:
         for e in w.engines:
             if e.state in _SCRAPABLE:
                 path = f"/engines/{quote(e.replica_id, safe='')}/metrics"
-                groups.append(_target(w.url, path, {"worker": w.worker_id, "model": e.alias,
-                                                    "replica": e.replica_id}))
+                groups.append(_target(w.url, path, {"worker": w.worker_id, "model": e.alias, "replica": e.replica_id}))
     return groups
 
 

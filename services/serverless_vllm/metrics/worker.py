@@ -58,8 +58,9 @@ class _EngineCollector(Collector):
         counts: dict[str, dict[str, int]] = {}
         for e in self._engines():
             counts.setdefault(e.alias, {s.value: 0 for s in ReplicaState})[e.state.value] += 1
-        family = GaugeMetricFamily("svllm_worker_engines", "Engines on this worker by model and state.",
-                                   labels=["model", "state"])
+        family = GaugeMetricFamily(
+            "svllm_worker_engines", "Engines on this worker by model and state.", labels=["model", "state"]
+        )
         for alias, by_state in sorted(counts.items()):
             for state, n in by_state.items():
                 family.add_metric([alias, state], n)
@@ -77,15 +78,23 @@ class WorkerMetrics:
         self.registry.register(GPUCollector(probe))
         r = self.registry
         self._starts = Counter("svllm_engine_starts", "Engines launched for an assignment.", ["model"], registry=r)
-        self._restarts = Counter("svllm_engine_restarts", "Automatic engine restarts after a crash.", ["model"],
-                                 registry=r)
+        self._restarts = Counter(
+            "svllm_engine_restarts", "Automatic engine restarts after a crash.", ["model"], registry=r
+        )
         self._crashes = Counter("svllm_engine_crashes", "Engines that exited while serving.", ["model"], registry=r)
-        self._start_failures = Counter("svllm_engine_start_failures",
-                                       "Engines that failed before becoming ready (or gave up restarting).",
-                                       ["model"], registry=r)
-        self._start_seconds = Histogram("svllm_engine_start_duration_seconds",
-                                        "From launch (or crash) to the engine answering /health.", ["model"],
-                                        buckets=STARTUP_BUCKETS, registry=r)
+        self._start_failures = Counter(
+            "svllm_engine_start_failures",
+            "Engines that failed before becoming ready (or gave up restarting).",
+            ["model"],
+            registry=r,
+        )
+        self._start_seconds = Histogram(
+            "svllm_engine_start_duration_seconds",
+            "From launch (or crash) to the engine answering /health.",
+            ["model"],
+            buckets=STARTUP_BUCKETS,
+            registry=r,
+        )
         self._seen: dict[str, _Seen] = {}
 
     def engine_started(self, engine: EngineView) -> None:
@@ -128,8 +137,9 @@ class WorkerMetrics:
         return render(self.registry)
 
 
-def install_worker_metrics(app: FastAPI, agent: Callable[[], WorkerAgent],
-                           client: Callable[[], httpx.AsyncClient]) -> None:
+def install_worker_metrics(
+    app: FastAPI, agent: Callable[[], WorkerAgent], client: Callable[[], httpx.AsyncClient]
+) -> None:
     """GET /metrics (the worker's own) and GET /engines/{replica_id}/metrics (an engine's vLLM metrics)."""
 
     @app.get("/metrics", include_in_schema=False)
@@ -146,8 +156,12 @@ def install_worker_metrics(app: FastAPI, agent: Callable[[], WorkerAgent],
         try:
             resp = await client().get(f"{engine.base_url}/metrics", timeout=ENGINE_METRICS_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            raise APIError(503, f"engine {replica_id!r} unreachable ({type(exc).__name__})",
-                           "replica_unavailable") from None
+            raise APIError(
+                503, f"engine {replica_id!r} unreachable ({type(exc).__name__})", "replica_unavailable"
+            ) from None
         # Relayed as is: vLLM's exposition, its content type included.
-        return Response(content=resp.content, status_code=resp.status_code,
-                        media_type=resp.headers.get("content-type", CONTENT_TYPE))
+        return Response(
+            content=resp.content,
+            status_code=resp.status_code,
+            media_type=resp.headers.get("content-type", CONTENT_TYPE),
+        )

@@ -91,15 +91,20 @@ class ManagerActor:
         return await (await self._started()).metrics_text()
 
 
-def get_or_create_manager(settings: ManagerSettings, auth: AuthSettings, name: str, namespace: str,
-                          pin_to_head: bool = True) -> ray.actor.ActorHandle:
+def get_or_create_manager(
+    settings: ManagerSettings, auth: AuthSettings, name: str, namespace: str, pin_to_head: bool = True
+) -> ray.actor.ActorHandle:
     """The named detached manager actor: created once, reused by every later `svllm ray-services`."""
     options: dict[str, Any] = {
-        "name": name, "namespace": namespace, "lifetime": "detached", "get_if_exists": True,
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
         "max_concurrency": MAX_CONCURRENCY,
         # Restart forever on failure; calls in flight fail (the router turns that into a 503) rather than
         # being replayed against the new core.
-        "max_restarts": -1, "max_task_retries": 0,
+        "max_restarts": -1,
+        "max_task_retries": 0,
         "num_cpus": 0,  # I/O-bound: must not take a CPU slot from real work
     }
     if pin_to_head:

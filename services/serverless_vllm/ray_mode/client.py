@@ -36,8 +36,13 @@ def _unavailable(reason: str) -> APIError:
 class RayManagerClient:
     """Calls the named manager actor; errors come back as APIError, exactly as over HTTP."""
 
-    def __init__(self, name: str = MANAGER_ACTOR_NAME, namespace: str = DEFAULT_NAMESPACE,
-                 timeout_s: float = 30.0, handle: Any = None) -> None:
+    def __init__(
+        self,
+        name: str = MANAGER_ACTOR_NAME,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout_s: float = 30.0,
+        handle: Any = None,
+    ) -> None:
         self._name = name
         self._namespace = namespace
         self._timeout = timeout_s

@@ -53,16 +53,20 @@ def serve_start_options(ingress: Ingress, host: str, port: int, proxy_port: int)
     gets `proxy_port`, out of the replicas' way."""
     if ingress == "proxy":
         return {"http_options": {"host": host, "port": port, "location": "EveryNode"}}
-    return {"http_options": {"host": host, "port": proxy_port},
-            "controller_options": {"runtime_env": {"env_vars": controller_env(port)}}}
+    return {
+        "http_options": {"host": host, "port": proxy_port},
+        "controller_options": {"runtime_env": {"env_vars": controller_env(port)}},
+    }
 
 
 def deployment_options(ingress: Ingress, num_cpus: float) -> dict[str, Any]:
     """Options of the router's serve.deployment() that depend on the ingress."""
     if ingress == "proxy":
         return {"ray_actor_options": {"num_cpus": num_cpus}}
-    return {"max_replicas_per_node": 1,
-            "ray_actor_options": {"num_cpus": num_cpus, "runtime_env": {"env_vars": replica_env()}}}
+    return {
+        "max_replicas_per_node": 1,
+        "ray_actor_options": {"num_cpus": num_cpus, "runtime_env": {"env_vars": replica_env()}},
+    }
 
 
 def wait_until_bindable(host: str, port: int, timeout_s: float = 120.0) -> None:

@@ -20,8 +20,14 @@ _PER_REPLICA = {"router_id", "host", "port", "manager_url", "processes"}
 
 @serve.ingress()  # late-bound: Serve calls __serve_build_asgi_app__ on each replica, then runs its lifespan
 class RouterIngress:
-    def __init__(self, settings: dict[str, Any], auth: AuthSettings, manager_name: str, namespace: str,
-                 api_address: tuple[str, int] | None) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        auth: AuthSettings,
+        manager_name: str,
+        namespace: str,
+        api_address: tuple[str, int] | None,
+    ) -> None:
         package_logging()
         if api_address is not None:  # direct ingress: Serve binds this port for the replica after this returns
             wait_until_bindable(*api_address)
@@ -34,15 +40,28 @@ class RouterIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         # The lifespan (table sync with the manager actor) runs in the replica once this returns.
         # Router -> manager is a Ray call inside the cluster: no HTTP credential to present.
-        return create_router_app(self._settings, lambda: RayManagerClient(self._manager_name, self._namespace),
-                                 auth=self._auth)
+        return create_router_app(
+            self._settings, lambda: RayManagerClient(self._manager_name, self._namespace), auth=self._auth
+        )
 
 
-def router_application(settings: RouterSettings, auth: AuthSettings, *, manager_name: str, namespace: str,
-                       replicas: int, max_ongoing_requests: int, num_cpus: float, ingress: Ingress,
-                       api_address: tuple[str, int], access_log: bool) -> Application:
+def router_application(
+    settings: RouterSettings,
+    auth: AuthSettings,
+    *,
+    manager_name: str,
+    namespace: str,
+    replicas: int,
+    max_ongoing_requests: int,
+    num_cpus: float,
+    ingress: Ingress,
+    api_address: tuple[str, int],
+    access_log: bool,
+) -> Application:
     deployment = serve.deployment(
-        RouterIngress, name="Router", num_replicas=replicas,
+        RouterIngress,
+        name="Router",
+        num_replicas=replicas,
         # Serve's default (5) would queue requests at the proxy while replicas idle waiting on engines.
         max_ongoing_requests=max_ongoing_requests,
         # Serve's log line per request, like uvicorn's in HTTP mode, only at debug level: it is a file write (and a
@@ -50,5 +69,10 @@ def router_application(settings: RouterSettings, auth: AuthSettings, *, manager_
         logging_config={"enable_access_log": access_log},
         **deployment_options(ingress, num_cpus),
     )
-    return deployment.bind(settings.model_dump(mode="json", exclude=_PER_REPLICA), auth, manager_name, namespace,
-                           api_address if ingress == "direct" else None)
+    return deployment.bind(
+        settings.model_dump(mode="json", exclude=_PER_REPLICA),
+        auth,
+        manager_name,
+        namespace,
+        api_address if ingress == "direct" else None,
+    )

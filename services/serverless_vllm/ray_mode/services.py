@@ -66,8 +66,12 @@ def connect(settings: RayServicesSettings) -> bool:
     # manager and the router replicas, which must not wait behind CPU engines on the same machine (a laptop,
     # the appliance) that the worker starts at ENGINE_NICE.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(namespace=settings.namespace, include_dashboard=True, dashboard_host=settings.dashboard_host,
-             dashboard_port=settings.dashboard_port)
+    ray.init(
+        namespace=settings.namespace,
+        include_dashboard=True,
+        dashboard_host=settings.dashboard_host,
+        dashboard_port=settings.dashboard_port,
+    )
     return True
 
 
@@ -87,33 +91,57 @@ def _replace_manager(settings: RayServicesSettings) -> None:
         time.sleep(0.2)
 
 
-def deploy(settings: RayServicesSettings, manager: ManagerSettings, router: RouterSettings,
-           auth: AuthSettings) -> dict[str, Any]:
+def deploy(
+    settings: RayServicesSettings, manager: ManagerSettings, router: RouterSettings, auth: AuthSettings
+) -> dict[str, Any]:
     """Create or reuse the manager actor, then (re)deploy the router application. Returns the manager's health."""
     Authenticator(auth, "router")  # refuse a bad auth setup here, not in every replica's constructor
     _check_replicas_fit(settings)
     if settings.replace_manager:
         _replace_manager(settings)
-    actor = get_or_create_manager(manager, auth, settings.manager_name, settings.namespace,
-                                  settings.pin_manager_to_head)
+    actor = get_or_create_manager(
+        manager, auth, settings.manager_name, settings.namespace, settings.pin_manager_to_head
+    )
     health = ray.get(actor.health.remote(), timeout=120)
     running: ManagerSettings = ray.get(actor.settings.remote(), timeout=30)
     if running != manager:
         # get_if_exists: a running actor keeps the settings it was created with (--replace-manager changes them).
-        log.warning("the manager actor already runs with other settings (%s); they are kept "
-                    "(run with --replace-manager to apply the new ones)", running)
-    log.info("manager actor '%s' (namespace %s) ready: epoch %s, %s model(s)", settings.manager_name,
-             settings.namespace, health["epoch"], health["models"])
+        log.warning(
+            "the manager actor already runs with other settings (%s); they are kept "
+            "(run with --replace-manager to apply the new ones)",
+            running,
+        )
+    log.info(
+        "manager actor '%s' (namespace %s) ready: epoch %s, %s model(s)",
+        settings.manager_name,
+        settings.namespace,
+        health["epoch"],
+        health["models"],
+    )
     serve.start(**serve_start_options(settings.ingress, settings.host, settings.port, settings.proxy_port))
-    app = router_application(router, auth, manager_name=settings.manager_name, namespace=settings.namespace,
-                             replicas=settings.replicas, max_ongoing_requests=settings.max_ongoing_requests,
-                             num_cpus=settings.router_num_cpus, ingress=settings.ingress,
-                             api_address=(settings.host, settings.port), access_log=settings.access_log)
+    app = router_application(
+        router,
+        auth,
+        manager_name=settings.manager_name,
+        namespace=settings.namespace,
+        replicas=settings.replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        num_cpus=settings.router_num_cpus,
+        ingress=settings.ingress,
+        api_address=(settings.host, settings.port),
+        access_log=settings.access_log,
+    )
     if settings.ingress == "direct":
         _stop_running_router(settings.app_name)
     serve.run(app, name=settings.app_name, route_prefix="/")
-    log.info("router application '%s' running (%d replica(s), %s ingress): OpenAI API at http://%s:%d/v1",
-             settings.app_name, settings.replicas, settings.ingress, settings.host, settings.port)
+    log.info(
+        "router application '%s' running (%d replica(s), %s ingress): OpenAI API at http://%s:%d/v1",
+        settings.app_name,
+        settings.replicas,
+        settings.ingress,
+        settings.host,
+        settings.port,
+    )
     return health
 
 
@@ -133,9 +161,11 @@ def _check_replicas_fit(settings: RayServicesSettings) -> None:
         return
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     if settings.replicas > nodes:
-        raise SystemExit(f"--replicas {settings.replicas} with direct ingress needs {settings.replicas} nodes "
-                         f"(one router replica per node serves port {settings.port}); the cluster has {nodes}. "
-                         "Use --ingress proxy for several replicas on one node.")
+        raise SystemExit(
+            f"--replicas {settings.replicas} with direct ingress needs {settings.replicas} nodes "
+            f"(one router replica per node serves port {settings.port}); the cluster has {nodes}. "
+            "Use --ingress proxy for several replicas on one node."
+        )
 
 
 def _watch(settings: RayServicesSettings, stop: threading.Event) -> None:
@@ -169,20 +199,23 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def run(settings: RayServicesSettings, manager: ManagerSettings, router: RouterSettings,
-        auth: AuthSettings) -> None:
+def run(settings: RayServicesSettings, manager: ManagerSettings, router: RouterSettings, auth: AuthSettings) -> None:
     owns_cluster = connect(settings)
     if owns_cluster and settings.detach:
         ray.shutdown()
-        raise SystemExit("--detach needs a running Ray cluster (`ray start --head`): a cluster started by this "
-                         "command would stop with it")
+        raise SystemExit(
+            "--detach needs a running Ray cluster (`ray start --head`): a cluster started by this "
+            "command would stop with it"
+        )
     stop = _stop_on_signals()
     try:
         deploy(settings, manager, router, auth)
         if settings.detach:
             return
-        log.info("services up; Ctrl-C %s", "stops the local cluster" if owns_cluster
-                 else "leaves them running in the cluster")
+        log.info(
+            "services up; Ctrl-C %s",
+            "stops the local cluster" if owns_cluster else "leaves them running in the cluster",
+        )
         _watch(settings, stop)
     finally:
         if owns_cluster:

@@ -67,12 +67,21 @@ async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str,
 
 def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
     """GET /v1/models/{alias}: our model state, plus the fields of OpenAI's model object so clients parse it."""
-    return {"id": info.alias, "object": "model", "created": int(info.created_at), "owned_by": "serverless-vllm",
-            **info.model_dump(mode="json")}
+    return {
+        "id": info.alias,
+        "object": "model",
+        "created": int(info.created_at),
+        "owned_by": "serverless-vllm",
+        **info.model_dump(mode="json"),
+    }
 
 
-def create_router_app(settings: RouterSettings, manager_factory: Callable[[], ManagerAPI],
-                      upstream_headers: dict[str, str] | None = None, auth: AuthSettings | None = None) -> FastAPI:
+def create_router_app(
+    settings: RouterSettings,
+    manager_factory: Callable[[], ManagerAPI],
+    upstream_headers: dict[str, str] | None = None,
+    auth: AuthSettings | None = None,
+) -> FastAPI:
     """`manager_factory` is called once the event loop runs (clients bind to the loop they are made in).
     `auth`: credentials (default: from the environment); requests to workers carry the worker token."""
     state: dict[str, Any] = {}
@@ -86,9 +95,14 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         table = RouteTable()
         sync = ManagerSync(manager, table, settings.router_id, settings.report_interval_s)
         client = UpstreamClient(read_timeout_s=settings.request_timeout_s)
-        state.update(manager=manager, table=table, sync=sync,
-                     forwarder=Forwarder(settings, table, sync, manager, client, upstream_headers,
-                                         on_hold=metrics.observe_queue_wait))
+        state.update(
+            manager=manager,
+            table=table,
+            sync=sync,
+            forwarder=Forwarder(
+                settings, table, sync, manager, client, upstream_headers, on_hold=metrics.observe_queue_wait
+            ),
+        )
         await sync.start()
         freeze_startup_heap()
         try:
@@ -127,9 +141,19 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
         table: RouteTable = state["table"]
         if not table.loaded:
             await state["sync"].refresh()
-        return {"object": "list", "data": [
-            {"id": alias, "object": "model", "created": route.created, "owned_by": "serverless-vllm",
-             "state": route.state.value} for alias, route in sorted(table.aliases().items())]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": alias,
+                    "object": "model",
+                    "created": route.created,
+                    "owned_by": "serverless-vllm",
+                    "state": route.state.value,
+                }
+                for alias, route in sorted(table.aliases().items())
+            ],
+        }
 
     @app.post("/v1/models/register")
     async def register_model(spec: ModelSpec) -> JSONResponse:
@@ -156,9 +180,14 @@ def create_router_app(settings: RouterSettings, manager_factory: Callable[[], Ma
     @app.get("/health")
     async def health() -> dict[str, Any]:
         table: RouteTable = state["table"]
-        return {"status": "ok", "router_id": settings.router_id, "routing_epoch": table.epoch,
-                "routing_version": table.version, "routing_loaded": table.loaded,
-                "models": len(table.aliases())}
+        return {
+            "status": "ok",
+            "router_id": settings.router_id,
+            "routing_epoch": table.epoch,
+            "routing_version": table.version,
+            "routing_loaded": table.loaded,
+            "models": len(table.aliases()),
+        }
 
     @app.get("/workers")
     async def workers() -> list[WorkerInfo]:

@@ -33,9 +33,16 @@ def _unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
 
 
 class Forwarder:
-    def __init__(self, settings: RouterSettings, table: RouteTable, sync: ManagerSync, manager: ManagerAPI,
-                 client: UpstreamClient, upstream_headers: dict[str, str] | None = None,
-                 on_hold: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        table: RouteTable,
+        sync: ManagerSync,
+        manager: ManagerAPI,
+        client: UpstreamClient,
+        upstream_headers: dict[str, str] | None = None,
+        on_hold: Callable[[str, float], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._table = table
         self._sync = sync
@@ -61,8 +68,9 @@ class Forwarder:
         cap = self._settings.max_in_flight_per_replica
         route = self._table.route(alias) if cap > 0 else None
         if route is not None and route.endpoints and self._table.in_flight(alias) >= cap * len(route.endpoints):
-            raise _unavailable(f"'{alias}' is at capacity ({cap} requests in flight per replica); retry shortly",
-                               "overloaded", 1)
+            raise _unavailable(
+                f"'{alias}' is at capacity ({cap} requests in flight per replica); retry shortly", "overloaded", 1
+            )
 
     async def _send(self, path: str, body: bytes, alias: str, endpoint: Endpoint) -> Response | None:
         """Send to one replica. None: it failed before any byte reached the client (retry is safe)."""
@@ -128,8 +136,9 @@ class Forwarder:
                     await self._table.wait_change()
         except TimeoutError:
             limit = self._settings.cold_start_timeout_s
-            raise _unavailable(f"model '{alias}' did not become ready within {limit:.0f} s",
-                               "cold_start_timeout", 10) from None
+            raise _unavailable(
+                f"model '{alias}' did not become ready within {limit:.0f} s", "cold_start_timeout", 10
+            ) from None
         finally:
             self._table.dequeue(alias)
             if self._on_hold is not None:

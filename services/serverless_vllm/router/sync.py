@@ -31,8 +31,10 @@ class ManagerSync:
     async def start(self) -> None:
         with contextlib.suppress(APIError):
             await self.refresh()
-        self._tasks = [asyncio.create_task(self._poll(), name="routing-poll"),
-                       asyncio.create_task(self._report(), name="demand-report")]
+        self._tasks = [
+            asyncio.create_task(self._poll(), name="routing-poll"),
+            asyncio.create_task(self._report(), name="demand-report"),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -73,8 +75,9 @@ class ManagerSync:
             report = self._table.demand(self._router_id)
             failed, self._failed = self._failed, []
             if failed:
-                report = DemandReport(router_id=report.router_id, models=report.models, wake=report.wake,
-                                      failed_endpoints=failed)
+                report = DemandReport(
+                    router_id=report.router_id, models=report.models, wake=report.wake, failed_endpoints=failed
+                )
             # A report of no load is sent once, so the manager learns the load went to zero.
             if not report.models and not report.wake and not failed and not self._reported_load:
                 continue

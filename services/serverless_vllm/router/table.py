@@ -73,8 +73,9 @@ class RouteTable:
             return None
         if affinity is not None:
             # Rendezvous hashing: a session keeps its replica while that replica exists.
-            return max(candidates, key=lambda e: hashlib.blake2b(f"{affinity}|{e.replica_id}".encode(),
-                                                                  digest_size=8).digest())
+            return max(
+                candidates, key=lambda e: hashlib.blake2b(f"{affinity}|{e.replica_id}".encode(), digest_size=8).digest()
+            )
         if len(candidates) > 2:
             candidates = self._rng.sample(candidates, 2)
         low = min(self._in_flight[e.replica_id] for e in candidates)

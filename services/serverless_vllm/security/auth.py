@@ -85,8 +85,11 @@ REQUIRED: dict[str, tuple[Role, ...]] = {
     "manager": (Role.ADMIN, Role.WORKER),
     "worker": (Role.WORKER,),
 }
-_ENV = {Role.CLIENT: "SVLLM_API_KEYS (or SVLLM_API_KEYS_FILE)", Role.ADMIN: "SVLLM_ADMIN_KEY",
-        Role.WORKER: "SVLLM_WORKER_TOKEN"}
+_ENV = {
+    Role.CLIENT: "SVLLM_API_KEYS (or SVLLM_API_KEYS_FILE)",
+    Role.ADMIN: "SVLLM_ADMIN_KEY",
+    Role.WORKER: "SVLLM_WORKER_TOKEN",
+}
 
 
 def _digest(secret: str | bytes) -> bytes:
@@ -108,13 +111,16 @@ class Authenticator:
             if missing:
                 raise AuthConfigError(
                     f"authentication is on but the {service} has no {', '.join(missing)}: set them, or set "
-                    "SVLLM_AUTH=off for local development only")
+                    "SVLLM_AUTH=off for local development only"
+                )
             owners: dict[str, Role] = {}
             for role, values in secrets.items():
                 for value in values:
                     if owners.setdefault(value, role) is not role:
-                        raise AuthConfigError(f"a {role.value} credential equals a {owners[value].value} "
-                                              "credential: every role needs its own secret")
+                        raise AuthConfigError(
+                            f"a {role.value} credential equals a {owners[value].value} "
+                            "credential: every role needs its own secret"
+                        )
         self._digests = {role: tuple(_digest(v) for v in values) for role, values in secrets.items()}
 
     def allowed(self, token: bytes | None, roles: frozenset[Role]) -> bool:
@@ -140,23 +146,32 @@ def bearer_token(scope: Scope) -> bytes | None:
 def _route_path(scope: Scope) -> str:
     # The path the app's router matches (Starlette strips root_path the same way).
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _unauthorized(token: bytes | None, roles: frozenset[Role]) -> APIError:
     needed = " or ".join(sorted(r.value for r in roles))
     if token is None:
-        return APIError(401, f"missing credentials: send 'Authorization: Bearer <key>' ({needed} key)",
-                        "missing_api_key", {"WWW-Authenticate": "Bearer"})
-    return APIError(401, f"invalid credentials for this route (it needs a {needed} key)", "invalid_api_key",
-                    {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return APIError(
+            401,
+            f"missing credentials: send 'Authorization: Bearer <key>' ({needed} key)",
+            "missing_api_key",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    return APIError(
+        401,
+        f"invalid credentials for this route (it needs a {needed} key)",
+        "invalid_api_key",
+        {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
 
 
 class GuardMiddleware:
     """Authentication (before anything is read) and a request body size limit, for every route of an app."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator, policy: Policy,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: ASGIApp, authenticator: Authenticator, policy: Policy, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ) -> None:
         self.app = app
         self._auth = authenticator
         self._policy = policy
@@ -180,7 +195,8 @@ class GuardMiddleware:
             if name == b"content-length":
                 if not value.isdigit():
                     await APIError(400, "invalid Content-Length header", "invalid_header").response()(
-                        scope, receive, send)
+                        scope, receive, send
+                    )
                     return
                 if int(value) > self._limit:
                     await self._too_large().response()(scope, receive, send)
@@ -208,8 +224,9 @@ class GuardMiddleware:
         return limited
 
 
-def install_guard(app: Any, settings: AuthSettings, service: str, policy: Policy,
-                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Authenticator:
+def install_guard(
+    app: Any, settings: AuthSettings, service: str, policy: Policy, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> Authenticator:
     """Add the guard as the outermost middleware of `app`; raises AuthConfigError when credentials are missing."""
     authenticator = Authenticator(settings, service)
     if not authenticator.enabled:

@@ -22,38 +22,129 @@ MAX_MESSAGES = 4096
 
 # The request fields of vLLM 0.32 (ChatCompletionRequest / CompletionRequest; tests/test_fuzz.py checks these
 # lists against the installed vLLM) plus OpenAI fields clients may send that vLLM ignores.
-_COMMON = frozenset({
-    "model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p", "top_k", "min_p", "seed",
-    "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "length_penalty",
-    "logit_bias", "logprobs", "prompt_logprobs", "user", "response_format", "structured_outputs",
-    "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-    "bad_words", "allowed_token_ids", "use_beam_search", "truncate_prompt_tokens", "truncation_side", "priority",
-    "add_special_tokens", "echo", "return_token_ids", "return_tokens_as_token_ids", "return_token_offsets",
-    "logprob_token_ids", "cache_salt", "vllm_xargs", "mm_payload", "return_mm_kwargs", "repetition_detection",
-    "thinking_token_budget", "stream_interval", "session_id", "watermarking", "routed_experts_prompt_start",
-    # OpenAI fields without a meaning for vLLM (accepted and ignored, as OpenAI clients send them)
-    "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-})
-CHAT_FIELDS = _COMMON | frozenset({
-    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
-    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "documents", "mm_processor_kwargs",
-    "media_io_kwargs", "include_reasoning", "reasoning_effort", "return_prompt_text",
-    "functions", "function_call", "modalities", "audio", "prediction", "verbosity", "web_search_options",
-})
+_COMMON = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "length_penalty",
+        "logit_bias",
+        "logprobs",
+        "prompt_logprobs",
+        "user",
+        "response_format",
+        "structured_outputs",
+        "ignore_eos",
+        "min_tokens",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "include_stop_str_in_output",
+        "bad_words",
+        "allowed_token_ids",
+        "use_beam_search",
+        "truncate_prompt_tokens",
+        "truncation_side",
+        "priority",
+        "add_special_tokens",
+        "echo",
+        "return_token_ids",
+        "return_tokens_as_token_ids",
+        "return_token_offsets",
+        "logprob_token_ids",
+        "cache_salt",
+        "vllm_xargs",
+        "mm_payload",
+        "return_mm_kwargs",
+        "repetition_detection",
+        "thinking_token_budget",
+        "stream_interval",
+        "session_id",
+        "watermarking",
+        "routed_experts_prompt_start",
+        # OpenAI fields without a meaning for vLLM (accepted and ignored, as OpenAI clients send them)
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
+CHAT_FIELDS = _COMMON | frozenset(
+    {
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "documents",
+        "mm_processor_kwargs",
+        "media_io_kwargs",
+        "include_reasoning",
+        "reasoning_effort",
+        "return_prompt_text",
+        "functions",
+        "function_call",
+        "modalities",
+        "audio",
+        "prediction",
+        "verbosity",
+        "web_search_options",
+    }
+)
 COMPLETION_FIELDS = _COMMON | frozenset({"prompt", "suffix", "best_of"})
 # vLLM fields a client must not set: request ids are the router's and vLLM's (a duplicate id confuses the
 # engine), KV/EC transfer parameters steer disaggregated serving, a request's own chat template and prompt
 # embeddings are off in vLLM by default (and known attack surfaces).
-OPERATOR_FIELDS = frozenset({"request_id", "kv_transfer_params", "ec_transfer_params", "chat_template",
-                             "prompt_embeds"})
+OPERATOR_FIELDS = frozenset(
+    {"request_id", "kv_transfer_params", "ec_transfer_params", "chat_template", "prompt_embeds"}
+)
 
-_INT_LIMITS = {"max_tokens": (1, MAX_TOKENS), "max_completion_tokens": (1, MAX_TOKENS), "n": (1, MAX_N),
-               "best_of": (1, MAX_N), "min_tokens": (0, MAX_TOKENS), "seed": (-(2**63), 2**63 - 1),
-               "top_k": (-1, 2**31 - 1), "top_logprobs": (0, 1024), "prompt_logprobs": (0, 1024)}
-_NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-            "length_penalty")
-_BOOLS = ("stream", "echo", "ignore_eos", "use_beam_search", "add_generation_prompt", "continue_final_message",
-          "skip_special_tokens", "parallel_tool_calls")
+_INT_LIMITS = {
+    "max_tokens": (1, MAX_TOKENS),
+    "max_completion_tokens": (1, MAX_TOKENS),
+    "n": (1, MAX_N),
+    "best_of": (1, MAX_N),
+    "min_tokens": (0, MAX_TOKENS),
+    "seed": (-(2**63), 2**63 - 1),
+    "top_k": (-1, 2**31 - 1),
+    "top_logprobs": (0, 1024),
+    "prompt_logprobs": (0, 1024),
+}
+_NUMBERS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "length_penalty",
+)
+_BOOLS = (
+    "stream",
+    "echo",
+    "ignore_eos",
+    "use_beam_search",
+    "add_generation_prompt",
+    "continue_final_message",
+    "skip_special_tokens",
+    "parallel_tool_calls",
+)
 
 
 def _bad(message: str, param: str | None = None) -> APIError:
@@ -103,15 +194,17 @@ def check_inference(path: str, payload: dict[str, Any], allow_unknown_fields: bo
             raise _bad(f"'{key}' must be an integer from {low} to {high}", key)
     for key in _NUMBERS:
         value = payload.get(key)
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
-                                  or value != value or abs(value) > 1e6):
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool) or value != value or abs(value) > 1e6
+        ):
             raise _bad(f"'{key}' must be a finite number", key)
     for key in _BOOLS:
         if key in payload and payload[key] is not None and not isinstance(payload[key], bool):
             raise _bad(f"'{key}' must be a boolean", key)
     logprobs = payload.get("logprobs")
-    if logprobs is not None and not (isinstance(logprobs, bool) if chat else _is_int(logprobs) and
-                                     0 <= logprobs <= 1024):
+    if logprobs is not None and not (
+        isinstance(logprobs, bool) if chat else _is_int(logprobs) and 0 <= logprobs <= 1024
+    ):
         raise _bad("'logprobs' must be a " + ("boolean" if chat else "small integer"), "logprobs")
     stream_options = payload.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
@@ -121,12 +214,19 @@ def check_inference(path: str, payload: dict[str, Any], allow_unknown_fields: bo
 
 # ---------------------------------------------------------------------------- OpenAPI (docs and fuzzing)
 
+
 def _message_schema() -> dict[str, Any]:
-    return {"type": "object", "required": ["role"], "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant", "developer", "tool"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}},
-                              {"type": "null"}]},
-        "name": {"type": "string"}}}
+    return {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant", "developer", "tool"]},
+            "content": {
+                "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]
+            },
+            "name": {"type": "string"},
+        },
+    }
 
 
 def _body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
@@ -143,17 +243,28 @@ def _body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
     }
     # The other vLLM sampling parameters are accepted too (CHAT_FIELDS, COMPLETION_FIELDS); the schema lists the
     # common ones and, like the router's default, refuses what it does not know.
-    schema = {"type": "object", "required": required, "properties": {**common, **properties},
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "required": required,
+        "properties": {**common, **properties},
+        "additionalProperties": False,
+    }
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-CHAT_OPENAPI = _body(["model", "messages"], {
-    "messages": {"type": "array", "minItems": 1, "items": _message_schema()},
-    "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
-})
-COMPLETION_OPENAPI = _body(["model", "prompt"], {
-    "prompt": {"anyOf": [{"type": "string", "minLength": 1},
-                         {"type": "array", "minItems": 1, "items": {"type": "string"}}]},
-    "echo": {"type": "boolean"},
-})
+CHAT_OPENAPI = _body(
+    ["model", "messages"],
+    {
+        "messages": {"type": "array", "minItems": 1, "items": _message_schema()},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
+    },
+)
+COMPLETION_OPENAPI = _body(
+    ["model", "prompt"],
+    {
+        "prompt": {
+            "anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]
+        },
+        "echo": {"type": "boolean"},
+    },
+)

@@ -21,21 +21,55 @@ _HUB_ID_RE = re.compile(HUB_ID_PATTERN)
 # Engine flags a registration may not set. The worker owns the engine's address, name and model; the rest
 # import code, open network connectors or read/write files on the worker chosen by whoever registers.
 # Operators who need one pass it on the worker itself (ENGINE_EXTRA_ARGS), which is trusted.
-DENIED_ENGINE_FLAGS = frozenset({
-    # owned by the worker
-    "--model", "--served-model-name", "--host", "--port", "--uds", "--grpc-port", "--api-key", "--root-path",
-    "--config", "--enable-sleep-mode", "--headless",
-    # code loaded from a name or a path
-    "--trust-remote-code", "--middleware", "--worker-cls", "--worker-extension-cls", "--scheduler-cls",
-    "--logits-processors", "--tool-parser-plugin", "--reasoning-parser-plugin", "--io-processor-plugin",
-    "--model-class-overrides", "--trust-request-chat-template", "--trust-request-mm-kwargs",
-    # files read or written on the worker
-    "--tokenizer", "--download-dir", "--hf-config-path", "--allowed-local-media-path", "--lora-modules",
-    "--log-config-file", "--logging-config", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs",
-    "--spec-model", "--speculative-config", "--mm-encoder-fp8-scale-path", "--mm-encoder-fp8-scale-save-path",
-    # network connectors
-    "--kv-transfer-config", "--ec-transfer-config", "--kv-events-config", "--weight-transfer-config",
-})
+DENIED_ENGINE_FLAGS = frozenset(
+    {
+        # owned by the worker
+        "--model",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--uds",
+        "--grpc-port",
+        "--api-key",
+        "--root-path",
+        "--config",
+        "--enable-sleep-mode",
+        "--headless",
+        # code loaded from a name or a path
+        "--trust-remote-code",
+        "--middleware",
+        "--worker-cls",
+        "--worker-extension-cls",
+        "--scheduler-cls",
+        "--logits-processors",
+        "--tool-parser-plugin",
+        "--reasoning-parser-plugin",
+        "--io-processor-plugin",
+        "--model-class-overrides",
+        "--trust-request-chat-template",
+        "--trust-request-mm-kwargs",
+        # files read or written on the worker
+        "--tokenizer",
+        "--download-dir",
+        "--hf-config-path",
+        "--allowed-local-media-path",
+        "--lora-modules",
+        "--log-config-file",
+        "--logging-config",
+        "--ssl-keyfile",
+        "--ssl-certfile",
+        "--ssl-ca-certs",
+        "--spec-model",
+        "--speculative-config",
+        "--mm-encoder-fp8-scale-path",
+        "--mm-encoder-fp8-scale-save-path",
+        # network connectors
+        "--kv-transfer-config",
+        "--ec-transfer-config",
+        "--kv-events-config",
+        "--weight-transfer-config",
+    }
+)
 
 
 def _refuse(message: str, code: str) -> APIError:
@@ -50,21 +84,26 @@ def check_model_name(name: str, model_dirs: Iterable[str]) -> None:
     if not name.startswith("/"):
         if _HUB_ID_RE.match(name) and ".." not in name and "--" not in name:
             return
-        raise _refuse("model_name must be a Hugging Face id ('org/name') or an absolute path under one of the "
-                      "directories in SVLLM_MODEL_DIRS", "model_not_allowed")
+        raise _refuse(
+            "model_name must be a Hugging Face id ('org/name') or an absolute path under one of the "
+            "directories in SVLLM_MODEL_DIRS",
+            "model_not_allowed",
+        )
     if ".." in name.split("/"):
         raise _refuse("model_name must not contain '..'", "model_not_allowed")
     dirs = [os.path.normpath(d) for d in model_dirs if d.startswith("/")]
     if not dirs:
-        raise _refuse("local model paths are not allowed here (no SVLLM_MODEL_DIRS configured): use a Hugging "
-                      "Face id", "model_not_allowed")
+        raise _refuse(
+            "local model paths are not allowed here (no SVLLM_MODEL_DIRS configured): use a Hugging Face id",
+            "model_not_allowed",
+        )
     path = os.path.normpath(name)
     for root in dirs:
-        if _under(path, root) and (not os.path.exists(path) or _under(os.path.realpath(path),
-                                                                       os.path.realpath(root))):
+        if _under(path, root) and (not os.path.exists(path) or _under(os.path.realpath(path), os.path.realpath(root))):
             return
-    raise _refuse(f"model_name must lie under one of the allowed model directories ({', '.join(dirs)})",
-                  "model_not_allowed")
+    raise _refuse(
+        f"model_name must lie under one of the allowed model directories ({', '.join(dirs)})", "model_not_allowed"
+    )
 
 
 def _under(path: str, root: str) -> bool:
@@ -84,9 +123,11 @@ def check_engine_args(args: Iterable[str]) -> None:
         # argparse also takes unambiguous abbreviations (--ho for --host): refuse any prefix of a denied flag.
         denied = [d for d in DENIED_ENGINE_FLAGS if d == flag or (len(flag) > 2 and d.startswith(flag))]
         if denied:
-            raise _refuse(f"engine argument {flag!r} is not allowed in a registration (the worker sets it, or it "
-                          "loads code or files); an operator can set it in the worker's ENGINE_EXTRA_ARGS",
-                          "engine_arg_not_allowed")
+            raise _refuse(
+                f"engine argument {flag!r} is not allowed in a registration (the worker sets it, or it "
+                "loads code or files); an operator can set it in the worker's ENGINE_EXTRA_ARGS",
+                "engine_arg_not_allowed",
+            )
 
 
 def check_registration(spec: ModelSpec, model_dirs: Iterable[str]) -> None:

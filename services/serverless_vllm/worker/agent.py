@@ -21,9 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class WorkerAgent:
-    def __init__(self, settings: WorkerSettings, *, probe: GPUProbe | None = None,
-                 manager: HTTPManagerClient | None = None, engine_client: httpx.AsyncClient | None = None,
-                 manager_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        probe: GPUProbe | None = None,
+        manager: HTTPManagerClient | None = None,
+        engine_client: httpx.AsyncClient | None = None,
+        manager_headers: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self._probe = probe or GPUProbe()
         self.metrics = WorkerMetrics(self._probe, lambda: self.engines.values())
@@ -45,8 +51,11 @@ class WorkerAgent:
 
     async def start(self) -> None:
         self.gpus = self._probe.detect()
-        log.info("worker %s: %s", self.settings.worker_id,
-                 f"{len(self.gpus)} GPU(s)" if self.gpus else f"CPU-only, {cpu_slots(self.settings)} engine slot(s)")
+        log.info(
+            "worker %s: %s",
+            self.settings.worker_id,
+            f"{len(self.gpus)} GPU(s)" if self.gpus else f"CPU-only, {cpu_slots(self.settings)} engine slot(s)",
+        )
         self._loop = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
 
     async def stop(self) -> None:
@@ -76,9 +85,14 @@ class WorkerAgent:
 
     def registration(self) -> WorkerRegistration:
         return WorkerRegistration(
-            worker_id=self.settings.worker_id, url=self.settings.advertised_url(), gpus=self.gpus,
-            cpu_slots=0 if self.gpus else cpu_slots(self.settings), sleep_supported=self.has_gpu,
-            engines=self.statuses(), version=__version__)
+            worker_id=self.settings.worker_id,
+            url=self.settings.advertised_url(),
+            gpus=self.gpus,
+            cpu_slots=0 if self.gpus else cpu_slots(self.settings),
+            sleep_supported=self.has_gpu,
+            engines=self.statuses(),
+            version=__version__,
+        )
 
     async def _heartbeat_loop(self) -> None:
         delay = 1.0
@@ -89,8 +103,9 @@ class WorkerAgent:
                     self.registered = True
                     log.info("registered with the manager at %s", self.settings.manager_url)
                 else:
-                    beat = Heartbeat(worker_id=self.settings.worker_id, gpus=self._probe.sample(),
-                                     engines=self.statuses())
+                    beat = Heartbeat(
+                        worker_id=self.settings.worker_id, gpus=self._probe.sample(), engines=self.statuses()
+                    )
                     reply = await self._manager.heartbeat(beat)
                 await self._handle(reply)
                 delay = 1.0
@@ -125,8 +140,13 @@ class WorkerAgent:
             for rid, assignment in wanted.items():
                 engine = self.engines.get(rid)
                 if engine is None:
-                    engine = EngineProcess(assignment, self.settings, has_gpu=self.has_gpu, on_change=self.nudge,
-                                           client=self._engine_client)
+                    engine = EngineProcess(
+                        assignment,
+                        self.settings,
+                        has_gpu=self.has_gpu,
+                        on_change=self.nudge,
+                        client=self._engine_client,
+                    )
                     self.engines[rid] = engine
                     self.metrics.engine_started(engine)
                     log.info("starting engine %s: %s as %s", rid, assignment.model_name, assignment.alias)
@@ -141,8 +161,9 @@ class WorkerAgent:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
-                               log.error("engine operation failed: %s", t.exception()))
+        task.add_done_callback(
+            lambda t: t.cancelled() or t.exception() is None or log.error("engine operation failed: %s", t.exception())
+        )
 
     def ready_engine(self, alias: str | None, replica_id: str | None) -> EngineProcess | None:
         """The engine to serve a request: the replica the router chose, else any ready one of the alias."""

@@ -41,8 +41,10 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Pooled clients to the local engines: `relay` for inference, `client` for control (health, sleep, metrics).
         relay = UpstreamClient()
-        client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
-                                   limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
         worker = agent or WorkerAgent(settings, engine_client=client, manager_headers=auth.worker_headers())
         state.update(agent=worker, client=client, relay=relay)
         await worker.start()
@@ -92,7 +94,12 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         agent: WorkerAgent = state["agent"]
-        return {"status": "ok", "worker_id": settings.worker_id, "registered": agent.registered,
-                "gpus": len(agent.gpus), "engines": len(agent.engines)}
+        return {
+            "status": "ok",
+            "worker_id": settings.worker_id,
+            "registered": agent.registered,
+            "gpus": len(agent.gpus),
+            "engines": len(agent.engines),
+        }
 
     return app

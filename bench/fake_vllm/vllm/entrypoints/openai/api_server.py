@@ -21,17 +21,30 @@ INTERVAL_S = float(os.environ.get("FAKE_TOKEN_INTERVAL_MS", "10")) / 1000.0
 
 
 def _completion(model: str, n: int) -> bytes:
-    return json.dumps({
-        "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": " lorem" * n, "logprobs": None, "finish_reason": "length",
-                     "stop_reason": None}],
-        "usage": {"prompt_tokens": 26, "total_tokens": 26 + n, "completion_tokens": n}}).encode()
+    return json.dumps(
+        {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "text": " lorem" * n, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            ],
+            "usage": {"prompt_tokens": 26, "total_tokens": 26 + n, "completion_tokens": n},
+        }
+    ).encode()
 
 
 def _event(model: str, i: int) -> bytes:
-    body = json.dumps({"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": model,
-                       "choices": [{"index": 0, "text": f" tok{i}", "logprobs": None, "finish_reason": None,
-                                    "stop_reason": None}]})
+    body = json.dumps(
+        {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": f" tok{i}", "logprobs": None, "finish_reason": None, "stop_reason": None}],
+        }
+    )
     return f"data: {body}\n\n".encode()
 
 
@@ -80,12 +93,15 @@ class Server:
 
     @staticmethod
     def reply(writer: asyncio.StreamWriter, status: int, payload: bytes) -> None:
-        writer.write(f"HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
-                     f"\r\n".encode() + payload)
+        writer.write(
+            f"HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
 
     async def stream(self, writer: asyncio.StreamWriter, model: str, n: int) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                     b"transfer-encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
         start = time.monotonic()
         for i in range(n):
             if i:
@@ -93,8 +109,13 @@ class Server:
                 await asyncio.sleep(max(0.0, start + i * INTERVAL_S - time.monotonic()))
             writer.write(_chunk(_event(model, i)))
             await writer.drain()
-        usage = {"id": "cmpl-fake", "object": "text_completion", "model": model, "choices": [],
-                 "usage": {"prompt_tokens": 26, "total_tokens": 26 + n, "completion_tokens": n}}
+        usage = {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "model": model,
+            "choices": [],
+            "usage": {"prompt_tokens": 26, "total_tokens": 26 + n, "completion_tokens": n},
+        }
         writer.write(_chunk(f"data: {json.dumps(usage)}\n\n".encode()) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         await writer.drain()
 
