@@ -123,7 +123,7 @@ def part1(
     )
     wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 120, what="manager")
 
-    settings = ManagerSettings(db_path=str(procs.tmp / f"registry-{models}-ray.db"), heartbeat_timeout=30)
+    settings = ManagerSettings(db_path=str(procs.tmp / f"registry-{models}-ray.db"), heartbeat_timeout_s=30)
     auth = AuthSettings.from_env(**{"mode": "on"})
     name = f"manager-{models}"
     actor = get_or_create_manager(settings, auth, name, NAMESPACE, pin_to_head=True)

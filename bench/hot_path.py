@@ -563,12 +563,12 @@ def top_frames(raw: Path, n: int = 25) -> dict[str, Any]:
 _CATEGORIES = (
     ("socket writes (kernel: loopback TCP send)", ("_SelectorSocketTransport.write", "UVStream.write")),
     (
-        "HTTP client (serverless_vllm.http1 for the relay; httpx for control)",
-        ("serverless_vllm/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/"),
+        "HTTP client (serverless_vllm.dataplane.http1 for the relay; httpx for control)",
+        ("serverless_vllm/dataplane/http1", "aiohttp/", "multidict/", "yarl/", "httpx/", "httpcore/", "h11/"),
     ),
     (
         "HTTP server and framework (uvicorn, starlette, fastapi, anyio)",
-        ("uvicorn/", "starlette/", "fastapi/", "anyio/", "serverless_vllm/server_protocol"),
+        ("uvicorn/", "starlette/", "fastapi/", "anyio/", "serverless_vllm/dataplane/server_protocol"),
     ),
     ("Ray Serve and Ray (replica bookkeeping, metrics, core worker)", ("ray/",)),
     ("serverless_vllm (router, worker, auth, metrics)", ("serverless_vllm/", "auth.py", "inference.py")),

@@ -176,7 +176,7 @@ def step(
 def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str, Any]:
     import httpx
     from serverless_vllm.config import ManagerSettings
-    from serverless_vllm.heap import freeze_startup_heap
+    from serverless_vllm.dataplane.heap import freeze_startup_heap
     from serverless_vllm.manager.core import ManagerCore
     from serverless_vllm.manager.placement import place
     from serverless_vllm.schemas import EngineStatus, GPUInfo, Heartbeat, ModelSpec, ReplicaState, WorkerRegistration
@@ -197,7 +197,9 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
     async def run() -> dict[str, Any]:
         transport = httpx.MockTransport(lambda request: httpx.Response(200, json=[]))
         client = httpx.AsyncClient(transport=transport)
-        core = ManagerCore(ManagerSettings(db_path=str(tmp), heartbeat_timeout=3600), client=client, worker_headers={})
+        core = ManagerCore(
+            ManagerSettings(db_path=str(tmp), heartbeat_timeout_s=3600), client=client, worker_headers={}
+        )
         await core.start()
         freeze_startup_heap()  # as the manager service does once it has loaded the registry
         gpus = [

@@ -1,4 +1,4 @@
-"""The relay's HTTP client alone: CPU per request of serverless_vllm.http1 against aiohttp (what the relay used
+"""The relay's HTTP client alone: CPU per request of serverless_vllm.dataplane.http1 against aiohttp (what the relay used
 before) and httpx (before that), each sending the relay's request to the same upstream.
 
 The upstream is the stand-in engine (bench/fake_vllm, a separate process on loopback), which answers at once, so
@@ -47,7 +47,7 @@ async def _measure(client: str, base_url: str, requests: int, concurrency: int) 
     """Runs in the child process: one client, `requests` POSTs after a warm-up."""
     path = "/v1/completions"
     if client == "http1":
-        from serverless_vllm.http1 import Client
+        from serverless_vllm.dataplane.http1 import Client
 
         h1 = Client()
 

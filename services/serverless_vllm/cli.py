@@ -16,7 +16,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from .config import AuthSettings, ManagerSettings, RouterSettings, WorkerSettings
-from .server_protocol import CoalescingHttpToolsProtocol
+from .dataplane.server_protocol import CoalescingHttpToolsProtocol
 
 log = logging.getLogger("svllm")
 
@@ -77,7 +77,7 @@ def worker_app(settings: WorkerSettings, auth: AuthSettings | None = None) -> ob
 
 def cmd_manager(args: argparse.Namespace) -> None:
     settings = ManagerSettings.from_env(
-        host=args.host, port=args.port, db_path=args.db, heartbeat_timeout=args.heartbeat_timeout
+        host=args.host, port=args.port, db_path=args.db, heartbeat_timeout_s=args.heartbeat_timeout_s
     )
     _run(_server(manager_app(settings), settings.host, settings.port, args.log_level).serve())
 
@@ -98,7 +98,7 @@ def cmd_router(args: argparse.Namespace) -> None:
                 "--workers",
                 str(settings.processes),
                 "--worker-class",
-                "serverless_vllm.gunicorn_worker.CoalescingUvicornWorker",
+                "serverless_vllm.dataplane.gunicorn_worker.CoalescingUvicornWorker",
                 "--bind",
                 f"{settings.host}:{settings.port}",
                 "--graceful-timeout",
@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--db", help="SQLite path of the registry (env MANAGER_DB)")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without heartbeat before unhealthy")
+    p.add_argument(
+        "--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, help="seconds without heartbeat before unhealthy"
+    )
     p.set_defaults(func=cmd_manager)
 
     p = sub.add_parser("router", help="the OpenAI-compatible router")

@@ -35,8 +35,8 @@ class ManagerSettings(_Settings):
     port: int = 9000
     db_path: str = Field(default_factory=lambda: str(_default_state_dir() / "manager.db"))
     # No heartbeat for this long: unhealthy (out of routing); twice as long: dead (replicas move elsewhere).
-    heartbeat_timeout: float = 60.0
-    reconcile_interval: float = 1.0
+    heartbeat_timeout_s: float = 60.0
+    reconcile_interval_s: float = 1.0
     # Hysteresis for autoscaling: load must stay below the lower target this long before a replica goes.
     scale_down_delay_s: float = 30.0
     # A model whose engine failed to start is not retried automatically for this long.
@@ -52,7 +52,7 @@ class ManagerSettings(_Settings):
             "host": _env("MANAGER_HOST", "0.0.0.0"),
             "port": int(_env("MANAGER_PORT", 9000)),
             "db_path": _env("MANAGER_DB", str(_default_state_dir() / "manager.db")),
-            "heartbeat_timeout": float(_env("HEARTBEAT_TIMEOUT", 60.0)),
+            "heartbeat_timeout_s": float(_env("HEARTBEAT_TIMEOUT", 60.0)),
             "scale_down_delay_s": float(_env("SCALE_DOWN_DELAY", 30.0)),
             "failed_retry_after_s": float(_env("FAILED_RETRY_AFTER", 30.0)),
             "model_dirs": [d for d in re.split(r"[,:]", _env("SVLLM_MODEL_DIRS", "")) if d.strip()],

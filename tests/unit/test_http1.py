@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from serverless_vllm.http1 import Client, UpstreamError
+from serverless_vllm.dataplane.http1 import Client, UpstreamError
 
 
 def _free_port() -> int:

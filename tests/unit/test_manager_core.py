@@ -22,7 +22,7 @@ from .fleet import NOWHERE, Clock, gpu
 @pytest.fixture
 async def core(tmp_path: Path):
     c = ManagerCore(
-        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]), clock=Clock()
+        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=10, model_dirs=["/"]), clock=Clock()
     )
     await c.start()
     yield c
@@ -87,7 +87,7 @@ async def test_placement_failure_is_explained(core: ManagerCore) -> None:
     await core.reconcile()
     # Just started: the workers that have not re-registered yet may have room, so the model is not failed yet.
     assert core.model_info("big").state != "failed"
-    core._clock.now += core.settings.heartbeat_timeout  # type: ignore[attr-defined]
+    core._clock.now += core.settings.heartbeat_timeout_s  # type: ignore[attr-defined]
     await core.reconcile()
     info = core.model_info("big")
     assert info.state == "failed"

@@ -312,7 +312,7 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
     core = ManagerCore(
         ManagerSettings(
             db_path=str(tmp_path / "m.db"),
-            heartbeat_timeout=10,
+            heartbeat_timeout_s=10,
             failed_retry_after_s=5,
             scale_down_delay_s=2,
             model_dirs=["/"],

@@ -22,7 +22,7 @@ def series(text: str, name: str) -> list[str]:
 async def one_worker_core(tmp_path: Path) -> AsyncIterator[ManagerCore]:
     """A started ManagerCore with one CPU worker registered (at an address nothing answers)."""
     core = ManagerCore(
-        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout=10, model_dirs=["/"]), clock=Clock()
+        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=10, model_dirs=["/"]), clock=Clock()
     )
     await core.start()
     try:

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.testclient import TestClient
+from serverless_vllm.dataplane.inference_routes import PlainRoute
 from serverless_vllm.errors import APIError, install_error_handlers
-from serverless_vllm.inference_routes import PlainRoute
 
 
 def make_app() -> FastAPI:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from serverless_vllm import cli
-from serverless_vllm.server_protocol import CoalescingHttpToolsProtocol
+from serverless_vllm.dataplane.server_protocol import CoalescingHttpToolsProtocol
 from serverless_vllm.testing.ports import free_port
 
 EVENT_GAP_S = 0.05

@@ -188,7 +188,7 @@ class ManagerCore:
         self.settings = settings
         self._clock = clock
         self._store = ModelStore(settings.db_path)
-        self._workers = WorkerRegistry(settings.heartbeat_timeout)
+        self._workers = WorkerRegistry(settings.heartbeat_timeout_s)
         self._models: dict[str, ModelRecord] = {}
         self._replicas = ReplicaIndex()
         self._demand: dict[str, tuple[float, DemandReport]] = {}
@@ -253,7 +253,7 @@ class ManagerCore:
     async def _run(self) -> None:
         assert self._kick is not None
         while True:
-            await wait_event(self._kick, self.settings.reconcile_interval)
+            await wait_event(self._kick, self.settings.reconcile_interval_s)
             self._kick.clear()
             try:
                 await self.reconcile()
@@ -564,7 +564,7 @@ class ManagerCore:
     def _sweep_workers(self, now: float) -> None:
         stalled = now - self._last_sweep if self._last_sweep is not None else 0.0
         self._last_sweep = now
-        if stalled > self.settings.heartbeat_timeout / 2:
+        if stalled > self.settings.heartbeat_timeout_s / 2:
             # This process did not run for a while (CPU starvation, a pause): every heartbeat looks late
             # because we were not there to receive it. Judge workers again on the next pass.
             log.warning("manager loop stalled for %.1f s: that silence is not held against workers", stalled)
@@ -735,7 +735,7 @@ class ManagerCore:
     def _awaiting_workers(self, now: float) -> bool:
         # Every live worker re-registers within a heartbeat interval of a restart; until then a model that finds
         # no room may only be missing the workers that have not come back yet.
-        return self._started_at is not None and now - self._started_at < self.settings.heartbeat_timeout
+        return self._started_at is not None and now - self._started_at < self.settings.heartbeat_timeout_s
 
     def _eviction_candidates(self, alias: str) -> list[EvictionCandidate]:
         loads = self._loads(self._clock())

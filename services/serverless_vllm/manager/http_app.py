@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Path, Query, Response
 
 from ..config import AuthSettings, ManagerSettings
+from ..dataplane.heap import freeze_startup_heap
 from ..errors import install_error_handlers
-from ..heap import freeze_startup_heap
 from ..metrics.manager import install_manager_metrics
 from ..schemas import (
     ALIAS_PATTERN,

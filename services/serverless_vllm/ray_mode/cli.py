@@ -52,7 +52,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dashboard-host", default="127.0.0.1", help="when starting a local cluster")
     p.add_argument("--dashboard-port", type=int, default=8265, help="when starting a local cluster")
     p.add_argument("--db", help="SQLite path of the registry (env MANAGER_DB), on the head node")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without heartbeat before unhealthy")
+    p.add_argument(
+        "--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, help="seconds without heartbeat before unhealthy"
+    )
     p.add_argument(
         "--replace-manager",
         action="store_true",
@@ -85,7 +87,7 @@ def cmd_ray_services(args: argparse.Namespace) -> None:
         dashboard_port=args.dashboard_port,
         detach=args.detach,
     )
-    manager = ManagerSettings.from_env(db_path=args.db, heartbeat_timeout=args.heartbeat_timeout)
+    manager = ManagerSettings.from_env(db_path=args.db, heartbeat_timeout_s=args.heartbeat_timeout_s)
     if manager.db_path != ":memory:":
         # The actor does not run in this directory: a relative path would land elsewhere.
         manager = manager.model_copy(update={"db_path": os.path.abspath(manager.db_path)})

@@ -3,7 +3,6 @@ in hybrid mode; only the ManagerAPI implementation handed in differs."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,12 +12,14 @@ from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..config import AuthSettings, RouterSettings
-from ..errors import APIError, install_error_handlers
-from ..heap import freeze_startup_heap
-from ..inference_routes import inference_routes
+from ..dataplane.body import read_json_body
+from ..dataplane.headers import SESSION_HEADER
+from ..dataplane.heap import freeze_startup_heap
+from ..dataplane.inference_routes import inference_routes
+from ..dataplane.relay import UpstreamClient
+from ..errors import install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
-from ..relay import UpstreamClient
 from ..schemas import (
     ALIAS_PATTERN,
     Heartbeat,
@@ -37,32 +38,8 @@ from .table import RouteTable
 
 log = logging.getLogger(__name__)
 
-SESSION_HEADER = "x-session-id"
 # A path alias that cannot be registered is a clear 400, never a manager call.
 Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
-
-
-async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The raw body (forwarded as is) and its parsed JSON object, with a size limit and clear errors."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        parsed = json.loads(body)
-    except UnicodeDecodeError:
-        raise APIError(400, "request body is not valid UTF-8", "invalid_json") from None
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
-    if not isinstance(parsed, dict):
-        raise APIError(400, "request body must be a JSON object", "invalid_json")
-    return body, parsed
 
 
 def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:

@@ -14,18 +14,15 @@ from collections.abc import Callable
 from starlette.responses import Response
 
 from ..config import RouterSettings
+from ..dataplane.headers import REPLICA_HEADER, RETRY_HEADER
+from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
-from ..relay import UpstreamClient, UpstreamError
 from ..schemas import Endpoint, ModelState
 from .sync import ManagerSync
 from .table import RouteTable
 
 log = logging.getLogger(__name__)
-
-# A worker sets this header on a 503 meaning "that replica is not here (any more)": safe to retry elsewhere.
-RETRY_HEADER = "x-svllm-retry"
-REPLICA_HEADER = "x-svllm-replica"
 
 
 def _unavailable(message: str, code: str, retry_after: int = 5) -> APIError:

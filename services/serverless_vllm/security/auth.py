@@ -22,11 +22,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import AuthSettings
+from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES
 from ..errors import APIError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class Role(StrEnum):

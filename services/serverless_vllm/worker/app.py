@@ -11,15 +11,15 @@ import httpx
 from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, WorkerSettings
+from ..dataplane.body import read_json_body
+from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
+from ..dataplane.heap import freeze_startup_heap
+from ..dataplane.inference_routes import inference_routes
+from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError, install_error_handlers
-from ..heap import freeze_startup_heap
-from ..inference_routes import inference_routes
 from ..metrics.worker import install_worker_metrics
-from ..relay import UpstreamClient, UpstreamError
-from ..router.app import read_json_body
-from ..router.proxy import REPLICA_HEADER, RETRY_HEADER
 from ..schemas import Assignment, EngineStatus
-from ..security.auth import DEFAULT_MAX_BODY_BYTES, install_guard, worker_policy
+from ..security.auth import install_guard, worker_policy
 from ..security.inference import check_inference
 from .agent import WorkerAgent
 

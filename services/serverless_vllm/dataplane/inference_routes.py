@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
-from .security.inference import CHAT_OPENAPI, COMPLETION_OPENAPI
+from ..security.inference import CHAT_OPENAPI, COMPLETION_OPENAPI
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
