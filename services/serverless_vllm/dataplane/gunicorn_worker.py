@@ -1,14 +1,14 @@
 """gunicorn's uvicorn worker for `svllm router --workers N`, serving with the same protocol as one process does.
 
-A module of its own: uvicorn.workers imports gunicorn (and warns that it is deprecated), which only this
-deployment needs.
+A module of its own: the worker class comes from the `uvicorn-worker` package (uvicorn's own `uvicorn.workers` is
+deprecated) and imports gunicorn, which only this deployment needs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from uvicorn.workers import UvicornWorker
+from uvicorn_worker import UvicornWorker
 
 from .server_protocol import CoalescingHttpToolsProtocol
 

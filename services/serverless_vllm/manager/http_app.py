@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -26,6 +26,7 @@ from ..schemas import (
 )
 from ..security.auth import install_guard, manager_policy
 from .core import ManagerCore
+from .protocol import HTTP_ROUTES
 
 Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
 
@@ -49,11 +50,16 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
     install_manager_metrics(app, core)  # /metrics, /sd/targets, /sd/workers
     install_guard(app, auth, "manager", manager_policy)
 
-    @app.get("/health")
+    def route(call: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """The route of one ManagerService call, at its place in HTTP_ROUTES (which the HTTP client reads too)."""
+        where = HTTP_ROUTES[call]
+        return app.api_route(where.path, methods=[where.method], name=call, **kwargs)
+
+    @route("health")
     async def health() -> dict[str, Any]:
         return core.health()
 
-    @app.post("/workers/register")
+    @route("register_worker")
     async def register_worker(reg: WorkerRegistration) -> HeartbeatReply:
         return await core.register_worker(reg)
 
@@ -62,7 +68,7 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
     # every second); the bytes are what FastAPI would have written for the HeartbeatReply.
     encoded: dict[str, tuple[HeartbeatReply, bytes]] = {}
 
-    @app.post("/workers/heartbeat", response_model=HeartbeatReply)
+    @route("heartbeat", response_model=HeartbeatReply)
     async def heartbeat(hb: Heartbeat) -> Response:
         reply = await core.heartbeat(hb)
         if reply.reregister:  # unknown worker ids are not remembered
@@ -72,27 +78,27 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
             cached = encoded[hb.worker_id] = (reply, reply.model_dump_json().encode())
         return Response(cached[1], media_type="application/json")
 
-    @app.get("/workers")
+    @route("list_workers")
     async def workers() -> list[WorkerInfo]:
         return core.list_workers()
 
-    @app.post("/models")
+    @route("register_model")
     async def register_model(spec: ModelSpec) -> ModelInfo:
         return await core.register_model(spec)
 
-    @app.get("/models")
+    @route("list_models")
     async def list_models() -> list[ModelInfo]:
         return core.list_models()
 
-    @app.get("/models/{alias}")
+    @route("get_model")
     async def get_model(alias: Alias) -> ModelInfo:
         return core.model_info(alias)
 
-    @app.patch("/models/{alias}")
+    @route("patch_model")
     async def patch_model(alias: Alias, patch: ModelPatch) -> ModelInfo:
         return await core.patch_model(alias, patch)
 
-    @app.delete("/models/{alias}", status_code=204)
+    @route("delete_model", status_code=204)
     async def delete_model(alias: Alias) -> Response:
         await core.delete_model(alias)
         return Response(status_code=204)
@@ -101,7 +107,7 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
     # serialize with 10,000 models), so it is serialized once per version, not once per router and poll.
     served: dict[str, tuple[RoutingTable, bytes]] = {}
 
-    @app.get("/routing", response_model=RoutingTable)
+    @route("wait_routing", response_model=RoutingTable)
     async def routing(
         after: int = Query(-1, ge=-1),
         epoch: str = Query("", max_length=64),
@@ -113,7 +119,7 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
             cached = served["table"] = (table, table.model_dump_json().encode())
         return Response(cached[1], media_type="application/json")
 
-    @app.post("/demand", status_code=204)
+    @route("report_demand", status_code=204)
     async def demand(report: DemandReport) -> Response:
         await core.report_demand(report)
         return Response(status_code=204)

@@ -1,8 +1,8 @@
-"""ManagerAPI over HTTP, for routers in plain-HTTP mode."""
+"""ManagerAPI over HTTP, for routers in plain-HTTP mode. Where each call lives is protocol.HTTP_ROUTES."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -20,8 +20,13 @@ from ..schemas import (
     WorkerInfo,
     WorkerRegistration,
 )
+from .protocol import HTTP_ROUTES, ManagerAPI
 
 T = TypeVar("T")
+
+
+def _unreachable(exc: httpx.HTTPError) -> APIError:
+    return APIError(503, f"manager unreachable: {type(exc).__name__}", "manager_unavailable", {"Retry-After": "2"})
 
 
 class HTTPManagerClient:
@@ -31,76 +36,77 @@ class HTTPManagerClient:
             base_url=base_url.rstrip("/"), headers=headers or {}, timeout=httpx.Timeout(10.0, read=75.0)
         )
 
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        result: Any,
-        *,
-        body: BaseModel | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> Any:
+    async def _send(
+        self, call: str, *, alias: str = "", body: BaseModel | None = None, params: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        route = HTTP_ROUTES[call]
+        path = route.path.format(alias=quote(alias, safe=""))
         try:
             resp = await self._client.request(
-                method,
+                route.method,
                 path,
                 params=params,
                 content=body.model_dump_json() if body is not None else None,
                 headers={"content-type": "application/json"} if body else None,
             )
         except httpx.HTTPError as exc:
-            raise APIError(
-                503, f"manager unreachable: {type(exc).__name__}", "manager_unavailable", {"Retry-After": "2"}
-            ) from exc
+            raise _unreachable(exc) from exc
         if resp.status_code >= 400:
             raise APIError.from_response(resp.status_code, resp.content)
-        if result is None:
-            return None
+        return resp
+
+    async def _call(
+        self,
+        call: str,
+        result: type[T],
+        *,
+        alias: str = "",
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> T:
+        resp = await self._send(call, alias=alias, body=body, params=params)
         return TypeAdapter(result).validate_json(resp.content)
 
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
-        return await self._call("POST", "/models", ModelInfo, body=spec)
+        return await self._call("register_model", ModelInfo, body=spec)
 
     async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:
-        return await self._call("PATCH", f"/models/{quote(alias, safe='')}", ModelInfo, body=patch)
+        return await self._call("patch_model", ModelInfo, alias=alias, body=patch)
 
     async def get_model(self, alias: str) -> ModelInfo:
-        return await self._call("GET", f"/models/{quote(alias, safe='')}", ModelInfo)
+        return await self._call("get_model", ModelInfo, alias=alias)
 
     async def list_models(self) -> list[ModelInfo]:
-        return await self._call("GET", "/models", list[ModelInfo])
+        return await self._call("list_models", list[ModelInfo])
 
     async def delete_model(self, alias: str) -> None:
-        await self._call("DELETE", f"/models/{quote(alias, safe='')}", None)
+        await self._send("delete_model", alias=alias)
 
     async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply:
-        return await self._call("POST", "/workers/register", HeartbeatReply, body=reg)
+        return await self._call("register_worker", HeartbeatReply, body=reg)
 
     async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
-        return await self._call("POST", "/workers/heartbeat", HeartbeatReply, body=hb)
+        return await self._call("heartbeat", HeartbeatReply, body=hb)
 
     async def list_workers(self) -> list[WorkerInfo]:
-        return await self._call("GET", "/workers", list[WorkerInfo])
+        return await self._call("list_workers", list[WorkerInfo])
 
     async def wait_routing(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
-        return await self._call(
-            "GET", "/routing", RoutingTable, params={"after": after_version, "epoch": epoch, "timeout": timeout}
-        )
+        params = {"after": after_version, "epoch": epoch, "timeout": timeout}
+        return await self._call("wait_routing", RoutingTable, params=params)
 
     async def report_demand(self, report: DemandReport) -> None:
-        await self._call("POST", "/demand", None, body=report)
+        await self._send("report_demand", body=report)
 
     async def health(self) -> dict[str, Any]:
-        return await self._call("GET", "/health", dict[str, Any])
+        return await self._call("health", dict[str, Any])
 
     async def metrics_text(self) -> bytes:
-        try:
-            resp = await self._client.get("/metrics")
-        except httpx.HTTPError as exc:
-            raise APIError(503, f"manager unreachable: {type(exc).__name__}", "manager_unavailable") from exc
-        if resp.status_code >= 400:
-            raise APIError.from_response(resp.status_code, resp.content)
-        return resp.content
+        return (await self._send("metrics_text")).content
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+if TYPE_CHECKING:  # mypy checks the client against the protocol (tests/unit/test_manager_protocol.py at run time)
+    _conforms: type[ManagerAPI] = HTTPManagerClient

@@ -1,7 +1,19 @@
-"""The manager's API as the router sees it; implemented over HTTP and over Ray remote calls."""
+"""The manager's API, written once.
+
+`ManagerService` is what the manager serves; the Ray actor implements it method for method. `ManagerAPI` is how a
+router (or a worker's registration, through a router) calls it: the HTTP client and the Ray client implement it.
+`HTTP_ROUTES` says where each call lives in the manager's HTTP app, and the HTTP client and app both read it.
+
+Two checks keep the four adapters in step: mypy (each adapter module assigns its class to `type[...]` of its
+protocol, so a wrong signature is a type error in the test command), and `signature_differences`, which a unit test
+runs over every adapter and the HTTP app's routes (tests/unit/test_manager_protocol.py).
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..schemas import (
@@ -17,7 +29,9 @@ from ..schemas import (
 )
 
 
-class ManagerAPI(Protocol):
+class ManagerService(Protocol):
+    """The manager's calls, as the Ray actor serves them and the HTTP app routes them."""
+
     async def register_model(self, spec: ModelSpec) -> ModelInfo: ...
     async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo: ...
     async def get_model(self, alias: str) -> ModelInfo: ...
@@ -26,9 +40,76 @@ class ManagerAPI(Protocol):
     async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply: ...
     async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply: ...
     async def list_workers(self) -> list[WorkerInfo]: ...
+    # Long-poll: returns once the table is newer than `after_version` (or from another epoch), or after `timeout`.
     async def wait_routing(self, after_version: int, epoch: str, timeout: float) -> RoutingTable: ...
     async def report_demand(self, report: DemandReport) -> None: ...
     async def health(self) -> dict[str, Any]: ...
     # The manager's metrics in Prometheus text format (relayed by the router at /manager/metrics).
     async def metrics_text(self) -> bytes: ...
+
+
+class ManagerAPI(ManagerService, Protocol):
+    """The manager as a router's client sees it: the service's calls, and closing the client."""
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class HTTPRoute:
+    method: str
+    path: str  # may hold "{alias}", the call's `alias` argument
+
+
+HTTP_ROUTES: dict[str, HTTPRoute] = {
+    "register_model": HTTPRoute("POST", "/models"),
+    "patch_model": HTTPRoute("PATCH", "/models/{alias}"),
+    "get_model": HTTPRoute("GET", "/models/{alias}"),
+    "list_models": HTTPRoute("GET", "/models"),
+    "delete_model": HTTPRoute("DELETE", "/models/{alias}"),
+    "register_worker": HTTPRoute("POST", "/workers/register"),
+    "heartbeat": HTTPRoute("POST", "/workers/heartbeat"),
+    "list_workers": HTTPRoute("GET", "/workers"),
+    "wait_routing": HTTPRoute("GET", "/routing"),
+    "report_demand": HTTPRoute("POST", "/demand"),
+    "health": HTTPRoute("GET", "/health"),
+    "metrics_text": HTTPRoute("GET", "/metrics"),
+}
+
+
+def protocol_methods(protocol: type) -> dict[str, inspect.Signature]:
+    """The methods a protocol declares (its own and inherited), with their resolved signatures."""
+    out: dict[str, inspect.Signature] = {}
+    for klass in reversed(protocol.__mro__):
+        if klass is object or klass is Protocol or not getattr(klass, "_is_protocol", False):
+            continue
+        for name, member in vars(klass).items():
+            if not name.startswith("_") and inspect.isfunction(member):
+                out[name] = _resolved_signature(member)
+    return out
+
+
+def signature_differences(implementation: type, protocol: type) -> list[str]:
+    """How `implementation` departs from `protocol`: a missing method, or one whose parameters, their types, the
+    return type or async-ness differ. Empty when it conforms."""
+    problems = []
+    for name, wanted in protocol_methods(protocol).items():
+        member = getattr(implementation, name, None)
+        if member is None or not inspect.isfunction(member):
+            problems.append(f"{implementation.__name__}.{name}: missing")
+            continue
+        if not inspect.iscoroutinefunction(member):
+            problems.append(f"{implementation.__name__}.{name}: not async")
+        found = _resolved_signature(member)
+        if found != wanted:
+            problems.append(f"{implementation.__name__}.{name}{found} differs from {protocol.__name__}{wanted}")
+    return problems
+
+
+def _resolved_signature(function: Any) -> inspect.Signature:
+    """The signature with its annotations resolved (the modules use postponed annotations) and `self` dropped."""
+    hints = typing.get_type_hints(function)
+    signature = inspect.signature(function)
+    params = [
+        p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "self"
+    ]
+    return signature.replace(parameters=params, return_annotation=hints.get("return", signature.return_annotation))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 
 from ..config import AuthSettings, ManagerSettings
 from ..manager.core import ManagerCore
+from ..manager.protocol import ManagerService
 from ..schemas import (
     DemandReport,
     Heartbeat,
@@ -55,7 +56,7 @@ class ManagerActor:
     def settings(self) -> ManagerSettings:
         return self._core.settings
 
-    # ------------------------------------------------------------------ ManagerAPI
+    # ------------------------------------------------------------------ ManagerService
 
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
         return await (await self._started()).register_model(spec)
@@ -93,7 +94,7 @@ class ManagerActor:
 
 def get_or_create_manager(
     settings: ManagerSettings, auth: AuthSettings, name: str, namespace: str, pin_to_head: bool = True
-) -> ray.actor.ActorHandle:
+) -> ray.actor.ActorHandle[ManagerActor]:
     """The named detached manager actor: created once, reused by every later `svllm ray-services`."""
     options: dict[str, Any] = {
         "name": name,
@@ -110,4 +111,9 @@ def get_or_create_manager(
     if pin_to_head:
         # The SQLite registry lives on the head node's disk: a restart must come back there.
         options["resources"] = {"node:__internal_head__": 0.001}
-    return ray.remote(ManagerActor).options(**options).remote(settings, auth)
+    actor_class: Any = ray.remote(ManagerActor)  # typed by Ray as a handle or the class, by overload
+    return cast("ray.actor.ActorHandle[ManagerActor]", actor_class.options(**options).remote(settings, auth))
+
+
+if TYPE_CHECKING:  # mypy checks the actor against the protocol (tests/unit/test_manager_protocol.py at run time)
+    _conforms: type[ManagerService] = ManagerActor

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..errors import APIError
+from ..manager.protocol import ManagerAPI
 from ..schemas import (
     DemandReport,
     Heartbeat,
@@ -22,6 +23,8 @@ from ..schemas import (
     WorkerRegistration,
 )
 from . import DEFAULT_NAMESPACE, MANAGER_ACTOR_NAME
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class RayManagerClient:
                 raise _unavailable(f"no actor '{self._name}' in namespace '{self._namespace}'") from None
         return self._actor
 
-    async def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+    async def _remote(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         actor = await self._handle()
         try:
             async with asyncio.timeout(timeout or self._timeout):
@@ -76,42 +79,52 @@ class RayManagerClient:
         except (TimeoutError, GetTimeoutError):
             raise _unavailable(f"no answer to {method} within {timeout or self._timeout:.0f} s") from None
 
+    async def _call(self, result: type[T], method: str, *args: Any, timeout: float | None = None) -> T:
+        """A call whose result is `result` (pickled by Ray as the actor returned it, so no validation is needed)."""
+        return cast(T, await self._remote(method, *args, timeout=timeout))
+
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
-        return await self._call("register_model", spec)
+        return await self._call(ModelInfo, "register_model", spec)
 
     async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:
-        return await self._call("patch_model", alias, patch)
+        return await self._call(ModelInfo, "patch_model", alias, patch)
 
     async def get_model(self, alias: str) -> ModelInfo:
-        return await self._call("get_model", alias)
+        return await self._call(ModelInfo, "get_model", alias)
 
     async def list_models(self) -> list[ModelInfo]:
-        return await self._call("list_models")
+        return await self._call(list[ModelInfo], "list_models")
 
     async def delete_model(self, alias: str) -> None:
-        await self._call("delete_model", alias)
+        await self._remote("delete_model", alias)
 
     async def register_worker(self, reg: WorkerRegistration) -> HeartbeatReply:
-        return await self._call("register_worker", reg)
+        return await self._call(HeartbeatReply, "register_worker", reg)
 
     async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
-        return await self._call("heartbeat", hb)
+        return await self._call(HeartbeatReply, "heartbeat", hb)
 
     async def list_workers(self) -> list[WorkerInfo]:
-        return await self._call("list_workers")
+        return await self._call(list[WorkerInfo], "list_workers")
 
     async def wait_routing(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
-        return await self._call("wait_routing", after_version, epoch, timeout, timeout=timeout + _POLL_MARGIN_S)
+        return await self._call(
+            RoutingTable, "wait_routing", after_version, epoch, timeout, timeout=timeout + _POLL_MARGIN_S
+        )
 
     async def report_demand(self, report: DemandReport) -> None:
-        await self._call("report_demand", report)
+        await self._remote("report_demand", report)
 
     async def health(self) -> dict[str, Any]:
-        return await self._call("health")
+        return await self._call(dict[str, Any], "health")
 
     async def metrics_text(self) -> bytes:
-        return await self._call("metrics_text")
+        return await self._call(bytes, "metrics_text")
 
     async def close(self) -> None:
         # The actor belongs to the cluster, not to this router: just drop the handle.
         self._actor = None
+
+
+if TYPE_CHECKING:  # mypy checks the client against the protocol (tests/unit/test_manager_protocol.py at run time)
+    _conforms: type[ManagerAPI] = RayManagerClient
