@@ -13,5 +13,6 @@ from uvicorn_worker import UvicornWorker
 from .server_protocol import CoalescingHttpToolsProtocol
 
 
-class CoalescingUvicornWorker(UvicornWorker):
+# uvicorn-worker ships no type information, so its class is Any to mypy.
+class CoalescingUvicornWorker(UvicornWorker):  # type: ignore[misc]
     CONFIG_KWARGS: dict[str, Any] = {**UvicornWorker.CONFIG_KWARGS, "http": CoalescingHttpToolsProtocol}

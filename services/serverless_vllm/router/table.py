@@ -1,17 +1,18 @@
 """The router's local routing table: every registered alias, its ready replicas, and requests in flight.
 
-Ready models are served from here alone; the manager is only asked when the table has no answer.
+Ready models are served from here alone; the manager is only asked when the table has no answer. Which of a
+model's replicas serves a request is the RoutingPolicy's choice (policy.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 from collections import defaultdict
 from dataclasses import dataclass
 
 from ..schemas import DemandReport, Endpoint, ModelLoad, ModelRoute, RoutingTable
+from .policy import RoutingPolicy, default_policy
 
 
 @dataclass
@@ -22,12 +23,17 @@ class ModelCounters:
 
 
 class RouteTable:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, policy: RoutingPolicy | None = None) -> None:
+        """`policy`: chooses among a model's ready replicas (default: policy.default_policy). `rng`: the default
+        policy's random source (tests seed it); with a `policy` of one's own, give it its own."""
+        if policy is not None and rng is not None:
+            raise ValueError("rng is the default policy's: pass it to the policy given instead")
         self._table: RoutingTable | None = None
-        self._in_flight: dict[str, int] = defaultdict(int)  # replica id -> requests in flight
+        # replica id -> requests in flight; a replica never counted reads 0 (what RoutingPolicy.pick is promised)
+        self._in_flight: dict[str, int] = defaultdict(int)
         self._models: dict[str, ModelCounters] = defaultdict(ModelCounters)
         self._changed = asyncio.Event()
-        self._rng = rng or random.Random()
+        self._policy = policy if policy is not None else default_policy(rng)
 
     # ------------------------------------------------------------------ table
 
@@ -64,22 +70,17 @@ class RouteTable:
     # ------------------------------------------------------------------ choosing a replica
 
     def pick(self, alias: str, exclude: frozenset[str] = frozenset(), affinity: str | None = None) -> Endpoint | None:
-        """Fewest requests in flight, by the power of two random choices; or a stable replica per session key."""
-        route = self.route(alias)
+        """A ready replica of `alias` not in `exclude` (replica ids), chosen by the policy; None when there is none.
+        `affinity`: the request's session key (the default policy keeps a key on one replica while it exists)."""
+        route = self._table.models.get(alias) if self._table is not None else None
         if route is None:
             return None
-        candidates = [e for e in route.endpoints if e.replica_id not in exclude]
+        candidates = route.endpoints
+        if exclude:
+            candidates = [e for e in candidates if e.replica_id not in exclude]
         if not candidates:
             return None
-        if affinity is not None:
-            # Rendezvous hashing: a session keeps its replica while that replica exists.
-            return max(
-                candidates, key=lambda e: hashlib.blake2b(f"{affinity}|{e.replica_id}".encode(), digest_size=8).digest()
-            )
-        if len(candidates) > 2:
-            candidates = self._rng.sample(candidates, 2)
-        low = min(self._in_flight[e.replica_id] for e in candidates)
-        return self._rng.choice([e for e in candidates if self._in_flight[e.replica_id] == low])
+        return self._policy.pick(alias, candidates, self._in_flight, affinity)
 
     # ------------------------------------------------------------------ counters
 

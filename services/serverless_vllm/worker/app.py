@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, WorkerSettings
+from ..dataplane.app_state import AppState
 from ..dataplane.body import read_json_body
 from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.heap import freeze_startup_heap
@@ -18,12 +19,21 @@ from ..dataplane.inference_routes import inference_routes
 from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError, install_error_handlers
 from ..metrics.worker import install_worker_metrics
-from ..schemas import Assignment, EngineStatus
 from ..security.auth import install_guard, worker_policy
 from ..security.inference import check_inference
 from .agent import WorkerAgent
+from .engines_api import engines_router
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """What the worker makes when it starts."""
+
+    agent: WorkerAgent  # the desired-state loop and the engines it supervises
+    client: httpx.AsyncClient  # control calls to the local engines (health, sleep, metrics)
+    relay: UpstreamClient  # inference to the local engines
 
 
 def _not_here(message: str) -> APIError:
@@ -34,7 +44,7 @@ def _not_here(message: str) -> APIError:
 def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth: AuthSettings | None = None) -> FastAPI:
     """`auth`: credentials (default: from the environment). Every route but health and metrics needs the worker
     token: /engines is the manager's, inference the router's; the worker presents it to the manager too."""
-    state: dict[str, Any] = {}
+    state: AppState[WorkerState] = AppState("worker")
     auth = auth or AuthSettings.from_env()
 
     @asynccontextmanager
@@ -46,7 +56,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
         worker = agent or WorkerAgent(settings, engine_client=client, manager_headers=auth.worker_headers())
-        state.update(agent=worker, client=client, relay=relay)
+        state.set(WorkerState(agent=worker, client=client, relay=relay))
         await worker.start()
         freeze_startup_heap()
         try:
@@ -59,16 +69,16 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
     app = FastAPI(title="serverless-vllm worker", lifespan=lifespan)
 
     async def _inference(request: Request, path: str) -> Response:
-        agent: WorkerAgent = state["agent"]
+        started = state.get()
         body, payload = await read_json_body(request, DEFAULT_MAX_BODY_BYTES)
         # The same checks as the router (unknown fields aside: the router decides those), so nothing malformed
         # reaches an engine even from a caller holding the worker token.
         alias = check_inference(path, payload, allow_unknown_fields=True)
         replica_id = request.headers.get(REPLICA_HEADER)
-        engine = agent.ready_engine(None if replica_id else alias, replica_id)
+        engine = started.agent.ready_engine(None if replica_id else alias, replica_id)
         if engine is None:
             raise _not_here(f"no ready engine here for {replica_id or alias!r}")
-        relay: UpstreamClient = state["relay"]
+        relay = started.relay
         try:
             upstream = await relay.open(engine.base_url, path, body, {"content-type": "application/json"})
             return await relay.respond(upstream)
@@ -80,26 +90,8 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)
-    install_worker_metrics(app, lambda: state["agent"], lambda: state["client"])  # /metrics, engines' metrics
+    install_worker_metrics(app, lambda: state.get().agent, lambda: state.get().client)  # /metrics, engines' metrics
     install_guard(app, auth, "worker", worker_policy)
 
-    @app.put("/engines")
-    async def put_engines(assignments: list[Assignment]) -> list[EngineStatus]:
-        return await state["agent"].apply(assignments)
-
-    @app.get("/engines")
-    async def get_engines() -> list[EngineStatus]:
-        return state["agent"].statuses()
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        agent: WorkerAgent = state["agent"]
-        return {
-            "status": "ok",
-            "worker_id": settings.worker_id,
-            "registered": agent.registered,
-            "gpus": len(agent.gpus),
-            "engines": len(agent.engines),
-        }
-
+    app.include_router(engines_router(lambda: state.get().agent, settings.worker_id))  # /engines, /health
     return app

@@ -1,0 +1,75 @@
+"""The router's model admin API: list, register, get, patch and delete models (passed on to the manager)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse
+
+from ..schemas import ALIAS_PATTERN, ModelInfo, ModelPatch, ModelSpec
+from .state import RouterState
+
+# A path alias that cannot be registered is a clear 400, never a manager call.
+Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
+
+
+def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
+    """GET /v1/models/{alias}: our model state, plus the fields of OpenAI's model object so clients parse it."""
+    return {
+        "id": info.alias,
+        "object": "model",
+        "created": int(info.created_at),
+        "owned_by": "serverless-vllm",
+        **info.model_dump(mode="json"),
+    }
+
+
+def models_router(state: Callable[[], RouterState]) -> APIRouter:
+    """GET /v1/models (from the local table), POST /v1/models/register, GET/PATCH/DELETE /v1/models/{alias}.
+    `state`: the router's started state (AppState.get)."""
+    routes = APIRouter()
+
+    @routes.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        s = state()
+        if not s.table.loaded:
+            await s.sync.refresh()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": alias,
+                    "object": "model",
+                    "created": route.created,
+                    "owned_by": "serverless-vllm",
+                    "state": route.state.value,
+                }
+                for alias, route in sorted(s.table.aliases().items())
+            ],
+        }
+
+    @routes.post("/v1/models/register")
+    async def register_model(spec: ModelSpec) -> JSONResponse:
+        s = state()
+        info = await s.manager.register_model(spec)
+        await s.sync.refresh()
+        return JSONResponse(_retrieve_shape(info))
+
+    @routes.get("/v1/models/{alias}")
+    async def get_model(alias: Alias) -> JSONResponse:
+        return JSONResponse(_retrieve_shape(await state().manager.get_model(alias)))
+
+    @routes.patch("/v1/models/{alias}")
+    async def patch_model(alias: Alias, patch: ModelPatch) -> JSONResponse:
+        return JSONResponse(_retrieve_shape(await state().manager.patch_model(alias, patch)))
+
+    @routes.delete("/v1/models/{alias}")
+    async def delete_model(alias: Alias) -> dict[str, Any]:
+        s = state()
+        await s.manager.delete_model(alias)
+        await s.sync.refresh()
+        return {"id": alias, "object": "model", "deleted": True}
+
+    return routes
