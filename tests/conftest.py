@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .secure_harness import SecureStack
 
 # Set before any engine starts: no hub on these machines, and a small CPU KV cache per engine.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,9 +20,38 @@ os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 os.environ.setdefault("SVLLM_AUTH", "off")
 
 
+# The modules that share the session's credentialed stack (`secure_stack`) run last and together, so that stack
+# (and its engine) is up only while they run.
+SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests first (seconds), then the end-to-end ones (minutes each): a broken module fails fast."""
+
+    def rank(item: pytest.Item) -> int:
+        if "/tests/unit/" in str(item.path):
+            return 0
+        return 2 if item.path.name in SHARED_STACK_MODULES else 1
+
+    items.sort(key=rank)  # stable: the file order is kept within each rank
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama model (made once per session) that a real vLLM CPU engine can serve."""
     from serverless_vllm.testing.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def secure_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
+    """Manager, router and one worker with credentials on, serving the tiny model as `tiny` (tests/secure_harness.py
+    says with which settings); shared by the security, fuzz and load tests."""
+    from .secure_harness import start_shared_stack
+
+    stack = start_shared_stack(tmp_path_factory.mktemp("secure"), tiny_model)
+    try:
+        yield stack
+    finally:
+        stack.stop()

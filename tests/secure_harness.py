@@ -30,6 +30,23 @@ REPO = Path(__file__).resolve().parents[1]
 OBSERVATIONS = Path(os.environ.get("SVLLM_OBSERVATIONS_DIR", REPO / "build" / "reliability"))
 
 
+# One credentialed one-worker stack serves the security, fuzz and load tests (tests/conftest.py: `secure_stack`):
+# one engine start instead of three. Its settings are the union of what those modules need: one engine slot held
+# by the real model (min_replicas 1, never evicted), so registrations the fuzzer makes cannot start engines; a
+# short cold-start timeout so requests for them end quickly; failed models stay failed; a cap of 8 requests in
+# flight per replica for the load test's overload step.
+SHARED_ALIAS = "tiny"
+SHARED_MAX_MODEL_LEN = 256
+SHARED_CAP = 8
+SHARED_ENV = {
+    "CPU_SLOTS": "1",
+    "COLD_START_TIMEOUT": "2",
+    "FAILED_RETRY_AFTER": "600",
+    "MAX_INFLIGHT_PER_REPLICA": str(SHARED_CAP),
+}
+SHARED_SPEC = {"max_model_len": SHARED_MAX_MODEL_LEN, "min_replicas": 1, "max_replicas": 1}
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
@@ -104,3 +121,14 @@ class Observations:
         self.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
         return self.path
+
+
+def start_shared_stack(tmp: Path, model: Path) -> SecureStack:
+    stack = SecureStack(tmp, env=SHARED_ENV).start(workers=1)
+    try:
+        stack.register(SHARED_ALIAS, model, **SHARED_SPEC)
+        stack.wait_model(SHARED_ALIAS, "ready", timeout=300)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -16,17 +16,25 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from serverless_vllm.security.inference import CHAT_FIELDS, COMPLETION_FIELDS, OPERATOR_FIELDS
 
-from .secure_harness import ADMIN_KEY, API_KEY, WORKER_TOKEN, Observations, SecureStack, bearer
+from .secure_harness import (
+    ADMIN_KEY,
+    API_KEY,
+    SHARED_ALIAS,
+    SHARED_MAX_MODEL_LEN,
+    WORKER_TOKEN,
+    Observations,
+    SecureStack,
+    bearer,
+)
 
-ALIAS = "tiny"
-MAX_MODEL_LEN = 128
+ALIAS = SHARED_ALIAS
+MAX_MODEL_LEN = SHARED_MAX_MODEL_LEN
 M = [{"role": "user", "content": "hi"}]
 # 503s the API documents (with Retry-After): they are answers, not server errors.
 DOCUMENTED_503 = {
@@ -47,18 +55,8 @@ def obs() -> Iterator[Observations]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
-    # One engine slot held by the real model (min_replicas 1: never evicted), so registrations the fuzzer makes
-    # cannot start engines; a short cold-start timeout so requests for them end quickly.
-    s = SecureStack(
-        tmp_path_factory.mktemp("fuzz"), env={"CPU_SLOTS": "1", "COLD_START_TIMEOUT": "2", "FAILED_RETRY_AFTER": "600"}
-    ).start(workers=1)
-    try:
-        s.register(ALIAS, tiny_model, max_model_len=MAX_MODEL_LEN, min_replicas=1)
-        s.wait_model(ALIAS, "ready", timeout=300)
-        yield s
-    finally:
-        s.stop()
+def stack(secure_stack: SecureStack) -> SecureStack:
+    return secure_stack
 
 
 def test_router_field_lists_cover_installed_vllm() -> None:

@@ -20,16 +20,24 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from .secure_harness import API_KEY, Observations, SecureStack, bearer, rss_kib
+from .secure_harness import (
+    API_KEY,
+    SHARED_ALIAS,
+    SHARED_CAP,
+    SHARED_MAX_MODEL_LEN,
+    Observations,
+    SecureStack,
+    bearer,
+    rss_kib,
+)
 
-ALIAS = "tiny"
-CAP = 8  # MAX_INFLIGHT_PER_REPLICA of this stack
+ALIAS = SHARED_ALIAS
+CAP = SHARED_CAP  # MAX_INFLIGHT_PER_REPLICA of the shared stack
 CONCURRENCY_OK = 8
 CONCURRENCY_OVER = 24
 STEP_S = 20.0
@@ -45,15 +53,8 @@ def obs() -> Iterator[Observations]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
-    s = SecureStack(tmp_path_factory.mktemp("load"), env={"CPU_SLOTS": "1", "MAX_INFLIGHT_PER_REPLICA": str(CAP)})
-    s.start(workers=1)
-    try:
-        s.register(ALIAS, tiny_model, max_model_len=256, min_replicas=1, max_replicas=1)
-        s.wait_model(ALIAS, "ready", timeout=300)
-        yield s
-    finally:
-        s.stop()
+def stack(secure_stack: SecureStack) -> SecureStack:
+    return secure_stack
 
 
 async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observation
         "setup",
         {
             "engines": 1,
-            "max_model_len": 256,
+            "max_model_len": SHARED_MAX_MODEL_LEN,
             "max_tokens": MAX_TOKENS,
             "max_in_flight_per_replica": CAP,
             "step_seconds": STEP_S,

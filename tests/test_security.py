@@ -37,13 +37,15 @@ from .secure_harness import (
     API_KEY,
     API_KEY_2,
     SECRETS,
+    SHARED_ALIAS,
+    SHARED_SPEC,
     WORKER_TOKEN,
     Observations,
     SecureStack,
     bearer,
 )
 
-ALIAS = "tiny"
+ALIAS = SHARED_ALIAS
 
 
 def settings(**kw: object) -> AuthSettings:
@@ -352,14 +354,8 @@ def obs() -> Iterator[Observations]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
-    s = SecureStack(tmp_path_factory.mktemp("security"), env={"CPU_SLOTS": "1"}).start(workers=1)
-    try:
-        s.register(ALIAS, tiny_model, max_model_len=256)
-        s.wait_model(ALIAS, "ready", timeout=300)
-        yield s
-    finally:
-        s.stop()
+def stack(secure_stack: SecureStack) -> SecureStack:
+    return secure_stack
 
 
 def call(method: str, url: str, key: str | None, **kw: object) -> httpx.Response:
@@ -394,7 +390,7 @@ def test_router_roles(stack: SecureStack, obs: Observations) -> None:
     }
     bodies = {
         "chat": CHAT,
-        "spec": {"alias": ALIAS, "model_name": stack.model(ALIAS)["model_name"], "max_model_len": 256},
+        "spec": {"alias": ALIAS, "model_name": stack.model(ALIAS)["model_name"], **SHARED_SPEC},  # idempotent
         "patch": {"idle_timeout_s": 600},
         "beat": {"worker_id": "nobody"},
         None: None,
