@@ -47,9 +47,10 @@ class _LoadCollector(Collector):
             labels=["model"],
         )
         table = self._table()
-        for alias in sorted(table.aliases()) if table is not None else ():
-            in_flight.add_metric([alias], table.in_flight(alias))
-            queued.add_metric([alias], table.queue_depth(alias))
+        if table is not None:
+            for alias in sorted(table.aliases()):
+                in_flight.add_metric([alias], table.in_flight(alias))
+                queued.add_metric([alias], table.queue_depth(alias))
         yield in_flight
         yield queued
 

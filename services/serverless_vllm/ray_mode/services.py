@@ -102,7 +102,7 @@ def deploy(
     actor = get_or_create_manager(
         manager, auth, settings.manager_name, settings.namespace, settings.pin_manager_to_head
     )
-    health = ray.get(actor.health.remote(), timeout=120)
+    health: dict[str, Any] = ray.get(actor.health.remote(), timeout=120)
     running: ManagerSettings = ray.get(actor.settings.remote(), timeout=30)
     if running != manager:
         # get_if_exists: a running actor keeps the settings it was created with (--replace-manager changes them).

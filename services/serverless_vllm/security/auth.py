@@ -144,7 +144,8 @@ def bearer_token(scope: Scope) -> bytes | None:
 
 def _route_path(scope: Scope) -> str:
     # The path the app's router matches (Starlette strips root_path the same way).
-    path, root = scope["path"], scope.get("root_path", "")
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
 
 
