@@ -447,6 +447,53 @@ def engine_command(model: Path, name: str, port: int, max_model_len: int = 512) 
     ]
 
 
+def svllm_from_tree(tree: Path) -> tuple[list[str], dict[str, Any]]:
+    """How to run `svllm` with the code of another checkout `tree` (for A/B runs against an older commit): the
+    command prefix, `python -m serverless_vllm.cli` (or `-c "...main()"` where that cli.py has no `__main__`
+    guard), meant to run with PYTHONPATH starting with `tree/services` so that its package shadows the editable
+    install; and what was checked: where the package is imported from with that PYTHONPATH, and the checkout's
+    commit (with the number of files it changes on top of it)."""
+    tree = tree.resolve()
+    services = tree / "services"
+    cli = services / "serverless_vllm" / "cli.py"
+    if not cli.is_file():
+        raise SystemExit(f"{tree}: no services/serverless_vllm/cli.py (not a checkout of this project)")
+    text = cli.read_text()
+    if "def main(" not in text:
+        raise SystemExit(f"{cli}: no main()")
+    if 'if __name__ == "__main__"' in text or "if __name__ == '__main__'" in text:
+        prefix = [sys.executable, "-m", "serverless_vllm.cli"]
+    else:
+        prefix = [sys.executable, "-c", "import sys; from serverless_vllm.cli import main; main(sys.argv[1:])"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(services), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import serverless_vllm.cli as c; print(c.__file__)"],
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = probe.stdout.strip()
+    if probe.returncode != 0 or not imported.startswith(str(services) + os.sep):
+        raise SystemExit(f"{tree}: serverless_vllm.cli imports from {imported!r}, not from {services}: {probe.stderr}")
+    help_run = subprocess.run([*prefix, "--help"], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    if help_run.returncode != 0:
+        raise SystemExit(f"{tree}: `{' '.join(prefix)} --help` failed: {help_run.stderr[-2000:]}")
+    return prefix, {"tree": str(tree), "cli": prefix[1:], "imports_from": imported, **git_state(tree)}
+
+
+def git_state(tree: Path) -> dict[str, Any]:
+    """The commit of a checkout and how many files its working tree changes on top of it (read only)."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=60)
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    status = git("status", "--porcelain", "--untracked-files=normal")
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "changed_files": len(status.splitlines())}
+
+
 class RayCluster:
     """`ray start --head --block` with explicit ports and a private temp dir: never joins another cluster."""
 

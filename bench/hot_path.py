@@ -22,6 +22,16 @@ non-streaming run: CPU milliseconds per request is the overhead that matters on 
 
     .venv/bin/python bench/hot_path.py --quick           # smoke run, about 4 minutes
     .venv/bin/python bench/hot_path.py                   # the full run (waits for a quiet machine first)
+
+A/B against an older checkout, in the same run: `--baseline-tree DIR` starts a second complete plain-HTTP stack
+(its own manager, router, worker and engine: the stand-in with --fake-engine) whose processes run DIR's code
+(`python -m serverless_vllm.cli` with PYTHONPATH=DIR/services first, which shadows the editable install). Its
+router is the config ours_http_base, measured in the same interleaved rounds; its processes are metered as
+router_base, worker_base, manager_base, engine_base. The summary's "ab" gives, per concurrency, ours_http /
+ours_http_base requests per second paired within each round and their median (results: hot_path_ab*.json):
+
+    git worktree add /tmp/baseline-tree <commit>
+    .venv/bin/python bench/hot_path.py --fake-engine --no-hybrid --no-rust --baseline-tree /tmp/baseline-tree
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
 from common import (
+    ROOT,
     RUST_ROUTER,
     SVLLM,
     VENV_BIN,
@@ -58,6 +69,7 @@ from common import (
     cmdline,
     descendants,
     free_port,
+    git_state,
     http_ok,
     log,
     machine_info,
@@ -65,6 +77,7 @@ from common import (
     pids_matching,
     ratio,
     summary,
+    svllm_from_tree,
     tiny_model,
     wait_for_quiet,
     wait_until,
@@ -94,22 +107,51 @@ class Setup:
         self.engine_ports: list[int] = []
         self.cluster: RayCluster | None = None
         self.forwarder: SwitchableForwarder | None = None
+        self.base_engine_ports: list[int] = []
+        self.baseline: dict[str, Any] | None = None  # --baseline-tree: what svllm_from_tree checked
 
     def start(self) -> None:
         a = self.args
         model = tiny_model(self.tmp)
+        self.urls["ours_http"], self.engine_ports, mport = self._start_http_stack("", [SVLLM], self.env, {}, model)
+        if a.replicas == 1:
+            self.urls["direct"] = f"http://127.0.0.1:{self.engine_ports[0]}"
+        if a.baseline_tree:
+            self._start_baseline(model)
+
+        for variant in a.extra_router or []:
+            self._start_extra_router(variant, mport)
+        if not a.no_rust:
+            self._start_rust()
+        if not a.no_hybrid:
+            self._start_hybrid(model)
+
+    def _start_http_stack(
+        self,
+        suffix: str,
+        cli: list[str],
+        env: dict[str, str],
+        pythonpath: dict[str, str],
+        model: Path,
+    ) -> tuple[str, list[int], int]:
+        """A plain-HTTP deployment (`svllm manager`, `svllm router`, `svllm worker`) run as `cli`, with the
+        model registered through its router and its engine(s) ready; its processes are metered as manager,
+        router, worker (+ suffix). Returns the router's URL, the engines' ports and the manager's port.
+        The product's own stack (no suffix) reaches its manager through the forwarder (see the module doc)."""
+        a = self.args
         mport, rport, wport = free_port(), free_port(), free_port()
+        tag = suffix.replace("_", "-")
         # The HTTP manager keeps the worker healthy after it moves to the manager actor (see the module doc).
         manager = self.procs.start(
-            "manager",
-            [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)],
-            {**self.env, "HEARTBEAT_TIMEOUT": "1000000"},
+            f"manager{tag}",
+            [*cli, "manager", "--host", "127.0.0.1", "--port", str(mport)],
+            {**env, **pythonpath, "HEARTBEAT_TIMEOUT": "1000000"},
         )
-        wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 60, what="manager")
+        wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 60, what=f"manager{tag}")
         router = self.procs.start(
-            "router",
+            f"router{tag}",
             [
-                SVLLM,
+                *cli,
                 "router",
                 "--host",
                 "127.0.0.1",
@@ -118,36 +160,42 @@ class Setup:
                 "--manager-url",
                 f"http://127.0.0.1:{mport}",
             ],
-            self.env,
+            {**env, **pythonpath},
         )
-        wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{rport}/health"), 60, what="router")
-        self.forwarder = SwitchableForwarder(("127.0.0.1", mport)).start()
-        self.procs.cleanups.append(self.forwarder.stop)
-        worker_env = {**self.env, "CPU_SLOTS": str(a.replicas)}
+        wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{rport}/health"), 60, what=f"router{tag}")
+        manager_url = f"http://127.0.0.1:{mport}"
+        if not suffix:
+            self.forwarder = SwitchableForwarder(("127.0.0.1", mport)).start()
+            self.procs.cleanups.append(self.forwarder.stop)
+            manager_url = self.forwarder.url
+        worker_env = {**env, "CPU_SLOTS": str(a.replicas), **pythonpath}
         if a.fake_engine:
             # The worker's engine command imports bench/fake_vllm instead of vLLM (see its docstring).
-            worker_env.update(PYTHONPATH=str(FAKE_VLLM), FAKE_TOKEN_INTERVAL_MS=str(a.fake_interval_ms))
+            paths = [p for p in (pythonpath.get("PYTHONPATH"), str(FAKE_VLLM)) if p]
+            worker_env.update(PYTHONPATH=os.pathsep.join(paths), FAKE_TOKEN_INTERVAL_MS=str(a.fake_interval_ms))
         worker = self.procs.start(
-            "worker",
+            f"worker{tag}",
             [
-                SVLLM,
+                *cli,
                 "worker",
                 "--worker-id",
-                "bench-w1",
+                f"bench{tag}-w1",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(wport),
                 "--manager-url",
-                self.forwarder.url,
+                manager_url,
                 "--public-url",
                 f"http://127.0.0.1:{wport}",
             ],
             worker_env,
         )
-        wait_until(lambda: worker.check() or http_ok(f"http://127.0.0.1:{wport}/health"), 60, what="worker")
-        self.urls["ours_http"] = f"http://127.0.0.1:{rport}"
-        self.pids.update(manager=manager.pid, router=router.pid, worker=worker.pid)
+        wait_until(lambda: worker.check() or http_ok(f"http://127.0.0.1:{wport}/health"), 60, what=f"worker{tag}")
+        url = f"http://127.0.0.1:{rport}"
+        self.pids.update(
+            {f"manager{suffix}": manager.pid, f"router{suffix}": router.pid, f"worker{suffix}": worker.pid}
+        )
         spec = {
             "alias": ALIAS,
             "model_name": str(model),
@@ -157,23 +205,28 @@ class Setup:
             "idle_timeout_s": 7 * 24 * 3600,
             "preload": True,
         }
-        resp = httpx.post(f"{self.urls['ours_http']}/v1/models/register", json=spec, headers=self.admin, timeout=60)
+        resp = httpx.post(f"{url}/v1/models/register", json=spec, headers=self.admin, timeout=60)
         resp.raise_for_status()
-        log("waiting for the engine(s) to start")
+        log(f"waiting for the engine(s) of router{tag} to start")
         t0 = time.monotonic()
-        wait_until(lambda: self._ready(self.urls["ours_http"], a.replicas), 900, interval=1, what="engines ready")
+        wait_until(lambda: self._ready(url, a.replicas), 900, interval=1, what=f"engines ready (router{tag})")
         log(f"engine(s) ready after {time.monotonic() - t0:.0f} s")
-        workers = httpx.get(f"{self.urls['ours_http']}/workers", headers=self.admin, timeout=10).json()
-        self.engine_ports = [e["port"] for w in workers for e in w["engines"]]
-        if a.replicas == 1:
-            self.urls["direct"] = f"http://127.0.0.1:{self.engine_ports[0]}"
+        workers = httpx.get(f"{url}/workers", headers=self.admin, timeout=10).json()
+        return url, [e["port"] for w in workers for e in w["engines"]], mport
 
-        for variant in a.extra_router or []:
-            self._start_extra_router(variant, mport)
-        if not a.no_rust:
-            self._start_rust()
-        if not a.no_hybrid:
-            self._start_hybrid(model)
+    def _start_baseline(self, model: Path) -> None:
+        """The same plain-HTTP deployment once more, its own manager, router, worker and engine(s), running the
+        code of another checkout (`--baseline-tree`): config ours_http_base, processes *_base."""
+        tree = Path(self.args.baseline_tree)
+        cli, self.baseline = svllm_from_tree(tree)
+        log(f"starting the baseline stack from {self.baseline['tree']} (commit {self.baseline['commit']})")
+        base = self.tmp / "base"
+        base.mkdir()
+        env = {**self.env, "MANAGER_DB": str(base / "manager.db"), "SVLLM_STATE_DIR": str(base / "state")}
+        pythonpath = {"PYTHONPATH": str(Path(self.baseline["tree"]) / "services")}
+        self.urls["ours_http_base"], self.base_engine_ports, _ = self._start_http_stack(
+            "_base", cli, env, pythonpath, model
+        )
 
     def _ready(self, url: str, replicas: int) -> bool:
         info = httpx.get(f"{url}/v1/models/{ALIAS}", headers=self.headers, timeout=10).json()
@@ -288,6 +341,10 @@ class Setup:
             "worker": lambda: [self.pids["worker"]],
             "manager": lambda: [self.pids["manager"]],
         }
+        if self.base_engine_ports:  # --baseline-tree: the second plain-HTTP stack
+            groups["engine_base"] = lambda: {p for port in self.base_engine_ports for p in _engine_tree(port)}
+            groups["worker_base"] = lambda: [self.pids["worker_base"]]
+            groups["manager_base"] = lambda: [self.pids["manager_base"]]
         if "rust" in self.pids:
             groups["rust"] = lambda: [self.pids["rust"]]
         for key in [k for k in self.pids if k.startswith("router_")]:
@@ -488,6 +545,11 @@ def profile(setup: Setup, body_path: Path, concurrency: int, seconds: int) -> di
     drives ours_hybrid; the top frames by own and total time."""
     out: dict[str, Any] = {}
     targets = [("router", setup.pids["router"], "ours_http"), ("worker", setup.pids["worker"], "ours_http")]
+    if "ours_http_base" in setup.urls:
+        targets += [
+            ("router_base", setup.pids["router_base"], "ours_http_base"),
+            ("worker_base", setup.pids["worker_base"], "ours_http_base"),
+        ]
     if "ours_hybrid" in setup.urls:
         # The replica's router_id ends with its pid (serve_app.py).
         router_id = httpx.get(f"{setup.urls['ours_hybrid']}/health", timeout=10).json()["router_id"]
@@ -630,15 +692,26 @@ def main() -> None:
         help="also measure a router variant (config ours_http_<variant>): served on asyncio's own loop "
         "and h11 instead of uvloop and httptools",
     )
+    p.add_argument(
+        "--baseline-tree",
+        metavar="DIR",
+        help="A/B against another checkout (e.g. `git worktree add /tmp/baseline-tree <commit>`): a second "
+        "plain-HTTP stack (manager, router, worker, engine) running DIR's code, config ours_http_base",
+    )
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 2400, quick 0)")
-    p.add_argument("--out", default=None, help="results name (default hot_path or hot_path_quick)")
+    p.add_argument("--out", default=None, help="results name (default hot_path[_ab][_fake][_quick])")
     a = p.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     duration = a.duration or (2.0 if a.quick else 8.0)
     concurrencies = [int(c) for c in a.concurrency.split(",")]
     stream_prompts = {c: max(10, c * (3 if a.quick else 12)) for c in concurrencies}
     gap_requests = 3 if a.quick else 15
-    name = a.out or ("hot_path" + ("_fake" if a.fake_engine else "") + ("_quick" if a.quick else ""))
+    name = a.out or (
+        "hot_path"
+        + ("_ab" if a.baseline_tree else "")
+        + ("_fake" if a.fake_engine else "")
+        + ("_quick" if a.quick else "")
+    )
 
     setup = Setup(a)
     result: dict[str, Any] = {
@@ -666,7 +739,14 @@ def main() -> None:
     }
     try:
         setup.start()
-        configs = [c for c in ("direct", "ours_http", "ours_http_asyncio", "ours_hybrid", "rust") if c in setup.urls]
+        if setup.baseline is not None:
+            result["settings"]["baseline"] = setup.baseline
+            result["settings"]["ours"] = git_state(ROOT)
+        configs = [
+            c
+            for c in ("direct", "ours_http", "ours_http_base", "ours_http_asyncio", "ours_hybrid", "rust")
+            if c in setup.urls
+        ]
         result["configs"] = configs
         body_path = setup.tmp / "body.json"
         body_path.write_text(json.dumps(body(a.max_tokens)))
@@ -710,6 +790,12 @@ def main() -> None:
             result["loadavg_after_round_" + str(r)] = list(os.getloadavg())
         result["nonstream_runs"], result["stream_runs"], result["gap_runs"] = nonstream, stream, gaps
         result["summary"] = summarise(configs, concurrencies, nonstream, stream, gaps)
+        for c, v in result["summary"].get("ab", {}).get("nonstream", {}).items():
+            log(
+                f"A/B c={c}: ours_http {v['ours_http_rps']} req/s, ours_http_base {v['ours_http_base_rps']} req/s; "
+                f"ours/base paired by round {v['rps_ratio_by_round']}, median {v['rps_ratio_paired_median']}; "
+                f"router+worker CPU ms/request {v['router_worker_cpu_ms_per_request']}"
+            )
         if a.profile:
             log("profiling router and worker with py-spy")
             result["profile"] = profile(setup, body_path, max(concurrencies), 12 if not a.quick else 5)
@@ -727,7 +813,8 @@ def summarise(
     stream: list[dict[str, Any]],
     gaps: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Median over rounds of each run's statistic; ratios against direct and against the Rust router."""
+    """Median over rounds of each run's statistic; ratios against direct and against the Rust router, and with
+    --baseline-tree ours_http against ours_http_base (the A/B, also gathered under "ab")."""
     out: dict[str, Any] = {"nonstream": {}, "stream": {}, "chunk_gaps": {}}
     for c in concurrencies:
         rows: dict[str, dict[str, Any]] = {}
@@ -751,6 +838,7 @@ def summarise(
             }
         _ratios(rows, ("p50_ms", "p99_ms", "rps"))
         _paired_rps_ratios(rows, [r for r in nonstream if r["concurrency"] == c], "rps")
+        _paired_rps_ratios(rows, [r for r in nonstream if r["concurrency"] == c], "rps", *BASE_PAIR)
         out["nonstream"][str(c)] = rows
         srows: dict[str, dict[str, Any]] = {}
         for cfg in configs:
@@ -769,6 +857,7 @@ def summarise(
             }
         _ratios(srows, ("ttft_p50_ms", "itl_p50_ms", "e2el_p50_ms", "rps"))
         _paired_rps_ratios(srows, [r for r in stream if r["concurrency"] == c], "request_throughput")
+        _paired_rps_ratios(srows, [r for r in stream if r["concurrency"] == c], "request_throughput", *BASE_PAIR)
         out["stream"][str(c)] = srows
     for cfg in configs:
         runs = [g for g in gaps if g["config"] == cfg]
@@ -780,25 +869,78 @@ def summarise(
                 "events_per_response": median([g["events_per_response"]["p50"] for g in runs]),
                 "ttft_p50_ms": median([g["ttft_ms"]["p50"] for g in runs]),
             }
+    if "ours_http_base" in configs:
+        out["ab"] = _ab(out)
     return out
 
 
-def _paired_rps_ratios(rows: dict[str, dict[str, Any]], runs: list[dict[str, Any]], key: str) -> None:
-    """Requests per second against the Rust router's within each round (runs minutes apart, not the whole run
-    apart), and their median: the engine's speed drifts between rounds on a shared machine, and a ratio of two
-    medians taken over different rounds carries that drift."""
+# ours_http against ours_http_base (--baseline-tree): (reference config, which configs, name in the keys)
+BASE_PAIR = ("ours_http_base", ("ours_http",), "base")
+
+
+def _ab(out: dict[str, Any]) -> dict[str, Any]:
+    """The A/B in one place, per concurrency: ours_http (this checkout) against ours_http_base (the baseline
+    checkout); `rps_ratio_*` is ours / base, so above 1 means this checkout serves more requests per second."""
+    ab: dict[str, Any] = {"nonstream": {}, "stream": {}}
+    for c, rows in out["nonstream"].items():
+        ours, base = rows.get("ours_http"), rows.get("ours_http_base")
+        if not ours or not base:
+            continue
+        cpu_ours = ours["cpu_ms_per_request"].get("router", 0) + ours["cpu_ms_per_request"].get("worker", 0)
+        cpu_base = base["cpu_ms_per_request"].get("router_base", 0) + base["cpu_ms_per_request"].get("worker_base", 0)
+        ab["nonstream"][c] = {
+            "ours_http_rps": ours["rps"],
+            "ours_http_base_rps": base["rps"],
+            "rps_ratio_by_round": ours.get("rps_vs_base_by_round"),
+            "rps_ratio_paired_median": ours.get("rps_vs_base_paired_median"),
+            "p50_ms": [ours["p50_ms"], base["p50_ms"]],
+            "p50_ratio": ratio(ours["p50_ms"], base["p50_ms"]),
+            "p99_ms": [ours["p99_ms"], base["p99_ms"]],
+            "router_worker_cpu_ms_per_request": [round(cpu_ours, 3), round(cpu_base, 3)],
+            "cpu_ratio": ratio(cpu_ours, cpu_base),
+            "errors": [ours["errors"], base["errors"]],
+        }
+    for c, rows in out["stream"].items():
+        ours, base = rows.get("ours_http"), rows.get("ours_http_base")
+        if ours and base:
+            ab["stream"][c] = {
+                "ours_http_rps": ours["rps"],
+                "ours_http_base_rps": base["rps"],
+                "rps_ratio_by_round": ours.get("rps_vs_base_by_round"),
+                "rps_ratio_paired_median": ours.get("rps_vs_base_paired_median"),
+                "ttft_p50_ms": [ours["ttft_p50_ms"], base["ttft_p50_ms"]],
+                "itl_p50_ms": [ours["itl_p50_ms"], base["itl_p50_ms"]],
+            }
+    gaps = out["chunk_gaps"]
+    if "ours_http" in gaps and "ours_http_base" in gaps:
+        ab["chunk_gap_p50_ms"] = [gaps["ours_http"]["gap_p50_ms"], gaps["ours_http_base"]["gap_p50_ms"]]
+    return ab
+
+
+def _paired_rps_ratios(
+    rows: dict[str, dict[str, Any]],
+    runs: list[dict[str, Any]],
+    key: str,
+    ref: str = "rust",
+    only: tuple[str, ...] | None = None,
+    label: str = "rust",
+) -> None:
+    """Requests per second against the reference's (the Rust router's; ours_http_base's for the A/B) within
+    each round (runs minutes apart, not the whole run apart), and their median: the engine's speed drifts
+    between rounds on a shared machine, and a ratio of two medians taken over different rounds carries that
+    drift. Written as rps_vs_<label>_by_round and rps_vs_<label>_paired_median on the rows of `only` (all)."""
     by_round: dict[tuple[int, str], float] = {(r["round"], r["config"]): r[key] for r in runs}
     for cfg, row in rows.items():
-        if cfg == "rust":
+        if cfg == ref or (only is not None and cfg not in only):
             continue
         paired = [
-            ratio(by_round[(rnd, cfg)], by_round[(rnd, "rust")])
+            ratio(by_round[(rnd, cfg)], by_round[(rnd, ref)])
             for rnd, c in sorted(by_round)
-            if c == cfg and (rnd, "rust") in by_round
+            if c == cfg and (rnd, ref) in by_round
         ]
         if paired:
-            row["rps_vs_rust_by_round"] = paired
-            row["rps_vs_rust_paired_median"] = median(paired)
+            row[f"rps_vs_{label}_by_round"] = paired
+            row[f"rps_vs_{label}_paired_median"] = median(paired)
 
 
 def _ratios(rows: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> None:

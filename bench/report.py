@@ -58,6 +58,7 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
                 "direct": 0.0,
                 "rust": cpu.get("rust", 0.0),
                 "ours_hybrid": cpu.get("worker", 0) + cpu.get("ray", 0),
+                "ours_http_base": cpu.get("worker_base", 0) + cpu.get("router_base", 0),
             }.get(
                 cfg,
                 cpu.get("worker", 0)
@@ -101,6 +102,8 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
         for kind, c, cfg, r in paired:
             rounds = ", ".join(f(x, 2) for x in r["rps_vs_rust_by_round"])
             out.append(f"| {kind} | {c} | {cfg} | {f(r['rps_vs_rust_paired_median'], 2)} | {rounds} |")
+    if s.get("ab"):
+        out += ab_section(d)
     out.append("\n### Chunk gaps seen by the client (64 tokens, concurrency 1)\n")
     out.append("| config | gap p50 ms | gap p99 ms | SSE events per read | events per response | TTFT p50 ms |")
     out.append("|---|---|---|---|---|---|")
@@ -124,6 +127,31 @@ def hot_path(d: dict[str, Any], title: str) -> list[str]:
         for proc, t in d["profile"].items():
             top = ", ".join(f"{name} {pct}%" for name, pct in t.get("own_by_package_pct", [])[:10])
             out.append(f"- {proc}: {top}")
+    return out
+
+
+def ab_section(d: dict[str, Any]) -> list[str]:
+    """--baseline-tree: ours_http (this checkout) against ours_http_base (the baseline checkout), same run."""
+    base, ours = d["settings"].get("baseline", {}), d["settings"].get("ours", {})
+    out = [
+        "\n### A/B: this checkout (ours_http) against the baseline checkout (ours_http_base)\n",
+        f"Baseline: `{base.get('tree')}` at {base.get('commit')} ({base.get('changed_files')} changed files); "
+        f"this checkout at {ours.get('commit')} ({ours.get('changed_files')} changed files). Two complete "
+        "plain-HTTP stacks, measured in the same interleaved rounds; a ratio above 1 means this checkout serves "
+        "more requests per second.\n",
+        "| load | c | req/s ours | req/s base | ours/base, median of the rounds' ratios | each round "
+        "| p50 ms (stream: TTFT) ours / base | router+worker CPU ms/request ours / base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("nonstream", "stream"):
+        for c, v in d["summary"]["ab"].get(kind, {}).items():
+            rounds = ", ".join(f(x, 2) for x in v.get("rps_ratio_by_round") or [])
+            p50 = " / ".join(f(x) for x in v.get("p50_ms", v.get("ttft_p50_ms", [])))
+            cpu = " / ".join(f(x, 3) for x in v.get("router_worker_cpu_ms_per_request", []))
+            out.append(
+                f"| {kind} | {c} | {f(v['ours_http_rps'])} | {f(v['ours_http_base_rps'])} "
+                f"| {f(v.get('rps_ratio_paired_median'), 3)} | {rounds} | {p50 or '-'} | {cpu or '-'} |"
+            )
     return out
 
 
@@ -244,6 +272,11 @@ def main() -> None:
     for name, fn in (
         (f"hot_path{suffix}", lambda d: hot_path(d, "Hot path: vLLM CPU engine (tiny model)")),
         (f"hot_path_fake{suffix}", lambda d: hot_path(d, "Hot path: instant stand-in engine (proxy cost only)")),
+        (f"hot_path_ab{suffix}", lambda d: hot_path(d, "Hot path A/B against a baseline checkout: vLLM CPU engine")),
+        (
+            f"hot_path_ab_fake{suffix}",
+            lambda d: hot_path(d, "Hot path A/B against a baseline checkout: instant stand-in engine"),
+        ),
         (f"control_calls{suffix}", control),
         (f"cold_start{suffix}", cold),
         (f"manager_scale{suffix}", scale),
