@@ -22,8 +22,9 @@ import pytest
 import pytest_asyncio
 from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs, ReplicaState
-from serverless_vllm.worker import engine as engine_mod
-from serverless_vllm.worker.engine import EngineError, EngineProcess, group_members
+from serverless_vllm.worker import supervisor as supervisor_mod
+from serverless_vllm.worker.engine import EngineError, EngineProcess
+from serverless_vllm.worker.guard import group_members
 
 START_TIMEOUT = 240.0
 
@@ -198,7 +199,7 @@ class StandInEngine(EngineProcess):
 
 
 async def test_crash_restarts_with_backoff_then_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_mod, "BACKOFF_MAX_S", 0.2)  # the real 1, 2, 4 ... s backoff, capped for speed
+    monkeypatch.setattr(supervisor_mod, "BACKOFF_MAX_S", 0.2)  # the real 1, 2, 4 ... s backoff, capped for speed
     changes: list[ReplicaState] = []
 
     def record() -> None:
@@ -318,7 +319,7 @@ _WORKER_SCRIPT = textwrap.dedent(
         eng = (StandIn if kind == "stand-in" else EngineProcess)(assignment, settings, has_gpu=False)
         await eng.start()
         ok = await eng.wait_ready(240)
-        out.write_text(json.dumps({"ok": ok, "pgid": eng.pid, "guard": eng._launch.guard.pid}))
+        out.write_text(json.dumps({"ok": ok, "pgid": eng.pid, "guard": eng._runs.launch.guard.pid}))
         if how == "exit":  # the worker ends without stopping its engine, once the test has looked
             while not out.with_suffix(".go").exists():
                 await asyncio.sleep(0.1)

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serverless_vllm.worker.engine import group_members
+from serverless_vllm.worker.guard import group_members
 
 from .harness import alive, wait_until
 from .secure_harness import API_KEY, Observations, SecureStack, bearer, living, rss_kib
