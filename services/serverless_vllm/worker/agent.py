@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import httpx
 
@@ -138,8 +140,8 @@ class WorkerAgent:
                 log.info("stopping engine %s (%s)", rid, engine.alias)
                 self._spawn(engine.stop())
             for rid, assignment in wanted.items():
-                engine = self.engines.get(rid)
-                if engine is None:
+                running = self.engines.get(rid)
+                if running is None:
                     engine = EngineProcess(
                         assignment,
                         self.settings,
@@ -151,19 +153,17 @@ class WorkerAgent:
                     self.metrics.engine_started(engine)
                     log.info("starting engine %s: %s as %s", rid, assignment.model_name, assignment.alias)
                     await engine.start()
-                elif assignment.asleep and engine.state is ReplicaState.READY:
-                    self._spawn(engine.sleep(1))
-                elif not assignment.asleep and engine.state is ReplicaState.SLEEPING:
-                    self._spawn(engine.wake())
+                elif assignment.asleep and running.state is ReplicaState.READY:
+                    self._spawn(running.sleep(1))
+                elif not assignment.asleep and running.state is ReplicaState.SLEEPING:
+                    self._spawn(running.wake())
             return self.statuses()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(
-            lambda t: t.cancelled() or t.exception() is None or log.error("engine operation failed: %s", t.exception())
-        )
+        task.add_done_callback(_log_failure)
 
     def ready_engine(self, alias: str | None, replica_id: str | None) -> EngineProcess | None:
         """The engine to serve a request: the replica the router chose, else any ready one of the alias."""
@@ -175,3 +175,8 @@ class WorkerAgent:
             if engine.alias == alias and engine.state is ReplicaState.READY:
                 return engine
         return None
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("engine operation failed: %s", task.exception())
