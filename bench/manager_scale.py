@@ -207,9 +207,9 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
         ]
         # The fleet is put in place directly (registering 1,000 workers through the API would rebuild the
         # table each time: that cost is what part 1 measures).
-        now = core._clock()
+        now = core.clock()
         for i in range(workers):
-            core._workers.register(
+            core.workers.register(
                 WorkerRegistration(worker_id=f"sim-{i:05d}", url=f"http://sim/{i}", gpus=gpus, sleep_supported=True),
                 now,
             )
@@ -218,7 +218,7 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
         first_pass_ms = (time.perf_counter() - t0) * 1000
         # Workers report their replicas ready.
         by_worker: dict[str, list[EngineStatus]] = {}
-        for r in core._replicas.values():
+        for r in core.replicas.values():
             r.state = ReplicaState.READY
             by_worker.setdefault(r.worker_id, []).append(
                 EngineStatus(replica_id=r.replica_id, alias=r.alias, state=ReplicaState.READY, gpus=r.gpus)
@@ -228,20 +228,20 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
             for i in range(workers)
         }
         for _wid, hb in beats.items():
-            core._workers.heartbeat(hb, core._clock())
-        core._rebuild_table()
+            core.workers.heartbeat(hb, core.clock())
+        core.routing.rebuild()
         await core.reconcile()
         out: dict[str, Any] = {
             "workers": workers,
             "models": models,
-            "replicas": len(core._replicas),
+            "replicas": len(core.replicas),
             "first_reconcile_with_placements_ms": round(first_pass_ms, 1),
         }
         engine = ModelSpec(alias="x", model_name="org/x", gpu_memory_utilization=0.3).engine_args()
-        capacities = core._capacities()
-        out["capacity_snapshot_ms"] = timeit(core._capacities, repeat)
+        capacities = core.reconciler.capacities()
+        out["capacity_snapshot_ms"] = timeit(core.reconciler.capacities, repeat)
         out["place_ms"] = timeit(lambda: place("new-model", engine, capacities), repeat)
-        out["rebuild_table_ms"] = timeit(core._rebuild_table, repeat)
+        out["rebuild_table_ms"] = timeit(core.routing.rebuild, repeat)
         # A Prometheus scrape of the manager, and how long the event loop that takes the heartbeats stalls
         # meanwhile: the largest gap a 1 ms ticker on that loop sees during the scrapes.
         gaps: list[float] = []
@@ -288,8 +288,9 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
         await core.heartbeat(hb)
         out["heartbeat_in_core_with_state_change_ms"] = summary(times, 1000.0, 3)
         # What-if: the same heartbeat when the routing table is not rebuilt (it changes nothing here).
-        rebuild = core._rebuild_table
-        core._rebuild_table = lambda *_: None  # type: ignore[method-assign]
+        # (The components call the publisher's rebuild through its instance, so this replaces it for all.)
+        rebuild = core.routing.rebuild
+        core.routing.rebuild = lambda *_: None  # type: ignore[method-assign]
         times = []
         while len(times) < repeat and (len(times) < 3 or sum(times) < 5.0):
             t = time.perf_counter()
@@ -302,7 +303,7 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
             await core.reconcile()
             times.append(time.perf_counter() - t)
         out["reconcile_pass_without_table_rebuild_ms"] = summary(times, 1000.0, 1)
-        core._rebuild_table = rebuild  # type: ignore[method-assign]
+        core.routing.rebuild = rebuild  # type: ignore[method-assign]
         times = []
         for _ in range(3):
             t = time.perf_counter()
@@ -310,13 +311,13 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
             times.append(time.perf_counter() - t)
         out["reconcile_pass_ms"] = summary(times, 1000.0, 1)
         # A cold start's decision: one model goes from 0 to 1 replica (scale, place, push, table).
-        cold = [a for a, m in core._models.items() if m.scale.target == 0][:3]
+        cold = [a for a, m in core.registry.models.items() if m.scale.target == 0][:3]
         for i in range(len(cold), 3):  # every model active (--quick): register cold ones to measure
             spec = ModelSpec(alias=f"cold-{i}", model_name="org/cold", gpu_memory_utilization=0.3, preload=False)
             cold.append((await core.register_model(spec)).alias)
         times = []
         for alias in cold:
-            core._wake.add(alias)
+            core.demand.wake([alias])  # as a router's report would, without kicking the loop
             t = time.perf_counter()
             await core.reconcile()
             times.append(time.perf_counter() - t)

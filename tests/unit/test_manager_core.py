@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,14 @@ from .fleet import NOWHERE, Clock, gpu
 
 
 @pytest.fixture
-async def core(tmp_path: Path):
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
     c = ManagerCore(
-        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=10, model_dirs=["/"]), clock=Clock()
+        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=10, model_dirs=["/"]), clock=clock
     )
     await c.start()
     yield c
@@ -81,13 +87,13 @@ async def test_preloaded_model_is_assigned_and_routed_when_ready(core: ManagerCo
     assert route.state == "ready" and route.endpoints[0].url == NOWHERE
 
 
-async def test_placement_failure_is_explained(core: ManagerCore) -> None:
+async def test_placement_failure_is_explained(core: ManagerCore, clock: Clock) -> None:
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
     await core.register_model(ModelSpec(alias="big", model_name="org/big", tensor_parallel_size=4))
     await core.reconcile()
     # Just started: the workers that have not re-registered yet may have room, so the model is not failed yet.
     assert core.model_info("big").state != "failed"
-    core._clock.now += core.settings.heartbeat_timeout_s  # type: ignore[attr-defined]
+    clock.now += core.settings.heartbeat_timeout_s
     await core.reconcile()
     info = core.model_info("big")
     assert info.state == "failed"
@@ -138,8 +144,7 @@ async def test_restart_adopts_running_engines(tmp_path: Path) -> None:
     await core.close()
 
 
-async def test_dead_worker_replicas_move(core: ManagerCore) -> None:
-    clock: Clock = core._clock  # type: ignore[assignment]
+async def test_dead_worker_replicas_move(core: ManagerCore, clock: Clock) -> None:
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
     await core.register_model(ModelSpec(alias="a", model_name="org/a"))
     await core.reconcile()
@@ -174,8 +179,7 @@ async def test_one_failed_replica_does_not_fail_a_serving_model(core: ManagerCor
     assert len(info.replicas) == 2  # the failed one was replaced
 
 
-async def test_a_stalled_manager_does_not_declare_workers_dead(core: ManagerCore) -> None:
-    clock: Clock = core._clock  # type: ignore[assignment]
+async def test_a_stalled_manager_does_not_declare_workers_dead(core: ManagerCore, clock: Clock) -> None:
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
     await core.reconcile()
     clock.now += 25  # the manager itself did not run for 25 s: the worker's silence is ours
@@ -187,11 +191,10 @@ async def test_a_stalled_manager_does_not_declare_workers_dead(core: ManagerCore
     assert core.list_workers()[0].state == "unhealthy"
 
 
-async def test_idle_gpu_replica_sleeps_then_wakes_on_demand(core: ManagerCore) -> None:
+async def test_idle_gpu_replica_sleeps_then_wakes_on_demand(core: ManagerCore, clock: Clock) -> None:
     """The warm tier: on a worker that supports vLLM sleep, idle means asleep (not stopped); demand wakes it."""
     from serverless_vllm.schemas import DemandReport
 
-    clock: Clock = core._clock  # type: ignore[assignment]
     await core.register_worker(WorkerRegistration(worker_id="g1", url=NOWHERE, gpus=[gpu(0)], sleep_supported=True))
     await core.register_model(ModelSpec(alias="a", model_name="org/a", idle_timeout_s=5, gpu_memory_utilization=0.5))
     await core.reconcile()
@@ -213,8 +216,7 @@ async def test_idle_gpu_replica_sleeps_then_wakes_on_demand(core: ManagerCore) -
     assert assignment.replica_id == rid and not assignment.asleep  # woken, not a new cold start
 
 
-async def test_cpu_worker_stops_idle_replica(core: ManagerCore) -> None:
-    clock: Clock = core._clock  # type: ignore[assignment]
+async def test_cpu_worker_stops_idle_replica(core: ManagerCore, clock: Clock) -> None:
     await core.register_worker(WorkerRegistration(worker_id="c1", url=NOWHERE, cpu_slots=1))
     await core.register_model(ModelSpec(alias="a", model_name="org/a", idle_timeout_s=5))
     await core.reconcile()

@@ -8,7 +8,6 @@ every replica), over a seeded random sequence of registrations, heartbeats, deat
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import random
@@ -17,9 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from serverless_vllm.config import ManagerSettings
-from serverless_vllm.manager.core import _ACTIVE, ManagerCore, Replica
+from serverless_vllm.manager.core import ManagerCore
 from serverless_vllm.manager.http_app import create_app
 from serverless_vllm.manager.placement import PlacementError, WorkerCapacity, place
+from serverless_vllm.manager.replicas import ACTIVE, Replica
 from serverless_vllm.schemas import (
     Assignment,
     DemandReport,
@@ -44,11 +44,11 @@ from .fleet import Clock, gpu
 
 def reference_routes(core: ManagerCore) -> dict[str, ModelRoute]:
     """Every model's route from every replica (the O(models x replicas) rebuild the index replaced)."""
-    now = core._clock()
-    healthy = {w.worker_id: w for w in core._workers.healthy()}
-    replicas = list(core._replicas.values())
+    now = core.clock()
+    healthy = {w.worker_id: w for w in core.workers.healthy()}
+    replicas = list(core.replicas.values())
     out: dict[str, ModelRoute] = {}
-    for alias, model in core._models.items():
+    for alias, model in core.registry.models.items():
         mine = [r for r in replicas if r.alias == alias]
         endpoints = [
             {"replica_id": r.replica_id, "worker_id": r.worker_id, "url": healthy[r.worker_id].url}
@@ -58,11 +58,11 @@ def reference_routes(core: ManagerCore) -> dict[str, ModelRoute]:
         error = None
         if endpoints:
             state = ModelState.READY
-        elif any(r.state in _ACTIVE and not r.asleep for r in mine):
+        elif any(r.state in ACTIVE and not r.asleep for r in mine):
             state = ModelState.LOADING
         elif any(r.asleep for r in mine):
             state = ModelState.SLEEPING
-        elif core._failed_recently(model, now):
+        elif core.registry.failed_recently(model, now):
             state, error = ModelState.FAILED, model.last_error
         else:
             state = ModelState.COLD
@@ -72,8 +72,8 @@ def reference_routes(core: ManagerCore) -> dict[str, ModelRoute]:
 
 def reference_assignments(core: ManagerCore, worker_id: str) -> list[Assignment]:
     out = []
-    for r in core._replicas.values():
-        model = core._models.get(r.alias)
+    for r in core.replicas.values():
+        model = core.registry.models.get(r.alias)
         if r.worker_id == worker_id and model is not None:
             out.append(
                 Assignment(
@@ -96,10 +96,10 @@ def reference_capacities(core: ManagerCore) -> dict[str, WorkerCapacity]:
             gpu_indices=[g.index for g in w.gpus],
             cpu_slots=w.registration.cpu_slots,
         )
-        for w in core._workers.all()
+        for w in core.workers.all()
         if w.state is not WorkerState.DEAD
     }
-    for r in core._replicas.values():
+    for r in core.replicas.values():
         cap = capacities.get(r.worker_id)
         if cap is None:
             continue
@@ -136,9 +136,9 @@ def reference_place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity
 
 
 def check_index(core: ManagerCore) -> None:
-    replicas = list(core._replicas.values())
-    assert len(core._replicas) == len(replicas)
-    for key, index in (("alias", core._replicas._by_alias), ("worker_id", core._replicas._by_worker)):
+    replicas = list(core.replicas.values())
+    assert len(core.replicas) == len(replicas)
+    for key, index in (("alias", core.replicas.alias_groups), ("worker_id", core.replicas.worker_groups)):
         regrouped: dict[str, list[str]] = {}
         for r in replicas:
             regrouped.setdefault(getattr(r, key), []).append(r.replica_id)
@@ -151,8 +151,8 @@ def check_all(core: ManagerCore) -> None:
     expected = reference_routes(core)
     assert list(table.models) == list(expected)  # registration order
     assert table.models == expected
-    for record in core._workers.all():
-        assert core._assignments(record.worker_id) == reference_assignments(core, record.worker_id)
+    for record in core.workers.all():
+        assert core.worker_link.assignments(record.worker_id) == reference_assignments(core, record.worker_id)
 
 
 # --------------------------------------------------------------------------- a random fleet's life
@@ -193,19 +193,19 @@ class Fleet:
         await self.core.register_model(spec)
 
     async def delete_model(self) -> None:
-        if self.core._models:
-            await self.core.delete_model(self.rng.choice(list(self.core._models)))
+        if self.core.registry.models:
+            await self.core.delete_model(self.rng.choice(list(self.core.registry.models)))
 
     async def patch_model(self) -> None:
-        if self.core._models:
+        if self.core.registry.models:
             n = self.rng.choice([0, 1, 2])
             await self.core.patch_model(
-                self.rng.choice(list(self.core._models)), ModelPatch(min_replicas=n, max_replicas=max(n, 1) + 1)
+                self.rng.choice(list(self.core.registry.models)), ModelPatch(min_replicas=n, max_replicas=max(n, 1) + 1)
             )
 
     async def register_worker(self) -> None:
         rng = self.rng
-        known = [w.worker_id for w in self.core._workers.all()]
+        known = [w.worker_id for w in self.core.workers.all()]
         if known and rng.random() < 0.3:
             worker_id = rng.choice(known)  # a restart: same id, maybe another port, engines it still runs
         else:
@@ -224,7 +224,7 @@ class Fleet:
         assert reply.assignments == reference_assignments(self.core, worker_id)
 
     async def heartbeat(self) -> None:
-        workers = [w for w in self.core._workers.all() if w.state is not WorkerState.DEAD]
+        workers = [w for w in self.core.workers.all() if w.state is not WorkerState.DEAD]
         if not workers:
             return
         worker_id = self.rng.choice(workers).worker_id
@@ -255,8 +255,9 @@ class Fleet:
         assert reply.reregister or reply.assignments == reference_assignments(self.core, worker_id)
 
     async def demand(self) -> None:
-        if self.core._models:
-            aliases = self.rng.sample(list(self.core._models), k=min(2, len(self.core._models)))
+        if self.core.registry.models:
+            models = list(self.core.registry.models)
+            aliases = self.rng.sample(models, k=min(2, len(models)))
             await self.core.report_demand(
                 DemandReport(
                     router_id="r1",
@@ -273,7 +274,7 @@ class Fleet:
             endpoint = self.rng.choice(endpoints)
             self.down.add(endpoint.worker_id)
             await self.core.report_demand(DemandReport(router_id="r1", failed_endpoints=[endpoint]))
-            await asyncio.gather(*self.core._probes)
+            await self.core.worker_link.wait_probes()
             self.down.discard(endpoint.worker_id)
 
     async def time_passes(self) -> None:
@@ -325,13 +326,7 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
     await core.start()
     try:
         versions = [core.routing_table()]
-        notify = core._notify
-
-        def record_version() -> None:  # every new table version, as the routers would be told of it
-            versions.append(core.routing_table())
-            notify()
-
-        core._notify = record_version  # type: ignore[method-assign]
+        core.routing.listen(versions.append)  # every new table version, as the routers would be told of it
         for _ in range(400):
             await fleet.step()
             check_all(core)
@@ -340,11 +335,11 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
             assert table.models != previous.models  # a new version means a real change
         # What each worker last accepted (by push or in a heartbeat reply) is what it is assigned.
         await core.reconcile()
-        for record in core._workers.all():
+        for record in core.workers.all():
             if record.state is not WorkerState.DEAD:
-                key = core._pushed.get(record.worker_id)
-                assert key == frozenset(core._assignment_key(record.worker_id))
-        assert len(versions) > 10 and len(core._replicas) > 0  # the run did exercise something
+                key = core.worker_link.pushed(record.worker_id)
+                assert key == frozenset(core.worker_link.assignment_key(record.worker_id))
+        assert len(versions) > 10 and len(core.replicas) > 0  # the run did exercise something
     finally:
         await core.close()
 
@@ -378,26 +373,28 @@ async def test_pass_snapshot_follows_adds_and_removes_exactly(tmp_path: Path) ->
                 gpus=[gpu(g) for g in range(2 if i else 0)],
             )
         )
-    core._pass_open = True
-    core._capacities()  # the pass's snapshot, kept in step from here on
-    ids: list[str] = []
-    for n in range(200):
-        if ids and rng.random() < 0.4:
-            core._remove_replica(ids.pop(rng.randrange(len(ids))))
-        else:
-            worker = f"w{rng.randrange(4)}"
-            gpus = [] if worker == "w0" else rng.sample([0, 1], k=rng.choice([1, 2]))
-            replica = Replica(
-                replica_id=f"r{n}",
-                alias=f"m{rng.randrange(5)}",
-                worker_id=worker,
-                gpus=gpus,
-                fraction=rng.choice([0.1, 0.2, 0.3]) if gpus else 0.0,
-            )
-            core._add_replica_record(replica)
-            ids.append(replica.replica_id)
-        assert core._caps == reference_capacities(core)  # floats equal to the last bit, aliases included
-    core._pass_open, core._caps = False, None
+    reconciler = core.reconciler
+    with reconciler.pass_snapshot():
+        reconciler.capacities()  # the pass's snapshot, kept in step from here on
+        ids: list[str] = []
+        for n in range(200):
+            if ids and rng.random() < 0.4:
+                reconciler.remove_replica(ids.pop(rng.randrange(len(ids))))
+            else:
+                worker = f"w{rng.randrange(4)}"
+                gpus = [] if worker == "w0" else rng.sample([0, 1], k=rng.choice([1, 2]))
+                replica = Replica(
+                    replica_id=f"r{n}",
+                    alias=f"m{rng.randrange(5)}",
+                    worker_id=worker,
+                    gpus=gpus,
+                    fraction=rng.choice([0.1, 0.2, 0.3]) if gpus else 0.0,
+                )
+                reconciler.add_replica(replica)
+                ids.append(replica.replica_id)
+            # Floats equal to the last bit, aliases included.
+            assert reconciler.snapshot == reference_capacities(core)
+    assert reconciler.snapshot is None
     await core.close()
 
 
@@ -464,7 +461,9 @@ async def test_heartbeat_reply_is_reused_until_assignments_change(tmp_path: Path
             hb = Heartbeat(worker_id="g1", engines=engines)
             resp = await http.post("/workers/heartbeat", json=hb.model_dump(mode="json"))
             assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
-            return core._replies["g1"][1], resp.json()
+            reply = core.worker_link.cached_reply("g1")
+            assert reply is not None
+            return reply, resp.json()
 
         first, body = await beat([])
         assert body == first.model_dump(mode="json") and len(first.assignments) == 1

@@ -1,11 +1,16 @@
-"""How many awake replicas a model should have: a pure function of its policy, load and recent activity."""
+"""How many awake replicas a model should have (`next_target`: a pure function of its policy, load and recent
+activity), and that load as the routers report it (`Demand`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..schemas import ModelPolicy
+from ..schemas import DemandReport, ModelPolicy
+
+# A router's load report counts for this long; after that the router is presumed gone.
+DEMAND_TTL_S = 5.0
 
 # Scale down only when the remaining replicas would be at most this busy: with scale-up at 100% of the
 # target this leaves a band in which nothing changes, so the replica count does not flap.
@@ -53,3 +58,37 @@ def next_target(
         return current
     state.below_since = None
     return min(max(current, floor), policy.max_replicas)
+
+
+class Demand:
+    """The routers' latest load reports and the models they asked to wake (owned by the manager core)."""
+
+    def __init__(self) -> None:
+        self._reports: dict[str, tuple[float, DemandReport]] = {}  # router id -> (when, its last report)
+        self._wake: set[str] = set()
+
+    def record(self, report: DemandReport, now: float) -> None:
+        self._reports[report.router_id] = (now, report)
+
+    def wake(self, aliases: Iterable[str]) -> bool:
+        """Ask for these models to be woken at the next pass; True if any was not asked for already."""
+        new = set(aliases) - self._wake
+        if new:
+            self._wake |= new
+        return bool(new)
+
+    def take_wakes(self) -> set[str]:
+        """The models asked to wake since the last call (a pass takes them all)."""
+        wakes, self._wake = self._wake, set()
+        return wakes
+
+    def loads(self, now: float) -> dict[str, float]:
+        """alias -> requests in flight plus queued, summed over the routers heard from within DEMAND_TTL_S."""
+        loads: dict[str, float] = {}
+        for router_id, (at, report) in list(self._reports.items()):
+            if now - at > DEMAND_TTL_S:
+                del self._reports[router_id]
+                continue
+            for alias, load in report.models.items():
+                loads[alias] = loads.get(alias, 0.0) + load.in_flight + load.queued
+        return loads

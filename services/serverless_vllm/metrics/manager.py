@@ -14,7 +14,8 @@ from ..schemas import ReplicaState, WorkerState
 from .common import STARTUP_BUCKETS, TextFamily, metrics_response, one_hot, render
 
 if TYPE_CHECKING:
-    from ..manager.core import ManagerCore, ManagerStats
+    from ..manager.core import ManagerCore
+    from ..manager.reconciler import ManagerStats
 
 
 class ReplicaRow(NamedTuple):  # tuples: 10,000 of them are built on the event loop per scrape

@@ -1,0 +1,148 @@
+"""The model registry: every registered model (`ModelRecord`) by alias, in registration order, and its durable
+copy in SQLite (store.py); the validation of registrations, patches and deletions; the `ModelInfo` answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ..config import ManagerSettings
+from ..errors import APIError
+from ..schemas import EngineArgs, ModelInfo, ModelPatch, ModelPolicy, ModelSpec, ModelState, ReplicaInfo
+from ..security.models import check_registration
+from .autoscale import ScaleState
+from .replicas import Replica
+from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRecord:
+    spec: ModelSpec
+    created_at: float
+    scale: ScaleState = field(default_factory=ScaleState)
+    last_error: str | None = None
+    failed_at: float | None = None  # monotonic; the model is FAILED for failed_retry_after_s after this
+    # (spec, its policy, its engine args): derived once per spec, not per reconcile pass or heartbeat reply
+    # (each derivation is a pydantic dump and validation, and a pass asks for 10,000 models' policies).
+    _derived: tuple[ModelSpec, ModelPolicy, EngineArgs] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def _derive(self) -> tuple[ModelSpec, ModelPolicy, EngineArgs]:
+        if self._derived is None or self._derived[0] is not self.spec:  # `spec` is replaced by PATCH
+            self._derived = (self.spec, self.spec.policy(), self.spec.engine_args())
+        return self._derived
+
+    def policy(self) -> ModelPolicy:
+        """spec.policy(), cached: callers must not mutate it."""
+        return self._derive()[1]
+
+    def engine(self) -> EngineArgs:
+        """spec.engine_args(), cached: callers must not mutate it."""
+        return self._derive()[2]
+
+
+class ModelRegistry:
+    """The registered models, loaded from SQLite at construction and written through on every change."""
+
+    def __init__(self, settings: ManagerSettings, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._store = ModelStore(settings.db_path)
+        self._models: dict[str, ModelRecord] = {}
+        now = clock()
+        for spec, created_at in self._store.load():
+            # After a restart every model counts as just used, so adopted engines are not dropped at once.
+            self._models[spec.alias] = ModelRecord(
+                spec=spec, created_at=created_at, scale=ScaleState(target=spec.min_replicas, last_active=now)
+            )
+
+    @property
+    def models(self) -> Mapping[str, ModelRecord]:
+        """alias -> record, in registration order: the live dict, read-only. The other components keep this
+        reference and ask it at dict speed (a table rebuild and a pass each go over 10,000 models)."""
+        return self._models
+
+    def get(self, alias: str) -> ModelRecord | None:
+        return self._models.get(alias)
+
+    def require(self, alias: str) -> ModelRecord:
+        record = self._models.get(alias)
+        if record is None:
+            raise APIError(404, f"The model '{alias}' does not exist", "model_not_found")
+        return record
+
+    def register(self, spec: ModelSpec) -> bool:
+        """Add a model; False when the same spec is already registered (idempotent), 400 for another spec."""
+        check_registration(spec, self._settings.model_dirs)  # hub ids or allowed dirs only; no unsafe engine flags
+        existing = self._models.get(spec.alias)
+        if existing is not None:
+            if existing.spec == spec:
+                return False  # idempotent re-registration
+            raise APIError(
+                400,
+                f"alias '{spec.alias}' is already registered with different settings "
+                "(delete it first, or PATCH its policy)",
+                "alias_exists",
+            )
+        now = self._clock()
+        created = self._store.save(spec)
+        target = max(spec.min_replicas, 1 if spec.preload else 0)
+        self._models[spec.alias] = ModelRecord(
+            spec=spec, created_at=created, scale=ScaleState(target=target, last_active=now)
+        )
+        log.info("registered model %s -> %s (preload=%s)", spec.alias, spec.model_name, spec.preload)
+        return True
+
+    def patch(self, alias: str, patch: ModelPatch) -> ModelRecord:
+        record = self.require(alias)
+        changes = patch.model_dump(exclude_none=True)
+        try:
+            spec = ModelSpec.model_validate({**record.spec.model_dump(), **changes})
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_policy") from exc
+        self._store.save(spec, record.created_at)
+        record.spec = spec
+        record.scale.target = min(max(record.scale.target, spec.min_replicas), spec.max_replicas)
+        return record
+
+    def delete(self, alias: str) -> None:
+        """Forget the model (404 if unknown); its replicas are the caller's to remove."""
+        self.require(alias)
+        self._store.delete(alias)
+        del self._models[alias]
+
+    def failed_recently(self, model: ModelRecord, now: float) -> bool:
+        return model.failed_at is not None and now - model.failed_at < self._settings.failed_retry_after_s
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def model_info(alias: str, record: ModelRecord, replicas: list[Replica], state: ModelState) -> ModelInfo:
+    """The API's view of a model: `replicas` are its desired replicas, `state` its route's (see RoutingPublisher)."""
+    spec = record.spec
+    return ModelInfo(
+        alias=alias,
+        model_name=spec.model_name,
+        state=state,
+        engine=record.engine(),
+        policy=record.policy(),
+        desired_replicas=record.scale.target,
+        replicas=[
+            ReplicaInfo(
+                replica_id=r.replica_id,
+                worker_id=r.worker_id,
+                gpus=r.gpus,
+                state=r.state,
+                asleep=r.asleep,
+                error=r.error,
+            )
+            for r in replicas
+        ],
+        last_error=record.last_error,
+        created_at=record.created_at,
+    )

@@ -1,0 +1,92 @@
+"""What workers report about their engines, folded into the desired replicas: the engines a registering worker
+already runs are adopted (after a manager restart), and every heartbeat's engine states become the replicas'
+actual state, with the routes of the models whose state changed rebuilt."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..metrics.manager import ManagerMetrics
+from ..schemas import ReplicaState
+from .reconciler import Reconciler
+from .registry import ModelRegistry
+from .replicas import Replica, ReplicaIndex
+from .routing_publisher import RoutingPublisher
+from .workers import WorkerRecord
+
+log = logging.getLogger(__name__)
+
+
+class EngineReports:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        registry: ModelRegistry,
+        replicas: ReplicaIndex,
+        reconciler: Reconciler,
+        routing: RoutingPublisher,
+        metrics: ManagerMetrics,
+    ) -> None:
+        self._clock = clock
+        self._models = registry.models
+        self._replicas = replicas
+        self._reconciler = reconciler
+        self._routing = routing
+        self._metrics = metrics
+
+    def adopt(self, record: WorkerRecord) -> None:
+        """Take over engines a worker already runs (after a manager restart) when they still fit the registry."""
+        for status in record.engines.values():
+            if status.replica_id in self._replicas or status.state is ReplicaState.FAILED:
+                continue
+            model = self._models.get(status.alias)
+            if model is None or (status.model_name and status.model_name != model.spec.model_name):
+                continue
+            mine = self._replicas.of_alias(status.alias)
+            if len(mine) >= model.spec.max_replicas:
+                continue
+            self._reconciler.add_replica(
+                Replica(
+                    replica_id=status.replica_id,
+                    alias=status.alias,
+                    worker_id=record.worker_id,
+                    gpus=status.gpus,
+                    fraction=model.spec.gpu_memory_utilization if status.gpus else 0.0,
+                    state=status.state,
+                    asleep=status.state is ReplicaState.SLEEPING,
+                    asleep_since=self._clock(),
+                )
+            )
+            model.scale.target = max(
+                model.scale.target, sum(1 for r in mine if not r.asleep) + (status.state is not ReplicaState.SLEEPING)
+            )
+            log.info("adopted running engine %s of %s on %s", status.replica_id, status.alias, record.worker_id)
+
+    def apply(self, record: WorkerRecord, rebuild: bool = True) -> None:
+        """Fold a worker's engine reports into the replicas' actual state.
+
+        Costs O(this worker's replicas): only the routes of models whose replica changed state are rebuilt, or,
+        with `rebuild` (the worker registered or came back to healthy, so its endpoints enter routing), the
+        routes of every model it runs. A heartbeat that changes nothing leaves the table alone."""
+        mine = self._replicas.of_worker(record.worker_id)
+        changed: set[str] = {r.alias for r in mine} if rebuild else set()
+        for replica in mine:
+            report = record.engines.get(replica.replica_id)
+            if report is None:
+                # Not (or no longer) running there: the assignments make the worker start it.
+                if replica.state not in (ReplicaState.FAILED, ReplicaState.PENDING):
+                    replica.state = ReplicaState.PENDING
+                    changed.add(replica.alias)
+                continue
+            if report.state is ReplicaState.READY and replica.cold_start_at is not None:
+                self._metrics.cold_start_done(replica.alias, self._clock() - replica.cold_start_at)
+                replica.cold_start_at = None
+            if replica.state is not report.state:
+                changed.add(replica.alias)
+            replica.state = report.state
+            if report.state is ReplicaState.FAILED:
+                tail = "\n".join(report.log_tail[-20:])
+                replica.error = f"{report.error or 'engine failed'}\n{tail}".strip()
+        if changed:
+            self._routing.rebuild(changed)

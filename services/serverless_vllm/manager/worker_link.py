@@ -1,0 +1,166 @@
+"""Everything the manager says to workers: their assignment lists, pushed when they change and returned in every
+heartbeat reply, and the probe of a worker a router could not reach.
+
+The only module of the manager that does network I/O (httpx): the rest of the manager is transport-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpx
+
+from ..config import AuthSettings, ManagerSettings
+from ..schemas import Assignment, HeartbeatReply, WorkerState
+from .registry import ModelRegistry
+from .replicas import ReplicaIndex
+from .workers import WorkerRecord, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+# The client the manager calls workers with (the core's constructor takes one, for tests and benchmarks).
+WorkerClient = httpx.AsyncClient
+
+# What can differ between two versions of a worker's assignments: (replica id, asleep) of each replica, in
+# list order. A replica's alias, GPUs, model and engine are fixed for its id (PATCH changes policy only), so
+# equal keys mean equal assignment lists; comparing keys replaces building and hashing every worker's
+# serialized assignments on each pass. What a worker accepted is remembered as the set (PushedKey): the
+# order of a list does not matter to the worker, so a reordering alone is not pushed again.
+AssignmentKey = tuple[tuple[str, bool], ...]
+PushedKey = frozenset[tuple[str, bool]]
+
+
+class WorkerLink:
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        registry: ModelRegistry,
+        replicas: ReplicaIndex,
+        workers: WorkerRegistry,
+        *,
+        on_refused: Callable[[WorkerRecord], None],
+        client: WorkerClient | None = None,
+        worker_headers: dict[str, str] | None = None,
+    ) -> None:
+        """`on_refused`: called with a worker that refused a probe's connection (declared dead)."""
+        self._settings = settings
+        self._models = registry.models
+        self._replicas = replicas
+        self._workers = workers
+        self._on_refused = on_refused
+        self._client = client
+        # Calls to workers carry the worker token; adapters that pass none (the Ray actor) take it from the env.
+        self._worker_headers = AuthSettings.from_env().worker_headers() if worker_headers is None else worker_headers
+        self._pushed: dict[str, PushedKey] = {}  # worker id -> the assignments it last accepted
+        # worker id -> (key, reply): a heartbeat reply is rebuilt only when that worker's assignments change.
+        self._replies: dict[str, tuple[AssignmentKey, HeartbeatReply]] = {}
+        self._probes: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=self._settings.worker_timeout_s, limits=httpx.Limits(max_connections=200)
+            )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # ------------------------------------------------------------------ assignments
+
+    def assignments(self, worker_id: str) -> list[Assignment]:
+        out = []
+        for r in self._replicas.of_worker(worker_id):
+            model = self._models.get(r.alias)
+            if model is not None:
+                out.append(
+                    Assignment(
+                        replica_id=r.replica_id,
+                        alias=r.alias,
+                        model_name=model.spec.model_name,
+                        engine=model.engine(),
+                        gpus=r.gpus,
+                        asleep=r.asleep,
+                    )
+                )
+        return out
+
+    def assignment_key(self, worker_id: str) -> AssignmentKey:
+        """What identifies the worker's assignments (see AssignmentKey), in O(its replicas)."""
+        return tuple((r.replica_id, r.asleep) for r in self._replicas.of_worker(worker_id) if r.alias in self._models)
+
+    def reply(self, record: WorkerRecord) -> HeartbeatReply:
+        """The worker's assignments; the reply object is reused until they change (callers must not mutate it)."""
+        key = self.assignment_key(record.worker_id)
+        cached = self._replies.get(record.worker_id)
+        if cached is None or cached[0] != key:
+            cached = (key, HeartbeatReply(assignments=self.assignments(record.worker_id)))
+            self._replies[record.worker_id] = cached
+        self._pushed[record.worker_id] = frozenset(key)
+        return cached[1]
+
+    def cached_reply(self, worker_id: str) -> HeartbeatReply | None:
+        """The reply the worker's heartbeats get until its assignments change, if one was built."""
+        cached = self._replies.get(worker_id)
+        return cached[1] if cached else None
+
+    def pushed(self, worker_id: str) -> PushedKey | None:
+        """The assignments the worker last accepted (by push or in a heartbeat reply), as a key."""
+        return self._pushed.get(worker_id)
+
+    def forget(self, worker_id: str) -> None:
+        """The worker is dead: what it accepted no longer counts (it registers again with what it runs)."""
+        self._pushed.pop(worker_id, None)
+        self._replies.pop(worker_id, None)
+
+    async def push_assignments(self) -> None:
+        pushes = []
+        for record in self._workers.all():
+            if record.state is WorkerState.DEAD:
+                continue
+            key = frozenset(self.assignment_key(record.worker_id))
+            if self._pushed.get(record.worker_id) != key:
+                pushes.append(self._push(record, self.assignments(record.worker_id), key))
+        if pushes:
+            await asyncio.gather(*pushes)
+
+    async def _push(self, record: WorkerRecord, assignments: list[Assignment], key: PushedKey) -> None:
+        assert self._client is not None
+        try:
+            resp = await self._client.put(
+                f"{record.url}/engines",
+                headers=self._worker_headers,
+                json=[a.model_dump(mode="json") for a in assignments],
+            )
+            resp.raise_for_status()
+            self._pushed[record.worker_id] = key
+        except httpx.HTTPError as exc:
+            # The next heartbeat reply carries the same assignments, so nothing is lost.
+            log.warning("push to worker %s failed (%s); its next heartbeat will carry it", record.worker_id, exc)
+
+    # ------------------------------------------------------------------ probes
+
+    def probe(self, worker_id: str) -> None:
+        """A router could not connect to the worker: probe it in the background."""
+        task = asyncio.create_task(self._probe_worker(worker_id))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def wait_probes(self) -> None:
+        """Wait for the probes under way (tests and tools)."""
+        await asyncio.gather(*self._probes)
+
+    async def _probe_worker(self, worker_id: str) -> None:
+        """A router could not connect: check at once instead of waiting for heartbeats to time out."""
+        record = self._workers.get(worker_id)
+        if record is None or record.state is WorkerState.DEAD or self._client is None:
+            return
+        try:
+            await self._client.get(f"{record.url}/health", timeout=2.0, headers=self._worker_headers)
+        except httpx.ConnectError:
+            log.warning("worker %s refuses connections: declared dead", worker_id)
+            self._on_refused(record)
+        except httpx.HTTPError:
+            pass  # slow, not gone: heartbeats decide
