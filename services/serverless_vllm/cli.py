@@ -8,14 +8,16 @@ import logging
 import os
 import secrets
 import sys
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import httpx
 import uvicorn
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
-from .config import AuthSettings, ManagerSettings, RouterSettings, WorkerSettings
+from .cli_flags import add_flag, command_parser, env_help, flag_values
+from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
 
 log = logging.getLogger("svllm")
@@ -25,7 +27,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _server(app: object, host: str, port: int, level: str) -> uvicorn.Server:
+def _server(app: Any, host: str, port: int, level: str) -> uvicorn.Server:
     # The servers log their own access lines only at debug level: the hot path should not pay for logging.
     # One socket write per response instead of two (server_protocol.py).
     return uvicorn.Server(
@@ -33,7 +35,7 @@ def _server(app: object, host: str, port: int, level: str) -> uvicorn.Server:
             app,
             host=host,
             port=port,
-            log_level=level.lower(),  # type: ignore[arg-type]
+            log_level=level.lower(),
             http=CoalescingHttpToolsProtocol,
             access_log=level.lower() == "debug",
             timeout_graceful_shutdown=5,
@@ -76,19 +78,18 @@ def worker_app(settings: WorkerSettings, auth: AuthSettings | None = None) -> ob
 
 
 def cmd_manager(args: argparse.Namespace) -> None:
-    settings = ManagerSettings.from_env(
-        host=args.host, port=args.port, db_path=args.db, heartbeat_timeout_s=args.heartbeat_timeout_s
-    )
+    settings = ManagerSettings.from_env(**flag_values(args, ManagerSettings))
     _run(_server(manager_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
 def cmd_router(args: argparse.Namespace) -> None:
-    settings = RouterSettings.from_env(
-        host=args.host, port=args.port, manager_url=args.manager_url, processes=args.workers
-    )
+    settings = RouterSettings.from_env(**flag_values(args, RouterSettings))
     if settings.processes > 1:
-        # Stateless apart from its table, so N processes each keep their own and share the port.
-        os.environ.update(ROUTER_HOST=settings.host, ROUTER_PORT=str(settings.port), MANAGER_URL=settings.manager_url)
+        if "router_id" in settings.model_fields_set:  # load reports are per router_id: one name per process
+            raise SystemExit("svllm router: ROUTER_ID names one process; leave it unset with --workers")
+        # Stateless apart from its table, so N processes each keep their own and share the port. Each reads its
+        # settings with from_env: the flags reach it as their environment variables.
+        os.environ.update(settings.to_env("host", "port", "manager_url"))
         os.execvp(
             sys.executable,
             [
@@ -110,14 +111,7 @@ def cmd_router(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    settings = WorkerSettings.from_env(
-        worker_id=args.worker_id,
-        host=args.host,
-        port=args.port,
-        manager_url=args.manager_url,
-        public_url=args.public_url,
-        heartbeat_interval_s=args.heartbeat_interval,
-    )
+    settings = WorkerSettings.from_env(**flag_values(args, WorkerSettings))
     _run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
 
 
@@ -127,7 +121,8 @@ async def register_model(url: str, body: dict[str, object], auth: AuthSettings |
         resp = await client.post(f"{url.rstrip('/')}/v1/models/register", json=body, headers=headers)
         if resp.status_code >= 400:
             raise SystemExit(f"registration failed ({resp.status_code}): {resp.text}")
-        return resp.json()
+        info: dict[str, object] = resp.json()
+        return info
 
 
 def _registration_body(args: argparse.Namespace) -> dict[str, object]:
@@ -143,30 +138,36 @@ def _registration_body(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    info = asyncio.run(register_model(args.url, _registration_body(args)))
+    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
+    info = asyncio.run(register_model(url, _registration_body(args)))
     print(f"registered {info['alias']} -> {info['model_name']} (state: {info['state']})")
+
+
+def up_settings(args: argparse.Namespace) -> tuple[ManagerSettings, RouterSettings, WorkerSettings]:
+    """`svllm up`: the three services on loopback (the router on --host), their files under --state-dir."""
+    state_dir = os.path.abspath(args.state_dir)
+    manager = ManagerSettings.from_env(
+        **flag_values(args, ManagerSettings), host="127.0.0.1", db_path=os.path.join(state_dir, "manager.db")
+    )
+    if "model_dirs" not in manager.model_fields_set:  # local mode: any absolute model path, unless narrowed
+        manager = manager.model_copy(update={"model_dirs": ["/"]})
+    router = RouterSettings.from_env(
+        **flag_values(args, RouterSettings), host=args.host, manager_url=f"http://127.0.0.1:{manager.port}"
+    )
+    worker = WorkerSettings.from_env(
+        **flag_values(args, WorkerSettings),
+        host="127.0.0.1",
+        manager_url=router.manager_url,
+        heartbeat_interval_s=2.0,
+        log_dir=os.path.join(state_dir, "engines"),
+    )
+    return manager, router, worker.model_copy(update={"public_url": f"http://127.0.0.1:{worker.port}"})
 
 
 def cmd_up(args: argparse.Namespace) -> None:
     """Manager, router and one local worker in one process: the quick start without Docker."""
-    state_dir = os.path.abspath(args.state_dir)
     auth = _local_auth()
-    # Local mode: any absolute model path, unless SVLLM_MODEL_DIRS narrows it.
-    manager = ManagerSettings.from_env(
-        host="127.0.0.1",
-        port=args.manager_port,
-        db_path=os.path.join(state_dir, "manager.db"),
-        model_dirs=None if os.environ.get("SVLLM_MODEL_DIRS") else ["/"],
-    )
-    router = RouterSettings.from_env(host=args.host, port=args.port, manager_url=f"http://127.0.0.1:{manager.port}")
-    worker = WorkerSettings.from_env(
-        host="127.0.0.1",
-        port=args.worker_port,
-        manager_url=router.manager_url,
-        public_url=f"http://127.0.0.1:{args.worker_port}",
-        heartbeat_interval_s=2.0,
-        log_dir=os.path.join(state_dir, "engines"),
-    )
+    manager, router, worker = up_settings(args)
 
     async def run() -> None:
         servers = [
@@ -193,7 +194,7 @@ def _local_auth() -> AuthSettings:
     """`svllm up`: authentication off unless credentials are set (said in the log); with client keys set, the
     internal credentials it lacks are made up for this run (all three services live in this process)."""
     auth = AuthSettings.from_env()
-    if not auth.configured and not os.environ.get("SVLLM_AUTH"):
+    if not auth.configured and "mode" not in auth.model_fields_set:  # SVLLM_AUTH not set either
         log.warning(
             "authentication is OFF (local mode: no SVLLM_API_KEYS, SVLLM_ADMIN_KEY or SVLLM_WORKER_TOKEN "
             "set); set them before exposing this beyond loopback"
@@ -216,33 +217,36 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svllm", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    # Settings flags come from config.py (add_flag): default None, so the environment, then the default, applies;
+    # their help is the setting's description with its variable and default. `svllm COMMAND --help` lists every
+    # environment variable of the command's settings.
+    parser = argparse.ArgumentParser(
+        prog="svllm", description=__doc__, epilog=env_help(CliSettings), formatter_class=RawDescriptionHelpFormatter
+    )
+    add_flag(parser, CliSettings, "log_level", "--log-level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("manager", help="the manager (registry, placement, routing table)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--db", help="SQLite path of the registry (env MANAGER_DB)")
-    p.add_argument(
-        "--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, help="seconds without heartbeat before unhealthy"
-    )
+    p = command_parser(sub, "manager", "the manager (registry, placement, routing table)", ManagerSettings)
+    add_flag(p, ManagerSettings, "host", "--host")
+    add_flag(p, ManagerSettings, "port", "--port")
+    add_flag(p, ManagerSettings, "db_path", "--db")
+    add_flag(p, ManagerSettings, "heartbeat_timeout_s", "--heartbeat-timeout")
     p.set_defaults(func=cmd_manager)
 
-    p = sub.add_parser("router", help="the OpenAI-compatible router")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--manager-url")
-    p.add_argument("--workers", type=int, help="router processes (gunicorn with uvicorn workers)")
+    p = command_parser(sub, "router", "the OpenAI-compatible router", RouterSettings)
+    add_flag(p, RouterSettings, "host", "--host")
+    add_flag(p, RouterSettings, "port", "--port")
+    add_flag(p, RouterSettings, "manager_url", "--manager-url")
+    add_flag(p, RouterSettings, "processes", "--workers")
     p.set_defaults(func=cmd_router)
 
-    p = sub.add_parser("worker", help="a worker: runs vLLM engines on this machine")
-    p.add_argument("--worker-id")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--manager-url", help="the manager, or a router (it passes worker calls on)")
-    p.add_argument("--public-url", help="the address others use to reach this worker")
-    p.add_argument("--heartbeat-interval", type=float)
+    p = command_parser(sub, "worker", "a worker: runs vLLM engines on this machine", WorkerSettings)
+    add_flag(p, WorkerSettings, "worker_id", "--worker-id")
+    add_flag(p, WorkerSettings, "host", "--host")
+    add_flag(p, WorkerSettings, "port", "--port")
+    add_flag(p, WorkerSettings, "manager_url", "--manager-url")
+    add_flag(p, WorkerSettings, "public_url", "--public-url")
+    add_flag(p, WorkerSettings, "heartbeat_interval_s", "--heartbeat-interval")
     p.set_defaults(func=cmd_worker)
 
     def model_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -251,17 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-model-len", type=int)
         p.add_argument("--engine-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
 
-    p = sub.add_parser("up", help="manager + router + one local worker in one process")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=18000)
-    p.add_argument("--manager-port", type=int, default=9000)
-    p.add_argument("--worker-port", type=int, default=7000)
-    p.add_argument("--state-dir", default=os.environ.get("SVLLM_STATE_DIR", ".svllm"))
+    up_help = "manager + router + one local worker in one process"
+    up_own = "; it sets their hosts, MANAGER_URL, PUBLIC_URL, HEARTBEAT_INTERVAL and the paths under --state-dir"
+    p = command_parser(
+        sub, "up", up_help, ManagerSettings, RouterSettings, WorkerSettings, description=up_help + up_own
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address of the router (default 127.0.0.1; the rest: loopback)")
+    add_flag(p, RouterSettings, "port", "--port")
+    add_flag(p, ManagerSettings, "port", "--manager-port", dest="manager_port")
+    add_flag(p, WorkerSettings, "port", "--worker-port", dest="worker_port")
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("SVLLM_STATE_DIR", ".svllm"),
+        help="registry and engine logs of this run (env SVLLM_STATE_DIR, default .svllm)",
+    )
     model_flags(p, required=False)
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("register", help="register a model with a running router")
-    p.add_argument("--url", default=os.environ.get("ROUTER_URL", "http://127.0.0.1:18000"))
+    p = command_parser(sub, "register", "register a model with a running router", CliSettings)
+    add_flag(p, CliSettings, "router_url", "--url")
     model_flags(p, required=True)
     p.set_defaults(func=cmd_register)
 
@@ -279,11 +291,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .security.auth import AuthConfigError
 
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
     try:
+        args.log_level = CliSettings.from_env(log_level=args.log_level).log_level
+        _setup_logging(args.log_level)
         args.func(args)
     except AuthConfigError as exc:
         raise SystemExit(f"svllm {args.command}: {exc}") from None
+    except ValidationError as exc:  # a setting's value (flag or environment variable) that does not parse
+        raise SystemExit(f"svllm {args.command}: invalid settings: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,17 @@
-"""All configuration in one typed place.
+"""All configuration in one typed place: each setting is written once, here.
 
-Each setting has an environment variable (the names of the design: MANAGER_URL, WORKER_ID, PUBLIC_URL, ...);
-command-line flags override them. Settings objects are immutable and passed to the objects that need them.
+A setting is a field of one settings model per component (ManagerSettings, RouterSettings, WorkerSettings,
+AuthSettings, RaySettings for `svllm ray-services`, CliSettings for the `svllm` command itself) with its type, its
+default, its environment variable (the field's `validation_alias`: MANAGER_URL, WORKER_ID, PUBLIC_URL, ...) and a
+one-line `description`. The command line (cli.py, ray_mode/cli.py) derives each flag's default and help from the
+field (`add_flag`), and tests/unit/test_settings.py checks the README's table and `.env.example` against these
+models. Settings objects are immutable and passed to the objects that need them.
+
+`XSettings.from_env(**overrides)` reads the environment when it is called (never at import); overrides that are
+None are ignored, so unset flags fall back to the environment, then to the default. An empty variable counts as
+unset. Only the variables named here are read, and their values are parsed as documented per field (no JSON).
+Constructing a model directly (`ManagerSettings(db_path=..., heartbeat_timeout_s=30)`) takes the values given and
+the defaults only, never the environment: what a test or a Serve replica passes is what it gets.
 """
 
 from __future__ import annotations
@@ -10,131 +20,155 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr, field_validator, model_validator
 
-
-def _env(name: str, default: Any) -> Any:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    return value
-
-
-def _default_state_dir() -> Path:
-    return Path(_env("SVLLM_STATE_DIR", Path.home() / ".cache" / "serverless-vllm"))
-
-
-class _Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from .ray_mode import DEFAULT_NAMESPACE  # constants only: no Ray import
+from .settings_base import Settings as _Settings
+from .settings_base import default_state_dir as _default_state_dir
+from .settings_base import setting as _setting
 
 
 class ManagerSettings(_Settings):
-    host: str = "0.0.0.0"
-    port: int = 9000
-    db_path: str = Field(default_factory=lambda: str(_default_state_dir() / "manager.db"))
-    # No heartbeat for this long: unhealthy (out of routing); twice as long: dead (replicas move elsewhere).
-    heartbeat_timeout_s: float = 60.0
-    reconcile_interval_s: float = 1.0
-    # Hysteresis for autoscaling: load must stay below the lower target this long before a replica goes.
-    scale_down_delay_s: float = 30.0
-    # A model whose engine failed to start is not retried automatically for this long.
-    failed_retry_after_s: float = 30.0
-    worker_timeout_s: float = 10.0
-    # Directories local model paths must lie under (security/models.py); empty: hub ids only. "/" allows any
-    # absolute path (what `svllm up` uses on a developer's machine).
-    model_dirs: list[str] = []
+    host: str = _setting("0.0.0.0", env="MANAGER_HOST", description="address the manager listens on")
+    port: int = _setting(9000, env="MANAGER_PORT", description="port the manager listens on")
+    db_path: str = _setting(
+        env="MANAGER_DB",
+        description="SQLite file of the model registry (':memory:': none)",
+        default_factory=lambda: str(_default_state_dir() / "manager.db"),
+    )
+    heartbeat_timeout_s: float = _setting(
+        60.0,
+        env="HEARTBEAT_TIMEOUT",
+        description="seconds without heartbeat: a worker is unhealthy (out of routing); twice: dead (replicas move)",
+    )
+    reconcile_interval_s: float = _setting(
+        1.0, env="RECONCILE_INTERVAL", description="seconds between reconcile passes (desired vs reported replicas)"
+    )
+    scale_down_delay_s: float = _setting(
+        30.0, env="SCALE_DOWN_DELAY", description="seconds load must stay low before a replica goes (hysteresis)"
+    )
+    failed_retry_after_s: float = _setting(
+        30.0, env="FAILED_RETRY_AFTER", description="seconds a model whose engine failed stays failed (no retries)"
+    )
+    worker_timeout_s: float = _setting(
+        10.0, env="WORKER_TIMEOUT", description="seconds the manager waits for a worker to answer a call"
+    )
+    model_dirs: list[str] = _setting(
+        [],
+        env="SVLLM_MODEL_DIRS",
+        description="directories local model paths must lie under, comma or colon list (empty: hub ids only; "
+        "'/': any absolute path)",
+    )
 
+    @field_validator("model_dirs", mode="before")
     @classmethod
-    def from_env(cls, **overrides: Any) -> ManagerSettings:
-        values = {
-            "host": _env("MANAGER_HOST", "0.0.0.0"),
-            "port": int(_env("MANAGER_PORT", 9000)),
-            "db_path": _env("MANAGER_DB", str(_default_state_dir() / "manager.db")),
-            "heartbeat_timeout_s": float(_env("HEARTBEAT_TIMEOUT", 60.0)),
-            "scale_down_delay_s": float(_env("SCALE_DOWN_DELAY", 30.0)),
-            "failed_retry_after_s": float(_env("FAILED_RETRY_AFTER", 30.0)),
-            "model_dirs": [d for d in re.split(r"[,:]", _env("SVLLM_MODEL_DIRS", "")) if d.strip()],
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def _split_dirs(cls, value: Any) -> Any:
+        return [d for d in re.split(r"[,:]", value) if d.strip()] if isinstance(value, str) else value
 
 
 class RouterSettings(_Settings):
-    host: str = "0.0.0.0"
-    port: int = 18000
-    manager_url: str = "http://127.0.0.1:9000"
-    router_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    processes: int = 1
-    request_timeout_s: float = 600.0
-    # How long a request may wait for its model to cold-start (separate from the request timeout).
-    cold_start_timeout_s: float = 600.0
-    max_queue_per_model: int = 256
-    report_interval_s: float = 1.0
-    max_body_bytes: int = 8 * 1024 * 1024
+    host: str = _setting("0.0.0.0", env="ROUTER_HOST", description="address the router listens on")
+    port: int = _setting(18000, env="ROUTER_PORT", description="port the router listens on")
+    manager_url: str = _setting(
+        "http://127.0.0.1:9000", env="MANAGER_URL", description="the manager (a worker may name a router instead)"
+    )
+    router_id: str = _setting(
+        env="ROUTER_ID",
+        description="this router process's name in its load reports (one per process: unset with --workers)",
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+    )
+    processes: int = _setting(1, env="ROUTER_PROCESSES", description="router processes (gunicorn, >1)")
+    request_timeout_s: float = _setting(
+        600.0, env="REQUEST_TIMEOUT", description="seconds an upstream request may take"
+    )
+    cold_start_timeout_s: float = _setting(
+        600.0, env="COLD_START_TIMEOUT", description="seconds a request waits for its model to start"
+    )
+    max_queue_per_model: int = _setting(
+        256, env="MAX_QUEUE_PER_MODEL", description="requests held per cold model before 503 queue_full"
+    )
+    report_interval_s: float = _setting(
+        1.0, env="REPORT_INTERVAL", description="seconds between the router's load reports to the manager"
+    )
+    max_body_bytes: int = _setting(
+        8 * 1024 * 1024, env="MAX_BODY_BYTES", description="request body limit of the router, in bytes"
+    )
     # Unknown top-level fields of inference requests are a 400 (security/inference.py), unless this is set
     # (a newer vLLM on the workers with parameters the router does not know yet).
-    allow_unknown_fields: bool = False
-    # Backpressure: requests in flight per ready replica beyond which a model answers 503 "overloaded" at once
-    # (vLLM would queue them without bound); 0 = no cap.
-    max_in_flight_per_replica: int = 256
+    allow_unknown_fields: bool = _setting(
+        False,
+        env="ALLOW_UNKNOWN_FIELDS",
+        description="pass request fields this vLLM version does not know (1/true/yes/on)",
+    )
+    # Backpressure: vLLM would queue without bound.
+    max_in_flight_per_replica: int = _setting(
+        256,
+        env="MAX_INFLIGHT_PER_REPLICA",
+        description="requests in flight per ready replica before 503 overloaded (0: no cap)",
+    )
 
+    # Stored Responses live in the engine that made them: the router remembers where (router/responses.py).
+    responses_max_ids: int = _setting(
+        100_000, env="RESPONSES_MAX_IDS", description="response ids remembered with their replica (least recent out)"
+    )
+    responses_retention_s: float = _setting(
+        3600.0, env="RESPONSES_RETENTION", description="seconds a response id is remembered after its last use"
+    )
+    responses_probe_replicas: int = _setting(
+        16, env="RESPONSES_PROBE_REPLICAS", description="replicas asked for a response id the router does not know"
+    )
+
+    @field_validator("allow_unknown_fields", mode="before")
     @classmethod
-    def from_env(cls, **overrides: Any) -> RouterSettings:
-        values = {
-            "host": _env("ROUTER_HOST", "0.0.0.0"),
-            "port": int(_env("ROUTER_PORT", 18000)),
-            "manager_url": _env("MANAGER_URL", "http://127.0.0.1:9000"),
-            "processes": int(_env("ROUTER_PROCESSES", 1)),
-            "request_timeout_s": float(_env("REQUEST_TIMEOUT", 600.0)),
-            "cold_start_timeout_s": float(_env("COLD_START_TIMEOUT", 600.0)),
-            "max_queue_per_model": int(_env("MAX_QUEUE_PER_MODEL", 256)),
-            "max_body_bytes": int(_env("MAX_BODY_BYTES", 8 * 1024 * 1024)),
-            "allow_unknown_fields": str(_env("ALLOW_UNKNOWN_FIELDS", "0")).lower() in ("1", "true", "yes", "on"),
-            "max_in_flight_per_replica": int(_env("MAX_INFLIGHT_PER_REPLICA", 256)),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def _truthy(cls, value: Any) -> Any:
+        return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else value
 
 
 class WorkerSettings(_Settings):
-    worker_id: str = Field(default_factory=socket.gethostname)
-    host: str = "0.0.0.0"
-    port: int = 7000
-    manager_url: str = "http://127.0.0.1:9000"
-    # The address others use to reach this worker (port forwarding, NAT); derived from host/port if empty.
-    public_url: str = ""
-    heartbeat_interval_s: float = 5.0
-    engine_start_timeout_s: float = 900.0
-    # Engines a CPU-only worker runs at once; 0 = derive from memory (about 4 GiB each).
-    cpu_slots: int = 0
-    cpu_kvcache_gib: int = 1
-    log_dir: str = Field(default_factory=lambda: str(_default_state_dir() / "engines"))
-    # Arguments added to every engine this worker starts (e.g. --enforce-eager on CPU to start faster).
-    engine_extra_args: list[str] = []
-    # Niceness added to engine processes. An engine saturating the CPU (a CPU worker) would otherwise make the
-    # worker's relay and heartbeats wait behind its threads; 0 leaves engines at the worker's priority.
-    engine_nice: int = Field(default=5, ge=0, le=19)
+    worker_id: str = _setting(
+        env="WORKER_ID",
+        description="unique id of this worker (default: the hostname)",
+        default_factory=socket.gethostname,
+    )
+    host: str = _setting("0.0.0.0", env="WORKER_HOST", description="address the worker listens on")
+    port: int = _setting(7000, env="WORKER_PORT", description="port the worker listens on")
+    manager_url: str = _setting(
+        "http://127.0.0.1:9000", env="MANAGER_URL", description="the manager (a worker may name a router instead)"
+    )
+    public_url: str = _setting(
+        "",
+        env="PUBLIC_URL",
+        description="the address others must use for this worker (port forwarding, NAT; empty: http://host:port)",
+    )
+    heartbeat_interval_s: float = _setting(5.0, env="HEARTBEAT_INTERVAL", description="seconds between heartbeats")
+    engine_start_timeout_s: float = _setting(
+        900.0, env="ENGINE_START_TIMEOUT", description="seconds an engine has to become healthy before it has failed"
+    )
+    cpu_slots: int = _setting(
+        0, env="CPU_SLOTS", description="engines a CPU-only worker runs at once (0: one per 4 GiB of memory)"
+    )
+    cpu_kvcache_gib: int = _setting(1, env="VLLM_CPU_KVCACHE_SPACE", description="GiB of KV cache per CPU engine")
+    log_dir: str = _setting(
+        env="ENGINE_LOG_DIR",
+        description="directory of the engines' log files (one per engine)",
+        default_factory=lambda: str(_default_state_dir() / "engines"),
+    )
+    engine_extra_args: list[str] = _setting(
+        [],
+        env="ENGINE_EXTRA_ARGS",
+        description="vLLM arguments for every engine, split at whitespace (e.g. --enforce-eager on CPU)",
+    )
+    # An engine saturating the CPU (a CPU worker) would otherwise make the relay and heartbeats wait behind it.
+    engine_nice: int = _setting(
+        5, env="ENGINE_NICE", description="niceness added to engine processes, 0-19 (0: off)", ge=0, le=19
+    )
 
+    @field_validator("engine_extra_args", mode="before")
     @classmethod
-    def from_env(cls, **overrides: Any) -> WorkerSettings:
-        values = {
-            "worker_id": _env("WORKER_ID", socket.gethostname()),
-            "host": _env("WORKER_HOST", "0.0.0.0"),
-            "port": int(_env("WORKER_PORT", 7000)),
-            "manager_url": _env("MANAGER_URL", "http://127.0.0.1:9000"),
-            "public_url": _env("PUBLIC_URL", ""),
-            "heartbeat_interval_s": float(_env("HEARTBEAT_INTERVAL", 5.0)),
-            "engine_start_timeout_s": float(_env("ENGINE_START_TIMEOUT", 900.0)),
-            "cpu_slots": int(_env("CPU_SLOTS", 0)),
-            "cpu_kvcache_gib": int(_env("VLLM_CPU_KVCACHE_SPACE", 1)),
-            "log_dir": _env("ENGINE_LOG_DIR", str(_default_state_dir() / "engines")),
-            "engine_extra_args": _env("ENGINE_EXTRA_ARGS", "").split(),
-            "engine_nice": int(_env("ENGINE_NICE", 5)),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def _split_args(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
 
     def advertised_url(self) -> str:
         if self.public_url:
@@ -150,10 +184,60 @@ class AuthSettings(_Settings):
     and must be asked for explicitly (SVLLM_AUTH=off; `svllm up` without credentials).
     """
 
-    mode: Literal["on", "off"] = "on"
-    api_keys: tuple[SecretStr, ...] = ()  # clients: inference and model listing
-    admin_key: SecretStr | None = None  # register, patch, delete, /workers; also the router's key to the manager
-    worker_token: SecretStr | None = None  # worker <-> manager, router -> worker
+    mode: Literal["on", "off"] = _setting(
+        "on", env="SVLLM_AUTH", description="'off' disables credentials (local development only)"
+    )
+    api_keys_file: str | None = _setting(
+        None,
+        env="SVLLM_API_KEYS_FILE",
+        description="file of more client keys, one per line, '#' comments (missing file: refuse to start)",
+    )
+    api_keys: tuple[SecretStr, ...] = _setting(
+        (), env="SVLLM_API_KEYS", description="client API keys, comma list: inference and model listing"
+    )
+    admin_key: SecretStr | None = _setting(
+        None,
+        env="SVLLM_ADMIN_KEY",
+        description="admin key: register, patch, delete, /workers; the router's key to the manager",
+    )
+    worker_token: SecretStr | None = _setting(
+        None, env="SVLLM_WORKER_TOKEN", description="worker join token: worker <-> manager, router -> worker"
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        mode = value.strip().lower()
+        if mode not in ("on", "off"):
+            raise ValueError(f"SVLLM_AUTH must be 'on' or 'off', not {mode!r}")
+        return mode
+
+    @field_validator("api_keys_file", "admin_key", "worker_token", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _add_key_file(self) -> Self:
+        # After every value validated (a bad SVLLM_AUTH is reported first). A missing or unreadable file raises
+        # OSError, not a validation error: fail closed, whatever the caller catches.
+        keys = self.api_keys
+        if self.api_keys_file:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+            keys += tuple(SecretStr(s) for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+        unique = tuple({k.get_secret_value(): k for k in keys}.values())  # once each: validating a dump adds none
+        if unique != self.api_keys:
+            self.__dict__["api_keys"] = unique  # frozen once constructed; this is still construction
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -171,27 +255,58 @@ class AuthSettings(_Settings):
         """What the router presents to the manager's HTTP API (the admin key, as a service credential)."""
         return _bearer(self.admin_key) if self.enabled else {}
 
-    @classmethod
-    def from_env(cls, **overrides: Any) -> AuthSettings:
-        mode = str(_env("SVLLM_AUTH", "on")).strip().lower()
-        if mode not in ("on", "off"):
-            raise ValueError(f"SVLLM_AUTH must be 'on' or 'off', not {mode!r}")
-        keys = [k.strip() for k in str(_env("SVLLM_API_KEYS", "")).split(",") if k.strip()]
-        key_file = _env("SVLLM_API_KEYS_FILE", "")
-        if key_file:
-            # One key per line; blank lines and '#' comments ignored. A missing file is an error (fail closed).
-            lines = Path(key_file).read_text().splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-        admin, token = str(_env("SVLLM_ADMIN_KEY", "")).strip(), str(_env("SVLLM_WORKER_TOKEN", "")).strip()
-        values: dict[str, Any] = {
-            "mode": mode,
-            "api_keys": tuple(SecretStr(k) for k in keys),
-            "admin_key": SecretStr(admin) if admin else None,
-            "worker_token": SecretStr(token) if token else None,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
 
 def _bearer(secret: SecretStr | None) -> dict[str, str]:
     return {"authorization": f"Bearer {secret.get_secret_value()}"} if secret is not None else {}
+
+
+class RaySettings(_Settings):
+    """`svllm ray-services`: the cluster to join and the API's address (ray_mode/services.RayServicesSettings takes
+    these with the command's other flags)."""
+
+    address: str | None = _setting(
+        None,
+        env="RAY_ADDRESS",
+        description="Ray cluster to join (unset: a running one, else a new local one; 'local' forces a new one)",
+    )
+    namespace: str = _setting(
+        DEFAULT_NAMESPACE, env="SVLLM_RAY_NAMESPACE", description="Ray namespace of the manager actor"
+    )
+    host: str = _setting("0.0.0.0", env="SERVE_HOST", description="address of the API in hybrid mode")
+    port: int = _setting(8000, env="SERVE_PORT", description="port of the API in hybrid mode")
+    replicas: int = _setting(
+        1, env="ROUTER_REPLICAS", description="router replicas (direct ingress: at most one per node)"
+    )
+    ingress: Literal["direct", "proxy"] = _setting(
+        "direct",
+        env="SERVE_INGRESS",
+        description="direct: each router replica serves the API port itself (no proxy hop); "
+        "proxy: Serve's proxy on every node forwards to the replicas",
+    )
+    proxy_port: int = _setting(
+        8001, env="SERVE_PROXY_PORT", description="port of Serve's own proxy under direct ingress (head node)"
+    )
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _blank_address(cls, value: Any) -> Any:
+        return value or None
+
+
+class CliSettings(_Settings):
+    """The `svllm` command itself."""
+
+    log_level: str = _setting("info", env="LOG_LEVEL", description="log level (debug adds a line per request)")
+    router_url: str = _setting(
+        "http://127.0.0.1:18000", env="ROUTER_URL", description="the router `svllm register` talks to"
+    )
+
+
+SETTINGS_MODELS: tuple[type[_Settings], ...] = (
+    ManagerSettings,
+    RouterSettings,
+    WorkerSettings,
+    AuthSettings,
+    RaySettings,
+    CliSettings,
+)
