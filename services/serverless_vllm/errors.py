@@ -1,4 +1,5 @@
-"""Errors in the OpenAI shape, one exception type for every component, and FastAPI handlers for them."""
+"""Errors in the OpenAI shape (the Anthropic shape on the Messages API), one exception type for every component,
+and FastAPI handlers for them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,24 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); the status stays ours.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+# Paths whose clients (the `anthropic` SDK) expect Anthropic's error shape.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def anthropic_shape(path: str) -> bool:
+    return path.startswith(ANTHROPIC_PREFIX)
 
 
 class APIError(Exception):
@@ -60,8 +79,14 @@ class APIError(Exception):
             body["error"]["details"] = self.details
         return body
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as a response, in the shape the clients of `path` understand."""
+        body = self.anthropic_body() if path and anthropic_shape(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,19 +123,19 @@ def install_error_handlers(app: FastAPI) -> None:
     """Make every error of the app leave in the OpenAI shape, 500s included."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return APIError(400, _validation_message(exc), "invalid_request").response()
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return APIError(400, _validation_message(exc), "invalid_request").response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code).response()
+        return APIError(exc.status_code, str(exc.detail), code).response(request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return APIError(500, f"internal error: {type(exc).__name__}", "internal_error").response()
+        return APIError(500, f"internal error: {type(exc).__name__}", "internal_error").response(request.url.path)

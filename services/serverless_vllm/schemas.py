@@ -47,9 +47,18 @@ class ModelPolicy(Strict):
         return self
 
 
+class ModelTask(StrEnum):
+    """What a model's engine serves (vLLM's runner and conversion): which endpoints it answers."""
+
+    GENERATE = "generate"  # chat, completions, Responses, Messages (and audio, for a speech model)
+    EMBED = "embed"  # embeddings, pooling, score and rerank by similarity
+    CLASSIFY = "classify"  # classification, pooling; score and rerank as a cross-encoder
+
+
 class EngineArgs(Strict):
     """The vLLM engine arguments a registration may set."""
 
+    task: ModelTask = ModelTask.GENERATE
     max_model_len: Annotated[int, Field(gt=0, le=10_000_000)] | None = None
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
@@ -222,6 +231,7 @@ class Endpoint(BaseModel):
 
 class ModelRoute(BaseModel):
     state: ModelState
+    task: ModelTask = ModelTask.GENERATE  # which endpoints it serves: refused at the router otherwise
     endpoints: list[Endpoint] = []  # ready replicas only
     error: str | None = None  # why the model is failed (state FAILED)
     created: int = 0  # registration time (unix seconds), for the OpenAI model list

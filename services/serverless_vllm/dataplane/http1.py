@@ -255,11 +255,17 @@ class Client:
 
     async def post(self, base_url: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """POST `body` to `base_url + path`; returns once the status and headers are in."""
+        return await self.request("POST", base_url, path, body, headers)
+
+    async def request(
+        self, method: str, base_url: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> UpstreamResponse:
+        """Send one request; returns once the status and headers are in."""
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = _Origin(base_url)
         head = [
-            f"POST {origin.path_prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
+            f"{method} {origin.path_prefix}{path} HTTP/1.1\r\n".encode("latin-1"),
             b"host: ",
             origin.host_header,
             b"\r\ncontent-length: ",

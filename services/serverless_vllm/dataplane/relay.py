@@ -83,9 +83,12 @@ class UpstreamClient:
     def __init__(self, read_timeout_s: float | None = None, connect_timeout_s: float = 5.0) -> None:
         self._client = Client(read_timeout_s=read_timeout_s, connect_timeout_s=connect_timeout_s)
 
-    async def open(self, base_url: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
-        """POST `body` and return once the response headers are in. Raises UpstreamError."""
-        return await self._client.post(base_url, path, body, headers)
+    async def open(
+        self, base_url: str, path: str, body: bytes, headers: dict[str, str], method: str = "POST"
+    ) -> UpstreamResponse:
+        """Send `body` (a POST unless told otherwise) and return once the response headers are in. Raises
+        UpstreamError."""
+        return await self._client.request(method, base_url, path, body, headers)
 
     async def respond(self, upstream: UpstreamResponse, on_done: Callable[[], None] | None = None) -> Response:
         """The client's response: an event stream is relayed chunk by chunk, anything else read whole first (so a

@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 
-from ..schemas import Endpoint, ModelRoute, ModelState, ReplicaState, RoutingTable, WorkerState
+from ..schemas import Endpoint, ModelRoute, ModelState, ModelTask, ReplicaState, RoutingTable, WorkerState
 from .registry import ModelRecord, ModelRegistry
 from .replicas import ACTIVE, Replica, ReplicaIndex
 from .workers import WorkerRegistry
 
-# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created.
-RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int]
+# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task.
+RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask]
 
 
 class RoutingPublisher:
@@ -105,8 +105,8 @@ class RoutingPublisher:
     def _route_key(self, model: ModelRecord, mine: list[Replica], now: float) -> RouteKey:
         if not mine:  # most models, on every full rebuild: the same answer as below, sooner
             if self._failed_recently(model, now):
-                return ModelState.FAILED, (), model.last_error, int(model.created_at)
-            return ModelState.COLD, (), None, int(model.created_at)
+                return ModelState.FAILED, (), model.last_error, int(model.created_at), model.engine().task
+            return ModelState.COLD, (), None, int(model.created_at), model.engine().task
         endpoints = []
         for r in mine:
             if r.state is ReplicaState.READY and not r.asleep:
@@ -124,7 +124,7 @@ class RoutingPublisher:
             state, error = ModelState.FAILED, model.last_error
         else:
             state = ModelState.COLD
-        return state, tuple(endpoints), error, int(model.created_at)
+        return state, tuple(endpoints), error, int(model.created_at), model.engine().task
 
     async def wait(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
         """Long-poll: return as soon as the table is newer than `after_version` (or from another epoch)."""
@@ -150,9 +150,10 @@ class RoutingPublisher:
 
 
 def _route(key: RouteKey) -> ModelRoute:
-    state, endpoints, error, created = key
+    state, endpoints, error, created, task = key
     return ModelRoute(
         state=state,
+        task=task,
         endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url) for rid, wid, url in endpoints],
         error=error,
         created=created,

@@ -1,8 +1,9 @@
 """The router's metrics: requests by model and status, latency and time to first token, load per model.
 
 The hot path pays one histogram and one counter update per request: label children are cached in plain
-dicts (bounded: registered aliases x two endpoints x the status codes seen), so no `labels()` lookup and no
-lock of ours per request. In flight and queued are read from the routing table at scrape time.
+dicts (bounded: registered aliases x the endpoint labels of dataplane/endpoints.py x the status codes seen), so
+no `labels()` lookup and no lock of ours per request. In flight and queued are read from the routing table at
+scrape time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..dataplane.endpoints import LABELS, RESPONSES_PREFIX
 from ..manager.protocol import ManagerAPI
 from ..router.table import RouteTable
 from . import sd
@@ -25,8 +27,11 @@ from .common import LATENCY_BUCKETS, STARTUP_BUCKETS, UNKNOWN_MODEL, metrics_res
 
 # The inference handlers put the request's model here (in the ASGI scope) for the middleware to label it.
 MODEL_SCOPE_KEY = "svllm.model"
-# Inference paths and their `endpoint` label; nothing else is measured (and no raw path ever is a label).
-INFERENCE_ENDPOINTS = {"/v1/chat/completions": "chat_completions", "/v1/completions": "completions"}
+# Inference paths and their `endpoint` label (dataplane/endpoints.py); nothing else is measured.
+INFERENCE_ENDPOINTS = LABELS
+# The labels whose series exist before the first request (the rest appear with their first request): every label
+# for every model would be ~30 histograms per alias, too many at 10,000 models.
+_PRECREATED = ("chat_completions", "completions")
 
 TableGetter = Callable[[], RouteTable | None]
 
@@ -125,7 +130,7 @@ class RouterMetrics:
         table = self._table()
         for alias in table.aliases() if table is not None else ():
             self._queue_wait.labels(alias)
-            for endpoint in INFERENCE_ENDPOINTS.values():
+            for endpoint in _PRECREATED:
                 self._child(self._duration_children, self._duration, alias, endpoint)
                 self._child(self._ttft_children, self._ttft, alias, endpoint)
         return render(self.registry)
@@ -145,6 +150,8 @@ class RequestMetricsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = INFERENCE_ENDPOINTS.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None and scope["type"] == "http" and scope["path"].startswith(RESPONSES_PREFIX):
+            endpoint = "responses"  # a stored response's GET or cancel
         if endpoint is None:
             await self.app(scope, receive, send)
             return

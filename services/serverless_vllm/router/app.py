@@ -11,7 +11,8 @@ from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, RouterSettings
 from ..dataplane.app_state import AppState
-from ..dataplane.body import read_json_body
+from ..dataplane.body import read_inference
+from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import SESSION_HEADER
 from ..dataplane.heap import freeze_startup_heap
 from ..dataplane.inference_routes import inference_routes
@@ -20,10 +21,10 @@ from ..errors import install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
 from ..security.auth import install_guard, router_policy
-from ..security.inference import check_inference
 from .fleet_api import fleet_router
 from .models_api import models_router
 from .proxy import Forwarder
+from .responses import ResponseMap, ResponsesRouter
 from .state import RouterState
 from .sync import ManagerSync
 from .table import RouteTable
@@ -58,7 +59,13 @@ def create_router_app(
         forwarder = Forwarder(
             settings, table, sync, manager, client, upstream_headers, on_hold=metrics.observe_queue_wait
         )
-        state.set(RouterState(manager=manager, table=table, sync=sync, client=client, forwarder=forwarder))
+        ids = ResponseMap(settings.responses_max_ids, settings.responses_retention_s)
+        responses = ResponsesRouter(forwarder, table, ids, settings.responses_probe_replicas)
+        state.set(
+            RouterState(
+                manager=manager, table=table, sync=sync, client=client, forwarder=forwarder, responses=responses
+            )
+        )
         await sync.start()
         freeze_startup_heap()
         try:
@@ -72,15 +79,19 @@ def create_router_app(
 
     # ------------------------------------------------------------------ inference (the hot path)
 
-    async def _inference(request: Request, path: str) -> Response:
-        body, payload = await read_json_body(request, settings.max_body_bytes)
-        alias = check_inference(path, payload, settings.allow_unknown_fields)
-        request.scope[MODEL_SCOPE_KEY] = alias  # the metrics middleware labels the request with it
-        user = payload.get("user")
+    async def _inference(request: Request, endpoint: InferenceEndpoint) -> Response:
+        inference = await read_inference(request, endpoint, settings.max_body_bytes, settings.allow_unknown_fields)
+        request.scope[MODEL_SCOPE_KEY] = inference.alias  # the metrics middleware labels the request with it
+        user = inference.payload.get("user")
         affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
-        return await state.get().forwarder.forward(path, body, alias, affinity)
+        if endpoint.family == "responses":
+            return await state.get().responses.create(inference, affinity)
+        return await state.get().forwarder.forward(inference, affinity)
 
-    app.include_router(inference_routes(_inference))
+    async def _stored_response(request: Request, response_id: str, action: str) -> Response:
+        return await state.get().responses.follow(response_id, action)
+
+    app.include_router(inference_routes(_inference, _stored_response))
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)

@@ -23,6 +23,7 @@ def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
         "created": int(info.created_at),
         "owned_by": "serverless-vllm",
         **info.model_dump(mode="json"),
+        "task": info.engine.task.value,  # also under engine: at the top, as in the list
     }
 
 
@@ -45,6 +46,7 @@ def models_router(state: Callable[[], RouterState]) -> APIRouter:
                     "created": route.created,
                     "owned_by": "serverless-vllm",
                     "state": route.state.value,
+                    "task": route.task.value,
                 }
                 for alias, route in sorted(s.table.aliases().items())
             ],

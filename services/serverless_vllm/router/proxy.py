@@ -14,6 +14,8 @@ from collections.abc import Callable
 from starlette.responses import Response
 
 from ..config import RouterSettings
+from ..dataplane.body import InferenceRequest
+from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError
@@ -45,19 +47,39 @@ class Forwarder:
         self._sync = sync
         self._manager = manager
         self._client = client
-        self._headers = {"content-type": "application/json", **(upstream_headers or {})}
+        self._headers = upstream_headers or {}
         self._on_hold = on_hold  # told how long each request waited for a ready replica (metrics)
 
-    async def forward(self, path: str, body: bytes, alias: str, affinity: str | None = None) -> Response:
+    async def forward(self, request: InferenceRequest, affinity: str | None = None) -> Response:
+        return (await self.forward_to(request, affinity))[0]
+
+    async def forward_to(self, request: InferenceRequest, affinity: str | None = None) -> tuple[Response, Endpoint]:
+        """Forward, and say which replica answered."""
+        alias = request.alias
+        self._check_task(alias, request.endpoint)
         self._shed_if_full(alias)
         tried: set[str] = set()
         for _attempt in range(2):  # the first try, and one retry on another replica
-            endpoint = self._table.pick(alias, frozenset(tried), affinity) or await self._hold(alias, tried, affinity)
-            response = await self._send(path, body, alias, endpoint)
+            endpoint = self._table.pick(alias, frozenset(tried), affinity) or await self._hold(
+                alias, tried, affinity, request.endpoint
+            )
+            response = await self.send(request.endpoint.path, request.body, request.content_type, alias, endpoint)
             if response is not None:
-                return response
+                return response, endpoint
             tried.add(endpoint.replica_id)
         raise APIError(502, f"the replicas of '{alias}' failed before answering; try again", "upstream_error")
+
+    def _check_task(self, alias: str, endpoint: InferenceEndpoint) -> None:
+        """A model's task decides its endpoints (an embedding model has no chat): refused here with a message that
+        says why, instead of the engine's own 404 or a hold that would start an engine for nothing."""
+        route = self._table.route(alias)
+        if route is not None and not endpoint.serves(route.task):
+            raise APIError(
+                400,
+                f"model '{alias}' is registered with task '{route.task.value}' and does not serve {endpoint.path} "
+                f"(that endpoint needs a model of task {' or '.join(sorted(t.value for t in endpoint.tasks))})",
+                "unsupported_endpoint",
+            )
 
     def _shed_if_full(self, alias: str) -> None:
         """Backpressure: every ready replica at its in-flight cap -> 503 now, instead of an engine queue that grows
@@ -69,7 +91,9 @@ class Forwarder:
                 f"'{alias}' is at capacity ({cap} requests in flight per replica); retry shortly", "overloaded", 1
             )
 
-    async def _send(self, path: str, body: bytes, alias: str, endpoint: Endpoint) -> Response | None:
+    async def send(
+        self, path: str, body: bytes, content_type: str, alias: str, endpoint: Endpoint, method: str = "POST"
+    ) -> Response | None:
         """Send to one replica. None: it failed before any byte reached the client (retry is safe)."""
         self._table.started(alias, endpoint)
         released = False
@@ -80,9 +104,9 @@ class Forwarder:
                 released = True
                 self._table.finished(alias, endpoint)
 
-        headers = {**self._headers, REPLICA_HEADER: endpoint.replica_id}
+        headers = {"content-type": content_type, **self._headers, REPLICA_HEADER: endpoint.replica_id}
         try:
-            upstream = await self._client.open(endpoint.url, path, body, headers)
+            upstream = await self._client.open(endpoint.url, path, body, headers, method)
         except UpstreamError as exc:
             done()
             log.warning("replica %s on %s unreachable: %s", endpoint.replica_id, endpoint.worker_id, exc)
@@ -105,12 +129,15 @@ class Forwarder:
             log.warning("replica %s %s", endpoint.replica_id, exc)
             return None
 
-    async def _hold(self, alias: str, tried: set[str], affinity: str | None) -> Endpoint:
+    async def _hold(
+        self, alias: str, tried: set[str], affinity: str | None, request_endpoint: InferenceEndpoint
+    ) -> Endpoint:
         """No ready replica: wait (bounded queue, cold-start timeout) while the manager brings one up."""
         if self._table.route(alias) is None:
             # Unknown here: the registry decides (a fresh router, or a registration the table has not seen).
             await self._manager.get_model(alias)  # raises 404 for aliases that are not registered
             await self._sync.refresh()
+            self._check_task(alias, request_endpoint)
             endpoint = self._table.pick(alias, frozenset(tried), affinity)
             if endpoint is not None:
                 return endpoint

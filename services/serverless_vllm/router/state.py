@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..dataplane.relay import UpstreamClient
 from ..manager.protocol import ManagerAPI
 from .proxy import Forwarder
+from .responses import ResponsesRouter
 from .sync import ManagerSync
 from .table import RouteTable
 
@@ -18,3 +19,4 @@ class RouterState:
     sync: ManagerSync  # keeps `table` in step with the manager, reports load
     client: UpstreamClient  # pooled connections to the workers
     forwarder: Forwarder  # the hot path: pick a replica (or hold), relay, retry once
+    responses: ResponsesRouter  # stored Responses: to the replica that holds them

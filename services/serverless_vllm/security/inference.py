@@ -147,18 +147,18 @@ _BOOLS = (
 )
 
 
-def _bad(message: str, param: str | None = None) -> APIError:
+def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request", details={"param": param} if param else None)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_model(payload: dict[str, Any]) -> str:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        raise _bad("'model' is required and must be a non-empty string", "model")
+        raise bad_request("'model' is required and must be a non-empty string", "model")
     if not _ALIAS_RE.match(model):
         # Cannot be a registered alias: answered here, never asked of the manager.
         raise APIError(404, f"The model '{model[:200]}' does not exist", "model_not_found")
@@ -172,43 +172,43 @@ def check_inference(path: str, payload: dict[str, Any], allow_unknown_fields: bo
     known = CHAT_FIELDS if chat else COMPLETION_FIELDS
     for key in payload:
         if key in OPERATOR_FIELDS:
-            raise _bad(f"'{key}' may not be set by clients", key)
+            raise bad_request(f"'{key}' may not be set by clients", key)
         if key not in known and not allow_unknown_fields:
-            raise _bad(f"unknown field '{key[:100]}'", key[:100])
+            raise bad_request(f"unknown field '{key[:100]}'", key[:100])
     if chat:
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty array", "messages")
+            raise bad_request("'messages' must be a non-empty array", "messages")
         if len(messages) > MAX_MESSAGES:
-            raise _bad(f"at most {MAX_MESSAGES} messages", "messages")
+            raise bad_request(f"at most {MAX_MESSAGES} messages", "messages")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise _bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+                raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
     else:
         prompt = payload.get("prompt")
         if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
-            raise _bad("'prompt' must be a non-empty string or array", "prompt")
+            raise bad_request("'prompt' must be a non-empty string or array", "prompt")
     for key, (low, high) in _INT_LIMITS.items():
         value = payload.get(key)
-        if value is not None and (not _is_int(value) or not low <= value <= high):
-            raise _bad(f"'{key}' must be an integer from {low} to {high}", key)
+        if value is not None and (not is_int(value) or not low <= value <= high):
+            raise bad_request(f"'{key}' must be an integer from {low} to {high}", key)
     for key in _NUMBERS:
         value = payload.get(key)
         if value is not None and (
             not isinstance(value, int | float) or isinstance(value, bool) or value != value or abs(value) > 1e6
         ):
-            raise _bad(f"'{key}' must be a finite number", key)
+            raise bad_request(f"'{key}' must be a finite number", key)
     for key in _BOOLS:
         if key in payload and payload[key] is not None and not isinstance(payload[key], bool):
-            raise _bad(f"'{key}' must be a boolean", key)
+            raise bad_request(f"'{key}' must be a boolean", key)
     logprobs = payload.get("logprobs")
     if logprobs is not None and not (
-        isinstance(logprobs, bool) if chat else _is_int(logprobs) and 0 <= logprobs <= 1024
+        isinstance(logprobs, bool) if chat else is_int(logprobs) and 0 <= logprobs <= 1024
     ):
-        raise _bad("'logprobs' must be a " + ("boolean" if chat else "small integer"), "logprobs")
+        raise bad_request("'logprobs' must be a " + ("boolean" if chat else "small integer"), "logprobs")
     stream_options = payload.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
+        raise bad_request("'stream_options' must be an object", "stream_options")
     return model
 
 

@@ -35,6 +35,9 @@ DENIED_ENGINE_FLAGS = frozenset(
         "--config",
         "--enable-sleep-mode",
         "--headless",
+        "--runner",  # these three: the registration's `task` (worker/engine.py: TASK_ARGS)
+        "--convert",
+        "--task",
         # code loaded from a name or a path
         "--trust-remote-code",
         "--middleware",

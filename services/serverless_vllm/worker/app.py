@@ -6,22 +6,24 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, WorkerSettings
 from ..dataplane.app_state import AppState
-from ..dataplane.body import read_json_body
+from ..dataplane.body import read_inference
+from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.heap import freeze_startup_heap
 from ..dataplane.inference_routes import inference_routes
-from ..dataplane.relay import UpstreamClient, UpstreamError
+from ..dataplane.relay import UpstreamClient, UpstreamError, UpstreamResponse, passthrough_headers
 from ..errors import APIError, install_error_handlers
 from ..metrics.worker import install_worker_metrics
 from ..security.auth import install_guard, worker_policy
-from ..security.inference import check_inference
 from .agent import WorkerAgent
+from .engine import EngineProcess
 from .engines_api import engines_router
 
 log = logging.getLogger(__name__)
@@ -68,25 +70,67 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
 
     app = FastAPI(title="serverless-vllm worker", lifespan=lifespan)
 
-    async def _inference(request: Request, path: str) -> Response:
-        started = state.get()
-        body, payload = await read_json_body(request, DEFAULT_MAX_BODY_BYTES)
+    async def _inference(request: Request, endpoint: InferenceEndpoint) -> Response:
         # The same checks as the router (unknown fields aside: the router decides those), so nothing malformed
         # reaches an engine even from a caller holding the worker token.
-        alias = check_inference(path, payload, allow_unknown_fields=True)
+        inference = await read_inference(request, endpoint, DEFAULT_MAX_BODY_BYTES, allow_unknown_fields=True)
         replica_id = request.headers.get(REPLICA_HEADER)
-        engine = started.agent.ready_engine(None if replica_id else alias, replica_id)
+        engine = _engine(None if replica_id else inference.alias, replica_id)
+        return await _relay(engine, endpoint.path, inference.body, inference.content_type, "POST", endpoint)
+
+    async def _stored_response(request: Request, response_id: str, action: str) -> Response:
+        # A stored response is in one engine's memory: the router names it (it learnt where the response was made).
+        replica_id = request.headers.get(REPLICA_HEADER)
+        if not replica_id:
+            raise APIError(400, f"{REPLICA_HEADER} is required for a stored response", "invalid_request")
+        path = f"/v1/responses/{quote(response_id, safe='')}" + ("/cancel" if action == "cancel" else "")
+        engine = _engine(None, replica_id)
+        return await _relay(engine, path, b"", "application/json", "GET" if action == "get" else "POST")
+
+    def _engine(alias: str | None, replica_id: str | None) -> EngineProcess:
+        engine = state.get().agent.ready_engine(alias, replica_id)
         if engine is None:
             raise _not_here(f"no ready engine here for {replica_id or alias!r}")
-        relay = started.relay
+        return engine
+
+    async def _relay(
+        engine: EngineProcess,
+        path: str,
+        body: bytes,
+        content_type: str,
+        method: str,
+        endpoint: InferenceEndpoint | None = None,
+    ) -> Response:
+        relay = state.get().relay
         try:
-            upstream = await relay.open(engine.base_url, path, body, {"content-type": "application/json"})
+            upstream = await relay.open(engine.base_url, path, body, {"content-type": content_type}, method)
+            if upstream.status == 404 and endpoint is not None:
+                return await _route_missing(engine, endpoint, upstream)
             return await relay.respond(upstream)
         except UpstreamError as exc:
             # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
             raise _not_here(f"engine {engine.replica_id} failed before answering ({exc})") from None
 
-    app.include_router(inference_routes(_inference))
+    async def _route_missing(
+        engine: EngineProcess, endpoint: InferenceEndpoint, upstream: UpstreamResponse
+    ) -> Response:
+        """vLLM registers an endpoint only for models that support it (no transcription route for a text model):
+        its route-level 404 means this model cannot serve the endpoint, which the client is told as such."""
+        try:
+            content = await upstream.read()
+        finally:
+            upstream.close()
+        if content.strip() == b'{"detail":"Not Found"}':
+            task = engine.assignment.engine.task.value
+            raise APIError(
+                400,
+                f"model '{engine.alias}' (task '{task}') does not serve {endpoint.path}: its engine has no such "
+                "endpoint (the model does not support it)",
+                "unsupported_endpoint",
+            )
+        return Response(content, status_code=404, headers=passthrough_headers(upstream))
+
+    app.include_router(inference_routes(_inference, _stored_response))
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)

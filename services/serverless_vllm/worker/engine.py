@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from ..config import WorkerSettings
-from ..schemas import Assignment, EngineStatus, ReplicaState
+from ..schemas import Assignment, EngineStatus, ModelTask, ReplicaState
 from .engine_log import EngineLog
 from .spawn import HOST
 from .supervisor import EngineClient, Supervisor
@@ -32,6 +32,16 @@ _SLEEP_NEEDS_GPU = "sleep mode needs a GPU: vLLM does not support it on CPU; sto
 
 class EngineError(RuntimeError):
     """An operation the engine cannot do in its current state or on this machine."""
+
+
+# The vLLM flags of a model's task (the worker owns them: security/models.py refuses them in extra_args).
+TASK_ARGS: dict[ModelTask, list[str]] = {
+    # The render endpoints (/v1/chat/completions/render, ...) are behind vLLM's scale-out switch; the engine
+    # listens on loopback and the worker forwards none of the other routes it adds.
+    ModelTask.GENERATE: ["--enable-scale-out"],
+    ModelTask.EMBED: ["--runner", "pooling", "--convert", "embed"],
+    ModelTask.CLASSIFY: ["--runner", "pooling", "--convert", "classify"],
+}
 
 
 class EngineProcess:
@@ -149,6 +159,7 @@ class EngineProcess:
         ]  # fmt: skip
         if engine.max_model_len is not None:
             cmd += ["--max-model-len", str(engine.max_model_len)]
+        cmd += TASK_ARGS[engine.task]
         if self.has_gpu:
             cmd += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--enable-sleep-mode"]
         return cmd + list(self.settings.engine_extra_args) + list(engine.extra_args)
@@ -156,6 +167,10 @@ class EngineProcess:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)  # HF_HUB_OFFLINE, HF_HOME, tokens ... pass through as the operator set them
         env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they are written, not at exit
+        # Stored Responses (GET /v1/responses/{id}, previous_response_id): off by default in vLLM, which then
+        # ignores `store` silently. The store lives in the engine's memory and is never trimmed by vLLM: it goes
+        # with the engine (scale to zero, restart); the router knows which replica holds which id.
+        env.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
         if self.has_gpu:
             if self.assignment.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.assignment.gpus)

@@ -1,0 +1,189 @@
+"""Stateful Responses: a stored response lives in the memory of the engine that made it (vLLM keeps it there), so
+`GET /v1/responses/{id}`, `POST /v1/responses/{id}/cancel` and a request with `previous_response_id` must reach
+that replica.
+
+The router remembers which replica answered each response id (bounded: RESPONSES_MAX_IDS ids, each kept
+RESPONSES_RETENTION seconds after it was last used, least recently used first out). That map is a cache, not the
+truth: an id it does not know (another router process made it, this router restarted, it aged out) is looked for
+on the ready replicas themselves (a GET to each, at most RESPONSES_PROBE_REPLICAS of them), and a replica that is
+gone takes its responses with it: `404` in the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from starlette.responses import Response, StreamingResponse
+
+from ..dataplane.body import InferenceRequest
+from ..errors import APIError
+from ..schemas import Endpoint, ModelTask
+from .proxy import Forwarder
+from .table import RouteTable
+
+_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,200})"')
+_WATCH_BYTES = 65536  # the id is in the first event (response.created); look no further than this
+
+
+@dataclass(slots=True)
+class _Held:
+    alias: str
+    replica_id: str
+    used_at: float
+
+
+class ResponseMap:
+    """Response id -> the replica that holds it; bounded in count and age."""
+
+    def __init__(self, max_ids: int, retention_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ids: OrderedDict[str, _Held] = OrderedDict()
+        self._max = max_ids
+        self._retention = retention_s
+        self._clock = clock
+
+    def remember(self, response_id: str, alias: str, replica_id: str) -> None:
+        self._ids[response_id] = _Held(alias, replica_id, self._clock())
+        self._ids.move_to_end(response_id)
+        while len(self._ids) > self._max:
+            self._ids.popitem(last=False)
+
+    def lookup(self, response_id: str) -> tuple[str, str] | None:
+        held = self._ids.get(response_id)
+        if held is None:
+            return None
+        now = self._clock()
+        if now - held.used_at > self._retention:
+            del self._ids[response_id]
+            return None
+        held.used_at = now
+        self._ids.move_to_end(response_id)
+        return held.alias, held.replica_id
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(
+        404,
+        f"Response '{response_id[:200]}' not found: unknown, expired, or its replica is no longer running",
+        "response_not_found",
+    )
+
+
+class ResponsesRouter:
+    """Sends stored-response requests to the replica that holds the response, and learns where new ones land."""
+
+    def __init__(self, forwarder: Forwarder, table: RouteTable, ids: ResponseMap, probe_replicas: int) -> None:
+        self._forwarder = forwarder
+        self._table = table
+        self._ids = ids
+        self._probe_limit = probe_replicas
+
+    async def create(self, request: InferenceRequest, affinity: str | None) -> Response:
+        """POST /v1/responses: to the holder of `previous_response_id` if any, else like any request."""
+        previous = request.payload.get("previous_response_id")
+        if isinstance(previous, str):
+            endpoint = await self._holder(previous, [request.alias])
+            if endpoint.replica_id not in self._ready_ids(request.alias):
+                raise _not_found(previous)
+            response = await self._forwarder.send(
+                request.endpoint.path, request.body, request.content_type, request.alias, endpoint
+            )
+            if response is None:
+                raise _not_found(previous)  # the replica failed: what it held is gone with it
+            return self._learn(response, request.alias, endpoint.replica_id)
+        response, served_by = await self._forwarder.forward_to(request, affinity)
+        return self._learn(response, request.alias, served_by.replica_id)
+
+    async def follow(self, response_id: str, action: str) -> Response:
+        """GET /v1/responses/{id} or POST /v1/responses/{id}/cancel, at the replica that holds it."""
+        endpoint, alias = await self._holder_of_any(response_id)
+        path = f"/v1/responses/{quote(response_id, safe='')}" + ("/cancel" if action == "cancel" else "")
+        method = "GET" if action == "get" else "POST"
+        response = await self._forwarder.send(path, b"", "application/json", alias, endpoint, method)
+        if response is None:
+            raise _not_found(response_id)
+        return response
+
+    # ------------------------------------------------------------------ where a response is
+
+    def _ready_ids(self, alias: str) -> set[str]:
+        route = self._table.route(alias)
+        return {e.replica_id for e in route.endpoints} if route is not None else set()
+
+    def _endpoint(self, alias: str, replica_id: str) -> Endpoint | None:
+        route = self._table.route(alias)
+        return next((e for e in route.endpoints if e.replica_id == replica_id), None) if route else None
+
+    async def _holder(self, response_id: str, aliases: Iterable[str]) -> Endpoint:
+        known = self._ids.lookup(response_id)
+        if known is not None:
+            endpoint = self._endpoint(*known)
+            if endpoint is None:
+                raise _not_found(response_id)
+            return endpoint
+        found = await self._probe(response_id, list(aliases))
+        if found is None:
+            raise _not_found(response_id)
+        return found[0]
+
+    async def _holder_of_any(self, response_id: str) -> tuple[Endpoint, str]:
+        known = self._ids.lookup(response_id)
+        if known is not None:
+            endpoint = self._endpoint(*known)
+            if endpoint is None:
+                raise _not_found(response_id)
+            return endpoint, known[0]
+        generating = [a for a, r in self._table.aliases().items() if r.task is ModelTask.GENERATE and r.endpoints]
+        found = await self._probe(response_id, generating)
+        if found is None:
+            raise _not_found(response_id)
+        return found
+
+    async def _probe(self, response_id: str, aliases: list[str]) -> tuple[Endpoint, str] | None:
+        """Ask the ready replicas of `aliases` (at most the probe limit) whether they hold the response."""
+        candidates = [(e, a) for a in aliases if (r := self._table.route(a)) for e in r.endpoints][: self._probe_limit]
+        path = f"/v1/responses/{quote(response_id, safe='')}"
+
+        async def holds(endpoint: Endpoint, alias: str) -> bool:
+            response = await self._forwarder.send(path, b"", "application/json", alias, endpoint, "GET")
+            return response is not None and response.status_code == 200
+
+        answers = await asyncio.gather(*(holds(e, a) for e, a in candidates))
+        for (endpoint, alias), held in zip(candidates, answers, strict=True):
+            if held:
+                self._ids.remember(response_id, alias, endpoint.replica_id)
+                return endpoint, alias
+        return None
+
+    # ------------------------------------------------------------------ learning new ids
+
+    def _learn(self, response: Response, alias: str, replica_id: str) -> Response:
+        if response.status_code != 200:
+            return response
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._watch(response.body_iterator, alias, replica_id)
+            return response
+        match = _ID_RE.search(bytes(response.body[:_WATCH_BYTES]))
+        if match is not None:
+            self._ids.remember(match.group(1).decode(), alias, replica_id)
+        return response
+
+    async def _watch(self, chunks: AsyncIterable[Any], alias: str, replica_id: str) -> AsyncIterator[Any]:
+        seen, watching = b"", True
+        async for chunk in chunks:
+            if watching:
+                seen += chunk if isinstance(chunk, bytes) else str(chunk).encode()
+                match = _ID_RE.search(seen)
+                if match is not None:
+                    self._ids.remember(match.group(1).decode(), alias, replica_id)
+                watching = match is None and len(seen) <= _WATCH_BYTES
+            yield chunk
