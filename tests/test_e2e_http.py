@@ -152,6 +152,9 @@ def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path) -> None:
     assert resp.status_code == 200
     info = stack.wait_model("broken", "failed", timeout=120)
     assert info["last_error"] and "no-such-model" in info["last_error"]  # the engine's own log lines
+    assert "before becoming ready" in info["last_error"]
+    # The failed engine left no process behind (its process group was swept).
+    wait_until(lambda: not [p for p in engine_pids() if b"no-such-model" in _cmdline(p)], 30, what="no failed engine")
     resp = stack.post("/v1/completions", json={"model": "broken", "prompt": "x"})
     assert resp.status_code == 503 and error_of(resp)["code"] == "model_failed"
     assert resp.headers["retry-after"]
@@ -201,3 +204,10 @@ def test_manager_restart_keeps_registrations(stack: Stack) -> None:
         .chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "x"}], max_tokens=2)
         .choices
     )
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
