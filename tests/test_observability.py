@@ -31,6 +31,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from serverless_vllm.config import ManagerSettings, RouterSettings, WorkerSettings
+from serverless_vllm.dataplane.endpoints import LABELS
 from serverless_vllm.metrics import sd
 from serverless_vllm.metrics.common import UNKNOWN_MODEL
 from serverless_vllm.metrics.router import RouterMetrics
@@ -62,6 +63,8 @@ CLIENT_KEY, ADMIN_KEY, WORKER_TOKEN = "obs-client-key", "obs-admin-key", "obs-wo
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 CLIENT = {"authorization": f"Bearer {CLIENT_KEY}"}
 SCRAPE_S = 1
+# The router's `endpoint` label values drive_traffic produces (the stack serves chat and completions only).
+SERVED_ENDPOINTS = ["chat_completions", "completions"]
 
 _NAME = r"(?<![A-Za-z0-9_:])((?:svllm_|vllm:)[A-Za-z0-9_:]*[A-Za-z0-9_])"
 
@@ -76,6 +79,7 @@ class Query:
     ref: str
     expr: str
     instant: bool
+    repeat: str | None = None  # the variable the panel's row repeats over: one copy of the row per value
 
 
 def load_dashboards() -> dict[str, dict[str, Any]]:
@@ -83,17 +87,31 @@ def load_dashboards() -> dict[str, dict[str, Any]]:
 
 
 def panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in board["panels"]:
+    for panel, _ in panels_in_rows(board):
         yield panel
-        yield from panel.get("panels", [])  # panels inside collapsed rows
+
+
+def panels_in_rows(board: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Every panel with the row it belongs to: an open row holds the panels after it up to the next row, a
+    collapsed one those inside it."""
+    row = None
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            row = panel
+            yield panel, None
+            for inner in panel.get("panels", []):  # panels inside collapsed rows
+                yield inner, panel
+        else:
+            yield panel, row
 
 
 def queries() -> list[Query]:
     out = []
     for name, board in load_dashboards().items():
-        for panel in panels(board):
+        for panel, row in panels_in_rows(board):
+            repeat = (row or {}).get("repeat") or None
             for t in panel.get("targets", []):
-                out.append(Query(name, panel["title"], t["refId"], t["expr"], bool(t.get("instant"))))
+                out.append(Query(name, panel["title"], t["refId"], t["expr"], bool(t.get("instant")), repeat))
     return out
 
 
@@ -152,11 +170,16 @@ def test_dashboards_are_grafana_10_json() -> None:
             assert v["query"]["query"].startswith("label_values(") and v["includeAll"] and v["multi"]
         ids = [p["id"] for p in panels(board)]
         assert len(ids) == len(set(ids)), f"{name}: panel ids repeat"
-        for panel in panels(board):
+        for panel, row in panels_in_rows(board):
             grid = panel["gridPos"]
             assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24, (name, panel["title"])
             if panel["type"] == "row":
+                # A repeated row: one copy per value of a variable the dashboard defines.
+                assert panel.get("repeat", "") in {"", *variables}, (name, panel["title"])
                 continue
+            if row is not None and row.get("repeat"):
+                # Each copy of a repeated row shows its own value: its panels filter by that variable.
+                assert f"${row['repeat']}" in json.dumps(panel["targets"]), (name, panel["title"])
             assert panel["title"] and panel["type"] in {"timeseries", "stat", "table", "bargauge"}
             assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}, (name, panel["title"])
             assert panel["targets"], (name, panel["title"])
@@ -200,6 +223,22 @@ def test_dashboards_cover_the_issue() -> None:
     traffic = [q.expr for q in queries() if q.dashboard == "svllm-traffic.json"]
     for quantile in ("0.5", "0.95", "0.99"):
         assert any(f"histogram_quantile({quantile}, " in e and "svllm_time_to_first_token" in e for e in traffic)
+    # One row per endpoint kind: a row repeated over the `endpoint` label's values, with rate, latency, time to
+    # first token and errors of that kind.
+    board = load_dashboards()["svllm-traffic.json"]
+    [variable] = [v for v in board["templating"]["list"] if v["name"] == "endpoint"]
+    assert variable["query"]["query"] == "label_values(svllm_requests_total, endpoint)"
+    per_endpoint = [q.expr for q in queries() if q.dashboard == "svllm-traffic.json" and q.repeat == "endpoint"]
+    for name in (
+        "svllm_requests_total",
+        "svllm_request_duration_seconds_bucket",
+        "svllm_time_to_first_token_seconds_bucket",
+    ):
+        assert any(name in metric_names(e) and 'endpoint=~"$endpoint"' in e for e in per_endpoint), name
+    # The label's values are bounded and documented.
+    docs = DOCS.read_text()
+    assert set(SERVED_ENDPOINTS) <= set(LABELS.values())
+    assert not [v for v in sorted(set(LABELS.values())) if f"`{v}`" not in docs], "endpoint labels not documented"
 
 
 def test_promtool_checks_config_rules_and_rule_tests(promtool: str) -> None:
@@ -641,33 +680,54 @@ def test_component_metrics_have_the_traffic(observed: Observed) -> None:
     }, labels
 
 
+def variable_values(prom: Prometheus, variable: dict[str, Any]) -> list[str]:
+    """The values Grafana lists for a `label_values(selector, label)` variable."""
+    m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]["query"])
+    assert m, variable["query"]["query"]
+    values: list[str] = prom.api(f"label/{m.group(2)}/values", **{"match[]": m.group(1)})
+    return values
+
+
 def test_every_panel_returns_data(observed: Observed) -> None:
     prom = observed.prom
     range_s = int(time.time() - prom.started) + 5
-    variables = {"model": ALIAS, "worker": WORKER}
+    # One model, one worker; `endpoint` outside a repeated row as "All" would expand it.
+    variables = {"model": ALIAS, "worker": WORKER, "endpoint": ".*"}
+    listed = {
+        (name, v["name"]): variable_values(prom, v)
+        for name, board in load_dashboards().items()
+        for v in board["templating"]["list"]
+    }
     gpu_names = fake_gpu_worker_names()
     known = set(prom.api("label/__name__/values")) | gpu_names | {"up"}
     empty, unknown = [], []
     for q in queries():
-        expr = substitute(q.expr, variables, range_s)
-        names = metric_names(expr)
-        unknown += [f"{q.dashboard} / {q.panel}: {n}" for n in sorted(names - known)]
-        result = prom.query(expr) if q.instant else prom.query_range(expr)  # a query Prometheus rejects fails here
-        if names & gpu_names:
-            continue  # no GPU here: the query must parse (above) and read what a GPU worker exports (known)
-        if not _has_values(result):
-            empty.append(f"{q.dashboard} / {q.panel} [{q.ref}]: {expr}")
+        # A repeated row is checked as Grafana draws it: one copy per value its variable lists, each with data
+        # (here chat_completions and completions, both streamed, so time to first token has data too).
+        copies: list[dict[str, str]] = [variables]
+        if q.repeat:
+            values = listed[(q.dashboard, q.repeat)]
+            assert values, f"{q.dashboard} / {q.panel}: nothing to repeat over ${q.repeat}"
+            copies = [{**variables, q.repeat: value} for value in values]
+        for values_of in copies:
+            expr = substitute(q.expr, values_of, range_s)
+            names = metric_names(expr)
+            unknown += [f"{q.dashboard} / {q.panel}: {n}" for n in sorted(names - known)]
+            result = prom.query(expr) if q.instant else prom.query_range(expr)  # a rejected query fails here
+            if names & gpu_names:
+                continue  # no GPU here: the query must parse (above) and read what a GPU worker exports (known)
+            if not _has_values(result):
+                empty.append(f"{q.dashboard} / {q.panel} [{q.ref}]: {expr}")
     assert not unknown, "panels read metrics nothing exports:\n" + "\n".join(unknown)
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
 
 def test_template_variables_list_the_stack(observed: Observed) -> None:
+    expected = {"model": [ALIAS], "worker": [WORKER], "endpoint": SERVED_ENDPOINTS}
     for board in load_dashboards().values():
         for v in board["templating"]["list"]:
-            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", v["query"]["query"])
-            assert m, v["query"]["query"]
-            values = observed.prom.api(f"label/{m.group(2)}/values", **{"match[]": m.group(1)})
-            assert values == [{"model": ALIAS, "worker": WORKER}[v["name"]]], (v["name"], values)
+            values = variable_values(observed.prom, v)
+            assert values == expected[v["name"]], (v["name"], values)
 
 
 def test_every_exported_metric_is_shown_or_documented(observed: Observed) -> None:
