@@ -19,6 +19,7 @@ from pydantic import SecretStr, ValidationError
 from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
+from .schemas import ModelTask
 
 log = logging.getLogger("svllm")
 
@@ -125,22 +126,57 @@ async def register_model(url: str, body: dict[str, object], auth: AuthSettings |
         return info
 
 
-def _registration_body(args: argparse.Namespace) -> dict[str, object]:
-    body: dict[str, object] = {
-        "alias": args.alias or os.path.basename(args.model.rstrip("/")),
-        "model_name": args.model,
-    }
-    if args.max_model_len:
-        body["max_model_len"] = args.max_model_len
-    if args.engine_arg:
-        body["extra_args"] = args.engine_arg
+TINY = "tiny"  # `svllm up --embed-model tiny`: the tiny random model made locally (`svllm tiny-model`)
+
+
+def registration_body(
+    model: str,
+    alias: str | None = None,
+    task: str = "generate",
+    max_model_len: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> dict[str, object]:
+    """Body of POST /v1/models/register (schemas.ModelSpec); the alias defaults to the model's folder name."""
+    body: dict[str, object] = {"alias": alias or os.path.basename(model.rstrip("/")), "model_name": model}
+    if task != "generate":
+        body["task"] = task
+    if max_model_len:
+        body["max_model_len"] = max_model_len
+    if extra_args:
+        body["extra_args"] = list(extra_args)
     return body
+
+
+def tiny_model_dir(state_dir: str) -> str:
+    return os.path.join(os.path.realpath(state_dir), "models", TINY)  # where scripts/up.sh makes it by default
+
+
+def up_registrations(args: argparse.Namespace) -> list[dict[str, object]]:
+    """What `svllm up` registers once its services run: --model (a chat model), --embed-model (task embed)."""
+    bodies = []
+    if args.model:
+        bodies.append(registration_body(args.model, args.alias, "generate", args.max_model_len, args.engine_arg))
+    if args.embed_model == TINY:
+        # 512 tokens, as scripts/up.sh gives the chat model: the tiny model's context is only for trying things out
+        bodies.append(registration_body(tiny_model_dir(args.state_dir), args.embed_alias, "embed", 512))
+    elif args.embed_model:
+        bodies.append(registration_body(args.embed_model, args.embed_alias, "embed"))
+    if len({b["alias"] for b in bodies}) < len(bodies):
+        raise SystemExit(f"svllm up: --alias and --embed-alias must differ (both {bodies[0]['alias']!r})")
+    return bodies
+
+
+def _registered(info: dict[str, object]) -> str:
+    engine = info.get("engine")
+    task = engine.get("task", "generate") if isinstance(engine, dict) else "generate"
+    return f"{info['alias']} -> {info['model_name']}" + (f" (task {task})" if task != "generate" else "")
 
 
 def cmd_register(args: argparse.Namespace) -> None:
     url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
-    info = asyncio.run(register_model(url, _registration_body(args)))
-    print(f"registered {info['alias']} -> {info['model_name']} (state: {info['state']})")
+    body = registration_body(args.model, args.alias, args.task, args.max_model_len, args.engine_arg)
+    info = asyncio.run(register_model(url, body))
+    print(f"registered {_registered(info)} (state: {info['state']})")
 
 
 def up_settings(args: argparse.Namespace) -> tuple[ManagerSettings, RouterSettings, WorkerSettings]:
@@ -168,6 +204,11 @@ def cmd_up(args: argparse.Namespace) -> None:
     """Manager, router and one local worker in one process: the quick start without Docker."""
     auth = _local_auth()
     manager, router, worker = up_settings(args)
+    registrations = up_registrations(args)
+    if args.embed_model == TINY:
+        from .testing.tiny_model import make_tiny_model
+
+        make_tiny_model(tiny_model_dir(args.state_dir))  # at once when it is there already
 
     async def run() -> None:
         servers = [
@@ -181,9 +222,9 @@ def cmd_up(args: argparse.Namespace) -> None:
             if any(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.1)
-        if args.model and all(s.started for s in servers):
-            info = await register_model(url, _registration_body(args), auth)
-            log.info("registered %s -> %s", info["alias"], info["model_name"])
+        if all(s.started for s in servers):
+            for body in registrations:
+                log.info("registered %s", _registered(await register_model(url, body, auth)))
         log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
         await asyncio.gather(*tasks)
 
@@ -270,11 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="registry and engine logs of this run (env SVLLM_STATE_DIR, default .svllm)",
     )
     model_flags(p, required=False)
+    p.add_argument(
+        "--embed-model",
+        help=f"also register this model as an embedding model (task embed); {TINY!r}: the tiny local model",
+    )
+    p.add_argument("--embed-alias", default="embed", help="name clients use for it (default: embed)")
     p.set_defaults(func=cmd_up)
 
     p = command_parser(sub, "register", "register a model with a running router", CliSettings)
     add_flag(p, CliSettings, "router_url", "--url")
     model_flags(p, required=True)
+    tasks = [t.value for t in ModelTask]
+    p.add_argument("--task", choices=tasks, default="generate", help="what the engine serves (default: generate)")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("tiny-model", help="write a tiny random Llama model (for trying the system without a hub)")
