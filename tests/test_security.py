@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -129,7 +130,14 @@ def test_authenticator_roles_and_fail_closed_configuration() -> None:
         (router_policy, "POST", "/workers/register", {"worker"}),
         (router_policy, "POST", "/workers/heartbeat", {"worker"}),
         (router_policy, "GET", "/openapi.json", {"admin"}),
-        (router_policy, "POST", "/sleep", {"admin"}),  # anything unknown: default deny
+        (router_policy, "POST", "/v1/embeddings", {"client", "admin"}),
+        (router_policy, "POST", "/v1/messages", {"client", "admin"}),
+        (router_policy, "POST", "/v1/messages/count_tokens", {"client", "admin"}),
+        (router_policy, "GET", "/v1/responses/resp_1", {"client", "admin"}),
+        (router_policy, "POST", "/v1/responses/resp_1/cancel", {"client", "admin"}),
+        # Anything else: a valid client key reaches the app, whose answer is 404 (or 405); a wrong key is 401.
+        (router_policy, "POST", "/sleep", {"client", "admin"}),
+        (router_policy, "GET", "/v2/embed", {"client", "admin"}),
         (router_policy, "GET", "/health", None),
         (router_policy, "GET", "/metrics", None),
         (manager_policy, "GET", "/routing", {"admin"}),
@@ -161,6 +169,10 @@ def guarded() -> TestClient:
     @app.post("/v1/models/register")
     async def typed(body: dict) -> dict:
         return {"keys": len(body)}
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> dict:
+        return {"size": len(await request.body())}
 
     install_guard(app, settings(), "router", router_policy, max_body_bytes=1000)
     return TestClient(app)
@@ -194,6 +206,32 @@ def test_guard_answers_401_in_openai_shape(guarded: TestClient) -> None:
     # A client key is not an admin key.
     assert guarded.post("/v1/models/register", json={}, headers=bearer(API_KEY)).status_code == 401
     assert guarded.post("/v1/models/register", json={}, headers=bearer(ADMIN_KEY)).status_code == 200
+
+
+def _anthropic_error(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    assert {"type", "message"} <= set(body["error"]), body
+    return body["error"]
+
+
+def test_guard_x_api_key_anthropic_shape_and_unknown_routes(guarded: TestClient) -> None:
+    # Anthropic's clients send the key as x-api-key; on /v1/messages a refusal comes in Anthropic's shape.
+    assert guarded.post("/v1/messages", content=b"{}", headers={"x-api-key": API_KEY}).status_code == 200
+    assert guarded.post("/v1/completions", content=b"{}", headers={"x-api-key": API_KEY}).status_code == 200
+    for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": ""}, bearer("wrong"), {"x-api-key": WORKER_TOKEN}):
+        resp = guarded.post("/v1/messages", content=b"{}", headers=headers)
+        assert resp.status_code == 401, headers
+        assert _anthropic_error(resp)["type"] == "authentication_error"
+        assert API_KEY not in resp.text and WORKER_TOKEN not in resp.text
+    # A valid key on a route the app does not serve: the app's 404 (OpenAI shape), not a 401; a wrong key: 401.
+    for method, path in (("POST", "/v1/nope"), ("GET", "/v2/embed"), ("POST", "/sleep")):
+        for key in (API_KEY, ADMIN_KEY):
+            resp = guarded.request(method, path, json={}, headers=bearer(key))
+            assert resp.status_code == 404 and _error(resp)["code"] == "not_found", (method, path, resp.text)
+        for headers in ({}, bearer("wrong"), bearer(WORKER_TOKEN)):
+            resp = guarded.request(method, path, json={}, headers=headers)
+            assert resp.status_code == 401 and _error(resp)["type"] == "authentication_error", (path, headers)
 
 
 def test_guard_limits_body_size(guarded: TestClient) -> None:
@@ -358,9 +396,34 @@ def stack(secure_stack: SecureStack) -> SecureStack:
     return secure_stack
 
 
-def call(method: str, url: str, key: str | None, **kw: object) -> httpx.Response:
-    headers = bearer(key) if key else {}
+@dataclass(frozen=True)
+class XApiKey:
+    """A key sent as `x-api-key: <key>` (as Anthropic's clients send it) instead of `Authorization: Bearer`."""
+
+    key: str
+
+
+Credential = str | XApiKey | None
+
+
+def call(method: str, url: str, key: Credential, **kw: object) -> httpx.Response:
+    headers = {"x-api-key": key.key} if isinstance(key, XApiKey) else bearer(key) if key else {}
     return httpx.request(method, url, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
+
+
+def _who(key: Credential) -> str:
+    """The credential's role, for messages and observations (never the secret)."""
+    if key is None:
+        return "none"
+    name = next(
+        (
+            n
+            for n, k in [("client", API_KEY), ("client", API_KEY_2), ("admin", ADMIN_KEY), ("worker", WORKER_TOKEN)]
+            if k == (key.key if isinstance(key, XApiKey) else key)
+        ),
+        "wrong",
+    )
+    return f"{name} (x-api-key)" if isinstance(key, XApiKey) else name
 
 
 CHAT = {"model": ALIAS, "messages": M, "max_tokens": 2}
@@ -368,7 +431,7 @@ CHAT = {"model": ALIAS, "messages": M, "max_tokens": 2}
 
 def test_router_roles(stack: SecureStack, obs: Observations) -> None:
     r = stack.router.url
-    matrix = {  # (method, path, body) -> {credential: expected status}
+    matrix: dict[tuple[str, str, str | None], dict[Credential, int]] = {  # (method, path, body) -> {key: status}
         ("POST", "/v1/chat/completions", "chat"): {
             None: 401,
             "wrong": 401,
@@ -387,43 +450,44 @@ def test_router_roles(stack: SecureStack, obs: Observations) -> None:
         ("GET", "/openapi.json", None): {None: 401, API_KEY: 401, ADMIN_KEY: 200},
         ("GET", "/health", None): {None: 200},
         ("GET", "/metrics", None): {None: 200},
+        # The other model-addressed endpoints need a client key too; `tiny` generates, so embeddings is a 400.
+        ("POST", "/v1/embeddings", "embed"): {None: 401, "wrong": 401, WORKER_TOKEN: 401, API_KEY: 400},
+        # Messages (Anthropic): refusals in Anthropic's shape; its clients send the key as x-api-key.
+        ("POST", "/v1/messages", "messages"): {
+            None: 401,
+            "wrong": 401,
+            XApiKey("wrong"): 401,
+            WORKER_TOKEN: 401,
+            API_KEY: 200,
+            XApiKey(API_KEY): 200,
+        },
+        ("POST", "/v1/messages/count_tokens", "count"): {None: 401, XApiKey("wrong"): 401, XApiKey(API_KEY): 200},
+        # A valid key on a route the router does not serve: the app's 404, not a 401; a wrong key is still 401.
+        ("POST", "/v1/nope", "chat"): {None: 401, "wrong": 401, WORKER_TOKEN: 401, API_KEY: 404, ADMIN_KEY: 404},
+        ("GET", "/v2/embed", None): {None: 401, "wrong": 401, XApiKey("wrong"): 401, API_KEY: 404, ADMIN_KEY: 404},
     }
     bodies = {
         "chat": CHAT,
+        "embed": {"model": ALIAS, "input": "hi"},
+        "messages": {"model": ALIAS, "messages": M, "max_tokens": 2},
+        "count": {"model": ALIAS, "messages": M},
         "spec": {"alias": ALIAS, "model_name": stack.model(ALIAS)["model_name"], **SHARED_SPEC},  # idempotent
         "patch": {"idle_timeout_s": 600},
         "beat": {"worker_id": "nobody"},
         None: None,
     }
+    unknown = {"/v1/nope", "/v2/embed"}
     seen = []
     for (method, path, body), expected in matrix.items():
         for key, status in expected.items():
             resp = call(method, r + path, key, json=bodies[body])
-            assert resp.status_code == status, (method, path, key and key[:12], resp.text[:300])
+            assert resp.status_code == status, (method, path, _who(key), resp.text[:300])
             if status == 401:
-                assert _error(resp)["type"] == "authentication_error"
-            seen.append(
-                (
-                    method,
-                    path,
-                    "none"
-                    if key is None
-                    else next(
-                        (
-                            n
-                            for n, k in [
-                                ("client", API_KEY),
-                                ("client", API_KEY_2),
-                                ("admin", ADMIN_KEY),
-                                ("worker", WORKER_TOKEN),
-                            ]
-                            if k == key
-                        ),
-                        "wrong",
-                    ),
-                    resp.status_code,
-                )
-            )
+                shaped = _anthropic_error if path.startswith("/v1/messages") else _error
+                assert shaped(resp)["type"] == "authentication_error", (path, resp.text[:300])
+            if status == 404 and path in unknown:  # the app's own 404, in the OpenAI shape
+                assert _error(resp)["code"] == "not_found", (method, path, resp.text[:300])
+            seen.append((method, path, _who(key), resp.status_code))
     obs.record("router_role_matrix", seen)
     # The official client with a key works, without one it is an AuthenticationError.
     assert stack.openai().chat.completions.create(model=ALIAS, messages=M, max_tokens=2).choices
@@ -480,14 +544,23 @@ DEV_ENDPOINTS = [
     ("POST", "/scale_elastic_ep"),
     ("POST", "/pause"),
     ("POST", "/resume"),
-    ("POST", "/tokenize"),
-    ("POST", "/detokenize"),
-    ("POST", "/v1/embeddings"),
-    ("POST", "/pooling"),
     ("POST", "/invocations"),
-    ("POST", "/v1/responses"),
     ("GET", "/version"),
     ("GET", "/ping"),
+    # vLLM routes beside the model-addressed endpoints (dataplane/endpoints.py) that are served: raw generation
+    # from token ids, (de)rendering, batch and scoring variants, other vendors' shapes, operator controls.
+    ("POST", "/inference/v1/generate"),
+    ("POST", "/v1/chat/completions/derender"),
+    ("POST", "/v1/completions/derender"),
+    ("POST", "/v1/messages/render"),
+    ("POST", "/v1/responses/render"),
+    ("POST", "/generative_scoring"),
+    ("POST", "/v2/embed"),
+    ("POST", "/cohere/v2/chat"),
+    ("GET", "/tokenizer_info"),
+    ("POST", "/fault_tolerance/apply"),
+    ("POST", "/v1/chat/completions/batch"),
+    ("POST", "/abort_requests"),
 ]
 
 
