@@ -45,6 +45,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a two-label sequence classifier (vLLM's classify task)."""
+    from serverless_vllm.testing.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-classifier", classifier=True)
+
+
+@pytest.fixture(scope="session")
 def secure_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
     """Manager, router and one worker with credentials on, serving the tiny model as `tiny` (tests/secure_harness.py
     says with which settings); shared by the security, fuzz and load tests."""

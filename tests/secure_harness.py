@@ -36,7 +36,7 @@ OBSERVATIONS = Path(os.environ.get("SVLLM_OBSERVATIONS_DIR", REPO / "build" / "r
 # short cold-start timeout so requests for them end quickly; failed models stay failed; a cap of 8 requests in
 # flight per replica for the load test's overload step.
 SHARED_ALIAS = "tiny"
-SHARED_MAX_MODEL_LEN = 256
+SHARED_MAX_MODEL_LEN = 2048  # long generations: a request that is not aborted is still running when checked
 SHARED_CAP = 8
 SHARED_ENV = {
     "CPU_SLOTS": "1",

@@ -1,21 +1,25 @@
 """Every endpoint of a vLLM model through the router, end to end: real CPU vLLM engines for three tasks (the tiny
-Llama as a generate model, as an embedding model with vLLM's pooling runner, and as a classifier), driven with the
-official `openai` and `anthropic` clients.
+Llama as a generate model and, with vLLM's pooling runner, as an embedding model; a tiny Llama sequence classifier),
+driven with the official `openai` and `anthropic` clients.
 
 What was verified about vLLM 0.32's CPU build here: the tiny random Llama serves embeddings, pooling, score and
-rerank with `--runner pooling --convert embed`, classification with `--convert classify`; Responses (stored with
-VLLM_ENABLE_RESPONSES_API_STORE=1, streaming or not, previous_response_id), Messages and count_tokens, tokenize,
-detokenize, and the render endpoints (behind `--enable-scale-out`) with the generate runner. Audio: no speech
-model is made here (a tiny random Whisper needs a trained feature extractor and tokenizer); the multipart path is
-tested against the real engine's answer for a text-only model (it has no transcription route), which the worker
-turns into a clear 400.
+rerank with `--runner pooling --convert embed`; classification needs a model with a classifier head (the causal LM
+converted with `--convert classify` answered NaN), hence the tiny LlamaForSequenceClassification; Responses (stored
+with VLLM_ENABLE_RESPONSES_API_STORE=1, streaming or not, previous_response_id), Messages and count_tokens,
+tokenize, detokenize, and the render endpoints (behind `--enable-scale-out`) with the generate runner. Audio: no
+speech model is made here (a tiny random Whisper needs a trained feature extractor and tokenizer); the multipart
+path is tested against the real engine's answer for a text-only model (it has no transcription route), which the
+worker turns into a clear 400.
 
-The tests share one stack and run in file order (register, hold through cold starts, serve, refuse).
+The tests share one stack and run in file order (register, hold through cold starts, serve, refuse, abort).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,15 +35,18 @@ from .harness import Service, Stack, free_port, wait_until
 GEN, EMB, CLS = "tiny", "emb", "cls"
 M = [{"role": "user", "content": "hello there"}]
 # float32: the CPU build's bf16 kernels once crashed on a first request of a few tokens (../shared/ENVIRONMENT.md).
-SPEC = {"max_model_len": 512, "dtype": "float32", "preload": False}
+# max_model_len 2048: long generations, so that a request that is not aborted is still running when checked.
+SPEC = {"max_model_len": 2048, "dtype": "float32", "preload": False}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_classifier: Path) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("endpoints"), env={"CPU_SLOTS": "2", "SCALE_DOWN_DELAY": "2"}).start(workers=2)
     try:
-        for alias, task, extra in ((GEN, "generate", {"max_replicas": 2}), (EMB, "embed", {}), (CLS, "classify", {})):
-            body = {"alias": alias, "model_name": str(tiny_model), "task": task, **SPEC, **extra}
+        models = ((GEN, tiny_model, "generate"), (EMB, tiny_model, "embed"), (CLS, tiny_classifier, "classify"))
+        for alias, model, task in models:
+            extra = {"max_replicas": 2} if alias == GEN else {}
+            body = {"alias": alias, "model_name": str(model), "task": task, **SPEC, **extra}
             resp = s.post("/v1/models/register", json=body)
             assert resp.status_code == 200, resp.text
         yield s
@@ -66,6 +73,32 @@ def test_models_show_their_task(stack: Stack) -> None:
     }
     info = stack.model(EMB)
     assert info["task"] == "embed" and info["engine"]["task"] == "embed"
+
+
+def _gauge(text: str, name: str, model: str) -> float:
+    match = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _raw_post(stack: Stack, path: str, body: dict[str, Any]) -> socket.socket:
+    """A client that sends a request and will leave without reading the answer."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", stack.router.port), timeout=10)
+    head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def test_held_requests_whose_clients_leave_leave_the_queue(stack: Stack) -> None:
+    """Held for a cold start, then gone: out of the router's queue (and its demand) within a second."""
+    clients = [_raw_post(stack, "/v1/completions", {"model": GEN, "prompt": "x", "max_tokens": 2}) for _ in range(5)]
+    queued = lambda: _gauge(stack.get("/metrics").text, "svllm_router_queued_requests", GEN)  # noqa: E731
+    wait_until(lambda: queued() == 5, 30, interval=0.1, what="five held requests")
+    for sock in clients:
+        sock.close()
+    dropped = time.monotonic()
+    wait_until(lambda: queued() == 0, 1.0, interval=0.05, what="the queue emptied by the departures")
+    assert time.monotonic() - dropped < 1.0
 
 
 def _anthropic(stack: Stack) -> anthropic.Anthropic:
@@ -124,6 +157,7 @@ def test_every_endpoint_is_held_through_its_models_cold_start(stack: Stack) -> N
     """Three models at zero replicas, every endpoint family at once: each request waits at the router while its
     model starts (one cold start per model), then is served with the answer its client expects."""
     calls = _calls(stack)
+    before = _queue_waits(stack)
     with ThreadPoolExecutor(len(calls)) as pool:
         futures = {name: pool.submit(call) for name, call in calls.items()}
         results = {name: future.result(timeout=900) for name, future in futures.items()}
@@ -132,7 +166,7 @@ def test_every_endpoint_is_held_through_its_models_cold_start(stack: Stack) -> N
     # Every one of them was held (the hold records its wait), and each model had exactly one replica started.
     waits = _queue_waits(stack)
     held = {GEN: 9, EMB: 8, CLS: 1}  # the requests of _calls, per model
-    assert {a: waits.get(a) for a in held} == {a: float(n) for a, n in held.items()}
+    assert {a: waits.get(a, 0.0) - before.get(a, 0.0) for a in held} == {a: float(n) for a, n in held.items()}
     assert [len(stack.model(a)["replicas"]) for a in (GEN, EMB, CLS)] == [1, 1, 1]
 
 
@@ -225,6 +259,36 @@ def test_previous_response_id_follows_its_replica_across_two_workers(stack: Stac
         assert follow.previous_response_id == previous
     finally:
         other.stop()
+
+
+def _running(stack: Stack, alias: str) -> float:
+    """Requests running in the alias's engines, as vLLM itself counts them."""
+    total = 0.0
+    for worker in stack.workers_by_id().values():
+        for engine in worker["engines"]:
+            if engine["alias"] == alias and engine["state"] == "ready":
+                text = httpx.get(f"{worker['url']}/engines/{engine['replica_id']}/metrics", timeout=10).text
+                total += sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+    return total
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(stack: Stack) -> None:
+    """Non-streamed, so no byte reaches the client before the end: the router and the worker must notice the
+    departure themselves. 1,800 tokens take many seconds here: without the abort the engine is still busy when
+    checked."""
+    body = {"model": GEN, "prompt": "Once", "max_tokens": 1800, "ignore_eos": True}
+    for path in ("/v1/completions", "/v1/responses"):
+        request = (
+            body
+            if path == "/v1/completions"
+            else {"model": GEN, "input": "Once", "max_output_tokens": 1800, "ignore_eos": True}
+        )
+        sock = _raw_post(stack, path, request)
+        wait_until(lambda: _running(stack, GEN) == 1, 60, interval=0.1, what=f"{path} running in the engine")
+        sock.close()
+        dropped = time.monotonic()
+        wait_until(lambda: _running(stack, GEN) == 0, 1.0, interval=0.05, what=f"{path} aborted in the engine")
+        assert time.monotonic() - dropped < 1.0
 
 
 def test_anthropic_client_streams_and_sees_anthropic_errors(stack: Stack) -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from ..config import AuthSettings, RouterSettings
 from ..dataplane.app_state import AppState
 from ..dataplane.body import read_inference
+from ..dataplane.disconnect import until_disconnect
 from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import SESSION_HEADER
 from ..dataplane.heap import freeze_startup_heap
@@ -85,11 +86,13 @@ def create_router_app(
         user = inference.payload.get("user")
         affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
         if endpoint.family == "responses":
-            return await state.get().responses.create(inference, affinity)
-        return await state.get().forwarder.forward(inference, affinity)
+            return await until_disconnect(request.receive, state.get().responses.create(inference, affinity))
+        # A client that leaves before the first byte (held in a cold start, or waiting for a whole answer) cancels
+        # the forward: its queue slot is freed and the upstream connection closed, so vLLM aborts the request.
+        return await until_disconnect(request.receive, state.get().forwarder.forward(inference, affinity))
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
-        return await state.get().responses.follow(response_id, action)
+        return await until_disconnect(request.receive, state.get().responses.follow(response_id, action))
 
     app.include_router(inference_routes(_inference, _stored_response))
 

@@ -37,11 +37,11 @@ _CORPUS = [
 _SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, classifier: bool = False) -> None:
     # Imported here: only tests and demos need transformers/tokenizers, never the control plane.
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
     vocab_size = 512
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -83,12 +83,18 @@ def _build(target: Path) -> None:
         torch_dtype="bfloat16",
     )
     torch.manual_seed(0)  # the same weights every time: reproducible gibberish
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if classifier:
+        # A sequence classifier (two labels) with its own head: what vLLM's classify task serves. A causal LM
+        # converted by vLLM (--convert classify) has no trained head and answered NaN here.
+        config.num_labels = 2
+        model = LlamaForSequenceClassification(config).to(torch.bfloat16)
+    else:
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(target, safe_serialization=True)
     (target / _MARKER).write_text("ok\n")
 
 
-def make_tiny_model(path: str | Path) -> Path:
+def make_tiny_model(path: str | Path, classifier: bool = False) -> Path:
     """Create the tiny model at ``path`` (idempotent: an already complete folder is left as it is).
 
     Built in a temporary sibling folder and renamed into place, so concurrent callers never see a half
@@ -101,7 +107,7 @@ def make_tiny_model(path: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
     try:
-        _build(staging)
+        _build(staging, classifier)
         if target.exists() and not (target / _MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)  # leftovers of an interrupted older build
         try:

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from ..config import AuthSettings, WorkerSettings
 from ..dataplane.app_state import AppState
 from ..dataplane.body import read_inference
+from ..dataplane.disconnect import until_disconnect
 from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.heap import freeze_startup_heap
@@ -76,7 +77,9 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         inference = await read_inference(request, endpoint, DEFAULT_MAX_BODY_BYTES, allow_unknown_fields=True)
         replica_id = request.headers.get(REPLICA_HEADER)
         engine = _engine(None if replica_id else inference.alias, replica_id)
-        return await _relay(engine, endpoint.path, inference.body, inference.content_type, "POST", endpoint)
+        # The router closing its connection (its client left) closes ours to the engine: vLLM aborts the request.
+        relayed = _relay(engine, endpoint.path, inference.body, inference.content_type, "POST", endpoint)
+        return await until_disconnect(request.receive, relayed)
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
         # A stored response is in one engine's memory: the router names it (it learnt where the response was made).
