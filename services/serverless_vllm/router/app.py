@@ -92,7 +92,8 @@ def create_router_app(
         return await until_disconnect(request.receive, state.get().forwarder.forward(inference, affinity))
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
-        return await until_disconnect(request.receive, state.get().responses.follow(response_id, action))
+        following = state.get().responses.follow(response_id, action, request.url.query)
+        return await until_disconnect(request.receive, following)
 
     app.include_router(inference_routes(_inference, _stored_response))
 

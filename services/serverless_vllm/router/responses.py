@@ -23,6 +23,7 @@ from urllib.parse import quote
 from starlette.responses import Response, StreamingResponse
 
 from ..dataplane.body import InferenceRequest
+from ..dataplane.relay import RelayResponse
 from ..errors import APIError
 from ..schemas import Endpoint, ModelTask
 from .proxy import Forwarder
@@ -103,10 +104,12 @@ class ResponsesRouter:
         response, served_by = await self._forwarder.forward_to(request, affinity)
         return self._learn(response, request.alias, served_by.replica_id)
 
-    async def follow(self, response_id: str, action: str) -> Response:
-        """GET /v1/responses/{id} or POST /v1/responses/{id}/cancel, at the replica that holds it."""
+    async def follow(self, response_id: str, action: str, query: str = "") -> Response:
+        """GET /v1/responses/{id} (its query, e.g. `stream=true`, passed on) or POST /v1/responses/{id}/cancel, at
+        the replica that holds it."""
         endpoint, alias = await self._holder_of_any(response_id)
         path = f"/v1/responses/{quote(response_id, safe='')}" + ("/cancel" if action == "cancel" else "")
+        path += f"?{query}" if query else ""
         method = "GET" if action == "get" else "POST"
         response = await self._forwarder.send(path, b"", "application/json", alias, endpoint, method)
         if response is None:
@@ -155,6 +158,8 @@ class ResponsesRouter:
 
         async def holds(endpoint: Endpoint, alias: str) -> bool:
             response = await self._forwarder.send(path, b"", "application/json", alias, endpoint, "GET")
+            if isinstance(response, RelayResponse):
+                response.close_upstream()  # never streamed without ?stream=true; closed all the same
             return response is not None and response.status_code == 200
 
         answers = await asyncio.gather(*(holds(e, a) for e, a in candidates))

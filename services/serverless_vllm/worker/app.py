@@ -87,6 +87,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         if not replica_id:
             raise APIError(400, f"{REPLICA_HEADER} is required for a stored response", "invalid_request")
         path = f"/v1/responses/{quote(response_id, safe='')}" + ("/cancel" if action == "cancel" else "")
+        path += f"?{request.url.query}" if request.url.query else ""  # e.g. stream=true, starting_after=N
         engine = _engine(None, replica_id)
         return await _relay(engine, path, b"", "application/json", "GET" if action == "get" else "POST")
 
