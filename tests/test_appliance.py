@@ -88,8 +88,12 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: flo
 # --------------------------------------------------------------------------- cheap checks
 
 
-@pytest.mark.skipif(not _compose_usable(), reason="docker compose not installed (tests/appliance/harness.py docker)")
 def test_compose_files_valid() -> None:
+    # Decided here, not at import: on a fresh machine Compose is installed by the harness, not before collection.
+    if not _compose_usable():
+        if os.environ.get("SVLLM_APPLIANCE_TESTS") != "1":
+            pytest.skip("docker compose not installed and SVLLM_APPLIANCE_TESTS is not 1 (the harness installs it)")
+        harness.ensure_compose()
     env = {"HOME": os.environ.get("HOME", "/root"), "PATH": os.environ["PATH"]}
     for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"], harness.COMPOSE_FILES):
         args = [a for f in files for a in ("-f", f)]
