@@ -1,4 +1,5 @@
-"""The HTTP server protocol of manager, router and worker: uvicorn's httptools protocol, one socket write per burst.
+"""The HTTP server protocol of manager, router and worker: uvicorn's httptools protocol, one socket write per burst,
+and a disconnect hook.
 
 uvicorn writes a response's head and its body with two transport writes. On an idle socket each is its own
 send() (two TCP segments, and the peer wakes and reads twice): on the relay, where a response is small and
@@ -6,6 +7,10 @@ every request crosses two of our servers, those writes were the largest single c
 worker's profiles (docs/benchmarks.md). Here the writes a response makes within one turn of the event loop
 are joined and sent at the end of that turn. A streamed event still leaves in the turn it was written in, so
 no delay is added that a client could see.
+
+The hook: each request's scope carries a `DisconnectHook` that the connection fires when it is lost before the
+response is complete, so a handler can be cancelled at once (dataplane/disconnect.py) without a task per request
+listening for `http.disconnect`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import asyncio
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .disconnect import DISCONNECT_HOOK, DisconnectHook
 
 __all__ = ["CoalescingHttpToolsProtocol"]
 
@@ -62,3 +69,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[DISCONNECT_HOOK] = DisconnectHook()  # type: ignore[literal-required]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            hook: DisconnectHook | None = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[assignment]
+            if hook is not None:
+                hook.fire()

@@ -86,14 +86,14 @@ def create_router_app(
         user = inference.payload.get("user")
         affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
         if endpoint.family == "responses":
-            return await until_disconnect(request.receive, state.get().responses.create(inference, affinity))
+            return await until_disconnect(request, state.get().responses.create(inference, affinity))
         # A client that leaves before the first byte (held in a cold start, or waiting for a whole answer) cancels
         # the forward: its queue slot is freed and the upstream connection closed, so vLLM aborts the request.
-        return await until_disconnect(request.receive, state.get().forwarder.forward(inference, affinity))
+        return await until_disconnect(request, state.get().forwarder.forward(inference, affinity))
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
         following = state.get().responses.follow(response_id, action, request.url.query)
-        return await until_disconnect(request.receive, following)
+        return await until_disconnect(request, following)
 
     app.include_router(inference_routes(_inference, _stored_response))
 

@@ -79,7 +79,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         engine = _engine(None if replica_id else inference.alias, replica_id)
         # The router closing its connection (its client left) closes ours to the engine: vLLM aborts the request.
         relayed = _relay(engine, endpoint.path, inference.body, inference.content_type, "POST", endpoint)
-        return await until_disconnect(request.receive, relayed)
+        return await until_disconnect(request, relayed)
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
         # A stored response is in one engine's memory: the router names it (it learnt where the response was made).
