@@ -113,6 +113,9 @@ class Forwarder:
             if exc.refused:
                 self._sync.upstream_failed(endpoint)
             return None
+        except BaseException:  # cancelled (the client left while the answer was awaited): the slot is free again
+            done()
+            raise
         if upstream.status == 503 and upstream.headers.get(RETRY_HEADER):
             upstream.close()
             done()
