@@ -272,6 +272,10 @@ def _running(stack: Stack, alias: str) -> float:
     return total
 
 
+def _in_flight(stack: Stack) -> float:
+    return _gauge(stack.get("/metrics").text, "svllm_router_in_flight_requests", GEN)
+
+
 def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(stack: Stack) -> None:
     """Non-streamed, so no byte reaches the client before the end: the router and the worker must notice the
     departure themselves. 1,800 tokens take many seconds here: without the abort the engine is still busy when
@@ -290,8 +294,7 @@ def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(sta
         wait_until(lambda: _running(stack, GEN) == 0, 1.0, interval=0.05, what=f"{path} aborted in the engine")
         assert time.monotonic() - dropped < 1.0
         # And the router let go of it: its in-flight count (load reports, backpressure) is back to 0.
-        in_flight = lambda: _gauge(stack.get("/metrics").text, "svllm_router_in_flight_requests", GEN)  # noqa: E731
-        wait_until(lambda: in_flight() == 0, 1.0, interval=0.05, what="the router's in-flight count back to 0")
+        wait_until(lambda: _in_flight(stack) == 0, 1.0, interval=0.05, what="the router's in-flight count back to 0")
 
 
 def test_anthropic_client_streams_and_sees_anthropic_errors(stack: Stack) -> None:
