@@ -4,7 +4,7 @@ ResponsesRouter over a real RouteTable with fake replicas and a stand-in Forward
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -111,7 +111,7 @@ class FakeForwarder:
         self.held = held or {}
         self.created: dict[str, Response] = {}  # replica id -> its answer to POST /v1/responses
         self.failing: set[str] = set()  # replicas that fail before answering (send returns None)
-        self.next: tuple[Response, Endpoint] | None = None  # what forward_to answers
+        self.next: tuple[Response, Endpoint] | None = None  # what forward answers, and the replica that did
         self.sent: list[tuple[str, str, str, str, bytes]] = []  # (method, path, alias, replica id, body)
 
     async def send(
@@ -130,11 +130,18 @@ class FakeForwarder:
             return JSONResponse(stored(response_id, "cancelled"))
         return JSONResponse(stored(response_id))
 
-    async def forward_to(self, request: InferenceRequest, affinity: str | None = None) -> tuple[Response, Endpoint]:
+    async def forward(
+        self,
+        request: InferenceRequest,
+        affinity: str | None = None,
+        served_by: Callable[[Endpoint], None] | None = None,
+    ) -> Response:
         assert self.next is not None
-        response, served_by = self.next
-        self.sent.append(("POST", request.endpoint.path, request.alias, served_by.replica_id, request.body))
-        return response, served_by
+        response, endpoint = self.next
+        self.sent.append(("POST", request.endpoint.path, request.alias, endpoint.replica_id, request.body))
+        if served_by is not None:
+            served_by(endpoint)
+        return response
 
     def asked(self, method: str = "GET") -> list[str]:
         """The replicas sent a `method` request, in order."""

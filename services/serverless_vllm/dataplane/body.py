@@ -22,7 +22,7 @@ _NAME_RE = re.compile(rb'\bname="([^"]*)"', re.I)
 _MAX_FIELD_CHARS = 65536  # a text field of a form (prompt, language, ...); files are not decoded
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ runs per request, and frozen ones set each field the slow way
 class InferenceRequest:
     endpoint: InferenceEndpoint
     body: bytes

@@ -50,11 +50,14 @@ class Forwarder:
         self._headers = upstream_headers or {}
         self._on_hold = on_hold  # told how long each request waited for a ready replica (metrics)
 
-    async def forward(self, request: InferenceRequest, affinity: str | None = None) -> Response:
-        return (await self.forward_to(request, affinity))[0]
-
-    async def forward_to(self, request: InferenceRequest, affinity: str | None = None) -> tuple[Response, Endpoint]:
-        """Forward, and say which replica answered."""
+    async def forward(
+        self,
+        request: InferenceRequest,
+        affinity: str | None = None,
+        served_by: Callable[[Endpoint], None] | None = None,
+    ) -> Response:
+        """Forward to a ready replica (held through a cold start), retry once on another one if the first failed
+        before answering. `served_by` is told which replica answered."""
         alias = request.alias
         self._check_task(alias, request.endpoint)
         self._shed_if_full(alias)
@@ -65,7 +68,9 @@ class Forwarder:
             )
             response = await self.send(request.endpoint.path, request.body, request.content_type, alias, endpoint)
             if response is not None:
-                return response, endpoint
+                if served_by is not None:
+                    served_by(endpoint)
+                return response
             tried.add(endpoint.replica_id)
         raise APIError(502, f"the replicas of '{alias}' failed before answering; try again", "upstream_error")
 

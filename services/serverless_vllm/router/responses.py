@@ -101,8 +101,9 @@ class ResponsesRouter:
             if response is None:
                 raise _not_found(previous)  # the replica failed: what it held is gone with it
             return self._learn(response, request.alias, endpoint.replica_id)
-        response, served_by = await self._forwarder.forward_to(request, affinity)
-        return self._learn(response, request.alias, served_by.replica_id)
+        served: list[Endpoint] = []
+        response = await self._forwarder.forward(request, affinity, served.append)
+        return self._learn(response, request.alias, served[0].replica_id)
 
     async def follow(self, response_id: str, action: str, query: str = "") -> Response:
         """GET /v1/responses/{id} (its query, e.g. `stream=true`, passed on) or POST /v1/responses/{id}/cancel, at
