@@ -125,6 +125,7 @@ def test_cpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert cmd[3:] == [
         "--model", "/m", "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "4321",
         "--dtype", "auto", "--tensor-parallel-size", "1", "--max-model-len", "512",
+        "--enable-scale-out", "--disable-uvicorn-access-log",  # the task's flags; vLLM's access log off by default
         "--enforce-eager", "--seed", "7",
     ]  # fmt: skip
     env = eng.environment()
@@ -134,6 +135,28 @@ def test_cpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert not eng.sleep_supported
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
     assert eng.environment()["VLLM_CPU_KVCACHE_SPACE"] == "5"  # the operator's value wins
+    # ENGINE_ACCESS_LOG=1: vLLM keeps its own line per request.
+    with_access_log = make_settings(tmp_path, engine_access_log=True)
+    assert "--disable-uvicorn-access-log" not in EngineProcess(
+        make_assignment("/m"), with_access_log, has_gpu=False
+    ).command(1)
+    monkeypatch.setenv("ENGINE_ACCESS_LOG", "yes")
+    assert WorkerSettings.from_env().engine_access_log
+
+
+def test_command_parses_with_the_installed_vllm(tmp_path: Path) -> None:
+    """The flags we add exist in this vLLM (its own argument parser; no engine is started), and the operator's
+    ENGINE_EXTRA_ARGS come last: a --no-disable-uvicorn-access-log there wins over our default."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    for extra, access_log_off in (([], True), (["--no-disable-uvicorn-access-log"], False)):
+        eng = EngineProcess(make_assignment("/m"), make_settings(tmp_path, engine_extra_args=extra), has_gpu=False)
+        cmd = eng.command(4321)
+        assert cmd[2] == "vllm.entrypoints.openai.api_server"
+        assert parser.parse_args(cmd[3:]).disable_uvicorn_access_log is access_log_off
 
 
 def test_gpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
 from ..schemas import Endpoint, ModelState
+from .negative_cache import NegativeCache
 from .sync import ManagerSync
 from .table import RouteTable
 
@@ -41,6 +42,7 @@ class Forwarder:
         client: UpstreamClient,
         upstream_headers: dict[str, str] | None = None,
         on_hold: Callable[[str, float], None] | None = None,
+        unknown_models: NegativeCache | None = None,
     ) -> None:
         self._settings = settings
         self._table = table
@@ -49,6 +51,8 @@ class Forwarder:
         self._client = client
         self._headers = upstream_headers or {}
         self._on_hold = on_hold  # told how long each request waited for a ready replica (metrics)
+        # The manager's recent 404s (aliases it does not know), answered here again for a few seconds.
+        self._unknown = unknown_models if unknown_models is not None else NegativeCache(settings.unknown_model_ttl_s)
 
     async def forward(
         self,
@@ -142,8 +146,17 @@ class Forwarder:
     ) -> Endpoint:
         """No ready replica: wait (bounded queue, cold-start timeout) while the manager brings one up."""
         if self._table.route(alias) is None:
-            # Unknown here: the registry decides (a fresh router, or a registration the table has not seen).
-            await self._manager.get_model(alias)  # raises 404 for aliases that are not registered
+            # Unknown here: the registry decides (a fresh router, or a registration the table has not seen), unless
+            # it said 404 a moment ago: a wrong name asked again and again costs one manager call per TTL.
+            message = self._unknown.get(alias)
+            if message is not None:
+                raise APIError(404, message, "model_not_found")
+            try:
+                await self._manager.get_model(alias)  # raises 404 for aliases that are not registered
+            except APIError as exc:
+                if exc.status == 404 and exc.code == "model_not_found":
+                    self._unknown.add(alias, exc.message)
+                raise
             await self._sync.refresh()
             self._check_task(alias, request_endpoint)
             endpoint = self._table.pick(alias, frozenset(tried), affinity)

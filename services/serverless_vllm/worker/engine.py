@@ -68,7 +68,7 @@ class EngineProcess:
         self._http = EngineClient(client)
         self._state = ReplicaState.STARTING
         self._changed = asyncio.Event()
-        self._log = EngineLog(assignment.replica_id)
+        self._log = EngineLog(assignment.replica_id, settings.engine_log_max_bytes, settings.engine_log_backups)
         self._runs = Supervisor(self, set_state=self._set_state, engine_log=self._log, http=self._http)
         self._stopped = False
         self._stop_task: asyncio.Task[None] | None = None
@@ -162,6 +162,10 @@ class EngineProcess:
         cmd += TASK_ARGS[engine.task]
         if self.has_gpu:
             cmd += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--enable-sleep-mode"]
+        if not self.settings.engine_access_log:
+            # vLLM's line per request would fill the engine's log (the router counts requests). Before the extra
+            # arguments: a --no-disable-uvicorn-access-log there comes later and wins.
+            cmd.append("--disable-uvicorn-access-log")
         return cmd + list(self.settings.engine_extra_args) + list(engine.extra_args)
 
     def environment(self) -> dict[str, str]:

@@ -1,17 +1,22 @@
 """An engine's log: every line its process prints, appended to a local file and kept in a short in-memory tail
-(which rides along in the engine's status when something went wrong)."""
+(which rides along in the engine's status when something went wrong).
+
+The file is rotated at a size cap: `<replica>.log` is renamed `<replica>.log.1` (the older ones move up one,
+the oldest beyond the count kept is deleted) and a fresh file starts. The tail is memory only and never rotated.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +30,25 @@ _LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*")
 class EngineLog:
     """The log file (if it can be written) and the last LOG_TAIL_LINES lines of one engine, over its launches."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_bytes: int = 0, backups: int = 0) -> None:
+        """`max_bytes`: the file's size at which it is rotated (0: never); `backups`: rotated files kept."""
         self._name = name  # the replica's, for log messages
         self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        self._file: IO[str] | None = None
+        self._file: BinaryIO | None = None
+        self._path: Path | None = None
+        self._size = 0  # bytes in the current file, what was there before it was opened included
+        self._max_bytes = max_bytes
+        self._backups = backups
 
     def open(self, path: Path) -> None:
-        # A local append-only file, line buffered: cheap enough to write from the event loop.
+        # A local append-only file, one write per line (unbuffered): cheap enough to write from the event loop.
+        # Opened again (another launch, a new worker process) it continues the same file: its size counts.
+        self.close()
+        self._path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8", buffering=1)
+            self._file = open(path, "ab", buffering=0)
+            self._size = self._file.seek(0, os.SEEK_END)
         except OSError as exc:
             log.warning("engine %s: cannot write %s: %s", self._name, path, exc)
 
@@ -46,11 +60,40 @@ class EngineLog:
 
     def write(self, text: str) -> None:
         self._tail.append(text)
-        if self._file is not None:
-            try:
-                self._file.write(text + "\n")
-            except (OSError, ValueError):
-                self._file = None  # disk full or closed: keep the in-memory tail
+        if self._file is None:
+            return
+        data = (text + "\n").encode("utf-8", "replace")
+        if 0 < self._max_bytes < self._size + len(data) and self._size > 0:
+            self._rotate()
+            if self._file is None:
+                return
+        try:
+            self._file.write(data)
+            self._size += len(data)
+        except (OSError, ValueError):
+            self._file = None  # disk full or closed: keep the in-memory tail
+
+    def _rotate(self) -> None:
+        """<path>.{N-1} -> <path>.N (the oldest is replaced), ..., <path> -> <path>.1, then a fresh <path>."""
+        path = self._path
+        assert path is not None  # set by open(), before any file
+        self.close()
+        try:
+            for i in range(self._backups - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{i}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+            if self._backups > 0:
+                os.replace(path, path.with_name(f"{path.name}.1"))
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("engine %s: cannot rotate %s: %s", self._name, path, exc)
+        try:
+            self._file = open(path, "ab", buffering=0)
+        except OSError as exc:
+            log.warning("engine %s: cannot write %s: %s", self._name, path, exc)
+        self._size = 0  # a fresh file; or, when the renaming failed, the next try is max_bytes later
 
     def write_launch(self, number: int, cmd: Sequence[str]) -> None:
         """The header that starts each launch's lines."""
