@@ -55,6 +55,21 @@ class ManagerSettings(_Settings):
     worker_timeout_s: float = _setting(
         10.0, env="WORKER_TIMEOUT", description="seconds the manager waits for a worker to answer a call"
     )
+    probe_attempts: int = _setting(
+        3,
+        env="PROBE_ATTEMPTS",
+        description="refused /health probes in a row before a worker a router could not reach is declared dead",
+        ge=1,
+    )
+    probe_interval_s: float = _setting(
+        0.5, env="PROBE_INTERVAL", description="seconds between two probes of a worker a router could not reach", ge=0
+    )
+    dead_worker_retention_s: float = _setting(
+        600.0,
+        env="DEAD_WORKER_RETENTION",
+        description="seconds a dead worker stays listed (GET /workers, metrics) before it is forgotten",
+        ge=0,
+    )
     model_dirs: list[str] = _setting(
         [],
         env="SVLLM_MODEL_DIRS",
@@ -119,6 +134,14 @@ class RouterSettings(_Settings):
     responses_probe_replicas: int = _setting(
         16, env="RESPONSES_PROBE_REPLICAS", description="replicas asked for a response id the router does not know"
     )
+    # A wrong model name asked again and again: the manager's 404 is remembered (router/negative_cache.py).
+    unknown_model_ttl_s: float = _setting(
+        2.0,
+        env="UNKNOWN_MODEL_TTL",
+        description="seconds the router answers an unregistered alias's 404 itself, without asking the manager "
+        "(0: always ask)",
+        ge=0,
+    )
 
     @field_validator("allow_unknown_fields", mode="before")
     @classmethod
@@ -164,11 +187,31 @@ class WorkerSettings(_Settings):
     engine_nice: int = _setting(
         5, env="ENGINE_NICE", description="niceness added to engine processes, 0-19 (0: off)", ge=0, le=19
     )
+    # Engine log files are rotated (worker/engine_log.py): <replica>.log, then .log.1 (newest) ... .log.N.
+    engine_log_max_bytes: int = _setting(
+        50 * 1024 * 1024,
+        env="ENGINE_LOG_MAX_BYTES",
+        description="size of an engine's log file, in bytes, at which it is rotated (0: never rotated)",
+        ge=0,
+    )
+    engine_log_backups: int = _setting(
+        3, env="ENGINE_LOG_BACKUPS", description="rotated engine log files kept (.log.1 ... .log.N)", ge=0
+    )
+    engine_access_log: bool = _setting(
+        False,
+        env="ENGINE_ACCESS_LOG",
+        description="keep vLLM's own log line per request (off: --disable-uvicorn-access-log; 1/true/yes/on)",
+    )
 
     @field_validator("engine_extra_args", mode="before")
     @classmethod
     def _split_args(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
+
+    @field_validator("engine_access_log", mode="before")
+    @classmethod
+    def _truthy(cls, value: Any) -> Any:
+        return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else value
 
     def advertised_url(self) -> str:
         if self.public_url:

@@ -1,4 +1,4 @@
-"""The heartbeat state machine: healthy -> unhealthy -> dead, recovery, and re-registration."""
+"""The heartbeat state machine: healthy -> unhealthy -> dead -> forgotten, recovery, and re-registration."""
 
 from serverless_vllm.manager.workers import WorkerRegistry
 from serverless_vllm.schemas import Heartbeat, WorkerRegistration, WorkerState
@@ -41,5 +41,26 @@ def test_unknown_or_dead_worker_is_told_to_register_again() -> None:
 def test_mark_dead_is_immediate_and_once() -> None:
     registry = WorkerRegistry(timeout=10)
     registry.register(reg(), now=0)
-    assert registry.mark_dead("w1") is not None
-    assert registry.mark_dead("w1") is None
+    assert registry.mark_dead("w1", now=1) is not None
+    assert registry.mark_dead("w1", now=2) is None
+    assert registry.get("w1").dead_since == 1
+
+
+def test_dead_workers_are_forgotten_after_the_retention() -> None:
+    registry = WorkerRegistry(timeout=10)
+    registry.register(reg("w1"), now=0)
+    registry.register(reg("w2"), now=0)
+    registry.register(reg("w3"), now=0)
+    registry.mark_dead("w3", now=5)  # a refused probe: dead at once
+    for t in range(1, 21):
+        registry.heartbeat(Heartbeat(worker_id="w2"), now=t)
+    assert [w.worker_id for w, _ in registry.sweep(now=21)] == ["w1"]  # dead since 21
+    assert registry.expire_dead(now=104, retention=100) == []
+    assert [w.worker_id for w in registry.expire_dead(now=105, retention=100)] == ["w3"]
+    assert [w.worker_id for w in registry.all()] == ["w1", "w2"]
+    assert registry.expire_dead(now=120, retention=100) == []
+    assert [w.worker_id for w in registry.expire_dead(now=121, retention=100)] == ["w1"]
+    assert [w.worker_id for w in registry.all()] == ["w2"]  # the live one stays, however old
+    assert registry.heartbeat(Heartbeat(worker_id="w1"), now=122) is None  # unknown: register again
+    registry.register(reg("w1"), now=123)
+    assert registry.get("w1").state is WorkerState.HEALTHY and registry.get("w1").dead_since is None

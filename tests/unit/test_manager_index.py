@@ -147,6 +147,13 @@ def check_index(core: ManagerCore) -> None:
 
 def check_all(core: ManagerCore) -> None:
     check_index(core)
+    # No replica on a dead or forgotten worker, and nothing remembered for one (a push that completes after a
+    # probe declared its worker dead included: the background loop pushes while probes run).
+    live = {w.worker_id for w in core.workers.all() if w.state is not WorkerState.DEAD}
+    assert {r.worker_id for r in core.replicas.values()} <= live
+    link = core.worker_link
+    for worker_id in link._pushed.keys() | link._replies.keys():
+        assert worker_id in live, worker_id
     table = core.routing_table()
     expected = reference_routes(core)
     assert list(table.models) == list(expected)  # registration order
@@ -316,6 +323,8 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
             heartbeat_timeout_s=10,
             failed_retry_after_s=5,
             scale_down_delay_s=2,
+            probe_interval_s=0,  # a refused worker is refused probe_attempts times at once
+            dead_worker_retention_s=15,  # dead workers are forgotten during the run too
             model_dirs=["/"],
         ),
         clock=clock,

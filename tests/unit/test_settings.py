@@ -283,6 +283,7 @@ def sample(var: str, info: FieldInfo, tmp_path: Path) -> tuple[str, Any]:
         "SVLLM_MODEL_DIRS": ("/models,/srv:/data", ["/models", "/srv", "/data"]),
         "ENGINE_EXTRA_ARGS": (" --enforce-eager  --max-num-seqs 4 ", ["--enforce-eager", "--max-num-seqs", "4"]),
         "ALLOW_UNKNOWN_FIELDS": ("Yes", True),
+        "ENGINE_ACCESS_LOG": ("Yes", True),
         "SVLLM_AUTH": (" OFF ", "off"),
         "SVLLM_API_KEYS": (" key-1 , ,key-2", ["key-1", "key-2"]),
         "SVLLM_API_KEYS_FILE": (str(keys), str(keys)),

@@ -117,9 +117,14 @@ class Reconciler:
             )
             if state is WorkerState.DEAD:
                 self.on_worker_dead(record)
+        # A dead worker stays listed (GET /workers, its metrics series) for a while, then goes: a worker scaled
+        # away or recreated under another id would otherwise stay dead forever. One that comes back registers.
+        for record in self._workers.expire_dead(now, self._settings.dead_worker_retention_s):
+            self._link.forget(record.worker_id)
+            log.info("dead worker %s forgotten", record.worker_id)
 
     def on_worker_dead(self, record: WorkerRecord) -> None:
-        self._workers.mark_dead(record.worker_id)
+        self._workers.mark_dead(record.worker_id, self._clock())
         lost = self._replicas.of_worker(record.worker_id)
         for replica in lost:
             self.remove_replica(replica.replica_id)

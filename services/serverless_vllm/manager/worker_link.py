@@ -31,6 +31,9 @@ WorkerClient = httpx.AsyncClient
 AssignmentKey = tuple[tuple[str, bool], ...]
 PushedKey = frozenset[tuple[str, bool]]
 
+# Seconds one probe of a worker's /health may take (a slow answer is not a refusal: heartbeats decide).
+PROBE_TIMEOUT_S = 2.0
+
 
 class WorkerLink:
     def __init__(
@@ -44,7 +47,7 @@ class WorkerLink:
         client: WorkerClient | None = None,
         worker_headers: dict[str, str] | None = None,
     ) -> None:
-        """`on_refused`: called with a worker that refused a probe's connection (declared dead)."""
+        """`on_refused`: called with a worker that refused every probe's connection (declared dead)."""
         self._settings = settings
         self._models = registry.models
         self._replicas = replicas
@@ -56,7 +59,7 @@ class WorkerLink:
         self._pushed: dict[str, PushedKey] = {}  # worker id -> the assignments it last accepted
         # worker id -> (key, reply): a heartbeat reply is rebuilt only when that worker's assignments change.
         self._replies: dict[str, tuple[AssignmentKey, HeartbeatReply]] = {}
-        self._probes: set[asyncio.Task[None]] = set()
+        self._probes: dict[str, asyncio.Task[None]] = {}  # worker id -> its probe under way (one at a time)
 
     def start(self) -> None:
         if self._client is None:
@@ -65,6 +68,9 @@ class WorkerLink:
             )
 
     async def close(self) -> None:
+        for task in list(self._probes.values()):
+            task.cancel()  # a probe waits up to seconds between its attempts: not past the client's life
+        await asyncio.gather(*self._probes.values(), return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -111,7 +117,8 @@ class WorkerLink:
         return self._pushed.get(worker_id)
 
     def forget(self, worker_id: str) -> None:
-        """The worker is dead: what it accepted no longer counts (it registers again with what it runs)."""
+        """The worker is dead (or forgotten): what it accepted no longer counts (it registers again with what it
+        runs)."""
         self._pushed.pop(worker_id, None)
         self._replies.pop(worker_id, None)
 
@@ -135,7 +142,8 @@ class WorkerLink:
                 json=[a.model_dump(mode="json") for a in assignments],
             )
             resp.raise_for_status()
-            self._pushed[record.worker_id] = key
+            if record.state is not WorkerState.DEAD:  # declared dead meanwhile (a probe): nothing to remember
+                self._pushed[record.worker_id] = key
         except httpx.HTTPError as exc:
             # The next heartbeat reply carries the same assignments, so nothing is lost.
             log.warning("push to worker %s failed (%s); its next heartbeat will carry it", record.worker_id, exc)
@@ -143,24 +151,50 @@ class WorkerLink:
     # ------------------------------------------------------------------ probes
 
     def probe(self, worker_id: str) -> None:
-        """A router could not connect to the worker: probe it in the background."""
+        """A router could not connect to the worker: probe it in the background (each worker on its own, outside
+        the reconcile lock; reports about a worker already being probed join that probe)."""
+        if worker_id in self._probes:
+            return
         task = asyncio.create_task(self._probe_worker(worker_id))
-        self._probes.add(task)
-        task.add_done_callback(self._probes.discard)
+        self._probes[worker_id] = task
+        task.add_done_callback(lambda _: self._probes.pop(worker_id, None))
 
     async def wait_probes(self) -> None:
         """Wait for the probes under way (tests and tools)."""
-        await asyncio.gather(*self._probes)
+        await asyncio.gather(*self._probes.values())
 
     async def _probe_worker(self, worker_id: str) -> None:
-        """A router could not connect: check at once instead of waiting for heartbeats to time out."""
+        """A router could not connect: check at once instead of waiting for heartbeats to time out.
+
+        Dead only after `probe_attempts` refused connections in a row, `probe_interval_s` apart: a worker process
+        restarting, or a port refused for a moment, is not worth a failover. Any answer (whatever its status), a
+        slow one, a heartbeat or a new registration meanwhile ends the probe with the worker left as it is.
+        """
         record = self._workers.get(worker_id)
         if record is None or record.state is WorkerState.DEAD or self._client is None:
             return
-        try:
-            await self._client.get(f"{record.url}/health", timeout=2.0, headers=self._worker_headers)
-        except httpx.ConnectError:
-            log.warning("worker %s refuses connections: declared dead", worker_id)
+        beats = record.beats
+        attempts = self._settings.probe_attempts
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self._settings.probe_interval_s)
+                if not self._still_suspect(record, beats):
+                    return
+            try:
+                await self._client.get(f"{record.url}/health", timeout=PROBE_TIMEOUT_S, headers=self._worker_headers)
+                return  # it answered: alive
+            except httpx.ConnectError:
+                log.info("worker %s refused probe %d of %d", worker_id, attempt + 1, attempts)
+            except httpx.HTTPError:
+                return  # slow, not gone: heartbeats decide
+        if self._still_suspect(record, beats):
+            log.warning("worker %s refused %d probes in a row: declared dead", worker_id, attempts)
             self._on_refused(record)
-        except httpx.HTTPError:
-            pass  # slow, not gone: heartbeats decide
+
+    def _still_suspect(self, record: WorkerRecord, beats: int) -> bool:
+        """No heartbeat, no new registration and not declared dead since the probe began."""
+        return (
+            self._workers.get(record.worker_id) is record
+            and record.state is not WorkerState.DEAD
+            and record.beats == beats
+        )

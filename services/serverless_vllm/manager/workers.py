@@ -1,4 +1,4 @@
-"""Worker registry and the heartbeat state machine: healthy -> unhealthy -> dead."""
+"""Worker registry and the heartbeat state machine: healthy -> unhealthy -> dead -> forgotten."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ class WorkerRecord:
     state: WorkerState = WorkerState.HEALTHY
     gpus: list[GPUInfo] = field(default_factory=list)
     engines: dict[str, EngineStatus] = field(default_factory=dict)
+    beats: int = 0  # heartbeats received since registration: a probe under way sees the worker is alive
+    dead_since: float | None = None  # when it was declared dead (it is forgotten a retention period later)
 
     @property
     def worker_id(self) -> str:
@@ -41,8 +43,9 @@ class WorkerRegistry:
     """Tracks workers by heartbeat age.
 
     No heartbeat for `timeout` seconds: unhealthy (no new requests or placements). For twice that: dead
-    (its replicas are placed elsewhere). A heartbeat from a dead or unknown worker is refused so that the
-    worker registers again and reports what it actually runs.
+    (its replicas are placed elsewhere). A dead worker stays listed for a retention period, then is forgotten
+    (`expire_dead`). A heartbeat from a dead or unknown worker is refused so that the worker registers again and
+    reports what it actually runs.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -62,6 +65,7 @@ class WorkerRegistry:
         if record is None or record.state is WorkerState.DEAD:
             return None
         record.last_heartbeat = now
+        record.beats += 1
         record.state = WorkerState.HEALTHY
         record.gpus = list(hb.gpus)
         record.engines = {e.replica_id: e for e in hb.engines}
@@ -79,6 +83,8 @@ class WorkerRegistry:
                 new = WorkerState.UNHEALTHY
             if new is not record.state:
                 record.state = new
+                if new is WorkerState.DEAD:
+                    record.dead_since = now
                 changes.append((record, new))
         return changes
 
@@ -87,12 +93,24 @@ class WorkerRegistry:
         for record in self._workers.values():
             record.last_heartbeat = min(now, record.last_heartbeat + seconds)
 
-    def mark_dead(self, worker_id: str) -> WorkerRecord | None:
+    def mark_dead(self, worker_id: str, now: float) -> WorkerRecord | None:
         record = self._workers.get(worker_id)
         if record is not None and record.state is not WorkerState.DEAD:
             record.state = WorkerState.DEAD
+            record.dead_since = now
             return record
         return None
+
+    def expire_dead(self, now: float, retention: float) -> list[WorkerRecord]:
+        """Forget the workers dead for `retention` seconds or more, and return them. O(workers), once a pass."""
+        expired = [
+            r
+            for r in self._workers.values()
+            if r.dead_since is not None and r.state is WorkerState.DEAD and now - r.dead_since >= retention
+        ]
+        for record in expired:
+            del self._workers[record.worker_id]
+        return expired
 
     def forget(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)
