@@ -280,13 +280,11 @@ def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(sta
     """Non-streamed, so no byte reaches the client before the end: the router and the worker must notice the
     departure themselves. 1,800 tokens take many seconds here: without the abort the engine is still busy when
     checked."""
-    body = {"model": GEN, "prompt": "Once", "max_tokens": 1800, "ignore_eos": True}
-    for path in ("/v1/completions", "/v1/responses"):
-        request = (
-            body
-            if path == "/v1/completions"
-            else {"model": GEN, "input": "Once", "max_output_tokens": 1800, "ignore_eos": True}
-        )
+    bodies = {
+        "/v1/completions": {"model": GEN, "prompt": "Once", "max_tokens": 1800, "ignore_eos": True},
+        "/v1/chat/completions": {"model": GEN, "messages": M, "max_tokens": 1800, "ignore_eos": True},
+    }
+    for path, request in bodies.items():
         sock = _raw_post(stack, path, request)
         wait_until(lambda: _running(stack, GEN) == 1, 60, interval=0.1, what=f"{path} running in the engine")
         sock.close()

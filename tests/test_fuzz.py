@@ -179,7 +179,12 @@ BAD_INPUTS: list[tuple[str, str, bytes, dict[str, str] | None]] = [
         None,
     ),
     ("empty prompt", "/v1/completions", _j({"model": ALIAS, "prompt": ""}), None),
-    ("prompt longer than the context", "/v1/completions", _j({"model": ALIAS, "prompt": "hello " * 400}), None),
+    (
+        "prompt longer than the context",
+        "/v1/completions",
+        _j({"model": ALIAS, "prompt": "hello " * (2 * MAX_MODEL_LEN)}),  # one token or more per word
+        None,
+    ),
     ("out-of-vocabulary token ids", "/v1/completions", _j({"model": ALIAS, "prompt": [10**12]}), None),
     ("max_tokens 10^30", "/v1/completions", _j({"model": ALIAS, "prompt": "x", "max_tokens": 10**30}), None),
     (
