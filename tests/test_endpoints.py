@@ -45,7 +45,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_class
     try:
         models = ((GEN, tiny_model, "generate"), (EMB, tiny_model, "embed"), (CLS, tiny_classifier, "classify"))
         for alias, model, task in models:
-            extra = {"max_replicas": 2} if alias == GEN else {}
+            # Two replicas at most (the Responses test asks for both), and no second one for the cold-start burst.
+            extra = {"max_replicas": 2, "target_concurrency": 64} if alias == GEN else {}
             body = {"alias": alias, "model_name": str(model), "task": task, **SPEC, **extra}
             resp = s.post("/v1/models/register", json=body)
             assert resp.status_code == 200, resp.text
