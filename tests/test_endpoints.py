@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,9 +96,7 @@ def test_held_requests_whose_clients_leave_leave_the_queue(stack: Stack) -> None
     wait_until(lambda: queued() == 5, 30, interval=0.1, what="five held requests")
     for sock in clients:
         sock.close()
-    dropped = time.monotonic()
     wait_until(lambda: queued() == 0, 1.0, interval=0.05, what="the queue emptied by the departures")
-    assert time.monotonic() - dropped < 1.0
 
 
 def _anthropic(stack: Stack) -> anthropic.Anthropic:
@@ -286,12 +283,13 @@ def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(sta
         "/v1/chat/completions": {"model": GEN, "messages": M, "max_tokens": 1800, "ignore_eos": True},
     }
     for path, request in bodies.items():
-        sock = _raw_post(stack, path, request)
-        wait_until(lambda: _running(stack, GEN) == 1, 60, interval=0.1, what=f"{path} running in the engine")
-        sock.close()
-        dropped = time.monotonic()
+        # Six at once: a batch keeps the engine busy for many seconds (one alone can end within a poll's time).
+        socks = [_raw_post(stack, path, request) for _ in range(6)]
+        wait_until(lambda: _running(stack, GEN) >= 1, 60, interval=0.05, what=f"{path} running in the engine")
+        for sock in socks:
+            sock.close()
+        # Within a second of the departure (the bound is wait_until's timeout, counted from the last close).
         wait_until(lambda: _running(stack, GEN) == 0, 1.0, interval=0.05, what=f"{path} aborted in the engine")
-        assert time.monotonic() - dropped < 1.0
         # And the router let go of it: its in-flight count (load reports, backpressure) is back to 0.
         wait_until(lambda: _in_flight(stack) == 0, 1.0, interval=0.05, what="the router's in-flight count back to 0")
 
