@@ -17,6 +17,7 @@ from .inference import (
     OPERATOR_FIELDS,
     bad_request,
     check_inference,
+    check_messages,
     check_model,
     is_int,
 )
@@ -224,19 +225,6 @@ def _items(payload: dict[str, Any], key: str, limit: int, required: bool = True)
         raise bad_request(f"'{key}' may hold at most {limit} items", key)
 
 
-def _messages(payload: dict[str, Any], required: bool) -> None:
-    messages = payload.get("messages")
-    if messages is None and not required:
-        return
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array", "messages")
-    if len(messages) > MAX_MESSAGES:
-        raise bad_request(f"at most {MAX_MESSAGES} messages", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
-
-
 def _int(payload: dict[str, Any], key: str, low: int, high: int) -> None:
     value = payload.get(key)
     if value is not None and (not is_int(value) or not low <= value <= high):
@@ -252,7 +240,7 @@ def _pooling(known: frozenset[str]) -> Callable[[dict[str, Any], bool], None]:
     def check(payload: dict[str, Any], allow_unknown: bool) -> None:
         _fields(payload, known, allow_unknown)
         if "messages" in payload:
-            _messages(payload, required=True)
+            check_messages(payload)
         else:
             _items(payload, "input", MAX_INPUTS)
         _int(payload, "dimensions", 1, 65536)
@@ -304,7 +292,7 @@ def _responses(payload: dict[str, Any], allow_unknown: bool) -> None:
 
 def _messages_api(payload: dict[str, Any], allow_unknown: bool) -> None:
     _fields(payload, MESSAGES_FIELDS, allow_unknown)
-    _messages(payload, required=True)
+    check_messages(payload)
     max_tokens = payload.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS:
         raise bad_request(f"'max_tokens' is required: an integer from 1 to {MAX_TOKENS}", "max_tokens")
@@ -313,13 +301,13 @@ def _messages_api(payload: dict[str, Any], allow_unknown: bool) -> None:
 
 def _count_tokens(payload: dict[str, Any], allow_unknown: bool) -> None:
     _fields(payload, COUNT_TOKENS_FIELDS, allow_unknown)
-    _messages(payload, required=True)
+    check_messages(payload)
 
 
 def _tokenize(payload: dict[str, Any], allow_unknown: bool) -> None:
     _fields(payload, TOKENIZE_FIELDS, allow_unknown)
     if "messages" in payload:
-        _messages(payload, required=True)
+        check_messages(payload)
     else:
         prompt = payload.get("prompt")
         if not isinstance(prompt, str):

@@ -165,6 +165,18 @@ def check_model(payload: dict[str, Any]) -> str:
     return model
 
 
+def check_messages(payload: dict[str, Any]) -> None:
+    """`messages`: a non-empty array, bounded, of objects with a string `role` (chat, Messages, pooling, ...)."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise bad_request(f"at most {MAX_MESSAGES} messages", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+
+
 def check_inference(path: str, payload: dict[str, Any], allow_unknown_fields: bool = False) -> str:
     """Validate the top level of a chat or completion request; returns the model alias."""
     model = check_model(payload)
@@ -176,14 +188,7 @@ def check_inference(path: str, payload: dict[str, Any], allow_unknown_fields: bo
         if key not in known and not allow_unknown_fields:
             raise bad_request(f"unknown field '{key[:100]}'", key[:100])
     if chat:
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("'messages' must be a non-empty array", "messages")
-        if len(messages) > MAX_MESSAGES:
-            raise bad_request(f"at most {MAX_MESSAGES} messages", "messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+        check_messages(payload)
     else:
         prompt = payload.get("prompt")
         if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
