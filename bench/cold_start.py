@@ -1,17 +1,23 @@
-"""Cold start (issue 8.3): a request for a model at zero replicas vs starting vLLM by hand, same model, same
-arguments, same request, same run.
+"""Cold start (issue 18): a request for a model at zero replicas vs starting vLLM by hand, same model, same
+arguments, same request, same run; and each lever of the worker's start on its own.
 
-  reference  spawn `python -m vllm.entrypoints.openai.api_server` with the arguments the worker gives its CPU
-             engines, poll GET /health every 100 ms, then send the request: time from the spawn to the first
-             streamed token.
-  ours       the stack is up (manager, router, worker; not timed), the model is registered with preload false
-             (state cold): time from sending the request to the router to its first streamed token. The router
-             holds the request, the manager places a replica, the worker starts the engine, the router forwards.
+  reference   spawn `python -m vllm.entrypoints.openai.api_server` with the arguments the worker gives its CPU
+              engines, poll GET /health every 100 ms, then send the request: time from the spawn to the first
+              streamed token.
+  ours        a stack (manager, router, worker; not timed) with the worker's defaults: a standby engine
+              (STANDBY_ENGINES=1: vLLM imported before the request) and the model worker inside vLLM's EngineCore
+              (CPU_ENGINE_UNIPROC=1: one process fewer). The model is registered with preload false (state cold):
+              time from sending the request to the router to its first streamed token.
+  no_standby  the same, STANDBY_ENGINES=0            (the uniproc lever alone)
+  no_uniproc  the same, CPU_ENGINE_UNIPROC=0          (the standby lever alone)
+  neither     both off: the engine start before issue 18
 
-Rounds alternate reference and ours. Between rounds the model scales back to zero by itself (idle_timeout_s).
-A side thread records when the engine process appears and when its own /health first answers, which splits our
-time into: placement and spawn, engine boot, and ready-to-first-token (readiness detection by the worker, the
-heartbeat, the routing-table push, forwarding and the prefill).
+Each variant has a stack of its own. Rounds run every kind once, in an order rotated round by round; the summary
+is the median over rounds of each variant's ratio to the reference of the same round. Between rounds each model
+scales back to zero by itself (idle_timeout_s) and the machine settles (a replacement standby imports meanwhile).
+A side thread polls the worker's GET /engines and the engine's /health, which splits our time into placement and
+spawn (or adoption), engine boot and ready-to-first-token; vLLM's own log lines split the boot further into
+weights, engine init (profile, KV cache, warm-up) and the rest (Python imports and process starts).
 
 On GPU workers a model that idled goes to vLLM sleep first and wakes in seconds; the CPU build refuses sleep
 mode, so there is no wake-from-sleep number on this machine.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -35,19 +42,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    ENGINE_MODULE,
-    SVLLM,
     Procs,
+    Stack,
     auth_env,
     base_env,
-    cmdline,
     engine_command,
     free_port,
     http_ok,
     log,
     machine_info,
     median,
-    pids_matching,
     ratio,
     summary,
     tiny_model,
@@ -81,31 +85,59 @@ def first_token(url: str, headers: dict[str, str], timeout: float) -> float:
     return first
 
 
-class EngineWatch(threading.Thread):
-    """Records when an engine of this run appears and when its /health first answers."""
+VARIANTS: dict[str, dict[str, str]] = {
+    "ours": {},
+    "no_standby": {"STANDBY_ENGINES": "0"},
+    "no_uniproc": {"CPU_ENGINE_UNIPROC": "0"},
+    "neither": {"STANDBY_ENGINES": "0", "CPU_ENGINE_UNIPROC": "0"},
+}
 
-    def __init__(self, marker: str) -> None:
+_WEIGHTS = re.compile(r"Loading weights took ([\d.]+) s")
+_INIT_MODEL = re.compile(r"Initializing model took ([\d.]+) s")
+_ENGINE_INIT = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s")
+_LAUNCH = "=== serverless-vllm launch"
+
+
+def vllm_phases(lines: list[str], boot_s: float) -> dict[str, float]:
+    """The boot split by vLLM's own log lines (of the last launch): weights, engine init, and the rest."""
+    last = max((i for i, line in enumerate(lines) if line.startswith(_LAUNCH)), default=0)
+    found: dict[str, float] = {}
+    for line in lines[last:]:
+        for key, pattern in (("weights", _WEIGHTS), ("model_init", _INIT_MODEL), ("engine_init", _ENGINE_INIT)):
+            m = pattern.search(line)
+            if m:
+                found[key] = float(m.group(1))
+    out = {"weights": found.get("weights", 0.0), "engine_init": found.get("engine_init", 0.0)}
+    out["model_init"] = max(0.0, found.get("model_init", 0.0) - out["weights"])
+    out["imports_and_processes"] = round(boot_s - sum(out.values()), 3)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+class EngineWatch(threading.Thread):
+    """Records when the worker's engine gets a port (spawned or adopted) and when its /health first answers."""
+
+    def __init__(self, worker_url: str, headers: dict[str, str]) -> None:
         super().__init__(daemon=True)
-        self.marker = marker
+        self.worker_url = worker_url
+        self.headers = headers
         self.spawned: float | None = None
         self.healthy: float | None = None
+        self.replica: str | None = None
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         port = None
         while not self.stop_flag.is_set() and self.healthy is None:
-            if port is None:
-                pids = pids_matching(ENGINE_MODULE, self.marker)
-                if pids:
-                    self.spawned = time.perf_counter()
-                    args = cmdline(pids[0]).split()
-                    port = int(args[args.index("--port") + 1])
-            else:
-                try:
-                    if http_ok(f"http://127.0.0.1:{port}/health"):
-                        self.healthy = time.perf_counter()
-                except httpx.HTTPError:
-                    pass
+            try:
+                if port is None:
+                    engines = httpx.get(f"{self.worker_url}/engines", headers=self.headers, timeout=5).json()
+                    if engines and engines[0].get("port"):
+                        self.spawned = time.perf_counter()
+                        port, self.replica = engines[0]["port"], engines[0]["replica_id"]
+                elif http_ok(f"http://127.0.0.1:{port}/health"):
+                    self.healthy = time.perf_counter()
+            except httpx.HTTPError:
+                pass
             time.sleep(0.05)
 
 
@@ -128,33 +160,42 @@ def reference(procs: Procs, model: Path, env: dict[str, str], timeout: float) ->
         tok = first_token(f"http://127.0.0.1:{port}", {}, 60)
     finally:
         proc.stop()
-    return {"ttft_s": round(tok - t0, 3), "engine_ready_s": round(healthy - t0, 3)}
+    boot = healthy - t0
+    return {
+        "ttft_s": round(tok - t0, 3),
+        "engine_ready_s": round(boot, 3),
+        "vllm_phases_s": vllm_phases(proc.log_path.read_text(errors="replace").splitlines(), boot),
+    }
 
 
-def ours(router: str, headers: dict[str, str], marker: str, timeout: float) -> dict[str, Any]:
-    watch = EngineWatch(marker)
+def ours(stack: Stack, headers: dict[str, str], worker_headers: dict[str, str], timeout: float) -> dict[str, Any]:
+    watch = EngineWatch(stack.worker_url, worker_headers)
     watch.start()
     t0 = time.perf_counter()
     try:
-        tok = first_token(router, headers, timeout)
+        tok = first_token(stack.url, headers, timeout)
     finally:
         watch.stop_flag.set()
         watch.join(5)
     out: dict[str, Any] = {"ttft_s": round(tok - t0, 3)}
     if watch.spawned is not None and watch.healthy is not None:
+        boot = watch.healthy - watch.spawned
         out["phases_s"] = {
             "placement_and_spawn": round(watch.spawned - t0, 3),
-            "engine_boot": round(watch.healthy - watch.spawned, 3),
+            "engine_boot": round(boot, 3),
             "ready_to_first_token": round(tok - watch.healthy, 3),
         }
+        engine_log = stack.state_dir / "engines" / f"{watch.replica}.log"
+        if engine_log.is_file():
+            out["vllm_phases_s"] = vllm_phases(engine_log.read_text(errors="replace").splitlines(), boot)
     return out
 
 
-def wait_cold(router: str, headers: dict[str, str], marker: str, timeout: float) -> None:
+def wait_cold(stack: Stack, admin: dict[str, str], worker_headers: dict[str, str], timeout: float) -> None:
     wait_until(
         lambda: (
-            httpx.get(f"{router}/v1/models/{ALIAS}", headers=headers, timeout=10).json()["state"] == "cold"
-            and not pids_matching(ENGINE_MODULE, marker)
+            httpx.get(f"{stack.url}/v1/models/{ALIAS}", headers=admin, timeout=10).json()["state"] == "cold"
+            and httpx.get(f"{stack.worker_url}/engines", headers=worker_headers, timeout=10).json() == []
         ),
         timeout,
         interval=0.5,
@@ -162,20 +203,32 @@ def wait_cold(router: str, headers: dict[str, str], marker: str, timeout: float)
     )
 
 
+def settle(seconds: float) -> None:
+    """Let a replacement standby finish its imports (a few seconds of CPU) before the next timed start."""
+    time.sleep(seconds)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, help="rounds of (reference, ours) (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--idle-timeout", type=float, default=3.0, help="seconds idle before scale to zero")
+    p.add_argument("--settle", type=float, default=15.0, help="seconds between two timed starts")
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 2400, quick 0)")
     a = p.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
+    variants = [v for v in a.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants: {sorted(unknown)}")
     name = "cold_start_quick" if a.quick else "cold_start"
     procs = Procs("cold")
     auth, client_key = auth_env()
-    env = {**base_env(procs.tmp), **auth, "HEARTBEAT_INTERVAL": "5", "CPU_SLOTS": "1"}
     admin = {"authorization": f"Bearer {auth['SVLLM_ADMIN_KEY']}"}
     client = {"authorization": f"Bearer {client_key}"}
+    worker_headers = {"authorization": f"Bearer {auth['SVLLM_WORKER_TOKEN']}"}
+    common_env = {**auth, "HEARTBEAT_INTERVAL": "5", "CPU_SLOTS": "1"}
     result: dict[str, Any] = {
         "benchmark": "cold_start",
         "command": " ".join(["python", *sys.argv]),
@@ -183,10 +236,10 @@ def main() -> None:
         "machine": machine_info(),
         "settings": {
             "rounds": rounds,
+            "variants": {v: VARIANTS[v] for v in variants},
             "request": REQUEST,
             "engine_args": "--dtype auto --tensor-parallel-size 1 --max-model-len 512 --enforce-eager",
-            "VLLM_CPU_KVCACHE_SPACE": env["VLLM_CPU_KVCACHE_SPACE"],
-            "worker_heartbeat_interval_s": env["HEARTBEAT_INTERVAL"],
+            "worker_heartbeat_interval_s": common_env["HEARTBEAT_INTERVAL"],
         },
         "gpu_wake_from_sleep": "not measured: no GPU on this machine (the CPU build of vLLM "
         "refuses --enable-sleep-mode)",
@@ -194,94 +247,82 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     try:
         model = tiny_model(procs.tmp)
-        mport, rport, wport = free_port(), free_port(), free_port()
-        manager = procs.start("manager", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)], env)
-        wait_until(lambda: manager.check() or http_ok(f"http://127.0.0.1:{mport}/health"), 60, what="manager")
-        router = procs.start(
-            "router",
-            [
-                SVLLM,
-                "router",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(rport),
-                "--manager-url",
-                f"http://127.0.0.1:{mport}",
-            ],
-            env,
-        )
-        url = f"http://127.0.0.1:{rport}"
-        wait_until(lambda: router.check() or http_ok(f"{url}/health"), 60, what="router")
-        worker = procs.start(
-            "worker",
-            [
-                SVLLM,
-                "worker",
-                "--worker-id",
-                "bench-w1",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(wport),
-                "--manager-url",
-                f"http://127.0.0.1:{mport}",
-            ],
-            env,
-        )
-        wait_until(lambda: worker.check() or http_ok(f"http://127.0.0.1:{wport}/health"), 60, what="worker")
-        spec = {
-            "alias": ALIAS,
-            "model_name": str(model),
-            "max_model_len": 512,
-            "min_replicas": 0,
-            "max_replicas": 1,
-            "idle_timeout_s": a.idle_timeout,
-            "preload": False,
-        }
-        httpx.post(f"{url}/v1/models/register", json=spec, headers=admin, timeout=60).raise_for_status()
-        wait_until(
-            lambda: "bench-w1" in httpx.get(f"{url}/workers", headers=admin, timeout=10).text,
-            60,
-            what="worker registered",
-        )
-        # One start first, not timed: the page cache holds vLLM's files for every timed start alike.
-        log("warm-up start (not timed)")
-        ours(url, client, str(procs.tmp / "models"), 900)
-        wait_cold(url, admin, str(procs.tmp / "models"), 300)
+        ref_env = {**base_env(procs.tmp), **common_env}
+        stacks: dict[str, Stack] = {}
+        for v in variants:
+            env = {**base_env(procs.tmp / v), **common_env, **VARIANTS[v], "SVLLM_MODEL_DIRS": str(procs.tmp)}
+            (procs.tmp / v).mkdir(exist_ok=True)
+            stack = Stack(procs, v, env)
+            spec = {
+                "alias": ALIAS,
+                "model_name": str(model),
+                "max_model_len": 512,
+                "min_replicas": 0,
+                "max_replicas": 1,
+                "idle_timeout_s": a.idle_timeout,
+                "preload": False,
+            }
+            httpx.post(f"{stack.url}/v1/models/register", json=spec, headers=admin, timeout=60).raise_for_status()
+            wait_until(
+                lambda s=stack: s.worker_id in httpx.get(f"{s.url}/workers", headers=admin, timeout=10).text,
+                60,
+                what=f"{v} worker registered",
+            )
+            stacks[v] = stack
+        # One start per stack first, not timed: the page cache holds vLLM's files for every timed start alike.
+        for v, stack in stacks.items():
+            log(f"warm-up start of {v} (not timed)")
+            ours(stack, client, worker_headers, 900)
+            wait_cold(stack, admin, worker_headers, 300)
+        settle(a.settle)
         result["quiet"] = wait_for_quiet(
             a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 2400), own_marker=str(procs.tmp)
         )
+        kinds = ["reference", *variants]
         for r in range(rounds):
-            order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
+            order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
             for kind in order:
                 if kind == "reference":
-                    res = reference(procs, model, env, 900)
+                    res = reference(procs, model, ref_env, 900)
                 else:
-                    res = ours(url, client, str(procs.tmp / "models"), 900)
-                    wait_cold(url, admin, str(procs.tmp / "models"), 300)
+                    res = ours(stacks[kind], client, worker_headers, 900)
+                    wait_cold(stacks[kind], admin, worker_headers, 300)
                 res.update(round=r, kind=kind, loadavg=os.getloadavg()[0])
                 runs.append(res)
                 log(f"round {r} {kind}: first token after {res['ttft_s']:.2f} s {res.get('phases_s', '')}")
-        ref = [r["ttft_s"] for r in runs if r["kind"] == "reference"]
-        our = [r["ttft_s"] for r in runs if r["kind"] == "ours"]
-        result["summary"] = {
-            "reference_ttft_s": summary(ref),
-            "ours_ttft_s": summary(our),
-            "ratio_median": ratio(median(our), median(ref)),
-            "added_s_median": round(median(our) - median(ref), 3),
-            "ours_phases_median_s": {
-                k: median([r["phases_s"][k] for r in runs if "phases_s" in r])
-                for k in ("placement_and_spawn", "engine_boot", "ready_to_first_token")
-            },
-            "reference_engine_ready_median_s": median([r["engine_ready_s"] for r in runs if r["kind"] == "reference"]),
-        }
+                settle(a.settle)
+        result["summary"] = summarise(runs, variants)
         result["runs"] = runs
     finally:
         result["loadavg_end"] = list(os.getloadavg())
         procs.stop_all()
     write_result(name, result)
     print(json.dumps(result.get("summary", {}), indent=1))
+
+
+def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    ref = {r["round"]: r["ttft_s"] for r in runs if r["kind"] == "reference"}
+    out: dict[str, Any] = {"reference_ttft_s": summary(ref.values())}
+    out["reference_vllm_phases_median_s"] = phases_median([r for r in runs if r["kind"] == "reference"])
+    for v in variants:
+        mine = [r for r in runs if r["kind"] == v]
+        paired = [ratio(r["ttft_s"], ref[r["round"]]) for r in mine if r["round"] in ref]
+        out[v] = {
+            "ttft_s": summary(r["ttft_s"] for r in mine),
+            "paired_ratio_median": median(paired),
+            "paired_ratios": paired,
+            "phases_median_s": {
+                k: median([r["phases_s"][k] for r in mine if "phases_s" in r])
+                for k in ("placement_and_spawn", "engine_boot", "ready_to_first_token")
+            },
+            "vllm_phases_median_s": phases_median(mine),
+        }
+    return out
+
+
+def phases_median(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    keys = ("imports_and_processes", "model_init", "weights", "engine_init")
+    return {k: median([r["vllm_phases_s"][k] for r in runs if "vllm_phases_s" in r]) for k in keys}
 
 
 if __name__ == "__main__":

@@ -632,3 +632,27 @@ async def _pipe(reader: Any, writer: Any) -> None:
         pass
     finally:
         writer.close()
+
+
+class Stack:
+    """A manager, a router and one worker of this checkout on loopback (HTTP mode), all `Proc`s of `procs`."""
+
+    def __init__(self, procs: Procs, name: str, env: dict[str, str], worker_id: str | None = None) -> None:
+        self.name = name
+        self.worker_id = worker_id or f"{name}-w1"
+        mport, rport, wport = free_ports(3)
+        self.manager_url = f"http://127.0.0.1:{mport}"
+        self.url = f"http://127.0.0.1:{rport}"
+        self.worker_url = f"http://127.0.0.1:{wport}"
+        self.state_dir = Path(env.get("SVLLM_STATE_DIR", "."))
+        manager = procs.start(f"{name}-manager", [SVLLM, "manager", "--host", "127.0.0.1", "--port", str(mport)], env)
+        wait_until(lambda: manager.check() or http_ok(f"{self.manager_url}/health"), 60, what=f"{name} manager")
+        router_cmd = [SVLLM, "router", "--host", "127.0.0.1", "--port", str(rport), "--manager-url", self.manager_url]
+        router = procs.start(f"{name}-router", router_cmd, env)
+        wait_until(lambda: router.check() or http_ok(f"{self.url}/health"), 60, what=f"{name} router")
+        worker_cmd = [
+            *(SVLLM, "worker", "--worker-id", self.worker_id, "--host", "127.0.0.1", "--port", str(wport)),
+            *("--manager-url", self.manager_url),
+        ]
+        worker = procs.start(f"{name}-worker", worker_cmd, env)
+        wait_until(lambda: worker.check() or http_ok(f"{self.worker_url}/health"), 60, what=f"{name} worker")

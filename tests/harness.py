@@ -96,6 +96,8 @@ def engine_pids() -> set[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
+        if b"standby_main.py" in cmdline:
+            continue  # a standby nobody adopted yet (worker/standby.py): no engine; an adopted one is retitled
         if b"vllm.entrypoints.openai.api_server" in cmdline or b"VLLM::EngineCore" in cmdline:
             pids.add(int(entry.name))
     return pids

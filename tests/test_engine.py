@@ -23,8 +23,9 @@ import pytest_asyncio
 from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs, ReplicaState
 from serverless_vllm.worker import supervisor as supervisor_mod
-from serverless_vllm.worker.engine import EngineError, EngineProcess
+from serverless_vllm.worker.engine import ENGINE_MODULE, EngineError, EngineProcess, engine_environment
 from serverless_vllm.worker.guard import group_members
+from serverless_vllm.worker.standby import StandbyPool
 
 START_TIMEOUT = 240.0
 
@@ -125,16 +126,28 @@ def test_cpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert cmd[3:] == [
         "--model", "/m", "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "4321",
         "--dtype", "auto", "--tensor-parallel-size", "1", "--max-model-len", "512",
-        "--enable-scale-out", "--disable-uvicorn-access-log",  # the task's flags; vLLM's access log off by default
+        "--enable-scale-out",  # the task's flags
+        "--distributed-executor-backend", "uni",  # CPU_ENGINE_UNIPROC: the model worker inside EngineCore
+        "--disable-uvicorn-access-log",  # vLLM's access log off by default
         "--enforce-eager", "--seed", "7",
     ]  # fmt: skip
     env = eng.environment()
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # vLLM's CPU platform refuses 'uni' without it
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["HF_HUB_OFFLINE"] == "1"  # passed through, not forced
     assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")
     assert not eng.sleep_supported
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
     assert eng.environment()["VLLM_CPU_KVCACHE_SPACE"] == "5"  # the operator's value wins
+    # CPU_ENGINE_UNIPROC=0, or an executor the operator chose: vLLM's own default.
+    for off in (
+        EngineProcess(make_assignment("/m"), make_settings(tmp_path, cpu_engine_uniproc=False), has_gpu=False),
+        EngineProcess(
+            make_assignment("/m", extra_args=["--distributed-executor-backend", "mp"]), settings, has_gpu=False
+        ),
+    ):
+        assert off.command(1).count("--distributed-executor-backend") == len(off.assignment.engine.extra_args) // 2
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in off.environment()
     # ENGINE_ACCESS_LOG=1: vLLM keeps its own line per request.
     with_access_log = make_settings(tmp_path, engine_access_log=True)
     assert "--disable-uvicorn-access-log" not in EngineProcess(
@@ -169,10 +182,12 @@ def test_gpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.8"
     assert "--enable-sleep-mode" in cmd and "--max-model-len" not in cmd
+    assert "--distributed-executor-backend" not in cmd  # GPUs keep vLLM's executor (CPU_ENGINE_UNIPROC is CPU's)
     env = eng.environment()
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"  # /sleep and /wake_up exist only in dev mode
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
     assert "HF_HUB_OFFLINE" not in env
     assert eng.sleep_supported
 
@@ -388,7 +403,8 @@ def test_no_orphans_when_worker_dies_stand_in(tmp_path: Path, how: str) -> None:
 
 
 def test_no_orphans_when_worker_is_killed_real_engine(tiny_model: Path, tmp_path: Path) -> None:
-    run_worker_and_kill("vllm", str(tiny_model), tmp_path, "SIGKILL", expect=["VLLM::EngineCor", "VLLM::Worker"])
+    # The model worker runs inside EngineCore on CPU (CPU_ENGINE_UNIPROC): no VLLM::Worker process.
+    run_worker_and_kill("vllm", str(tiny_model), tmp_path, "SIGKILL", expect=["VLLM::EngineCor"])
 
 
 # --------------------------------------------------------------------------- the real engine: one shared
@@ -396,15 +412,32 @@ def test_no_orphans_when_worker_is_killed_real_engine(tiny_model: Path, tmp_path
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EngineProcess]:
-    eng = EngineProcess(make_assignment(tiny_model), make_settings(tmp_path_factory.mktemp("engine")), has_gpu=False)
-    started = time.monotonic()
-    await eng.start()
+    """The real engine, adopted from a standby (worker/standby.py) as a worker's engines are by default."""
+    settings = make_settings(tmp_path_factory.mktemp("engine"))
+    eng: EngineProcess | None = None
+    pool = StandbyPool(
+        1,
+        lambda: engine_environment(settings, has_gpu=False),
+        nice=settings.engine_nice,
+        busy=lambda: eng is not None and eng.state is ReplicaState.STARTING,
+        module=ENGINE_MODULE,
+    )
+    pool.start()
     try:
-        assert await eng.wait_ready(START_TIMEOUT), eng.log_tail(40)
-        print(f"\nvLLM CPU engine ready in {time.monotonic() - started:.1f}s")
-        yield eng
+        assert await eventually(lambda: any(s.ready for s in pool.standbys), START_TIMEOUT)
+        eng = EngineProcess(make_assignment(tiny_model), settings, has_gpu=False, standbys=pool)
+        standby_pid = pool.standbys[0].pid
+        started = time.monotonic()
+        await eng.start()
+        try:
+            assert await eng.wait_ready(START_TIMEOUT), eng.log_tail(40)
+            print(f"\nvLLM CPU engine ready in {time.monotonic() - started:.1f}s (adopted standby)")
+            assert eng.pid == standby_pid and pool.adoptions == 1
+            yield eng
+        finally:
+            await eng.stop()
     finally:
-        await eng.stop()
+        await pool.stop()
 
 
 pytestmark_shared = pytest.mark.asyncio(loop_scope="module")
@@ -438,13 +471,17 @@ async def test_engine_restarts_after_kill9(engine: EngineProcess) -> None:
     pid = engine.pid
     assert pid is not None
     before = group_members(pid)
-    assert len(before) >= 3  # API server, EngineCore, Worker (+ resource tracker)
+    assert len(before) >= 2  # API server, EngineCore with the model worker in it (+ resource tracker)
+    # The standby that replaced the adopted one, imports done: the restart adopts it.
+    pool = engine.standbys
+    assert pool is not None and await eventually(lambda: any(s.ready for s in pool.standbys), START_TIMEOUT)
+    fresh = pool.standbys[0].pid
     os.kill(pid, signal.SIGKILL)
-    # Out of READY at once, EngineCore and Worker swept by the guard, then one restart after 1 s.
+    # Out of READY at once, EngineCore swept by the guard, then one restart after 1 s.
     assert await eventually(lambda: engine.state != ReplicaState.READY, 5)
     assert await engine.wait_ready(START_TIMEOUT), engine.log_tail(40)
     assert engine.restarts == 1
-    assert engine.pid is not None and engine.pid != pid
+    assert engine.pid == fresh and pool.adoptions == 2
     assert await wait_until_dead(before, 5) == []
     status = engine.status()
     assert status.restarts == 1 and status.log_tail  # a recent crash: the tail rides along

@@ -127,6 +127,7 @@ def test_authenticator_roles_and_fail_closed_configuration() -> None:
         (router_policy, "PATCH", "/v1/models/tiny", {"admin"}),
         (router_policy, "DELETE", "/v1/models/tiny", {"admin"}),
         (router_policy, "GET", "/workers", {"admin"}),
+        (router_policy, "GET", "/status", {"admin"}),
         (router_policy, "POST", "/workers/register", {"worker"}),
         (router_policy, "POST", "/workers/heartbeat", {"worker"}),
         (router_policy, "GET", "/openapi.json", {"admin"}),

@@ -1,4 +1,4 @@
-"""`svllm`: run the manager, the router, a worker, or everything at once (`svllm up`)."""
+"""`svllm`: run the manager, the router, a worker, or everything at once (`svllm up`); see it (`svllm status`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from .cli_flags import add_flag, command_parser, env_help, flag_values
+from .cli_status import cmd_status
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
 from .schemas import ModelTask
@@ -26,6 +27,12 @@ log = logging.getLogger("svllm")
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx writes a line at INFO for every request: the control plane's own calls (a heartbeat every few seconds,
+    # long-polls, pushes, health polls of a starting engine) would bury what happens. One line per request at
+    # debug only; httpcore's trace (a dozen lines per request) never, its warnings always.
+    debug = level.lower() == "debug"
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.INFO if debug else logging.WARNING)
 
 
 def _server(app: Any, host: str, port: int, level: str) -> uvicorn.Server:
@@ -211,21 +218,29 @@ def cmd_up(args: argparse.Namespace) -> None:
         make_tiny_model(tiny_model_dir(args.state_dir))  # at once when it is there already
 
     async def run() -> None:
-        servers = [
-            _server(manager_app(manager, auth), manager.host, manager.port, args.log_level),
-            _server(router_app(router, auth), router.host, router.port, args.log_level),
-            _server(worker_app(worker, auth), worker.host, worker.port, args.log_level),
+        # The manager first: the router's long-poll and the worker's registration then find it listening (no
+        # "manager unreachable" warning at every start).
+        groups = [
+            [_server(manager_app(manager, auth), manager.host, manager.port, args.log_level)],
+            [
+                _server(router_app(router, auth), router.host, router.port, args.log_level),
+                _server(worker_app(worker, auth), worker.host, worker.port, args.log_level),
+            ],
         ]
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
-        url = f"http://127.0.0.1:{router.port}"
-        while not all(s.started for s in servers):
-            if any(t.done() for t in tasks):
+        tasks: list[asyncio.Task[None]] = []
+        for group in groups:
+            tasks += [asyncio.create_task(s.serve()) for s in group]
+            while not all(s.started for s in group):
+                if any(t.done() for t in tasks):
+                    break  # it could not start (its error is in the log)
+                await asyncio.sleep(0.1)
+            if not all(s.started for s in group):
                 break
-            await asyncio.sleep(0.1)
-        if all(s.started for s in servers):
+        if all(s.started for group in groups for s in group):
+            url = f"http://127.0.0.1:{router.port}"
             for body in registrations:
                 log.info("registered %s", _registered(await register_model(url, body, auth)))
-        log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
+            log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
         await asyncio.gather(*tasks)
 
     _run(run())
@@ -325,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=tasks, default="generate", help="what the engine serves (default: generate)")
     p.set_defaults(func=cmd_register)
 
+    p = command_parser(sub, "status", "models and workers of a running deployment, as tables", CliSettings)
+    add_flag(p, CliSettings, "router_url", "--url")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("tiny-model", help="write a tiny random Llama model (for trying the system without a hub)")
     p.add_argument("path")
     p.set_defaults(func=cmd_tiny_model)
@@ -343,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.log_level = CliSettings.from_env(log_level=args.log_level).log_level
         _setup_logging(args.log_level)
         args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the services have shut down already; no traceback to show for it
+        raise SystemExit(130) from None
     except AuthConfigError as exc:
         raise SystemExit(f"svllm {args.command}: {exc}") from None
     except ValidationError as exc:  # a setting's value (flag or environment variable) that does not parse

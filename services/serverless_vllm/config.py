@@ -104,6 +104,13 @@ class RouterSettings(_Settings):
     max_queue_per_model: int = _setting(
         256, env="MAX_QUEUE_PER_MODEL", description="requests held per cold model before 503 queue_full"
     )
+    hold_keepalive_s: float = _setting(
+        5.0,
+        env="HOLD_KEEPALIVE_INTERVAL",
+        description="seconds a held streaming request waits before its stream starts with SSE comments "
+        "(': loading model ...'), and between two of them (0: no comments, the status waits for the model)",
+        ge=0,
+    )
     report_interval_s: float = _setting(
         1.0, env="REPORT_INTERVAL", description="seconds between the router's load reports to the manager"
     )
@@ -203,12 +210,27 @@ class WorkerSettings(_Settings):
         description="keep vLLM's own log line per request (off: --disable-uvicorn-access-log; 1/true/yes/on)",
     )
 
+    # Issue 18: a standby has imported vLLM already; adopting it saves the API server's imports (about 10 s here).
+    standby_engines: int = _setting(
+        1,
+        env="STANDBY_ENGINES",
+        description="engine processes kept ready with vLLM imported, adopted by the next engine starts (about "
+        "0.6 GB of memory each; 0: off)",
+        ge=0,
+    )
+    cpu_engine_uniproc: bool = _setting(
+        True,
+        env="CPU_ENGINE_UNIPROC",
+        description="CPU engines run vLLM's model worker inside its EngineCore process (one process fewer to "
+        "start; 1/true/yes/on)",
+    )
+
     @field_validator("engine_extra_args", mode="before")
     @classmethod
     def _split_args(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
 
-    @field_validator("engine_access_log", mode="before")
+    @field_validator("engine_access_log", "cpu_engine_uniproc", mode="before")
     @classmethod
     def _truthy(cls, value: Any) -> Any:
         return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else value
@@ -241,7 +263,7 @@ class AuthSettings(_Settings):
     admin_key: SecretStr | None = _setting(
         None,
         env="SVLLM_ADMIN_KEY",
-        description="admin key: register, patch, delete, /workers; the router's key to the manager",
+        description="admin key: register, patch, delete, /workers, /status; the router's key to the manager",
     )
     worker_token: SecretStr | None = _setting(
         None, env="SVLLM_WORKER_TOKEN", description="worker join token: worker <-> manager, router -> worker"
@@ -341,7 +363,7 @@ class CliSettings(_Settings):
 
     log_level: str = _setting("info", env="LOG_LEVEL", description="log level (debug adds a line per request)")
     router_url: str = _setting(
-        "http://127.0.0.1:18000", env="ROUTER_URL", description="the router `svllm register` talks to"
+        "http://127.0.0.1:18000", env="ROUTER_URL", description="the router `svllm register` and `svllm status` talk to"
     )
 
 

@@ -129,12 +129,31 @@ class ReplicaInfo(BaseModel):
     error: str | None = None
 
 
+class ModelPhase(StrEnum):
+    """What a loading model is doing to become ready."""
+
+    STARTING = "starting"  # an engine is being started (placed, launching, loading weights)
+    WAKING = "waking"  # a sleeping engine is being woken (GPU warm tier)
+
+
+class StartTimes(BaseModel):
+    """How long this model's past starts took: moving averages measured by the manager, kept in its registry."""
+
+    start_s: float | None = None  # an engine started: from its placement to ready
+    starts: int = 0
+    wake_s: float | None = None  # a sleeping engine woken: from the decision to wake it to ready
+    wakes: int = 0
+
+
 class ModelInfo(BaseModel):
     """GET /v1/models/{alias}."""
 
     alias: str
     model_name: str
     state: ModelState
+    phase: ModelPhase | None = None  # while loading: starting or waking
+    expected_ready_s: float | None = None  # while loading: seconds until ready, from start_times (None: unknown)
+    start_times: StartTimes = StartTimes()
     engine: EngineArgs
     policy: ModelPolicy
     desired_replicas: int
@@ -220,6 +239,13 @@ class WorkerInfo(BaseModel):
     engines: list[EngineStatus]
 
 
+class FleetStatus(BaseModel):
+    """GET /status at the router (admin): every model and every worker, as `svllm status` shows them."""
+
+    models: list[ModelInfo]
+    workers: list[WorkerInfo]
+
+
 # --------------------------------------------------------------------------- routing
 
 
@@ -235,6 +261,9 @@ class ModelRoute(BaseModel):
     endpoints: list[Endpoint] = []  # ready replicas only
     error: str | None = None  # why the model is failed (state FAILED)
     created: int = 0  # registration time (unix seconds), for the OpenAI model list
+    # Loading: when it is expected ready (unix seconds), from its past starts. Left out of the JSON when unknown (most
+    # routes): the table of 10,000 models stays as small as before.
+    ready_at: float | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class RoutingTable(BaseModel):

@@ -55,18 +55,22 @@ def reference_routes(core: ManagerCore) -> dict[str, ModelRoute]:
             for r in mine
             if r.state is ReplicaState.READY and not r.asleep and r.worker_id in healthy
         ]
-        error = None
+        error, ready_at = None, None
         if endpoints:
             state = ModelState.READY
         elif any(r.state in ACTIVE and not r.asleep for r in mine):
             state = ModelState.LOADING
+            expected = [r.ready_at for r in mine if r.ready_at and not r.asleep and r.state is not ReplicaState.READY]
+            ready_at = min(expected, default=None)
         elif any(r.asleep for r in mine):
             state = ModelState.SLEEPING
         elif core.registry.failed_recently(model, now):
             state, error = ModelState.FAILED, model.last_error
         else:
             state = ModelState.COLD
-        out[alias] = ModelRoute(state=state, endpoints=endpoints, error=error, created=int(model.created_at))
+        out[alias] = ModelRoute(
+            state=state, endpoints=endpoints, error=error, created=int(model.created_at), ready_at=ready_at
+        )
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
-from serverless_vllm import cli, cli_flags, config, settings_base
+from serverless_vllm import cli, cli_flags, cli_status, config, settings_base
 from serverless_vllm.config import (
     AuthSettings,
     CliSettings,
@@ -25,6 +25,7 @@ from serverless_vllm.config import (
     WorkerSettings,
 )
 from serverless_vllm.ray_mode import cli as ray_cli
+from serverless_vllm.schemas import FleetStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = "~/.cache/serverless-vllm"
@@ -290,6 +291,7 @@ def sample(var: str, info: FieldInfo, tmp_path: Path) -> tuple[str, Any]:
         "SVLLM_ADMIN_KEY": (" admin-key ", "admin-key"),
         "SVLLM_WORKER_TOKEN": ("worker-token", "worker-token"),
         "ENGINE_NICE": ("7", 7),
+        "CPU_ENGINE_UNIPROC": ("off", False),
     }
     if var in special:
         return special[var]
@@ -416,6 +418,10 @@ class Launched:
             self.settings["CliSettings"] = SimpleNamespace(router_url=url)
             return {"alias": "a", "model_name": "m", "state": "loading"}
 
+        def fetch_status(url: str, auth: Any = None, timeout: float = 10.0) -> FleetStatus:
+            self.settings["CliSettings"] = SimpleNamespace(router_url=url)
+            return FleetStatus(models=[], workers=[])
+
         def ray_services(args: argparse.Namespace) -> None:
             services, manager = ray_cli.ray_services_settings(args)
             self.settings.update(RaySettings=SimpleNamespace(**services), ManagerSettings=manager)
@@ -426,6 +432,7 @@ class Launched:
         monkeypatch.setattr(cli, "_run", lambda main: getattr(main, "close", lambda: None)())
         monkeypatch.setattr(cli, "up_settings", up_settings)
         monkeypatch.setattr(cli, "register_model", register)
+        monkeypatch.setattr(cli_status, "fetch_status", fetch_status)
         monkeypatch.setattr(ray_cli, "cmd_ray_services", ray_services)
         monkeypatch.setattr(cli.os, "execvp", lambda file, argv: self.execs.append(argv))
         for var in ("ROUTER_HOST", "ROUTER_PORT", "MANAGER_URL"):  # `router --workers N` exports them
@@ -474,6 +481,7 @@ def test_derived_flags_cover_the_commands() -> None:
         ("up", "--manager-port"),
         ("up", "--worker-port"),
         ("register", "--url"),
+        ("status", "--url"),
         ("ray-services", "--ingress"),
         ("ray-services", "--db"),
     }

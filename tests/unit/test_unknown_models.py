@@ -1,5 +1,5 @@
 """A wrong model name asked again and again costs one manager call per UNKNOWN_MODEL_TTL, not one per request
-(router/negative_cache.py, Forwarder._hold); a model registered since is served at once.
+(router/negative_cache.py, Forwarder.hold); a model registered since is served at once.
 
 The Forwarder is the real one over a real RouteTable and ManagerSync; the manager and the upstream client are
 stand-ins (below), and the cache's clock is a hand-moved one."""

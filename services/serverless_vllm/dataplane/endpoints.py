@@ -37,6 +37,7 @@ class InferenceEndpoint:
     body: BodyKind = BodyKind.JSON
     errors: ErrorShape = ErrorShape.OPENAI
     summary: str = ""
+    streams: bool = False  # answers `"stream": true` with an event stream (SSE)
 
     @property
     def label(self) -> str:
@@ -49,11 +50,16 @@ class InferenceEndpoint:
 
 ENDPOINTS: tuple[InferenceEndpoint, ...] = (
     # The two hot routes first: routes are matched in order.
-    InferenceEndpoint("/v1/chat/completions", "chat", GENERATE, summary="Chat completion (OpenAI)"),
-    InferenceEndpoint("/v1/completions", "completion", GENERATE, summary="Text completion (OpenAI)"),
-    InferenceEndpoint("/v1/responses", "responses", GENERATE, summary="Responses API (OpenAI)"),
+    InferenceEndpoint("/v1/chat/completions", "chat", GENERATE, summary="Chat completion (OpenAI)", streams=True),
+    InferenceEndpoint("/v1/completions", "completion", GENERATE, summary="Text completion (OpenAI)", streams=True),
+    InferenceEndpoint("/v1/responses", "responses", GENERATE, summary="Responses API (OpenAI)", streams=True),
     InferenceEndpoint(
-        "/v1/messages", "messages", GENERATE, errors=ErrorShape.ANTHROPIC, summary="Messages API (Anthropic)"
+        "/v1/messages",
+        "messages",
+        GENERATE,
+        errors=ErrorShape.ANTHROPIC,
+        summary="Messages API (Anthropic)",
+        streams=True,
     ),
     InferenceEndpoint(
         "/v1/messages/count_tokens",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Path, Query, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 
 from ..config import AuthSettings, ManagerSettings
 from ..dataplane.heap import freeze_startup_heap
@@ -29,6 +30,26 @@ from .core import ManagerCore
 from .protocol import HTTP_ROUTES
 
 Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
+T = TypeVar("T")
+
+
+async def _unless_gone(request: Request, call: Awaitable[T]) -> T | None:
+    """`call`'s result, or None as soon as the client disconnects. A long-poll's router that stops closes its
+    connection: the poll ends then, instead of holding the manager's own shutdown for its graceful timeout and
+    being cancelled with a traceback (every Ctrl-C of `svllm up`)."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, left = asyncio.ensure_future(call), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, left):
+            task.cancel()
+        await asyncio.gather(answer, left, return_exceptions=True)
+    return answer.result() if answer.done() and not answer.cancelled() else None
 
 
 def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth: AuthSettings | None = None) -> FastAPI:
@@ -109,11 +130,14 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
 
     @route("wait_routing", response_model=RoutingTable)
     async def routing(
+        request: Request,
         after: int = Query(-1, ge=-1),
         epoch: str = Query("", max_length=64),
         timeout: float = Query(0.0, ge=0.0, le=60.0),
     ) -> Response:
-        table = await core.wait_routing(after, epoch, timeout)
+        table = await _unless_gone(request, core.wait_routing(after, epoch, timeout))
+        if table is None:
+            return Response(status_code=204)  # the router left (it is stopping): nobody reads this
         cached = served.get("table")
         if cached is None or cached[0] is not table:  # the core makes a new table object for each version
             cached = served["table"] = (table, table.model_dump_json().encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -164,6 +165,9 @@ class Reconciler:
             replica = asleep.pop(0)
             replica.asleep = False
             replica.state = ReplicaState.WAKING
+            replica.start_at = now
+            replica.ready_at = _ready_at(model.start_times.wake_s)
+            log.info("%s: waking", replica.label)
             missing -= 1
         for _ in range(missing):
             if not self._place_replica(alias, model, now):
@@ -261,15 +265,16 @@ class Reconciler:
             worker_id=placement.worker_id,
             gpus=placement.gpus,
             fraction=placement.fraction,
+            start_at=now,
+            ready_at=_ready_at(model.start_times.start_s),
         )
         self.add_replica(replica)  # also claims its share in the pass's capacity snapshot
         if len(self._replicas.of_alias(alias)) == 1:  # the model's only replica: a cold start
             self._stats.cold_starts += 1
             replica.cold_start_at = now
             self._metrics.cold_start(alias)
-        log.info(
-            "placing %s of %s on %s (gpus %s)", replica.replica_id, alias, placement.worker_id, placement.gpus or "cpu"
-        )
+        where = f"gpus {','.join(map(str, replica.gpus))}" if replica.gpus else "cpu"
+        log.info("%s: placed (%s)", replica.label, where)
         return True
 
     def _awaiting_workers(self, now: float) -> bool:
@@ -290,6 +295,12 @@ class Reconciler:
             for r in mine[: max(0, len(mine) - model.spec.min_replicas)]:
                 out.append(EvictionCandidate(r.replica_id, r.worker_id, r.gpus, r.fraction, model.scale.last_active))
         return out
+
+
+def _ready_at(typical_s: float | None) -> float | None:
+    """When a start (or wake) beginning now is expected to end, in unix seconds (routers compare it with their own
+    clocks): now plus what the model's past ones took; None when it has none yet."""
+    return None if typical_s is None else round(time.time() + typical_s, 1)
 
 
 def _count(cap: WorkerCapacity, replica: Replica) -> None:

@@ -1,21 +1,38 @@
 """The model registry: every registered model (`ModelRecord`) by alias, in registration order, and its durable
-copy in SQLite (store.py); the validation of registrations, patches and deletions; the `ModelInfo` answer."""
+copy in SQLite (store.py); the validation of registrations, patches and deletions; what its starts took (learnt,
+kept with it); the `ModelInfo` answer."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..config import ManagerSettings
 from ..errors import APIError
-from ..schemas import EngineArgs, ModelInfo, ModelPatch, ModelPolicy, ModelSpec, ModelState, ReplicaInfo
+from ..schemas import (
+    EngineArgs,
+    ModelInfo,
+    ModelPatch,
+    ModelPhase,
+    ModelPolicy,
+    ModelSpec,
+    ModelState,
+    ReplicaInfo,
+    ReplicaState,
+    StartTimes,
+)
 from ..security.models import check_registration
 from .autoscale import ScaleState
 from .replicas import Replica
 from .store import ModelStore
 
 log = logging.getLogger(__name__)
+
+# The weight of a new measurement in a model's moving average of start times: the plain mean of its first few
+# starts, then an exponential average that follows a change (another GPU type, a warm page cache) within a few.
+_MIN_WEIGHT = 0.3
 
 
 @dataclass
@@ -24,6 +41,7 @@ class ModelRecord:
     created_at: float
     scale: ScaleState = field(default_factory=ScaleState)
     last_error: str | None = None
+    start_times: StartTimes = field(default_factory=StartTimes)
     failed_at: float | None = None  # monotonic; the model is FAILED for failed_retry_after_s after this
     # (spec, its policy, its engine args): derived once per spec, not per reconcile pass or heartbeat reply
     # (each derivation is a pydantic dump and validation, and a pass asks for 10,000 models' policies).
@@ -54,10 +72,14 @@ class ModelRegistry:
         self._store = ModelStore(settings.db_path)
         self._models: dict[str, ModelRecord] = {}
         now = clock()
+        times = self._store.load_start_times()
         for spec, created_at in self._store.load():
             # After a restart every model counts as just used, so adopted engines are not dropped at once.
             self._models[spec.alias] = ModelRecord(
-                spec=spec, created_at=created_at, scale=ScaleState(target=spec.min_replicas, last_active=now)
+                spec=spec,
+                created_at=created_at,
+                scale=ScaleState(target=spec.min_replicas, last_active=now),
+                start_times=times.get(spec.alias) or StartTimes(),
             )
 
     @property
@@ -115,6 +137,20 @@ class ModelRegistry:
         self._store.delete(alias)
         del self._models[alias]
 
+    def learn_start(self, alias: str, seconds: float, wake: bool) -> None:
+        """One start (or wake) of `alias` took `seconds`: folded into its moving average, and saved."""
+        record = self._models.get(alias)
+        if record is None:
+            return
+        times = record.start_times
+        if wake:
+            times.wakes += 1
+            times.wake_s = _average(times.wake_s, seconds, times.wakes)
+        else:
+            times.starts += 1
+            times.start_s = _average(times.start_s, seconds, times.starts)
+        self._store.save_start_times(alias, times)
+
     def failed_recently(self, model: ModelRecord, now: float) -> bool:
         return model.failed_at is not None and now - model.failed_at < self._settings.failed_retry_after_s
 
@@ -122,13 +158,40 @@ class ModelRegistry:
         self._store.close()
 
 
+def _average(mean: float | None, seconds: float, count: int) -> float:
+    if mean is None:
+        return round(seconds, 3)
+    return round(mean + max(1 / count, _MIN_WEIGHT) * (seconds - mean), 3)
+
+
+def expected_ready_at(replicas: list[Replica]) -> float | None:
+    """When the first of a loading model's replicas is expected ready (unix seconds); None when none is known."""
+    times = [
+        r.ready_at for r in replicas if r.ready_at is not None and not r.asleep and r.state is not ReplicaState.READY
+    ]
+    return min(times) if times else None
+
+
+def _phase(replicas: list[Replica]) -> ModelPhase:
+    waking = (ReplicaState.WAKING, ReplicaState.SLEEPING)  # asleep no more, its engine not awake yet
+    return ModelPhase.WAKING if any(r.state in waking and not r.asleep for r in replicas) else ModelPhase.STARTING
+
+
 def model_info(alias: str, record: ModelRecord, replicas: list[Replica], state: ModelState) -> ModelInfo:
     """The API's view of a model: `replicas` are its desired replicas, `state` its route's (see RoutingPublisher)."""
     spec = record.spec
+    phase, expected = None, None
+    if state is ModelState.LOADING:
+        phase = _phase(replicas)
+        ready_at = expected_ready_at(replicas)
+        expected = None if ready_at is None else round(max(0.0, ready_at - time.time()), 1)
     return ModelInfo(
         alias=alias,
         model_name=spec.model_name,
         state=state,
+        phase=phase,
+        expected_ready_s=expected,
+        start_times=record.start_times.model_copy(),
         engine=record.engine(),
         policy=record.policy(),
         desired_replicas=record.scale.target,

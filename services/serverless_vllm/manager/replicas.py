@@ -27,6 +27,16 @@ class Replica:
     asleep_since: float = 0.0
     error: str | None = None
     cold_start_at: float | None = None  # placed as a cold start: its duration is observed at the first READY
+    # When its current start began (placed, woken, started again): the log's phases say the time since then.
+    start_at: float | None = None
+    # When it is expected ready (unix seconds), from its model's past starts or wakes: set as it is placed or woken,
+    # published with its model's route, cleared once it is ready.
+    ready_at: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How the log names it, e.g. "model 'tiny' replica tiny-1a2b3c4d on worker w1"."""
+        return f"model {self.alias!r} replica {self.replica_id} on worker {self.worker_id}"
 
 
 class ReplicaIndex:

@@ -30,6 +30,7 @@ class EngineReports:
     ) -> None:
         self._clock = clock
         self._models = registry.models
+        self._learn_start = registry.learn_start
         self._replicas = replicas
         self._reconciler = reconciler
         self._routing = routing
@@ -71,22 +72,56 @@ class EngineReports:
         routes of every model it runs. A heartbeat that changes nothing leaves the table alone."""
         mine = self._replicas.of_worker(record.worker_id)
         changed: set[str] = {r.alias for r in mine} if rebuild else set()
+        now = self._clock()
         for replica in mine:
             report = record.engines.get(replica.replica_id)
             if report is None:
                 # Not (or no longer) running there: the assignments make the worker start it.
                 if replica.state not in (ReplicaState.FAILED, ReplicaState.PENDING):
                     replica.state = ReplicaState.PENDING
+                    replica.start_at = now
                     changed.add(replica.alias)
                 continue
             if report.state is ReplicaState.READY and replica.cold_start_at is not None:
-                self._metrics.cold_start_done(replica.alias, self._clock() - replica.cold_start_at)
+                self._metrics.cold_start_done(replica.alias, now - replica.cold_start_at)
                 replica.cold_start_at = None
             if replica.state is not report.state:
+                if report.state is ReplicaState.READY:
+                    self._ready(replica, now)
                 changed.add(replica.alias)
+                if report.state in _PHASES:
+                    _log_phase(replica, report.state, now)
             replica.state = report.state
             if report.state is ReplicaState.FAILED:
                 tail = "\n".join(report.log_tail[-20:])
                 replica.error = f"{report.error or 'engine failed'}\n{tail}".strip()
         if changed:
             self._routing.rebuild(changed)
+
+    def _ready(self, replica: Replica, now: float) -> None:
+        """A replica became ready: what its start (or wake) took is learnt for the next ones' expected ready time."""
+        replica.ready_at = None
+        if replica.start_at is not None:
+            wake = replica.state in (ReplicaState.WAKING, ReplicaState.SLEEPING)
+            self._learn_start(replica.alias, now - replica.start_at, wake)
+
+
+# The states a start goes through that the log tells, with the time since the start began (placement, a wake, an
+# engine started again): one line each, never one per heartbeat.
+_PHASES = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.FAILED)
+
+
+def _log_phase(replica: Replica, state: ReplicaState, now: float) -> None:
+    began = replica.start_at
+    if state is ReplicaState.STARTING:
+        if began is not None and replica.state is ReplicaState.PENDING:
+            log.info("%s: starting (placed %.1f s ago)", replica.label, now - began)
+            return
+        replica.start_at = now  # its worker starts it again (a crashed engine), or a woken one starts afresh
+        log.info("%s: starting again (was %s)", replica.label, replica.state.value)
+        return
+    if began is None:
+        log.info("%s: %s (was %s)", replica.label, state.value, replica.state.value)
+    else:
+        log.info("%s: %s after %.1f s", replica.label, state.value, now - began)
+    replica.start_at = None  # that start is over

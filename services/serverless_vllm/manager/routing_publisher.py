@@ -11,12 +11,13 @@ import contextlib
 from collections.abc import Callable, Iterable
 
 from ..schemas import Endpoint, ModelRoute, ModelState, ModelTask, ReplicaState, RoutingTable, WorkerState
-from .registry import ModelRecord, ModelRegistry
+from .registry import ModelRecord, ModelRegistry, expected_ready_at
 from .replicas import ACTIVE, Replica, ReplicaIndex
 from .workers import WorkerRegistry
 
-# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task.
-RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask]
+# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task, and
+# when a loading model is expected ready.
+RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None]
 
 
 class RoutingPublisher:
@@ -105,26 +106,27 @@ class RoutingPublisher:
     def _route_key(self, model: ModelRecord, mine: list[Replica], now: float) -> RouteKey:
         if not mine:  # most models, on every full rebuild: the same answer as below, sooner
             if self._failed_recently(model, now):
-                return ModelState.FAILED, (), model.last_error, int(model.created_at), model.engine().task
-            return ModelState.COLD, (), None, int(model.created_at), model.engine().task
+                return ModelState.FAILED, (), model.last_error, int(model.created_at), model.engine().task, None
+            return ModelState.COLD, (), None, int(model.created_at), model.engine().task, None
         endpoints = []
         for r in mine:
             if r.state is ReplicaState.READY and not r.asleep:
                 worker = self._workers.get(r.worker_id)
                 if worker is not None and worker.state is WorkerState.HEALTHY:
                     endpoints.append((r.replica_id, r.worker_id, worker.url))
-        error = None
+        error, ready_at = None, None
         if endpoints:
             state = ModelState.READY
         elif any(r.state in ACTIVE and not r.asleep for r in mine):
             state = ModelState.LOADING
+            ready_at = expected_ready_at(mine)
         elif any(r.asleep for r in mine):
             state = ModelState.SLEEPING
         elif self._failed_recently(model, now):
             state, error = ModelState.FAILED, model.last_error
         else:
             state = ModelState.COLD
-        return state, tuple(endpoints), error, int(model.created_at), model.engine().task
+        return state, tuple(endpoints), error, int(model.created_at), model.engine().task, ready_at
 
     async def wait(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
         """Long-poll: return as soon as the table is newer than `after_version` (or from another epoch)."""
@@ -150,11 +152,12 @@ class RoutingPublisher:
 
 
 def _route(key: RouteKey) -> ModelRoute:
-    state, endpoints, error, created, task = key
+    state, endpoints, error, created, task, ready_at = key
     return ModelRoute(
         state=state,
         task=task,
         endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url) for rid, wid, url in endpoints],
         error=error,
         created=created,
+        ready_at=ready_at,
     )

@@ -1,4 +1,5 @@
-"""Durable model registrations in SQLite: they survive manager restarts; worker state is rebuilt live."""
+"""Durable model registrations in SQLite, with what each model's starts took: they survive manager restarts;
+worker state is rebuilt live."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..schemas import ModelSpec
+from ..schemas import ModelSpec, StartTimes
 
 
 class ModelStore:
@@ -24,6 +25,7 @@ class ModelStore:
                 "CREATE TABLE IF NOT EXISTS models ("
                 " alias TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL)"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS start_times (alias TEXT PRIMARY KEY, times TEXT NOT NULL)")
 
     def load(self) -> list[tuple[ModelSpec, float]]:
         with self._lock:
@@ -40,9 +42,24 @@ class ModelStore:
             )
         return created
 
+    def load_start_times(self) -> dict[str, StartTimes]:
+        with self._lock:
+            rows = self._db.execute("SELECT alias, times FROM start_times").fetchall()
+        return {alias: StartTimes.model_validate_json(times) for alias, times in rows}
+
+    def save_start_times(self, alias: str, times: StartTimes) -> None:
+        """One small write per engine start or wake."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO start_times (alias, times) VALUES (?, ?)"
+                " ON CONFLICT(alias) DO UPDATE SET times = excluded.times",
+                (alias, times.model_dump_json()),
+            )
+
     def delete(self, alias: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM models WHERE alias = ?", (alias,))
+            self._db.execute("DELETE FROM start_times WHERE alias = ?", (alias,))
 
     def close(self) -> None:
         with self._lock:

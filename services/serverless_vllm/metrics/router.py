@@ -167,8 +167,10 @@ class RequestMetricsMiddleware:
                 streaming = any(
                     k == b"content-type" and v.startswith(b"text/event-stream") for k, v in message.get("headers", ())
                 )
-            elif first is None and message["type"] == "http.response.body" and message.get("body"):
-                first = time.perf_counter()
+            elif first is None and message["type"] == "http.response.body":
+                body = message.get("body")
+                if body and body[:1] != b":":  # the first event: a held stream's keep-alive comments are none
+                    first = time.perf_counter()
             await send(message)
 
         try:

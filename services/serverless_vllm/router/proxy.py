@@ -1,13 +1,15 @@
 """Forwarding one inference request: pick a replica (or hold while the model cold-starts), relay, retry once.
 
 The hot path for a ready model is: table lookup, one pooled HTTP request to the worker, byte relay.
-No manager call, no JSON re-encoding.
+No manager call, no JSON re-encoding. A streaming request held long enough has its stream started with
+keep-alive comments (hold_stream.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -21,6 +23,7 @@ from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
 from ..schemas import Endpoint, ModelState
+from .hold_stream import hold_streaming, keeps_alive, replicas_failed
 from .negative_cache import NegativeCache
 from .sync import ManagerSync
 from .table import RouteTable
@@ -53,6 +56,11 @@ class Forwarder:
         self._on_hold = on_hold  # told how long each request waited for a ready replica (metrics)
         # The manager's recent 404s (aliases it does not know), answered here again for a few seconds.
         self._unknown = unknown_models if unknown_models is not None else NegativeCache(settings.unknown_model_ttl_s)
+        self.keepalive_s = settings.hold_keepalive_s  # a held stream's comment interval (0: none)
+
+    @property
+    def table(self) -> RouteTable:
+        return self._table
 
     async def forward(
         self,
@@ -66,17 +74,23 @@ class Forwarder:
         self._check_task(alias, request.endpoint)
         self._shed_if_full(alias)
         tried: set[str] = set()
-        for _attempt in range(2):  # the first try, and one retry on another replica
-            endpoint = self._table.pick(alias, frozenset(tried), affinity) or await self._hold(
-                alias, tried, affinity, request.endpoint
-            )
+        for attempt in range(2):  # the first try, and one retry on another replica
+            endpoint = self._table.pick(alias, frozenset(tried), affinity)
+            if endpoint is None:
+                if self.keepalive_s and keeps_alive(request):
+                    held = await hold_streaming(self, request, affinity, served_by, tried, retries=1 - attempt)
+                    if isinstance(held, Response):
+                        return held  # held past the interval: the stream has started, and relays what follows
+                    endpoint = held
+                else:
+                    endpoint = await self.hold(alias, tried, affinity, request.endpoint)
             response = await self.send(request.endpoint.path, request.body, request.content_type, alias, endpoint)
             if response is not None:
                 if served_by is not None:
                     served_by(endpoint)
                 return response
             tried.add(endpoint.replica_id)
-        raise APIError(502, f"the replicas of '{alias}' failed before answering; try again", "upstream_error")
+        raise replicas_failed(alias)
 
     def _check_task(self, alias: str, endpoint: InferenceEndpoint) -> None:
         """A model's task decides its endpoints (an embedding model has no chat): refused here with a message that
@@ -141,7 +155,7 @@ class Forwarder:
             log.warning("replica %s %s", endpoint.replica_id, exc)
             return None
 
-    async def _hold(
+    async def hold(
         self, alias: str, tried: set[str], affinity: str | None, request_endpoint: InferenceEndpoint
     ) -> Endpoint:
         """No ready replica: wait (bounded queue, cold-start timeout) while the manager brings one up."""
@@ -181,8 +195,12 @@ class Forwarder:
                     await self._table.wait_change()
         except TimeoutError:
             limit = self._settings.cold_start_timeout_s
+            # When to try again: when the model is expected ready (the manager learns it from its past starts).
+            ready_in = self._table.ready_in(alias)
             raise _unavailable(
-                f"model '{alias}' did not become ready within {limit:.0f} s", "cold_start_timeout", 10
+                f"model '{alias}' did not become ready within {limit:.0f} s",
+                "cold_start_timeout",
+                math.ceil(ready_in) if ready_in is not None else 10,
             ) from None
         finally:
             self._table.dequeue(alias)

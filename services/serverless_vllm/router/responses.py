@@ -100,10 +100,11 @@ class ResponsesRouter:
             )
             if response is None:
                 raise _not_found(previous)  # the replica failed: what it held is gone with it
-            return self._learn(response, request.alias, endpoint.replica_id)
+            return self._learn(response, request.alias, [endpoint])
+        # Filled when a replica answers: at once, or later for a stream started while held (router/hold_stream.py).
         served: list[Endpoint] = []
         response = await self._forwarder.forward(request, affinity, served.append)
-        return self._learn(response, request.alias, served[0].replica_id)
+        return self._learn(response, request.alias, served)
 
     async def follow(self, response_id: str, action: str, query: str = "") -> Response:
         """GET /v1/responses/{id} (its query, e.g. `stream=true`, passed on) or POST /v1/responses/{id}/cancel, at
@@ -172,24 +173,25 @@ class ResponsesRouter:
 
     # ------------------------------------------------------------------ learning new ids
 
-    def _learn(self, response: Response, alias: str, replica_id: str) -> Response:
+    def _learn(self, response: Response, alias: str, served: list[Endpoint]) -> Response:
+        """Remember which replica (the last of `served`) holds the response id that `response` carries."""
         if response.status_code != 200:
             return response
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._watch(response.body_iterator, alias, replica_id)
+            response.body_iterator = self._watch(response.body_iterator, alias, served)
             return response
         match = _ID_RE.search(bytes(response.body[:_WATCH_BYTES]))
         if match is not None:
-            self._ids.remember(match.group(1).decode(), alias, replica_id)
+            self._ids.remember(match.group(1).decode(), alias, served[-1].replica_id)
         return response
 
-    async def _watch(self, chunks: AsyncIterable[Any], alias: str, replica_id: str) -> AsyncIterator[Any]:
+    async def _watch(self, chunks: AsyncIterable[Any], alias: str, served: list[Endpoint]) -> AsyncIterator[Any]:
         seen, watching = b"", True
         async for chunk in chunks:
             if watching:
                 seen += chunk if isinstance(chunk, bytes) else str(chunk).encode()
                 match = _ID_RE.search(seen)
-                if match is not None:
-                    self._ids.remember(match.group(1).decode(), alias, replica_id)
+                if match is not None and served:
+                    self._ids.remember(match.group(1).decode(), alias, served[-1].replica_id)
                 watching = match is None and len(seen) <= _WATCH_BYTES
             yield chunk

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -63,6 +64,15 @@ class RouteTable:
 
     def route(self, alias: str) -> ModelRoute | None:
         return self._table.models.get(alias) if self._table else None
+
+    def ready_in(self, alias: str) -> float | None:
+        """Seconds until a loading model is expected ready (the manager's estimate from its past starts); None when
+        it has none, or the start is taking longer than expected."""
+        route = self.route(alias)
+        if route is None or route.ready_at is None:
+            return None
+        left = route.ready_at - time.time()
+        return left if left > 0 else None
 
     def aliases(self) -> dict[str, ModelRoute]:
         return dict(self._table.models) if self._table else {}

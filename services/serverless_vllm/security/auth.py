@@ -1,6 +1,6 @@
 """Bearer credentials for every HTTP service, and a body-size guard, as one pure ASGI middleware.
 
-Roles: client API keys (inference, model listing), the admin key (register, patch, delete, /workers; also the
+Roles: client API keys (inference, model listing), the admin key (register, patch, delete, /workers, /status; also the
 router's credential to the manager) and the worker token (workers <-> manager, router -> worker). Each app maps
 (method, path) to the roles it accepts; anything not mapped needs the admin key (default deny). Health, metrics
 and service discovery stay open for probes and Prometheus (read-only, no secrets).
@@ -51,7 +51,7 @@ OPS_PATHS = frozenset({"/health", "/metrics", "/manager/metrics", "/sd/targets",
 WORKER_CALLS = frozenset({"/workers/register", "/workers/heartbeat"})
 # The router's operator routes (besides writes under /v1/models): tests/unit/test_route_policy.py fails when the
 # router gains a route that is neither here nor an inference, model, ops or worker route.
-ROUTER_ADMIN_PATHS = frozenset({"/workers", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+ROUTER_ADMIN_PATHS = frozenset({"/workers", "/status", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
 def router_policy(method: str, path: str) -> frozenset[Role] | None:

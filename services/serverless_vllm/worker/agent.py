@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,10 +17,13 @@ from ..config import WorkerSettings
 from ..manager.http_client import HTTPManagerClient
 from ..metrics.worker import WorkerMetrics
 from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatReply, ReplicaState, WorkerRegistration
-from .engine import EngineProcess
+from .engine import ENGINE_MODULE, EngineProcess, engine_environment
 from .gpus import GPUProbe, cpu_slots
+from .standby import StandbyPool
 
 log = logging.getLogger(__name__)
+
+PROGRESS_NOTE_S = 30.0  # seconds between two "still starting" lines of one engine
 
 
 class WorkerAgent:
@@ -44,6 +48,8 @@ class WorkerAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self.registered = False
+        self.standbys: StandbyPool | None = None  # made at start(), once the GPUs are known
+        self._starting: dict[str, tuple[float, float]] = {}  # replica -> (seen starting since, last progress line)
 
     @property
     def has_gpu(self) -> bool:
@@ -58,6 +64,14 @@ class WorkerAgent:
             self.settings.worker_id,
             f"{len(self.gpus)} GPU(s)" if self.gpus else f"CPU-only, {cpu_slots(self.settings)} engine slot(s)",
         )
+        self.standbys = StandbyPool(
+            self.settings.standby_engines,
+            lambda: engine_environment(self.settings, has_gpu=self.has_gpu),
+            nice=self.settings.engine_nice,
+            busy=lambda: any(e.state is ReplicaState.STARTING for e in self.engines.values()),
+            module=ENGINE_MODULE,
+        )
+        self.standbys.start()
         self._loop = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
 
     async def stop(self) -> None:
@@ -67,11 +81,15 @@ class WorkerAgent:
                 await self._loop
         await asyncio.gather(*(e.stop() for e in self.engines.values()), return_exceptions=True)
         self.engines.clear()
+        if self.standbys is not None:
+            await self.standbys.stop()
         await self._manager.close()
 
     def nudge(self) -> None:
         """An engine changed state: tell the manager now rather than at the next beat."""
         self._nudge.set()
+        if self.standbys is not None:
+            self.standbys.nudge()  # a start that ended may let a replacement standby launch
         self.metrics.engines_changed(self.engines.values())  # crashes, restarts, start times
 
     # ------------------------------------------------------------------ manager link
@@ -110,6 +128,7 @@ class WorkerAgent:
                     )
                     reply = await self._manager.heartbeat(beat)
                 await self._handle(reply)
+                self.note_progress(time.monotonic())
                 delay = 1.0
                 await wait_event(self._nudge, self.settings.heartbeat_interval_s)
                 self._nudge.clear()
@@ -128,6 +147,25 @@ class WorkerAgent:
             self.nudge()
             return
         await self.apply(reply.assignments)
+
+    def note_progress(self, now: float) -> None:
+        """A line every PROGRESS_NOTE_S for each engine still starting, with the last line of its own log: a start
+        takes half a minute on a CPU and minutes for a large model, and a silent one looks stuck."""
+        starting = {rid: e for rid, e in self.engines.items() if e.state is ReplicaState.STARTING}
+        self._starting = {rid: self._starting.get(rid, (now, now)) for rid in starting}
+        for rid, engine in starting.items():
+            since, noted = self._starting[rid]
+            if now - noted < PROGRESS_NOTE_S:
+                continue
+            self._starting[rid] = (since, now)
+            last = engine.log_tail(1)
+            log.info(
+                "engine %s (%s): still starting after %.0f s%s",
+                rid,
+                engine.alias,
+                now - since,
+                f"; its log: {last[-1].strip()[:200]}" if last else "",
+            )
 
     # ------------------------------------------------------------------ desired state
 
@@ -148,10 +186,17 @@ class WorkerAgent:
                         has_gpu=self.has_gpu,
                         on_change=self.nudge,
                         client=self._engine_client,
+                        standbys=self.standbys,
                     )
                     self.engines[rid] = engine
                     self.metrics.engine_started(engine)
-                    log.info("starting engine %s: %s as %s", rid, assignment.model_name, assignment.alias)
+                    log.info(
+                        "starting engine %s: %s as %s (its log: %s)",
+                        rid,
+                        assignment.model_name,
+                        assignment.alias,
+                        engine.log_path,
+                    )
                     await engine.start()
                 elif assignment.asleep and running.state is ReplicaState.READY:
                     self._spawn(running.sleep(1))

@@ -23,10 +23,12 @@ from ..config import WorkerSettings
 from ..schemas import Assignment, EngineStatus, ModelTask, ReplicaState
 from .engine_log import EngineLog
 from .spawn import HOST
+from .standby import StandbyPool
 from .supervisor import EngineClient, Supervisor
 
 log = logging.getLogger(__name__)
 
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 _SLEEP_NEEDS_GPU = "sleep mode needs a GPU: vLLM does not support it on CPU; stop the engine instead"
 
 
@@ -42,6 +44,22 @@ TASK_ARGS: dict[ModelTask, list[str]] = {
     ModelTask.EMBED: ["--runner", "pooling", "--convert", "embed"],
     ModelTask.CLASSIFY: ["--runner", "pooling", "--convert", "classify"],
 }
+
+
+def engine_environment(settings: WorkerSettings, *, has_gpu: bool) -> dict[str, str]:
+    """The environment of every engine of this worker (a standby's too): what differs per engine comes on top."""
+    env = dict(os.environ)  # HF_HUB_OFFLINE, HF_HOME, tokens ... pass through as the operator set them
+    env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they are written, not at exit
+    # Stored Responses (GET /v1/responses/{id}, previous_response_id): off by default in vLLM, which then
+    # ignores `store` silently. The store lives in the engine's memory and is never trimmed by vLLM: it goes
+    # with the engine (scale to zero, restart); the router knows which replica holds which id.
+    env.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+    if has_gpu:
+        # /sleep and /wake_up exist only in vLLM's dev mode; the engine listens on loopback only.
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    else:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+    return env
 
 
 class EngineProcess:
@@ -60,8 +78,10 @@ class EngineProcess:
         has_gpu: bool,
         on_change: Callable[[], None] | None = None,
         client: httpx.AsyncClient | None = None,
+        standbys: StandbyPool | None = None,
     ) -> None:
         self.assignment = assignment
+        self.standbys = standbys  # adopted by a start when one is there (standby.py)
         self.settings = settings
         self.has_gpu = has_gpu
         self._on_change = on_change
@@ -146,10 +166,20 @@ class EngineProcess:
 
     # ------------------------------------------------------------------ command and environment
 
+    @property
+    def uniproc(self) -> bool:
+        """vLLM's model worker inside the EngineCore process: on CPU with one rank, unless the operator chose an
+        executor. vLLM's CPU platform spawns (never forks) its processes, each importing torch and vLLM again:
+        one process fewer saves one import (about 7 s here) and its memory; metrics, aborts and crash detection
+        are the API server's and unchanged."""
+        engine = self.assignment.engine
+        chosen = "--distributed-executor-backend" in [*self.settings.engine_extra_args, *engine.extra_args]
+        return not self.has_gpu and self.settings.cpu_engine_uniproc and engine.tensor_parallel_size == 1 and not chosen
+
     def command(self, port: int) -> list[str]:
         engine = self.assignment.engine
         cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            sys.executable, "-m", ENGINE_MODULE,
             "--model", self.assignment.model_name,
             "--served-model-name", self.alias,
             "--host", HOST,
@@ -162,6 +192,8 @@ class EngineProcess:
         cmd += TASK_ARGS[engine.task]
         if self.has_gpu:
             cmd += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--enable-sleep-mode"]
+        if self.uniproc:
+            cmd += ["--distributed-executor-backend", "uni"]
         if not self.settings.engine_access_log:
             # vLLM's line per request would fill the engine's log (the router counts requests). Before the extra
             # arguments: a --no-disable-uvicorn-access-log there comes later and wins.
@@ -169,21 +201,13 @@ class EngineProcess:
         return cmd + list(self.settings.engine_extra_args) + list(engine.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)  # HF_HUB_OFFLINE, HF_HOME, tokens ... pass through as the operator set them
-        env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they are written, not at exit
-        # Stored Responses (GET /v1/responses/{id}, previous_response_id): off by default in vLLM, which then
-        # ignores `store` silently. The store lives in the engine's memory and is never trimmed by vLLM: it goes
-        # with the engine (scale to zero, restart); the router knows which replica holds which id.
-        env.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
-        if self.has_gpu:
-            if self.assignment.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.assignment.gpus)
-                # NVML numbers GPUs by PCI bus; CUDA's default order may differ. Make them agree.
-                env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-            # /sleep and /wake_up exist only in vLLM's dev mode; the engine listens on loopback only.
-            env["VLLM_SERVER_DEV_MODE"] = "1"
-        else:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
+        env = engine_environment(self.settings, has_gpu=self.has_gpu)
+        if self.has_gpu and self.assignment.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.assignment.gpus)
+            # NVML numbers GPUs by PCI bus; CUDA's default order may differ. Make them agree.
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        if self.uniproc:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM's CPU platform refuses 'uni' without it
         return env
 
     # ------------------------------------------------------------------ lifecycle

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -115,12 +115,17 @@ class EngineLog:
 
     async def pump(self, stream: asyncio.StreamReader) -> None:
         """Copy the process's output here, line by line, until it closes."""
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over the stream limit: keep going with the next one
-                self.write("[serverless-vllm: over-long log line dropped]")
-                continue
-            if not line:
-                return
-            self.write(line.decode("utf-8", "replace").rstrip("\r\n"))
+        await pump_lines(stream, self.write)
+
+
+async def pump_lines(stream: asyncio.StreamReader, write: Callable[[str], None]) -> None:
+    """Hand a process's output to `write`, line by line, until it closes."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # a line over the stream limit: keep going with the next one
+            write("[serverless-vllm: over-long log line dropped]")
+            continue
+        if not line:
+            return
+        write(line.decode("utf-8", "replace").rstrip("\r\n"))

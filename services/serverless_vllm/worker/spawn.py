@@ -160,13 +160,15 @@ async def launch(
     nice: int,
     pump: Callable[[asyncio.StreamReader], Coroutine[Any, Any, None]],
     name: str,
+    stdin_pipe: bool = False,
 ) -> Launch:
-    """Start `cmd` in a session of its own, with its guard; `pump` reads its stdout and stderr."""
+    """Start `cmd` in a session of its own, with its guard; `pump` reads its stdout and stderr. `stdin_pipe`:
+    a pipe the worker writes to (a standby's order, standby.py), else /dev/null."""
     read_fd, write_fd = os.pipe()  # non-inheritable: only the guard gets the read end, as its stdin
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin_pipe else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,

@@ -91,6 +91,7 @@ class Supervisor:
         self._stop_timeout = 20.0
         self._crashes: deque[float] = deque()
         self._launches = 0
+        self.via_standby = False  # the current launch is an adopted standby (standby.py)
 
     @property
     def _name(self) -> str:
@@ -140,21 +141,25 @@ class Supervisor:
                 await launch.terminate(2)
             await launch.cleanup()  # idempotent; covers a supervisor that was cancelled
 
-    async def _spawn(self, port: int) -> Launch:
+    async def _spawn(self, port: int, standby_ok: bool = True) -> Launch:
         self._launches += 1
         cmd = self._engine.command(port)
+        env = self._engine.environment()
         self._log.write_launch(self._launches, cmd)
-        launch = await spawn.launch(
-            cmd,
-            self._engine.environment(),
-            port=port,
-            nice=self._engine.settings.engine_nice,
-            pump=self._log.pump,
-            name=self._name,
-        )
+        pool = self._engine.standbys if standby_ok else None
+        standby = pool.take(cmd[2]) if pool is not None and cmd[1] == "-m" else None
+        if standby is not None:
+            launch = standby.adopt(cmd[3:], env, port=port, name=self._name, sink=self._log.write)
+            self._log.write(f"[serverless-vllm: adopted {standby.name}, pid {launch.proc.pid}: {cmd[2]} imported]")
+        else:
+            launch = await spawn.launch(
+                cmd, env, port=port, nice=self._engine.settings.engine_nice, pump=self._log.pump, name=self._name
+            )
         self.launch = launch
         self.port = port
-        log.info("engine %s: spawned pid %d on port %d", self._name, launch.proc.pid, port)
+        self.via_standby = standby is not None
+        how = f"adopted {standby.name}," if standby is not None else "spawned"
+        log.info("engine %s: %s pid %d on port %d", self._name, how, launch.proc.pid, port)
         return launch
 
     async def _wait_healthy(self, launch: Launch) -> str:
@@ -218,6 +223,11 @@ class Supervisor:
             phase = "while serving" if outcome == "ready" else "before becoming ready"
             reason = _exit_reason(returncode, phase, self._log)
             if not ever_ready:
+                if self.via_standby:
+                    # Whatever failed in the adopted standby, the plain way is tried once before the engine fails.
+                    log.warning("engine %s: start through a standby failed (%s); plain start", self._name, reason)
+                    launch = await self._spawn(free_port(), standby_ok=False)
+                    continue
                 if port_retries < PORT_RETRIES and any(_PORT_IN_USE.search(x) for x in self._log.tail(30)):
                     port_retries += 1  # lost the port race to another process: not the engine's fault
                     launch = await self._spawn(free_port())

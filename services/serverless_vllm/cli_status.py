@@ -1,0 +1,179 @@
+"""`svllm status`: a running deployment at a glance, as `serve status` and `kubectl get` show theirs.
+
+One call to the router's `GET /status` (admin key, as `svllm register` sends it), then two aligned tables: the
+models (task, state, replicas ready of the target, where they run) and the workers (health, last heartbeat, GPUs,
+engines). `--json` prints the same rows as one JSON document. A router that cannot be reached or refuses the key
+is one clear sentence on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from .cli_flags import flag_values
+from .config import AuthSettings, CliSettings
+from .schemas import FleetStatus, ModelInfo, ModelState, ReplicaState, WorkerInfo
+
+MODEL_COLUMNS = ("MODEL", "TASK", "STATE", "READY", "WHERE")
+WORKER_COLUMNS = ("WORKER", "HEALTH", "HEARTBEAT", "GPUS", "ENGINES")
+
+
+class StatusError(Exception):
+    """Why there is no status to show, in one sentence for the operator."""
+
+
+def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10.0) -> FleetStatus:
+    """GET /status from the router at `url` with the admin key (SVLLM_ADMIN_KEY); StatusError when it fails."""
+    auth = auth or AuthSettings.from_env()
+    base = url.rstrip("/")
+    try:
+        resp = httpx.get(f"{base}/status", headers=auth.admin_headers(), timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise StatusError(
+            f"cannot reach the router at {base} ({type(exc).__name__}: {str(exc) or 'no answer'}); is it running? "
+            "(--url or ROUTER_URL names it)"
+        ) from None
+    if resp.status_code in (401, 403):
+        hint = "set SVLLM_ADMIN_KEY to the router's admin key" if not auth.admin_headers() else "check SVLLM_ADMIN_KEY"
+        raise StatusError(f"the router at {base} refused the credentials ({resp.status_code}): {hint}")
+    if resp.status_code == 404:
+        raise StatusError(f"{base} has no GET /status: is it a serverless-vllm router (of this version)?")
+    if resp.status_code >= 400:
+        raise StatusError(f"the router at {base} answered {resp.status_code}: {_message(resp)}")
+    try:
+        return FleetStatus.model_validate_json(resp.content)
+    except ValidationError:
+        raise StatusError(
+            f"{base}/status did not answer with a fleet status: is it a serverless-vllm router?"
+        ) from None
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200] or resp.reason_phrase
+
+
+# --------------------------------------------------------------------------- rows (the JSON document)
+
+
+def model_row(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "alias": info.alias,
+        "model_name": info.model_name,
+        "task": info.engine.task.value,
+        "state": info.state.value,
+        "ready": sum(1 for r in info.replicas if r.state is ReplicaState.READY),
+        "target": info.desired_replicas,
+        "replicas": [
+            {"replica_id": r.replica_id, "worker_id": r.worker_id, "gpus": r.gpus, "state": r.state.value}
+            for r in info.replicas
+        ],
+        "error": info.last_error if info.state is ModelState.FAILED else None,
+    }
+
+
+def worker_row(info: WorkerInfo) -> dict[str, Any]:
+    return {
+        "worker_id": info.worker_id,
+        "url": info.url,
+        "state": info.state.value,
+        "heartbeat_age_s": round(info.heartbeat_age_s, 1),
+        "gpus": [{"index": g.index, "name": g.name, "memory_total_mb": g.memory_total_mb} for g in info.gpus],
+        "cpu_slots": info.cpu_slots,
+        "engines": [{"replica_id": e.replica_id, "alias": e.alias, "state": e.state.value} for e in info.engines],
+    }
+
+
+def status_document(status: FleetStatus) -> dict[str, Any]:
+    """What `--json` prints: the rows of both tables, unformatted."""
+    return {
+        "models": [model_row(m) for m in sorted(status.models, key=lambda m: m.alias)],
+        "workers": [worker_row(w) for w in sorted(status.workers, key=lambda w: w.worker_id)],
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns aligned by their widest cell, two spaces apart; the last one not padded."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(columns, *rows, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in (columns, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def _where(row: dict[str, Any]) -> str:
+    cells = []
+    for r in row["replicas"]:
+        device = "gpu " + ",".join(map(str, r["gpus"])) if r["gpus"] else "cpu"
+        cells.append(f"{r['worker_id']} ({device}) {r['state']}")
+    return ", ".join(cells) or "-"
+
+
+def _gpus(row: dict[str, Any]) -> str:
+    if not row["gpus"]:
+        return f"cpu, {row['cpu_slots']} slot{'s' if row['cpu_slots'] != 1 else ''}"
+    names = Counter(g["name"] for g in row["gpus"])
+    return ", ".join(f"{n} x {name}" for name, n in names.items())
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
+
+
+def render(document: dict[str, Any]) -> str:
+    """The two tables (and the reason of each failed model), as `svllm status` prints them."""
+    models, workers = document["models"], document["workers"]
+    out = []
+    if models:
+        out.append(
+            table(
+                MODEL_COLUMNS,
+                [(m["alias"], m["task"], m["state"], f"{m['ready']}/{m['target']}", _where(m)) for m in models],
+            )
+        )
+        for m in models:
+            if m["error"]:
+                out.append(f"{m['alias']} failed: {m['error'].strip().splitlines()[0]}")
+    else:
+        out.append("no models registered (svllm register)")
+    out.append("")
+    if workers:
+        rows = [
+            (
+                w["worker_id"],
+                w["state"],
+                _age(w["heartbeat_age_s"]),
+                _gpus(w),
+                ", ".join(f"{e['alias']} {e['state']}" for e in w["engines"]) or "-",
+            )
+            for w in workers
+        ]
+        out.append(table(WORKER_COLUMNS, rows))
+    else:
+        out.append("no workers registered (svllm worker --manager-url ...)")
+    return "\n".join(out)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
+    try:
+        document = status_document(fetch_status(url))
+    except StatusError as exc:
+        raise SystemExit(f"svllm status: {exc}") from None
+    print(json.dumps(document, indent=2) if args.json else render(document))
