@@ -113,6 +113,21 @@ def vllm_phases(lines: list[str], boot_s: float) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+DECODE = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 128, "temperature": 0, "ignore_eos": True}
+
+
+def decode_rate(url: str, headers: dict[str, str], requests: int = 3) -> float:
+    """Tokens per second of one request at a time, once the engine is up: what a start's levers must not cost
+    (the model worker inside EngineCore, a process that was a standby)."""
+    rates = []
+    for _ in range(requests):
+        t = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", json=DECODE, headers=headers, timeout=120)
+        r.raise_for_status()
+        rates.append(r.json()["usage"]["completion_tokens"] / (time.perf_counter() - t))
+    return round(median(rates) or 0.0, 1)
+
+
 class EngineWatch(threading.Thread):
     """Records when the worker's engine gets a port (spawned or adopted) and when its /health first answers."""
 
@@ -158,11 +173,13 @@ def reference(procs: Procs, model: Path, env: dict[str, str], timeout: float) ->
         )
         healthy = time.perf_counter()
         tok = first_token(f"http://127.0.0.1:{port}", {}, 60)
+        rate = decode_rate(f"http://127.0.0.1:{port}", {})
     finally:
         proc.stop()
     boot = healthy - t0
     return {
         "ttft_s": round(tok - t0, 3),
+        "decode_tok_s": rate,
         "engine_ready_s": round(boot, 3),
         "vllm_phases_s": vllm_phases(proc.log_path.read_text(errors="replace").splitlines(), boot),
     }
@@ -177,7 +194,7 @@ def ours(stack: Stack, headers: dict[str, str], worker_headers: dict[str, str], 
     finally:
         watch.stop_flag.set()
         watch.join(5)
-    out: dict[str, Any] = {"ttft_s": round(tok - t0, 3)}
+    out: dict[str, Any] = {"ttft_s": round(tok - t0, 3), "decode_tok_s": decode_rate(stack.url, headers)}
     if watch.spawned is not None and watch.healthy is not None:
         boot = watch.healthy - watch.spawned
         out["phases_s"] = {
@@ -302,7 +319,11 @@ def main() -> None:
 
 def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
     ref = {r["round"]: r["ttft_s"] for r in runs if r["kind"] == "reference"}
-    out: dict[str, Any] = {"reference_ttft_s": summary(ref.values())}
+    ref_rate = {r["round"]: r["decode_tok_s"] for r in runs if r["kind"] == "reference"}
+    out: dict[str, Any] = {
+        "reference_ttft_s": summary(ref.values()),
+        "reference_decode_tok_s": median(ref_rate.values()),
+    }
     out["reference_vllm_phases_median_s"] = phases_median([r for r in runs if r["kind"] == "reference"])
     for v in variants:
         mine = [r for r in runs if r["kind"] == v]
@@ -310,6 +331,9 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
         out[v] = {
             "ttft_s": summary(r["ttft_s"] for r in mine),
             "paired_ratio_median": median(paired),
+            "decode_tok_s_paired_ratio_median": median(
+                [ratio(r["decode_tok_s"], ref_rate[r["round"]]) for r in mine if r["round"] in ref_rate]
+            ),
             "paired_ratios": paired,
             "phases_median_s": {
                 k: median([r["phases_s"][k] for r in mine if "phases_s" in r])

@@ -236,3 +236,10 @@ def descendants(pid: int) -> set[int]:
                 out.add(child)
                 todo.append(child)
     return out
+
+
+def engine_processes(worker_pid: int) -> set[int]:
+    """A worker's engines and everything below them; not its standby (worker/standby.py), which lives as long as
+    the worker, nor the engines' guards."""
+    roots = descendants(worker_pid) & engine_pids()
+    return roots.union(*(descendants(root) for root in roots))

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .harness import Service, Stack, alive, descendants, free_port, wait_until
+from .harness import Service, Stack, alive, engine_processes, free_port, wait_until
 
 ALIAS = "lazy"
 
@@ -101,11 +101,11 @@ def test_concurrent_requests_share_one_cold_start(stack: Stack) -> None:
 def test_idle_model_scales_to_zero(stack: Stack) -> None:
     replica = stack.model(ALIAS)["replicas"][0]
     worker = stack.workers[replica["worker_id"]]
-    engine_processes = descendants(worker.proc.pid)
-    assert engine_processes
+    engines = engine_processes(worker.proc.pid)
+    assert engines
     stack.wait_model(ALIAS, "cold", timeout=60)
     assert stack.model(ALIAS)["replicas"] == []
-    wait_until(lambda: not any(alive(p) for p in engine_processes), 60, what="idle engine process to exit")
+    wait_until(lambda: not any(alive(p) for p in engines), 60, what="idle engine process to exit")
     wait_until(lambda: engines_running(stack) == 0, 30, what="workers to report no engine")
 
 
