@@ -68,7 +68,7 @@ RUN set -eu; \
     fi; \
     groupadd --system --gid 1000 svllm; \
     useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
-    install -d -o svllm -g svllm /cache /cache/huggingface /models
+    install -d -o svllm -g svllm /cache /cache/huggingface /cache/vllm /models
 
 # The dependencies (several GB) are one layer that only a change of requirements rebuilds; our package
 # goes on top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.

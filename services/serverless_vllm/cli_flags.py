@@ -1,4 +1,4 @@
-"""Command-line flags derived from the settings models (config.py): each flag's default and help come from its
+"""Command-line flags derived from the settings models (config/): each flag's default and help come from its
 field, so a setting is written once."""
 
 from __future__ import annotations

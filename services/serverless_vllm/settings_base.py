@@ -1,4 +1,4 @@
-"""The machinery of the settings models (config.py): one field = default, environment variable, description.
+"""The machinery of the settings models (config/): one field = default, environment variable, description.
 
 `Settings.from_env(**overrides)` reads the environment when it is called (never at import); overrides that are
 None are ignored, so unset flags fall back to the environment, then to the default. An empty variable counts as

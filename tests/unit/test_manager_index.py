@@ -49,7 +49,7 @@ def reference_routes(core: ManagerCore) -> dict[str, ModelRoute]:
     replicas = list(core.replicas.values())
     out: dict[str, ModelRoute] = {}
     for alias, model in core.registry.models.items():
-        mine = [r for r in replicas if r.alias == alias]
+        mine = [r for r in replicas if r.alias == alias and r.draining_since is None]
         endpoints = [
             {"replica_id": r.replica_id, "worker_id": r.worker_id, "url": healthy[r.worker_id].url}
             for r in mine
@@ -78,7 +78,7 @@ def reference_assignments(core: ManagerCore, worker_id: str) -> list[Assignment]
     out = []
     for r in core.replicas.values():
         model = core.registry.models.get(r.alias)
-        if r.worker_id == worker_id and model is not None:
+        if r.worker_id == worker_id and model is not None and r.draining_since is None:
             out.append(
                 Assignment(
                     replica_id=r.replica_id,

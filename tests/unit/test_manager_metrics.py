@@ -105,6 +105,7 @@ async def test_a_scrape_leaves_the_event_loop_free_and_parses(tmp_path: Path) ->
         assert {s.labels["state"]: s.value for s in families["svllm_worker_state"].samples} == {
             "healthy": 1.0,
             "unhealthy": 0.0,
+            "draining": 0.0,
             "dead": 0.0,
         }
         assert families["svllm_manager_evictions"].type == "counter"

@@ -11,6 +11,7 @@ import pytest
 from serverless_vllm.dataplane.body import InferenceRequest
 from serverless_vllm.dataplane.endpoints import BY_PATH
 from serverless_vllm.errors import APIError
+from serverless_vllm.router.policy import RequestKey
 from serverless_vllm.router.responses import ResponseMap, ResponsesRouter
 from serverless_vllm.router.table import RouteTable
 from serverless_vllm.schemas import Endpoint, ModelRoute, ModelState, ModelTask, RoutingTable
@@ -133,7 +134,7 @@ class FakeForwarder:
     async def forward(
         self,
         request: InferenceRequest,
-        affinity: str | None = None,
+        affinity: RequestKey | None = None,
         served_by: Callable[[Endpoint], None] | None = None,
     ) -> Response:
         assert self.next is not None

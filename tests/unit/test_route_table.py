@@ -3,6 +3,7 @@
 import asyncio
 import random
 
+from serverless_vllm.router.policy import RequestKey
 from serverless_vllm.router.table import RouteTable
 from serverless_vllm.schemas import Endpoint, ModelRoute, ModelState, RoutingTable
 
@@ -37,9 +38,9 @@ def test_power_of_two_spreads_load() -> None:
 
 def test_affinity_is_stable_and_excludes_work() -> None:
     table = table_with(4)
-    chosen = {table.pick("m", affinity="alice").replica_id for _ in range(10)}
+    chosen = {table.pick("m", key=RequestKey("alice")).replica_id for _ in range(10)}
     assert len(chosen) == 1
-    other = table.pick("m", exclude=frozenset(chosen), affinity="alice")
+    other = table.pick("m", exclude=frozenset(chosen), key=RequestKey("alice"))
     assert other.replica_id not in chosen
 
 

@@ -1,4 +1,4 @@
-"""Each setting is written once, in config.py: the README's table, `.env.example` and the command line follow it."""
+"""Each setting is written once, in config/: the README's table, `.env.example` and the command line follow it."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from serverless_vllm.config import (
     RaySettings,
     RouterSettings,
     WorkerSettings,
+    access,
+    services,
+    worker,
 )
 from serverless_vllm.ray_mode import cli as ray_cli
 from serverless_vllm.schemas import FleetStatus
@@ -85,7 +88,7 @@ HUMAN_DEFAULTS: dict[str, tuple[str, Any]] = {
     "MAX_BODY_BYTES": ("8 MiB", 8 * 1024 * 1024),
     "RAY_ADDRESS": ("a running cluster, else a new local one", None),
 }
-# Documented in the README's table without being a field: where the default paths above lie (config.py).
+# Documented in the README's table without being a field: where the default paths above lie (config/).
 README_ONLY = {"SVLLM_STATE_DIR": STATE}
 
 # Which settings each command's --help lists.
@@ -142,8 +145,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_settings_model_is_checked() -> None:
     defined = {
         v
-        for v in vars(config).values()
-        if isinstance(v, type) and issubclass(v, BaseSettings) and v.__module__ == config.__name__
+        for module in (access, services, worker)
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, BaseSettings) and v.__module__ == module.__name__
     }
     assert defined - {settings_base.Settings} == set(MODELS)
 
@@ -292,6 +296,7 @@ def sample(var: str, info: FieldInfo, tmp_path: Path) -> tuple[str, Any]:
         "SVLLM_WORKER_TOKEN": ("worker-token", "worker-token"),
         "ENGINE_NICE": ("7", 7),
         "CPU_ENGINE_UNIPROC": ("off", False),
+        "SLEEP_HOST_MEMORY_FRACTION": ("0.5", 0.5),  # a share: at most 1
     }
     if var in special:
         return special[var]
@@ -403,11 +408,11 @@ class Launched:
 
         def app(settings: Any, auth: Any = None) -> object:
             self.settings[type(settings).__name__] = settings
-            return object()
+            return SimpleNamespace(state=SimpleNamespace(leave=None))  # a worker's app has its drain hook there
 
         def server(app: object, host: str, port: int, level: str) -> SimpleNamespace:
             self.levels.append(level)
-            return SimpleNamespace(serve=lambda: None)
+            return SimpleNamespace(serve=lambda: None, config=None)
 
         def up_settings(args: argparse.Namespace) -> Any:
             manager, router, worker = real_up_settings(args)

@@ -217,7 +217,7 @@ async def test_a_dead_worker_is_listed_until_the_retention_then_forgotten(tmp_pa
         await core.heartbeat(Heartbeat(worker_id="w2"))
         await core.reconcile()
         assert [w.worker_id for w in core.list_workers()] == ["w2"]
-        assert core.health()["workers"] == {"healthy": 1, "unhealthy": 0, "dead": 0}
+        assert core.health()["workers"] == {"healthy": 1, "unhealthy": 0, "draining": 0, "dead": 0}
         text = (await core.metrics_text()).decode()
         assert 'worker="w2"' in text and 'worker="w1"' not in text  # its series went with the record
         assert core.worker_link.cached_reply("w1") is None and core.worker_link.pushed("w1") is None

@@ -92,3 +92,14 @@ class Demand:
             for alias, load in report.models.items():
                 loads[alias] = loads.get(alias, 0.0) + load.in_flight + load.queued
         return loads
+
+    def replica_loads(self, now: float) -> dict[str, int]:
+        """replica id -> requests in flight there, summed over the routers heard from within DEMAND_TTL_S (a router
+        names only its busy replicas): which replica to remove first (manager/draining.py)."""
+        busy: dict[str, int] = {}
+        for at, report in self._reports.values():
+            if now - at <= DEMAND_TTL_S:
+                for load in report.models.values():
+                    for replica_id, n in load.replicas.items():
+                        busy[replica_id] = busy.get(replica_id, 0) + n
+        return busy

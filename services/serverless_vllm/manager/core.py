@@ -38,13 +38,17 @@ from ..schemas import (
     HeartbeatReply,
     ModelInfo,
     ModelPatch,
+    ModelPhase,
     ModelSpec,
+    ReplicaState,
     RoutingTable,
     WorkerInfo,
     WorkerRegistration,
     WorkerState,
 )
 from .autoscale import Demand
+from .draining import retire
+from .model_cache import ModelCache
 from .reconciler import ManagerStats, Reconciler
 from .registry import ModelRegistry, model_info
 from .replicas import ReplicaIndex
@@ -89,6 +93,7 @@ class ManagerCore:
             on_refused=self._worker_refused,
             client=client,
             worker_headers=worker_headers,
+            prefetch=lambda worker_id: self.model_cache.orders(worker_id),
         )
         self.reconciler = Reconciler(
             settings,
@@ -103,6 +108,17 @@ class ManagerCore:
             self.metrics,
         )
         self.reports = EngineReports(clock, self.registry, self.replicas, self.reconciler, self.routing, self.metrics)
+        self.model_cache = ModelCache(
+            settings,
+            clock,
+            self.registry,
+            self.replicas,
+            self.workers,
+            capacities=self.reconciler.capacities,
+            remove_replica=self.reconciler.remove_replica,
+            rebuild=self.routing.rebuild,
+            poke=self._poke,
+        )
         self._kick: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._reconcile_lock: asyncio.Lock | None = None
@@ -149,6 +165,7 @@ class ManagerCore:
         assert self._reconcile_lock is not None
         async with self._reconcile_lock:
             self.reconciler.run_pass(self.clock())
+            self.model_cache.prune()  # after the pass has declared the dead workers
             self.routing.rebuild()
             await self.worker_link.push_assignments()
 
@@ -156,27 +173,39 @@ class ManagerCore:
 
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
         if self.registry.register(spec):
+            self.model_cache.model_registered(spec.alias)
             self.routing.rebuild([spec.alias])
             self._poke()
         return self.model_info(spec.alias)
 
     async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:
         self.registry.patch(alias, patch)
+        self.routing.rebuild([alias])  # a new `routing` reaches the routers now, not at the next pass
         self._poke()
         return self.model_info(alias)
 
     async def delete_model(self, alias: str) -> None:
         self.registry.delete(alias)
-        for replica in self.replicas.of_alias(alias):
-            self.reconciler.remove_replica(replica.replica_id)
+        now = self.clock()
+        for replica in self.replicas.of_alias(alias):  # out of routing now, stopped once its requests are done
+            retire(replica, now, "model deleted")
         self.metrics.forget(alias)
+        self.model_cache.forget(alias)
         log.info("deleted model %s", alias)
         self.routing.rebuild([alias])
         self._poke()
 
     def model_info(self, alias: str) -> ModelInfo:
         record = self.registry.require(alias)
-        return model_info(alias, record, self.replicas.of_alias(alias), self.routing.model_state(alias))
+        mine = self.replicas.of_alias(alias)
+        info = model_info(alias, record, mine, self.routing.model_state(alias))
+        info.cache = self.model_cache.info(alias)
+        starting = (ReplicaState.PENDING, ReplicaState.STARTING)
+        if info.phase is ModelPhase.STARTING and any(
+            r.state in starting and self.model_cache.fetching(alias, r.worker_id) for r in mine
+        ):
+            info.phase = ModelPhase.PREFETCHING  # its engine's files are still arriving in its worker's cache
+        return info
 
     def list_models(self) -> list[ModelInfo]:
         return [self.model_info(alias) for alias in self.registry.models]
@@ -195,17 +224,31 @@ class ManagerCore:
             len(reg.engines),
         )
         self.reports.apply(record)
+        self.model_cache.fold(reg.worker_id, reg.cache)  # after its engines: a serving model is not failed
+        self.model_cache.worker_joined(record)
         self._poke()
         return self.worker_link.reply(record)
 
     async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
         known = self.workers.get(hb.worker_id)
         was_healthy = known is not None and known.state is WorkerState.HEALTHY
-        record = self.workers.heartbeat(hb, self.clock())
+        now = self.clock()
+        record = self.workers.heartbeat(hb, now)
         if record is None:
             return HeartbeatReply(reregister=True)
-        # A worker back to healthy re-enters routing: rebuild the table even if no replica changed.
-        self.reports.apply(record, rebuild=not was_healthy)
+        if hb.leaving:  # shutting down (SIGTERM): its replicas drain there and are placed elsewhere
+            for replica in self.replicas.of_worker(hb.worker_id):
+                retire(replica, now, "its worker is shutting down")
+            self._poke()
+        # A worker back to healthy re-enters routing (one leaving leaves it): rebuild even if no replica changed.
+        self.reports.apply(record, rebuild=not was_healthy or hb.leaving)
+        self.model_cache.fold(hb.worker_id, hb.cache)
+        if hb.leaving and not self.replicas.of_worker(hb.worker_id):
+            # Every engine drained and stopped: the worker is gone, not dead (no record left behind, no alert).
+            self.workers.forget(hb.worker_id)
+            self.worker_link.forget(hb.worker_id)
+            log.info("worker %s left: its engines drained and stopped", hb.worker_id)
+            return HeartbeatReply()
         return self.worker_link.reply(record)
 
     def list_workers(self) -> list[WorkerInfo]:
@@ -258,7 +301,7 @@ class ManagerCore:
                 for r in self.replicas.of_alias(alias)
             )
             models.append(ModelRow(alias, model_state(alias).value, record.scale.target, replicas))
-        return FleetSnapshot(workers, models, dataclasses.replace(self.stats))
+        return FleetSnapshot(workers, models, dataclasses.replace(self.stats), list(self.model_cache.rows()))
 
     def sd_targets(self, kind: sd.SDKind = "engines") -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery: the running engines (or the workers) as scrape targets."""

@@ -2,7 +2,8 @@
 
 Owns replica targets (the autoscaler applied), placement and eviction, the capacity snapshot a pass places on
 (kept in step with every replica added or removed), failure collection and what a dead worker's replicas
-become. Every replica enters the desired state through `add_replica` and leaves through `remove_replica`.
+become. Every replica enters the desired state through `add_replica` and leaves through `remove_replica`: at once
+when it failed or its worker died, else once it has drained (scale-down, eviction: `draining.retire` first).
 Transport-free: the core pushes the outcome to workers (worker_link.py) and publishes routes after a pass.
 """
 
@@ -19,10 +20,12 @@ from ..config import ManagerSettings
 from ..metrics.manager import ManagerMetrics
 from ..schemas import ReplicaState, WorkerState
 from .autoscale import Demand, next_target
+from .draining import freeing, removal_order, retire, serving
 from .placement import EvictionCandidate, PlacementError, WorkerCapacity, place, plan_eviction
 from .registry import ModelRecord, ModelRegistry
 from .replicas import Replica, ReplicaIndex
 from .routing_publisher import RoutingPublisher
+from .sleep_level import choose_sleep_level
 from .worker_link import WorkerLink
 from .workers import WorkerRecord, WorkerRegistry
 
@@ -144,7 +147,7 @@ class Reconciler:
             if model is not None:
                 model.last_error = replica.error or "engine failed"
                 log.error("replica %s of %s failed: %s", replica.replica_id, replica.alias, model.last_error)
-                if not self._replicas.has_alias(replica.alias):
+                if not serving(self._replicas.of_alias(replica.alias)):
                     # Nothing serves it: FAILED for a while, then the next request tries again (no restart loop).
                     # A model that still has replicas keeps its target; the autoscaler places another.
                     model.failed_at = now
@@ -157,7 +160,7 @@ class Reconciler:
         model.scale.target = next_target(
             model.policy(), model.scale, load, wake, now, self._settings.scale_down_delay_s
         )
-        mine = self._replicas.of_alias(alias)
+        mine = serving(self._replicas.of_alias(alias))  # draining ones are on their way out: not counted
         awake = [r for r in mine if not r.asleep]
         asleep = sorted((r for r in mine if r.asleep), key=lambda r: -r.asleep_since)
         missing = model.scale.target - len(awake)
@@ -173,20 +176,22 @@ class Reconciler:
             if not self._place_replica(alias, model, now):
                 break
         if missing < 0:
-            # Keep ready replicas, drop the ones still starting first.
-            extras = sorted(awake, key=lambda r: (r.state is ReplicaState.READY, r.replica_id))[:-missing]
+            # Keep ready replicas, drop the ones still starting first, then the least busy: a replica removed drains
+            # (out of routing, its requests in flight finish), and the fewer it has, the sooner its memory is free.
+            extras = removal_order(awake, self._demand.replica_loads(now))[:-missing]
             for replica in extras:
                 worker = self._workers.get(replica.worker_id)
                 if replica.state is ReplicaState.READY and worker and worker.registration.sleep_supported:
+                    on_worker = self._replicas.of_worker(worker.worker_id)
+                    fraction = self._settings.sleep_host_memory_fraction
+                    replica.sleep_level = choose_sleep_level(replica, worker, on_worker, fraction)
                     replica.asleep, replica.asleep_since = True, now
-                    log.info("putting %s of %s to sleep", replica.replica_id, alias)
+                    log.info("putting %s of %s to sleep (level %d)", replica.replica_id, alias, replica.sleep_level)
                 else:
-                    self.remove_replica(replica.replica_id)
-                    log.info("stopping %s of %s", replica.replica_id, alias)
+                    retire(replica, now, "scale-down")
         for replica in asleep:
             if now - replica.asleep_since >= spec.idle_timeout_s:
-                self.remove_replica(replica.replica_id)
-                log.info("unloading sleeping %s of %s", replica.replica_id, alias)
+                retire(replica, now, "asleep longer than its idle timeout: unloading")
 
     # ------------------------------------------------------------------ replicas and capacity
 
@@ -256,9 +261,13 @@ class Reconciler:
                 return False
             placement, evict = plan
         for rid in evict:
-            victim = self.remove_replica(rid)
-            self._stats.evictions += 1
-            log.info("evicting idle %s of %s to make room for %s", rid, victim.alias, alias)
+            victim = self._replicas.get(rid)
+            if victim is not None and retire(victim, now, f"evicted to make room for {alias!r}"):
+                self._stats.evictions += 1
+                # An evicted model is idle (no load): it gets the replica back on demand, not at the next pass,
+                # where it would evict the model that just took its room, and so on every pass.
+                if (owner := self._models.get(victim.alias)) is not None:
+                    owner.scale.target = max(owner.spec.min_replicas, owner.scale.target - 1)
         replica = Replica(
             replica_id=f"{alias}-{uuid.uuid4().hex[:8]}",
             alias=alias,
@@ -284,12 +293,12 @@ class Reconciler:
 
     def _eviction_candidates(self, alias: str) -> list[EvictionCandidate]:
         loads = self._demand.loads(self._clock())
-        out = []
+        out = freeing(self._replicas.values())  # draining: their room is coming free anyway
         for other, model in self._models.items():
             # Most models have no replica: the index answers that before anything else is looked at.
             if not self._replicas.has_alias(other) or other == alias or loads.get(other, 0.0) > 0:
                 continue
-            mine = self._replicas.of_alias(other)
+            mine = serving(self._replicas.of_alias(other))
             # Sleeping replicas go first, then awake ones, never below min_replicas.
             mine.sort(key=lambda r: not r.asleep)
             for r in mine[: max(0, len(mine) - model.spec.min_replicas)]:

@@ -202,6 +202,7 @@ def model_info(alias: str, record: ModelRecord, replicas: list[Replica], state: 
                 gpus=r.gpus,
                 state=r.state,
                 asleep=r.asleep,
+                sleep_level=r.sleep_level if r.asleep else None,
                 error=r.error,
             )
             for r in replicas

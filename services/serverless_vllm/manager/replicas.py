@@ -25,6 +25,7 @@ class Replica:
     state: ReplicaState = ReplicaState.PENDING
     asleep: bool = False  # desired: put to vLLM sleep (warm tier) rather than stopped
     asleep_since: float = 0.0
+    sleep_level: int = 1  # asleep: vLLM's level, chosen as it is put to sleep (sleep_level.py) and kept until woken
     error: str | None = None
     cold_start_at: float | None = None  # placed as a cold start: its duration is observed at the first READY
     # When its current start began (placed, woken, started again): the log's phases say the time since then.
@@ -32,6 +33,9 @@ class Replica:
     # When it is expected ready (unix seconds), from its model's past starts or wakes: set as it is placed or woken,
     # published with its model's route, cleared once it is ready.
     ready_at: float | None = None
+    # Draining (manager/draining.py): out of routing and of its worker's assignments, finishing its requests in flight;
+    # its GPUs stay claimed until its worker reports the engine gone.
+    draining_since: float | None = None
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from ..metrics.manager import ManagerMetrics
 from ..schemas import ReplicaState
+from .draining import retire
 from .reconciler import Reconciler
 from .registry import ModelRegistry
 from .replicas import Replica, ReplicaIndex
@@ -39,8 +40,8 @@ class EngineReports:
     def adopt(self, record: WorkerRecord) -> None:
         """Take over engines a worker already runs (after a manager restart) when they still fit the registry."""
         for status in record.engines.values():
-            if status.replica_id in self._replicas or status.state is ReplicaState.FAILED:
-                continue
+            if status.replica_id in self._replicas or status.state in (ReplicaState.FAILED, ReplicaState.STOPPING):
+                continue  # a stopping engine is being drained: its worker stops it once its requests are done
             model = self._models.get(status.alias)
             if model is None or (status.model_name and status.model_name != model.spec.model_name):
                 continue
@@ -57,6 +58,7 @@ class EngineReports:
                     state=status.state,
                     asleep=status.state is ReplicaState.SLEEPING,
                     asleep_since=self._clock(),
+                    sleep_level=status.sleep_level or 1,
                 )
             )
             model.scale.target = max(
@@ -75,6 +77,17 @@ class EngineReports:
         now = self._clock()
         for replica in mine:
             report = record.engines.get(replica.replica_id)
+            if replica.draining_since is not None:
+                if report is None:  # drained and stopped: its memory is free
+                    self._reconciler.remove_replica(replica.replica_id)
+                    changed.add(replica.alias)
+                    log.info("%s: stopped, %.1f s after it began to drain", replica.label, now - replica.draining_since)
+                continue
+            if report is not None and report.state is ReplicaState.STOPPING:
+                # Its worker stops it on its own (the worker is shutting down): out of routing, placed elsewhere.
+                retire(replica, now, "its worker is stopping it")
+                changed.add(replica.alias)
+                continue
             if report is None:
                 # Not (or no longer) running there: the assignments make the worker start it.
                 if replica.state not in (ReplicaState.FAILED, ReplicaState.PENDING):

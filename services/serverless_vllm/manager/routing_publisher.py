@@ -10,14 +10,15 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 
-from ..schemas import Endpoint, ModelRoute, ModelState, ModelTask, ReplicaState, RoutingTable, WorkerState
+from ..schemas import Endpoint, ModelRoute, ModelState, ModelTask, ReplicaState, Routing, RoutingTable, WorkerState
+from .draining import serving
 from .registry import ModelRecord, ModelRegistry, expected_ready_at
 from .replicas import ACTIVE, Replica, ReplicaIndex
 from .workers import WorkerRegistry
 
-# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task, and
-# when a loading model is expected ready.
-RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None]
+# The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task, when a
+# loading model is expected ready, and how the routers pick among its endpoints.
+RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None, Routing]
 
 
 class RoutingPublisher:
@@ -104,10 +105,12 @@ class RoutingPublisher:
         self._notify()
 
     def _route_key(self, model: ModelRecord, mine: list[Replica], now: float) -> RouteKey:
+        mine = serving(mine)  # a draining replica is out of routing at once, and its model is as if it had none
         if not mine:  # most models, on every full rebuild: the same answer as below, sooner
             if self._failed_recently(model, now):
-                return ModelState.FAILED, (), model.last_error, int(model.created_at), model.engine().task, None
-            return ModelState.COLD, (), None, int(model.created_at), model.engine().task, None
+                failed = model.last_error
+                return ModelState.FAILED, (), failed, int(model.created_at), model.engine().task, None, _routing(model)
+            return ModelState.COLD, (), None, int(model.created_at), model.engine().task, None, _routing(model)
         endpoints = []
         for r in mine:
             if r.state is ReplicaState.READY and not r.asleep:
@@ -126,7 +129,7 @@ class RoutingPublisher:
             state, error = ModelState.FAILED, model.last_error
         else:
             state = ModelState.COLD
-        return state, tuple(endpoints), error, int(model.created_at), model.engine().task, ready_at
+        return state, tuple(endpoints), error, int(model.created_at), model.engine().task, ready_at, _routing(model)
 
     async def wait(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
         """Long-poll: return as soon as the table is newer than `after_version` (or from another epoch)."""
@@ -151,11 +154,16 @@ class RoutingPublisher:
             asyncio.get_running_loop().create_task(notify(self._changed))
 
 
+def _routing(model: ModelRecord) -> Routing:
+    return model.policy().routing
+
+
 def _route(key: RouteKey) -> ModelRoute:
-    state, endpoints, error, created, task, ready_at = key
+    state, endpoints, error, created, task, ready_at, routing = key
     return ModelRoute(
         state=state,
         task=task,
+        routing=routing,
         endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url) for rid, wid, url in endpoints],
         error=error,
         created=created,

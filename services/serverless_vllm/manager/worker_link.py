@@ -13,7 +13,7 @@ from collections.abc import Callable
 import httpx
 
 from ..config import AuthSettings, ManagerSettings
-from ..schemas import Assignment, HeartbeatReply, WorkerState
+from ..schemas import Assignment, HeartbeatReply, PrefetchOrder, WorkerState
 from .registry import ModelRegistry
 from .replicas import ReplicaIndex
 from .workers import WorkerRecord, WorkerRegistry
@@ -24,12 +24,15 @@ log = logging.getLogger(__name__)
 WorkerClient = httpx.AsyncClient
 
 # What can differ between two versions of a worker's assignments: (replica id, asleep) of each replica, in
-# list order. A replica's alias, GPUs, model and engine are fixed for its id (PATCH changes policy only), so
+# list order (a replica's sleep level is chosen as it is put to sleep and kept until it is woken: `asleep` changes
+# with it). A replica's alias, GPUs, model and engine are fixed for its id (PATCH changes policy only), so
 # equal keys mean equal assignment lists; comparing keys replaces building and hashing every worker's
 # serialized assignments on each pass. What a worker accepted is remembered as the set (PushedKey): the
 # order of a list does not matter to the worker, so a reordering alone is not pushed again.
 AssignmentKey = tuple[tuple[str, bool], ...]
 PushedKey = frozenset[tuple[str, bool]]
+# The hub models a worker should have in its cache, as (model name, revision) (manager/model_cache.py).
+PrefetchKey = tuple[tuple[str, str | None], ...]
 
 # Seconds one probe of a worker's /health may take (a slow answer is not a refusal: heartbeats decide).
 PROBE_TIMEOUT_S = 2.0
@@ -46,19 +49,23 @@ class WorkerLink:
         on_refused: Callable[[WorkerRecord], None],
         client: WorkerClient | None = None,
         worker_headers: dict[str, str] | None = None,
+        prefetch: Callable[[str], PrefetchKey] = lambda worker_id: (),
     ) -> None:
-        """`on_refused`: called with a worker that refused every probe's connection (declared dead)."""
+        """`on_refused`: called with a worker that refused every probe's connection (declared dead). `prefetch`:
+        the models a worker should have in its cache (its heartbeat replies carry them)."""
         self._settings = settings
         self._models = registry.models
         self._replicas = replicas
         self._workers = workers
         self._on_refused = on_refused
+        self._prefetch = prefetch
         self._client = client
         # Calls to workers carry the worker token; adapters that pass none (the Ray actor) take it from the env.
         self._worker_headers = AuthSettings.from_env().worker_headers() if worker_headers is None else worker_headers
         self._pushed: dict[str, PushedKey] = {}  # worker id -> the assignments it last accepted
-        # worker id -> (key, reply): a heartbeat reply is rebuilt only when that worker's assignments change.
-        self._replies: dict[str, tuple[AssignmentKey, HeartbeatReply]] = {}
+        # worker id -> (keys, reply): a heartbeat reply is rebuilt only when that worker's assignments (or prefetch
+        # orders) change.
+        self._replies: dict[str, tuple[tuple[AssignmentKey, PrefetchKey], HeartbeatReply]] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}  # worker id -> its probe under way (one at a time)
 
     def start(self) -> None:
@@ -80,7 +87,7 @@ class WorkerLink:
         out = []
         for r in self._replicas.of_worker(worker_id):
             model = self._models.get(r.alias)
-            if model is not None:
+            if model is not None and r.draining_since is None:  # one not assigned any more is drained by its worker
                 out.append(
                     Assignment(
                         replica_id=r.replica_id,
@@ -89,20 +96,27 @@ class WorkerLink:
                         engine=model.engine(),
                         gpus=r.gpus,
                         asleep=r.asleep,
+                        sleep_level=r.sleep_level,
                     )
                 )
         return out
 
     def assignment_key(self, worker_id: str) -> AssignmentKey:
         """What identifies the worker's assignments (see AssignmentKey), in O(its replicas)."""
-        return tuple((r.replica_id, r.asleep) for r in self._replicas.of_worker(worker_id) if r.alias in self._models)
+        return tuple(
+            (r.replica_id, r.asleep)
+            for r in self._replicas.of_worker(worker_id)
+            if r.alias in self._models and r.draining_since is None
+        )
 
     def reply(self, record: WorkerRecord) -> HeartbeatReply:
         """The worker's assignments; the reply object is reused until they change (callers must not mutate it)."""
         key = self.assignment_key(record.worker_id)
+        orders = self._prefetch(record.worker_id)
         cached = self._replies.get(record.worker_id)
-        if cached is None or cached[0] != key:
-            cached = (key, HeartbeatReply(assignments=self.assignments(record.worker_id)))
+        if cached is None or cached[0] != (key, orders):
+            prefetch = [PrefetchOrder(model_name=model, revision=revision) for model, revision in orders]
+            cached = ((key, orders), HeartbeatReply(assignments=self.assignments(record.worker_id), prefetch=prefetch))
             self._replies[record.worker_id] = cached
         self._pushed[record.worker_id] = frozenset(key)
         return cached[1]

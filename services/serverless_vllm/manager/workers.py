@@ -1,10 +1,10 @@
-"""Worker registry and the heartbeat state machine: healthy -> unhealthy -> dead -> forgotten."""
+"""Worker registry and the heartbeat state machine: healthy -> unhealthy -> dead -> forgotten (draining -> gone)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..schemas import EngineStatus, GPUInfo, Heartbeat, WorkerInfo, WorkerRegistration, WorkerState
+from ..schemas import EngineStatus, GPUInfo, Heartbeat, HostMemory, WorkerInfo, WorkerRegistration, WorkerState
 
 
 @dataclass
@@ -16,6 +16,7 @@ class WorkerRecord:
     engines: dict[str, EngineStatus] = field(default_factory=dict)
     beats: int = 0  # heartbeats received since registration: a probe under way sees the worker is alive
     dead_since: float | None = None  # when it was declared dead (it is forgotten a retention period later)
+    host_memory: HostMemory | None = None  # as its last registration or heartbeat measured it
 
     @property
     def worker_id(self) -> str:
@@ -36,6 +37,7 @@ class WorkerRecord:
             sleep_supported=reg.sleep_supported,
             heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
             engines=list(self.engines.values()),
+            host_memory=self.host_memory,
         )
 
 
@@ -43,9 +45,10 @@ class WorkerRegistry:
     """Tracks workers by heartbeat age.
 
     No heartbeat for `timeout` seconds: unhealthy (no new requests or placements). For twice that: dead
-    (its replicas are placed elsewhere). A dead worker stays listed for a retention period, then is forgotten
-    (`expire_dead`). A heartbeat from a dead or unknown worker is refused so that the worker registers again and
-    reports what it actually runs.
+    (its replicas are placed elsewhere). A worker whose heartbeat says it is leaving (its own shutdown) is draining:
+    no new requests or placements, forgotten once it runs nothing (manager/draining.py). A dead worker stays listed
+    for a retention period, then is forgotten (`expire_dead`). A heartbeat from a dead or unknown worker is refused
+    so that the worker registers again and reports what it actually runs.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -54,7 +57,11 @@ class WorkerRegistry:
 
     def register(self, reg: WorkerRegistration, now: float) -> WorkerRecord:
         record = WorkerRecord(
-            registration=reg, last_heartbeat=now, gpus=list(reg.gpus), engines={e.replica_id: e for e in reg.engines}
+            registration=reg,
+            last_heartbeat=now,
+            gpus=list(reg.gpus),
+            engines={e.replica_id: e for e in reg.engines},
+            host_memory=reg.host_memory,
         )
         self._workers[reg.worker_id] = record
         return record
@@ -66,9 +73,10 @@ class WorkerRegistry:
             return None
         record.last_heartbeat = now
         record.beats += 1
-        record.state = WorkerState.HEALTHY
+        record.state = WorkerState.DRAINING if hb.leaving else WorkerState.HEALTHY
         record.gpus = list(hb.gpus)
         record.engines = {e.replica_id: e for e in hb.engines}
+        record.host_memory = hb.host_memory
         return record
 
     def sweep(self, now: float) -> list[tuple[WorkerRecord, WorkerState]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from fastapi import FastAPI
@@ -40,6 +40,9 @@ class FleetSnapshot:
     workers: list[tuple[str, str, float]]  # worker id, state, seconds since its last heartbeat
     models: list[ModelRow]
     stats: ManagerStats
+    # A hub model's files on a worker asked to prefetch them (manager/model_cache.py): alias, worker id, state,
+    # bytes, total.
+    cache: list[tuple[str, str, str, int, int | None]] = field(default_factory=list)
 
 
 class FleetView(Protocol):
@@ -89,13 +92,32 @@ def _fleet_text(fleet: FleetSnapshot) -> str:
         for replica_state, n in counts.items():
             replicas.add((m.alias, replica_state), n)
 
+    cache_state = TextFamily(
+        "svllm_model_cache_state",
+        "gauge",
+        "A hub model's files on a worker asked to prefetch them: queued, fetching, cached, failed (1 = current).",
+        ["model", "worker", "state"],
+    )
+    cache_bytes = TextFamily(
+        "svllm_model_cache_bytes", "gauge", "Bytes of a model's files in a worker's cache so far.", ["model", "worker"]
+    )
+    cache_total = TextFamily(
+        "svllm_model_cache_total_bytes", "gauge", "Bytes of a model's files a worker prefetches.", ["model", "worker"]
+    )
+    for alias, worker, cached, done, total in fleet.cache:
+        cache_state.add((alias, worker, cached), 1.0)
+        cache_bytes.add((alias, worker), done)
+        if total is not None:
+            cache_total.add((alias, worker), total)
+
     stats = fleet.stats
     counters = [TextFamily(f"{name}_total", "counter", doc) for name, doc in _STATS]
     for family, value in zip(
         counters, (stats.placements_failed, stats.evictions, stats.failovers, stats.engine_failures), strict=True
     ):
         family.add((), value)
-    return "".join(f.text() for f in (worker_state, age, state, desired, replicas, info, *counters))
+    families = (worker_state, age, state, desired, replicas, info, cache_state, cache_bytes, cache_total, *counters)
+    return "".join(f.text() for f in families)
 
 
 _WORKER_STATES = [s.value for s in WorkerState]

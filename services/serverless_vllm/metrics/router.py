@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,13 +51,30 @@ class _LoadCollector(Collector):
             "Requests waiting for a ready replica (cold start, wake), per model (this router).",
             labels=["model"],
         )
+        # Prefix routing as this router sees it, for the models registered with `routing: prefix` (zeros from the
+        # first scrape): hit_blocks / blocks is its hit ratio, beside the engines' own vllm:prefix_cache_hits.
+        blocks = CounterMetricFamily(
+            "svllm_router_prefix_blocks",
+            "Prompt blocks (128 characters) of the requests routed by prefix, per model (this router).",
+            labels=["model"],
+        )
+        hit_blocks = CounterMetricFamily(
+            "svllm_router_prefix_hit_blocks",
+            "Of those, the leading blocks the chosen replica had been sent before (within PREFIX_ROUTING_TTL).",
+            labels=["model"],
+        )
         table = self._table()
         if table is not None:
             for alias in sorted(table.aliases()):
                 in_flight.add_metric([alias], table.in_flight(alias))
                 queued.add_metric([alias], table.queue_depth(alias))
+            for alias, stats in sorted(table.prefix_stats().items()):
+                blocks.add_metric([alias], stats.blocks)
+                hit_blocks.add_metric([alias], stats.hit_blocks)
         yield in_flight
         yield queued
+        yield blocks
+        yield hit_blocks
 
 
 class RouterMetrics:

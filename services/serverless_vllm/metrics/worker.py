@@ -95,6 +95,19 @@ class WorkerMetrics:
             buckets=STARTUP_BUCKETS,
             registry=r,
         )
+        self._prefetches = Counter(
+            "svllm_worker_prefetches",
+            "Hub models downloaded into this worker's cache before an engine needed them, by result (cached, failed).",
+            ["model", "result"],
+            registry=r,
+        )
+        self._prefetch_seconds = Histogram(
+            "svllm_worker_prefetch_duration_seconds",
+            "How long a model's prefetch took (listing, download), whatever its result.",
+            ["model"],
+            buckets=STARTUP_BUCKETS,
+            registry=r,
+        )
         self._seen: dict[str, _Seen] = {}
 
     def engine_started(self, engine: EngineView) -> None:
@@ -104,6 +117,11 @@ class WorkerMetrics:
             metric.labels(alias)
         self._starts.labels(alias).inc()
         self._seen[engine.replica_id] = _Seen(alias, engine.state, engine.restarts, time.monotonic())
+
+    def prefetch_done(self, model: str, result: str, seconds: float) -> None:
+        """A prefetch (worker/prefetch.py) ended: `result` is cached or failed."""
+        self._prefetches.labels(model, result).inc()
+        self._prefetch_seconds.labels(model).observe(seconds)
 
     def engines_changed(self, engines: Iterable[EngineView]) -> None:
         now = time.monotonic()

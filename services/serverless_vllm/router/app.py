@@ -24,6 +24,8 @@ from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metr
 from ..security.auth import install_guard, router_policy
 from .fleet_api import fleet_router
 from .models_api import models_router
+from .policy import RequestKey
+from .prefix import PrefixAffinity
 from .proxy import Forwarder
 from .responses import ResponseMap, ResponsesRouter
 from .state import RouterState
@@ -54,7 +56,8 @@ def create_router_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         manager = manager_factory()
-        table = RouteTable()
+        prefix = PrefixAffinity(settings.prefix_blocks, settings.prefix_ttl_s, settings.prefix_spill)
+        table = RouteTable(prefix=prefix)
         sync = ManagerSync(manager, table, settings.router_id, settings.report_interval_s)
         client = UpstreamClient(read_timeout_s=settings.request_timeout_s)
         forwarder = Forwarder(
@@ -83,13 +86,17 @@ def create_router_app(
     async def _inference(request: Request, endpoint: InferenceEndpoint) -> Response:
         inference = await read_inference(request, endpoint, settings.max_body_bytes, settings.allow_unknown_fields)
         request.scope[MODEL_SCOPE_KEY] = inference.alias  # the metrics middleware labels the request with it
-        user = inference.payload.get("user")
-        affinity = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
+        payload = inference.payload
+        user = payload.get("user")
+        session = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
+        # What the model's routing policy may read: the session key, and the parsed body (the prefix policy hashes
+        # the prompt from it, for models routed by prefix only).
+        key = RequestKey(session, payload, endpoint.family)
         if endpoint.family == "responses":
-            return await until_disconnect(request, state.get().responses.create(inference, affinity))
+            return await until_disconnect(request, state.get().responses.create(inference, key))
         # A client that leaves before the first byte (held in a cold start, or waiting for a whole answer) cancels
         # the forward: its queue slot is freed and the upstream connection closed, so vLLM aborts the request.
-        return await until_disconnect(request, state.get().forwarder.forward(inference, affinity))
+        return await until_disconnect(request, state.get().forwarder.forward(inference, key))
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
         following = state.get().responses.follow(response_id, action, request.url.query)

@@ -31,6 +31,7 @@ from ..dataplane.endpoints import ErrorShape
 from ..dataplane.relay import RelayResponse
 from ..errors import APIError
 from ..schemas import Endpoint
+from .policy import RequestKey
 
 if TYPE_CHECKING:
     from .proxy import Forwarder
@@ -50,7 +51,7 @@ def replicas_failed(alias: str) -> APIError:
 async def hold_streaming(
     forwarder: Forwarder,
     request: InferenceRequest,
-    affinity: str | None,
+    affinity: RequestKey | None,
     served_by: Callable[[Endpoint], None] | None,
     tried: set[str],
     retries: int,
@@ -77,7 +78,7 @@ class HeldStream(StreamingResponse):
         self,
         forwarder: Forwarder,
         request: InferenceRequest,
-        affinity: str | None,
+        affinity: RequestKey | None,
         served_by: Callable[[Endpoint], None] | None,
         tried: set[str],
         retries: int,

@@ -1,12 +1,13 @@
 """How the router chooses one of a model's ready replicas: the policy behind RouteTable.pick.
 
 The table keeps what every policy needs (the ready replicas of each alias, the requests this router has in flight
-per replica) and hands a policy the replicas it may use; the policy only chooses. A new way of routing (prefix
-or adapter aware, say) is a new RoutingPolicy given to RouteTable(policy=...), with no change to the table: the
-seam of production-stack's RoutingInterface and Ray Serve's RequestRouter.
+per replica) and hands a policy the replicas it may use; the policy only chooses. Each model names its policy at
+registration (`routing`, carried by its route): `session` (the default), `least_loaded` or `prefix`
+(router/prefix.py). A new way of routing is a new RoutingPolicy, with no change to the table: the seam of
+production-stack's RoutingInterface and Ray Serve's RequestRouter.
 
-The default is today's: the fewer requests in flight of two replicas drawn at random (power of two choices),
-and, for a request with a session key, the replica that key hashes to (rendezvous hashing).
+What a policy may know of a request is its `RequestKey`: the session key, and the parsed body, which only a policy
+that needs it reads (the prefix policy hashes the prompt; no other model's request pays for that).
 
 `pick` runs once per request (twice on a retry): a policy should allocate as little as it can.
 """
@@ -16,23 +17,42 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..schemas import Endpoint
 
-__all__ = ["LeastLoaded", "RoutingPolicy", "SessionAffinity", "default_policy"]
+__all__ = ["NO_KEY", "LeastLoaded", "RequestKey", "RoutingPolicy", "SessionAffinity", "default_policy"]
+
+
+class RequestKey:
+    """One request as a routing policy sees it.
+
+    `session`: the session key (x-session-id, else the body's `user`), or None. `payload`: the parsed JSON body
+    (read only; parsed once by dataplane/body.py), `family`: its endpoint family (`chat`, `completion`, ...).
+    `prefix`: the prefix policy's block hashes of the prompt, computed at the first pick and kept for a retry."""
+
+    __slots__ = ("family", "payload", "prefix", "session")
+
+    def __init__(self, session: str | None = None, payload: Mapping[str, Any] | None = None, family: str = "") -> None:
+        self.session = session
+        self.payload = payload
+        self.family = family
+        self.prefix: list[int] | None = None
+
+
+NO_KEY = RequestKey()  # a request that says nothing about itself: no session key, no prompt
+NO_KEY.prefix = []  # no blocks, so no policy writes to it
 
 
 class RoutingPolicy(Protocol):
     def pick(
-        self, alias: str, candidates: Sequence[Endpoint], in_flight: Mapping[str, int], affinity: str | None
+        self, alias: str, candidates: Sequence[Endpoint], in_flight: Mapping[str, int], key: RequestKey
     ) -> Endpoint:
         """One of `candidates` for a request to `alias`.
 
         `candidates`: never empty; the alias's ready replicas less those this request already tried. Read only
         (it may be the routing table's own list). `in_flight`: requests this router has in flight, by replica id;
-        it has an entry for every candidate (0 when none). Read only. `affinity`: the request's session key
-        (x-session-id, else the body's `user`), or None."""
+        it has an entry for every candidate (0 when none). Read only. `key`: what the request says about itself."""
         ...
 
 
@@ -48,7 +68,7 @@ class LeastLoaded:
         self._rng = rng or random.Random()
 
     def pick(
-        self, alias: str, candidates: Sequence[Endpoint], in_flight: Mapping[str, int], affinity: str | None
+        self, alias: str, candidates: Sequence[Endpoint], in_flight: Mapping[str, int], key: RequestKey
     ) -> Endpoint:
         if len(candidates) > 2:
             candidates = self._rng.sample(candidates, 2)
@@ -71,13 +91,15 @@ class SessionAffinity:
         self.fallback = fallback
 
     def pick(
-        self, alias: str, candidates: Sequence[Endpoint], in_flight: Mapping[str, int], affinity: str | None
+        self, alias: str, candidates: Sequence[Endpoint], in_flight: Mapping[str, int], key: RequestKey
     ) -> Endpoint:
-        if affinity is None:
-            return self.fallback.pick(alias, candidates, in_flight, None)
-        return max(candidates, key=lambda e: _rendezvous_score(affinity, e.replica_id))
+        session = key.session
+        if session is None:
+            return self.fallback.pick(alias, candidates, in_flight, key)
+        return max(candidates, key=lambda e: _rendezvous_score(session, e.replica_id))
 
 
 def default_policy(rng: random.Random | None = None) -> RoutingPolicy:
-    """Session affinity when a request has a key, else least loaded of two."""
+    """Routing `session`, every model's before `routing` existed: session affinity when a request has a key, else
+    least loaded of two."""
     return SessionAffinity(LeastLoaded(rng))

@@ -25,6 +25,7 @@ from ..manager.protocol import ManagerAPI
 from ..schemas import Endpoint, ModelState
 from .hold_stream import hold_streaming, keeps_alive, replicas_failed
 from .negative_cache import NegativeCache
+from .policy import RequestKey
 from .sync import ManagerSync
 from .table import RouteTable
 
@@ -65,7 +66,7 @@ class Forwarder:
     async def forward(
         self,
         request: InferenceRequest,
-        affinity: str | None = None,
+        affinity: RequestKey | None = None,
         served_by: Callable[[Endpoint], None] | None = None,
     ) -> Response:
         """Forward to a ready replica (held through a cold start), retry once on another one if the first failed
@@ -156,7 +157,7 @@ class Forwarder:
             return None
 
     async def hold(
-        self, alias: str, tried: set[str], affinity: str | None, request_endpoint: InferenceEndpoint
+        self, alias: str, tried: set[str], affinity: RequestKey | None, request_endpoint: InferenceEndpoint
     ) -> Endpoint:
         """No ready replica: wait (bounded queue, cold-start timeout) while the manager brings one up."""
         if self._table.route(alias) is None:

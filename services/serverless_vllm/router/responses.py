@@ -26,6 +26,7 @@ from ..dataplane.body import InferenceRequest
 from ..dataplane.relay import RelayResponse
 from ..errors import APIError
 from ..schemas import Endpoint, ModelTask
+from .policy import RequestKey
 from .proxy import Forwarder
 from .table import RouteTable
 
@@ -88,7 +89,7 @@ class ResponsesRouter:
         self._ids = ids
         self._probe_limit = probe_replicas
 
-    async def create(self, request: InferenceRequest, affinity: str | None) -> Response:
+    async def create(self, request: InferenceRequest, affinity: RequestKey | None) -> Response:
         """POST /v1/responses: to the holder of `previous_response_id` if any, else like any request."""
         previous = request.payload.get("previous_response_id")
         if isinstance(previous, str):

@@ -1,7 +1,8 @@
 """The router's local routing table: every registered alias, its ready replicas, and requests in flight.
 
 Ready models are served from here alone; the manager is only asked when the table has no answer. Which of a
-model's replicas serves a request is the RoutingPolicy's choice (policy.py).
+model's replicas serves a request is the choice of the RoutingPolicy its route names (`routing`: policy.py,
+prefix.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..schemas import DemandReport, Endpoint, ModelLoad, ModelRoute, RoutingTable
-from .policy import RoutingPolicy, default_policy
+from ..schemas import DemandReport, Endpoint, ModelLoad, ModelRoute, Routing, RoutingTable
+from .policy import NO_KEY, LeastLoaded, RequestKey, RoutingPolicy, SessionAffinity
+from .prefix import PrefixAffinity, PrefixStats
 
 
 @dataclass
@@ -24,17 +26,31 @@ class ModelCounters:
 
 
 class RouteTable:
-    def __init__(self, rng: random.Random | None = None, policy: RoutingPolicy | None = None) -> None:
-        """`policy`: chooses among a model's ready replicas (default: policy.default_policy). `rng`: the default
-        policy's random source (tests seed it); with a `policy` of one's own, give it its own."""
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        policy: RoutingPolicy | None = None,
+        prefix: PrefixAffinity | None = None,
+    ) -> None:
+        """Each model's route names its policy (`routing`); `policy`: one policy for every model instead (tests,
+        experiments). `rng`: the policies' random source (tests seed it); with a `policy` of one's own, give it its
+        own. `prefix`: the `prefix` policy (RouterSettings' bounds; default: PrefixAffinity's)."""
         if policy is not None and rng is not None:
-            raise ValueError("rng is the default policy's: pass it to the policy given instead")
+            raise ValueError("rng is the default policies': pass it to the policy given instead")
         self._table: RoutingTable | None = None
         # replica id -> requests in flight; a replica never counted reads 0 (what RoutingPolicy.pick is promised)
         self._in_flight: dict[str, int] = defaultdict(int)
         self._models: dict[str, ModelCounters] = defaultdict(ModelCounters)
         self._changed = asyncio.Event()
-        self._policy = policy if policy is not None else default_policy(rng)
+        least = LeastLoaded(rng)
+        self.prefix = prefix if prefix is not None else PrefixAffinity(rng=rng)
+        self._policies: dict[Routing, RoutingPolicy] = {
+            Routing.SESSION: SessionAffinity(least),
+            Routing.LEAST_LOADED: least,
+            Routing.PREFIX: self.prefix,
+        }
+        if policy is not None:
+            self._policies = dict.fromkeys(Routing, policy)
 
     # ------------------------------------------------------------------ table
 
@@ -55,6 +71,9 @@ class RouteTable:
         live = {e.replica_id for route in table.models.values() for e in route.endpoints}
         for rid in [r for r, n in self._in_flight.items() if n == 0 and r not in live]:
             del self._in_flight[rid]
+        if self.prefix.stats:  # models no longer routed by prefix (or gone) leave the metrics
+            models = table.models
+            self.prefix.retain(lambda a: (route := models.get(a)) is not None and route.routing is Routing.PREFIX)
         # Wake every waiter; they resume in the order they started waiting (arrival order).
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -79,9 +98,9 @@ class RouteTable:
 
     # ------------------------------------------------------------------ choosing a replica
 
-    def pick(self, alias: str, exclude: frozenset[str] = frozenset(), affinity: str | None = None) -> Endpoint | None:
-        """A ready replica of `alias` not in `exclude` (replica ids), chosen by the policy; None when there is none.
-        `affinity`: the request's session key (the default policy keeps a key on one replica while it exists)."""
+    def pick(self, alias: str, exclude: frozenset[str] = frozenset(), key: RequestKey | None = None) -> Endpoint | None:
+        """A ready replica of `alias` not in `exclude` (replica ids), chosen by the policy its route names; None
+        when there is none. `key`: what the request says about itself (session key, body), for the policy."""
         route = self._table.models.get(alias) if self._table is not None else None
         if route is None:
             return None
@@ -90,7 +109,18 @@ class RouteTable:
             candidates = [e for e in candidates if e.replica_id not in exclude]
         if not candidates:
             return None
-        return self._policy.pick(alias, candidates, self._in_flight, affinity)
+        return self._policies[route.routing].pick(alias, candidates, self._in_flight, key or NO_KEY)
+
+    def prefix_stats(self) -> dict[str, PrefixStats]:
+        """Models routed by prefix, with what their routing saw (zeros before a first request): for the metrics."""
+        if self._table is None:
+            return {}
+        seen = self.prefix.stats
+        return {
+            alias: seen.get(alias) or PrefixStats()
+            for alias, route in self._table.models.items()
+            if route.routing is Routing.PREFIX
+        }
 
     # ------------------------------------------------------------------ counters
 
@@ -121,8 +151,17 @@ class RouteTable:
         models, wake = {}, []
         for alias, c in self._models.items():
             if c.in_flight or c.queued or c.requests:
-                models[alias] = ModelLoad(in_flight=c.in_flight, queued=c.queued, requests=c.requests)
+                busy = self._busy_replicas(alias) if c.in_flight else {}
+                models[alias] = ModelLoad(in_flight=c.in_flight, queued=c.queued, requests=c.requests, replicas=busy)
             if c.queued:
                 wake.append(alias)
             c.requests = 0
         return DemandReport(router_id=router_id, models=models, wake=wake)
+
+    def _busy_replicas(self, alias: str) -> dict[str, int]:
+        """The model's routed replicas with requests in flight here, and how many: the manager removes the least busy
+        first (manager/draining.py)."""
+        route = self.route(alias)
+        if route is None:
+            return {}
+        return {e.replica_id: n for e in route.endpoints if (n := self._in_flight.get(e.replica_id, 0))}

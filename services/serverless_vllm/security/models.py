@@ -38,6 +38,8 @@ DENIED_ENGINE_FLAGS = frozenset(
         "--runner",  # these three: the registration's `task` (worker/engine.py: TASK_ARGS)
         "--convert",
         "--task",
+        "--load-format",  # the registration's `load_format` (one of schemas.LoadFormat: the others read other files)
+        "--revision",  # the registration's `revision` (what the workers prefetch is what the engine loads)
         # code loaded from a name or a path
         "--trust-remote-code",
         "--middleware",
@@ -136,3 +138,8 @@ def check_engine_args(args: Iterable[str]) -> None:
 def check_registration(spec: ModelSpec, model_dirs: Iterable[str]) -> None:
     check_model_name(spec.model_name, model_dirs)
     check_engine_args(spec.extra_args)
+    if spec.revision is not None:
+        if spec.model_name.startswith("/"):
+            raise _refuse("revision applies to Hugging Face models, not to a local path", "revision_not_allowed")
+        if ".." in spec.revision:  # it names a file under the cache's refs/
+            raise _refuse("revision must not contain '..'", "revision_not_allowed")

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import httpx
@@ -17,8 +18,11 @@ from ..config import WorkerSettings
 from ..manager.http_client import HTTPManagerClient
 from ..metrics.worker import WorkerMetrics
 from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatReply, ReplicaState, WorkerRegistration
+from .drain import Drainer, InFlight
 from .engine import ENGINE_MODULE, EngineProcess, engine_environment
 from .gpus import GPUProbe, cpu_slots
+from .host_memory import WeightSizes, host_memory, weights_bytes
+from .prefetch import Prefetcher
 from .standby import StandbyPool
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,15 @@ class WorkerAgent:
         self.registered = False
         self.standbys: StandbyPool | None = None  # made at start(), once the GPUs are known
         self._starting: dict[str, tuple[float, float]] = {}  # replica -> (seen starting since, last progress line)
+        self._weights = WeightSizes()  # each engine's weights on disk: the manager chooses sleep levels with them
+        # The hub models the manager wants in this worker's cache before an engine needs them (prefetch.py).
+        self.prefetcher = Prefetcher(on_change=self._nudge.set, on_done=self.metrics.prefetch_done)
+        # Requests in flight per engine, counted by the relay (app.py): an engine leaving drains them (drain.py).
+        self.inflight = InFlight()
+        self.draining = Drainer(self.inflight, settings.drain_timeout_s, on_gone=self.nudge)
+        self.leaving = False  # shutting down (leave()): every engine drains, none starts
+        self._assigned: dict[str, Assignment] = {}  # the manager's latest assignments, by replica id
+        self._no_room: set[str] = set()  # assigned, waiting for engines draining on their GPUs to exit
 
     @property
     def has_gpu(self) -> bool:
@@ -79,10 +92,12 @@ class WorkerAgent:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
+        await self.draining.close()
         await asyncio.gather(*(e.stop() for e in self.engines.values()), return_exceptions=True)
         self.engines.clear()
         if self.standbys is not None:
             await self.standbys.stop()
+        await self.prefetcher.close()
         await self._manager.close()
 
     def nudge(self) -> None:
@@ -96,12 +111,15 @@ class WorkerAgent:
 
     def statuses(self) -> list[EngineStatus]:
         out = []
+        self._weights.keep(self.engines)
         for engine in self.engines.values():
             status = engine.status()
             status.gpus = engine.assignment.gpus
             status.model_name = engine.assignment.model_name
+            if self.has_gpu:  # only sleep needs it, and only GPU workers sleep
+                status.weights_bytes = self._weights.of(engine.replica_id, engine.state, _measure(engine))
             out.append(status)
-        return out
+        return out + self.draining.statuses()
 
     def registration(self) -> WorkerRegistration:
         return WorkerRegistration(
@@ -112,6 +130,8 @@ class WorkerAgent:
             sleep_supported=self.has_gpu,
             engines=self.statuses(),
             version=__version__,
+            host_memory=host_memory(),
+            cache=self.prefetcher.statuses(),
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -124,7 +144,12 @@ class WorkerAgent:
                     log.info("registered with the manager at %s", self.settings.manager_url)
                 else:
                     beat = Heartbeat(
-                        worker_id=self.settings.worker_id, gpus=self._probe.sample(), engines=self.statuses()
+                        worker_id=self.settings.worker_id,
+                        gpus=self._probe.sample(),
+                        engines=self.statuses(),
+                        host_memory=host_memory(),
+                        cache=self.prefetcher.statuses(),
+                        leaving=self.leaving,
                     )
                     reply = await self._manager.heartbeat(beat)
                 await self._handle(reply)
@@ -142,11 +167,14 @@ class WorkerAgent:
 
     async def _handle(self, reply: HeartbeatReply) -> None:
         if reply.reregister:
+            if self.leaving:
+                return  # shutting down: nothing to take on again
             log.info("manager does not know this worker (it restarted?): registering again")
             self.registered = False
             self.nudge()
             return
         await self.apply(reply.assignments)
+        self.prefetcher.update(reply.prefetch)
 
     def note_progress(self, now: float) -> None:
         """A line every PROGRESS_NOTE_S for each engine still starting, with the last line of its own log: a start
@@ -170,16 +198,19 @@ class WorkerAgent:
     # ------------------------------------------------------------------ desired state
 
     async def apply(self, assignments: list[Assignment]) -> list[EngineStatus]:
-        """Start what is assigned and missing, stop what runs and is not assigned, sleep or wake as asked."""
+        """Start what is assigned and missing, drain then stop what runs and is not assigned (drain.py), sleep or
+        wake as asked."""
         async with self._apply_lock:
             wanted = {a.replica_id: a for a in assignments}
+            self._assigned = wanted
+            self._no_room &= wanted.keys()
             for rid in [rid for rid in self.engines if rid not in wanted]:
-                engine = self.engines.pop(rid)
-                log.info("stopping engine %s (%s)", rid, engine.alias)
-                self._spawn(engine.stop())
+                self.draining.drain(self.engines.pop(rid))  # out of service now, stopped once idle
             for rid, assignment in wanted.items():
                 running = self.engines.get(rid)
                 if running is None:
+                    if self.leaving or rid in self.draining.engines or not self._room(assignment):
+                        continue
                     engine = EngineProcess(
                         assignment,
                         self.settings,
@@ -199,10 +230,46 @@ class WorkerAgent:
                     )
                     await engine.start()
                 elif assignment.asleep and running.state is ReplicaState.READY:
-                    self._spawn(running.sleep(1))
+                    # Out of routing since the manager chose to: asleep once its requests in flight are done.
+                    self.draining.sleep_when_idle(running, assignment.sleep_level, partial(self._asleep, rid))
                 elif not assignment.asleep and running.state is ReplicaState.SLEEPING:
                     self._spawn(running.wake())
             return self.statuses()
+
+    def _room(self, assignment: Assignment) -> bool:
+        """Whether its GPUs have room now: not while engines draining there hold the memory it needs."""
+        rid = assignment.replica_id
+        if self.draining.room_for(assignment, self.engines.values()):
+            self._no_room.discard(rid)
+            return True
+        if rid not in self._no_room:
+            self._no_room.add(rid)
+            gpus = ",".join(map(str, assignment.gpus))
+            log.info("engine %s (%s) waits for the engines draining on GPU(s) %s to exit", rid, assignment.alias, gpus)
+        return False
+
+    def _asleep(self, replica_id: str) -> bool:
+        """Whether the manager still wants this replica asleep."""
+        assignment = self._assigned.get(replica_id)
+        return assignment is not None and assignment.asleep
+
+    async def leave(self) -> None:
+        """The worker's own shutdown (SIGTERM): tell the manager (its replicas leave routing and are placed elsewhere),
+        let the requests in flight finish (at most DRAIN_TIMEOUT), stop every engine, say so, and stop beating."""
+        self.leaving = True
+        for rid in list(self.engines):
+            self.draining.drain(self.engines.pop(rid))
+        self.nudge()  # a heartbeat now: the manager takes this worker out of routing and placement
+        await self.draining.wait()
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        beat = Heartbeat(worker_id=self.settings.worker_id, engines=[], leaving=True)
+        try:
+            await self._manager.heartbeat(beat)  # the last word: nothing runs here any more
+        except Exception as exc:
+            log.warning("could not tell the manager this worker left (%s): it will find out", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -220,6 +287,11 @@ class WorkerAgent:
             if engine.alias == alias and engine.state is ReplicaState.READY:
                 return engine
         return None
+
+
+def _measure(engine: EngineProcess) -> Callable[[], int | None]:
+    a = engine.assignment
+    return lambda: weights_bytes(a.model_name, engine.environment(), a.engine.revision)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

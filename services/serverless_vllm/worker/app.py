@@ -70,6 +70,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             await relay.close()
 
     app = FastAPI(title="serverless-vllm worker", lifespan=lifespan)
+    app.state.leave = lambda: state.get().agent.leave()  # the worker's own shutdown: drain first (shutdown.py)
 
     async def _inference(request: Request, endpoint: InferenceEndpoint) -> Response:
         # The same checks as the router (unknown fields aside: the router decides those), so nothing malformed
@@ -105,15 +106,23 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         method: str,
         endpoint: InferenceEndpoint | None = None,
     ) -> Response:
-        relay = state.get().relay
+        worker = state.get()
+        relay = worker.relay
+        # In flight from here to the answer's last byte: an engine leaving waits for it (drain.py).
+        done = worker.agent.inflight.enter(engine.replica_id)
         try:
             upstream = await relay.open(engine.base_url, path, body, {"content-type": content_type}, method)
             if upstream.status == 404 and endpoint is not None:
+                done()
                 return await _route_missing(engine, endpoint, upstream)
-            return await relay.respond(upstream)
+            return await relay.respond(upstream, on_done=done)
         except UpstreamError as exc:
+            done()
             # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
             raise _not_here(f"engine {engine.replica_id} failed before answering ({exc})") from None
+        except BaseException:  # cancelled: the client left before the answer
+            done()
+            raise
 
     async def _route_missing(
         engine: EngineProcess, endpoint: InferenceEndpoint, upstream: UpstreamResponse

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from ..config import WorkerSettings
-from ..schemas import Assignment, EngineStatus, ModelTask, ReplicaState
+from ..schemas import Assignment, EngineStatus, LoadFormat, ModelTask, ReplicaState
 from .engine_log import EngineLog
 from .spawn import HOST
 from .standby import StandbyPool
@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 _SLEEP_NEEDS_GPU = "sleep mode needs a GPU: vLLM does not support it on CPU; stop the engine instead"
+
+
+# The calls that wake an engine, by the level it sleeps at: (path, query, JSON body). Level 1: its memory comes
+# back, the weights copied from host memory. Level 2 discarded the weights: vLLM's own restore (vllm/snapshot/server.py)
+# maps the weights' memory back, reloads them from disk (the `reload_weights` worker call, through the dev-mode
+# /collective_rpc), then the KV cache, which resumes scheduling.
+_WAKE_STEPS: dict[int, list[tuple[str, dict[str, str], dict[str, str] | None]]] = {
+    1: [("/wake_up", {}, None)],
+    2: [
+        ("/wake_up", {"tags": "weights"}, None),
+        ("/collective_rpc", {}, {"method": "reload_weights"}),
+        ("/wake_up", {"tags": "kv_cache"}, None),
+    ],
+}
 
 
 class EngineError(RuntimeError):
@@ -94,6 +108,7 @@ class EngineProcess:
         self._stop_task: asyncio.Task[None] | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.sleep_level: int | None = None  # the level of its last sleep (level 2: a wake reloads the weights)
 
     # ------------------------------------------------------------------ read-only view
 
@@ -162,6 +177,7 @@ class EngineProcess:
             restarts=self.restarts,
             error=self.error,
             log_tail=self.log_tail(50) if show_tail else [],
+            sleep_level=self.sleep_level if self._state is ReplicaState.SLEEPING else None,
         )
 
     # ------------------------------------------------------------------ command and environment
@@ -189,6 +205,10 @@ class EngineProcess:
         ]  # fmt: skip
         if engine.max_model_len is not None:
             cmd += ["--max-model-len", str(engine.max_model_len)]
+        if engine.load_format is not LoadFormat.AUTO:
+            cmd += ["--load-format", engine.load_format.value]
+        if engine.revision is not None:
+            cmd += ["--revision", engine.revision]
         cmd += TASK_ARGS[engine.task]
         if self.has_gpu:
             cmd += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--enable-sleep-mode"]
@@ -252,7 +272,8 @@ class EngineProcess:
         self._changed.set()
 
     async def sleep(self, level: int = 1) -> None:
-        """Put a READY engine to sleep (GPU only): weights offloaded/discarded, memory freed."""
+        """Put a READY engine to sleep (GPU only), freeing its GPU memory: level 1 offloads the weights to host
+        memory, level 2 discards them (the manager chooses: manager/sleep_level.py)."""
         if not self.sleep_supported:
             raise EngineError(_SLEEP_NEEDS_GPU)
         # Checked on a copy: narrowed, self._state itself would look unchangeable across the await to mypy.
@@ -261,6 +282,7 @@ class EngineProcess:
         response = await self._http.get().post(f"{self.base_url}/sleep", params={"level": level}, timeout=120)
         if response.status_code != 200:
             raise EngineError(f"engine refused to sleep: HTTP {response.status_code} {response.text[:300]}")
+        self.sleep_level = level
         if self._state == ReplicaState.READY:  # not if it crashed or was stopped meanwhile
             self._set_state(ReplicaState.SLEEPING)
 
@@ -272,15 +294,17 @@ class EngineProcess:
             raise EngineError(f"engine {self.replica_id} is {state}, not sleeping: cannot wake")
         self._set_state(ReplicaState.WAKING)
         try:
-            response = await self._http.get().post(f"{self.base_url}/wake_up", timeout=300)
-        except httpx.HTTPError:
+            for path, params, body in _WAKE_STEPS[self.sleep_level or 1]:
+                response = await self._http.get().post(f"{self.base_url}{path}", params=params, json=body, timeout=300)
+                if response.status_code != 200:
+                    raise EngineError(
+                        f"engine refused to wake ({path}): HTTP {response.status_code} {response.text[:300]}"
+                    )
+        except (httpx.HTTPError, EngineError):
             if self._state == ReplicaState.WAKING:
                 self._set_state(ReplicaState.SLEEPING)
             raise
-        if response.status_code != 200:
-            if self._state == ReplicaState.WAKING:
-                self._set_state(ReplicaState.SLEEPING)
-            raise EngineError(f"engine refused to wake: HTTP {response.status_code} {response.text[:300]}")
+        self.sleep_level = None
         if self._state == ReplicaState.WAKING:
             self._set_state(ReplicaState.READY)
 

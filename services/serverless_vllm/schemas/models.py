@@ -1,7 +1,5 @@
-"""Wire schemas shared by router, manager and worker.
-
-Every message that crosses a process boundary (HTTP or Ray) is one of these models, defined once here.
-"""
+"""Models and their registrations: policy, engine arguments, states, start times, cache progress, what
+`GET /v1/models/{alias}` answers; and the OpenAI error body."""
 
 from __future__ import annotations
 
@@ -31,14 +29,27 @@ IdleTimeout = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 Concurrency = Annotated[float, Field(gt=0, le=10_000)]
 
 
+class Routing(StrEnum):
+    """How the router chooses among a model's ready replicas (router/policy.py, router/prefix.py)."""
+
+    # A request with a session key (X-Session-ID, else the body's `user`) goes to that key's replica, one without to
+    # the less loaded of two: the routing of every model before this field existed, hence the default.
+    SESSION = "session"
+    LEAST_LOADED = "least_loaded"  # the less loaded of two replicas; session keys are ignored
+    # The replica that recently served the longest part of the prompt, unless it is busier than that is worth; with
+    # no part of the prompt seen, the less loaded of two.
+    PREFIX = "prefix"
+
+
 class ModelPolicy(Strict):
-    """Serverless policy of one model: how many replicas, when to scale and sleep."""
+    """Serverless policy of one model: how many replicas, when to scale and sleep, how requests are routed."""
 
     min_replicas: Replicas = 0
     max_replicas: MaxReplicas = 1
     idle_timeout_s: IdleTimeout = 300.0
     target_concurrency: Concurrency = 8.0
     preload: bool = True
+    routing: Routing = Routing.SESSION
 
     @model_validator(mode="after")
     def _min_le_max(self) -> ModelPolicy:
@@ -55,6 +66,15 @@ class ModelTask(StrEnum):
     CLASSIFY = "classify"  # classification, pooling; score and rerank as a cross-encoder
 
 
+class LoadFormat(StrEnum):
+    """vLLM's weight loaders a registration may choose (`--load-format`); the others read other files or formats."""
+
+    AUTO = "auto"  # safetensors, else PyTorch .bin files
+    SAFETENSORS = "safetensors"
+    RUNAI_STREAMER = "runai_streamer"  # Run:ai Model Streamer (the `vllm[runai]` extra); concurrent reads
+    FASTSAFETENSORS = "fastsafetensors"  # the `fastsafetensors` package; GPU Direct Storage where there is one
+
+
 class EngineArgs(Strict):
     """The vLLM engine arguments a registration may set."""
 
@@ -63,6 +83,9 @@ class EngineArgs(Strict):
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
     dtype: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")] = "auto"
+    load_format: LoadFormat = LoadFormat.AUTO
+    # A hub model's branch, tag or commit (None: its default branch): vLLM's --revision, what the workers prefetch.
+    revision: Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")] | None = None
     extra_args: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=128)] = []
 
 
@@ -80,6 +103,15 @@ class ModelSpec(ModelPolicy, EngineArgs):
                 "alias must start with a letter or digit and contain only letters, digits, '.', '_', ':' or '-'"
             )
         return v
+
+    @model_validator(mode="after")
+    def _prefix_needs_the_cache(self) -> ModelSpec:
+        # vLLM caches prefixes by default; routing by prefix to engines told not to would only unbalance them.
+        if self.routing is Routing.PREFIX and any(
+            a.split("=", 1)[0].replace("_", "-") == "--no-enable-prefix-caching" for a in self.extra_args
+        ):
+            raise ValueError("routing 'prefix' needs the engines' prefix cache (extra_args turn it off)")
+        return self
 
     def engine_args(self) -> EngineArgs:
         return EngineArgs.model_validate(self.model_dump(include=set(EngineArgs.model_fields)))
@@ -100,6 +132,7 @@ class ModelPatch(Strict):
     idle_timeout_s: IdleTimeout | None = None
     target_concurrency: Concurrency | None = None
     preload: bool | None = None
+    routing: Routing | None = None
 
 
 class ReplicaState(StrEnum):
@@ -126,6 +159,7 @@ class ReplicaInfo(BaseModel):
     gpus: list[int] = []
     state: ReplicaState
     asleep: bool = False
+    sleep_level: int | None = None  # asleep: vLLM's level (1: weights in host memory, 2: discarded)
     error: str | None = None
 
 
@@ -134,6 +168,7 @@ class ModelPhase(StrEnum):
 
     STARTING = "starting"  # an engine is being started (placed, launching, loading weights)
     WAKING = "waking"  # a sleeping engine is being woken (GPU warm tier)
+    PREFETCHING = "prefetching"  # starting, and its worker is still downloading the model's files into its cache
 
 
 class StartTimes(BaseModel):
@@ -143,6 +178,47 @@ class StartTimes(BaseModel):
     starts: int = 0
     wake_s: float | None = None  # a sleeping engine woken: from the decision to wake it to ready
     wakes: int = 0
+
+
+class CacheState(StrEnum):
+    """A hub model's files in one worker's cache (worker/prefetch.py)."""
+
+    QUEUED = "queued"  # asked for; the worker downloads one model at a time
+    FETCHING = "fetching"
+    CACHED = "cached"
+    FAILED = "failed"
+
+
+class CacheProgress(BaseModel):
+    """One model's files in one worker's cache, as `GET /v1/models/{alias}` shows them (`cache`, by worker)."""
+
+    state: CacheState
+    bytes: int = 0  # in the cache so far
+    total: int | None = None  # the files' size; None until the worker has listed them
+    error: str | None = None  # failed: why
+
+
+class CacheFault(StrEnum):
+    """Why a download failed, which decides what becomes of its model (manager/model_cache.py)."""
+
+    SOURCE = "source"  # no such repository or revision, access refused: the model fails, whichever worker says so
+    WORKER = "worker"  # it cannot hold or get them (disk too small, offline): fails the model when no worker can
+    OTHER = "other"  # the network, the hub's own errors: shown; the engines may still get the files themselves
+
+
+class CacheStatus(CacheProgress):
+    """A worker's report of one model the manager asked it to prefetch (registration and heartbeats)."""
+
+    model_name: str
+    revision: str | None = None
+    fault: CacheFault | None = None  # failed: why
+
+
+class PrefetchOrder(BaseModel):
+    """A hub model a worker should have in its cache (heartbeat replies: the complete list, every time)."""
+
+    model_name: str
+    revision: str | None = None
 
 
 class ModelInfo(BaseModel):
@@ -160,138 +236,10 @@ class ModelInfo(BaseModel):
     replicas: list[ReplicaInfo]
     last_error: str | None = None
     created_at: float
+    cache: dict[str, CacheProgress] = {}  # a hub model's files in the caches of the workers asked to prefetch it
 
 
 # --------------------------------------------------------------------------- workers
-
-
-class GPUInfo(BaseModel):
-    index: int
-    name: str
-    uuid: str
-    memory_total_mb: int
-    memory_free_mb: int
-    utilization_pct: float = 0.0
-
-
-class EngineStatus(BaseModel):
-    """A worker's report of one engine it runs."""
-
-    replica_id: str
-    alias: str
-    state: ReplicaState
-    gpus: list[int] = []
-    model_name: str = ""
-    port: int | None = None
-    pid: int | None = None
-    restarts: int = 0
-    error: str | None = None
-    log_tail: list[str] = []
-
-
-class Assignment(BaseModel):
-    """One replica a worker must run: the manager's desired state for that worker."""
-
-    replica_id: str
-    alias: str
-    model_name: str
-    engine: EngineArgs
-    gpus: list[int] = []
-    asleep: bool = False
-
-
-class WorkerRegistration(BaseModel):
-    worker_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-    url: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^https?://")]
-    gpus: list[GPUInfo] = []
-    cpu_slots: Annotated[int, Field(ge=0, le=1024)] = 0
-    sleep_supported: bool = False
-    engines: list[EngineStatus] = []
-    version: str = ""
-
-
-class Heartbeat(BaseModel):
-    worker_id: str
-    gpus: list[GPUInfo] = []
-    engines: list[EngineStatus] = []
-
-
-class HeartbeatReply(BaseModel):
-    # Set when the manager does not know this worker (it restarted, or declared it dead): register again.
-    reregister: bool = False
-    assignments: list[Assignment] = []
-
-
-class WorkerState(StrEnum):
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"
-    DEAD = "dead"
-
-
-class WorkerInfo(BaseModel):
-    worker_id: str
-    url: str
-    state: WorkerState
-    gpus: list[GPUInfo]
-    cpu_slots: int
-    sleep_supported: bool
-    heartbeat_age_s: float
-    engines: list[EngineStatus]
-
-
-class FleetStatus(BaseModel):
-    """GET /status at the router (admin): every model and every worker, as `svllm status` shows them."""
-
-    models: list[ModelInfo]
-    workers: list[WorkerInfo]
-
-
-# --------------------------------------------------------------------------- routing
-
-
-class Endpoint(BaseModel):
-    replica_id: str
-    worker_id: str
-    url: str
-
-
-class ModelRoute(BaseModel):
-    state: ModelState
-    task: ModelTask = ModelTask.GENERATE  # which endpoints it serves: refused at the router otherwise
-    endpoints: list[Endpoint] = []  # ready replicas only
-    error: str | None = None  # why the model is failed (state FAILED)
-    created: int = 0  # registration time (unix seconds), for the OpenAI model list
-    # Loading: when it is expected ready (unix seconds), from its past starts. Left out of the JSON when unknown (most
-    # routes): the table of 10,000 models stays as small as before.
-    ready_at: float | None = Field(default=None, exclude_if=lambda v: v is None)
-
-
-class RoutingTable(BaseModel):
-    """What the router needs to serve without asking the manager: every registered alias and its ready replicas."""
-
-    version: int
-    epoch: str  # changes when the manager restarts, so routers never mistake an old version for a new one
-    models: dict[str, ModelRoute]
-
-
-class ModelLoad(BaseModel):
-    in_flight: int = 0
-    queued: int = 0
-    requests: int = 0  # requests started since the previous report
-
-
-class DemandReport(BaseModel):
-    """Router -> manager, periodically and on cold start: load per model, off the hot path."""
-
-    router_id: str
-    models: dict[str, ModelLoad] = {}
-    wake: list[str] = []  # aliases with requests waiting and no ready replica
-    failed_endpoints: list[Endpoint] = []  # upstreams that refused connections
-
-
-class PlacementRejection(BaseModel):
-    worker_id: str
-    reason: str
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:

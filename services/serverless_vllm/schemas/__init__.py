@@ -1,0 +1,83 @@
+"""Wire schemas shared by router, manager and worker.
+
+Every message that crosses a process boundary (HTTP or Ray) is one of these models, defined once: models and
+their registrations (models.py), workers, heartbeats and assignments (fleet.py), the routing table and the demand
+routers report (routing.py). Import them from here.
+"""
+
+from .fleet import (
+    Assignment,
+    EngineStatus,
+    FleetStatus,
+    GPUInfo,
+    Heartbeat,
+    HeartbeatReply,
+    HostMemory,
+    WorkerInfo,
+    WorkerRegistration,
+    WorkerState,
+)
+from .models import (
+    ALIAS_PATTERN,
+    CacheFault,
+    CacheProgress,
+    CacheState,
+    CacheStatus,
+    EngineArgs,
+    LoadFormat,
+    ModelInfo,
+    ModelPatch,
+    ModelPhase,
+    ModelPolicy,
+    ModelSpec,
+    ModelState,
+    ModelTask,
+    PrefetchOrder,
+    ReplicaInfo,
+    ReplicaState,
+    Routing,
+    StartTimes,
+    Strict,
+    error_body,
+)
+from .routing import DemandReport, Endpoint, ModelLoad, ModelRoute, PlacementRejection, RoutingTable
+
+__all__ = [
+    "ALIAS_PATTERN",
+    "Assignment",
+    "CacheFault",
+    "CacheProgress",
+    "CacheState",
+    "CacheStatus",
+    "DemandReport",
+    "Endpoint",
+    "EngineArgs",
+    "EngineStatus",
+    "FleetStatus",
+    "GPUInfo",
+    "Heartbeat",
+    "HeartbeatReply",
+    "HostMemory",
+    "LoadFormat",
+    "ModelInfo",
+    "ModelLoad",
+    "ModelPatch",
+    "ModelPhase",
+    "ModelPolicy",
+    "ModelRoute",
+    "ModelSpec",
+    "ModelState",
+    "ModelTask",
+    "PlacementRejection",
+    "PrefetchOrder",
+    "ReplicaInfo",
+    "ReplicaState",
+    "Routing",
+    "RoutingTable",
+    "StartTimes",
+    "Strict",
+    "WorkerInfo",
+    "WorkerRegistration",
+    "WorkerState",
+    "error_body",
+]

@@ -1,0 +1,118 @@
+"""The model cache end to end: manager, router and one worker as real processes; the worker's Hugging Face cache is a
+folder of the test's own and its hub the stand-in on loopback (tests/hub_double.py, through HF_ENDPOINT), never the
+internet. A hub model registered at zero replicas is prefetched to the worker, with its progress in
+`GET /v1/models/{alias}` and the metrics; bad sources (a missing repository, a wrong revision, a model bigger than
+the disk) fail their models with a clear `last_error`, which a client asking for them is told; and the cold start
+of the prefetched model, a real CPU vLLM engine loading `testorg/tiny` by its hub id, takes every file from the
+cache: the stand-in sends none during the start.
+
+The tests share one stack and run in file order; the last one starts the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .harness import Stack, wait_until
+from .hub_double import HubDouble
+
+TINY, HUGE = "testorg/tiny", "testorg/huge"
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model: Path) -> Iterator[HubDouble]:
+    double = HubDouble({TINY: tiny_model, HUGE: tiny_model}, claimed_sizes={(HUGE, "model.safetensors"): 2**50})
+    yield double.start()
+    double.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, hub: HubDouble) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("model-cache")
+    env = {
+        "CPU_SLOTS": "1",
+        "STANDBY_ENGINES": "0",  # a plain start: no process importing vLLM beside the tests' downloads
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp / "hf"),
+        "HF_HUB_OFFLINE": "0",  # the harness's default is 1: no hub on these machines, but this one is ours
+    }
+    s = Stack(tmp, env=env).start(workers=1)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def register(stack: Stack, alias: str, model: str, **kw: Any) -> None:
+    # float32: the CPU build's bf16 kernels once crashed on a short first request (../shared/ENVIRONMENT.md).
+    body = {"alias": alias, "model_name": model, "max_model_len": 512, "dtype": "float32", "preload": False, **kw}
+    resp = stack.post("/v1/models/register", json=body)
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_registered_hub_model_is_prefetched_with_progress(stack: Stack, hub: HubDouble, tiny_model: Path) -> None:
+    hub.chunk_delay_s = 0.3  # about 4 s for the weights: the progress shows on the way
+    register(stack, "tiny", TINY)
+    seen = []
+
+    def cached() -> bool:
+        info = stack.model("tiny")
+        seen.append(info["cache"].get("w1"))
+        return info["state"] == "cold" and info["cache"].get("w1", {}).get("state") == "cached"
+
+    wait_until(cached, 120, interval=0.2, what="tiny cached on w1")
+    hub.chunk_delay_s = 0.0
+    total = sum(f.stat().st_size for f in tiny_model.iterdir() if f.is_file() and not f.name.startswith("."))
+    assert seen[-1] == {"state": "cached", "bytes": total, "total": total, "error": None}
+    assert any(s and s["state"] == "fetching" and 0 < s["bytes"] < total for s in seen), seen
+    snapshot = Path(stack.env["HF_HOME"]) / "hub" / "models--testorg--tiny" / "snapshots" / HubDouble.commit(TINY)
+    assert (snapshot / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    manager = httpx.get(f"{stack.manager.url}/metrics").text
+    assert 'svllm_model_cache_state{model="tiny",worker="w1",state="cached"} 1.0' in manager
+    assert f'svllm_model_cache_bytes{{model="tiny",worker="w1"}} {float(total)}' in manager
+    worker = httpx.get(f"{stack.workers['w1'].url}/metrics").text
+    assert 'svllm_worker_prefetches_total{model="testorg/tiny",result="cached"} 1.0' in worker
+
+
+def test_bad_sources_fail_their_models_clearly(stack: Stack, hub: HubDouble) -> None:
+    register(stack, "missing", "testorg/missing")
+    register(stack, "wrong-revision", TINY, revision="nope")
+    register(stack, "huge", HUGE)
+    expected = {
+        "missing": f"worker w1 cannot cache testorg/missing: repository 'testorg/missing' not found on {hub.url}",
+        "wrong-revision": f"worker w1 cannot cache testorg/tiny@nope: revision 'nope' not found in repository "
+        f"'testorg/tiny' on {hub.url}",
+        "huge": "worker w1 cannot cache testorg/huge: not enough disk space on this worker for 'testorg/huge'",
+    }
+    for alias, error in expected.items():
+        info = stack.wait_model(alias, "failed", timeout=120)
+        assert info["last_error"].startswith(error), info["last_error"]
+        assert info["cache"]["w1"]["state"] == "failed"
+    # A client asking for one of them is told why at once, not after an engine start.
+    start = time.monotonic()
+    resp = stack.post("/v1/completions", json={"model": "missing", "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 503 and expected["missing"] in resp.json()["error"]["message"]
+    assert time.monotonic() - start < 10
+    for alias in expected:  # their prefetch orders go with them
+        assert httpx.delete(f"{stack.router.url}/v1/models/{alias}", timeout=30).status_code == 200
+
+
+def test_a_cold_start_takes_the_prefetched_files_from_the_cache(stack: Stack, hub: HubDouble) -> None:
+    assert stack.model("tiny")["cache"]["w1"]["state"] == "cached"
+    mark = len(hub.requests)
+    client = stack.openai(timeout=600)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+    assert stack.model("tiny")["state"] == "ready"
+    # The engine loaded `testorg/tiny` by its hub id through the same cache: it asked the stand-in about it (its
+    # files were current), but downloaded none of them.
+    assert any(TINY in path for _, path in hub.requests[mark:]), hub.requests[mark:]
+    assert hub.downloads(mark) == [], hub.downloads(mark)

@@ -1,0 +1,195 @@
+"""The worker's prefetcher (worker/prefetch.py and the download program worker/hub_download.py) against a stand-in
+Hugging Face hub on loopback (tests/hub_double.py; the hub client honours HF_ENDPOINT), never the internet: the
+download fills the cache the engines read, with progress on the way; bad sources (a missing repository, a wrong
+revision, a disk too small) fail with a sentence that says which; an offline worker only checks its cache; a model
+no longer asked for stops downloading. The manager's side is tests/unit/test_model_cache.py, and a real engine
+started from a prefetched cache is tests/test_model_cache.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from serverless_vllm.schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
+from serverless_vllm.worker.hub_download import describe, ignore_patterns
+from serverless_vllm.worker.prefetch import Prefetcher
+
+from .harness import alive
+from .hub_double import HubDouble
+
+TINY, HUGE = "testorg/tiny", "testorg/huge"
+
+
+@pytest.fixture
+def hub(tiny_model: Path) -> Iterator[HubDouble]:
+    double = HubDouble({TINY: tiny_model, HUGE: tiny_model}, claimed_sizes={(HUGE, "model.safetensors"): 2**50}).start()
+    yield double
+    double.stop()
+
+
+def hub_env(hub: HubDouble, home: Path, offline: bool = False) -> dict[str, str]:
+    """The worker's environment, as its engines get it too: the stand-in hub, a cache of the test's own."""
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if offline else "0"}
+
+
+def order(model: str, revision: str | None = None) -> PrefetchOrder:
+    return PrefetchOrder(model_name=model, revision=revision)
+
+
+async def until(prefetcher: Prefetcher, done: Callable[[list[CacheStatus]], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not done(prefetcher.statuses()):
+        assert time.monotonic() < deadline, prefetcher.statuses()
+        await asyncio.sleep(0.05)
+
+
+def settled(statuses: list[CacheStatus]) -> bool:
+    return all(s.state in (CacheState.CACHED, CacheState.FAILED) for s in statuses)
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")}
+
+
+async def test_a_prefetch_fills_the_cache_with_progress(hub: HubDouble, tiny_model: Path, tmp_path: Path) -> None:
+    hub.chunk_delay_s = 0.25  # about 3.5 s for the weights: progress is seen on the way
+    changes, done = [], []
+    prefetcher = Prefetcher(
+        on_change=lambda: changes.append(1), on_done=lambda *a: done.append(a), env=hub_env(hub, tmp_path)
+    )
+    prefetcher.update([order(TINY)])
+    seen: list[tuple[CacheState, int, int | None]] = []
+
+    def watch(statuses: list[CacheStatus]) -> bool:
+        seen.append((statuses[0].state, statuses[0].bytes, statuses[0].total))
+        return settled(statuses)
+
+    await until(prefetcher, watch)
+    [status] = prefetcher.statuses()
+    expected = model_files(tiny_model)
+    total = sum(len(data) for data in expected.values())
+    assert status.state is CacheState.CACHED and status.bytes == status.total == total, status
+    assert any(state is CacheState.FETCHING and 0 < done_ < total for state, done_, _ in seen), "no progress seen"
+    assert changes and [d[:2] for d in done] == [(TINY, "cached")]
+    # The cache the engines read (HF_HOME/hub) holds every file, as huggingface_hub lays it out, refs/main included.
+    repo = tmp_path / "hub" / "models--testorg--tiny"
+    commit = (repo / "refs" / "main").read_text()
+    assert commit == HubDouble.commit(TINY)
+    assert model_files(repo / "snapshots" / commit) == expected
+    await prefetcher.close()
+
+
+async def test_bad_sources_fail_clearly(hub: HubDouble, tmp_path: Path) -> None:
+    prefetcher = Prefetcher(env=hub_env(hub, tmp_path))
+    prefetcher.update([order("testorg/missing"), order(TINY, "nope"), order(HUGE)])
+    await until(prefetcher, settled)
+    by_model = {(s.model_name, s.revision): s for s in prefetcher.statuses()}
+    missing, wrong, huge = by_model[("testorg/missing", None)], by_model[(TINY, "nope")], by_model[(HUGE, None)]
+    assert missing.state is CacheState.FAILED and missing.fault is CacheFault.SOURCE
+    private = "(a private one needs HF_TOKEN on the workers)"
+    assert missing.error == f"repository 'testorg/missing' not found on {hub.url} {private}"
+    assert wrong.state is CacheState.FAILED and wrong.fault is CacheFault.SOURCE
+    assert wrong.error == f"revision 'nope' not found in repository 'testorg/tiny' on {hub.url}"
+    # A model bigger than the disk: refused before a byte is written.
+    assert huge.state is CacheState.FAILED and huge.fault is CacheFault.WORKER
+    assert huge.error is not None and huge.error.startswith("not enough disk space on this worker for 'testorg/huge'")
+    assert not hub.downloads()
+    await prefetcher.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real small disk: a 256 KiB tmpfs."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield small
+    subprocess.run(["umount", str(small)], check=True)
+
+
+async def test_a_full_disk_fails_clearly(hub: HubDouble, small_disk: Path) -> None:
+    """The cache on a 256 KiB disk, for a model of 0.9 MB."""
+    prefetcher = Prefetcher(env=hub_env(hub, small_disk))
+    prefetcher.update([order(TINY)])
+    await until(prefetcher, settled)
+    [status] = prefetcher.statuses()
+    assert status.state is CacheState.FAILED and status.fault is CacheFault.WORKER
+    assert status.error is not None and "not enough disk space" in status.error and str(small_disk) in status.error
+    await prefetcher.close()
+
+
+def test_the_disk_filling_up_during_a_download_is_said_so() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    message, fault = describe(full, TINY, None, "http://hub", "/cache/huggingface/hub")
+    assert fault is CacheFault.WORKER
+    assert message.startswith("no space left on this worker's disk for 'testorg/tiny' (Hugging Face cache /cache/")
+
+
+def test_only_the_weights_an_engine_reads_are_downloaded() -> None:
+    with_safetensors = ["model.safetensors", "pytorch_model.bin", "config.json", "onnx/model.onnx"]
+    assert "*.bin" in ignore_patterns(with_safetensors) and "onnx/*" in ignore_patterns(with_safetensors)
+    assert "*.bin" not in ignore_patterns(["pytorch_model.bin", "config.json"])  # the only weights there are
+
+
+async def test_an_offline_worker_only_checks_its_cache(hub: HubDouble, tmp_path: Path) -> None:
+    online = Prefetcher(env=hub_env(hub, tmp_path))
+    online.update([order(TINY)])
+    await until(online, settled)
+    await online.close()
+    # An engine that fetched a model's config and no more (huge's) leaves a snapshot without weights.
+    fetch_config = f"import huggingface_hub as h; h.hf_hub_download({HUGE!r}, 'config.json')"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", fetch_config, env=hub_env(hub, tmp_path))
+    assert await proc.wait() == 0
+    before = len(hub.requests)
+    offline = Prefetcher(env=hub_env(hub, tmp_path, offline=True))
+    offline.update([order(TINY), order("testorg/other"), order(HUGE)])
+    await until(offline, settled)
+    by_model = {s.model_name: s for s in offline.statuses()}
+    assert by_model[TINY].state is CacheState.CACHED and by_model[TINY].bytes > 800_000
+    other, huge = by_model["testorg/other"], by_model[HUGE]
+    assert other.state is CacheState.FAILED and other.fault is CacheFault.WORKER
+    assert other.error is not None and "not in this worker's Hugging Face cache" in other.error
+    assert huge.state is CacheState.FAILED and huge.fault is CacheFault.WORKER
+    assert huge.error is not None and "without its weights" in huge.error and "HF_HUB_OFFLINE" in huge.error
+    assert len(hub.requests) == before  # it asked the hub nothing
+    await offline.close()
+
+
+async def test_a_model_no_longer_asked_for_stops_downloading(hub: HubDouble, tmp_path: Path) -> None:
+    hub.chunk_delay_s = 2.0  # half a minute for the weights
+    prefetcher = Prefetcher(env=hub_env(hub, tmp_path))
+    prefetcher.update([order(TINY)])
+    await until(prefetcher, lambda s: s[0].state is CacheState.FETCHING and s[0].total is not None)
+    current = prefetcher._current
+    assert current is not None
+    pid = current[1].pid
+    prefetcher.update([])
+    assert prefetcher.statuses() == []
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline, "the download outlived its order"
+        await asyncio.sleep(0.05)
+    await prefetcher.close()
+
+
+async def test_a_failed_prefetch_is_tried_again(hub: HubDouble, tiny_model: Path, tmp_path: Path) -> None:
+    prefetcher = Prefetcher(env=hub_env(hub, tmp_path), retry_after_s=0.5)
+    prefetcher.update([order("testorg/later")])
+    await until(prefetcher, settled)
+    assert prefetcher.statuses()[0].state is CacheState.FAILED
+    hub.repos["testorg/later"] = hub.repos[TINY]  # the repository appears on the hub
+    prefetcher.update([order("testorg/later")])
+    assert prefetcher.statuses()[0].state is CacheState.FAILED  # not yet: the retry waits
+    await asyncio.sleep(0.6)
+    prefetcher.update([order("testorg/later")])
+    await until(prefetcher, lambda s: s[0].state is CacheState.CACHED)
+    await prefetcher.close()
