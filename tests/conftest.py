@@ -20,18 +20,29 @@ os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 os.environ.setdefault("SVLLM_AUTH", "off")
 
 
-# The modules that share the session's credentialed stack (`secure_stack`) run last and together, so that stack
-# (and its engine) is up only while they run.
+# The modules that share the session's credentialed stack (`secure_stack`) run last, so that stack (and its engine)
+# is up only while they run (one stack per xdist process that runs one of them).
 SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Unit tests first (seconds), then the end-to-end ones (minutes each): a broken module fails fast."""
+# End-to-end modules by how long they take (minutes), longest first: under pytest-xdist (the test command runs two
+# processes) a long module started last would finish alone while the other process idles.
+LONG_MODULES = ("test_appliance.py", "test_ray_mode.py", "test_faults.py", "test_lifecycle.py", "test_endpoints.py")
 
-    def rank(item: pytest.Item) -> int:
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests first (seconds), then the end-to-end ones (minutes each), longest first: a broken module fails
+    fast. The test command runs two pytest-xdist processes with `--dist loadfile` (a module's tests, and its
+    module-scoped stack, stay in one process)."""
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
         if "/tests/unit/" in str(item.path):
-            return 0
-        return 2 if item.path.name in SHARED_STACK_MODULES else 1
+            return (0, 0)
+        if item.path.name in SHARED_STACK_MODULES:
+            return (3, 0)
+        if item.path.name in LONG_MODULES:
+            return (1, LONG_MODULES.index(item.path.name))
+        return (2, 0)
 
     items.sort(key=rank)  # stable: the file order is kept within each rank
 
