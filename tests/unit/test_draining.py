@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from serverless_vllm.config import ManagerSettings
 from serverless_vllm.manager.core import ManagerCore
 from serverless_vllm.manager.draining import removal_order
 from serverless_vllm.manager.replicas import Replica
@@ -30,7 +29,7 @@ from serverless_vllm.schemas import (
     WorkerState,
 )
 
-from .fleet import NOWHERE, Clock, gpu
+from .fleet import NOWHERE, Clock, core_settings, gpu, running_core
 
 
 @pytest.fixture
@@ -40,12 +39,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
-    c = ManagerCore(
-        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=10, model_dirs=["/"]), clock=clock
-    )
-    await c.start()
-    yield c
-    await c.close()
+    async with running_core(core_settings(tmp_path, 10), clock) as c:
+        yield c
 
 
 def ready(replica_id: str, alias: str, gpus: list[int] | None = None) -> EngineStatus:

@@ -24,7 +24,7 @@ from serverless_vllm.schemas import (
     WorkerRegistration,
 )
 
-from .fleet import NOWHERE, Clock, gpu
+from .fleet import NOWHERE, Clock, gpu, running_core
 
 
 @pytest.fixture
@@ -38,10 +38,8 @@ def settings(tmp_path: Path) -> ManagerSettings:
 
 @pytest.fixture
 async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
-    c = ManagerCore(settings(tmp_path), clock=clock)
-    await c.start()
-    yield c
-    await c.close()
+    async with running_core(settings(tmp_path), clock) as c:
+        yield c
 
 
 async def start(core: ManagerCore, clock: Clock, worker: str, seconds: float) -> str:

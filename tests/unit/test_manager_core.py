@@ -17,7 +17,7 @@ from serverless_vllm.schemas import (
     WorkerRegistration,
 )
 
-from .fleet import NOWHERE, Clock, gpu
+from .fleet import NOWHERE, Clock, core_settings, gpu, running_core
 
 
 @pytest.fixture
@@ -27,12 +27,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
-    c = ManagerCore(
-        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=10, model_dirs=["/"]), clock=clock
-    )
-    await c.start()
-    yield c
-    await c.close()
+    async with running_core(core_settings(tmp_path, 10), clock) as c:
+        yield c
 
 
 async def test_registration_persists_across_restart(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from serverless_vllm.schemas import (
     WorkerRegistration,
 )
 
-from .fleet import NOWHERE, Clock, gpu
+from .fleet import NOWHERE, Clock, gpu, running_core
 
 NOT_FOUND = "repository 'org/m' not found on http://hub (a private one needs HF_TOKEN on the workers)"
 
@@ -44,10 +44,8 @@ def settings(tmp_path: Path, **kw: object) -> ManagerSettings:
 
 @pytest.fixture
 async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
-    c = ManagerCore(settings(tmp_path), clock=clock)
-    await c.start()
-    yield c
-    await c.close()
+    async with running_core(settings(tmp_path), clock) as c:
+        yield c
 
 
 async def cpu_workers(core: ManagerCore, *ids: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serverless_vllm import cli
-from serverless_vllm.config import ManagerSettings, WorkerSettings
+from serverless_vllm.config import WorkerSettings
 from serverless_vllm.manager.core import ManagerCore
 from serverless_vllm.schemas import (
     DemandReport,
@@ -23,7 +23,7 @@ from serverless_vllm.schemas import (
 )
 from serverless_vllm.worker.agent import PROGRESS_NOTE_S, WorkerAgent
 
-from .fleet import NOWHERE, Clock, gpu
+from .fleet import NOWHERE, Clock, core_settings, gpu, running_core
 
 
 @pytest.fixture
@@ -33,12 +33,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
-    c = ManagerCore(
-        ManagerSettings(db_path=str(tmp_path / "m.db"), heartbeat_timeout_s=600, model_dirs=["/"]), clock=clock
-    )
-    await c.start()
-    yield c
-    await c.close()
+    async with running_core(core_settings(tmp_path, 600), clock) as c:
+        yield c
 
 
 def phases(caplog: pytest.LogCaptureFixture) -> list[str]:
