@@ -220,3 +220,28 @@ async def test_a_sleep_no_longer_wanted_once_idle_does_not_happen(agent: WorkerA
     end()
     await asyncio.sleep(0.2)
     assert e.slept is None and e.state is ReplicaState.READY
+
+
+def test_quiet_for_is_zero_while_a_request_is_in_flight_then_counts_from_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What lets a worker launch a standby only when its engines are not serving (worker/agent.py)."""
+    now = [100.0]
+    monkeypatch.setattr("serverless_vllm.worker.drain.time.monotonic", lambda: now[0])
+    inflight = InFlight()
+    assert inflight.quiet_for() >= 100.0  # nothing ever served
+    leave = inflight.enter("r-1")
+    now[0] = 150.0
+    assert inflight.quiet_for() == 0.0
+    leave()
+    now[0] = 151.5
+    assert inflight.quiet_for() == 1.5
+
+
+def test_a_worker_prepares_no_standby_while_its_engines_serve(tmp_path: Path) -> None:
+    agent = WorkerAgent(WorkerSettings(worker_id="w", log_dir=str(tmp_path)))
+    assert not agent.standby_must_wait()
+    leave = agent.inflight.enter("r-1")
+    assert agent.standby_must_wait()
+    leave()
+    assert agent.standby_must_wait()  # quiet for less than STANDBY_QUIET_S yet

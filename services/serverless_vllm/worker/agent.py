@@ -27,6 +27,7 @@ from .standby import StandbyPool
 
 log = logging.getLogger(__name__)
 
+STANDBY_QUIET_S = 2.0  # no request for this long before a standby is launched
 PROGRESS_NOTE_S = 30.0  # seconds between two "still starting" lines of one engine
 
 
@@ -81,7 +82,7 @@ class WorkerAgent:
             self.settings.standby_engines,
             lambda: engine_environment(self.settings, has_gpu=self.has_gpu),
             nice=self.settings.engine_nice,
-            busy=lambda: any(e.state is ReplicaState.STARTING for e in self.engines.values()),
+            busy=self.standby_must_wait,
             module=ENGINE_MODULE,
         )
         self.standbys.start()
@@ -99,6 +100,12 @@ class WorkerAgent:
             await self.standbys.stop()
         await self.prefetcher.close()
         await self._manager.close()
+
+    def standby_must_wait(self) -> bool:
+        """A standby's imports take seconds of CPU: not while an engine starts (it would slow the start it is meant
+        to speed up), nor while engines serve (on a CPU worker they would share the cores with the requests)."""
+        starting = any(e.state is ReplicaState.STARTING for e in self.engines.values())
+        return starting or self.inflight.quiet_for() < STANDBY_QUIET_S
 
     def nudge(self) -> None:
         """An engine changed state: tell the manager now rather than at the next beat."""

@@ -32,6 +32,7 @@ class InFlight:
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self._idle: dict[str, asyncio.Event] = {}  # replica id -> set when its count falls to 0 (waiters only)
+        self._last_end = 0.0  # monotonic time the last request ended
 
     def enter(self, replica_id: str) -> Callable[[], None]:
         """Count one request; returns the call that ends it (once: later calls do nothing)."""
@@ -43,6 +44,7 @@ class InFlight:
             if ended:
                 return
             ended = True
+            self._last_end = time.monotonic()
             left = self._counts[replica_id] - 1
             if left:
                 self._counts[replica_id] = left
@@ -55,6 +57,10 @@ class InFlight:
 
     def count(self, replica_id: str) -> int:
         return self._counts.get(replica_id, 0)
+
+    def quiet_for(self) -> float:
+        """Seconds since the last request of any engine ended; 0 while one is in flight."""
+        return 0.0 if self._counts else time.monotonic() - self._last_end
 
     async def wait_idle(self, replica_id: str, timeout: float) -> bool:
         """Wait until the engine has no request in flight; False if `timeout` seconds passed first."""
