@@ -106,10 +106,14 @@ def signature_differences(implementation: type, protocol: type) -> list[str]:
 
 
 def _resolved_signature(function: Any) -> inspect.Signature:
-    """The signature with its annotations resolved (the modules use postponed annotations) and `self` dropped."""
+    """The signature with its annotations resolved (the modules use postponed annotations) and `self` dropped; so is
+    `_ray_trace_ctx`, which Ray adds to an actor class's methods in place once it has been made an actor in the
+    process (tracing support), not part of the API."""
     hints = typing.get_type_hints(function)
     signature = inspect.signature(function)
     params = [
-        p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "self"
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in signature.parameters.values()
+        if p.name not in ("self", "_ray_trace_ctx")
     ]
     return signature.replace(parameters=params, return_annotation=hints.get("return", signature.return_annotation))
