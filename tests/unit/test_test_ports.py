@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from serverless_vllm.testing.ports import free_ports
+from serverless_vllm.testing.ports import PUBLISHED_BAND, ephemeral_low, free_ports, published_port
 from serverless_vllm.testing.ray_head import WORKER_PORTS, free_port_range, ray_head_args
 
 
@@ -39,3 +39,16 @@ def test_ray_head_ports_are_explicit_distinct_and_outside_the_workers_range() ->
     assert flags["--port"] == gcs and flags["--dashboard-port"] == dashboard
     assert args[:4] == ["/venv/bin/ray", "start", "--head", "--block"]
     assert args[args.index("--num-cpus") + 1] == "3" and args[args.index("--temp-dir") + 1] == "/tmp/svr-x"
+
+
+def test_ports_bound_later_come_from_outside_the_kernels_ephemeral_range() -> None:
+    """An appliance test's router port is bound by Docker minutes after it is chosen; a port the kernel may hand
+    to any bind(0) meanwhile (an engine or router of the other xdist process) was taken once in CI, and the
+    appliance's clients talked to another test's router."""
+    low = ephemeral_low()
+    ports = [published_port() for _ in range(50)]
+    assert all(PUBLISHED_BAND[0] <= p < PUBLISHED_BAND[1] < low for p in ports)
+    assert published_port(avoid=set(range(*PUBLISHED_BAND)) - {PUBLISHED_BAND[0] + 7}) == PUBLISHED_BAND[0] + 7
+    for _ in range(20):
+        base = free_port_range(WORKER_PORTS)
+        assert base + WORKER_PORTS <= low

@@ -8,7 +8,7 @@ import random
 import socket
 from pathlib import Path
 
-from .ports import free_ports
+from .ports import RAY_BAND_LOW, ephemeral_low, free_ports
 
 WORKER_PORTS = 64  # one per Ray worker process (actors, Serve replicas, tasks)
 
@@ -27,7 +27,8 @@ _COMPONENTS = (
 def free_port_range(count: int) -> int:
     """The first of `count` consecutive free loopback ports."""
     for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
+        # Below the ephemeral range: a bind(0) elsewhere cannot take a port between this check and Ray's bind.
+        base = random.randrange(RAY_BAND_LOW, max(RAY_BAND_LOW + 1, ephemeral_low() - count))
         with contextlib.ExitStack() as stack:
             try:
                 for port in range(base, base + count):
