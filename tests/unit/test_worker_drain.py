@@ -76,13 +76,13 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
 
 async def test_in_flight_counts_each_request_once_and_says_when_idle() -> None:
     inflight = InFlight()
-    first, second = inflight.enter("r"), inflight.enter("r")
+    inflight.enter("r")
+    inflight.enter("r")
     assert inflight.count("r") == 2
-    first()
-    first()  # a second end of the same request counts for nothing
+    inflight.leave("r")
     assert inflight.count("r") == 1
     assert not await inflight.wait_idle("r", 0.05)  # still one: the wait times out
-    asyncio.get_running_loop().call_later(0.05, second)
+    asyncio.get_running_loop().call_later(0.05, inflight.leave, "r")
     assert await inflight.wait_idle("r", 5)
     assert inflight.count("r") == 0 and await inflight.wait_idle("r", 0)
 
@@ -94,15 +94,16 @@ async def test_an_engine_is_stopped_only_once_its_requests_are_done() -> None:
     inflight, gone = InFlight(), []
     drainer = Drainer(inflight, timeout_s=30, on_gone=lambda: gone.append(1))
     e = engine("r1")
-    ends = [inflight.enter("r1"), inflight.enter("r1")]
+    inflight.enter("r1")
+    inflight.enter("r1")
     drainer.drain(e)
     await asyncio.sleep(0.3)
     assert not e.stopped and [s.state for s in drainer.statuses()] == [ReplicaState.STOPPING]
-    ends[0]()
+    inflight.leave("r1")
     await asyncio.sleep(0.1)
     assert not e.stopped  # one still in flight
     done_at = time.monotonic()
-    ends[1]()
+    inflight.leave("r1")
     await until(lambda: e.stopped)
     assert e.stopped_at - done_at < 0.5
     await drainer.wait()
@@ -175,23 +176,23 @@ async def test_an_unassigned_engine_is_refused_new_requests_and_stopped_once_idl
     e = agent.engines["r1"]
     e.state = ReplicaState.READY  # type: ignore[misc]
     assert agent.ready_engine("a", "r1") is e
-    end = agent.inflight.enter("r1")
+    agent.inflight.enter("r1")
     await agent.apply([])
     assert agent.ready_engine("a", "r1") is None and agent.ready_engine("a", None) is None  # no new request
     assert [(s.replica_id, s.state) for s in agent.statuses()] == [("r1", ReplicaState.STOPPING)]
     await asyncio.sleep(0.2)
     assert not e.stopped  # its request in flight is served to the end
-    end()
+    agent.inflight.leave("r1")
     await agent.draining.wait()
     assert e.stopped and agent.statuses() == []
 
 
 async def test_an_engine_on_a_draining_engines_gpu_starts_once_it_is_gone(agent: WorkerAgent) -> None:
     await agent.apply([assignment("old", [0])])
-    end = agent.inflight.enter("old")
+    agent.inflight.enter("old")
     await agent.apply([assignment("new", [0])])  # the manager placed it in the room of the one leaving
     assert "new" not in agent.engines  # not started: the old engine holds the GPU's memory
-    end()
+    agent.inflight.leave("old")
     await agent.draining.wait()
     await agent.apply([assignment("new", [0])])  # the next heartbeat reply (the drain's end sent one)
     assert "new" in agent.engines
@@ -201,12 +202,12 @@ async def test_an_engine_put_to_sleep_finishes_its_requests_first(agent: WorkerA
     await agent.apply([assignment("r1")])
     e = agent.engines["r1"]
     e.state = ReplicaState.READY  # type: ignore[misc]
-    end = agent.inflight.enter("r1")
+    agent.inflight.enter("r1")
     await agent.apply([assignment("r1", asleep=True)])
     await agent.apply([assignment("r1", asleep=True)])  # every heartbeat repeats it: one sleep all the same
     await asyncio.sleep(0.2)
     assert e.slept is None
-    end()
+    agent.inflight.leave("r1")
     await until(lambda: e.slept == 1)
 
 
@@ -214,10 +215,10 @@ async def test_a_sleep_no_longer_wanted_once_idle_does_not_happen(agent: WorkerA
     await agent.apply([assignment("r1")])
     e = agent.engines["r1"]
     e.state = ReplicaState.READY  # type: ignore[misc]
-    end = agent.inflight.enter("r1")
+    agent.inflight.enter("r1")
     await agent.apply([assignment("r1", asleep=True)])
     await agent.apply([assignment("r1", asleep=False)])  # a request came: woken before it slept
-    end()
+    agent.inflight.leave("r1")
     await asyncio.sleep(0.2)
     assert e.slept is None and e.state is ReplicaState.READY
 
@@ -230,10 +231,10 @@ def test_quiet_for_is_zero_while_a_request_is_in_flight_then_counts_from_its_end
     monkeypatch.setattr("serverless_vllm.worker.drain.time.monotonic", lambda: now[0])
     inflight = InFlight()
     assert inflight.quiet_for() >= 100.0  # nothing ever served
-    leave = inflight.enter("r-1")
+    inflight.enter("r-1")
     now[0] = 150.0
     assert inflight.quiet_for() == 0.0
-    leave()
+    inflight.leave("r-1")
     now[0] = 151.5
     assert inflight.quiet_for() == 1.5
 
@@ -241,7 +242,7 @@ def test_quiet_for_is_zero_while_a_request_is_in_flight_then_counts_from_its_end
 def test_a_worker_prepares_no_standby_while_its_engines_serve(tmp_path: Path) -> None:
     agent = WorkerAgent(WorkerSettings(worker_id="w", log_dir=str(tmp_path)))
     assert not agent.standby_must_wait()
-    leave = agent.inflight.enter("r-1")
+    agent.inflight.enter("r-1")
     assert agent.standby_must_wait()
-    leave()
+    agent.inflight.leave("r-1")
     assert agent.standby_must_wait()  # quiet for less than STANDBY_QUIET_S yet

@@ -108,21 +108,23 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
     ) -> Response:
         worker = state.get()
         relay = worker.relay
-        # In flight from here to the answer's last byte: an engine leaving waits for it (drain.py).
-        done = worker.agent.inflight.enter(engine.replica_id)
+        # In flight from here to the answer's last byte: an engine leaving waits for it (drain.py). The count ends
+        # once: in the relay's done-callback once the response owns it, else here.
+        inflight, rid = worker.agent.inflight, engine.replica_id
+        inflight.enter(rid)
+        handed_off = False
         try:
             upstream = await relay.open(engine.base_url, path, body, {"content-type": content_type}, method)
             if upstream.status == 404 and endpoint is not None:
-                done()
                 return await _route_missing(engine, endpoint, upstream)
-            return await relay.respond(upstream, on_done=done)
+            handed_off = True
+            return await relay.respond(upstream, on_done=lambda: inflight.leave(rid))
         except UpstreamError as exc:
-            done()
             # Nothing reached the client (the engine died or refused): the router may retry elsewhere.
             raise _not_here(f"engine {engine.replica_id} failed before answering ({exc})") from None
-        except BaseException:  # cancelled: the client left before the answer
-            done()
-            raise
+        finally:
+            if not handed_off:  # failed or cancelled (the client left) before the relay took the request
+                inflight.leave(rid)
 
     async def _route_missing(
         engine: EngineProcess, endpoint: InferenceEndpoint, upstream: UpstreamResponse

@@ -34,26 +34,19 @@ class InFlight:
         self._idle: dict[str, asyncio.Event] = {}  # replica id -> set when its count falls to 0 (waiters only)
         self._last_end = 0.0  # monotonic time the last request ended
 
-    def enter(self, replica_id: str) -> Callable[[], None]:
-        """Count one request; returns the call that ends it (once: later calls do nothing)."""
+    def enter(self, replica_id: str) -> None:
+        """Count one request; the caller calls leave() once when it ends."""
         self._counts[replica_id] = self._counts.get(replica_id, 0) + 1
-        ended = False
 
-        def leave() -> None:
-            nonlocal ended
-            if ended:
-                return
-            ended = True
-            self._last_end = time.monotonic()
-            left = self._counts[replica_id] - 1
-            if left:
-                self._counts[replica_id] = left
-                return
-            del self._counts[replica_id]
-            if (idle := self._idle.pop(replica_id, None)) is not None:
-                idle.set()
-
-        return leave
+    def leave(self, replica_id: str) -> None:
+        self._last_end = time.monotonic()
+        left = self._counts[replica_id] - 1
+        if left:
+            self._counts[replica_id] = left
+            return
+        del self._counts[replica_id]
+        if (idle := self._idle.pop(replica_id, None)) is not None:
+            idle.set()
 
     def count(self, replica_id: str) -> int:
         return self._counts.get(replica_id, 0)
