@@ -1,8 +1,9 @@
 """Faults injected into a running stack under client traffic: real manager, router and two workers, each with a
 real CPU vLLM engine serving one model (min_replicas 2), credentials on.
 
-Faults, in order: kill -9 a worker while it streams; kill -9 an engine's API server; SIGSTOP a worker (its
-heartbeats stop, its sockets hang) and SIGCONT it later; kill -9 and restart the manager; kill -9 and restart
+Faults, in order: kill -9 a worker while it streams; kill -9 an engine's API server; SIGSTOP an engine's API server
+(wedged: the worker's health probe kills and restarts it); SIGSTOP a worker (its heartbeats stop, its sockets hang)
+and SIGCONT it later; kill -9 and restart the manager; kill -9 and restart
 the router. For each: every request ends with a complete answer or a clean error within its timeout (no hang,
 no stream cut without an error event), registrations survive, the system returns to full health by itself,
 no engine process is left behind; the router's memory is sampled from /proc across the run.
@@ -171,6 +172,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
             "FAILED_RETRY_AFTER": "3",
             "COLD_START_TIMEOUT": "30",
+            # A wedged engine (SIGSTOP) is killed after 3 health probes in a row failed, 5 s each: fast enough for
+            # the test, slow enough that a loaded machine's slow answers are not taken for a wedge.
+            "ENGINE_LIVENESS_INTERVAL": "1",
+            "ENGINE_LIVENESS_TIMEOUT": "5",
+            "ENGINE_LIVENESS_FAILURES": "3",
         },
     ).start(workers=2)
     try:
@@ -387,6 +393,38 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
             "full_health_after_s": round(recovery, 1),
             "traffic": summary,
         },
+    )
+
+
+def test_wedged_engine_is_killed_and_restarted(
+    stack: SecureStack, traffic: Traffic, engines_seen: set[int], obs: Observations
+) -> None:
+    """An engine alive but answering nothing (its API server stopped: as a deadlock looks from outside) is found
+    by the worker's health probe, killed and restarted; without the probe it would hold its replica forever."""
+    phase = traffic.phase = "SIGSTOP engine API server (wedged)"
+    before = stack.engines("w2")[0]
+    old_group = engine_group(stack, "w2")
+    started = time.monotonic()
+    os.kill(before["pid"], signal.SIGSTOP)
+    wait_until(lambda: not alive(before["pid"]), 120, what="the wedged engine to be killed by its worker")
+    killed_after = time.monotonic() - started
+    wait_until(lambda: not living(old_group), 30, what="the wedged engine's EngineCore and workers to exit")
+    wait_until(
+        lambda: full_health(stack) and stack.engines("w2")[0]["pid"] != before["pid"],
+        ENGINE_START_S,
+        interval=1,
+        what="the engine restarted by its worker",
+    )
+    recovery = time.monotonic() - started
+    after = stack.engines("w2")[0]
+    assert after["replica_id"] == before["replica_id"] and after["restarts"] == before["restarts"] + 1
+    assert "engine stopped answering its health probe (3 in a row" in stack.all_logs()
+    engines_seen |= engine_group(stack, "w2")
+    summary = check_phase(traffic, phase)
+    recovered_traffic(traffic, phase)
+    obs.record(
+        phase,
+        {"killed_after_s": round(killed_after, 1), "full_health_after_s": round(recovery, 1), "traffic": summary},
     )
 
 

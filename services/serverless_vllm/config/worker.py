@@ -84,6 +84,29 @@ class WorkerSettings(_Settings):
         "start; 1/true/yes/on)",
     )
 
+    # Issue 19: an engine alive but not answering (deadlocked, stopped) is killed and restarted (worker/liveness.py).
+    engine_liveness_interval_s: float = _setting(
+        10.0,
+        env="ENGINE_LIVENESS_INTERVAL",
+        description="seconds between health probes of a serving engine (0: no probes; only its exit is seen)",
+        ge=0,
+    )
+    engine_liveness_timeout_s: float = _setting(
+        10.0, env="ENGINE_LIVENESS_TIMEOUT", description="seconds one health probe of a serving engine may take", gt=0
+    )
+    engine_liveness_failures: int = _setting(
+        3,
+        env="ENGINE_LIVENESS_FAILURES",
+        description="health probes failed in a row after which a serving engine is killed and restarted",
+        ge=1,
+    )
+    engine_read_timeout_s: float = _setting(
+        600.0,
+        env="ENGINE_READ_TIMEOUT",
+        description="longest silence, in seconds, between two reads of an engine's answer (0: no limit)",
+        ge=0,
+    )
+
     @field_validator("engine_extra_args", mode="before")
     @classmethod
     def _split_args(cls, value: Any) -> Any:

@@ -53,7 +53,8 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Pooled clients to the local engines: `relay` for inference, `client` for control (health, sleep, metrics).
-        relay = UpstreamClient()
+        # A read timeout: an engine that goes silent mid-answer frees the request (and the router may retry).
+        relay = UpstreamClient(read_timeout_s=settings.engine_read_timeout_s or None)
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=5.0),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),

@@ -21,6 +21,7 @@ import httpx
 from ..schemas import ReplicaState
 from . import spawn
 from .engine_log import EngineLog
+from .liveness import LivenessProbe
 from .spawn import GUARD_GRACE_S, HOST, Launch, free_port
 
 if TYPE_CHECKING:
@@ -92,6 +93,13 @@ class Supervisor:
         self._crashes: deque[float] = deque()
         self._launches = 0
         self.via_standby = False  # the current launch is an adopted standby (standby.py)
+        settings = engine.settings
+        self._liveness = LivenessProbe(
+            http.get,
+            settings.engine_liveness_interval_s,
+            settings.engine_liveness_timeout_s,
+            settings.engine_liveness_failures,
+        )
 
     @property
     def _name(self) -> str:
@@ -201,6 +209,7 @@ class Supervisor:
         ever_ready = False
         port_retries = 0
         while launch is not None:
+            wedged: str | None = None
             outcome = await self._wait_healthy(launch)
             if outcome == "ready":
                 ever_ready = True
@@ -208,10 +217,15 @@ class Supervisor:
                 self._engine.ready_at = time.time()
                 if self._engine.state in (ReplicaState.STARTING, ReplicaState.PENDING):
                     self._set_state(ReplicaState.READY)
-                await launch.exited
+                health = f"http://{HOST}:{launch.port}/health"
+                wedged = await self._liveness.watch(launch, health, lambda: self.stopping)
                 if not self.stopping:
                     # Out of routing at once; sweeping the rest of the group can take seconds.
                     self._set_state(ReplicaState.STARTING)
+                if wedged is not None and not self.stopping:
+                    log.error("engine %s: %s; killing it", self._name, wedged)
+                    self._log.write(f"[serverless-vllm: {wedged}; killed]")
+                    await launch.terminate(2)  # a stopped process takes no SIGTERM: SIGKILL after 2 s
             returncode = launch.proc.returncode if launch.proc.returncode is not None else -1
             # Without its API server, EngineCore and Worker serve nobody: no grace for them.
             await launch.cleanup(kill_now=not self.stopping)
@@ -221,7 +235,7 @@ class Supervisor:
                 self.fail(f"engine not ready within {settings.engine_start_timeout_s:.0f}s")
                 return
             phase = "while serving" if outcome == "ready" else "before becoming ready"
-            reason = _exit_reason(returncode, phase, self._log)
+            reason = wedged or _exit_reason(returncode, phase, self._log)
             if not ever_ready:
                 if self.via_standby:
                     # Whatever failed in the adopted standby, the plain way is tried once before the engine fails.
