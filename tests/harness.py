@@ -219,6 +219,21 @@ class Stack:
         )
 
 
+def session_for(stack: Stack, alias: str, worker: str) -> str:
+    """A session key (`x-session-id`) the router's rendezvous hashing sends to `worker`'s ready replica of
+    `alias` (so a request runs there)."""
+    import hashlib
+
+    model = stack.model(alias)
+    replicas = {r["replica_id"]: r["worker_id"] for r in model["replicas"] if r["state"] == "ready"}
+    for i in range(1000):
+        key = f"s{i}"
+        best = max(replicas, key=lambda rid: hashlib.blake2b(f"{key}|{rid}".encode(), digest_size=8).digest())
+        if replicas[best] == worker:
+            return key
+    raise AssertionError(f"no session key maps to {worker}")
+
+
 def descendants(pid: int) -> set[int]:
     """All processes below `pid` (engines run in their own sessions but stay children of their worker)."""
     children: dict[int, list[int]] = {}

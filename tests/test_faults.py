@@ -11,7 +11,6 @@ no engine process is left behind; the router's memory is sampled from /proc acro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ import pytest
 from serverless_vllm.worker.guard import group_members
 
 from .harness import alive, wait_until
+from .harness import session_for as harness_session_for
 from .secure_harness import API_KEY, Observations, SecureStack, bearer, living, rss_kib
 
 ALIAS = "tiny"
@@ -50,9 +50,10 @@ CLEAN_CODES = {
 @dataclass
 class Outcome:
     phase: str
-    kind: str  # ok | http_error | stream_error | refused | reset | timeout | truncated | unclean
+    kind: str  # ok | http_error | stream_error | refused | reset | timeout | truncated | unclean | crashed
     code: str | None
     seconds: float
+    stream: bool = False
 
 
 class Traffic:
@@ -76,18 +77,22 @@ class Traffic:
         self._stop.set()
         for t in self._threads:
             t.join(CLIENT_TIMEOUT_S + 10)
+        assert not any(t.is_alive() for t in self._threads), "a client thread hangs"
 
     def _client(self, index: int) -> None:
         with httpx.Client(timeout=httpx.Timeout(CLIENT_TIMEOUT_S, connect=5), headers=bearer(API_KEY)) as client:
             n = 0
             while not self._stop.is_set():
                 n += 1
-                phase, start = self.phase, time.monotonic()
-                kind, code = one_request(client, self.url, stream=(n + index) % 2 == 0)
+                phase, start, stream = self.phase, time.monotonic(), (n + index) % 2 == 0
+                try:
+                    kind, code = one_request(client, self.url, stream=stream)
+                except Exception as exc:  # recorded, so the phase fails, instead of a thread that dies unseen
+                    kind, code = "crashed", repr(exc)[:200]
                 # A failure belongs to the phase it ended in (the fault that caused it), an answer to its start.
                 with self._lock:
                     self.outcomes.append(
-                        Outcome(phase if kind == "ok" else self.phase, kind, code, time.monotonic() - start)
+                        Outcome(phase if kind == "ok" else self.phase, kind, code, time.monotonic() - start, stream)
                     )
                 # Think time: steady traffic that leaves CPU to engines restarting on this small machine.
                 time.sleep(THINK_S if kind == "ok" else 0.5)
@@ -99,6 +104,8 @@ class Traffic:
         return {
             "requests": len(mine),
             "kinds": dict(kinds),
+            # Whole (not streamed) requests that failed: one whose replica died before answering is retried.
+            "whole_failed": [f"{o.kind} {o.code}" for o in mine if not o.stream and o.kind != "ok"],
             "error_codes": dict(codes),
             "max_seconds": round(max((o.seconds for o in mine), default=0.0), 2),
         }
@@ -177,6 +184,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             "ENGINE_LIVENESS_INTERVAL": "1",
             "ENGINE_LIVENESS_TIMEOUT": "5",
             "ENGINE_LIVENESS_FAILURES": "3",
+            # The faults here cut streams (the clean cut is what they check): migration, which continues them
+            # on the other replica, is tested in tests/test_stream_migration.py.
+            "STREAM_MIGRATION": "0",
         },
     ).start(workers=2)
     try:
@@ -228,14 +238,7 @@ def engine_group(stack: SecureStack, worker: str) -> set[int]:
 
 
 def session_for(stack: SecureStack, worker: str) -> str:
-    """A session key the router's rendezvous hashing sends to `worker`'s replica (so a stream runs there)."""
-    replicas = {r["replica_id"]: r["worker_id"] for r in stack.model(ALIAS)["replicas"] if r["state"] == "ready"}
-    for i in range(1000):
-        key = f"s{i}"
-        best = max(replicas, key=lambda rid: hashlib.blake2b(f"{key}|{rid}".encode(), digest_size=8).digest())
-        if replicas[best] == worker:
-            return key
-    raise AssertionError("no session key maps to the worker")
+    return harness_session_for(stack, ALIAS, worker)
 
 
 class LongStream(threading.Thread):
@@ -281,11 +284,62 @@ class LongStream(threading.Thread):
         self.first_chunk.set()
 
 
+class WholeRequest(threading.Thread):
+    """A long completion answered whole, pinned to one replica: when that replica dies before answering, the router
+    retries it on the other one, so it is answered whole all the same (what the clients are promised)."""
+
+    # Still generating when the fault hits (0.7 s after it was sent), and answered by the other replica within the
+    # router's read timeout (REQUEST_TIMEOUT, 15 s: a whole answer is silent until it is complete).
+    MAX_TOKENS = 400
+
+    def __init__(self, url: str, session: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.session = url, session
+        self.result: tuple[int, int | str | None] | str | None = None  # (status, tokens or error code), or exception
+
+    def run(self) -> None:
+        body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": self.MAX_TOKENS, "ignore_eos": True}
+        try:
+            resp = httpx.post(
+                f"{self.url}/v1/completions",
+                json=body,
+                headers={**bearer(API_KEY), "x-session-id": self.session},
+                timeout=CLIENT_TIMEOUT_S,
+            )
+            body = resp.json()
+            if resp.status_code == 200:
+                self.result = (200, body["usage"]["completion_tokens"])
+            else:
+                self.result = (resp.status_code, (body.get("error") or {}).get("code"))
+        except Exception as exc:  # seen by the test, not lost with the thread
+            self.result = repr(exc)
+
+
+def whole_requests_on(stack: SecureStack, worker: str, n: int = 2) -> list[WholeRequest]:
+    """`n` whole requests in flight on `worker`'s replica (sent, and given 0.7 s to start generating)."""
+    requests = [WholeRequest(stack.router.url, session_for(stack, worker)) for _ in range(n)]
+    for r in requests:
+        r.start()
+    time.sleep(0.7)
+    return requests
+
+
+def check_retried(requests: list[WholeRequest]) -> None:
+    for r in requests:
+        r.join(CLIENT_TIMEOUT_S + 5)
+    assert [r.result for r in requests] == [(200, WholeRequest.MAX_TOKENS)] * len(requests)
+
+
 def check_phase(traffic: Traffic, phase: str, allow_transport_errors: bool = False) -> dict[str, Any]:
+    """Every request ended cleanly; a whole request is answered (retried on the other replica when its own died
+    before the first byte), unless the router itself was down (`allow_transport_errors`)."""
     summary = traffic.summary(phase)
     kinds = summary["kinds"]
     assert summary["requests"] > 0, summary
     assert not kinds.get("timeout") and not kinds.get("truncated") and not kinds.get("unclean"), summary
+    assert not kinds.get("crashed"), summary
+    if not allow_transport_errors:
+        assert summary["whole_failed"] == [], summary
     if not allow_transport_errors:
         assert not kinds.get("refused") and not kinds.get("reset"), summary
     assert set(summary["error_codes"]) <= CLEAN_CODES, summary
@@ -332,6 +386,7 @@ def test_kill_9_worker_while_streaming(
     stream = LongStream(stack.router.url, session_for(stack, "w1"))
     stream.start()
     assert stream.first_chunk.wait(30)
+    whole = whole_requests_on(stack, "w1")
     started = time.monotonic()
     victim.kill()
     stream.join(CLIENT_TIMEOUT_S + 5)
@@ -344,6 +399,7 @@ def test_kill_9_worker_while_streaming(
     victim.start()  # the worker comes back (a supervisor would restart it)
     wait_until(lambda: full_health(stack), ENGINE_START_S, interval=1, what="full health after the worker restart")
     recovery = time.monotonic() - started
+    check_retried(whole)  # nothing of them had been sent: answered whole by the survivor
     engines_seen |= engine_group(stack, "w1")
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
@@ -366,6 +422,7 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
     stream = LongStream(stack.router.url, session_for(stack, "w2"))
     stream.start()
     assert stream.first_chunk.wait(30)
+    whole = whole_requests_on(stack, "w2")
     started = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
     stream.join(CLIENT_TIMEOUT_S + 5)
@@ -381,6 +438,7 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
     recovery = time.monotonic() - started
     after = stack.engines("w2")[0]
     assert after["replica_id"] == before["replica_id"] and after["restarts"] == before["restarts"] + 1
+    check_retried(whole)  # the dying engine's whole requests, answered by the other replica
     engines_seen |= engine_group(stack, "w2")
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
