@@ -347,7 +347,11 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
             assert table.version == previous.version + 1
             assert table.models != previous.models  # a new version means a real change
         # What each worker last accepted (by push or in a heartbeat reply) is what it is assigned.
-        await core.reconcile()
+        # Pushes run in the background of a pass, one per worker at a time: a change made while one was under way
+        # goes in the next pass's.
+        for _ in range(2):
+            await core.reconcile()
+            await core.worker_link.wait_pushes()
         for record in core.workers.all():
             if record.state is not WorkerState.DEAD:
                 key = core.worker_link.pushed(record.worker_id)

@@ -120,9 +120,15 @@ class Refusing:
         self.down: set[str] = set()
         self.health: list[tuple[str, float]] = []  # (worker, monotonic time) of each /health attempt
         self.on_health: Callable[[str, int], Awaitable[None]] | None = None  # (worker, its attempt number)
+        self.hung: set[str] = set()  # workers that accept an assignment push and never answer it
+        self.pushes: list[str] = []  # the worker of each push, in order
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         worker = request.url.host
+        if request.method == "PUT" and request.url.path == "/engines":
+            self.pushes.append(worker)
+            if worker in self.hung:
+                await asyncio.Event().wait()  # until the client gives up (its timeout) or the manager closes
         if request.url.path == "/health":
             self.health.append((worker, time.monotonic()))
             if self.on_health is not None:
@@ -247,3 +253,20 @@ async def test_a_worker_dead_by_probe_is_forgotten_too(core: ManagerCore, networ
     await core.heartbeat(Heartbeat(worker_id="w2"))
     await core.reconcile()
     assert core.workers.get("w1") is None and [w.worker_id for w in core.list_workers()] == ["w2"]
+
+
+async def test_a_hung_worker_does_not_stall_the_pass_for_the_others(core: ManagerCore, network: Refusing) -> None:
+    """A worker that accepts connections and never answers: its assignment push waits for it alone. The pass returns
+    at once, the other worker gets its assignments, and the hung one gets no second push while the first waits."""
+    network.hung.add("w1")
+    await core.register_model(ModelSpec(alias="a", model_name="org/a", min_replicas=2, max_replicas=2))
+    await asyncio.wait_for(core.reconcile(), 2)  # it awaited every push before: the worker timeout, here forever
+    assert {r.worker_id for r in core.model_info("a").replicas} == {"w1", "w2"}
+    for _ in range(100):
+        if core.worker_link.pushed("w2") is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert core.worker_link.pushed("w2") == frozenset(core.worker_link.assignment_key("w2"))
+    assert core.worker_link.pushed("w1") != frozenset(core.worker_link.assignment_key("w1"))  # not accepted (yet)
+    await asyncio.wait_for(core.reconcile(), 2)
+    assert sorted(network.pushes) == ["w1", "w2"]  # one push to the hung worker, still under way

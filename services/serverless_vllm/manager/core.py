@@ -161,7 +161,8 @@ class ManagerCore:
             self._kick.set()
 
     async def reconcile(self) -> None:
-        """One pass: worker liveness, autoscaling, placement, assignments pushed, routing table rebuilt."""
+        """One pass: worker liveness, autoscaling, placement, routing table rebuilt, changed assignments pushed (in
+        the background: worker_link.py)."""
         assert self._reconcile_lock is not None
         async with self._reconcile_lock:
             self.reconciler.run_pass(self.clock())

@@ -7,6 +7,7 @@ The only module of the manager that does network I/O (httpx): the rest of the ma
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -67,6 +68,7 @@ class WorkerLink:
         # orders) change.
         self._replies: dict[str, tuple[tuple[AssignmentKey, PrefetchKey], HeartbeatReply]] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}  # worker id -> its probe under way (one at a time)
+        self._pushes: dict[str, asyncio.Task[None]] = {}  # worker id -> its push under way (one at a time)
 
     def start(self) -> None:
         if self._client is None:
@@ -75,9 +77,9 @@ class WorkerLink:
             )
 
     async def close(self) -> None:
-        for task in list(self._probes.values()):
+        for task in [*self._probes.values(), *self._pushes.values()]:
             task.cancel()  # a probe waits up to seconds between its attempts: not past the client's life
-        await asyncio.gather(*self._probes.values(), return_exceptions=True)
+        await asyncio.gather(*self._probes.values(), *self._pushes.values(), return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -137,15 +139,27 @@ class WorkerLink:
         self._replies.pop(worker_id, None)
 
     async def push_assignments(self) -> None:
-        pushes = []
+        """Push each changed worker's assignments, in the background: a hung worker (it accepts, never answers) costs
+        its own push the worker timeout, not the reconcile pass of every other model. One push per worker at a
+        time; a change made meanwhile goes in the next pass's push (and in every heartbeat reply)."""
         for record in self._workers.all():
-            if record.state is WorkerState.DEAD:
+            worker_id = record.worker_id
+            if record.state is WorkerState.DEAD or worker_id in self._pushes:
                 continue
-            key = frozenset(self.assignment_key(record.worker_id))
-            if self._pushed.get(record.worker_id) != key:
-                pushes.append(self._push(record, self.assignments(record.worker_id), key))
-        if pushes:
-            await asyncio.gather(*pushes)
+            key = frozenset(self.assignment_key(worker_id))
+            if self._pushed.get(worker_id) != key:
+                task = asyncio.create_task(
+                    self._push(record, self.assignments(worker_id), key), name=f"push-{worker_id}"
+                )
+                self._pushes[worker_id] = task
+                task.add_done_callback(functools.partial(self._push_ended, worker_id))
+
+    def _push_ended(self, worker_id: str, _: asyncio.Task[None]) -> None:
+        self._pushes.pop(worker_id, None)
+
+    async def wait_pushes(self) -> None:
+        """Until the pushes under way have ended (tests, shutdown)."""
+        await asyncio.gather(*self._pushes.values(), return_exceptions=True)
 
     async def _push(self, record: WorkerRecord, assignments: list[Assignment], key: PushedKey) -> None:
         assert self._client is not None
