@@ -8,6 +8,7 @@ scrape time.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,13 +33,29 @@ INFERENCE_ENDPOINTS = LABELS
 # The labels whose series exist before the first request (the rest appear with their first request): every label
 # for every model would be ~30 histograms per alias, too many at 10,000 models.
 _PRECREATED = ("chat_completions", "completions")
+# Above this many routed models, no series is created before a model's first request: at 10,000 models the series at
+# 0 were ~85 per model (five histograms), 850,000 in all, and a scrape took 9 s of CPU (bench/router_scrape.py).
+PRECREATE_MAX_MODELS = 1000
 
 TableGetter = Callable[[], RouteTable | None]
 
 
 class _LoadCollector(Collector):
+    """In flight, queued and prefix hits per model, from a copy of the table's counters taken on the event loop
+    (take()): the text is written in a thread, which must not iterate the loop's live dicts."""
+
     def __init__(self, table: TableGetter) -> None:
         self._table = table
+        self._loads: list[tuple[str, int, int]] = []  # (alias, in flight, queued)
+        self._prefix: list[tuple[str, int, int]] = []  # (alias, blocks, hit blocks)
+
+    def take(self) -> None:
+        table = self._table()
+        if table is None:
+            self._loads, self._prefix = [], []
+            return
+        self._loads = [(a, table.in_flight(a), table.queue_depth(a)) for a in sorted(table.aliases())]
+        self._prefix = [(a, s.blocks, s.hit_blocks) for a, s in sorted(table.prefix_stats().items())]
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
@@ -63,14 +80,12 @@ class _LoadCollector(Collector):
             "Of those, the leading blocks the chosen replica had been sent before (within PREFIX_ROUTING_TTL).",
             labels=["model"],
         )
-        table = self._table()
-        if table is not None:
-            for alias in sorted(table.aliases()):
-                in_flight.add_metric([alias], table.in_flight(alias))
-                queued.add_metric([alias], table.queue_depth(alias))
-            for alias, stats in sorted(table.prefix_stats().items()):
-                blocks.add_metric([alias], stats.blocks)
-                hit_blocks.add_metric([alias], stats.hit_blocks)
+        for alias, n_in_flight, n_queued in self._loads:
+            in_flight.add_metric([alias], n_in_flight)
+            queued.add_metric([alias], n_queued)
+        for alias, n_blocks, n_hits in self._prefix:
+            blocks.add_metric([alias], n_blocks)
+            hit_blocks.add_metric([alias], n_hits)
         yield in_flight
         yield queued
         yield blocks
@@ -81,7 +96,9 @@ class RouterMetrics:
     def __init__(self, table: TableGetter) -> None:
         self._table = table
         self.registry = CollectorRegistry()
-        self.registry.register(_LoadCollector(table))
+        self._load = _LoadCollector(table)
+        self.registry.register(self._load)
+        self._precreated: set[str] = set()  # aliases whose series exist from 0 (see _prepare)
         self._requests = Counter(
             "svllm_requests",
             "Inference requests answered, by model, endpoint and status.",
@@ -141,16 +158,31 @@ class RouterMetrics:
     def observe_queue_wait(self, alias: str, seconds: float) -> None:
         self._queue_wait.labels(self.model_label(alias)).observe(seconds)
 
-    def render(self) -> bytes:
-        # Series of every routed model exist at 0 before its first request, so that rate() and
-        # histogram_quantile() see the first observations (a series born at 1 shows no increase).
+    def _prepare(self) -> None:
+        """On the event loop: the series of models routed since the last scrape are created (at 0 before their
+        first request, so that rate() and histogram_quantile() see the first observations: a series born at 1
+        shows no increase; up to PRECREATE_MAX_MODELS models), and the table's counters copied."""
         table = self._table()
-        for alias in table.aliases() if table is not None else ():
+        aliases = table.aliases() if table is not None else {}
+        for alias in aliases if len(aliases) <= PRECREATE_MAX_MODELS else ():
+            if alias in self._precreated:
+                continue
+            self._precreated.add(alias)
             self._queue_wait.labels(alias)
             for endpoint in _PRECREATED:
                 self._child(self._duration_children, self._duration, alias, endpoint)
                 self._child(self._ttft_children, self._ttft, alias, endpoint)
+        self._load.take()
+
+    def render(self) -> bytes:
+        self._prepare()
         return render(self.registry)
+
+    async def render_off_loop(self) -> bytes:
+        """What GET /metrics answers. With 10,000 models a scrape is ~100,000 series: written in a thread, so the
+        loop that relays inference keeps going meanwhile (bench/router_scrape.py); the loop only copies counters."""
+        self._prepare()
+        return await asyncio.to_thread(render, self.registry)
 
 
 class RequestMetricsMiddleware:
@@ -206,7 +238,7 @@ def install_router_metrics(app: FastAPI, metrics: RouterMetrics, manager: Callab
 
     @app.get("/metrics", include_in_schema=False)
     async def router_metrics() -> Response:
-        return metrics_response(metrics.render())
+        return metrics_response(await metrics.render_off_loop())
 
     @app.get("/manager/metrics", include_in_schema=False)
     async def manager_metrics() -> Response:
