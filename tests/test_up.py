@@ -41,7 +41,7 @@ def test_up_serves_a_chat_completion(tmp_path: Path, tiny_model: Path) -> None:
             "--alias",
             "tiny",
             "--max-model-len",
-            "512",
+            "2048",
         ],
         port,
         {"ENGINE_EXTRA_ARGS": "--enforce-eager", "HF_HUB_OFFLINE": "1"},
@@ -58,6 +58,27 @@ def test_up_serves_a_chat_completion(tmp_path: Path, tiny_model: Path) -> None:
         )
         assert chat.choices[0].message.content is not None
         assert (tmp_path / "state" / "manager.db").exists()
+
+        # SIGTERM (as Ctrl-C) with a stream in flight: it ends whole, then the process exits. Long enough to outlast
+        # uvicorn's own 5 s of grace, which would cut it without the worker's drain.
+        stream = client.completions.create(
+            model="tiny",
+            prompt="Once upon a time",
+            max_tokens=2000,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        completion_tokens = None
+        for chunk in stream:
+            if up.proc is not None and up.proc.poll() is None and completion_tokens is None:
+                up.signal(signal.SIGTERM)
+                completion_tokens = 0
+            if chunk.usage is not None:
+                completion_tokens = chunk.usage.completion_tokens
+        assert completion_tokens == 2000
+        assert up.proc is not None
+        up.proc.wait(60)  # and then it stops (no hang)
     finally:
         up.stop()
 

@@ -6,15 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import sys
 from argparse import RawDescriptionHelpFormatter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import httpx
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .cli_status import cmd_status
@@ -35,20 +34,26 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.INFO if debug else logging.WARNING)
 
 
-def _server(app: Any, host: str, port: int, level: str) -> uvicorn.Server:
+def _server(
+    app: Any, host: str, port: int, level: str, leave: Callable[[], Awaitable[None]] | None = None
+) -> uvicorn.Server:
+    """`leave`: a worker's drain, run at the first SIGTERM or Ctrl-C before the server stops (worker/shutdown.py)."""
     # The servers log their own access lines only at debug level: the hot path should not pay for logging.
     # One socket write per response instead of two (server_protocol.py).
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level=level.lower(),
-            http=CoalescingHttpToolsProtocol,
-            access_log=level.lower() == "debug",
-            timeout_graceful_shutdown=5,
-        )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=level.lower(),
+        http=CoalescingHttpToolsProtocol,
+        access_log=level.lower() == "debug",
+        timeout_graceful_shutdown=5,
     )
+    if leave is None:
+        return uvicorn.Server(config)
+    from .worker.shutdown import DrainingServer
+
+    return DrainingServer(config, leave)
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -119,12 +124,10 @@ def cmd_router(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from .worker.shutdown import DrainingServer
-
     settings = WorkerSettings.from_env(**flag_values(args, WorkerSettings))
     app: Any = worker_app(settings)
     # SIGTERM drains first: the requests in flight finish (DRAIN_TIMEOUT), then the engines stop and the worker exits.
-    _run(DrainingServer(_server(app, settings.host, settings.port, args.log_level).config, app.state.leave).serve())
+    _run(_server(app, settings.host, settings.port, args.log_level, app.state.leave).serve())
 
 
 async def register_model(url: str, body: dict[str, object], auth: AuthSettings | None = None) -> dict[str, object]:
@@ -223,7 +226,9 @@ def up_settings(args: argparse.Namespace) -> tuple[ManagerSettings, RouterSettin
 
 def cmd_up(args: argparse.Namespace) -> None:
     """Manager, router and one local worker in one process: the quick start without Docker."""
-    auth = _local_auth()
+    auth, warnings = AuthSettings.from_env().for_local_run()
+    for warning in warnings:
+        log.warning("%s", warning)
     manager, router, worker = up_settings(args)
     registrations = up_registrations(args)
     if args.embed_model == TINY:
@@ -233,12 +238,15 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     async def run() -> None:
         # The manager first: the router's long-poll and the worker's registration then find it listening (no
-        # "manager unreachable" warning at every start).
+        # "manager unreachable" warning at every start). The worker's server is served last, so it is the one
+        # uvicorn hands SIGTERM and Ctrl-C to: it drains (the requests in flight finish, at most DRAIN_TIMEOUT),
+        # then each server stopping passes the signal on to the one served before it (router, then manager).
+        local_worker: Any = worker_app(worker, auth)
         groups = [
             [_server(manager_app(manager, auth), manager.host, manager.port, args.log_level)],
             [
                 _server(router_app(router, auth), router.host, router.port, args.log_level),
-                _server(worker_app(worker, auth), worker.host, worker.port, args.log_level),
+                _server(local_worker, worker.host, worker.port, args.log_level, local_worker.state.leave),
             ],
         ]
         tasks: list[asyncio.Task[None]] = []
@@ -258,26 +266,6 @@ def cmd_up(args: argparse.Namespace) -> None:
         await asyncio.gather(*tasks)
 
     _run(run())
-
-
-def _local_auth() -> AuthSettings:
-    """`svllm up`: authentication off unless credentials are set (said in the log); with client keys set, the
-    internal credentials it lacks are made up for this run (all three services live in this process)."""
-    auth = AuthSettings.from_env()
-    if not auth.configured and "mode" not in auth.model_fields_set:  # SVLLM_AUTH not set either
-        log.warning(
-            "authentication is OFF (local mode: no SVLLM_API_KEYS, SVLLM_ADMIN_KEY or SVLLM_WORKER_TOKEN "
-            "set); set them before exposing this beyond loopback"
-        )
-        return auth.model_copy(update={"mode": "off"})
-    if not auth.enabled:
-        return auth
-    generated = {
-        k: SecretStr(secrets.token_urlsafe(32)) for k in ("admin_key", "worker_token") if getattr(auth, k) is None
-    }
-    if "admin_key" in generated:
-        log.warning("no SVLLM_ADMIN_KEY: a random one is used for this run (register models with --model)")
-    return auth.model_copy(update=generated)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:

@@ -296,6 +296,7 @@ def sample(var: str, info: FieldInfo, tmp_path: Path) -> tuple[str, Any]:
         "SVLLM_WORKER_TOKEN": ("worker-token", "worker-token"),
         "ENGINE_NICE": ("7", 7),
         "CPU_ENGINE_UNIPROC": ("off", False),
+        "STREAM_MIGRATION": ("0", False),
         "SLEEP_HOST_MEMORY_FRACTION": ("0.5", 0.5),  # a share: at most 1
     }
     if var in special:
@@ -410,7 +411,7 @@ class Launched:
             self.settings[type(settings).__name__] = settings
             return SimpleNamespace(state=SimpleNamespace(leave=None))  # a worker's app has its drain hook there
 
-        def server(app: object, host: str, port: int, level: str) -> SimpleNamespace:
+        def server(app: object, host: str, port: int, level: str, leave: Any = None) -> SimpleNamespace:
             self.levels.append(level)
             return SimpleNamespace(serve=lambda: None, config=None)
 

@@ -67,7 +67,8 @@ def test_up_makes_the_tiny_model_and_registers_both_once_serving(
 
     monkeypatch.setattr(cli, "_server", lambda *a: SimpleNamespace(started=True, serve=serve))
     for name in ("manager_app", "router_app", "worker_app"):
-        monkeypatch.setattr(cli, name, lambda settings, auth=None: object())
+        # a worker's app has its drain hook in its state
+        monkeypatch.setattr(cli, name, lambda settings, auth=None: SimpleNamespace(state=SimpleNamespace(leave=None)))
     monkeypatch.setattr(cli, "register_model", register)
     monkeypatch.setattr(cli, "_run", asyncio.run)
     monkeypatch.setattr(tiny_model, "make_tiny_model", lambda path: made.append(str(path)))

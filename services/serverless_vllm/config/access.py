@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -85,6 +86,19 @@ class AuthSettings(_Settings):
     def worker_headers(self) -> dict[str, str]:
         """What a worker, the manager and the router present to each other (worker token)."""
         return _bearer(self.worker_token) if self.enabled else {}
+
+    def for_local_run(self) -> tuple[AuthSettings, list[str]]:
+        """`svllm up`: authentication off unless credentials are set; with client keys set, the internal credentials
+        it lacks are made up for this run (all three services live in one process). Returns what to warn about."""
+        if not self.configured and "mode" not in self.model_fields_set:  # SVLLM_AUTH not set either
+            off = "authentication is OFF (local mode: no SVLLM_API_KEYS, SVLLM_ADMIN_KEY or SVLLM_WORKER_TOKEN set)"
+            return self.model_copy(update={"mode": "off"}), [off + "; set them before exposing this beyond loopback"]
+        if not self.enabled:
+            return self, []
+        missing = [k for k in ("admin_key", "worker_token") if getattr(self, k) is None]
+        made = {k: SecretStr(secrets.token_urlsafe(32)) for k in missing}
+        notes = ["no SVLLM_ADMIN_KEY: a random one is used for this run (register models with --model)"]
+        return self.model_copy(update=made), notes if "admin_key" in made else []
 
     def admin_headers(self) -> dict[str, str]:
         """What the router presents to the manager's HTTP API (the admin key, as a service credential)."""
