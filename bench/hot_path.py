@@ -18,7 +18,9 @@ Load: non-streaming completions (8 output tokens, ignore_eos) with `hey` (Debian
 1, 8, 32; streaming (16 output tokens) with vLLM's own benchmark client (vllm.benchmarks.serve) for TTFT and
 inter-token latency; chunk gaps as the client sees them with a small httpx client (64 tokens, concurrency 1).
 CPU time of every process (router, worker, engine, Ray, Rust router, client) is read from /proc around each
-non-streaming run: CPU milliseconds per request is the overhead that matters on a CPU-bound machine.
+non-streaming run: CPU milliseconds per request is the overhead that matters on a CPU-bound machine. With
+`--stream-cpu-requests N`, also N streams (8 at a time) through ours_http and ours_http_base per round with the
+router's and worker's CPU per streamed event (what relaying one event costs, less noisy than a throughput).
 
     .venv/bin/python bench/hot_path.py --quick           # smoke run, about 4 minutes
     .venv/bin/python bench/hot_path.py                   # the full run (waits for a quiet machine first)
@@ -495,6 +497,13 @@ def run_vllm_bench(runs: list[dict[str, Any]], tmp: Path, timeout: float) -> lis
 # --------------------------------------------------------------------------- chunk gaps: our own client
 
 
+def completion_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str], payload: bytes) -> Any:
+    """One streaming completion request (an async context manager giving the response)."""
+    return client.stream(
+        "POST", f"{url}/v1/completions", content=payload, headers={**headers, "content-type": "application/json"}
+    )
+
+
 async def chunk_gaps(url: str, headers: dict[str, str], requests: int, max_tokens: int) -> dict[str, Any]:
     """Sequential streaming requests; each SSE event is timed when the read that completes it arrives."""
     gaps: list[float] = []
@@ -508,12 +517,7 @@ async def chunk_gaps(url: str, headers: dict[str, str], requests: int, max_token
             t0 = time.perf_counter()
             times: list[float] = []
             buf = b""
-            async with client.stream(
-                "POST",
-                f"{url}/v1/completions",
-                content=payload,
-                headers={**headers, "content-type": "application/json"},
-            ) as resp:
+            async with completion_stream(client, url, headers, payload) as resp:
                 resp.raise_for_status()
                 async for chunk in resp.aiter_raw():
                     now = time.perf_counter()
@@ -535,6 +539,61 @@ async def chunk_gaps(url: str, headers: dict[str, str], requests: int, max_token
         "gap_ms": summary(gaps, 1000.0),
         "ttft_ms": summary(ttft, 1000.0),
     }
+
+
+# --------------------------------------------------------------------------- streaming CPU: our own client
+
+
+async def stream_events(url: str, headers: dict[str, str], concurrency: int, requests: int, max_tokens: int) -> int:
+    """`requests` streaming completions, `concurrency` at a time; returns the SSE events received."""
+    payload = json.dumps(body(max_tokens, stream=True)).encode()
+    events = 0
+    todo = iter(range(requests))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal events
+        for _ in todo:
+            async with completion_stream(client, url, headers, payload) as resp:
+                resp.raise_for_status()
+                async for chunk in resp.aiter_raw():
+                    events += chunk.count(b"\n\n")
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return events
+
+
+def stream_cpu(setup: Setup, meter: CPUMeter, cfg: str, concurrency: int, requests: int, tokens: int) -> dict[str, Any]:
+    """CPU microseconds per streamed event of each metered process group while `cfg` relays streams: what relaying
+    one event costs (router, worker), with less noise than a throughput on a busy machine."""
+    meter.start()
+    events = asyncio.run(stream_events(setup.urls[cfg], setup.headers, concurrency, requests, tokens))
+    cpu = meter.stop()
+    per_event = {k: round(1e6 * v / max(1, events), 2) for k, v in cpu.items() if k != "wall_s" and v}
+    return {"config": cfg, "events": events, "wall_s": cpu["wall_s"], "cpu_us_per_event": per_event}
+
+
+def summarise_stream_cpu(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over rounds of router (+ worker) CPU per event; with --baseline-tree, ours_http / ours_http_base paired
+    by round (the router and worker of each are metered as router, worker and router_base, worker_base)."""
+
+    def router_us(run: dict[str, Any]) -> float:
+        cpu = run["cpu_us_per_event"]
+        return float(cpu.get("router_base", 0) if run["config"] == "ours_http_base" else cpu.get("router", 0))
+
+    out: dict[str, Any] = {}
+    for cfg in ("ours_http", "ours_http_base"):
+        mine = [r for r in runs if r["config"] == cfg]
+        if mine:
+            out[cfg] = {"router_cpu_us_per_event": median([router_us(r) for r in mine])}
+    by_round: dict[int, dict[str, float]] = defaultdict(dict)
+    for r in runs:
+        by_round[r["round"]][r["config"]] = router_us(r)
+    ratios = [ratio(v["ours_http"], v["ours_http_base"]) for v in by_round.values() if len(v) == 2]
+    if ratios:
+        out["router_cpu_ratio_by_round"] = ratios
+        out["router_cpu_ratio_median"] = median(ratios)
+    return out
 
 
 # --------------------------------------------------------------------------- profiling
@@ -686,6 +745,13 @@ def main() -> None:
     )
     p.add_argument("--fake-interval-ms", type=float, default=10.0, help="token interval of the stand-in's streams")
     p.add_argument(
+        "--stream-cpu-requests",
+        type=int,
+        default=0,
+        help="per round, this many streams (--stream-tokens each, 8 at a time) through ours_http and ours_http_base "
+        "with the router's and worker's CPU per event metered (0: none)",
+    )
+    p.add_argument(
         "--extra-router",
         action="append",
         choices=("asyncio",),
@@ -761,6 +827,7 @@ def main() -> None:
         nonstream: list[dict[str, Any]] = []
         stream: list[dict[str, Any]] = []
         gaps: list[dict[str, Any]] = []
+        stream_cpu_runs: list[dict[str, Any]] = []
         for r in range(rounds):
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for c in concurrencies:
@@ -781,6 +848,11 @@ def main() -> None:
                     cfg, c = item["label"].split("|")
                     stream.append({"round": r, "config": cfg, "concurrency": int(c), **item["result"]})
                 for cfg in order:
+                    if cfg in ("ours_http", "ours_http_base") and a.stream_cpu_requests:
+                        res = stream_cpu(setup, meter, cfg, 8, a.stream_cpu_requests, a.stream_tokens)
+                        stream_cpu_runs.append({"round": r, **res})
+                        log(f"round {r} stream CPU {cfg}: {res['cpu_us_per_event']} us/event, {res['events']} events")
+                for cfg in order:
                     g = asyncio.run(chunk_gaps(setup.urls[cfg], setup.headers, gap_requests, 64))
                     gaps.append({"round": r, "config": cfg, **g})
                     log(
@@ -790,6 +862,10 @@ def main() -> None:
             result["loadavg_after_round_" + str(r)] = list(os.getloadavg())
         result["nonstream_runs"], result["stream_runs"], result["gap_runs"] = nonstream, stream, gaps
         result["summary"] = summarise(configs, concurrencies, nonstream, stream, gaps)
+        if stream_cpu_runs:
+            result["stream_cpu_runs"] = stream_cpu_runs
+            result["summary"]["stream_cpu"] = summarise_stream_cpu(stream_cpu_runs)
+            log(f"stream CPU: {result['summary']['stream_cpu']}")
         for c, v in result["summary"].get("ab", {}).get("nonstream", {}).items():
             log(
                 f"A/B c={c}: ours_http {v['ours_http_rps']} req/s, ours_http_base {v['ours_http_base_rps']} req/s; "

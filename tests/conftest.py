@@ -27,7 +27,16 @@ SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
 
 # End-to-end modules by how long they take (minutes), longest first: under pytest-xdist (the test command runs two
 # processes) a long module started last would finish alone while the other process idles.
-LONG_MODULES = ("test_appliance.py", "test_ray_mode.py", "test_faults.py", "test_lifecycle.py", "test_endpoints.py")
+LONG_MODULES = (
+    "test_appliance.py",
+    "test_ray_mode.py",
+    "test_faults.py",
+    "test_stream_migration.py",
+    "test_lora.py",
+    "test_lifecycle.py",
+    "test_endpoints.py",
+    "test_tenants.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -16,6 +16,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from .cli_flags import add_flag, command_parser, env_help, flag_values
+from .cli_keys import add_parser as add_keys_parser
+from .cli_lora import add_lora_flags, registration
 from .cli_status import cmd_status
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
@@ -196,9 +198,9 @@ def _registered(info: dict[str, object]) -> str:
 
 def cmd_register(args: argparse.Namespace) -> None:
     url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
-    body = registration_body(
+    body = registration(args, lambda: registration_body(
         args.model, args.alias, args.task, args.max_model_len, args.engine_arg, args.load_format, args.revision
-    )
+    ))  # fmt: skip
     info = asyncio.run(register_model(url, body))
     print(f"registered {_registered(info)} (state: {info['state']})")
 
@@ -339,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command_parser(sub, "register", "register a model with a running router", CliSettings)
     add_flag(p, CliSettings, "router_url", "--url")
-    model_flags(p, required=True)
+    model_flags(p, required=False)  # required unless an adapter is registered (cli_lora.py)
+    add_lora_flags(p)
     tasks = [t.value for t in ModelTask]
     p.add_argument("--task", choices=tasks, default="generate", help="what the engine serves (default: generate)")
     p.add_argument("--revision", help="a hub model's branch, tag or commit (default: its default branch)")
@@ -354,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(func=cmd_tiny_model)
 
+    add_keys_parser(sub)  # svllm keys create|list|revoke
     from .ray_mode.cli import add_parser as add_ray_services_parser  # no Ray import until the command runs
 
     add_ray_services_parser(sub)

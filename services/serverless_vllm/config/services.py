@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator
 
@@ -91,6 +91,19 @@ class RouterSettings(_Settings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
     )
     processes: int = _setting(1, env="ROUTER_PROCESSES", description="router processes (gunicorn, >1)")
+    # Limits of keys made at run time are enforced by each router process on its own (docs/tenants.md).
+    fair_queue: Literal["off", "fifo", "fair"] = _setting(
+        "off",
+        env="FAIR_QUEUE",
+        description="requests of API keys at a model's in-flight cap: off (503 at once), fair (wait by priority "
+        "class, tenants in turn) or fifo (wait in arrival order)",
+    )
+    key_limit_routers: int = _setting(
+        1,
+        env="KEY_LIMIT_ROUTERS",
+        description="routers sharing each key's limits: each enforces 1/N of them (and 1/ROUTER_PROCESSES of that)",
+        ge=1,
+    )
     request_timeout_s: float = _setting(
         600.0, env="REQUEST_TIMEOUT", description="seconds an upstream request may take"
     )
@@ -152,6 +165,13 @@ class RouterSettings(_Settings):
         description="seconds the router answers an unregistered alias's 404 itself, without asking the manager "
         "(0: always ask)",
         ge=0,
+    )
+    # A stream whose replica dies mid-generation goes on on another one (router/migration.py).
+    stream_migration: bool = _setting(
+        True,
+        env="STREAM_MIGRATION",
+        description="continue a chat/completion stream cut by a dead replica on another replica, from the text "
+        "sent so far (0: cut it with a stream_interrupted error event)",
     )
 
     @field_validator("allow_unknown_fields", mode="before")

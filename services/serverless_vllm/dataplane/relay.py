@@ -59,6 +59,10 @@ class RelayResponse(StreamingResponse):
             log.warning("upstream stream interrupted: %s", exc)
             yield error_event(f"upstream stream interrupted ({exc})")
 
+    @property
+    def upstream(self) -> UpstreamResponse:
+        return self._upstream
+
     def close_upstream(self) -> None:
         if self._closed:
             return

@@ -46,8 +46,10 @@ from ..schemas import (
     WorkerRegistration,
     WorkerState,
 )
+from .adapters import AdapterManager
 from .autoscale import Demand
 from .draining import retire
+from .keys import KeyRegistry
 from .model_cache import ModelCache
 from .reconciler import ManagerStats, Reconciler
 from .registry import ModelRegistry, model_info
@@ -85,6 +87,11 @@ class ManagerCore:
         self.replicas = ReplicaIndex()
         self.demand = Demand()
         self.routing = RoutingPublisher(self.epoch, self.registry, self.replicas, self.workers, clock)
+        self.adapters = AdapterManager(
+            settings, clock, self.registry, self.replicas, self.workers, self.demand, self.routing
+        )
+        self.routing.adapters = self.adapters  # adapters' routes follow their bases' replicas
+        self.keys = KeyRegistry(settings.db_path, self.epoch, lambda: self.registry.models)  # API keys as data
         self.worker_link = WorkerLink(
             settings,
             self.registry,
@@ -94,6 +101,7 @@ class ManagerCore:
             client=client,
             worker_headers=worker_headers,
             prefetch=lambda worker_id: self.model_cache.orders(worker_id),
+            adapters=self.adapters,
         )
         self.reconciler = Reconciler(
             settings,
@@ -107,6 +115,7 @@ class ManagerCore:
             self.stats,
             self.metrics,
         )
+        self.reconciler.fold_demand = self.adapters.fold_demand
         self.reports = EngineReports(clock, self.registry, self.replicas, self.reconciler, self.routing, self.metrics)
         self.model_cache = ModelCache(
             settings,
@@ -144,6 +153,7 @@ class ManagerCore:
                 await self._loop_task
         await self.worker_link.close()
         self.registry.close()
+        self.keys.close()
 
     async def _run(self) -> None:
         assert self._kick is not None
@@ -166,6 +176,7 @@ class ManagerCore:
         assert self._reconcile_lock is not None
         async with self._reconcile_lock:
             self.reconciler.run_pass(self.clock())
+            self.adapters.place(self.clock())  # LoRA adapters onto their bases' ready replicas
             self.model_cache.prune()  # after the pass has declared the dead workers
             self.routing.rebuild()
             await self.worker_link.push_assignments()
@@ -174,6 +185,7 @@ class ManagerCore:
 
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
         if self.registry.register(spec):
+            self.adapters.registered(spec.alias, spec)
             self.model_cache.model_registered(spec.alias)
             self.routing.rebuild([spec.alias])
             self._poke()
@@ -186,7 +198,9 @@ class ManagerCore:
         return self.model_info(alias)
 
     async def delete_model(self, alias: str) -> None:
+        spec = self.registry.require(alias).spec
         self.registry.delete(alias)
+        self.adapters.deleted(alias, spec)  # an adapter leaves every assignment: its workers unload it
         now = self.clock()
         for replica in self.replicas.of_alias(alias):  # out of routing now, stopped once its requests are done
             retire(replica, now, "model deleted")
@@ -201,6 +215,7 @@ class ManagerCore:
         mine = self.replicas.of_alias(alias)
         info = model_info(alias, record, mine, self.routing.model_state(alias))
         info.cache = self.model_cache.info(alias)
+        self.adapters.annotate(info, record)
         starting = (ReplicaState.PENDING, ReplicaState.STARTING)
         if info.phase is ModelPhase.STARTING and any(
             r.state in starting and self.model_cache.fetching(alias, r.worker_id) for r in mine
@@ -225,6 +240,7 @@ class ManagerCore:
             len(reg.engines),
         )
         self.reports.apply(record)
+        self.adapters.fold_reports(record)
         self.model_cache.fold(reg.worker_id, reg.cache)  # after its engines: a serving model is not failed
         self.model_cache.worker_joined(record)
         self._poke()
@@ -243,6 +259,7 @@ class ManagerCore:
             self._poke()
         # A worker back to healthy re-enters routing (one leaving leaves it): rebuild even if no replica changed.
         self.reports.apply(record, rebuild=not was_healthy or hb.leaving)
+        self.adapters.fold_reports(record)
         self.model_cache.fold(hb.worker_id, hb.cache)
         if hb.leaving and not self.replicas.of_worker(hb.worker_id):
             # Every engine drained and stopped: the worker is gone, not dead (no record left behind, no alert).
@@ -271,6 +288,8 @@ class ManagerCore:
             model = models.get(alias)
             if model is not None and (load.requests or load.in_flight or load.queued):
                 model.scale.last_active = now
+        busy = (a for a, load in report.models.items() if load.requests or load.in_flight or load.queued)
+        self.adapters.demand_reported(busy, now)  # an adapter's requests keep its base in use
         if self.demand.wake(a for a in report.wake if a in models):
             self._poke()
         for endpoint in report.failed_endpoints:
@@ -288,7 +307,7 @@ class ManagerCore:
     async def metrics_text(self) -> bytes:
         """The manager's metrics in Prometheus text format (the HTTP service serves it at /metrics; in Ray mode
         the router relays it at /manager/metrics, the manager actor having no HTTP port)."""
-        return await self.metrics.render()
+        return await self.metrics.render() + self.adapters.metrics_text().encode()
 
     def fleet_snapshot(self) -> FleetSnapshot:
         """Workers, models and replicas as plain values, for a scrape (cheaper than list_models' full infos)."""

@@ -18,6 +18,12 @@ from ..schemas import (
     DemandReport,
     Heartbeat,
     HeartbeatReply,
+    KeyCreated,
+    KeyInfo,
+    KeyLimits,
+    KeyPatch,
+    KeySpec,
+    KeyTable,
     ModelInfo,
     ModelPatch,
     ModelSpec,
@@ -30,6 +36,7 @@ from .core import ManagerCore
 from .protocol import HTTP_ROUTES
 
 Alias = Annotated[str, Path(pattern=ALIAS_PATTERN)]
+KeyRef = Annotated[str, Path(max_length=128)]  # a key's id or name
 T = TypeVar("T")
 
 
@@ -141,6 +148,47 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
         cached = served.get("table")
         if cached is None or cached[0] is not table:  # the core makes a new table object for each version
             cached = served["table"] = (table, table.model_dump_json().encode())
+        return Response(cached[1], media_type="application/json")
+
+    @route("create_key")
+    async def create_key(spec: KeySpec) -> KeyCreated:
+        return core.keys.create(spec)
+
+    @route("list_keys")
+    async def list_keys() -> list[KeyInfo]:
+        return core.keys.all()
+
+    @route("get_key")
+    async def get_key(ref: KeyRef) -> KeyInfo:
+        return core.keys.get(ref)
+
+    @route("update_key")
+    async def update_key(ref: KeyRef, patch: KeyPatch) -> KeyInfo:
+        return core.keys.update(ref, patch)
+
+    @route("revoke_key")
+    async def revoke_key(ref: KeyRef) -> KeyInfo:
+        return core.keys.revoke(ref)
+
+    @route("set_tenant_limits")
+    async def set_tenant_limits(ref: KeyRef, limits: KeyLimits) -> KeyLimits:
+        return core.keys.set_tenant_limits(ref, limits)
+
+    served_keys: dict[str, tuple[KeyTable, bytes]] = {}  # the last key table served and its JSON
+
+    @route("wait_keys", response_model=KeyTable)
+    async def key_table(
+        request: Request,
+        after: int = Query(-1, ge=-1),
+        epoch: str = Query("", max_length=64),
+        timeout: float = Query(0.0, ge=0.0, le=60.0),
+    ) -> Response:
+        table = await _unless_gone(request, core.keys.wait(after, epoch, timeout))
+        if table is None:
+            return Response(status_code=204)  # the router left
+        cached = served_keys.get("keys")  # as the routing table: serialized once per version, not per router
+        if cached is None or cached[0] is not table:
+            cached = served_keys["keys"] = (table, table.model_dump_json().encode())
         return Response(cached[1], media_type="application/json")
 
     @route("report_demand", status_code=204)

@@ -13,6 +13,12 @@ from ..schemas import (
     DemandReport,
     Heartbeat,
     HeartbeatReply,
+    KeyCreated,
+    KeyInfo,
+    KeyLimits,
+    KeyPatch,
+    KeySpec,
+    KeyTable,
     ModelInfo,
     ModelPatch,
     ModelSpec,
@@ -37,10 +43,16 @@ class HTTPManagerClient:
         )
 
     async def _send(
-        self, call: str, *, alias: str = "", body: BaseModel | None = None, params: dict[str, Any] | None = None
+        self,
+        call: str,
+        *,
+        alias: str = "",
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+        ref: str = "",
     ) -> httpx.Response:
         route = HTTP_ROUTES[call]
-        path = route.path.format(alias=quote(alias, safe=""))
+        path = route.path.format(alias=quote(alias, safe=""), ref=quote(ref, safe=""))
         try:
             resp = await self._client.request(
                 route.method,
@@ -63,8 +75,9 @@ class HTTPManagerClient:
         alias: str = "",
         body: BaseModel | None = None,
         params: dict[str, Any] | None = None,
+        ref: str = "",
     ) -> T:
-        resp = await self._send(call, alias=alias, body=body, params=params)
+        resp = await self._send(call, alias=alias, body=body, params=params, ref=ref)
         return TypeAdapter(result).validate_json(resp.content)
 
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
@@ -103,6 +116,28 @@ class HTTPManagerClient:
 
     async def metrics_text(self) -> bytes:
         return (await self._send("metrics_text")).content
+
+    async def create_key(self, spec: KeySpec) -> KeyCreated:
+        return await self._call("create_key", KeyCreated, body=spec)
+
+    async def list_keys(self) -> list[KeyInfo]:
+        return await self._call("list_keys", list[KeyInfo])
+
+    async def get_key(self, ref: str) -> KeyInfo:
+        return await self._call("get_key", KeyInfo, ref=ref)
+
+    async def update_key(self, ref: str, patch: KeyPatch) -> KeyInfo:
+        return await self._call("update_key", KeyInfo, ref=ref, body=patch)
+
+    async def revoke_key(self, ref: str) -> KeyInfo:
+        return await self._call("revoke_key", KeyInfo, ref=ref)
+
+    async def set_tenant_limits(self, ref: str, limits: KeyLimits) -> KeyLimits:
+        return await self._call("set_tenant_limits", KeyLimits, ref=ref, body=limits)
+
+    async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
+        params = {"after": after_version, "epoch": epoch, "timeout": timeout}
+        return await self._call("wait_keys", KeyTable, params=params)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -50,7 +50,8 @@ class CacheRow(NamedTuple):
 
 def cache_key(spec: ModelSpec) -> Key | None:
     """What a worker downloads for this registration; None for a local path (nothing to download)."""
-    return None if spec.model_name.startswith("/") else (spec.model_name, spec.revision)
+    # A LoRA adapter is fetched by its base's engine as it loads it (megabytes), not prefetched.
+    return None if spec.model_name.startswith("/") or spec.base is not None else (spec.model_name, spec.revision)
 
 
 def _label(key: Key) -> str:

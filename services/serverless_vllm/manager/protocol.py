@@ -20,6 +20,12 @@ from ..schemas import (
     DemandReport,
     Heartbeat,
     HeartbeatReply,
+    KeyCreated,
+    KeyInfo,
+    KeyLimits,
+    KeyPatch,
+    KeySpec,
+    KeyTable,
     ModelInfo,
     ModelPatch,
     ModelSpec,
@@ -46,6 +52,16 @@ class ManagerService(Protocol):
     async def health(self) -> dict[str, Any]: ...
     # The manager's metrics in Prometheus text format (relayed by the router at /manager/metrics).
     async def metrics_text(self) -> bytes: ...
+    # API keys as data (manager/keys.py). `ref` is a key's id or its name; the secret is returned by create only.
+    async def create_key(self, spec: KeySpec) -> KeyCreated: ...
+    async def list_keys(self) -> list[KeyInfo]: ...
+    async def get_key(self, ref: str) -> KeyInfo: ...
+    async def update_key(self, ref: str, patch: KeyPatch) -> KeyInfo: ...
+    async def revoke_key(self, ref: str) -> KeyInfo: ...
+    # Limits shared by every key of a tenant (limits without values: none); the key table carries them.
+    async def set_tenant_limits(self, ref: str, limits: KeyLimits) -> KeyLimits: ...
+    # Long-poll, as wait_routing: the key table (hashes, limits) once newer than `after_version`.
+    async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable: ...
 
 
 class ManagerAPI(ManagerService, Protocol):
@@ -57,7 +73,7 @@ class ManagerAPI(ManagerService, Protocol):
 @dataclass(frozen=True)
 class HTTPRoute:
     method: str
-    path: str  # may hold "{alias}", the call's `alias` argument
+    path: str  # may hold "{alias}" or "{ref}", the call's argument of that name
 
 
 HTTP_ROUTES: dict[str, HTTPRoute] = {
@@ -73,6 +89,13 @@ HTTP_ROUTES: dict[str, HTTPRoute] = {
     "report_demand": HTTPRoute("POST", "/demand"),
     "health": HTTPRoute("GET", "/health"),
     "metrics_text": HTTPRoute("GET", "/metrics"),
+    "create_key": HTTPRoute("POST", "/keys"),
+    "list_keys": HTTPRoute("GET", "/keys"),
+    "get_key": HTTPRoute("GET", "/keys/{ref}"),
+    "update_key": HTTPRoute("PATCH", "/keys/{ref}"),
+    "revoke_key": HTTPRoute("POST", "/keys/{ref}/revoke"),
+    "wait_keys": HTTPRoute("GET", "/key-table"),
+    "set_tenant_limits": HTTPRoute("PUT", "/tenants/{ref}"),
 }
 
 

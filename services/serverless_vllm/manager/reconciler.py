@@ -74,6 +74,8 @@ class Reconciler:
         self._caps: dict[str, WorkerCapacity] | None = None
         self._pass_open = False
         self._last_sweep: float | None = None
+        # Set by the core: folds LoRA adapters' loads and wakes into their bases' (manager/adapters.py).
+        self.fold_demand: Callable[[dict[str, float], set[str]], None] | None = None
 
     # ------------------------------------------------------------------ the pass
 
@@ -82,6 +84,8 @@ class Reconciler:
         self._sweep_workers(now)
         loads = self._demand.loads(now)
         wakes = self._demand.take_wakes()
+        if self.fold_demand is not None:
+            self.fold_demand(loads, wakes)  # LoRA adapters' demand counts toward their bases
         self._collect_failures(now)
         with self.pass_snapshot():
             for alias, model in self._models.items():
@@ -96,6 +100,8 @@ class Reconciler:
                     # Cold, unasked-for and not to be kept warm: the autoscaler keeps it at 0 and there is
                     # nothing to place or stop (most of 10,000 registered models, every pass).
                     continue
+                if model.spec.base is not None:
+                    continue  # a LoRA adapter: served by its base's replicas (manager/adapters.py)
                 self._scale_model(alias, model, load, wake, now)
 
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ from ..schemas import (
     StartTimes,
 )
 from ..security.models import check_registration
+from .adapter_rules import check_base, check_no_adapters
 from .autoscale import ScaleState
 from .replicas import Replica
 from .store import ModelStore
@@ -100,6 +101,7 @@ class ModelRegistry:
     def register(self, spec: ModelSpec) -> bool:
         """Add a model; False when the same spec is already registered (idempotent), 400 for another spec."""
         check_registration(spec, self._settings.model_dirs)  # hub ids or allowed dirs only; no unsafe engine flags
+        check_base(spec, self._models)  # a LoRA adapter's base is a registered model
         existing = self._models.get(spec.alias)
         if existing is not None:
             if existing.spec == spec:
@@ -112,7 +114,8 @@ class ModelRegistry:
             )
         now = self._clock()
         created = self._store.save(spec)
-        target = max(spec.min_replicas, 1 if spec.preload else 0)
+        # An adapter has no replica of its own (manager/adapters.py puts it on its base's).
+        target = 0 if spec.base is not None else max(spec.min_replicas, 1 if spec.preload else 0)
         self._models[spec.alias] = ModelRecord(
             spec=spec, created_at=created, scale=ScaleState(target=target, last_active=now)
         )
@@ -132,8 +135,9 @@ class ModelRegistry:
         return record
 
     def delete(self, alias: str) -> None:
-        """Forget the model (404 if unknown); its replicas are the caller's to remove."""
+        """Forget the model (404 if unknown, 409 for a base with adapters); its replicas are the caller's to remove."""
         self.require(alias)
+        check_no_adapters(alias, self._models)
         self._store.delete(alias)
         del self._models[alias]
 
@@ -195,18 +199,22 @@ def model_info(alias: str, record: ModelRecord, replicas: list[Replica], state: 
         engine=record.engine(),
         policy=record.policy(),
         desired_replicas=record.scale.target,
-        replicas=[
-            ReplicaInfo(
-                replica_id=r.replica_id,
-                worker_id=r.worker_id,
-                gpus=r.gpus,
-                state=r.state,
-                asleep=r.asleep,
-                sleep_level=r.sleep_level if r.asleep else None,
-                error=r.error,
-            )
-            for r in replicas
-        ],
+        replicas=replica_infos(replicas),
         last_error=record.last_error,
         created_at=record.created_at,
     )
+
+
+def replica_infos(replicas: list[Replica]) -> list[ReplicaInfo]:
+    return [
+        ReplicaInfo(
+            replica_id=r.replica_id,
+            worker_id=r.worker_id,
+            gpus=r.gpus,
+            state=r.state,
+            asleep=r.asleep,
+            sleep_level=r.sleep_level if r.asleep else None,
+            error=r.error,
+        )
+        for r in replicas
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from ..schemas import Endpoint, ModelRoute, ModelState, ModelTask, ReplicaState, Routing, RoutingTable, WorkerState
 from .draining import serving
@@ -17,8 +18,18 @@ from .replicas import ACTIVE, Replica, ReplicaIndex
 from .workers import WorkerRegistry
 
 # The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task, when a
-# loading model is expected ready, and how the routers pick among its endpoints.
-RouteKey = tuple[ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None, Routing]
+# loading model is expected ready, how the routers pick among its endpoints, and a LoRA adapter's base.
+RouteKey = tuple[
+    ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None, Routing, str | None
+]
+
+
+class AdapterRoutes(Protocol):
+    """The routes of LoRA adapters (manager/adapters.py): they follow their base's replicas."""
+
+    def dependents(self, aliases: Iterable[str]) -> set[str]: ...
+
+    def route_key(self, alias: str, model: ModelRecord, now: float) -> RouteKey: ...
 
 
 class RoutingPublisher:
@@ -42,6 +53,7 @@ class RoutingPublisher:
         self._route_keys: dict[str, RouteKey] = {}
         self._changed: asyncio.Condition | None = None
         self._listeners: list[Callable[[RoutingTable], None]] = []
+        self.adapters: AdapterRoutes | None = None  # set by the core
 
     def start(self) -> None:
         """A new condition for the long-polls, on the loop now running (the core calls this from start())."""
@@ -76,11 +88,17 @@ class RoutingPublisher:
             gone = [a for a in self._route_keys if a not in self._models]
         else:
             wanted = set(aliases)
+            if self.adapters is not None:
+                wanted |= self.adapters.dependents(wanted)
             targets = [a for a in wanted if a in self._models]
             gone = [a for a in wanted if a not in self._models and a in self._route_keys]
         changed: dict[str, RouteKey] = {}
         for alias in targets:
-            key = self._route_key(self._models[alias], self._replicas.of_alias(alias), now)
+            model = self._models[alias]
+            if model.spec.base is not None and self.adapters is not None:
+                key = self.adapters.route_key(alias, model, now)
+            else:
+                key = self._route_key(model, self._replicas.of_alias(alias), now)
             if self._route_keys.get(alias) != key:
                 changed[alias] = key
         if not changed and not gone:
@@ -109,8 +127,9 @@ class RoutingPublisher:
         if not mine:  # most models, on every full rebuild: the same answer as below, sooner
             if self._failed_recently(model, now):
                 failed = model.last_error
-                return ModelState.FAILED, (), failed, int(model.created_at), model.engine().task, None, _routing(model)
-            return ModelState.COLD, (), None, int(model.created_at), model.engine().task, None, _routing(model)
+                task = model.engine().task
+                return ModelState.FAILED, (), failed, int(model.created_at), task, None, _routing(model), None
+            return ModelState.COLD, (), None, int(model.created_at), model.engine().task, None, _routing(model), None
         endpoints = []
         for r in mine:
             if r.state is ReplicaState.READY and not r.asleep:
@@ -129,7 +148,8 @@ class RoutingPublisher:
             state, error = ModelState.FAILED, model.last_error
         else:
             state = ModelState.COLD
-        return state, tuple(endpoints), error, int(model.created_at), model.engine().task, ready_at, _routing(model)
+        task = model.engine().task
+        return state, tuple(endpoints), error, int(model.created_at), task, ready_at, _routing(model), None
 
     async def wait(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
         """Long-poll: return as soon as the table is newer than `after_version` (or from another epoch)."""
@@ -159,7 +179,7 @@ def _routing(model: ModelRecord) -> Routing:
 
 
 def _route(key: RouteKey) -> ModelRoute:
-    state, endpoints, error, created, task, ready_at, routing = key
+    state, endpoints, error, created, task, ready_at, routing, parent = key
     return ModelRoute(
         state=state,
         task=task,
@@ -168,4 +188,5 @@ def _route(key: RouteKey) -> ModelRoute:
         error=error,
         created=created,
         ready_at=ready_at,
+        parent=parent,
     )

@@ -12,15 +12,22 @@ from pathlib import Path
 from ..schemas import ModelSpec, StartTimes
 
 
+def open_db(path: str) -> sqlite3.Connection:
+    """A connection to the manager's database file (made if missing), in WAL mode: the stores of one file (models
+    here, keys in key_store.py) each hold one, guarded by a lock of their own."""
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
+
+
 class ModelStore:
     def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         # One connection guarded by a lock: writes are rare and tiny, and the manager is one process.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = open_db(path)
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS models ("
                 " alias TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL)"

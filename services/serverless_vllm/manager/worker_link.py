@@ -10,12 +10,13 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import httpx
 
 from ..config import AuthSettings, ManagerSettings
-from ..schemas import Assignment, HeartbeatReply, PrefetchOrder, WorkerState
-from .registry import ModelRegistry
+from ..schemas import Assignment, EngineArgs, HeartbeatReply, PrefetchOrder, WorkerState
+from .registry import ModelRecord, ModelRegistry
 from .replicas import ReplicaIndex
 from .workers import WorkerRecord, WorkerRegistry
 
@@ -30,13 +31,35 @@ WorkerClient = httpx.AsyncClient
 # equal keys mean equal assignment lists; comparing keys replaces building and hashing every worker's
 # serialized assignments on each pass. What a worker accepted is remembered as the set (PushedKey): the
 # order of a list does not matter to the worker, so a reordering alone is not pushed again.
-AssignmentKey = tuple[tuple[str, bool], ...]
-PushedKey = frozenset[tuple[str, bool]]
+# The LoRA adapters a replica should hold (manager/adapters.py) are part of its key.
+AssignmentKey = tuple[tuple[str, bool, tuple[str, ...]], ...]
+PushedKey = frozenset[tuple[str, bool, tuple[str, ...]]]
 # The hub models a worker should have in its cache, as (model name, revision) (manager/model_cache.py).
 PrefetchKey = tuple[tuple[str, str | None], ...]
 
 # Seconds one probe of a worker's /health may take (a slow answer is not a refusal: heartbeats decide).
 PROBE_TIMEOUT_S = 2.0
+
+
+class AdapterAssignments(Protocol):
+    """What assignments say about LoRA adapters (manager/adapters.py)."""
+
+    def engine(self, alias: str, model: ModelRecord) -> EngineArgs: ...
+
+    def key(self, replica_id: str) -> tuple[str, ...]: ...
+
+    def assigned(self, replica_id: str) -> dict[str, str]: ...
+
+
+class _NoAdapters:
+    def engine(self, alias: str, model: ModelRecord) -> EngineArgs:
+        return model.engine()
+
+    def key(self, replica_id: str) -> tuple[str, ...]:
+        return ()
+
+    def assigned(self, replica_id: str) -> dict[str, str]:
+        return {}
 
 
 class WorkerLink:
@@ -51,6 +74,7 @@ class WorkerLink:
         client: WorkerClient | None = None,
         worker_headers: dict[str, str] | None = None,
         prefetch: Callable[[str], PrefetchKey] = lambda worker_id: (),
+        adapters: AdapterAssignments | None = None,
     ) -> None:
         """`on_refused`: called with a worker that refused every probe's connection (declared dead). `prefetch`:
         the models a worker should have in its cache (its heartbeat replies carry them)."""
@@ -60,6 +84,7 @@ class WorkerLink:
         self._workers = workers
         self._on_refused = on_refused
         self._prefetch = prefetch
+        self._adapters = adapters if adapters is not None else _NoAdapters()
         self._client = client
         # Calls to workers carry the worker token; adapters that pass none (the Ray actor) take it from the env.
         self._worker_headers = AuthSettings.from_env().worker_headers() if worker_headers is None else worker_headers
@@ -95,18 +120,20 @@ class WorkerLink:
                         replica_id=r.replica_id,
                         alias=r.alias,
                         model_name=model.spec.model_name,
-                        engine=model.engine(),
+                        engine=self._adapters.engine(r.alias, model),
                         gpus=r.gpus,
                         asleep=r.asleep,
                         sleep_level=r.sleep_level,
+                        adapters=self._adapters.assigned(r.replica_id),
                     )
                 )
         return out
 
     def assignment_key(self, worker_id: str) -> AssignmentKey:
         """What identifies the worker's assignments (see AssignmentKey), in O(its replicas)."""
+        key = self._adapters.key
         return tuple(
-            (r.replica_id, r.asleep)
+            (r.replica_id, r.asleep, key(r.replica_id))
             for r in self._replicas.of_worker(worker_id)
             if r.alias in self._models and r.draining_since is None
         )

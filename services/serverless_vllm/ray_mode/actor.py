@@ -15,6 +15,12 @@ from ..schemas import (
     DemandReport,
     Heartbeat,
     HeartbeatReply,
+    KeyCreated,
+    KeyInfo,
+    KeyLimits,
+    KeyPatch,
+    KeySpec,
+    KeyTable,
     ModelInfo,
     ModelPatch,
     ModelSpec,
@@ -90,6 +96,27 @@ class ManagerActor:
 
     async def metrics_text(self) -> bytes:
         return await (await self._started()).metrics_text()
+
+    async def create_key(self, spec: KeySpec) -> KeyCreated:
+        return (await self._started()).keys.create(spec)
+
+    async def list_keys(self) -> list[KeyInfo]:
+        return (await self._started()).keys.all()
+
+    async def get_key(self, ref: str) -> KeyInfo:
+        return (await self._started()).keys.get(ref)
+
+    async def update_key(self, ref: str, patch: KeyPatch) -> KeyInfo:
+        return (await self._started()).keys.update(ref, patch)
+
+    async def revoke_key(self, ref: str) -> KeyInfo:
+        return (await self._started()).keys.revoke(ref)
+
+    async def set_tenant_limits(self, ref: str, limits: KeyLimits) -> KeyLimits:
+        return (await self._started()).keys.set_tenant_limits(ref, limits)
+
+    async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
+        return await (await self._started()).keys.wait(after_version, epoch, timeout)
 
 
 def get_or_create_manager(

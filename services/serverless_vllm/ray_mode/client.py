@@ -15,6 +15,12 @@ from ..schemas import (
     DemandReport,
     Heartbeat,
     HeartbeatReply,
+    KeyCreated,
+    KeyInfo,
+    KeyLimits,
+    KeyPatch,
+    KeySpec,
+    KeyTable,
     ModelInfo,
     ModelPatch,
     ModelSpec,
@@ -120,6 +126,27 @@ class RayManagerClient:
 
     async def metrics_text(self) -> bytes:
         return await self._call(bytes, "metrics_text")
+
+    async def create_key(self, spec: KeySpec) -> KeyCreated:
+        return await self._call(KeyCreated, "create_key", spec)
+
+    async def list_keys(self) -> list[KeyInfo]:
+        return await self._call(list[KeyInfo], "list_keys")
+
+    async def get_key(self, ref: str) -> KeyInfo:
+        return await self._call(KeyInfo, "get_key", ref)
+
+    async def update_key(self, ref: str, patch: KeyPatch) -> KeyInfo:
+        return await self._call(KeyInfo, "update_key", ref, patch)
+
+    async def revoke_key(self, ref: str) -> KeyInfo:
+        return await self._call(KeyInfo, "revoke_key", ref)
+
+    async def set_tenant_limits(self, ref: str, limits: KeyLimits) -> KeyLimits:
+        return await self._call(KeyLimits, "set_tenant_limits", ref, limits)
+
+    async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
+        return await self._call(KeyTable, "wait_keys", after_version, epoch, timeout, timeout=timeout + _POLL_MARGIN_S)
 
     async def close(self) -> None:
         # The actor belongs to the cluster, not to this router: just drop the handle.

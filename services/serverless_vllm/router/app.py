@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request, Response
 
 from ..config import AuthSettings, RouterSettings
 from ..dataplane.app_state import AppState
-from ..dataplane.body import read_inference
+from ..dataplane.body import InferenceRequest, read_inference
 from ..dataplane.disconnect import until_disconnect
 from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import SESSION_HEADER
@@ -22,6 +23,7 @@ from ..errors import install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
 from ..security.auth import install_guard, router_policy
+from ..security.keys import KEY_SCOPE
 from .fleet_api import fleet_router
 from .models_api import models_router
 from .policy import RequestKey
@@ -31,6 +33,7 @@ from .responses import ResponseMap, ResponsesRouter
 from .state import RouterState
 from .sync import ManagerSync
 from .table import RouteTable
+from .tenants import Tenants
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ def create_router_app(
         return started.table if started is not None else None
 
     metrics = RouterMetrics(table_if_started)
+    # Keys made at run time: checked by the guard, limited and metered by the gate (router/tenants.py).
+    tenants = Tenants(1.0 / (settings.key_limit_routers * settings.processes), metrics.model_label)
+    metrics.registry.register(tenants.collector)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -71,10 +77,13 @@ def create_router_app(
             )
         )
         await sync.start()
+        if auth.enabled:  # without credentials no key is checked: no key table either
+            await tenants.start(manager, table, settings)
         freeze_startup_heap()
         try:
             yield
         finally:
+            await tenants.stop()
             await sync.stop()
             await client.close()
             await manager.close()
@@ -92,11 +101,20 @@ def create_router_app(
         # What the model's routing policy may read: the session key, and the parsed body (the prefix policy hashes
         # the prompt from it, for models routed by prefix only).
         key = RequestKey(session, payload, endpoint.family)
+        api_key = request.scope.get(KEY_SCOPE)  # a key made at run time: its models, limits and usage
+        if api_key is not None:
+            return await until_disconnect(request, tenants.gate.serve(api_key, inference, partial(_send, key)))
         if endpoint.family == "responses":
             return await until_disconnect(request, state.get().responses.create(inference, key))
         # A client that leaves before the first byte (held in a cold start, or waiting for a whole answer) cancels
         # the forward: its queue slot is freed and the upstream connection closed, so vLLM aborts the request.
         return await until_disconnect(request, state.get().forwarder.forward(inference, key))
+
+    async def _send(key: RequestKey, inference: InferenceRequest) -> Response:
+        """A key's request, past its gate (which may have rewritten it to ask for usage)."""
+        if inference.endpoint.family == "responses":
+            return await state.get().responses.create(inference, key)
+        return await state.get().forwarder.forward(inference, key)
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
         following = state.get().responses.follow(response_id, action, request.url.query)
@@ -107,10 +125,12 @@ def create_router_app(
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)
     install_router_metrics(app, metrics, lambda: state.get().manager)  # /metrics, /manager/metrics, /sd/*
-    install_guard(app, auth, "router", router_policy, settings.max_body_bytes)  # keys checked before anything
+    # Keys checked before anything (the environment's, then those made at run time).
+    tenants.authenticator = install_guard(app, auth, "router", router_policy, settings.max_body_bytes, tenants.ring)
 
     app.include_router(models_router(state.get))  # /v1/models...
     app.include_router(fleet_router(state.get, settings.router_id))  # /health, /workers...
+    app.include_router(tenants.routes())  # /v1/keys..., /v1/usage
     return app
 
 

@@ -108,9 +108,7 @@ class HeldStream(StreamingResponse):
                         yield self._comment()
                         await asyncio.wait((self._hold,), timeout=self._forwarder.keepalive_s)
                     endpoint = self._hold.result()
-                response = await self._forwarder.send(
-                    request.endpoint.path, request.body, request.content_type, alias, endpoint
-                )
+                response = await self._forwarder.send_request(request, endpoint, self._affinity, self._tried)
                 if response is not None:
                     if self._served_by is not None:
                         self._served_by(endpoint)

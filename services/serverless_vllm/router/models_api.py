@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from ..schemas import ALIAS_PATTERN, ModelInfo, ModelPatch, ModelSpec
+from ..security.keys import KEY_SCOPE, ActiveKey, hidden_model
 from .state import RouterState
 
 # A path alias that cannot be registered is a clear 400, never a manager call.
@@ -33,8 +34,9 @@ def models_router(state: Callable[[], RouterState]) -> APIRouter:
     routes = APIRouter()
 
     @routes.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> dict[str, Any]:
         s = state()
+        key = request.scope.get(KEY_SCOPE)  # a key made at run time sees its own models only
         if not s.table.loaded:
             await s.sync.refresh()
         return {
@@ -47,8 +49,10 @@ def models_router(state: Callable[[], RouterState]) -> APIRouter:
                     "owned_by": "serverless-vllm",
                     "state": route.state.value,
                     "task": route.task.value,
+                    **({"parent": route.parent} if route.parent is not None else {}),  # a LoRA adapter's base
                 }
                 for alias, route in sorted(s.table.aliases().items())
+                if not isinstance(key, ActiveKey) or key.allows(alias)
             ],
         }
 
@@ -60,7 +64,10 @@ def models_router(state: Callable[[], RouterState]) -> APIRouter:
         return JSONResponse(_retrieve_shape(info))
 
     @routes.get("/v1/models/{alias}")
-    async def get_model(alias: Alias) -> JSONResponse:
+    async def get_model(alias: Alias, request: Request) -> JSONResponse:
+        key = request.scope.get(KEY_SCOPE)
+        if isinstance(key, ActiveKey) and not key.allows(alias):  # as if it did not exist (docs/tenants.md)
+            raise hidden_model(alias)
         return JSONResponse(_retrieve_shape(await state().manager.get_model(alias)))
 
     @routes.patch("/v1/models/{alias}")
@@ -68,8 +75,12 @@ def models_router(state: Callable[[], RouterState]) -> APIRouter:
         return JSONResponse(_retrieve_shape(await state().manager.patch_model(alias, patch)))
 
     @routes.delete("/v1/models/{alias}")
-    async def delete_model(alias: Alias) -> dict[str, Any]:
+    async def delete_model(alias: Alias, cascade: bool = False) -> dict[str, Any]:
         s = state()
+        if cascade:  # its LoRA adapters first (the manager refuses to delete a base that has some: 409)
+            await s.sync.refresh()
+            for adapter in sorted(a for a, route in s.table.aliases().items() if route.parent == alias):
+                await s.manager.delete_model(adapter)
         await s.manager.delete_model(alias)
         await s.sync.refresh()
         return {"id": alias, "object": "model", "deleted": True}

@@ -24,6 +24,7 @@ from ..errors import APIError
 from ..manager.protocol import ManagerAPI
 from ..schemas import Endpoint, ModelState
 from .hold_stream import hold_streaming, keeps_alive, replicas_failed
+from .migration import StreamMigration
 from .negative_cache import NegativeCache
 from .policy import RequestKey
 from .sync import ManagerSync
@@ -58,6 +59,7 @@ class Forwarder:
         # The manager's recent 404s (aliases it does not know), answered here again for a few seconds.
         self._unknown = unknown_models if unknown_models is not None else NegativeCache(settings.unknown_model_ttl_s)
         self.keepalive_s = settings.hold_keepalive_s  # a held stream's comment interval (0: none)
+        self._migration = StreamMigration(self) if settings.stream_migration else None
 
     @property
     def table(self) -> RouteTable:
@@ -85,7 +87,7 @@ class Forwarder:
                     endpoint = held
                 else:
                     endpoint = await self.hold(alias, tried, affinity, request.endpoint)
-            response = await self.send(request.endpoint.path, request.body, request.content_type, alias, endpoint)
+            response = await self.send_request(request, endpoint, affinity, tried)
             if response is not None:
                 if served_by is not None:
                     served_by(endpoint)
@@ -114,6 +116,15 @@ class Forwarder:
             raise _unavailable(
                 f"'{alias}' is at capacity ({cap} requests in flight per replica); retry shortly", "overloaded", 1
             )
+
+    async def send_request(
+        self, request: InferenceRequest, endpoint: Endpoint, affinity: RequestKey | None, tried: set[str]
+    ) -> Response | None:
+        """`send` for an inference request; a stream that can go on on another replica if its replica dies is
+        relayed so (router/migration.py)."""
+        if self._migration is not None and keeps_alive(request):  # streams only: nothing more for the others
+            return await self._migration.send(request, endpoint, affinity, tried)
+        return await self.send(request.endpoint.path, request.body, request.content_type, request.alias, endpoint)
 
     async def send(
         self, path: str, body: bytes, content_type: str, alias: str, endpoint: Endpoint, method: str = "POST"

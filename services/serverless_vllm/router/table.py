@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..schemas import DemandReport, Endpoint, ModelLoad, ModelRoute, Routing, RoutingTable
@@ -42,6 +43,7 @@ class RouteTable:
         self._in_flight: dict[str, int] = defaultdict(int)
         self._models: dict[str, ModelCounters] = defaultdict(ModelCounters)
         self._changed = asyncio.Event()
+        self.on_finished: Callable[[str], None] | None = None
         least = LeastLoaded(rng)
         self.prefix = prefix if prefix is not None else PrefixAffinity(rng=rng)
         self._policies: dict[Routing, RoutingPolicy] = {
@@ -133,6 +135,8 @@ class RouteTable:
     def finished(self, alias: str, endpoint: Endpoint) -> None:
         self._in_flight[endpoint.replica_id] -= 1
         self._models[alias].in_flight -= 1
+        if self.on_finished is not None:  # the fair queue (FAIR_QUEUE): a slot is free
+            self.on_finished(alias)
 
     def queue_depth(self, alias: str) -> int:
         return self._models[alias].queued

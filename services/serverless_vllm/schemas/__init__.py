@@ -17,6 +17,7 @@ from .fleet import (
     WorkerRegistration,
     WorkerState,
 )
+from .keys import KeyCreated, KeyEntry, KeyInfo, KeyLimits, KeyPatch, KeySpec, KeyTable, Priority
 from .models import (
     ALIAS_PATTERN,
     CacheFault,
@@ -58,6 +59,13 @@ __all__ = [
     "Heartbeat",
     "HeartbeatReply",
     "HostMemory",
+    "KeyCreated",
+    "KeyEntry",
+    "KeyInfo",
+    "KeyLimits",
+    "KeyPatch",
+    "KeySpec",
+    "KeyTable",
     "LoadFormat",
     "ModelInfo",
     "ModelLoad",
@@ -70,6 +78,7 @@ __all__ = [
     "ModelTask",
     "PlacementRejection",
     "PrefetchOrder",
+    "Priority",
     "ReplicaInfo",
     "ReplicaState",
     "Routing",

@@ -41,6 +41,11 @@ class EngineStatus(BaseModel):
     log_tail: list[str] = []
     sleep_level: int | None = None  # SLEEPING: the vLLM sleep level it sleeps at
     weights_bytes: int | None = None  # the size of its model's weight files, when the worker can tell
+    # LoRA (worker/adapters.py): started with it; the adapters its engine lists as loaded (its own /v1/models);
+    # the ones it refused, with the engine's reason. Left out of the JSON when empty (most engines).
+    lora: bool = Field(default=False, exclude_if=lambda v: not v)
+    adapters: list[str] = Field(default=[], exclude_if=lambda v: not v)
+    adapter_errors: dict[str, str] = Field(default={}, exclude_if=lambda v: not v)
 
 
 class Assignment(BaseModel):
@@ -53,6 +58,8 @@ class Assignment(BaseModel):
     gpus: list[int] = []
     asleep: bool = False
     sleep_level: Annotated[int, Field(ge=1, le=2)] = 1  # asleep: vLLM's sleep level (manager/sleep_level.py)
+    # The LoRA adapters its engine should hold, name -> weights (manager/adapters.py); the worker loads the missing.
+    adapters: dict[str, str] = Field(default={}, exclude_if=lambda v: not v)
 
 
 class WorkerRegistration(BaseModel):

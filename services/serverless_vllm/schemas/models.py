@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .adapters import adapter_model_name, check_adapter_spec
 
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _ALIAS_RE = re.compile(ALIAS_PATTERN)
@@ -75,6 +77,10 @@ class LoadFormat(StrEnum):
     FASTSAFETENSORS = "fastsafetensors"  # the `fastsafetensors` package; GPU Direct Storage where there is one
 
 
+# The adapter ranks vLLM accepts as --max-lora-rank.
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
 class EngineArgs(Strict):
     """The vLLM engine arguments a registration may set."""
 
@@ -87,6 +93,17 @@ class EngineArgs(Strict):
     # A hub model's branch, tag or commit (None: its default branch): vLLM's --revision, what the workers prefetch.
     revision: Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")] | None = None
     extra_args: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=128)] = []
+    # LoRA (vLLM's --enable-lora and its sizes): an engine of a base with adapters registered gets it regardless.
+    enable_lora: bool = False
+    max_loras: Annotated[int, Field(ge=1, le=256)] = 4  # adapters one replica holds (the manager unloads LRU beyond)
+    max_lora_rank: LoraRank = 16
+    max_cpu_loras: Annotated[int, Field(ge=1, le=4096)] | None = None  # vLLM's CPU cache of adapters (>= max_loras)
+
+    @model_validator(mode="after")
+    def _cpu_loras(self) -> EngineArgs:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
 
 
 class ModelSpec(ModelPolicy, EngineArgs):
@@ -94,6 +111,15 @@ class ModelSpec(ModelPolicy, EngineArgs):
 
     alias: Annotated[str, Field(min_length=1, max_length=128)]
     model_name: Annotated[str, Field(min_length=1, max_length=4096)]
+    # A LoRA adapter (schemas/adapters.py): served by the engines of the registered model `base`; `adapter` is its
+    # hub id or path, and `model_name` is set to it.
+    base: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    adapter: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_name(cls, data: Any) -> Any:
+        return adapter_model_name(data)
 
     @field_validator("alias")
     @classmethod
@@ -111,6 +137,11 @@ class ModelSpec(ModelPolicy, EngineArgs):
             a.split("=", 1)[0].replace("_", "-") == "--no-enable-prefix-caching" for a in self.extra_args
         ):
             raise ValueError("routing 'prefix' needs the engines' prefix cache (extra_args turn it off)")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_fields(self) -> ModelSpec:
+        check_adapter_spec(self)
         return self
 
     def engine_args(self) -> EngineArgs:
@@ -161,6 +192,7 @@ class ReplicaInfo(BaseModel):
     asleep: bool = False
     sleep_level: int | None = None  # asleep: vLLM's level (1: weights in host memory, 2: discarded)
     error: str | None = None
+    adapters: list[str] = []  # LoRA adapters its engine reports loaded (a base's replica)
 
 
 class ModelPhase(StrEnum):
@@ -237,6 +269,7 @@ class ModelInfo(BaseModel):
     last_error: str | None = None
     created_at: float
     cache: dict[str, CacheProgress] = {}  # a hub model's files in the caches of the workers asked to prefetch it
+    base: str | None = None  # a LoRA adapter: its base model's alias (`replicas`: the base's that hold it)
 
 
 # --------------------------------------------------------------------------- workers

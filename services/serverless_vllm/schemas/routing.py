@@ -24,6 +24,8 @@ class ModelRoute(BaseModel):
     # Loading: when it is expected ready (unix seconds), from its past starts. Left out of the JSON when unknown (most
     # routes): the table of 10,000 models stays as small as before.
     ready_at: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    # A LoRA adapter: its base's alias (OpenAI's and vLLM's `parent`); its endpoints are the base's replicas holding it.
+    parent: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class RoutingTable(BaseModel):

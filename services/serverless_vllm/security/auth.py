@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import AuthSettings
 from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES
 from ..errors import APIError
+from .keys import KEY_SCOPE, ActiveKey, KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ def router_policy(method: str, path: str) -> frozenset[Role] | None:
         return WORKER_ONLY
     if path == "/v1/models" or path.startswith("/v1/models/"):
         return CLIENT_OR_ADMIN if method in ("GET", "HEAD") else ADMIN_ONLY  # register, patch, delete: admin
-    if path in ROUTER_ADMIN_PATHS:
-        return ADMIN_ONLY
+    if path in ROUTER_ADMIN_PATHS or path.startswith(("/v1/keys", "/v1/tenants")):
+        return ADMIN_ONLY  # the key API: admin only (GET /v1/usage is for keys too: their own usage)
     # Inference, and paths the router does not serve: a valid client key on an unknown route is then told 404
     # by the app (a 401 would send its owner hunting for a key problem); a wrong key is still 401.
     return CLIENT_OR_ADMIN
@@ -127,9 +128,10 @@ class Authenticator:
         self._digests = {role: tuple(_digest(v) for v in values) for role, values in secrets.items()}
 
     def allowed(self, token: bytes | None, roles: frozenset[Role]) -> bool:
-        if token is None:
-            return False
-        presented = _digest(token)
+        return token is not None and self.allowed_digest(_digest(token), roles)
+
+    def allowed_digest(self, presented: bytes, roles: frozenset[Role]) -> bool:
+        """`allowed`, for a token whose SHA-256 the caller has (the guard hashes it once for both kinds of key)."""
         ok = False
         for role in roles:
             for digest in self._digests[role]:
@@ -177,12 +179,18 @@ class GuardMiddleware:
     """Authentication (before anything is read) and a request body size limit, for every route of an app."""
 
     def __init__(
-        self, app: ASGIApp, authenticator: Authenticator, policy: Policy, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator,
+        policy: Policy,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        keys: KeyRing | None = None,
     ) -> None:
         self.app = app
         self._auth = authenticator
         self._policy = policy
         self._limit = max_body_bytes
+        self._keys = keys  # client keys made at run time (security/keys.py), on the router only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self._auth.enabled:
@@ -195,8 +203,15 @@ class GuardMiddleware:
             roles = self._policy(scope["method"], _route_path(scope))
             if roles is not None:
                 token = bearer_token(scope)
-                if not self._auth.allowed(token, roles):
-                    await _unauthorized(token, roles).response(_route_path(scope))(scope, receive, send)
+                digest = _digest(token) if token is not None else b""
+                # A key made at run time: one dict lookup by the digest (security/keys.py); then the environment's.
+                keys = self._keys
+                key = keys.check_digest(digest) if keys is not None and keys.any and Role.CLIENT in roles else None
+                if isinstance(key, ActiveKey):
+                    scope[KEY_SCOPE] = key  # its models and limits are applied once the request's model is read
+                elif token is None or not self._auth.allowed_digest(digest, roles):
+                    error = key if isinstance(key, APIError) else _unauthorized(token, roles)
+                    await error.response(_route_path(scope))(scope, receive, send)
                     return
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
@@ -232,11 +247,19 @@ class GuardMiddleware:
 
 
 def install_guard(
-    app: Any, settings: AuthSettings, service: str, policy: Policy, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    app: Any,
+    settings: AuthSettings,
+    service: str,
+    policy: Policy,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    keys: KeyRing | None = None,
 ) -> Authenticator:
-    """Add the guard as the outermost middleware of `app`; raises AuthConfigError when credentials are missing."""
+    """Add the guard as the outermost middleware of `app`; raises AuthConfigError when credentials are missing.
+    `keys`: the client keys made at run time (the router's key ring), checked after the environment's."""
     authenticator = Authenticator(settings, service)
     if not authenticator.enabled:
         log.warning("%s: authentication is OFF (SVLLM_AUTH=off): for local development only", service)
-    app.add_middleware(GuardMiddleware, authenticator=authenticator, policy=policy, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware, authenticator=authenticator, policy=policy, max_body_bytes=max_body_bytes, keys=keys
+    )
     return authenticator

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Written last: a folder with this file is complete (an interrupted build never looks finished).
@@ -95,25 +95,30 @@ def _build(target: Path, classifier: bool = False) -> None:
 
 
 def make_tiny_model(path: str | Path, classifier: bool = False) -> Path:
-    """Create the tiny model at ``path`` (idempotent: an already complete folder is left as it is).
+    """Create the tiny model at ``path`` (idempotent: an already complete folder is left as it is)."""
+    return build_folder(path, _MARKER, lambda staging: _build(staging, classifier))
+
+
+def build_folder(path: str | Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """Make the folder ``path`` with ``build`` unless it is complete (has ``marker``, which ``build`` writes last).
 
     Built in a temporary sibling folder and renamed into place, so concurrent callers never see a half
-    written model; the loser of a race simply discards its copy.
+    written folder; the loser of a race simply discards its copy.
     """
     target = Path(path).expanduser().resolve()
-    if (target / _MARKER).is_file():
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
     try:
-        _build(staging, classifier)
-        if target.exists() and not (target / _MARKER).is_file():
+        build(staging)
+        if target.exists() and not (target / marker).is_file():
             shutil.rmtree(target, ignore_errors=True)  # leftovers of an interrupted older build
         try:
             os.rename(staging, target)
         except OSError:
-            if not (target / _MARKER).is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

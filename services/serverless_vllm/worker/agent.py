@@ -18,6 +18,7 @@ from ..config import WorkerSettings
 from ..manager.http_client import HTTPManagerClient
 from ..metrics.worker import WorkerMetrics
 from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatReply, ReplicaState, WorkerRegistration
+from .adapters import AdapterSync
 from .drain import Drainer, InFlight
 from .engine import ENGINE_MODULE, EngineProcess, engine_environment
 from .gpus import GPUProbe, cpu_slots
@@ -64,6 +65,8 @@ class WorkerAgent:
         self.leaving = False  # shutting down (leave()): every engine drains, none starts
         self._assigned: dict[str, Assignment] = {}  # the manager's latest assignments, by replica id
         self._no_room: set[str] = set()  # assigned, waiting for engines draining on their GPUs to exit
+        # LoRA adapters loaded into (and unloaded from) engines as their assignments say (adapters.py).
+        self.adapters = AdapterSync(on_change=self._nudge.set)
 
     @property
     def has_gpu(self) -> bool:
@@ -94,6 +97,7 @@ class WorkerAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
         await self.draining.close()
+        await self.adapters.close()
         await asyncio.gather(*(e.stop() for e in self.engines.values()), return_exceptions=True)
         self.engines.clear()
         if self.standbys is not None:
@@ -113,6 +117,7 @@ class WorkerAgent:
         if self.standbys is not None:
             self.standbys.nudge()  # a start that ended may let a replacement standby launch
         self.metrics.engines_changed(self.engines.values())  # crashes, restarts, start times
+        self.adapters.refresh(self.engines)  # a restarted engine holds no adapter: loaded again once ready
 
     # ------------------------------------------------------------------ manager link
 
@@ -123,6 +128,10 @@ class WorkerAgent:
             status = engine.status()
             status.gpus = engine.assignment.gpus
             status.model_name = engine.assignment.model_name
+            if engine.assignment.engine.enable_lora:
+                status.lora = True
+                status.adapters = self.adapters.loaded(engine.replica_id)
+                status.adapter_errors = self.adapters.errors(engine.replica_id)
             if self.has_gpu:  # only sleep needs it, and only GPU workers sleep
                 status.weights_bytes = self._weights.of(engine.replica_id, engine.state, _measure(engine))
             out.append(status)
@@ -241,6 +250,7 @@ class WorkerAgent:
                     self.draining.sleep_when_idle(running, assignment.sleep_level, partial(self._asleep, rid))
                 elif not assignment.asleep and running.state is ReplicaState.SLEEPING:
                     self._spawn(running.wake())
+            self.adapters.update(self.engines, wanted)
             return self.statuses()
 
     def _room(self, assignment: Assignment) -> bool:

@@ -210,6 +210,13 @@ class EngineProcess:
         if engine.revision is not None:
             cmd += ["--revision", engine.revision]
         cmd += TASK_ARGS[engine.task]
+        if engine.enable_lora:
+            cmd += [
+                "--enable-lora",
+                "--max-loras", str(engine.max_loras),
+                "--max-lora-rank", str(engine.max_lora_rank),
+                "--max-cpu-loras", str(engine.max_cpu_loras or engine.max_loras),
+            ]  # fmt: skip
         if self.has_gpu:
             cmd += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--enable-sleep-mode"]
         if self.uniproc:
@@ -228,6 +235,9 @@ class EngineProcess:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         if self.uniproc:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM's CPU platform refuses 'uni' without it
+        if self.assignment.engine.enable_lora:
+            # The runtime adapter API (worker/adapters.py); on loopback, and the worker relays no such route.
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         return env
 
     # ------------------------------------------------------------------ lifecycle

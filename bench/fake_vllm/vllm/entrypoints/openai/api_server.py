@@ -35,17 +35,17 @@ def _completion(model: str, n: int) -> bytes:
     ).encode()
 
 
-def _event(model: str, i: int) -> bytes:
-    body = json.dumps(
-        {
-            "id": "cmpl-fake",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "text": f" tok{i}", "logprobs": None, "finish_reason": None, "stop_reason": None}],
-        }
-    )
-    return f"data: {body}\n\n".encode()
+def _event(model: str, i: int, continuous_usage: bool = False) -> bytes:
+    event = {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": f" tok{i}", "logprobs": None, "finish_reason": None, "stop_reason": None}],
+    }
+    if continuous_usage:  # vLLM's `stream_options.continuous_usage_stats` (the router asks for it: stream migration)
+        event["usage"] = {"prompt_tokens": 26, "total_tokens": 27 + i, "completion_tokens": i + 1}
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()  # compact, as vLLM writes it
 
 
 def _chunk(data: bytes) -> bytes:
@@ -76,7 +76,8 @@ class Server:
                     n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 16)
                     model = str(req.get("model", self.name))
                     if req.get("stream"):
-                        await self.stream(writer, model, n)
+                        options = req.get("stream_options") or {}
+                        await self.stream(writer, model, n, bool(options.get("continuous_usage_stats")))
                         continue
                     self.reply(writer, 200, _completion(model, n))
                 elif path == b"/health":
@@ -98,7 +99,7 @@ class Server:
             + payload
         )
 
-    async def stream(self, writer: asyncio.StreamWriter, model: str, n: int) -> None:
+    async def stream(self, writer: asyncio.StreamWriter, model: str, n: int, continuous_usage: bool = False) -> None:
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
         )
@@ -107,7 +108,7 @@ class Server:
             if i:
                 # On a fixed schedule: a late wake-up does not shift the following tokens.
                 await asyncio.sleep(max(0.0, start + i * INTERVAL_S - time.monotonic()))
-            writer.write(_chunk(_event(model, i)))
+            writer.write(_chunk(_event(model, i, continuous_usage)))
             await writer.drain()
         usage = {
             "id": "cmpl-fake",
@@ -116,7 +117,11 @@ class Server:
             "choices": [],
             "usage": {"prompt_tokens": 26, "total_tokens": 26 + n, "completion_tokens": n},
         }
-        writer.write(_chunk(f"data: {json.dumps(usage)}\n\n".encode()) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        writer.write(
+            _chunk(f"data: {json.dumps(usage, separators=(',', ':'))}\n\n".encode())
+            + _chunk(b"data: [DONE]\n\n")
+            + b"0\r\n\r\n"
+        )
         await writer.drain()
 
 

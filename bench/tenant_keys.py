@@ -1,0 +1,158 @@
+"""Router overhead of keys made at run time (issue 20): 10,000 keys with limits on, against credentials off.
+
+One plain-HTTP stack of bench/hot_path.py with the stand-in engine (bench/fake_vllm: instant answers, so the
+router's own work is what is measured), and three routers on its manager, measured in interleaved rounds:
+  noauth   no credential checked on the client side (the reference): the router's app with auth off, served as
+           `svllm router` serves it (it still presents its credentials to the manager and the worker)
+  envkey   credentials on, a key of SVLLM_API_KEYS (no limits: the environment's keys)
+  keys     credentials on, one of 10,000 keys made with POST /keys, with rpm, tpm and max_concurrent limits set
+           high enough never to be reached (each request checks and takes them, and its answer's usage is read)
+Load: non-streaming completions (8 tokens) with `hey` at each concurrency; the summary gives, per concurrency,
+keys / noauth and envkey / noauth requests per second paired within each round, and their median.
+
+    .venv/bin/python bench/tenant_keys.py            # 3 rounds of 5 s per run
+    .venv/bin/python bench/tenant_keys.py --quick    # 1 round of 2 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    SVLLM,
+    free_port,
+    http_ok,
+    loadavg,
+    log,
+    machine_info,
+    median,
+    tiny_model,
+    wait_for_quiet,
+    wait_until,
+    write_result,
+)
+from hot_path import Setup, body, run_hey
+
+KEYS = 10_000
+LIMITS = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrent": 100_000}
+
+
+def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clients_unchecked: bool = False) -> str:
+    """`svllm router`; `clients_unchecked`: the same app with no credential checked on the client side (it still
+    presents the admin key to the manager and the worker token to the worker, which SVLLM_AUTH=off would not)."""
+    port = free_port()
+    args = [SVLLM, "router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", f"http://127.0.0.1:{mport}"]
+    if clients_unchecked:
+        code = (
+            "from serverless_vllm.cli import _run, _server; from serverless_vllm.router.app import create_router_app; "
+            "from serverless_vllm.config import AuthSettings, RouterSettings; "
+            "from serverless_vllm.manager.http_client import HTTPManagerClient; "
+            f"s = RouterSettings.from_env(host='127.0.0.1', port={port}, manager_url='http://127.0.0.1:{mport}'); "
+            "a = AuthSettings.from_env(); "
+            "app = create_router_app(s, lambda: HTTPManagerClient(s.manager_url, headers=a.admin_headers()), "
+            "upstream_headers=a.worker_headers(), auth=AuthSettings(mode='off')); "
+            f"_run(_server(app, '127.0.0.1', {port}, 'warning').serve())"
+        )
+        args = [sys.executable, "-c", code]
+    router = setup.procs.start(f"router-{name}", args, env)
+    wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), 60, what=f"router {name}")
+    return f"http://127.0.0.1:{port}"
+
+
+def make_keys(setup: Setup, mport: int) -> str:
+    """KEYS keys in the manager (through its HTTP API, with the admin key); returns the secret of the last one."""
+    t0 = time.monotonic()
+    secret = ""
+    with httpx.Client(base_url=f"http://127.0.0.1:{mport}", headers=setup.admin, timeout=30) as client:
+        for i in range(KEYS):
+            spec = {"name": f"bench-{i}", "tenant": f"tenant-{i % 100}", "models": ["*"], "limits": LIMITS}
+            resp = client.post("/keys", json=spec)
+            resp.raise_for_status()
+            secret = resp.json()["secret"]
+    log(f"{KEYS} keys made in {time.monotonic() - t0:.1f} s")
+    return str(secret)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--duration", type=float)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 600, quick 0)")
+    a = p.parse_args()
+    rounds = a.rounds or (1 if a.quick else 3)
+    duration = a.duration or (2.0 if a.quick else 5.0)
+    concurrencies = [int(c) for c in a.concurrency.split(",")]
+    hot = argparse.Namespace(fake_engine=True, replicas=1, fake_interval_ms=10.0)
+    setup = Setup(hot)
+    result: dict[str, Any] = {
+        "benchmark": "tenant_keys",
+        "command": " ".join(["python", *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "settings": {"rounds": rounds, "duration_s": duration, "concurrency": concurrencies, "keys": KEYS},
+    }
+    try:
+        model = tiny_model(setup.tmp)
+        envkey_url, _, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
+        urls = {
+            "noauth": start_router(setup, "noauth", mport, setup.env, clients_unchecked=True),
+            "envkey": envkey_url,
+            "keys": start_router(setup, "keys", mport, setup.env),
+        }
+        secret = make_keys(setup, mport)
+        headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
+        wait_until(
+            lambda: http_ok(f"{urls['keys']}/v1/models", headers["keys"]), 60, what="the keys router has the key"
+        )
+        body_path = setup.tmp / "body.json"
+        body_path.write_text(json.dumps(body(8)))
+        configs = list(urls)
+        for cfg in configs:  # warm every path
+            run_hey(urls[cfg], headers[cfg], 4, 1.0, body_path, None)
+        wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 600)
+        result["quiet"] = wait_for_quiet(wait, own_marker=str(setup.tmp))
+        runs: list[dict[str, Any]] = []
+        for r in range(rounds):
+            order = configs[r % len(configs) :] + configs[: r % len(configs)]
+            for c in concurrencies:
+                for cfg in order:
+                    res = run_hey(urls[cfg], headers[cfg], c, duration, body_path, None)
+                    runs.append({"round": r, "config": cfg, "concurrency": c, **res})
+                    log(f"round {r} c={c} {cfg}: {res['rps']} req/s, p50 {res['latency_ms']['p50']:.2f} ms")
+        result["runs"] = runs
+        result["summary"] = summarise(runs, rounds, concurrencies)
+        result["loadavg_at_end"] = loadavg()
+        log(json.dumps(result["summary"], indent=2))
+    finally:
+        setup.stop()
+    write_result("tenant_keys" + ("_quick" if a.quick else ""), result)
+
+
+def summarise(runs: list[dict[str, Any]], rounds: int, concurrencies: list[int]) -> dict[str, Any]:
+    rps = {(x["round"], x["config"], x["concurrency"]): x["rps"] for x in runs}
+    out: dict[str, Any] = {}
+    for c in concurrencies:
+        row: dict[str, Any] = {}
+        for cfg in ("keys", "envkey"):
+            paired = [rps[(r, cfg, c)] / rps[(r, "noauth", c)] for r in range(rounds) if rps[(r, "noauth", c)]]
+            row[f"{cfg}_over_noauth"] = [round(x, 3) for x in paired]
+            row[f"{cfg}_over_noauth_median"] = round(median(paired) or 0.0, 3)
+        row["rps_median"] = {
+            cfg: median([rps[(r, cfg, c)] for r in range(rounds)]) for cfg in ("noauth", "envkey", "keys")
+        }
+        out[str(c)] = row
+    return out
+
+
+if __name__ == "__main__":
+    main()

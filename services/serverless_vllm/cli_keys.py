@@ -1,0 +1,82 @@
+"""`svllm keys create|list|revoke`: API keys of a running deployment, through the router's key API (admin key)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import httpx
+
+from .cli_flags import add_flag, command_parser, flag_values
+from .config import AuthSettings, CliSettings
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url.rstrip("/")
+    headers = AuthSettings.from_env().admin_headers()  # SVLLM_ADMIN_KEY
+    resp = httpx.request(method, f"{url}{path}", json=body, headers=headers, timeout=30.0)
+    if resp.status_code >= 400:
+        raise SystemExit(f"svllm keys {args.keys_command} failed ({resp.status_code}): {resp.text}")
+    return resp.json()
+
+
+def key_body(args: argparse.Namespace) -> dict[str, Any]:
+    limits = {k: v for k, v in (("rpm", args.rpm), ("tpm", args.tpm), ("max_concurrent", args.max_concurrent)) if v}
+    body: dict[str, Any] = {"name": args.name, "tenant": args.tenant, "limits": limits, "priority": args.priority}
+    if args.model:
+        body["models"] = args.model
+    if args.expires_in:
+        body["expires_at"] = time.time() + args.expires_in
+    return body
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    created = _call(args, "POST", "/v1/keys", key_body(args))
+    print(json.dumps(created, indent=2) if args.json else created["secret"])
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    keys = _call(args, "GET", "/v1/keys")["data"]
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return
+    print(f"{'ID':22} {'NAME':20} {'TENANT':16} {'PRIORITY':8} {'STATE':8} LIMITS")
+    for k in keys:
+        state = "revoked" if k["revoked_at"] else "expired" if (k["expires_at"] or 1e20) <= time.time() else "active"
+        limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v) or "-"
+        print(f"{k['id']:22} {k['name']:20} {k['tenant']:16} {k['priority']:8} {state:8} {limits}")
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    info = _call(args, "DELETE", f"/v1/keys/{args.ref}")
+    print(f"revoked {info['name']} ({info['id']})")
+
+
+def add_parser(sub: Any) -> None:
+    keys = command_parser(sub, "keys", "API keys of a running deployment (admin key: SVLLM_ADMIN_KEY)", CliSettings)
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+
+    p = actions.add_parser("create", help="make a key; prints its secret (shown this once)")
+    p.add_argument("--name", required=True, help="unique name of the key")
+    p.add_argument("--tenant", required=True, help="the team or customer it belongs to")
+    p.add_argument("--model", action="append", help="an alias or glob pattern it may use (repeatable; default '*')")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="prompt + completion tokens per minute")
+    p.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    p.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
+    p.add_argument("--expires-in", type=float, help="seconds until the key expires")
+    p.add_argument("--json", action="store_true", help="print the whole key, not just its secret")
+    p.set_defaults(func=cmd_create)
+
+    p = actions.add_parser("list", help="every key (never their secrets)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = actions.add_parser("revoke", help="revoke a key by id or name (every router refuses it within 2 s)")
+    p.add_argument("ref", help="the key's id or name")
+    p.set_defaults(func=cmd_revoke)
+
+    for action in actions.choices.values():
+        add_flag(action, CliSettings, "router_url", "--url")

@@ -1,0 +1,166 @@
+"""Rate limits of keys made at run time: token buckets for requests per minute (taken on arrival) and tokens per
+minute (prompt + completion, taken from each answer's `usage`), and a count of requests in flight.
+
+A bucket holds up to a minute's worth and refills continuously (rpm / 60 per second): a burst of `rpm` requests
+passes at once, then one every 60 / rpm seconds. Tokens are known only once an answer ends, so a request is let in
+while the token bucket is above zero and its tokens are taken afterwards (the bucket may go below zero: the next
+requests wait until it has refilled). Keys without limits never reach this module.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import APIError
+from ..schemas import KeyLimits
+from ..security.keys import ActiveKey
+
+
+@dataclass(slots=True)
+class Bucket:
+    level: float
+    stamp: float
+
+    def refill(self, per_minute: int, now: float) -> float:
+        if now > self.stamp:  # a bucket made a moment after `now` was read gains nothing (and loses nothing)
+            self.level = min(float(per_minute), self.level + (now - self.stamp) * per_minute / 60.0)
+            self.stamp = now
+        return self.level
+
+    def reset_in(self, per_minute: int) -> float:
+        """Seconds until the bucket is full again."""
+        return max(0.0, (per_minute - self.level) * 60.0 / per_minute)
+
+
+TENANT = "tenant:"  # a tenant's state is kept under this prefix and its name (key ids start with "key-")
+
+
+@dataclass(slots=True)
+class KeyState:
+    limits: KeyLimits  # what the buckets were made for: new limits (a key updated) start new buckets
+    requests: Bucket
+    tokens: Bucket
+    in_flight: int = 0
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: `20ms`, `1.5s`, `6m0s`."""
+    if seconds < 1.0:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
+
+
+class Grant:
+    """One admitted request of a limited key: its rate-limit headers, and its slots until `finish`."""
+
+    __slots__ = ("_now", "_open", "_parts", "headers")
+
+    def __init__(self, parts: list[tuple[KeyState, KeyLimits]], headers: dict[str, str], now: Callable[[], float]):
+        self._parts = parts  # the key's state and limits, and its tenant's
+        self._now = now
+        self._open = True
+        self.headers = headers
+
+    def finish(self, tokens: int) -> None:
+        """The request ended (once; later calls do nothing): its slots are free and its tokens are taken."""
+        if not self._open:
+            return
+        self._open = False
+        for state, limits in self._parts:
+            if limits.max_concurrent is not None:
+                state.in_flight -= 1
+            if limits.tpm is not None and tokens:
+                state.tokens.refill(limits.tpm, self._now())
+                state.tokens.level -= tokens
+
+
+def _throttled(message: str, retry_after: float, headers: dict[str, str]) -> APIError:
+    headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    headers["retry-after-ms"] = str(max(1, math.ceil(retry_after * 1000)))
+    return APIError(429, message, "rate_limit_exceeded", headers)
+
+
+def _headers(limits: KeyLimits, state: KeyState) -> dict[str, str]:
+    """The x-ratelimit-* headers of one set of limits, as the buckets are now (refilled)."""
+    out: dict[str, str] = {}
+    if limits.rpm is not None:
+        out["x-ratelimit-limit-requests"] = str(limits.rpm)
+        out["x-ratelimit-remaining-requests"] = str(max(0, math.floor(state.requests.level)))
+        out["x-ratelimit-reset-requests"] = duration(state.requests.reset_in(limits.rpm))
+    if limits.tpm is not None:
+        out["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        out["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(state.tokens.level)))
+        out["x-ratelimit-reset-tokens"] = duration(state.tokens.reset_in(limits.tpm))
+    return out
+
+
+def _check(limits: KeyLimits, state: KeyState, who: str) -> None:
+    """Raise a 429 (with the headers of these limits) if one of them is reached; nothing is taken."""
+    if limits.rpm is not None and state.requests.level < 1.0:
+        wait = (1.0 - state.requests.level) * 60.0 / limits.rpm
+        raise _throttled(
+            f"rate limit reached for {who}: {limits.rpm} requests per minute", wait, _headers(limits, state)
+        )
+    if limits.tpm is not None and state.tokens.level <= 0.0:
+        wait = (1.0 - state.tokens.level) * 60.0 / limits.tpm
+        raise _throttled(f"rate limit reached for {who}: {limits.tpm} tokens per minute", wait, _headers(limits, state))
+    if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
+        message = f"{who} has {limits.max_concurrent} requests in flight already (its limit)"
+        raise _throttled(message, 1.0, _headers(limits, state))
+
+
+class Limiter:
+    """Per key id and per tenant: buckets and in-flight counts (bounded by the key table's keys and tenants)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._states: dict[str, KeyState] = {}
+
+    def state(self, name: str, limits: KeyLimits) -> KeyState:
+        state = self._states.get(name)
+        if state is not None and state.limits is not limits:  # a new key table: the same limits, or new ones
+            if state.limits == limits:
+                state.limits = limits
+            else:
+                state = None
+        if state is None:
+            now = self._clock()
+            state = self._states[name] = KeyState(
+                limits, Bucket(float(limits.rpm or 0), now), Bucket(float(limits.tpm or 0), now)
+            )
+        return state
+
+    def forget(self, keep: Callable[[str], bool]) -> None:
+        """Drop the state of keys and tenants no longer in the table."""
+        self._states = {k: v for k, v in self._states.items() if keep(k)}
+
+    def admit(self, key: ActiveKey) -> Grant:
+        """Let one request of `key` in, or raise a 429 with Retry-After and the x-ratelimit-* headers. The key's
+        own limits and its tenant's must both allow it; the headers are the key's own limits where it has them."""
+        now = self._clock()
+        parts: list[tuple[KeyState, KeyLimits, str]] = []
+        if key.limits.limited():
+            parts.append((self.state(key.id, key.limits), key.limits, f"key '{key.name}'"))
+        if key.tenant_limits is not None:
+            parts.append(
+                (self.state(TENANT + key.tenant, key.tenant_limits), key.tenant_limits, f"tenant '{key.tenant}'")
+            )
+        for state, limits, who in parts:
+            if limits.rpm is not None:
+                state.requests.refill(limits.rpm, now)
+            if limits.tpm is not None:
+                state.tokens.refill(limits.tpm, now)
+            _check(limits, state, who)
+        headers: dict[str, str] = {}
+        for state, limits, _ in parts:
+            if limits.rpm is not None:
+                state.requests.level -= 1.0
+            if limits.max_concurrent is not None:
+                state.in_flight += 1
+            for name, value in _headers(limits, state).items():
+                headers.setdefault(name, value)
+        return Grant([(state, limits) for state, limits, _ in parts], headers, self._clock)

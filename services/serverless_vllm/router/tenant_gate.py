@@ -1,0 +1,192 @@
+"""What a request of a key made at run time goes through besides the usual path: its models (a model outside
+them is answered 404 like an unregistered one, so a key does not learn which models exist), its limits (429),
+its usage (tokens from the answer's `usage`; for a stream the engine is asked for it with
+`stream_options.include_usage` and the usage event is taken out again when the client did not ask for it), and
+the x-ratelimit-* headers of its limits on the answer. Requests of environment keys never come here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ..dataplane.body import InferenceRequest
+from ..errors import APIError
+from ..security.keys import ActiveKey, hidden_model
+from .fair_queue import FairQueue
+from .limits import Grant, Limiter
+from .usage import Usage, UsageBook
+
+# Endpoints whose streams report usage when asked with stream_options.include_usage.
+_USAGE_OPTION_FAMILIES = frozenset({"chat", "completion"})
+
+
+def tokens_of(usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens from an OpenAI `usage` (or the Responses API's input/output tokens)."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
+
+
+def usage_of(document: Any) -> Any:
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if usage is None and isinstance(document.get("response"), dict):  # the Responses API's completed event
+        usage = document["response"].get("usage")
+    return usage
+
+
+def asking_usage(request: InferenceRequest) -> tuple[InferenceRequest, bool]:
+    """The request with `stream_options.include_usage` set, and whether it was added (to strip it again)."""
+    payload = request.payload
+    options = payload.get("stream_options")
+    if (
+        request.endpoint.family not in _USAGE_OPTION_FAMILIES
+        or payload.get("stream") is not True
+        or (isinstance(options, dict) and options.get("include_usage") is True)
+    ):
+        return request, False
+    asked = {**payload, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+    body = json.dumps(asked).encode()
+    return InferenceRequest(request.endpoint, body, asked, request.alias, request.content_type), True
+
+
+async def scan_events(chunks: AsyncIterable[Any], record: Callable[[Any], None], strip: bool) -> AsyncIterator[bytes]:
+    """Pass an event stream on, reading `usage` from its events; `strip`: drop the usage-only event (empty
+    choices). Bytes of an event cut across two reads wait for its end (events are delimited by a blank line)."""
+    tail = b""
+    async for chunk in chunks:
+        data = tail + (chunk if isinstance(chunk, bytes) else str(chunk).encode())
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            tail = data
+            continue
+        complete, tail = data[: cut + 2], data[cut + 2 :]
+        if b'"usage"' not in complete:
+            yield complete
+            continue
+        kept = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if b'"usage"' in event and event.startswith(b"data: {"):
+                try:
+                    document = json.loads(event[6:])
+                except ValueError:
+                    document = None
+                usage = usage_of(document)
+                if usage:
+                    record(usage)
+                    if strip and document.get("choices") == []:
+                        continue
+            kept.append(event + b"\n\n")
+        if kept:
+            yield b"".join(kept)
+    if tail:
+        yield tail
+
+
+def count(row: Usage, usage: Any) -> int:
+    """Add an answer's usage to its row; its tokens (prompt + completion)."""
+    prompt, completion = tokens_of(usage)
+    row.prompt_tokens += prompt
+    row.completion_tokens += completion
+    return prompt + completion
+
+
+def body_usage(body: bytes) -> Any:
+    """The `usage` object of a whole JSON answer, parsed alone (vLLM writes it near the end; the rest of the
+    answer, possibly large, is not decoded)."""
+    at = body.rfind(b'"usage":')
+    if at < 0:
+        return None
+    try:
+        tail = body[at + 8 :].decode()
+        return _DECODER.raw_decode(tail, len(tail) - len(tail.lstrip()))[0]
+    except ValueError:
+        return None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def answered(response: Response, grant: Grant | None, row: Usage, strip: bool) -> Response:
+    """The answer to a key's request: its limits' headers added; a whole answer's usage is read now and its slot
+    freed (it is complete), a stream is wrapped to read usage as it passes and free the slot at its end."""
+    if grant is not None:
+        response.raw_headers.extend((k.encode(), v.encode()) for k, v in grant.headers.items())
+    if response.status_code >= 400:
+        row.errors += 1
+    if isinstance(response, StreamingResponse):
+        return Metered(response, grant, row, strip)
+    tokens = count(row, body_usage(bytes(response.body))) if response.status_code < 400 else 0
+    if grant is not None:
+        grant.finish(tokens)
+    return response
+
+
+class Metered(Response):
+    """A stream answering a key's request: usage read from its events, its limit slot freed at its end."""
+
+    def __init__(self, inner: StreamingResponse, grant: Grant | None, row: Usage, strip: bool) -> None:
+        self._inner = inner
+        self._grant = grant
+        self._row = row
+        self._tokens = 0
+        # What Starlette and the middlewares may read of a response (its __init__ would render a body: not called).
+        self.status_code = inner.status_code
+        self.raw_headers = inner.raw_headers
+        self.background = None
+        inner.body_iterator = scan_events(inner.body_iterator, self._record, strip)
+
+    def _record(self, usage: Any) -> None:
+        self._tokens += count(self._row, usage)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._inner(scope, receive, send)
+        finally:
+            if self._grant is not None:
+                self._grant.finish(self._tokens)
+
+
+class TenantGate:
+    def __init__(self, limiter: Limiter, usage: UsageBook) -> None:
+        self.limiter = limiter
+        self.usage = usage
+        self.fair: FairQueue | None = None  # set at startup when FAIR_QUEUE is not off
+
+    async def serve(
+        self, key: ActiveKey, request: InferenceRequest, call: Callable[[InferenceRequest], Awaitable[Response]]
+    ) -> Response:
+        alias = request.alias
+        if not key.allows(alias):
+            raise hidden_model(alias)
+        row = self.usage.row(key, alias)
+        grant = None
+        if key.limited:
+            try:
+                grant = self.limiter.admit(key)
+            except APIError:
+                row.throttled += 1
+                raise
+        row.requests += 1
+        request, strip = asking_usage(request)
+        try:
+            if self.fair is not None:  # FAIR_QUEUE: wait for a slot of the model, by priority, tenants in turn
+                await self.fair.turn(alias, key.tenant, key.priority)
+            response = await call(request)
+        except BaseException as exc:
+            if isinstance(exc, APIError):
+                row.errors += 1
+                if grant is not None:
+                    exc.headers = {**grant.headers, **exc.headers}
+            if grant is not None:
+                grant.finish(0)
+            raise
+        return answered(response, grant, row, strip)

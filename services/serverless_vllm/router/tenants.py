@@ -1,0 +1,61 @@
+"""The router's tenant front door as one object: the key ring the guard checks, the limiter, the usage book, the
+gate requests of keys go through, the key table's long-poll and the key API's routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter
+
+from ..config import RouterSettings
+from ..manager.protocol import ManagerAPI
+from ..security.auth import Authenticator
+from ..security.keys import KeyRing
+from .fair_queue import FairQueue
+from .key_sync import KeySync
+from .keys_api import keys_router
+from .limits import Limiter
+from .table import RouteTable
+from .tenant_gate import TenantGate
+from .usage import UsageBook, UsageCollector
+
+
+class Tenants:
+    def __init__(self, limit_share: float, model_label: Callable[[str], str]) -> None:
+        self.ring = KeyRing(limit_share)
+        self.limiter = Limiter()
+        self.usage = UsageBook(model_label)
+        self.gate = TenantGate(self.limiter, self.usage)
+        self.collector = UsageCollector(self.usage, lambda: self.gate.fair.by_class() if self.gate.fair else {})
+        self.authenticator: Authenticator | None = None  # the guard's, once installed (for GET /v1/usage)
+        self._sync: KeySync | None = None
+        self._manager: ManagerAPI | None = None
+
+    async def start(self, manager: ManagerAPI, table: RouteTable, settings: RouterSettings) -> None:
+        self._manager = manager
+        self._sync = KeySync(manager, self.ring, self.limiter)
+        await self._sync.start()
+        if settings.fair_queue != "off" and settings.max_in_flight_per_replica > 0:  # no cap: nothing to wait for
+            fair = FairQueue(
+                table, settings.max_in_flight_per_replica, settings.max_queue_per_model, settings.fair_queue == "fair"
+            )
+            table.on_finished = fair.fill
+            fair.start()
+            self.gate.fair = fair
+
+    async def stop(self) -> None:
+        if self._sync is not None:
+            await self._sync.stop()
+        if self.gate.fair is not None:
+            await self.gate.fair.stop()
+
+    async def refresh(self) -> None:
+        if self._sync is not None:
+            await self._sync.refresh()  # a change made through this router: loaded at once
+
+    def manager(self) -> ManagerAPI:
+        assert self._manager is not None, "the router has not started"
+        return self._manager
+
+    def routes(self) -> APIRouter:
+        return keys_router(self.manager, self.refresh, self.usage, lambda: self.authenticator, self.ring.tenants)

@@ -1,0 +1,91 @@
+"""Usage of keys made at run time, counted by this router process: requests, prompt and completion tokens,
+errors and throttled requests per key and model. Served at `GET /v1/usage` (per key) and as Prometheus metrics
+summed per tenant and model (bounded labels: tenants and registered aliases, never keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..security.keys import ActiveKey
+
+
+@dataclass(slots=True)
+class Usage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: int = 0  # answered with a status of 400 or more (throttled ones not included)
+    throttled: int = 0  # refused with a 429 by the key's limits
+
+
+# (key id, key name, tenant, model label)
+UsageKey = tuple[str, str, str, str]
+_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "throttled")
+
+
+class UsageBook:
+    def __init__(self, model_label: Callable[[str], str]) -> None:
+        self._label = model_label  # registered aliases only: a client cannot grow the label set
+        self._rows: dict[UsageKey, Usage] = {}
+
+    def row(self, key: ActiveKey, alias: str) -> Usage:
+        where = (key.id, key.name, key.tenant, self._label(alias))
+        usage = self._rows.get(where)
+        if usage is None:
+            usage = self._rows[where] = Usage()
+        return usage
+
+    def rows(self, key_id: str | None = None, tenant: str | None = None) -> list[dict[str, object]]:
+        """For `GET /v1/usage`: one row per key and model, optionally one key's or one tenant's."""
+        out: list[dict[str, object]] = []
+        for (kid, name, ten, model), usage in self._rows.items():
+            if (key_id is None or kid == key_id) and (tenant is None or ten == tenant):
+                row: dict[str, object] = {"key_id": kid, "key_name": name, "tenant": ten, "model": model}
+                row.update({f: getattr(usage, f) for f in _FIELDS})
+                out.append(row)
+        return out
+
+    def per_tenant(self) -> dict[tuple[str, str], Usage]:
+        totals: dict[tuple[str, str], Usage] = {}
+        for (_, _, tenant, model), usage in self._rows.items():
+            total = totals.setdefault((tenant, model), Usage())
+            for f in _FIELDS:
+                setattr(total, f, getattr(total, f) + getattr(usage, f))
+        return totals
+
+
+class UsageCollector(Collector):
+    """The book as Prometheus counters, per tenant and model, and the fair queue's waiters (this router process)."""
+
+    _HELP = {
+        "requests": "Requests of keys made at run time, per tenant and model (this router).",
+        "prompt_tokens": "Prompt tokens of those requests, from the engines' usage (this router).",
+        "completion_tokens": "Completion tokens of those requests, from the engines' usage (this router).",
+        "errors": "Those requests answered with an error status (this router; throttled ones not included).",
+        "throttled": "Requests refused with 429 by their key's limits, per tenant and model (this router).",
+    }
+
+    def __init__(self, book: UsageBook, waiting: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self._book = book
+        self._waiting = waiting  # the fair queue's waiters by model and priority class (FAIR_QUEUE)
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            f: CounterMetricFamily(f"svllm_tenant_{f}", self._HELP[f], labels=["tenant", "model"]) for f in _FIELDS
+        }
+        for (tenant, model), usage in sorted(self._book.per_tenant().items()):
+            for f, family in families.items():
+                family.add_metric([tenant, model], getattr(usage, f))
+        yield from families.values()
+        waiting = GaugeMetricFamily(
+            "svllm_router_fair_queue_waiting",
+            "Requests of keys waiting for a slot of their model (FAIR_QUEUE), by priority class (this router).",
+            labels=["model", "priority"],
+        )
+        for (model, priority), n in sorted(self._waiting().items()):
+            waiting.add_metric([model, priority], n)
+        yield waiting

@@ -1,0 +1,133 @@
+"""The router's keys from the manager's key table: a client key is checked by one SHA-256 and one dict lookup by
+digest, never a manager call. A wrong key costs the router that hash; guessing a key of 256 random bits is
+hopeless, and no lookup depends on a secret's characters (the dict is keyed by the digest, not the secret).
+
+Keys of the environment (SVLLM_API_KEYS) stay in security/auth.py: they are client keys without limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from ..errors import APIError
+from ..schemas import KeyEntry, KeyLimits, KeyTable, Priority
+from ..schemas.keys import GLOB_CHARS
+
+# Where the guard puts the verified key in the ASGI scope (absent: an environment key, the admin key, or auth off).
+KEY_SCOPE = "svllm.api_key"
+_ALLOWED_CACHE = 1024  # aliases remembered per key (bounded: a client cannot grow it with random names)
+
+
+def hidden_model(alias: str) -> APIError:
+    """A model outside a key's list: the answer for a model that does not exist (the key learns nothing)."""
+    return APIError(404, f"The model '{alias}' does not exist", "model_not_found")
+
+
+@dataclass(slots=True, eq=False)
+class ActiveKey:
+    """One key as a router enforces it. `limits` are this router's share of the key's limits."""
+
+    id: str
+    name: str
+    tenant: str
+    priority: Priority
+    limits: KeyLimits
+    expires_at: float | None
+    revoked: bool
+    exact: frozenset[str]
+    patterns: tuple[str, ...]
+    tenant_limits: KeyLimits | None = None  # this router's share of the limits its tenant's keys share
+    limited: bool = False  # any limit, its own or its tenant's (else the limiter is skipped)
+    _allowed: dict[str, bool] = field(default_factory=dict)
+
+    def allows(self, alias: str) -> bool:
+        if alias in self.exact:
+            return True
+        if not self.patterns:
+            return False
+        known = self._allowed.get(alias)
+        if known is None:
+            known = any(fnmatchcase(alias, p) for p in self.patterns)
+            if len(self._allowed) < _ALLOWED_CACHE:
+                self._allowed[alias] = known
+        return known
+
+
+def share_of(limits: KeyLimits, share: float) -> KeyLimits:
+    """This router's part of a key's limits: each rounded up (never 0), so the sum over N routers may exceed the
+    limit by up to N - 1 per kind (documented in docs/tenants.md)."""
+    if share >= 1.0 or not limits.limited():
+        return limits
+    scale = {k: max(1, math.ceil(v * share)) for k, v in limits.model_dump().items() if v is not None}
+    return KeyLimits(**scale)
+
+
+def active(entry: KeyEntry, share: float, tenant_limits: KeyLimits | None = None) -> ActiveKey:
+    patterns = tuple(m for m in entry.models if GLOB_CHARS.intersection(m))
+    tenant = share_of(tenant_limits, share) if tenant_limits is not None and tenant_limits.limited() else None
+    return ActiveKey(
+        id=entry.id,
+        name=entry.name,
+        tenant=entry.tenant,
+        priority=entry.priority,
+        limits=share_of(entry.limits, share),
+        expires_at=entry.expires_at,
+        revoked=entry.revoked_at is not None,
+        exact=frozenset(m for m in entry.models if m not in patterns),
+        patterns=patterns,
+        tenant_limits=tenant,
+        limited=entry.limits.limited() or tenant is not None,
+    )
+
+
+class KeyRing:
+    """Digest -> key, replaced whole on each key table version (read-only in between: no lock on the hot path)."""
+
+    def __init__(self, share: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        self._share = share
+        self._clock = clock
+        self._by_digest: dict[bytes, ActiveKey] = {}
+        self._by_id: dict[str, ActiveKey] = {}
+        self._tenants: dict[str, KeyLimits] = {}
+        self.any = False  # read by the guard on every request: an attribute, not a call
+        self.version = -1
+        self.epoch = ""
+
+    def update(self, table: KeyTable) -> None:
+        tenants = table.tenants
+        keys = {bytes.fromhex(e.digest): active(e, self._share, tenants.get(e.tenant)) for e in table.keys}
+        self._by_digest = keys
+        self.any = bool(keys)
+        self._by_id = {k.id: k for k in keys.values()}
+        self._tenants = tenants
+        self.version, self.epoch = table.version, table.epoch
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def tenants(self) -> dict[str, KeyLimits]:
+        """Every tenant's limits as the manager has them (the whole, not this router's share)."""
+        return dict(self._tenants)
+
+    def by_id(self, key_id: str) -> ActiveKey | None:
+        return self._by_id.get(key_id)
+
+    def check(self, token: bytes) -> ActiveKey | APIError | None:
+        """The key this token is, an error for a revoked or expired one, None for an unknown token."""
+        return self.check_digest(hashlib.sha256(token).digest())
+
+    def check_digest(self, digest: bytes) -> ActiveKey | APIError | None:
+        """`check`, for a token's SHA-256."""
+        key = self._by_digest.get(digest)
+        if key is None:
+            return None
+        if key.revoked:
+            return APIError(401, "this API key was revoked", "revoked_api_key", {"WWW-Authenticate": "Bearer"})
+        if key.expires_at is not None and self._clock() >= key.expires_at:
+            return APIError(401, "this API key has expired", "expired_api_key", {"WWW-Authenticate": "Bearer"})
+        return key

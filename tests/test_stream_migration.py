@@ -1,0 +1,188 @@
+"""Stream migration on the real stack (issue 19, point 3): a stream whose engine or worker is killed mid-generation
+is continued on the other replica, and the client sees one stream that ends well.
+
+Manager, router and two workers, each with a real CPU vLLM engine of the tiny model (one replica per worker);
+clients are the official `openai` client; generations are long (ignore_eos, a thousand tokens) so that the kill
+lands mid-stream. For each stream: no error, `[DONE]` (the client's iteration ends without raising), one `id` and
+one `created` on every chunk, the role once, one finish (`length`) at the end, usage with the original request's
+prompt tokens and exactly `max_tokens` completion tokens, and the router's log says the stream was continued. With
+STREAM_MIGRATION=0 the same kill cuts the stream (tests/test_faults.py checks that clean cut). The figures of the
+eight-client kill go to build/reliability/stream_migration.json (docs/reliability.md quotes them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .harness import Stack, alive, session_for, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = Path(os.environ.get("SVLLM_OBSERVATIONS_DIR", REPO / "build" / "reliability")) / "stream_migration.json"
+ALIAS = "tiny"
+MAX_TOKENS = 1000
+KILL_AFTER_CHUNKS = 40  # chunks every stream has received when the kill comes
+ENGINE_START_S = 480  # an engine restart on a loaded 2-core machine (about 30 s when it is idle)
+CONTINUED = "continued on replica"  # the router's log line for each continued stream
+MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+    # One CPU slot per worker: the two replicas go to different workers.
+    s = Stack(tmp_path_factory.mktemp("migration"), env={"CPU_SLOTS": "1", "STANDBY_ENGINES": "0"}).start(workers=2)
+    try:
+        resp = s.post(
+            "/v1/models/register",
+            json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 2048, "min_replicas": 2,
+                  "max_replicas": 2},
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        wait_until(lambda: full_health(s), ENGINE_START_S, interval=1, what="two ready replicas")
+        yield s
+    finally:
+        s.stop()
+
+
+def full_health(stack: Stack) -> bool:
+    """Both replicas ready, and their engines alive (a killed one may still be listed for a moment)."""
+    ready = {r["worker_id"] for r in stack.model(ALIAS)["replicas"] if r["state"] == "ready"}
+    return ready == {"w1", "w2"} and all(alive(engine_pid(stack, w)) for w in ("w1", "w2"))
+
+
+def engine_pid(stack: Stack, worker: str) -> int:
+    engines = httpx.get(f"{stack.workers[worker].url}/engines", timeout=10).json()
+    return int(engines[0]["pid"])
+
+
+def continued(stack: Stack) -> int:
+    return stack.router.log(100000).count(CONTINUED)
+
+
+def reference_prompt_tokens(stack: Stack, chat: bool) -> int:
+    """The prompt tokens of the same request served without a cut."""
+    client = stack.openai()
+    if chat:
+        usage = client.chat.completions.create(model=ALIAS, messages=MESSAGES, max_tokens=1).usage
+    else:
+        usage = client.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=1).usage
+    assert usage is not None
+    return int(usage.prompt_tokens)
+
+
+@dataclass
+class ClientStream:
+    """One streamed request through the openai client; records every chunk, and how it ended."""
+
+    stack: Stack
+    chat: bool
+    worker: str  # the replica it starts on
+    chunks: list[Any] = field(default_factory=list)
+    error: BaseException | None = None
+    ended: bool = False
+
+    def run(self) -> None:
+        try:
+            client = self.stack.openai(default_headers={"x-session-id": session_for(self.stack, ALIAS, self.worker)})
+            extra = {"ignore_eos": True}
+            options = {"include_usage": True}
+            if self.chat:
+                stream: Any = client.chat.completions.create(
+                    model=ALIAS, messages=MESSAGES, max_tokens=MAX_TOKENS, stream=True, stream_options=options,
+                    extra_body=extra,
+                )  # fmt: skip
+            else:
+                stream = client.completions.create(
+                    model=ALIAS, prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True, stream_options=options,
+                    extra_body=extra,
+                )  # fmt: skip
+            for chunk in stream:
+                self.chunks.append(chunk)
+            self.ended = True
+        except BaseException as exc:  # recorded, asserted by the test (a thread's exception would be lost)
+            self.error = exc
+
+    def check(self, prompt_tokens: int) -> str:
+        """Every chunk of one stream, and an exact usage; returns the text."""
+        assert self.error is None and self.ended, self.error
+        assert {c.id for c in self.chunks} == {self.chunks[0].id}
+        assert {c.created for c in self.chunks} == {self.chunks[0].created}
+        choices = [c.choices[0] for c in self.chunks if c.choices]
+        finishes = [choice.finish_reason for choice in choices if choice.finish_reason is not None]
+        assert finishes == ["length"] and choices[-1].finish_reason == "length"
+        usage = self.chunks[-1].usage
+        assert usage is not None and not self.chunks[-1].choices  # the usage event ends the stream
+        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, MAX_TOKENS)
+        assert usage.total_tokens == prompt_tokens + MAX_TOKENS
+        assert all(c.usage is None for c in self.chunks[:-1])  # not asked on every chunk: none there
+        if self.chat:
+            assert [ch.delta.role for ch in choices if ch.delta.role] == ["assistant"]
+            return "".join(ch.delta.content or "" for ch in choices)
+        return "".join(ch.text for ch in choices)
+
+
+def start(streams: list[ClientStream]) -> list[threading.Thread]:
+    threads = [threading.Thread(target=s.run, daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    wait_until(
+        lambda: all(len(s.chunks) >= KILL_AFTER_CHUNKS or s.error or s.ended for s in streams),
+        120,
+        what="every stream under way",
+    )
+    assert not any(s.ended or s.error for s in streams), "a stream ended before the kill: make it longer"
+    return threads
+
+
+def test_engine_killed_mid_chat_stream(stack: Stack) -> None:
+    prompt_tokens = reference_prompt_tokens(stack, chat=True)
+    before = continued(stack)
+    stream = ClientStream(stack, chat=True, worker="w1")
+    (thread,) = start([stream])
+    sent_before_kill = len(stream.chunks)
+    os.kill(engine_pid(stack, "w1"), signal.SIGKILL)  # the worker's relay sees its engine's stream cut
+    thread.join(120)
+    assert not thread.is_alive(), "the stream hung"
+    text = stream.check(prompt_tokens)
+    assert continued(stack) == before + 1, stack.router.log(40)
+    assert len(stream.chunks) > sent_before_kill and text
+
+
+def test_worker_killed_under_eight_streams(stack: Stack) -> None:
+    wait_until(lambda: full_health(stack), ENGINE_START_S, interval=1, what="w1's engine restarted")
+    prompts = {True: reference_prompt_tokens(stack, chat=True), False: reference_prompt_tokens(stack, chat=False)}
+    before = continued(stack)
+    streams = [ClientStream(stack, chat=i % 2 == 0, worker=("w1", "w2")[(i // 2) % 2]) for i in range(8)]
+    threads = start(streams)
+    killed = time.monotonic()
+    stack.workers["w2"].kill()  # kill -9: its connections to the router reset mid-stream
+    for t in threads:
+        t.join(180)
+    hung = sum(t.is_alive() for t in threads)
+    cut = [repr(s.error) for s in streams if s.error is not None]
+    record = {
+        "streams": len(streams),
+        "on_killed_worker": sum(s.worker == "w2" for s in streams),
+        "cut": len(cut),
+        "hung": hung,
+        "continued": continued(stack) - before,
+        "all_done_after_kill_s": round(time.monotonic() - killed, 1),
+        "max_tokens": MAX_TOKENS,
+    }
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    FIGURES.write_text(json.dumps({**record, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+    assert (hung, cut) == (0, []), record
+    for s in streams:
+        s.check(prompts[s.chat])
+    assert record["continued"] == 4, stack.router.log(60)

@@ -1,0 +1,375 @@
+"""Keys as data, limits, usage and fair queueing, end to end: a real manager, two real routers and a worker with
+a real CPU vLLM engine, credentials on; keys made through the router's key API and used with the official `openai`
+client.
+
+One stack for the module: router A enforces each key's whole limits and queues at the cap in arrival order
+(FAIR_QUEUE=fifo); router B is told two routers share the limits (KEY_LIMIT_ROUTERS=2: it enforces half, rounded
+up) and queues fairly between tenants (FAIR_QUEUE=fair).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from .harness import VENV_BIN, Service, free_port, wait_until
+from .secure_harness import ADMIN_KEY, API_KEY, SecureStack, bearer
+
+ALIAS = "tiny"
+CAP = 2  # requests in flight per replica, per router
+CHAT = [{"role": "user", "content": "Tell me a long story about the sea and its ships."}]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
+    # Router A waits at a model's cap in arrival order (the baseline), router B fairly between tenants.
+    env = {"CPU_SLOTS": "1", "MAX_INFLIGHT_PER_REPLICA": str(CAP), "FAIR_QUEUE": "fifo"}
+    s = SecureStack(tmp_path_factory.mktemp("tenants"), env=env).start(workers=1)
+    port = free_port()
+    router_b = Service(
+        "router-b",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", s.manager.url],
+        port,
+        {**s.env, "KEY_LIMIT_ROUTERS": "2", "FAIR_QUEUE": "fair"},
+        s.tmp,
+    )
+    s.workers["router-b"] = router_b  # stopped with the stack
+    try:
+        router_b.start()
+        s.register(ALIAS, tiny_model, max_model_len=2048, min_replicas=1, max_replicas=1)
+        s.wait_model(ALIAS, "ready", timeout=300)
+        yield s
+    finally:
+        s.stop()
+
+
+def router_b(stack: SecureStack) -> str:
+    return stack.workers["router-b"].url
+
+
+def create_key(stack: SecureStack, **spec: Any) -> dict[str, Any]:
+    resp = stack.post("/v1/keys", json=spec)
+    assert resp.status_code == 200, resp.text
+    created: dict[str, Any] = resp.json()
+    return created
+
+
+def client(stack: SecureStack, secret: str, url: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url or stack.router.url}/v1", api_key=secret, max_retries=0, timeout=120)
+
+
+def chat(c: openai.OpenAI, max_tokens: int = 16, **kw: Any) -> Any:
+    return c.chat.completions.with_raw_response.create(
+        model=ALIAS, messages=CHAT, max_tokens=max_tokens, extra_body={"ignore_eos": True}, **kw
+    )
+
+
+def test_create_use_limit_and_revoke_a_key_with_the_openai_client(stack: SecureStack) -> None:
+    created = create_key(stack, name="team-a-app", tenant="team-a", limits={"rpm": 3})
+    secret = created["secret"]
+    assert secret.startswith("sk-svllm-") and created["prefix"] == secret[:13]
+    listed = stack.get("/v1/keys").json()["data"]
+    shown = next(k for k in listed if k["name"] == "team-a-app")
+    assert "secret" not in shown and "digest" not in shown and secret not in json.dumps(listed)
+
+    c = client(stack, secret)
+    remaining = []
+    for _ in range(3):
+        raw = chat(c)
+        assert raw.parse().usage.completion_tokens == 16
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1", "0"]
+    with pytest.raises(openai.RateLimitError) as throttled:
+        chat(c)
+    error = throttled.value
+    assert error.status_code == 429 and error.code == "rate_limit_exceeded"
+    # 3 per minute: the next request is possible in 20 s at most (about 20 s less the time the three took).
+    assert 1 <= int(error.response.headers["retry-after"]) <= 20
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+    # The openai client's own retry logic reads these headers: with retries allowed it would wait, not fail fast.
+    assert c._parse_retry_after_header(error.response.headers) == int(error.response.headers["retry-after-ms"]) / 1000
+
+    resp = httpx.delete(f"{stack.router.url}/v1/keys/team-a-app", headers=bearer(ADMIN_KEY), timeout=30)
+    assert resp.status_code == 200 and resp.json()["revoked_at"] is not None
+    with pytest.raises(openai.AuthenticationError) as refused:
+        chat(c)
+    assert refused.value.status_code == 401 and refused.value.code == "revoked_api_key"
+
+
+def test_bad_input_is_a_clear_400_and_only_the_admin_manages_keys(stack: SecureStack) -> None:
+    create_key(stack, name="dup", tenant="t")
+    cases = {
+        "malformed limits": ({"name": "x1", "tenant": "t", "limits": {"rpm": 0}}, "invalid_request"),
+        "limits of the wrong type": ({"name": "x2", "tenant": "t", "limits": {"tpm": "lots"}}, "invalid_request"),
+        "an unknown limit": ({"name": "x3", "tenant": "t", "limits": {"rph": 5}}, "invalid_request"),
+        "an unknown model": ({"name": "x4", "tenant": "t", "models": [ALIAS, "no-such-model"]}, "unknown_model"),
+        "a duplicate name": ({"name": "dup", "tenant": "t"}, "duplicate_key_name"),
+        "an expiry in the past": ({"name": "x5", "tenant": "t", "expires_at": 1000.0}, "invalid_expiry"),
+        "no models": ({"name": "x6", "tenant": "t", "models": []}, "invalid_request"),
+    }
+    for case, (body, code) in cases.items():
+        resp = stack.post("/v1/keys", json=body)
+        assert resp.status_code == 400, (case, resp.text)
+        assert resp.json()["error"]["code"] == code, case
+    names = {k["name"] for k in stack.get("/v1/keys").json()["data"]}
+    assert not names & {"x1", "x2", "x3", "x4", "x5", "x6"}
+    # A client key (of the environment, or made here) cannot manage keys.
+    made = create_key(stack, name="not-admin", tenant="t")["secret"]
+    for key in (API_KEY, made):
+        resp = httpx.post(f"{stack.router.url}/v1/keys", json={"name": "y", "tenant": "t"}, headers=bearer(key))
+        assert resp.status_code == 401, resp.text
+        assert httpx.get(f"{stack.router.url}/v1/keys", headers=bearer(key)).status_code == 401
+    assert stack.get("/v1/keys/no-such-key").status_code == 404
+
+
+def test_a_key_sees_only_its_models_and_an_expired_key_is_refused(stack: SecureStack) -> None:
+    outside = client(stack, create_key(stack, name="other-models", tenant="t", models=["other-*"])["secret"])
+    with pytest.raises(openai.NotFoundError) as hidden:
+        outside.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=4)
+    # The same answer as for a model that does not exist: the key does not learn which models are registered.
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client(stack, API_KEY).chat.completions.create(model="nothing-here", messages=CHAT, max_tokens=4)
+    assert hidden.value.code == unknown.value.code == "model_not_found"
+    assert hidden.value.message == unknown.value.message.replace("nothing-here", ALIAS)
+    assert [m.id for m in outside.models.list()] == []  # its list holds none of the registered models
+    with pytest.raises(openai.NotFoundError):
+        outside.models.retrieve(ALIAS)
+    inside = client(stack, create_key(stack, name="glob", tenant="t", models=["ti*"])["secret"])
+    assert chat(inside, 4).parse().usage.completion_tokens == 4
+    assert [m.id for m in inside.models.list()] == [ALIAS]
+
+    expiring = create_key(stack, name="short-lived", tenant="t", expires_at=time.time() + 2.0)
+    c = client(stack, expiring["secret"])
+    assert chat(c, 4).status_code == 200
+    time.sleep(max(0.0, expiring["expires_at"] - time.time()) + 0.1)
+    with pytest.raises(openai.AuthenticationError) as expired:
+        chat(c, 4)
+    assert expired.value.code == "expired_api_key"
+
+
+def test_tokens_per_minute_count_prompt_and_completion_and_streams_keep_their_shape(stack: SecureStack) -> None:
+    # 100 tokens per minute: one request of about 20 prompt tokens and 96 completion tokens takes it below zero.
+    c = client(stack, create_key(stack, name="tpm", tenant="team-t", limits={"tpm": 100})["secret"])
+    stream = c.chat.completions.create(
+        model=ALIAS, messages=CHAT, max_tokens=96, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = list(stream)
+    # The router asked the engine for usage (to count the tokens) and took the usage event out again: the client
+    # did not ask for it.
+    assert chunks and all(ch.usage is None and ch.choices for ch in chunks)
+    assert sum(1 for ch in chunks if ch.choices[0].delta.content is not None and ch.choices[0].finish_reason is None)
+    with pytest.raises(openai.RateLimitError) as throttled:
+        chat(c, 4)
+    headers = throttled.value.response.headers
+    assert headers["x-ratelimit-limit-tokens"] == "100" and headers["x-ratelimit-remaining-tokens"] == "0"
+    assert int(headers["retry-after"]) >= 10  # at least the 16+ tokens below zero, refilled at 100 per minute
+
+    # A client that asks for usage gets it, once, at the end.
+    asking = client(stack, create_key(stack, name="tpm-asks", tenant="team-t", limits={"tpm": 100_000})["secret"])
+    chunks = list(
+        asking.chat.completions.create(
+            model=ALIAS,
+            messages=CHAT,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    with_usage = [ch for ch in chunks if ch.usage is not None]
+    assert len(with_usage) == 1 and with_usage[0].usage.completion_tokens == 8 and not with_usage[0].choices
+
+
+def test_concurrency_limit_holds_while_a_request_is_in_flight(stack: SecureStack) -> None:
+    secret = create_key(stack, name="one-at-a-time", tenant="t", limits={"max_concurrent": 1})["secret"]
+    c = client(stack, secret)
+    # A long stream (1,900 tokens: seconds of generation at the least) is in flight while the second one comes.
+    body = {"model": ALIAS, "messages": CHAT, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    url = f"{stack.router.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=bearer(secret), timeout=120) as first:
+        chunks = first.iter_bytes()  # kept: a dropped iterator closes the stream
+        assert first.status_code == 200 and next(chunks).startswith(b"data: ")
+        with pytest.raises(openai.RateLimitError) as throttled:
+            chat(c, 4)
+        assert "1 requests in flight" in throttled.value.message
+    # The first one was closed by its client: its slot is free again.
+    assert wait_until(lambda: chat(c, 4), 30, what="the slot freed").parse().usage.completion_tokens == 4
+
+
+def test_revocation_reaches_the_second_router_within_2_s(stack: SecureStack) -> None:
+    secret = create_key(stack, name="two-routers", tenant="t")["secret"]
+    c_b = client(stack, secret, router_b(stack))
+    wait_until(lambda: chat(c_b, 2).status_code == 200, 5, what="router B knows the key")
+    resp = httpx.delete(f"{stack.router.url}/v1/keys/two-routers", headers=bearer(ADMIN_KEY), timeout=30)
+    assert resp.status_code == 200
+    revoked_at = time.monotonic()
+
+    def refused_on_b() -> bool:
+        r = httpx.get(f"{router_b(stack)}/v1/models", headers=bearer(secret), timeout=5)
+        return r.status_code == 401 and r.json()["error"]["code"] == "revoked_api_key"
+
+    wait_until(refused_on_b, 2.0, interval=0.05, what="router B refusing the revoked key")
+    assert time.monotonic() - revoked_at < 2.0
+
+
+def test_limits_are_split_between_the_routers_that_share_them(stack: SecureStack) -> None:
+    """Router B was told two routers share each key's limits: of 4 requests per minute it lets 2 through."""
+    secret = create_key(stack, name="split", tenant="t", limits={"rpm": 4})["secret"]
+    c_b = client(stack, secret, router_b(stack))
+    wait_until(lambda: chat(c_b, 2).status_code == 200, 5, what="router B knows the key")  # 1 of its 2
+    raw = chat(c_b, 2)
+    assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        chat(c_b, 2)
+    c_a = client(stack, secret)
+    assert [chat(c_a, 2).headers["x-ratelimit-limit-requests"] for _ in range(4)] == ["4"] * 4
+    with pytest.raises(openai.RateLimitError):
+        chat(c_a, 2)
+
+
+def test_usage_matches_what_the_clients_received(stack: SecureStack) -> None:
+    secret = create_key(stack, name="metered", tenant="team-u")["secret"]
+    c = client(stack, secret)
+    prompt = completion = 0
+    for n in (3, 7):
+        usage = chat(c, n).parse().usage
+        prompt, completion = prompt + usage.prompt_tokens, completion + usage.completion_tokens
+    streamed = list(
+        c.chat.completions.create(
+            model=ALIAS, messages=CHAT, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    last = streamed[-1].usage
+    prompt, completion = prompt + last.prompt_tokens, completion + last.completion_tokens
+    with pytest.raises(openai.BadRequestError):  # the engine refuses more tokens than the context: one error
+        c.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=5000)
+
+    own = httpx.get(f"{stack.router.url}/v1/usage", headers=bearer(secret), timeout=10).json()["data"]
+    assert own == [
+        {
+            "key_id": own[0]["key_id"],
+            "key_name": "metered",
+            "tenant": "team-u",
+            "model": ALIAS,
+            "requests": 4,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "errors": 1,
+            "throttled": 0,
+        }
+    ]
+    # The admin key sees every key; a client key of the environment has no usage of its own to read.
+    everyone = stack.get("/v1/usage").json()["data"]
+    assert {r["key_name"] for r in everyone} >= {"metered", "team-a-app"}
+    assert httpx.get(f"{stack.router.url}/v1/usage", headers=bearer(API_KEY)).status_code == 403
+    metrics = httpx.get(f"{stack.router.url}/metrics", timeout=10).text
+    assert f'svllm_tenant_prompt_tokens_total{{model="{ALIAS}",tenant="team-u"}} {float(prompt)}' in metrics
+    assert f'svllm_tenant_completion_tokens_total{{model="{ALIAS}",tenant="team-u"}} {float(completion)}' in metrics
+    assert secret not in metrics and own[0]["key_id"] not in metrics  # tenants and models only
+
+
+def test_the_keys_command(stack: SecureStack) -> None:
+    env = {"SVLLM_ADMIN_KEY": ADMIN_KEY, "ROUTER_URL": stack.router.url, "PATH": str(VENV_BIN)}
+    svllm = [str(VENV_BIN / "svllm"), "keys"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*svllm, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    secret = run("create", "--name", "cli-key", "--tenant", "cli", "--model", ALIAS, "--rpm", "10").strip()
+    assert secret.startswith("sk-svllm-")
+    assert chat(client(stack, secret), 2).headers["x-ratelimit-limit-requests"] == "10"
+    listing = run("list")
+    line = next(row for row in listing.splitlines() if " cli-key " in row)
+    assert " active " in line and "rpm=10" in line and secret not in listing
+    assert "revoked cli-key" in run("revoke", "cli-key")
+    assert " revoked " in next(row for row in run("list").splitlines() if " cli-key " in row)
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(stack, secret), 2)
+
+
+def test_a_tenants_limits_are_shared_by_its_keys(stack: SecureStack) -> None:
+    resp = httpx.put(
+        f"{stack.router.url}/v1/tenants/shared-team", json={"rpm": 2}, headers=bearer(ADMIN_KEY), timeout=30
+    )
+    assert resp.status_code == 200 and resp.json()["limits"]["rpm"] == 2
+    assert {"tenant": "shared-team", "limits": {"rpm": 2, "tpm": None, "max_concurrent": None}} in stack.get(
+        "/v1/tenants"
+    ).json()["data"]
+    first = client(stack, create_key(stack, name="shared-1", tenant="shared-team")["secret"])
+    second = client(stack, create_key(stack, name="shared-2", tenant="shared-team", limits={"rpm": 100})["secret"])
+    assert chat(first, 2).headers["x-ratelimit-limit-requests"] == "2"  # no limits of its own: the tenant's
+    assert chat(second, 2).headers["x-ratelimit-limit-requests"] == "100"  # its own where it has them
+    for c in (first, second):  # the tenant's 2 requests per minute are spent by the two keys together
+        with pytest.raises(openai.RateLimitError) as throttled:
+            chat(c, 2)
+        assert "tenant 'shared-team'" in throttled.value.message
+    bad = httpx.put(f"{stack.router.url}/v1/tenants/shared-team", json={"rpm": -2}, headers=bearer(ADMIN_KEY))
+    assert bad.status_code == 400
+    assert httpx.put(f"{stack.router.url}/v1/tenants/x", json={}, headers=bearer(API_KEY)).status_code == 401
+
+
+def served_ahead(stack: SecureStack, url: str, tag: str) -> tuple[int, float]:
+    """The model's CAP slots are taken by long streams of a third tenant; a heavy tenant sends 16 requests at once
+    and, once they wait, a light tenant sends one; then the streams end. Returns how many heavy requests were
+    answered before the light one, and its latency from the streams' end in seconds (printed, not asserted: the
+    machine's speed is not the test's)."""
+    heavy = client(stack, create_key(stack, name=f"heavy-{tag}", tenant=f"heavy-{tag}")["secret"], url)
+    light = client(stack, create_key(stack, name=f"light-{tag}", tenant=f"light-{tag}")["secret"], url)
+    filler = create_key(stack, name=f"filler-{tag}", tenant=f"filler-{tag}")["secret"]
+    # The last key made: once this router has it, it has all three (router B learns them by long-poll).
+    known = lambda: httpx.get(f"{url}/v1/models", headers=bearer(filler), timeout=5).status_code == 200  # noqa: E731
+    wait_until(known, 5, interval=0.05, what="the router has the keys")
+    long_stream = {"model": ALIAS, "messages": CHAT, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    answered: list[tuple[str, float]] = []
+
+    def one(c: openai.OpenAI, who: str) -> None:
+        chat(c, 8)
+        answered.append((who, time.monotonic()))
+
+    with ThreadPoolExecutor(17) as pool:
+        with contextlib.ExitStack() as fillers:
+            for _ in range(CAP):
+                stream = fillers.enter_context(
+                    httpx.stream("POST", f"{url}/v1/chat/completions", json=long_stream, headers=bearer(filler))
+                )
+                assert next(fillers.enter_context(contextlib.closing(stream.iter_bytes()))).startswith(b"data: ")
+            flood = [pool.submit(one, heavy, "heavy") for _ in range(16)]
+            wait_until(lambda: fair_queue_waiting(url) == 16, 60, interval=0.05, what="the flood waiting")
+            flood.append(pool.submit(one, light, "light"))
+            wait_until(lambda: fair_queue_waiting(url) == 17, 60, interval=0.05, what="the light one waiting")
+        released = time.monotonic()
+        for f in flood:  # the streams ended (closed): their slots go to the waiters
+            f.result()
+    order = [who for who, _ in sorted(answered, key=lambda a: a[1])]
+    return order.index("light"), dict(answered)["light"] - released
+
+
+def fair_queue_waiting(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    prefix = f'svllm_router_fair_queue_waiting{{model="{ALIAS}",'  # every priority class
+    return sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(prefix))
+
+
+def test_a_flooding_tenant_does_not_make_a_light_one_wait_behind_it(stack: SecureStack) -> None:
+    fifo_ahead, fifo_s = served_ahead(stack, stack.router.url, "fifo")
+    fair_ahead, fair_s = served_ahead(stack, router_b(stack), "fair")
+    print(f"light request: fifo {fifo_ahead} heavy answered first, {fifo_s:.2f} s; fair {fair_ahead}, {fair_s:.2f} s")
+    # In arrival order the light request starts after the 16 heavy ones queued before it, once all but CAP - 1
+    # of them have ended. Taking turns, the heavy tenant's turn comes first (it was waiting already) and the light
+    # one's next: it starts with the first CAP freed slots, and only heavy requests that started with it or
+    # before it may be answered first.
+    assert fifo_ahead >= 16 - (CAP - 1)
+    assert fair_ahead <= CAP - 1

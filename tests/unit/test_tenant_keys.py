@@ -1,0 +1,292 @@
+"""Keys as data and their limits, in process: the manager's key registry (hashes only, errors, the long-poll), the
+router's key ring (digest lookup, revoked, expired, models), token buckets and the in-flight count on a settable
+clock, the guard with run-time keys, and the usage read from (and taken out of) event streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import SecretStr, ValidationError
+from serverless_vllm.config import AuthSettings
+from serverless_vllm.errors import APIError, install_error_handlers
+from serverless_vllm.manager.keys import KeyRegistry
+from serverless_vllm.router.limits import Limiter, duration
+from serverless_vllm.router.tenant_gate import scan_events
+from serverless_vllm.schemas import KeyLimits, KeyPatch, KeySpec, KeyTable
+from serverless_vllm.security.auth import install_guard, router_policy
+from serverless_vllm.security.keys import KEY_SCOPE, ActiveKey, KeyRing
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(tmp_path: Path, clock: Clock | None = None) -> KeyRegistry:
+    return KeyRegistry(str(tmp_path / "m.db"), "epoch1", lambda: {"tiny", "big"}, clock or Clock())
+
+
+def test_the_secret_is_returned_once_and_only_its_hash_is_stored(tmp_path: Path) -> None:
+    keys = registry(tmp_path)
+    created = keys.create(KeySpec(name="a", tenant="t", models=["tiny"], limits=KeyLimits(rpm=5)))
+    assert created.secret.startswith("sk-svllm-") and len(created.secret) > 40
+    assert "secret" not in keys.get("a").model_dump()
+    rows = sqlite3.connect(tmp_path / "m.db").execute("SELECT record FROM api_keys").fetchall()
+    assert len(rows) == 1 and created.secret not in rows[0][0]
+    assert hashlib.sha256(created.secret.encode()).hexdigest() in rows[0][0]
+    keys.close()
+    again = registry(tmp_path)  # durable: a restarted manager has the key
+    assert again.get(created.id).name == "a" and again.table().keys[0].digest in rows[0][0]
+
+
+def test_registry_errors(tmp_path: Path) -> None:
+    clock = Clock()
+    keys = registry(tmp_path, clock)
+    keys.create(KeySpec(name="a", tenant="t"))
+    cases = {
+        "duplicate_key_name": lambda: keys.create(KeySpec(name="a", tenant="u")),
+        "unknown_model": lambda: keys.create(KeySpec(name="b", tenant="t", models=["tiny", "nope"])),
+        "invalid_expiry": lambda: keys.create(KeySpec(name="c", tenant="t", expires_at=clock.now - 1)),
+        "key_not_found": lambda: keys.revoke("zzz"),
+    }
+    for code, call in cases.items():
+        with pytest.raises(APIError) as err:
+            call()
+        assert (err.value.status, err.value.code) == (404 if code == "key_not_found" else 400, code)
+    assert keys.create(KeySpec(name="d", tenant="t", models=["no-such-*"])).models == ["no-such-*"]  # a pattern
+    with pytest.raises(ValidationError):
+        KeyLimits(rpm=0)
+    with pytest.raises(ValidationError):
+        KeySpec(name="e", tenant="t", models=[])
+    with pytest.raises(ValidationError):
+        KeySpec(name="bad name!", tenant="t")
+    for null in ("models", "limits", "tenant", "priority"):
+        with pytest.raises(APIError) as err:
+            keys.update("a", KeyPatch.model_validate({null: None}))
+        assert (err.value.status, err.value.message) == (400, f"{null} cannot be null (send limits {{}} for none)")
+    expiring = keys.update("a", KeyPatch(expires_at=clock.now + 60))
+    assert keys.update("a", KeyPatch.model_validate({"expires_at": None})).expires_at is None and expiring.expires_at
+    keys.revoke("a")
+    with pytest.raises(APIError) as err:
+        keys.update("a", KeyPatch(limits=KeyLimits(rpm=1)))
+    assert err.value.code == "key_revoked"
+
+
+def test_the_long_poll_returns_on_a_change(tmp_path: Path) -> None:
+    keys = registry(tmp_path)
+
+    async def scenario() -> KeyTable:
+        version = keys.table().version
+        waiting = asyncio.create_task(keys.wait(version, "epoch1", 30.0))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        keys.create(KeySpec(name="a", tenant="t"))
+        return await asyncio.wait_for(waiting, 5.0)
+
+    table = asyncio.run(scenario())
+    assert [k.name for k in table.keys] == ["a"]
+    # Another epoch (a restarted manager) or an older version: answered at once.
+    assert asyncio.run(keys.wait(table.version, "other", 30.0)).version == table.version
+
+
+def ring_with(tmp_path: Path, clock: Clock, share: float = 1.0, **spec: object) -> tuple[KeyRing, str, KeyRegistry]:
+    keys = registry(tmp_path, clock)
+    secret = keys.create(KeySpec.model_validate({"name": "k", "tenant": "t", **spec})).secret
+    ring = KeyRing(share, clock)
+    ring.update(keys.table())
+    return ring, secret, keys
+
+
+def test_the_ring_finds_keys_by_digest_and_refuses_revoked_and_expired_ones(tmp_path: Path) -> None:
+    clock = Clock()
+    ring, secret, keys = ring_with(tmp_path, clock, expires_at=clock.now + 10)
+    key = ring.check(secret.encode())
+    assert isinstance(key, ActiveKey) and key.tenant == "t"
+    assert ring.check(b"sk-svllm-wrong") is None
+    clock.now += 10
+    expired = ring.check(secret.encode())
+    assert isinstance(expired, APIError) and (expired.status, expired.code) == (401, "expired_api_key")
+    clock.now -= 5
+    keys.revoke("k")
+    ring.update(keys.table())
+    revoked = ring.check(secret.encode())
+    assert isinstance(revoked, APIError) and (revoked.status, revoked.code) == (401, "revoked_api_key")
+
+
+def test_models_by_alias_and_pattern(tmp_path: Path) -> None:
+    ring, secret, _ = ring_with(tmp_path, Clock(), models=["big", "ti?y", "llama-*"])
+    key = ring.check(secret.encode())
+    assert isinstance(key, ActiveKey)
+    allowed = {a: key.allows(a) for a in ("big", "tiny", "tidy", "llama-3", "small", "bigger")}
+    assert allowed == {"big": True, "tiny": True, "tidy": True, "llama-3": True, "small": False, "bigger": False}
+
+
+def test_a_share_of_the_limits_is_rounded_up(tmp_path: Path) -> None:
+    ring, secret, _ = ring_with(tmp_path, Clock(), share=0.5, limits={"rpm": 5, "tpm": 1000, "max_concurrent": 1})
+    key = ring.check(secret.encode())
+    assert isinstance(key, ActiveKey) and key.limits == KeyLimits(rpm=3, tpm=500, max_concurrent=1)
+
+
+def active_key(limits: KeyLimits) -> ActiveKey:
+    return ActiveKey("id1", "k", "t", KeySpec(name="k", tenant="t").priority, limits, None, False, frozenset(), ("*",))
+
+
+def test_requests_per_minute_bucket() -> None:
+    clock = Clock()
+    limiter, key = Limiter(clock), active_key(KeyLimits(rpm=6))
+    grants = [limiter.admit(key) for _ in range(6)]  # a burst of a minute's worth
+    assert [g.headers["x-ratelimit-remaining-requests"] for g in grants] == ["5", "4", "3", "2", "1", "0"]
+    with pytest.raises(APIError) as err:
+        limiter.admit(key)
+    assert err.value.status == 429 and err.value.headers["retry-after"] == "10"  # one request per 10 s
+    assert err.value.headers["x-ratelimit-reset-requests"] == "1m0s"
+    clock.now += 9.9
+    with pytest.raises(APIError):
+        limiter.admit(key)
+    clock.now += 0.1
+    assert limiter.admit(key).headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_tokens_per_minute_are_taken_after_the_answer() -> None:
+    clock = Clock()
+    limiter, key = Limiter(clock), active_key(KeyLimits(tpm=600))
+    grant = limiter.admit(key)
+    assert grant.headers["x-ratelimit-remaining-tokens"] == "600"
+    grant.finish(700)  # the answer was bigger than what was left: the bucket goes below zero
+    with pytest.raises(APIError) as err:
+        limiter.admit(key)
+    assert err.value.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert err.value.headers["retry-after"] == "11"  # 101 tokens to refill at 10 per second
+    clock.now += 10.1
+    assert limiter.admit(key).headers["x-ratelimit-remaining-tokens"] == "1"
+
+
+def test_in_flight_count_is_released_once() -> None:
+    limiter, key = Limiter(Clock()), active_key(KeyLimits(max_concurrent=2))
+    first, _second = limiter.admit(key), limiter.admit(key)
+    with pytest.raises(APIError):
+        limiter.admit(key)
+    first.finish(0)
+    first.finish(0)  # a second finish frees nothing more
+    limiter.admit(key)
+    with pytest.raises(APIError):
+        limiter.admit(key)
+
+
+def test_new_limits_start_new_buckets() -> None:
+    clock = Clock()
+    limiter = Limiter(clock)
+    limiter.admit(active_key(KeyLimits(rpm=1)))
+    with pytest.raises(APIError):
+        limiter.admit(active_key(KeyLimits(rpm=1)))  # an equal new table: the same bucket
+    assert limiter.admit(active_key(KeyLimits(rpm=2))).headers["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_durations_as_openai_writes_them() -> None:
+    assert [duration(s) for s in (0.0201, 1.5, 59.0, 60.0, 360.0)] == ["21ms", "1.5s", "59s", "1m0s", "6m0s"]
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def _scan(parts: list[bytes], strip: bool) -> tuple[bytes, list[object]]:
+    seen: list[object] = []
+
+    async def run() -> bytes:
+        return b"".join([c async for c in scan_events(_chunks(*parts), seen.append, strip)])
+
+    return asyncio.run(run()), seen
+
+
+def test_usage_is_read_from_a_stream_and_taken_out_when_the_client_did_not_ask() -> None:
+    delta = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    done = b"data: [DONE]\n\n"
+    # The usage event cut in two reads, and joined with the end of the stream.
+    parts = [delta, usage[:20], usage[20:] + done]
+    stripped, seen = _scan(parts, strip=True)
+    assert stripped == delta + done and seen == [{"prompt_tokens": 3, "completion_tokens": 2}]
+    kept, seen = _scan(parts, strip=False)
+    assert kept == delta + usage + done and len(seen) == 1
+
+
+def _guarded(ring: KeyRing) -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+    auth = AuthSettings(
+        mode="on",
+        api_keys=(SecretStr("env-client-key-0123456789"),),
+        admin_key=SecretStr("admin-key-0123456789"),
+        worker_token=SecretStr("worker-token-0123456789"),
+    )
+    install_guard(app, auth, "router", router_policy, keys=ring)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, object]:
+        key = request.scope.get(KEY_SCOPE)
+        return {"key": key.name if isinstance(key, ActiveKey) else None}
+
+    return TestClient(app)
+
+
+def test_the_guard_accepts_run_time_keys_beside_the_environment_s(tmp_path: Path) -> None:
+    ring, secret, keys = ring_with(tmp_path, Clock(1e12))  # far future: the ring's clock, not the wall's
+    http = _guarded(ring)
+
+    def post(key: str) -> tuple[int, object]:
+        resp = http.post("/v1/chat/completions", headers={"authorization": f"Bearer {key}"})
+        return resp.status_code, resp.json().get("key", resp.json().get("error", {}).get("code"))
+
+    assert post(secret) == (200, "k")
+    assert post("env-client-key-0123456789") == (200, None)  # an environment key: no limits, no key in scope
+    assert post("sk-svllm-unknown") == (401, "invalid_api_key")
+    resp = http.post("/v1/keys", headers={"authorization": f"Bearer {secret}"}, json={})
+    assert resp.status_code == 401  # the key API is the admin's
+    keys.revoke("k")
+    ring.update(keys.table())
+    assert post(secret) == (401, "revoked_api_key")
+
+
+def test_a_tenants_limits_hold_for_all_its_keys_together(tmp_path: Path) -> None:
+    clock = Clock()
+    keys = registry(tmp_path, clock)
+    keys.set_tenant_limits("t", KeyLimits(rpm=3, max_concurrent=2))
+    secrets = [keys.create(KeySpec(name=n, tenant="t", limits=KeyLimits(rpm=50))).secret for n in ("a", "b")]
+    ring = KeyRing(1.0, clock)
+    ring.update(keys.table())
+    a, b = (ring.check(s.encode()) for s in secrets)
+    assert isinstance(a, ActiveKey) and isinstance(b, ActiveKey) and a.limited
+    limiter = Limiter(clock)
+    first = limiter.admit(a)
+    assert first.headers["x-ratelimit-limit-requests"] == "50"  # the key's own limits where it has them
+    limiter.admit(b)
+    with pytest.raises(APIError) as err:
+        limiter.admit(a)  # two in flight: the tenant's max
+    assert "tenant 't'" in err.value.message
+    first.finish(0)
+    limiter.admit(b)
+    first.finish(0)
+    with pytest.raises(APIError) as err:
+        limiter.admit(a)  # three requests this minute: the tenant's rpm
+    assert "3 requests per minute" in err.value.message
+    keys.set_tenant_limits("t", KeyLimits())  # no values: no limits
+    ring.update(keys.table())
+    assert ring.tenants() == {} and ring.by_id(a.id) is not None and ring.by_id(a.id).tenant_limits is None  # type: ignore[union-attr]
+
+
+def test_the_first_request_of_a_new_key_sees_a_full_bucket() -> None:
+    """On the real clock: a bucket made a moment after admit read the time is not below full."""
+    grant = Limiter().admit(active_key(KeyLimits(rpm=6)))
+    assert grant.headers["x-ratelimit-remaining-requests"] == "5"
