@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -266,8 +267,12 @@ def cmd_up(args: argparse.Namespace) -> None:
                 log.info("registered %s", _registered(await register_model(url, body, auth)))
             log.info("serving the OpenAI API at http://%s:%d/v1 (Ctrl-C to stop)", router.host, router.port)
         await asyncio.gather(*tasks)
+        signals.extend(sig for group in groups for s in group for sig in getattr(s, "_captured_signals", ()))
 
+    signals: list[int] = []
     _run(run())
+    if signals:  # stopped by a signal: exit as it says, whether or not its re-raise by uvicorn won a race with the end
+        raise KeyboardInterrupt if signals[0] == signal.SIGINT else SystemExit(128 + signals[0])
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
