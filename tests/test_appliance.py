@@ -8,7 +8,8 @@
   debootstrap base with host-side wheelhouses (tests/appliance/harness.py); ``docker compose up``
   with 2 workers, the tiny model registered by the one-shot ``init`` service; chat and streaming
   through the published router port with the official ``openai`` client; ``--scale worker=3``;
-  Prometheus targets up; ``down`` + ``up`` keeps the registrations (SQLite on a named volume).
+  Prometheus targets up; ``--scale worker=1`` leaves no dead worker and no SvllmWorkerDown; ``down`` + ``up``
+  keeps the registrations (SQLite on a named volume).
 
 Environment: SVLLM_APPLIANCE_KEEP=1 leaves the stack up afterwards;
 SVLLM_APPLIANCE_EXTRA_COMPOSE=a.yaml:b.yaml adds compose files (e.g. to try another head command).
@@ -230,6 +231,12 @@ class Appliance:
         resp.raise_for_status()
         return resp.json()["data"]["activeTargets"]
 
+    def prom_query(self, query: str) -> list[dict[str, Any]]:
+        resp = httpx.get(f"http://127.0.0.1:{self.prom_port}/api/v1/query", params={"query": query}, timeout=10)
+        resp.raise_for_status()
+        result: list[dict[str, Any]] = resp.json()["data"]["result"]
+        return result
+
     def openai(self) -> Any:
         import openai
 
@@ -360,6 +367,22 @@ def test_prometheus_targets_up(appliance: Appliance) -> None:
     except TimeoutError:
         pytest.fail(f"targets not all up (want svllm-head, 3 svllm-workers): {json.dumps(seen, indent=1)}")
     log.info("prometheus targets: %s", seen)
+
+
+def test_scale_down_leaves_no_dead_worker(appliance: Appliance) -> None:
+    """`--scale worker=1` after 3: the two workers stopped (SIGTERM) drain, say they leave and are forgotten: none is
+    listed dead, and in Prometheus the expression of the SvllmWorkerDown alert is empty while it sees the one left."""
+    app = appliance
+    app.compose("up", "-d", "--scale", "worker=1")
+    _wait(lambda: len(app.workers()) == 1 and len(app.healthy_workers()) == 1, 180, "one worker listed, healthy")
+    down = 'svllm_worker_state{state=~"unhealthy|dead"} == 1'  # prometheus/rules/svllm-alerts.yml
+    _wait(
+        lambda: len(app.prom_query('svllm_worker_state{state="healthy"} == 1')) == 1 and app.prom_query(down) == [],
+        120,
+        "Prometheus to see one healthy worker and none down",
+        interval=5,
+    )
+    assert [w["state"] for w in app.workers()] == ["healthy"]
 
 
 def test_down_up_keeps_registrations(appliance: Appliance) -> None:
