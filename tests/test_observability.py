@@ -533,6 +533,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
     stack = Stack(
         tmp,
         env={
+            "SVLLM_AUTH": "on",  # the harness turns it off by default; keys made at run time need it
             "SVLLM_API_KEYS": CLIENT_KEY,
             "SVLLM_ADMIN_KEY": ADMIN_KEY,
             "SVLLM_WORKER_TOKEN": WORKER_TOKEN,
@@ -569,6 +570,12 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
             wait_until(lambda e=expr: prom.has(e), 30, what=expr)
         log.info("stack and Prometheus up after %.0f s", time.monotonic() - t0)
         drive_traffic(stack)
+        # A key made at run time (tenant `team-a`, 3 requests a minute): the tenants dashboard's traffic.
+        made = stack.post(
+            "/v1/keys", json={"name": "obs", "tenant": "team-a", "models": [ALIAS], "limits": {"rpm": 3}}, headers=ADMIN
+        )
+        assert made.status_code in (200, 201), made.text
+        drive_key_traffic(stack, made.json()["secret"])
         log.info("cold start and first traffic done after %.0f s", time.monotonic() - t0)
         # The engine is discovered and its vLLM metrics arrive labelled with worker, model and replica.
         wait_until(
@@ -612,6 +619,24 @@ def drive_traffic(stack: Stack, first: bool = True) -> None:
         client.chat.completions.create(model="no-such-model", messages=chat, max_tokens=2)
     with pytest.raises(openai.BadRequestError):  # the engine refuses it: counted for the model, 400
         client.chat.completions.create(model=ALIAS, messages=chat, max_tokens=100_000)
+
+
+def drive_key_traffic(stack: Stack, secret: str) -> None:
+    """A stream and a completion (tokens), a request the engine refuses (an error), then one over the key's limit
+    of 3 a minute (throttled)."""
+    wait_until(  # the key reaches the router with the next key table (long-poll)
+        lambda: stack.get("/v1/models", headers={"authorization": f"Bearer {secret}"}).status_code == 200,
+        30,
+        what="the new key accepted",
+    )
+    client = stack.openai(timeout=300, api_key=secret)
+    chat = [{"role": "user", "content": "hello"}]
+    assert len(list(client.chat.completions.create(model=ALIAS, messages=chat, max_tokens=8, stream=True))) >= 2
+    assert client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=6).choices
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=ALIAS, messages=chat, max_tokens=100_000)
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=ALIAS, prompt="over the limit", max_tokens=2)
 
 
 def test_targets_discovered_and_up(observed: Observed) -> None:
@@ -689,6 +714,8 @@ def test_component_metrics_have_the_traffic(observed: Observed) -> None:
         "gpu_name",
         "gpus",
         "appliance",
+        "tenant",  # keys made at run time are counted by tenant, never by key
+        "priority",  # a key's priority class (the fair queue's waiters)
     }, labels
 
 
@@ -704,7 +731,7 @@ def test_every_panel_returns_data(observed: Observed) -> None:
     prom = observed.prom
     range_s = int(time.time() - prom.started) + 5
     # One model, one worker; `endpoint` outside a repeated row as "All" would expand it.
-    variables = {"model": ALIAS, "worker": WORKER, "endpoint": ".*"}
+    variables = {"model": ALIAS, "worker": WORKER, "endpoint": ".*", "tenant": "team-a"}
     listed = {
         (name, v["name"]): variable_values(prom, v)
         for name, board in load_dashboards().items()
@@ -735,7 +762,7 @@ def test_every_panel_returns_data(observed: Observed) -> None:
 
 
 def test_template_variables_list_the_stack(observed: Observed) -> None:
-    expected = {"model": [ALIAS], "worker": [WORKER], "endpoint": SERVED_ENDPOINTS}
+    expected = {"model": [ALIAS], "worker": [WORKER], "endpoint": SERVED_ENDPOINTS, "tenant": ["team-a"]}
     for board in load_dashboards().values():
         for v in board["templating"]["list"]:
             values = variable_values(observed.prom, v)

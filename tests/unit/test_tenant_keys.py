@@ -290,3 +290,14 @@ def test_the_first_request_of_a_new_key_sees_a_full_bucket() -> None:
     """On the real clock: a bucket made a moment after admit read the time is not below full."""
     grant = Limiter().admit(active_key(KeyLimits(rpm=6)))
     assert grant.headers["x-ratelimit-remaining-requests"] == "5"
+
+
+def test_the_key_api_of_a_router_without_credentials_says_why_it_is_refused() -> None:
+    """With SVLLM_AUTH=off no key is checked, so the router starts no key table: its key API answers a clear 400,
+    not an internal error."""
+    from serverless_vllm.errors import APIError
+    from serverless_vllm.router.tenants import Tenants
+
+    with pytest.raises(APIError) as refused:
+        Tenants(1.0, str).manager()
+    assert refused.value.status == 400 and refused.value.code == "keys_disabled"

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from fastapi import APIRouter
 
 from ..config import RouterSettings
+from ..errors import APIError
 from ..manager.protocol import ManagerAPI
 from ..security.auth import Authenticator
 from ..security.keys import KeyRing
@@ -54,7 +55,12 @@ class Tenants:
             await self._sync.refresh()  # a change made through this router: loaded at once
 
     def manager(self) -> ManagerAPI:
-        assert self._manager is not None, "the router has not started"
+        if self._manager is None:  # started only with credentials on (router/app.py)
+            raise APIError(
+                400,
+                "keys made at run time need authentication on: this router checks no key (SVLLM_AUTH=off)",
+                "keys_disabled",
+            )
         return self._manager
 
     def routes(self) -> APIRouter:
