@@ -7,6 +7,7 @@ Nothing here touches processes this run did not start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -85,6 +86,35 @@ def pct(values: Iterable[float], p: float) -> float | None:
     k = (len(data) - 1) * p / 100.0
     lo, hi = int(k), min(int(k) + 1, len(data) - 1)
     return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+class LoopGaps:
+    """`async with LoopGaps() as loop:` the gaps a 1 ms ticker on the running event loop sees while the block runs
+    (`loop.gaps`, seconds): how long whatever the block does holds up everything else on that loop."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopGaps:
+        self._running = True
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._running = False
+        if self._task is not None:
+            await self._task
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while self._running:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            self.gaps.append(now - last)
+            last = now
 
 
 def summary(values: Iterable[float], scale: float = 1.0, digits: int = 3) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SVLLM,
+    LoopGaps,
     Procs,
     auth_env,
     base_env,
@@ -244,28 +245,14 @@ def in_process(workers: int, models: int, active: int, repeat: int) -> dict[str,
         out["rebuild_table_ms"] = timeit(core.routing.rebuild, repeat)
         # A Prometheus scrape of the manager, and how long the event loop that takes the heartbeats stalls
         # meanwhile: the largest gap a 1 ms ticker on that loop sees during the scrapes.
-        gaps: list[float] = []
-        scraping = True
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while scraping:
-                await asyncio.sleep(0.001)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        tick = asyncio.create_task(ticker())
-        await asyncio.sleep(0.01)
-        times = []
-        for _ in range(min(repeat, 10)):
-            t = time.perf_counter()
-            await core.metrics_text()
-            times.append(time.perf_counter() - t)
-        scraping = False
-        await tick
+        async with LoopGaps() as loop:
+            times = []
+            for _ in range(min(repeat, 10)):
+                t = time.perf_counter()
+                await core.metrics_text()
+                times.append(time.perf_counter() - t)
         out["metrics_scrape_ms"] = summary(times, 1000.0, 3)
-        out["loop_gap_during_scrapes_ms"] = summary(gaps, 1000.0, 3)
+        out["loop_gap_during_scrapes_ms"] = summary(loop.gaps, 1000.0, 3)
         hb = next(b for b in beats.values() if b.engines)
         times = []
         while len(times) < repeat and (len(times) < 3 or sum(times) < 5.0):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common import log, summary, write_result
+from common import LoopGaps, log, summary, write_result
 from serverless_vllm.metrics.router import RouterMetrics
 from serverless_vllm.router.table import RouteTable
 from serverless_vllm.schemas import Endpoint, ModelState
@@ -43,28 +43,14 @@ def make(models: int, active: int) -> RouterMetrics:
 
 
 async def measure(scrape: Callable[[], Awaitable[bytes]], scrapes: int) -> dict[str, Any]:
-    gaps: list[float] = []
-    running = True
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while running:
-            await asyncio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0.01)
     times, size = [], 0
-    for _ in range(scrapes):
-        t = time.perf_counter()
-        size = len(await scrape())
-        times.append(time.perf_counter() - t)
-        await asyncio.sleep(0.01)  # between two scrapes the loop serves (Prometheus scrapes every 15 s)
-    running = False
-    await tick
-    return {"scrape_ms": summary(times, 1000.0, 1), "loop_gap_ms": summary(gaps, 1000.0, 2), "bytes": size}
+    async with LoopGaps() as loop:
+        for _ in range(scrapes):
+            t = time.perf_counter()
+            size = len(await scrape())
+            times.append(time.perf_counter() - t)
+            await asyncio.sleep(0.01)  # between two scrapes the loop serves (Prometheus scrapes every 15 s)
+    return {"scrape_ms": summary(times, 1000.0, 1), "loop_gap_ms": summary(loop.gaps, 1000.0, 2), "bytes": size}
 
 
 async def run(models: int, active: int, scrapes: int, rounds: int) -> dict[str, Any]:
