@@ -17,6 +17,7 @@ from ..dataplane.disconnect import until_disconnect
 from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import SESSION_HEADER
 from ..dataplane.heap import freeze_startup_heap
+from ..dataplane.inference_lane import install_inference_lane
 from ..dataplane.inference_routes import inference_routes
 from ..dataplane.relay import UpstreamClient
 from ..errors import install_error_handlers
@@ -120,7 +121,9 @@ def create_router_app(
         following = state.get().responses.follow(response_id, action, request.url.query)
         return await until_disconnect(request, following)
 
-    app.include_router(inference_routes(_inference, _stored_response))
+    routes = inference_routes(_inference, _stored_response)
+    app.include_router(routes)
+    install_inference_lane(app, routes)  # the innermost middleware: before the others are added
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)

@@ -18,6 +18,7 @@ from ..dataplane.disconnect import until_disconnect
 from ..dataplane.endpoints import InferenceEndpoint
 from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.heap import freeze_startup_heap
+from ..dataplane.inference_lane import install_inference_lane
 from ..dataplane.inference_routes import inference_routes
 from ..dataplane.relay import UpstreamClient, UpstreamError, UpstreamResponse, passthrough_headers
 from ..errors import APIError, install_error_handlers
@@ -146,7 +147,9 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
             )
         return Response(content, status_code=404, headers=passthrough_headers(upstream))
 
-    app.include_router(inference_routes(_inference, _stored_response))
+    routes = inference_routes(_inference, _stored_response)
+    app.include_router(routes)
+    install_inference_lane(app, routes)  # the innermost middleware: before the others are added
 
     # Installed after the inference routes, so that those are the first routes matched against a request.
     install_error_handlers(app)
