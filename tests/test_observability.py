@@ -538,6 +538,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
             "SVLLM_ADMIN_KEY": ADMIN_KEY,
             "SVLLM_WORKER_TOKEN": WORKER_TOKEN,
             "SVLLM_MODEL_DIRS": str(tiny_model.parent),
+            "FAIR_QUEUE": "fair",  # requests of keys pass the fair queue: its wait by priority class has data
         },
     )
     prom: Prometheus | None = None

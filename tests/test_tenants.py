@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,10 +24,11 @@ import openai
 import pytest
 
 from .harness import VENV_BIN, Service, free_port, wait_until
-from .secure_harness import ADMIN_KEY, API_KEY, SecureStack, bearer
+from .secure_harness import ADMIN_KEY, API_KEY, WORKER_TOKEN, SecureStack, bearer
 
 ALIAS = "tiny"
 CAP = 2  # requests in flight per replica, per router
+ENGINE_SEQS = 2  # requests the engine runs at once (vLLM's --max-num-seqs)
 CHAT = [{"role": "user", "content": "Tell me a long story about the sea and its ships."}]
 
 
@@ -46,7 +48,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     s.workers["router-b"] = router_b  # stopped with the stack
     try:
         router_b.start()
-        s.register(ALIAS, tiny_model, max_model_len=2048, min_replicas=1, max_replicas=1)
+        # Engines schedule by priority (the router passes each key's class on), two requests running at a time:
+        # a third waits in the engine, where the priority decides (test_the_engine_serves_a_high_class_first).
+        s.register(
+            ALIAS,
+            tiny_model,
+            max_model_len=2048,
+            min_replicas=1,
+            max_replicas=1,
+            scheduling_policy="priority",
+            extra_args=["--max-num-seqs", str(ENGINE_SEQS)],
+        )
         s.wait_model(ALIAS, "ready", timeout=300)
         yield s
     finally:
@@ -373,3 +385,65 @@ def test_a_flooding_tenant_does_not_make_a_light_one_wait_behind_it(stack: Secur
     # before it may be answered first.
     assert fifo_ahead >= 16 - (CAP - 1)
     assert fair_ahead <= CAP - 1
+
+
+def engine_waiting(stack: SecureStack) -> float:
+    """Requests waiting in the model's engine, as vLLM counts them."""
+    for name, worker in stack.workers.items():
+        if name == "router-b":
+            continue
+        for engine in stack.engines(name):
+            if engine["alias"] == ALIAS and engine["state"] == "ready":
+                url = f"{worker.url}/engines/{engine['replica_id']}/metrics"
+                text = httpx.get(url, headers=bearer(WORKER_TOKEN), timeout=10).text
+                return sum(float(v) for v in re.findall(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M))
+    return 0.0
+
+
+def served_first(stack: SecureStack, late_class: str, tag: str) -> list[str]:
+    """The engine runs two long low-class streams (through router A); through router B a low-class stream `early`
+    and then a `late_class` request `late` wait in the engine; one running stream is closed (vLLM aborts it): its
+    slot goes to one of the waiters. Returns the order in which `early` sent its first token and `late` ended."""
+    low = create_key(stack, name=f"low-{tag}", tenant="batch", priority="low")["secret"]
+    late_key = create_key(stack, name=f"late-{tag}", tenant="interactive", priority=late_class)["secret"]
+    url_b = router_b(stack)
+    known = lambda: httpx.get(f"{url_b}/v1/models", headers=bearer(late_key), timeout=5).status_code == 200  # noqa: E731
+    wait_until(known, 5, interval=0.05, what="router B has the keys")
+    long_stream = {"model": ALIAS, "messages": CHAT, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    events: list[str] = []
+
+    def early() -> None:
+        with httpx.stream("POST", f"{url_b}/v1/chat/completions", json=long_stream, headers=bearer(low)) as stream:
+            assert stream.status_code == 200
+            next(stream.iter_bytes())
+            events.append("early started")  # then closed: vLLM aborts it
+
+    def late() -> None:
+        assert chat(client(stack, late_key, url_b), 8).parse().usage.completion_tokens == 8
+        events.append("late answered")
+
+    with ThreadPoolExecutor(2) as pool, contextlib.ExitStack() as last:
+        streams = [contextlib.ExitStack() for _ in range(ENGINE_SEQS)]
+        for running in streams:
+            last.enter_context(running)
+            stream = running.enter_context(
+                httpx.stream("POST", f"{stack.router.url}/v1/chat/completions", json=long_stream, headers=bearer(low))
+            )
+            assert next(running.enter_context(contextlib.closing(stream.iter_bytes()))).startswith(b"data: ")
+        futures = [pool.submit(early)]
+        wait_until(lambda: engine_waiting(stack) == 1, 60, interval=0.05, what="the early request waiting")
+        futures.append(pool.submit(late))
+        wait_until(lambda: engine_waiting(stack) == 2, 60, interval=0.05, what="the late request waiting")
+        # One running stream ends: its one slot goes to a waiter, the other to the next once that one ends.
+        streams[0].close()
+        for f in futures:
+            f.result(timeout=120)
+    return events
+
+
+def test_the_engine_serves_a_high_class_first(stack: SecureStack) -> None:
+    """Where engines schedule by priority (vLLM's --scheduling-policy priority), the router gives each key's request
+    its class as `priority`: a high-class request that came last is served before a low-class one waiting since
+    before it. The baseline in the same test, a low-class request in its place, is served in arrival order."""
+    assert served_first(stack, "low", "same-class") == ["early started", "late answered"]
+    assert served_first(stack, "high", "high-class") == ["late answered", "early started"]

@@ -22,7 +22,7 @@ from .autoscale import Demand
 from .draining import retire, serving
 from .registry import ModelRecord, ModelRegistry, replica_infos
 from .replicas import ACTIVE, Replica, ReplicaIndex
-from .routing_publisher import RouteKey, RoutingPublisher
+from .routing_publisher import RouteKey, RoutingPublisher, by_priority
 from .workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,8 @@ class AdapterManager:
                 state, error = ModelState.FAILED, f"its base '{base}' failed: {base_model.last_error}"
             else:
                 state = ModelState.COLD
-        return state, tuple(endpoints), error, created, ModelTask.GENERATE, None, routing, base
+        priority = base_model is not None and by_priority(base_model)
+        return state, tuple(endpoints), error, created, ModelTask.GENERATE, None, routing, base, priority
 
     def annotate(self, info: ModelInfo, record: ModelRecord) -> None:
         """GET /v1/models/{alias}: a base's replicas list their adapters; an adapter's replicas are the base's

@@ -11,16 +11,27 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from ..schemas import Endpoint, ModelRoute, ModelState, ModelTask, ReplicaState, Routing, RoutingTable, WorkerState
+from ..schemas import (
+    Endpoint,
+    ModelRoute,
+    ModelState,
+    ModelTask,
+    ReplicaState,
+    Routing,
+    RoutingTable,
+    SchedulingPolicy,
+    WorkerState,
+)
 from .draining import serving
 from .registry import ModelRecord, ModelRegistry, expected_ready_at
 from .replicas import ACTIVE, Replica, ReplicaIndex
 from .workers import WorkerRegistry
 
 # The inputs of one model's route: state, endpoints as (replica id, worker id, url), error, created, task, when a
-# loading model is expected ready, how the routers pick among its endpoints, and a LoRA adapter's base.
+# loading model is expected ready, how the routers pick among its endpoints, a LoRA adapter's base, and whether its
+# engines schedule by priority.
 RouteKey = tuple[
-    ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None, Routing, str | None
+    ModelState, tuple[tuple[str, str, str], ...], str | None, int, ModelTask, float | None, Routing, str | None, bool
 ]
 
 
@@ -125,11 +136,11 @@ class RoutingPublisher:
     def _route_key(self, model: ModelRecord, mine: list[Replica], now: float) -> RouteKey:
         mine = serving(mine)  # a draining replica is out of routing at once, and its model is as if it had none
         if not mine:  # most models, on every full rebuild: the same answer as below, sooner
+            created, task, routing = int(model.created_at), model.engine().task, _routing(model)
+            priority = by_priority(model)
             if self._failed_recently(model, now):
-                failed = model.last_error
-                task = model.engine().task
-                return ModelState.FAILED, (), failed, int(model.created_at), task, None, _routing(model), None
-            return ModelState.COLD, (), None, int(model.created_at), model.engine().task, None, _routing(model), None
+                return ModelState.FAILED, (), model.last_error, created, task, None, routing, None, priority
+            return ModelState.COLD, (), None, created, task, None, routing, None, priority
         endpoints = []
         for r in mine:
             if r.state is ReplicaState.READY and not r.asleep:
@@ -149,7 +160,8 @@ class RoutingPublisher:
         else:
             state = ModelState.COLD
         task = model.engine().task
-        return state, tuple(endpoints), error, int(model.created_at), task, ready_at, _routing(model), None
+        created = int(model.created_at)
+        return state, tuple(endpoints), error, created, task, ready_at, _routing(model), None, by_priority(model)
 
     async def wait(self, after_version: int, epoch: str, timeout: float) -> RoutingTable:
         """Long-poll: return as soon as the table is newer than `after_version` (or from another epoch)."""
@@ -178,8 +190,13 @@ def _routing(model: ModelRecord) -> Routing:
     return model.policy().routing
 
 
+def by_priority(model: ModelRecord) -> bool:
+    """Whether the model's engines schedule by priority (an adapter: its base's engines)."""
+    return model.spec.scheduling_policy is SchedulingPolicy.PRIORITY
+
+
 def _route(key: RouteKey) -> ModelRoute:
-    state, endpoints, error, created, task, ready_at, routing, parent = key
+    state, endpoints, error, created, task, ready_at, routing, parent, priority_scheduling = key
     return ModelRoute(
         state=state,
         task=task,
@@ -189,4 +206,5 @@ def _route(key: RouteKey) -> ModelRoute:
         created=created,
         ready_at=ready_at,
         parent=parent,
+        priority_scheduling=priority_scheduling,
     )

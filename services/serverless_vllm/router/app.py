@@ -59,6 +59,7 @@ def create_router_app(
     # Keys made at run time: checked by the guard, limited and metered by the gate (router/tenants.py).
     tenants = Tenants(1.0 / (settings.key_limit_routers * settings.processes), metrics.model_label)
     metrics.registry.register(tenants.collector)
+    metrics.registry.register(tenants.queue_wait)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

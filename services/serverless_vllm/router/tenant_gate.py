@@ -2,12 +2,14 @@
 them is answered 404 like an unregistered one, so a key does not learn which models exist), its limits (429),
 its usage (tokens from the answer's `usage`; for a stream the engine is asked for it with
 `stream_options.include_usage` and the usage event is taken out again when the client did not ask for it), and
-the x-ratelimit-* headers of its limits on the answer. Requests of environment keys never come here.
+the x-ratelimit-* headers of its limits on the answer; to a model whose engines schedule by priority, its priority
+class as the request's `priority`. Requests of environment keys never come here.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,13 +18,19 @@ from starlette.types import Receive, Scope, Send
 
 from ..dataplane.body import InferenceRequest
 from ..errors import APIError
+from ..schemas.keys import ENGINE_PRIORITY, Priority
 from ..security.keys import ActiveKey, hidden_model
 from .fair_queue import FairQueue
 from .limits import Grant, Limiter
+from .table import RouteTable
 from .usage import Usage, UsageBook
 
 # Endpoints whose streams report usage when asked with stream_options.include_usage.
 _USAGE_OPTION_FAMILIES = frozenset({"chat", "completion"})
+# Endpoints whose requests take vLLM's `priority` (the Anthropic, tokenizer and audio ones do not).
+_PRIORITY_FAMILIES = frozenset(
+    {"chat", "completion", "responses", "embeddings", "pooling", "classify", "score", "rerank"}
+)
 
 
 def tokens_of(usage: Any) -> tuple[int, int]:
@@ -43,19 +51,26 @@ def usage_of(document: Any) -> Any:
     return usage
 
 
-def asking_usage(request: InferenceRequest) -> tuple[InferenceRequest, bool]:
-    """The request with `stream_options.include_usage` set, and whether it was added (to strip it again)."""
+def for_engine(request: InferenceRequest, priority: int | None) -> tuple[InferenceRequest, bool]:
+    """The request as the engine gets it: a stream asks for usage (`stream_options.include_usage`, and whether it
+    was added, to strip it again), and with `priority` (engines that schedule by priority) the key's class is its
+    `priority`, whatever the client sent. Re-encoded only when one of them changes it."""
     payload = request.payload
     options = payload.get("stream_options")
-    if (
-        request.endpoint.family not in _USAGE_OPTION_FAMILIES
-        or payload.get("stream") is not True
-        or (isinstance(options, dict) and options.get("include_usage") is True)
-    ):
+    ask = (
+        request.endpoint.family in _USAGE_OPTION_FAMILIES
+        and payload.get("stream") is True
+        and not (isinstance(options, dict) and options.get("include_usage") is True)
+    )
+    if not ask and (priority is None or payload.get("priority") == priority):
         return request, False
-    asked = {**payload, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-    body = json.dumps(asked).encode()
-    return InferenceRequest(request.endpoint, body, asked, request.alias, request.content_type), True
+    changed = dict(payload)
+    if ask:
+        changed["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    if priority is not None:
+        changed["priority"] = priority
+    body = json.dumps(changed).encode()
+    return InferenceRequest(request.endpoint, body, changed, request.alias, request.content_type), ask
 
 
 async def scan_events(chunks: AsyncIterable[Any], record: Callable[[Any], None], strip: bool) -> AsyncIterator[bytes]:
@@ -160,6 +175,8 @@ class TenantGate:
         self.limiter = limiter
         self.usage = usage
         self.fair: FairQueue | None = None  # set at startup when FAIR_QUEUE is not off
+        self.table: RouteTable | None = None  # set at startup: which models' engines schedule by priority
+        self.waited: Callable[[Priority, float], None] | None = None  # told each fair-queue wait (metrics)
 
     async def serve(
         self, key: ActiveKey, request: InferenceRequest, call: Callable[[InferenceRequest], Awaitable[Response]]
@@ -176,10 +193,16 @@ class TenantGate:
                 row.throttled += 1
                 raise
         row.requests += 1
-        request, strip = asking_usage(request)
+        route = self.table.route(alias) if self.table is not None else None
+        by_priority = route is not None and route.priority_scheduling and request.endpoint.family in _PRIORITY_FAMILIES
+        priority = ENGINE_PRIORITY[key.priority] if by_priority else None
+        request, strip = for_engine(request, priority)
         try:
             if self.fair is not None:  # FAIR_QUEUE: wait for a slot of the model, by priority, tenants in turn
+                since = time.perf_counter()
                 await self.fair.turn(alias, key.tenant, key.priority)
+                if self.waited is not None:
+                    self.waited(key.priority, time.perf_counter() - since)
             response = await call(request)
         except BaseException as exc:
             if isinstance(exc, APIError):

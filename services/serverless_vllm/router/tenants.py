@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fastapi import APIRouter
+from prometheus_client import Histogram
 
 from ..config import RouterSettings
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
+from ..schemas import Priority
 from ..security.auth import Authenticator
 from ..security.keys import KeyRing
 from .fair_queue import FairQueue
@@ -20,6 +22,8 @@ from .table import RouteTable
 from .tenant_gate import TenantGate
 from .usage import UsageBook, UsageCollector
 
+FAIR_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
 
 class Tenants:
     def __init__(self, limit_share: float, model_label: Callable[[str], str]) -> None:
@@ -28,6 +32,17 @@ class Tenants:
         self.usage = UsageBook(model_label)
         self.gate = TenantGate(self.limiter, self.usage)
         self.collector = UsageCollector(self.usage, lambda: self.gate.fair.by_class() if self.gate.fair else {})
+        self.queue_wait = Histogram(
+            "svllm_router_fair_queue_wait_seconds",
+            "Time requests of keys waited in the fair queue for a slot of their model (0: none), by priority class "
+            "(this router; FAIR_QUEUE).",
+            ["priority"],
+            buckets=FAIR_WAIT_BUCKETS,
+            registry=None,  # registered with the router's metrics (router/app.py)
+        )
+        # Every class from 0, so a dashboard shows the classes before their first wait.
+        waits = {priority: self.queue_wait.labels(priority.value) for priority in Priority}
+        self.gate.waited = lambda priority, seconds: waits[priority].observe(seconds)
         self.authenticator: Authenticator | None = None  # the guard's, once installed (for GET /v1/usage)
         self._sync: KeySync | None = None
         self._manager: ManagerAPI | None = None
@@ -35,6 +50,7 @@ class Tenants:
     async def start(self, manager: ManagerAPI, table: RouteTable, settings: RouterSettings) -> None:
         self._manager = manager
         self._sync = KeySync(manager, self.ring, self.limiter)
+        self.gate.table = table
         await self._sync.start()
         if settings.fair_queue != "off" and settings.max_in_flight_per_replica > 0:  # no cap: nothing to wait for
             fair = FairQueue(

@@ -25,6 +25,10 @@ class Priority(StrEnum):
     LOW = "low"
 
 
+# A class as vLLM's request `priority` (lower is served first; a request without one has 0, as normal's).
+ENGINE_PRIORITY = {Priority.HIGH: -1, Priority.NORMAL: 0, Priority.LOW: 1}
+
+
 class KeyLimits(Strict):
     """Per key, or per tenant (shared by its keys): unset means no limit of that kind."""
 

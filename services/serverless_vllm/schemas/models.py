@@ -81,6 +81,14 @@ class LoadFormat(StrEnum):
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
 
+class SchedulingPolicy(StrEnum):
+    """vLLM's --scheduling-policy: `priority` serves a waiting request by its `priority` field (lower first), which
+    the router sets from the priority class of the request's key (router/tenant_gate.py)."""
+
+    FCFS = "fcfs"
+    PRIORITY = "priority"
+
+
 class EngineArgs(Strict):
     """The vLLM engine arguments a registration may set."""
 
@@ -92,6 +100,7 @@ class EngineArgs(Strict):
     load_format: LoadFormat = LoadFormat.AUTO
     # A hub model's branch, tag or commit (None: its default branch): vLLM's --revision, what the workers prefetch.
     revision: Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")] | None = None
+    scheduling_policy: SchedulingPolicy = SchedulingPolicy.FCFS
     extra_args: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=128)] = []
     # LoRA (vLLM's --enable-lora and its sizes): an engine of a base with adapters registered gets it regardless.
     enable_lora: bool = False

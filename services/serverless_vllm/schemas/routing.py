@@ -26,6 +26,8 @@ class ModelRoute(BaseModel):
     ready_at: float | None = Field(default=None, exclude_if=lambda v: v is None)
     # A LoRA adapter: its base's alias (OpenAI's and vLLM's `parent`); its endpoints are the base's replicas holding it.
     parent: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    # Its engines schedule by priority (vLLM's --scheduling-policy priority): the router passes a key's class on.
+    priority_scheduling: bool = Field(default=False, exclude_if=lambda v: not v)
 
 
 class RoutingTable(BaseModel):

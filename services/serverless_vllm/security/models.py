@@ -40,6 +40,7 @@ DENIED_ENGINE_FLAGS = frozenset(
         "--task",
         "--load-format",  # the registration's `load_format` (one of schemas.LoadFormat: the others read other files)
         "--revision",  # the registration's `revision` (what the workers prefetch is what the engine loads)
+        "--scheduling-policy",  # the registration's `scheduling_policy` (the router must know it: key priorities)
         "--enable-lora",  # these four: the registration's LoRA fields (manager/adapters.py loads the adapters)
         "--max-loras",
         "--max-lora-rank",

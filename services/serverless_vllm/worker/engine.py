@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from ..config import WorkerSettings
-from ..schemas import Assignment, EngineStatus, LoadFormat, ModelTask, ReplicaState
+from ..schemas import Assignment, EngineStatus, LoadFormat, ModelTask, ReplicaState, SchedulingPolicy
 from .engine_log import EngineLog
 from .spawn import HOST
 from .standby import StandbyPool
@@ -210,6 +210,8 @@ class EngineProcess:
         if engine.revision is not None:
             cmd += ["--revision", engine.revision]
         cmd += TASK_ARGS[engine.task]
+        if engine.scheduling_policy is SchedulingPolicy.PRIORITY:
+            cmd += ["--scheduling-policy", "priority"]
         if engine.enable_lora:
             cmd += [
                 "--enable-lora",
