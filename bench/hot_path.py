@@ -49,6 +49,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -615,30 +617,38 @@ def profile(setup: Setup, body_path: Path, concurrency: int, seconds: int) -> di
         targets.append(("hybrid_replica", int(router_id.rsplit("-", 1)[1]), "ours_hybrid"))
     for name, pid, config in targets:
         raw = setup.tmp / f"profile-{name}.txt"
-        spy = subprocess.Popen(
-            [
-                str(VENV_BIN / "py-spy"),
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(seconds),
-                "--rate",
-                "250",
-                "--nonblocking",
-                "--format",
-                "raw",
-                "--output",
-                str(raw),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        url = setup.urls[config]
+        out[name] = spy(
+            pid, seconds, raw, partial(run_hey, url, setup.headers, concurrency, seconds - 2, body_path, None)
         )
-        time.sleep(1.0)
-        run_hey(setup.urls[config], setup.headers, concurrency, seconds - 2, body_path, None)
-        spy.wait(60)
-        out[name] = top_frames(raw)
     return out
+
+
+def spy(pid: int, seconds: int, raw: Path, drive: Callable[[], Any]) -> dict[str, Any]:
+    """py-spy on `pid` for `seconds` while `drive()` loads it (started a second in); its top frames."""
+    spy = subprocess.Popen(
+        [
+            str(VENV_BIN / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    drive()
+    spy.wait(60)
+    return top_frames(raw)
 
 
 def top_frames(raw: Path, n: int = 25) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SVLLM,
+    CPUMeter,
     free_port,
     http_ok,
     loadavg,
@@ -39,13 +42,19 @@ from common import (
     wait_until,
     write_result,
 )
-from hot_path import Setup, body, run_hey
+from hot_path import Setup, body, run_hey, spy
 
 KEYS = 10_000
 LIMITS = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrent": 100_000}
 
 
-def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clients_unchecked: bool = False) -> str:
+@dataclass
+class Router:
+    url: str
+    pid: int
+
+
+def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clients_unchecked: bool = False) -> Router:
     """`svllm router`; `clients_unchecked`: the same app with no credential checked on the client side (it still
     presents the admin key to the manager and the worker token to the worker, which SVLLM_AUTH=off would not)."""
     port = free_port()
@@ -64,7 +73,7 @@ def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clien
         args = [sys.executable, "-c", code]
     router = setup.procs.start(f"router-{name}", args, env)
     wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), 60, what=f"router {name}")
-    return f"http://127.0.0.1:{port}"
+    return Router(f"http://127.0.0.1:{port}", router.pid)
 
 
 def make_keys(setup: Setup, mport: int) -> str:
@@ -88,6 +97,7 @@ def main() -> None:
     p.add_argument("--duration", type=float)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--wait-quiet", type=float, help="seconds to wait for a quiet machine (default 600, quick 0)")
+    p.add_argument("--profile", action="store_true", help="py-spy the keys and noauth routers at c=8 afterwards")
     a = p.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     duration = a.duration or (2.0 if a.quick else 5.0)
@@ -104,11 +114,12 @@ def main() -> None:
     try:
         model = tiny_model(setup.tmp)
         envkey_url, _, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
-        urls = {
+        routers = {
             "noauth": start_router(setup, "noauth", mport, setup.env, clients_unchecked=True),
-            "envkey": envkey_url,
             "keys": start_router(setup, "keys", mport, setup.env),
         }
+        urls = {"noauth": routers["noauth"].url, "envkey": envkey_url, "keys": routers["keys"].url}
+        pids = {"noauth": routers["noauth"].pid, "envkey": setup.pids["router"], "keys": routers["keys"].pid}
         secret = make_keys(setup, mport)
         headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
         wait_until(
@@ -126,11 +137,26 @@ def main() -> None:
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for c in concurrencies:
                 for cfg in order:
-                    res = run_hey(urls[cfg], headers[cfg], c, duration, body_path, None)
+                    meter = CPUMeter({"router": lambda cfg=cfg: [pids[cfg]]})  # type: ignore[misc]
+                    res = run_hey(urls[cfg], headers[cfg], c, duration, body_path, meter)
+                    res["router_cpu_us_per_request"] = round(1e6 * res["cpu_s"]["router"] / max(1, res["ok"]), 1)
                     runs.append({"round": r, "config": cfg, "concurrency": c, **res})
-                    log(f"round {r} c={c} {cfg}: {res['rps']} req/s, p50 {res['latency_ms']['p50']:.2f} ms")
+                    log(
+                        f"round {r} c={c} {cfg}: {res['rps']} req/s, p50 {res['latency_ms']['p50']:.2f} ms, router "
+                        f"CPU {res['router_cpu_us_per_request']} µs per request"
+                    )
         result["runs"] = runs
         result["summary"] = summarise(runs, rounds, concurrencies)
+        if a.profile:
+            result["profile"] = {
+                cfg: spy(
+                    routers[cfg].pid,
+                    12,
+                    setup.tmp / f"profile-{cfg}.txt",
+                    partial(run_hey, urls[cfg], headers[cfg], 8, 10.0, body_path, None),
+                )
+                for cfg in ("keys", "noauth")
+            }
         result["loadavg_at_end"] = loadavg()
         log(json.dumps(result["summary"], indent=2))
     finally:
@@ -147,6 +173,13 @@ def summarise(runs: list[dict[str, Any]], rounds: int, concurrencies: list[int])
             paired = [rps[(r, cfg, c)] / rps[(r, "noauth", c)] for r in range(rounds) if rps[(r, "noauth", c)]]
             row[f"{cfg}_over_noauth"] = [round(x, 3) for x in paired]
             row[f"{cfg}_over_noauth_median"] = round(median(paired) or 0.0, 3)
+        cpu = {(x["round"], x["config"], x["concurrency"]): x["router_cpu_us_per_request"] for x in runs}
+        keys_cpu = [cpu[(r, "keys", c)] / cpu[(r, "noauth", c)] for r in range(rounds) if cpu[(r, "noauth", c)]]
+        row["router_cpu_keys_over_noauth"] = [round(x, 3) for x in keys_cpu]
+        row["router_cpu_keys_over_noauth_median"] = round(median(keys_cpu) or 0.0, 3)
+        row["router_cpu_us_per_request_median"] = {
+            cfg: median([cpu[(r, cfg, c)] for r in range(rounds)]) for cfg in ("noauth", "envkey", "keys")
+        }
         row["rps_median"] = {
             cfg: median([rps[(r, cfg, c)] for r in range(rounds)]) for cfg in ("noauth", "envkey", "keys")
         }

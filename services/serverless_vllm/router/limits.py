@@ -54,16 +54,23 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
+RawHeaders = list[tuple[bytes, bytes]]
+
+
 class Grant:
     """One admitted request of a limited key: its rate-limit headers, and its slots until `finish`."""
 
-    __slots__ = ("_now", "_open", "_parts", "headers")
+    __slots__ = ("_now", "_open", "_parts", "raw_headers")
 
-    def __init__(self, parts: list[tuple[KeyState, KeyLimits]], headers: dict[str, str], now: Callable[[], float]):
+    def __init__(self, parts: list[tuple[KeyState, KeyLimits]], raw_headers: RawHeaders, now: Callable[[], float]):
         self._parts = parts  # the key's state and limits, and its tenant's
         self._now = now
         self._open = True
-        self.headers = headers
+        self.raw_headers = raw_headers  # as the response carries them (encoded once, here)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.raw_headers}
 
     def finish(self, tokens: int) -> None:
         """The request ended (once; later calls do nothing): its slots are free and its tokens are taken."""
@@ -84,18 +91,27 @@ def _throttled(message: str, retry_after: float, headers: dict[str, str]) -> API
     return APIError(429, message, "rate_limit_exceeded", headers)
 
 
-def _headers(limits: KeyLimits, state: KeyState) -> dict[str, str]:
-    """The x-ratelimit-* headers of one set of limits, as the buckets are now (refilled)."""
-    out: dict[str, str] = {}
+def _raw_headers(limits: KeyLimits, state: KeyState) -> RawHeaders:
+    """The x-ratelimit-* headers of one set of limits, as the buckets are now (refilled). Every answer of a limited
+    key carries them: written as bytes once, not as text encoded again for the response."""
+    out: RawHeaders = []
     if limits.rpm is not None:
-        out["x-ratelimit-limit-requests"] = str(limits.rpm)
-        out["x-ratelimit-remaining-requests"] = str(max(0, math.floor(state.requests.level)))
-        out["x-ratelimit-reset-requests"] = duration(state.requests.reset_in(limits.rpm))
+        out.append((b"x-ratelimit-limit-requests", b"%d" % limits.rpm))
+        out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, math.floor(state.requests.level))))
+        out.append((b"x-ratelimit-reset-requests", duration(state.requests.reset_in(limits.rpm)).encode()))
     if limits.tpm is not None:
-        out["x-ratelimit-limit-tokens"] = str(limits.tpm)
-        out["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(state.tokens.level)))
-        out["x-ratelimit-reset-tokens"] = duration(state.tokens.reset_in(limits.tpm))
+        out.append((b"x-ratelimit-limit-tokens", b"%d" % limits.tpm))
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, math.floor(state.tokens.level))))
+        out.append((b"x-ratelimit-reset-tokens", duration(state.tokens.reset_in(limits.tpm)).encode()))
     return out
+
+
+def _headers(limits: KeyLimits, state: KeyState) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in _raw_headers(limits, state)}
+
+
+def _who(key: ActiveKey, tenant: bool) -> str:
+    return f"tenant '{key.tenant}'" if tenant else f"key '{key.name}'"
 
 
 def _check(limits: KeyLimits, state: KeyState, who: str) -> None:
@@ -142,25 +158,31 @@ class Limiter:
         """Let one request of `key` in, or raise a 429 with Retry-After and the x-ratelimit-* headers. The key's
         own limits and its tenant's must both allow it; the headers are the key's own limits where it has them."""
         now = self._clock()
-        parts: list[tuple[KeyState, KeyLimits, str]] = []
+        parts: list[tuple[KeyState, KeyLimits]] = []
         if key.limits.limited():
-            parts.append((self.state(key.id, key.limits), key.limits, f"key '{key.name}'"))
+            parts.append((self.state(key.id, key.limits), key.limits))
         if key.tenant_limits is not None:
-            parts.append(
-                (self.state(TENANT + key.tenant, key.tenant_limits), key.tenant_limits, f"tenant '{key.tenant}'")
-            )
-        for state, limits, who in parts:
+            parts.append((self.state(TENANT + key.tenant, key.tenant_limits), key.tenant_limits))
+        for state, limits in parts:
             if limits.rpm is not None:
                 state.requests.refill(limits.rpm, now)
             if limits.tpm is not None:
                 state.tokens.refill(limits.tpm, now)
-            _check(limits, state, who)
-        headers: dict[str, str] = {}
-        for state, limits, _ in parts:
+            if (
+                (limits.rpm is not None and state.requests.level < 1.0)
+                or (limits.tpm is not None and state.tokens.level <= 0.0)
+                or (limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent)
+            ):  # refused: said in words (a rare path)
+                _check(limits, state, _who(key, limits is key.tenant_limits))
+        raw: RawHeaders = []
+        for state, limits in parts:
             if limits.rpm is not None:
                 state.requests.level -= 1.0
             if limits.max_concurrent is not None:
                 state.in_flight += 1
-            for name, value in _headers(limits, state).items():
-                headers.setdefault(name, value)
-        return Grant([(state, limits) for state, limits, _ in parts], headers, self._clock)
+            if not raw:
+                raw = _raw_headers(limits, state)
+            else:  # the tenant's, where the key has none of its own
+                names = {name for name, _ in raw}
+                raw += [(name, value) for name, value in _raw_headers(limits, state) if name not in names]
+        return Grant(parts, raw, self._clock)

@@ -134,7 +134,7 @@ def answered(response: Response, grant: Grant | None, row: Usage, strip: bool) -
     """The answer to a key's request: its limits' headers added; a whole answer's usage is read now and its slot
     freed (it is complete), a stream is wrapped to read usage as it passes and free the slot at its end."""
     if grant is not None:
-        response.raw_headers.extend((k.encode(), v.encode()) for k, v in grant.headers.items())
+        response.raw_headers.extend(grant.raw_headers)
     if response.status_code >= 400:
         row.errors += 1
     if isinstance(response, StreamingResponse):
