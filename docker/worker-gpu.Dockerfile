@@ -9,6 +9,15 @@
 # Offline builds: wheels in docker/wheelhouse/worker-gpu/ (or WHEELHOUSE) are installed with
 # --no-index when present; otherwise from PyPI. Offline, the wheelhouse needs the `loaders` extra's wheels
 # too (runai-model-streamer, fastsafetensors and their dependencies but torch, which the base image has).
+#
+# Another base (no vLLM in it): VLLM_PIP_SPEC installs vLLM's CUDA build from PyPI (it brings its torch and the CUDA
+# libraries as nvidia-* wheels; ~4 GB of wheels, a ~9 GB image) into the base's system Python 3:
+#
+#   docker build -f docker/worker-gpu.Dockerfile --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
+#       --build-arg VLLM_PIP_SPEC=vllm==0.32.0 -t serverless-vllm/worker-gpu:0.1.0 .
+#
+# (any base with python3 and pip; tests/test_gpu_image.py builds it so from a Debian bookworm base, with the wheels
+# from a local index passed in PIP_EXTRA_ARGS).
 
 ARG VLLM_VERSION=v0.32.0
 ARG BASE_IMAGE=vllm/vllm-openai:${VLLM_VERSION}
@@ -17,6 +26,9 @@ FROM ${BASE_IMAGE}
 ARG WHEELHOUSE=docker/wheelhouse/worker-gpu
 ARG SVLLM_VERSION=0.1.0
 ARG PIP_EXTRA_ARGS=
+# Empty: the base image already has vLLM (the official image). A pip spec (vllm==0.32.0): install vLLM's CUDA build
+# (with its torch and CUDA libraries from PyPI) into the base's system Python, e.g. on a plain Debian/Ubuntu base.
+ARG VLLM_PIP_SPEC=
 
 LABEL org.opencontainers.image.title="serverless-vllm-worker-gpu" \
       org.opencontainers.image.description="Serverless vLLM worker with the CUDA build of vLLM" \
@@ -37,7 +49,7 @@ COPY docker/reqs.py pyproject.toml /tmp/src/
 RUN set -eu; \
     if ls /tmp/wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /tmp/wheels"; else src=""; fi; \
     python3 /tmp/src/reqs.py /tmp/src/pyproject.toml loaders > /tmp/src/requirements.txt; \
-    python3 -m pip install $src $PIP_EXTRA_ARGS -r /tmp/src/requirements.txt "setuptools>=68" wheel; \
+    python3 -m pip install $src $PIP_EXTRA_ARGS -r /tmp/src/requirements.txt $VLLM_PIP_SPEC "setuptools>=68" wheel; \
     rm -rf /tmp/wheels /tmp/src; \
     # Ubuntu-based images may already own uid/gid 1000 ("ubuntu"): fall back to any free id.
     groupadd --gid 1000 svllm 2>/dev/null || groupadd --system svllm; \

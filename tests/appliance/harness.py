@@ -238,6 +238,63 @@ def ensure_wheelhouse(which: list[str] | None = None, root: Path = WHEELHOUSE, f
     return root
 
 
+# vLLM's CUDA build for the GPU image on the local base (tests/test_gpu_image.py): ~4 GB of wheels, downloaded once
+# into their own folder, which .dockerignore keeps out of every build context (the build fetches them over HTTP).
+VLLM_GPU_VERSION = VLLM_CPU_VERSION
+GPU_WHEELHOUSE = WHEELHOUSE / "worker-gpu-cuda"
+BASE_GLIBC_MINOR = 36  # Debian bookworm's glibc 2.36: manylinux_2_36 wheels at most
+MIN_FREE_GB_FOR_GPU = 20  # before the download: wheels (4 GB), then the image (9 GB), with room to spare
+MIN_FREE_GB_FOR_GPU_BUILD = 12  # before the build, wheels in place
+
+
+def gpu_wheel_requirements() -> list[str]:
+    """What docker/worker-gpu.Dockerfile installs with VLLM_PIP_SPEC=vllm==VLLM_GPU_VERSION."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    loaders = project["optional-dependencies"]["loaders"]
+    return [*project["dependencies"], *loaders, f"vllm=={VLLM_GPU_VERSION}", *BUILD_TOOLS]
+
+
+def free_gb(path: Path = REPO) -> float:
+    return shutil.disk_usage(path).free / 1e9
+
+
+def ensure_gpu_wheelhouse(dest: Path = GPU_WHEELHOUSE) -> Path:
+    """``dest`` filled with wheels of vLLM's CUDA build (its torch from PyPI, not this machine's local CPU torch) and
+    the GPU image's other requirements, for CPython 3.11 on glibc 2.36. Redone when the requirements change;
+    RuntimeError when under MIN_FREE_GB_FOR_GPU GB are free, before anything is downloaded."""
+    import hashlib
+
+    reqs = gpu_wheel_requirements()
+    stamp = dest / ".complete"
+    digest = hashlib.sha256("\n".join(reqs).encode()).hexdigest()
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return dest
+    if free_gb(dest.parent) < MIN_FREE_GB_FOR_GPU:
+        raise RuntimeError(
+            f"the GPU wheels and image need {MIN_FREE_GB_FOR_GPU} GB free (wheels ~4 GB, image ~9 GB); "
+            f"{dest.parent} has {free_gb(dest.parent):.1f} GB"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    platforms = [f"manylinux_2_{m}_x86_64" for m in range(5, BASE_GLIBC_MINOR + 1)]
+    platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+    # No pip config files: this machine's pip.conf caps torch and adds a find-links with the CPU torch.
+    env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONSTRAINT")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--dest", str(dest), "--only-binary=:all:"]
+    cmd += ["--python-version", "3.11", "--implementation", "cp"]
+    cmd += [arg for p in platforms for arg in ("--platform", p)]
+    t0 = time.monotonic()
+    log.info("$ pip download %s", " ".join(reqs))
+    subprocess.run([*cmd, *reqs], check=True, env=env, timeout=3600)
+    stamp.write_text(digest + "\n")
+    wheels = list(dest.glob("*.whl"))
+    size = sum(p.stat().st_size for p in wheels) / 1e9
+    log.info("GPU wheelhouse: %d wheels, %.2f GB, %.0f s", len(wheels), size, time.monotonic() - t0)
+    return dest
+
+
 # --------------------------------------------------------------------------- compose helpers
 
 
