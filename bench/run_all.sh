@@ -13,6 +13,7 @@ $PY bench/relay_client.py "${Q[@]}"
 $PY bench/control_calls.py "${Q[@]}"
 $PY bench/cold_start.py "${Q[@]}"
 $PY bench/lora.py "${Q[@]}"
+$PY bench/lora_fleet.py "${Q[@]}"
 $PY bench/manager_scale.py "${Q[@]}"
 $PY bench/router_scrape.py "${Q[@]}"
 $PY bench/report.py

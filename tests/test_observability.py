@@ -46,6 +46,7 @@ from serverless_vllm.schemas import (
     WorkerInfo,
     WorkerState,
 )
+from serverless_vllm.testing.tiny_lora import make_tiny_lora
 from serverless_vllm.worker.gpus import GPUProbe
 
 from .fake_nvml import NVML_ERROR_LIBRARY_NOT_FOUND, FakeGPU, FakeNVML
@@ -57,6 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))
 DOCS = REPO / "docs" / "observability.md"
 ALIAS = "tiny"
+# LoRA adapters of ALIAS (served in float32 with max_loras 1): requested in turn, for the LoRA adapters panels.
+ADAPTERS = ("obs-ad1", "obs-ad2")
 WORKER = "w1"
 # Authentication stays on: Prometheus scrapes and discovers without credentials (read-only ops paths).
 CLIENT_KEY, ADMIN_KEY, WORKER_TOKEN = "obs-client-key", "obs-admin-key", "obs-worker-token"
@@ -221,6 +224,11 @@ def test_dashboards_cover_the_issue() -> None:
         "vllm:prefix_cache_hits_total",
         "svllm_router_prefix_blocks_total",
         "svllm_router_prefix_hit_blocks_total",
+        # LoRA adapters (issue 17): loads, load time and unloads per adapter, adapters per replica.
+        "svllm_adapter_loads_total",
+        "svllm_adapter_load_seconds_total",
+        "svllm_adapter_unloads_total",
+        "svllm_replica_adapters",
     ):
         assert name in used, f"no panel shows {name}"
     traffic = [q.expr for q in queries() if q.dashboard == "svllm-traffic.json"]
@@ -537,7 +545,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
             "SVLLM_API_KEYS": CLIENT_KEY,
             "SVLLM_ADMIN_KEY": ADMIN_KEY,
             "SVLLM_WORKER_TOKEN": WORKER_TOKEN,
-            "SVLLM_MODEL_DIRS": str(tiny_model.parent),
+            "SVLLM_MODEL_DIRS": f"{tiny_model.parent},{tmp / 'adapters'}",
             "FAIR_QUEUE": "fair",  # requests of keys pass the fair queue: its wait by priority class has data
         },
     )
@@ -559,18 +567,29 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
                 "max_model_len": 512,
                 "preload": False,
                 "routing": "prefix",
+                # LoRA on (vLLM's CPU LoRA path is float32); max_loras 1: adapters in turn unload one another.
+                "dtype": "float32",
+                "enable_lora": True,
+                "max_loras": 1,
+                "max_lora_rank": 8,
             },
             headers=ADMIN,
         )
         assert resp.status_code == 200, resp.text
+        for seed, adapter in enumerate(ADAPTERS, 1):
+            path = make_tiny_lora(tmp / "adapters" / adapter, seed=seed)
+            reg = {"alias": adapter, "base": ALIAS, "adapter": str(path)}
+            assert stack.post("/v1/models/register", json=reg, headers=ADMIN).status_code == 200
         # Counters and histograms of the model are scraped at 0 before anything happens to it.
         for expr in (
             f'svllm_cold_starts_total{{model="{ALIAS}"}}',
             f'svllm_router_queue_wait_seconds_count{{model="{ALIAS}"}}',
+            f'svllm_adapter_loads_total{{model="{ADAPTERS[-1]}"}}',
         ):
             wait_until(lambda e=expr: prom.has(e), 30, what=expr)
         log.info("stack and Prometheus up after %.0f s", time.monotonic() - t0)
         drive_traffic(stack)
+        drive_adapter_traffic(stack)
         # A key made at run time (tenant `team-a`, 3 requests a minute): the tenants dashboard's traffic.
         made = stack.post(
             "/v1/keys", json={"name": "obs", "tenant": "team-a", "models": [ALIAS], "limits": {"rpm": 3}}, headers=ADMIN
@@ -620,6 +639,16 @@ def drive_traffic(stack: Stack, first: bool = True) -> None:
         client.chat.completions.create(model="no-such-model", messages=chat, max_tokens=2)
     with pytest.raises(openai.BadRequestError):  # the engine refuses it: counted for the model, 400
         client.chat.completions.create(model=ALIAS, messages=chat, max_tokens=100_000)
+
+
+def drive_adapter_traffic(stack: Stack) -> None:
+    """The adapters in turn on the base's one replica (max_loras 1): each request loads its adapter and unloads
+    the other; a scrape apart, so each load and unload is its own increase."""
+    client = stack.openai(timeout=300, api_key=CLIENT_KEY)
+    for adapter in (*ADAPTERS, ADAPTERS[0]):
+        out = client.completions.create(model=adapter, prompt="Once upon a time", max_tokens=6)
+        assert out.model == adapter and out.choices
+        time.sleep(SCRAPE_S)
 
 
 def drive_key_traffic(stack: Stack, secret: str) -> None:
@@ -697,6 +726,11 @@ def test_component_metrics_have_the_traffic(observed: Observed) -> None:
     )
     assert q(f'svllm_worker_state{{worker="{WORKER}", state="healthy"}} == 1')
     assert q(f'svllm_model_state{{model="{ALIAS}", state="ready"}} == 1')
+    # The adapters in turn at max_loras 1: the first loaded twice (unloaded between), the second once.
+    loads = {r["metric"]["model"]: float(r["value"][1]) for r in q("svllm_adapter_loads_total")}
+    assert loads == {ADAPTERS[0]: 2, ADAPTERS[1]: 1}
+    assert float(q(f'svllm_adapter_unloads_total{{model="{ADAPTERS[0]}"}}')[0]["value"][1]) >= 1
+    assert float(q(f'svllm_replica_adapters{{model="{ALIAS}"}}')[0]["value"][1]) == 1
     assert q(f'svllm_replica_info{{model="{ALIAS}", worker="{WORKER}", gpus="cpu", state="ready"}}')
     labels = {k for r in q('{__name__=~"svllm_.*"}') for k in r["metric"]}
     # Bounded labels: no request ids, no paths, nothing per request.
@@ -731,8 +765,10 @@ def variable_values(prom: Prometheus, variable: dict[str, Any]) -> list[str]:
 def test_every_panel_returns_data(observed: Observed) -> None:
     prom = observed.prom
     range_s = int(time.time() - prom.started) + 5
-    # One model, one worker; `endpoint` outside a repeated row as "All" would expand it.
-    variables = {"model": ALIAS, "worker": WORKER, "endpoint": ".*", "tenant": "team-a"}
+    # One model and its adapters ("All" as Grafana expands it), one worker; `endpoint` outside a repeated row as
+    # "All" would expand it.
+    models = f"({'|'.join([ALIAS, *ADAPTERS])})"
+    variables = {"model": models, "worker": WORKER, "endpoint": ".*", "tenant": "team-a"}
     listed = {
         (name, v["name"]): variable_values(prom, v)
         for name, board in load_dashboards().items()
@@ -763,11 +799,18 @@ def test_every_panel_returns_data(observed: Observed) -> None:
 
 
 def test_template_variables_list_the_stack(observed: Observed) -> None:
-    expected = {"model": [ALIAS], "worker": [WORKER], "endpoint": SERVED_ENDPOINTS, "tenant": ["team-a"]}
-    for board in load_dashboards().values():
+    expected = {
+        "model": sorted([ALIAS, *ADAPTERS]),
+        "worker": [WORKER],
+        "endpoint": SERVED_ENDPOINTS,
+        "tenant": ["team-a"],
+    }
+    for name, board in load_dashboards().items():
         for v in board["templating"]["list"]:
             values = variable_values(observed.prom, v)
-            assert values == expected[v["name"]], (v["name"], values)
+            # The tenants dashboard lists the models keys used (only ALIAS here).
+            want = [ALIAS] if (name, v["name"]) == ("svllm-tenants.json", "model") else expected[v["name"]]
+            assert values == want, (name, v["name"], values)
 
 
 def test_every_exported_metric_is_shown_or_documented(observed: Observed) -> None:

@@ -109,3 +109,18 @@ async def test_a_scrape_leaves_the_event_loop_free_and_parses(tmp_path: Path) ->
             "dead": 0.0,
         }
         assert families["svllm_manager_evictions"].type == "counter"
+
+
+async def test_an_adapters_counters_exist_from_registration(tmp_path: Path) -> None:
+    """Like the cold-start counter: increase() sees an adapter's first load, a dashboard the adapter at once."""
+    async with one_worker_core(tmp_path) as core:
+        await core.register_model(ModelSpec(alias="base", model_name="/m/base", enable_lora=True, preload=False))
+        await core.register_model(ModelSpec(alias="ad", base="base", adapter="/m/ad"))
+        text = (await core.metrics_text()).decode()
+        for name in (
+            "svllm_adapter_loads_total",
+            "svllm_adapter_load_seconds_total",
+            "svllm_adapter_unloads_total",
+            "svllm_adapter_load_failures_total",
+        ):
+            assert series(text, name) == [f'{name}{{model="ad"}} 0.0'], name  # the adapter's only, not the base's

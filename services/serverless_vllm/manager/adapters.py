@@ -321,7 +321,7 @@ class AdapterManager:
             replica = self._replicas.get(rid)
             if replica is not None:
                 rows.append((replica.alias, rid, len(loaded)))
-        return adapter_text(self.stats, rows)
+        return adapter_text(self.stats, rows, (a for adapters in self._by_base.values() for a in adapters))
 
     # ------------------------------------------------------------------ routes and infos
 

@@ -12,8 +12,13 @@ if TYPE_CHECKING:
     from ..manager.adapters import AdapterStats
 
 
-def adapter_text(stats: AdapterStats, per_replica: Iterable[tuple[str, str, int]]) -> str:
-    """`per_replica`: (base alias, replica id, adapters its engine reports loaded)."""
+def adapter_text(
+    stats: AdapterStats, per_replica: Iterable[tuple[str, str, int]], registered: Iterable[str] = ()
+) -> str:
+    """`per_replica`: (base alias, replica id, adapters its engine reports loaded). The counters of every
+    `registered` adapter exist from 0, as the cold-start counter of every model does: increase() sees the first
+    load, and a dashboard shows an adapter before anything happened to it."""
+    zeros = dict.fromkeys(registered, 0)
     families = []
     for name, doc, counts in (
         ("svllm_adapter_loads_total", "Adapter loads engines reported done.", stats.loads),
@@ -22,7 +27,7 @@ def adapter_text(stats: AdapterStats, per_replica: Iterable[tuple[str, str, int]
         ("svllm_adapter_load_failures_total", "Adapter loads engines refused.", stats.failures),
     ):
         family = TextFamily(name, "counter", doc, ["model"])
-        for alias, value in sorted(counts.items()):
+        for alias, value in sorted({**zeros, **counts}.items()):
             family.add((alias,), value)
         families.append(family)
     loaded = TextFamily(
