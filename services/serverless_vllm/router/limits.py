@@ -70,7 +70,7 @@ class Grant:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.raw_headers}
+        return _decoded(self.raw_headers)
 
     def finish(self, tokens: int) -> None:
         """The request ended (once; later calls do nothing): its slots are free and its tokens are taken."""
@@ -106,27 +106,29 @@ def _raw_headers(limits: KeyLimits, state: KeyState) -> RawHeaders:
     return out
 
 
-def _headers(limits: KeyLimits, state: KeyState) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in _raw_headers(limits, state)}
+def _decoded(raw: RawHeaders) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw}
+
+
+def _check(limits: KeyLimits, state: KeyState, key: ActiveKey, tenant: bool) -> None:
+    """Raise a 429 (with the headers of these limits) if one of them is reached; nothing is taken. The message
+    names the key or its tenant, written only when refusing."""
+    if limits.rpm is not None and state.requests.level < 1.0:
+        wait = (1.0 - state.requests.level) * 60.0 / limits.rpm
+        message = f"rate limit reached for {_who(key, tenant)}: {limits.rpm} requests per minute"
+    elif limits.tpm is not None and state.tokens.level <= 0.0:
+        wait = (1.0 - state.tokens.level) * 60.0 / limits.tpm
+        message = f"rate limit reached for {_who(key, tenant)}: {limits.tpm} tokens per minute"
+    elif limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
+        wait = 1.0
+        message = f"{_who(key, tenant)} has {limits.max_concurrent} requests in flight already (its limit)"
+    else:
+        return
+    raise _throttled(message, wait, _decoded(_raw_headers(limits, state)))
 
 
 def _who(key: ActiveKey, tenant: bool) -> str:
     return f"tenant '{key.tenant}'" if tenant else f"key '{key.name}'"
-
-
-def _check(limits: KeyLimits, state: KeyState, who: str) -> None:
-    """Raise a 429 (with the headers of these limits) if one of them is reached; nothing is taken."""
-    if limits.rpm is not None and state.requests.level < 1.0:
-        wait = (1.0 - state.requests.level) * 60.0 / limits.rpm
-        raise _throttled(
-            f"rate limit reached for {who}: {limits.rpm} requests per minute", wait, _headers(limits, state)
-        )
-    if limits.tpm is not None and state.tokens.level <= 0.0:
-        wait = (1.0 - state.tokens.level) * 60.0 / limits.tpm
-        raise _throttled(f"rate limit reached for {who}: {limits.tpm} tokens per minute", wait, _headers(limits, state))
-    if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
-        message = f"{who} has {limits.max_concurrent} requests in flight already (its limit)"
-        raise _throttled(message, 1.0, _headers(limits, state))
 
 
 class Limiter:
@@ -168,12 +170,7 @@ class Limiter:
                 state.requests.refill(limits.rpm, now)
             if limits.tpm is not None:
                 state.tokens.refill(limits.tpm, now)
-            if (
-                (limits.rpm is not None and state.requests.level < 1.0)
-                or (limits.tpm is not None and state.tokens.level <= 0.0)
-                or (limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent)
-            ):  # refused: said in words (a rare path)
-                _check(limits, state, _who(key, limits is key.tenant_limits))
+            _check(limits, state, key, tenant=limits is key.tenant_limits)
         raw: RawHeaders = []
         for state, limits in parts:
             if limits.rpm is not None:
