@@ -113,13 +113,15 @@ def main() -> None:
     }
     try:
         model = tiny_model(setup.tmp)
-        envkey_url, _, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
+        envkey_url, setup.engine_ports, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
         routers = {
             "noauth": start_router(setup, "noauth", mport, setup.env, clients_unchecked=True),
             "keys": start_router(setup, "keys", mport, setup.env),
         }
         urls = {"noauth": routers["noauth"].url, "envkey": envkey_url, "keys": routers["keys"].url}
         pids = {"noauth": routers["noauth"].pid, "envkey": setup.pids["router"], "keys": routers["keys"].pid}
+        whole = setup.cpu_groups()
+        stack_groups = {g: whole[g] for g in ("engine", "worker", "manager")}
         secret = make_keys(setup, mport)
         headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
         wait_until(
@@ -137,13 +139,18 @@ def main() -> None:
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for c in concurrencies:
                 for cfg in order:
-                    meter = CPUMeter({"router": lambda cfg=cfg: [pids[cfg]]})  # type: ignore[misc]
+                    groups = {**stack_groups, "router": lambda cfg=cfg: [pids[cfg]]}
+                    meter = CPUMeter(groups)
                     res = run_hey(urls[cfg], headers[cfg], c, duration, body_path, meter)
                     res["router_cpu_us_per_request"] = round(1e6 * res["cpu_s"]["router"] / max(1, res["ok"]), 1)
+                    # Everything the request costs the machine: router, worker, stand-in, manager and `hey`.
+                    total = sum(res["cpu_s"][g] for g in ("router", *stack_groups, "client"))
+                    res["total_cpu_us_per_request"] = round(1e6 * total / max(1, res["ok"]), 1)
                     runs.append({"round": r, "config": cfg, "concurrency": c, **res})
                     log(
-                        f"round {r} c={c} {cfg}: {res['rps']} req/s, p50 {res['latency_ms']['p50']:.2f} ms, router "
-                        f"CPU {res['router_cpu_us_per_request']} µs per request"
+                        f"round {r} c={c} {cfg}: {res['rps']} req/s, p50 {res['latency_ms']['p50']:.2f} ms, CPU per "
+                        f"request: router {res['router_cpu_us_per_request']} µs, all "
+                        f"{res['total_cpu_us_per_request']} µs; CPU s {res['cpu_s']}"
                     )
         result["runs"] = runs
         result["summary"] = summarise(runs, rounds, concurrencies)
@@ -179,6 +186,10 @@ def summarise(runs: list[dict[str, Any]], rounds: int, concurrencies: list[int])
         row["router_cpu_keys_over_noauth_median"] = round(median(keys_cpu) or 0.0, 3)
         row["router_cpu_us_per_request_median"] = {
             cfg: median([cpu[(r, cfg, c)] for r in range(rounds)]) for cfg in ("noauth", "envkey", "keys")
+        }
+        total = {(x["round"], x["config"], x["concurrency"]): x["total_cpu_us_per_request"] for x in runs}
+        row["total_cpu_us_per_request_median"] = {
+            cfg: median([total[(r, cfg, c)] for r in range(rounds)]) for cfg in ("noauth", "envkey", "keys")
         }
         row["rps_median"] = {
             cfg: median([rps[(r, cfg, c)] for r in range(rounds)]) for cfg in ("noauth", "envkey", "keys")

@@ -123,6 +123,28 @@ def test_the_ring_finds_keys_by_digest_and_refuses_revoked_and_expired_ones(tmp_
     assert isinstance(revoked, APIError) and (revoked.status, revoked.code) == (401, "revoked_api_key")
 
 
+def test_a_reload_keeps_the_objects_of_unchanged_keys(tmp_path: Path) -> None:
+    """Each change reloads the whole table; keys it did not touch stay the same objects (no heap churn, their
+    caches and limit states kept), a changed key, or one whose tenant's limits changed, is made again."""
+    clock = Clock()
+    keys = registry(tmp_path, clock)
+    secrets = [keys.create(KeySpec(name=n, tenant=n, limits=KeyLimits(rpm=50))).secret for n in ("a", "b", "c")]
+    ring = KeyRing(1.0, clock)
+    ring.update(keys.table())
+    a, b, c = (ring.check(s.encode()) for s in secrets)
+    keys.update("b", KeyPatch(limits=KeyLimits(rpm=60)))
+    keys.set_tenant_limits("c", KeyLimits(rpm=5))
+    keys.create(KeySpec(name="d", tenant="d"))
+    ring.update(keys.table())
+    a2, b2, c2 = (ring.check(s.encode()) for s in secrets)
+    assert a2 is a and len(ring) == 4
+    assert isinstance(b2, ActiveKey) and b2 is not b and b2.limits.rpm == 60
+    assert isinstance(c2, ActiveKey) and c2 is not c and c2.tenant_limits == KeyLimits(rpm=5)
+    keys.revoke("a")
+    ring.update(keys.table())
+    assert isinstance(ring.check(secrets[0].encode()), APIError)
+
+
 def test_models_by_alias_and_pattern(tmp_path: Path) -> None:
     ring, secret, _ = ring_with(tmp_path, Clock(), models=["big", "ti?y", "llama-*"])
     key = ring.check(secret.encode())

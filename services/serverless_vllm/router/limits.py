@@ -44,6 +44,7 @@ class KeyState:
     requests: Bucket
     tokens: Bucket
     in_flight: int = 0
+    limit_values: tuple[bytes, bytes] = (b"", b"")  # rpm and tpm as their headers write them (made once)
 
 
 def duration(seconds: float) -> str:
@@ -91,19 +92,27 @@ def _throttled(message: str, retry_after: float, headers: dict[str, str]) -> API
     return APIError(429, message, "rate_limit_exceeded", headers)
 
 
+_REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
 def _raw_headers(limits: KeyLimits, state: KeyState) -> RawHeaders:
     """The x-ratelimit-* headers of one set of limits, as the buckets are now (refilled). Every answer of a limited
-    key carries them: written as bytes once, not as text encoded again for the response."""
+    key carries them: written as bytes (the limits' own once per key), not as text encoded again for the response."""
     out: RawHeaders = []
     if limits.rpm is not None:
-        out.append((b"x-ratelimit-limit-requests", b"%d" % limits.rpm))
-        out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, math.floor(state.requests.level))))
-        out.append((b"x-ratelimit-reset-requests", duration(state.requests.reset_in(limits.rpm)).encode()))
+        _bucket_headers(out, _REQUESTS, state.limit_values[0], state.requests, limits.rpm)
     if limits.tpm is not None:
-        out.append((b"x-ratelimit-limit-tokens", b"%d" % limits.tpm))
-        out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, math.floor(state.tokens.level))))
-        out.append((b"x-ratelimit-reset-tokens", duration(state.tokens.reset_in(limits.tpm)).encode()))
+        _bucket_headers(out, _TOKENS, state.limit_values[1], state.tokens, limits.tpm)
     return out
+
+
+def _bucket_headers(out: RawHeaders, names: tuple[bytes, ...], limit: bytes, bucket: Bucket, per_minute: int) -> None:
+    level = bucket.level
+    reset = bucket.reset_in(per_minute)
+    out.append((names[0], limit))
+    out.append((names[1], b"%d" % level if level >= 1.0 else b"0"))  # %d of a float >= 0: its floor
+    out.append((names[2], b"%dms" % math.ceil(reset * 1000) if reset < 1.0 else duration(reset).encode()))
 
 
 def _decoded(raw: RawHeaders) -> dict[str, str]:
@@ -148,7 +157,10 @@ class Limiter:
         if state is None:
             now = self._clock()
             state = self._states[name] = KeyState(
-                limits, Bucket(float(limits.rpm or 0), now), Bucket(float(limits.tpm or 0), now)
+                limits,
+                Bucket(float(limits.rpm or 0), now),
+                Bucket(float(limits.tpm or 0), now),
+                limit_values=(b"%d" % (limits.rpm or 0), b"%d" % (limits.tpm or 0)),
             )
         return state
 

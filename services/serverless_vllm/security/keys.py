@@ -86,13 +86,19 @@ def active(entry: KeyEntry, share: float, tenant_limits: KeyLimits | None = None
 
 
 class KeyRing:
-    """Digest -> key, replaced whole on each key table version (read-only in between: no lock on the hot path)."""
+    """Digest -> key, replaced whole on each key table version (read-only in between: no lock on the hot path).
+
+    A key whose entry (and tenant's limits) did not change keeps its ActiveKey across versions: a table of 10,000
+    keys reloaded for each change otherwise makes and frees 10,000 long-lived objects a time, and a router that
+    went through a burst of changes served every later request ~10% slower than one that loaded the table once
+    (its heap scattered: docs/benchmarks.md, keys made at run time)."""
 
     def __init__(self, share: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         self._share = share
         self._clock = clock
         self._by_digest: dict[bytes, ActiveKey] = {}
         self._by_id: dict[str, ActiveKey] = {}
+        self._sources: dict[bytes, tuple[KeyEntry, KeyLimits | None]] = {}  # what each ActiveKey was made from
         self._tenants: dict[str, KeyLimits] = {}
         self.any = False  # read by the guard on every request: an attribute, not a call
         self.version = -1
@@ -100,8 +106,18 @@ class KeyRing:
 
     def update(self, table: KeyTable) -> None:
         tenants = table.tenants
-        keys = {bytes.fromhex(e.digest): active(e, self._share, tenants.get(e.tenant)) for e in table.keys}
-        self._by_digest = keys
+        before, sources = self._by_digest, self._sources
+        keys: dict[bytes, ActiveKey] = {}
+        kept: dict[bytes, tuple[KeyEntry, KeyLimits | None]] = {}
+        for entry in table.keys:
+            digest = bytes.fromhex(entry.digest)
+            source = (entry, tenants.get(entry.tenant))
+            old = sources.get(digest)
+            if old is not None and old == source:
+                keys[digest], kept[digest] = before[digest], old
+            else:
+                keys[digest], kept[digest] = active(entry, self._share, source[1]), source
+        self._by_digest, self._sources = keys, kept
         self.any = bool(keys)
         self._by_id = {k.id: k for k in keys.values()}
         self._tenants = tenants
