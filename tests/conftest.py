@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (2, 0)
 
     items.sort(key=rank)  # stable: the file order is kept within each rank
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+    """SVLLM_TEST_TIMELINE=FILE: each test's start and end by pytest-xdist process, appended to FILE (to see how
+    the two processes share the suite, and what one idles behind)."""
+    timeline = os.environ.get("SVLLM_TEST_TIMELINE")
+    start = time.time()
+    try:
+        return (yield)
+    finally:
+        if timeline:
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            with open(timeline, "a") as out:
+                out.write(f"{worker} {start:.1f} {time.time():.1f} {item.nodeid}\n")
 
 
 @pytest.fixture(scope="session")
