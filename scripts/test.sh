@@ -11,4 +11,6 @@ bash scripts/setup-dev.sh
 # The appliance tests build images and run `docker compose` on a real engine (the slowest part); CI runs
 # them. SVLLM_APPLIANCE_TESTS=0 leaves them out of a quick local run.
 export SVLLM_APPLIANCE_TESTS="${SVLLM_APPLIANCE_TESTS:-1}"
-exec .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=30 -n 2 --dist loadfile "$@"
+# --no-loadscope-reorder: xdist would hand out the modules by their number of tests, not in the order
+# tests/conftest.py gives them (unit tests first, then the longest end-to-end modules).
+exec .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=30 -n 2 --dist loadfile --no-loadscope-reorder "$@"

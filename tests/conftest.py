@@ -28,15 +28,19 @@ SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
 
 # End-to-end modules by how long they take (minutes), longest first: under pytest-xdist (the test command runs two
 # processes) a long module started last would finish alone while the other process idles.
+# (SVLLM_TEST_TIMELINE, 2026-11-30: ray_mode 281 s, faults 269, appliance 208-300 with its image builds, lifecycle
+# 209, stream_migration 138, lora 111, endpoints 91, engine 85, e2e_http 83, draining 80.)
 LONG_MODULES = (
     "test_appliance.py",
     "test_ray_mode.py",
     "test_faults.py",
+    "test_lifecycle.py",
     "test_stream_migration.py",
     "test_lora.py",
-    "test_lifecycle.py",
     "test_endpoints.py",
-    "test_tenants.py",
+    "test_engine.py",
+    "test_e2e_http.py",
+    "test_draining.py",
 )
 
 
