@@ -50,9 +50,9 @@ from common import (
     free_port,
     http_ok,
     log,
-    machine_info,
     median,
     ratio,
+    result_header,
     summary,
     tiny_model,
     wait_for_quiet,
@@ -247,10 +247,7 @@ def main() -> None:
     worker_headers = {"authorization": f"Bearer {auth['SVLLM_WORKER_TOKEN']}"}
     common_env = {**auth, "HEARTBEAT_INTERVAL": "5", "CPU_SLOTS": "1"}
     result: dict[str, Any] = {
-        "benchmark": "cold_start",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("cold_start"),
         "settings": {
             "rounds": rounds,
             "variants": {v: VARIANTS[v] for v in variants},

@@ -321,6 +321,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def result_header(benchmark: str) -> dict[str, Any]:
+    """What every result file starts with: the benchmark, the command that ran it, when, and on what machine."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(["python", *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+    }
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

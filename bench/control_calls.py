@@ -44,8 +44,8 @@ from common import (
     free_port,
     http_ok,
     log,
-    machine_info,
     ratio,
+    result_header,
     summary,
     tiny_model,
     wait_for_quiet,
@@ -346,10 +346,7 @@ def main() -> None:
     os.environ.update(auth)  # the actor's credentials come from this process (AuthSettings.from_env)
     admin = {"authorization": f"Bearer {auth['SVLLM_ADMIN_KEY']}"}
     result: dict[str, Any] = {
-        "benchmark": "control_calls",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("control_calls"),
         "settings": {"registry_sizes": sizes, "calls": calls, "blocks": blocks, "burst_s": burst},
     }
     import ray

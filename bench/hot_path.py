@@ -76,10 +76,10 @@ from common import (
     git_state,
     http_ok,
     log,
-    machine_info,
     median,
     pids_matching,
     ratio,
+    result_header,
     summary,
     svllm_from_tree,
     tiny_model,
@@ -791,10 +791,7 @@ def main() -> None:
 
     setup = Setup(a)
     result: dict[str, Any] = {
-        "benchmark": "hot_path",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("hot_path"),
         "settings": {
             "rounds": rounds,
             "duration_s": duration,

@@ -34,8 +34,8 @@ from common import (
     auth_env,
     base_env,
     log,
-    machine_info,
     median,
+    result_header,
     summary,
     tiny_model,
     wait_for_quiet,
@@ -83,10 +83,7 @@ def main() -> None:
         "min_replicas": 1,
     }
     result: dict[str, Any] = {
-        "benchmark": "lora",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("lora"),
         "settings": {"rounds": rounds, "base": spec, "adapter": "rank 8, q_proj and v_proj, 2 layers (29 KB)"},
     }
     runs: list[dict[str, float]] = []

@@ -47,8 +47,8 @@ from common import (
     descendants,
     loadavg,
     log,
-    machine_info,
     pids_matching,
+    result_header,
     summary,
     tiny_model,
     wait_for_quiet,
@@ -185,10 +185,7 @@ def main() -> None:
     lora_args = {"enable_lora": True, "max_loras": ADAPTERS, "max_lora_rank": 8}
     spec = {"alias": BASE, "max_model_len": 512, "dtype": "float32", "min_replicas": 1, **lora_args}
     result: dict[str, Any] = {
-        "benchmark": "lora_fleet",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("lora_fleet"),
         "settings": {
             "adapters": ADAPTERS,
             "adapter": "rank 8, q_proj and v_proj, 2 layers (29 KB)",

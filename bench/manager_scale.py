@@ -40,9 +40,9 @@ from common import (
     free_port,
     http_ok,
     log,
-    machine_info,
     proc_cpu_seconds,
     proc_rss_mb,
+    result_header,
     summary,
     wait_for_quiet,
     wait_until,
@@ -346,10 +346,7 @@ def main() -> None:
     auth, _ = auth_env()
     env = {**base_env(procs.tmp), **auth}
     result: dict[str, Any] = {
-        "benchmark": "manager_scale",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("manager_scale"),
         "settings": {
             "steps": steps,
             "active": a.active,

@@ -35,8 +35,8 @@ from common import (
     http_ok,
     loadavg,
     log,
-    machine_info,
     median,
+    result_header,
     tiny_model,
     wait_for_quiet,
     wait_until,
@@ -105,10 +105,7 @@ def main() -> None:
     hot = argparse.Namespace(fake_engine=True, replicas=1, fake_interval_ms=10.0)
     setup = Setup(hot)
     result: dict[str, Any] = {
-        "benchmark": "tenant_keys",
-        "command": " ".join(["python", *sys.argv]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        **result_header("tenant_keys"),
         "settings": {"rounds": rounds, "duration_s": duration, "concurrency": concurrencies, "keys": KEYS},
     }
     try:
