@@ -43,6 +43,8 @@ class ActiveKey:
     patterns: tuple[str, ...]
     tenant_limits: KeyLimits | None = None  # this router's share of the limits its tenant's keys share
     limited: bool = False  # any limit, its own or its tenant's (else the limiter is skipped)
+    # What it was made from (its entry, its tenant's limits): a new table with the same keeps this object.
+    source: tuple[KeyEntry, KeyLimits | None] | None = None
     _allowed: dict[str, bool] = field(default_factory=dict)
 
     def allows(self, alias: str) -> bool:
@@ -82,6 +84,7 @@ def active(entry: KeyEntry, share: float, tenant_limits: KeyLimits | None = None
         patterns=patterns,
         tenant_limits=tenant,
         limited=entry.limits.limited() or tenant is not None,
+        source=(entry, tenant_limits),
     )
 
 
@@ -98,7 +101,6 @@ class KeyRing:
         self._clock = clock
         self._by_digest: dict[bytes, ActiveKey] = {}
         self._by_id: dict[str, ActiveKey] = {}
-        self._sources: dict[bytes, tuple[KeyEntry, KeyLimits | None]] = {}  # what each ActiveKey was made from
         self._tenants: dict[str, KeyLimits] = {}
         self.any = False  # read by the guard on every request: an attribute, not a call
         self.version = -1
@@ -106,18 +108,17 @@ class KeyRing:
 
     def update(self, table: KeyTable) -> None:
         tenants = table.tenants
-        before, sources = self._by_digest, self._sources
+        before = self._by_digest
         keys: dict[bytes, ActiveKey] = {}
-        kept: dict[bytes, tuple[KeyEntry, KeyLimits | None]] = {}
         for entry in table.keys:
             digest = bytes.fromhex(entry.digest)
-            source = (entry, tenants.get(entry.tenant))
-            old = sources.get(digest)
-            if old is not None and old == source:
-                keys[digest], kept[digest] = before[digest], old
+            old = before.get(digest)
+            tenant_limits = tenants.get(entry.tenant)
+            if old is not None and old.source == (entry, tenant_limits):
+                keys[digest] = old
             else:
-                keys[digest], kept[digest] = active(entry, self._share, source[1]), source
-        self._by_digest, self._sources = keys, kept
+                keys[digest] = active(entry, self._share, tenant_limits)
+        self._by_digest = keys
         self.any = bool(keys)
         self._by_id = {k.id: k for k in keys.values()}
         self._tenants = tenants
