@@ -290,15 +290,17 @@ class WholeRequest(threading.Thread):
     """A long completion answered whole, pinned to one replica: when that replica dies before answering, the router
     retries it on the other one, so it is answered whole all the same (what the clients are promised)."""
 
-    # Still generating when the fault hits (0.5 s after it was sent), and answered by the other replica within the
-    # router's read timeout (REQUEST_TIMEOUT_S: a whole answer is silent until it is complete; with 400 tokens and
-    # 15 s, a CI run under load saw the retry time out: 502).
-    MAX_TOKENS = 300
+    # Still generating when the fault hits (sent once the engine runs it, see whole_requests_on), and short enough
+    # for the retry to be answered within the router's read timeout (REQUEST_TIMEOUT_S: a whole answer is silent
+    # until it is complete) while the victim's engine restarts beside it: CI runs under load saw retries of 400
+    # tokens (15 s timeout) and of 300 tokens (30 s) time out, 502.
+    MAX_TOKENS = 128
 
     def __init__(self, url: str, session: str) -> None:
         super().__init__(daemon=True)
         self.url, self.session = url, session
         self.result: tuple[int, int | str | None] | str | None = None  # (status, tokens or error code), or exception
+        self.ended = 0.0  # time.monotonic() when the answer (or the error) came
 
     def run(self) -> None:
         body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": self.MAX_TOKENS, "ignore_eos": True}
@@ -316,21 +318,36 @@ class WholeRequest(threading.Thread):
                 self.result = (resp.status_code, (body.get("error") or {}).get("code"))
         except Exception as exc:  # seen by the test, not lost with the thread
             self.result = repr(exc)
+        self.ended = time.monotonic()
 
 
 def whole_requests_on(stack: SecureStack, worker: str, n: int = 2) -> list[WholeRequest]:
-    """`n` whole requests in flight on `worker`'s replica (sent, and given 0.5 s to start generating)."""
+    """`n` whole requests in flight on `worker`'s replica: sent, and seen by its engine (running or waiting there
+    beside the LongStream already running), or at most 5 s after they were sent."""
+    replica = stack.engines(worker)[0]["replica_id"]
+    metrics = f"{stack.workers[worker].url}/engines/{replica}/metrics"
+    busy_before = in_engine(httpx.get(metrics, timeout=10).text)
     requests = [WholeRequest(stack.router.url, session_for(stack, worker)) for _ in range(n)]
     for r in requests:
         r.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and in_engine(httpx.get(metrics, timeout=10).text) < busy_before + n:
+        time.sleep(0.05)
     return requests
 
 
-def check_retried(requests: list[WholeRequest]) -> None:
+def in_engine(metrics_text: str, gauges: tuple[str, ...] = ("running", "waiting")) -> float:
+    """Requests an engine holds (by default running or waiting), from its /metrics."""
+    prefixes = tuple(f"vllm:num_requests_{g}{{" for g in gauges)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefixes))
+
+
+def check_retried(requests: list[WholeRequest], fault_at: float) -> None:
+    """Each request was still unanswered when the fault hit (else it proves nothing) and was answered whole."""
     for r in requests:
         r.join(CLIENT_TIMEOUT_S + 5)
     assert [r.result for r in requests] == [(200, WholeRequest.MAX_TOKENS)] * len(requests)
+    assert all(r.ended > fault_at for r in requests), [round(r.ended - fault_at, 2) for r in requests]
 
 
 def check_phase(traffic: Traffic, phase: str, allow_transport_errors: bool = False) -> dict[str, Any]:
@@ -402,7 +419,7 @@ def test_kill_9_worker_while_streaming(
     victim.start()  # the worker comes back (a supervisor would restart it)
     wait_until(lambda: full_health(stack), ENGINE_START_S, interval=1, what="full health after the worker restart")
     recovery = time.monotonic() - started
-    check_retried(whole)  # nothing of them had been sent: answered whole by the survivor
+    check_retried(whole, started)  # nothing of them had been sent: answered whole by the survivor
     engines_seen |= engine_group(stack, "w1")
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
@@ -411,6 +428,7 @@ def test_kill_9_worker_while_streaming(
         {
             "cut_stream": stream.result,
             "cut_stream_seconds": round(stream.seconds, 2),
+            "whole_answered_after_s": [round(r.ended - started, 1) for r in whole],
             "engine_processes_gone_after_s": round(orphans_gone, 1),
             "full_health_after_s": round(recovery, 1),
             "traffic": summary,
@@ -441,7 +459,7 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
     recovery = time.monotonic() - started
     after = stack.engines("w2")[0]
     assert after["replica_id"] == before["replica_id"] and after["restarts"] == before["restarts"] + 1
-    check_retried(whole)  # the dying engine's whole requests, answered by the other replica
+    check_retried(whole, started)  # the dying engine's whole requests, answered by the other replica
     engines_seen |= engine_group(stack, "w2")
     summary = check_phase(traffic, phase)
     recovered_traffic(traffic, phase)
@@ -451,6 +469,7 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
             "cut_stream": stream.result,
             "engine_processes_gone_after_s": round(orphans_gone, 1),
             "restarted_same_replica": True,
+            "whole_answered_after_s": [round(r.ended - started, 1) for r in whole],
             "full_health_after_s": round(recovery, 1),
             "traffic": summary,
         },
@@ -569,20 +588,12 @@ def test_router_restart_under_traffic(stack: SecureStack, traffic: Traffic, obs:
             lambda r=replica, w=w: (
                 "vllm:num_requests_running"
                 in (text := httpx.get(f"{stack.workers[w].url}/engines/{r}/metrics", timeout=10).text)
-                and running(text) <= traffic.clients
+                and in_engine(text, ("running",)) <= traffic.clients
             ),
             30,
             what="engines not busy for clients that are gone",
         )
     obs.record(phase, {"full_health_after_s": round(recovery, 1), "traffic": summary})
-
-
-def running(metrics_text: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics_text.splitlines()
-        if line.startswith("vllm:num_requests_running{")
-    )
 
 
 def test_router_memory_is_flat(stack: SecureStack, traffic: Traffic, obs: Observations) -> None:
