@@ -26,21 +26,29 @@ os.environ.setdefault("SVLLM_AUTH", "off")
 SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
 
 
-# End-to-end modules by how long they take (minutes), longest first: under pytest-xdist (the test command runs two
-# processes) a long module started last would finish alone while the other process idles.
-# (SVLLM_TEST_TIMELINE, 2026-11-30: ray_mode 281 s, faults 269, appliance 208-300 with its image builds, lifecycle
-# 209, stream_migration 138, lora 111, endpoints 91, engine 85, e2e_http 83, draining 80.)
+# End-to-end modules by how long they take, longest first: under pytest-xdist (the test command runs two processes,
+# each handed the next module as it finishes one) a long module started last would finish alone while the other
+# process idles. Seconds from SVLLM_TEST_TIMELINE on a fresh clone (2026-11-30, before the cuts of that day).
 LONG_MODULES = (
-    "test_appliance.py",
-    "test_ray_mode.py",
-    "test_faults.py",
-    "test_lifecycle.py",
-    "test_stream_migration.py",
-    "test_lora.py",
-    "test_endpoints.py",
-    "test_engine.py",
-    "test_e2e_http.py",
-    "test_draining.py",
+    "test_faults.py",  # 314
+    "test_appliance.py",  # 292, with its image builds
+    "test_ray_mode.py",  # 285
+    "test_lifecycle.py",  # 174
+    "test_stream_migration.py",  # 172
+    "test_engine.py",  # 93
+    "test_endpoints.py",  # 88
+    "test_lora.py",  # 76
+    "test_e2e_http.py",  # 69
+    "test_draining.py",  # 65
+    "test_observability.py",  # 55
+    "test_tenants.py",  # 50
+    "test_prefix_routing.py",  # 46
+    "test_up.py",  # 43
+    "test_cold_start_stream.py",  # 39
+    "test_model_cache.py",  # 29
+    "test_sleep_levels.py",  # 20
+    "test_prefetch.py",  # 15
+    "test_standby.py",  # 8
 )
 
 

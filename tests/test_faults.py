@@ -390,7 +390,7 @@ def sample_router_rss(stack: SecureStack, obs: Observations, label: str) -> int:
 def test_warm_up_and_baseline(stack: SecureStack, traffic: Traffic, engines_seen: set[int], obs: Observations) -> None:
     for w in ("w1", "w2"):
         engines_seen |= engine_group(stack, w)
-    wait_until(lambda: len(traffic.outcomes) >= 40, 120, what="warm-up traffic")
+    wait_until(lambda: len(traffic.outcomes) >= 24, 120, what="warm-up traffic")
     check_phase(traffic, "warm-up")
     assert set(traffic.summary("warm-up")["kinds"]) == {"ok"}
     obs.record("registration", stack.model(ALIAS)["engine"])
@@ -606,5 +606,5 @@ def test_router_memory_is_flat(stack: SecureStack, traffic: Traffic, obs: Observ
     obs.record("requests_total", requests)
     assert after - base < 24 * 1024, samples  # < 24 MiB over the run: no per-request leak
     phase = traffic.phase
-    wait_until(lambda: sum(1 for o in traffic.outcomes if o.phase == phase) >= 60, 180, what="more traffic")
-    sample_router_rss(stack, obs, "restarted router after 60 requests")
+    wait_until(lambda: sum(1 for o in traffic.outcomes if o.phase == phase) >= 30, 180, what="more traffic")
+    sample_router_rss(stack, obs, "restarted router after 30 requests")

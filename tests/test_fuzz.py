@@ -439,7 +439,7 @@ def fuzz(
 
 
 @pytest.mark.parametrize(
-    ("service", "examples", "inference_examples"), [("router", 25, 40), ("worker", 25, 40), ("manager", 15, 0)]
+    ("service", "examples", "inference_examples"), [("router", 15, 25), ("worker", 15, 25), ("manager", 15, 0)]
 )
 def test_fuzz_from_openapi_has_no_server_errors(
     stack: SecureStack, obs: Observations, service: str, examples: int, inference_examples: int
