@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SVLLM,
     CPUMeter,
+    Proc,
     free_port,
     http_ok,
     loadavg,
@@ -51,7 +52,11 @@ LIMITS = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrent": 100_000}
 @dataclass
 class Router:
     url: str
-    pid: int
+    proc: Proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
 
 def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clients_unchecked: bool = False) -> Router:
@@ -73,7 +78,7 @@ def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clien
         args = [sys.executable, "-c", code]
     router = setup.procs.start(f"router-{name}", args, env)
     wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), 60, what=f"router {name}")
-    return Router(f"http://127.0.0.1:{port}", router.pid)
+    return Router(f"http://127.0.0.1:{port}", router)
 
 
 def make_keys(setup: Setup, mport: int) -> str:
@@ -110,35 +115,39 @@ def main() -> None:
     }
     try:
         model = tiny_model(setup.tmp)
-        envkey_url, setup.engine_ports, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
-        routers = {
-            "noauth": start_router(setup, "noauth", mport, setup.env, clients_unchecked=True),
-            "keys": start_router(setup, "keys", mport, setup.env),
-        }
-        urls = {"noauth": routers["noauth"].url, "envkey": envkey_url, "keys": routers["keys"].url}
-        pids = {"noauth": routers["noauth"].pid, "envkey": setup.pids["router"], "keys": routers["keys"].pid}
+        _, setup.engine_ports, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
         whole = setup.cpu_groups()
         stack_groups = {g: whole[g] for g in ("engine", "worker", "manager")}
         secret = make_keys(setup, mport)
         headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
-        wait_until(
-            lambda: http_ok(f"{urls['keys']}/v1/models", headers["keys"]), 60, what="the keys router has the key"
-        )
         body_path = setup.tmp / "body.json"
         body_path.write_text(json.dumps(body(8)))
-        configs = list(urls)
-        for cfg in configs:  # warm every path
-            run_hey(urls[cfg], headers[cfg], 4, 1.0, body_path, None)
+        configs = list(headers)
         wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 600)
         result["quiet"] = wait_for_quiet(wait, own_marker=str(setup.tmp))
         runs: list[dict[str, Any]] = []
         for r in range(rounds):
+            # Fresh routers every round: one process runs some microseconds a request faster than another started
+            # the same way (measured: 8 µs of ~200), which new processes each round average out instead of
+            # giving one configuration for the whole run. `envkey` and `keys` share their process.
+            routers = {
+                "noauth": start_router(setup, f"noauth-{r}", mport, setup.env, clients_unchecked=True),
+                "keyed": start_router(setup, f"keyed-{r}", mport, setup.env),
+            }
+            serving = {"noauth": routers["noauth"], "envkey": routers["keyed"], "keys": routers["keyed"]}
+            wait_until(
+                partial(http_ok, f"{routers['keyed'].url}/v1/models", headers["keys"]),
+                60,
+                what="the keyed router has the key",
+            )
+            for cfg in configs:  # warm every path
+                run_hey(serving[cfg].url, headers[cfg], 4, 1.0, body_path, None)
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for c in concurrencies:
                 for cfg in order:
-                    groups = {**stack_groups, "router": lambda cfg=cfg: [pids[cfg]]}
+                    groups = {**stack_groups, "router": partial(list, [serving[cfg].pid])}
                     meter = CPUMeter(groups)
-                    res = run_hey(urls[cfg], headers[cfg], c, duration, body_path, meter)
+                    res = run_hey(serving[cfg].url, headers[cfg], c, duration, body_path, meter)
                     res["router_cpu_us_per_request"] = round(1e6 * res["cpu_s"]["router"] / max(1, res["ok"]), 1)
                     # Everything the request costs the machine: router, worker, stand-in, manager and `hey`.
                     total = sum(res["cpu_s"][g] for g in ("router", *stack_groups, "client"))
@@ -149,18 +158,20 @@ def main() -> None:
                         f"request: router {res['router_cpu_us_per_request']} µs, all "
                         f"{res['total_cpu_us_per_request']} µs; CPU s {res['cpu_s']}"
                     )
+            if a.profile and r == rounds - 1:
+                result["profile"] = {
+                    cfg: spy(
+                        serving[cfg].pid,
+                        12,
+                        setup.tmp / f"profile-{cfg}.txt",
+                        partial(run_hey, serving[cfg].url, headers[cfg], 8, 10.0, body_path, None),
+                    )
+                    for cfg in ("keys", "noauth")
+                }
+            for router in routers.values():
+                router.proc.stop()
         result["runs"] = runs
         result["summary"] = summarise(runs, rounds, concurrencies)
-        if a.profile:
-            result["profile"] = {
-                cfg: spy(
-                    routers[cfg].pid,
-                    12,
-                    setup.tmp / f"profile-{cfg}.txt",
-                    partial(run_hey, urls[cfg], headers[cfg], 8, 10.0, body_path, None),
-                )
-                for cfg in ("keys", "noauth")
-            }
         result["loadavg_at_end"] = loadavg()
         log(json.dumps(result["summary"], indent=2))
     finally:
