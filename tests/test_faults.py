@@ -286,14 +286,19 @@ class LongStream(threading.Thread):
         self.first_chunk.set()
 
 
+# The whole requests' prompt: long, so that its engine's prompt-token counter tells when they are running there
+# (the traffic's prompts are a few tokens each).
+WHOLE_PROMPT = " ".join(["Once upon a time the sea and its ships"] * 30)
+
+
 class WholeRequest(threading.Thread):
     """A long completion answered whole, pinned to one replica: when that replica dies before answering, the router
     retries it on the other one, so it is answered whole all the same (what the clients are promised)."""
 
-    # Still generating when the fault hits (sent once the engine runs it, see whole_requests_on), and short enough
-    # for the retry to be answered within the router's read timeout (REQUEST_TIMEOUT_S: a whole answer is silent
-    # until it is complete) while the victim's engine restarts beside it: CI runs under load saw retries of 400
-    # tokens (15 s timeout) and of 300 tokens (30 s) time out, 502.
+    # Still generating when the fault hits (the kill comes once the engine has begun them, see whole_requests_on),
+    # and short enough for the retry to be answered within the router's read timeout (REQUEST_TIMEOUT_S: a whole
+    # answer is silent until it is complete) while the victim's engine restarts beside it: CI runs under load saw
+    # retries of 400 tokens (15 s timeout) and of 300 tokens (30 s) time out, 502.
     MAX_TOKENS = 128
 
     def __init__(self, url: str, session: str) -> None:
@@ -303,7 +308,7 @@ class WholeRequest(threading.Thread):
         self.ended = 0.0  # time.monotonic() when the answer (or the error) came
 
     def run(self) -> None:
-        body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": self.MAX_TOKENS, "ignore_eos": True}
+        body = {"model": ALIAS, "prompt": WHOLE_PROMPT, "max_tokens": self.MAX_TOKENS, "ignore_eos": True}
         try:
             resp = httpx.post(
                 f"{self.url}/v1/completions",
@@ -322,24 +327,42 @@ class WholeRequest(threading.Thread):
 
 
 def whole_requests_on(stack: SecureStack, worker: str, n: int = 2) -> list[WholeRequest]:
-    """`n` whole requests in flight on `worker`'s replica: sent, and seen by its engine (running or waiting there
-    beside the LongStream already running), or at most 5 s after they were sent."""
+    """`n` whole requests running on `worker`'s replica: sent, and begun by its engine (its prompt-token counter
+    grew by their prompts: the traffic's few tokens cannot make up one of them), or at most 10 s after they were
+    sent. A test that waited a fixed time saw them end before the kill on an idle machine and time out on a busy
+    one; one that waited for the engine's count of requests saw the traffic's requests come and go in that count."""
+    prompt = whole_prompt_tokens(stack)
     replica = stack.engines(worker)[0]["replica_id"]
     metrics = f"{stack.workers[worker].url}/engines/{replica}/metrics"
-    busy_before = in_engine(httpx.get(metrics, timeout=10).text)
+
+    def begun() -> float:  # prompt tokens the engine has begun
+        return metric_sum(httpx.get(metrics, timeout=10).text, "vllm:prompt_tokens_total")
+
+    before = begun()
     requests = [WholeRequest(stack.router.url, session_for(stack, worker)) for _ in range(n)]
     for r in requests:
         r.start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and in_engine(httpx.get(metrics, timeout=10).text) < busy_before + n:
-        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and begun() < before + n * prompt:
+        time.sleep(0.02)
     return requests
 
 
-def in_engine(metrics_text: str, gauges: tuple[str, ...] = ("running", "waiting")) -> float:
-    """Requests an engine holds (by default running or waiting), from its /metrics."""
-    prefixes = tuple(f"vllm:num_requests_{g}{{" for g in gauges)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefixes))
+def whole_prompt_tokens(stack: SecureStack) -> int:
+    resp = httpx.post(
+        f"{stack.router.url}/v1/completions",
+        json={"model": ALIAS, "prompt": WHOLE_PROMPT, "max_tokens": 1},
+        headers=bearer(API_KEY),
+        timeout=CLIENT_TIMEOUT_S,
+    )
+    resp.raise_for_status()
+    return int(resp.json()["usage"]["prompt_tokens"])
+
+
+def metric_sum(metrics_text: str, name: str) -> float:
+    """The sum of a metric's samples over its labels, from an engine's /metrics."""
+    prefix = f"{name}{{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefix))
 
 
 def check_retried(requests: list[WholeRequest], fault_at: float) -> None:
@@ -588,7 +611,7 @@ def test_router_restart_under_traffic(stack: SecureStack, traffic: Traffic, obs:
             lambda r=replica, w=w: (
                 "vllm:num_requests_running"
                 in (text := httpx.get(f"{stack.workers[w].url}/engines/{r}/metrics", timeout=10).text)
-                and in_engine(text, ("running",)) <= traffic.clients
+                and metric_sum(text, "vllm:num_requests_running") <= traffic.clients
             ),
             30,
             what="engines not busy for clients that are gone",
