@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -273,6 +274,15 @@ def test_usage_matches_what_the_clients_received(stack: SecureStack) -> None:
     )
     last = streamed[-1].usage
     prompt, completion = prompt + last.prompt_tokens, completion + last.completion_tokens
+    # Streams whose events are named (`event:` lines): the Responses API's and Anthropic's Messages (the official
+    # `anthropic` client, which sends the key as x-api-key).
+    events = list(c.responses.create(model=ALIAS, input="tell me", max_output_tokens=6, stream=True))
+    done = events[-1].response.usage
+    prompt, completion = prompt + done.input_tokens, completion + done.output_tokens
+    claude = anthropic.Anthropic(base_url=stack.router.url, api_key=secret, max_retries=0, timeout=120)
+    with claude.messages.stream(model=ALIAS, max_tokens=7, messages=CHAT) as stream:
+        message = stream.get_final_message()
+    prompt, completion = prompt + message.usage.input_tokens, completion + message.usage.output_tokens
     with pytest.raises(openai.BadRequestError):  # the engine refuses more tokens than the context: one error
         c.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=LONG_TOKENS + 1000)
 
@@ -283,7 +293,7 @@ def test_usage_matches_what_the_clients_received(stack: SecureStack) -> None:
             "key_name": "metered",
             "tenant": "team-u",
             "model": ALIAS,
-            "requests": 4,
+            "requests": 6,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "errors": 1,

@@ -18,7 +18,7 @@ from serverless_vllm.config import AuthSettings
 from serverless_vllm.errors import APIError, install_error_handlers
 from serverless_vllm.manager.keys import KeyRegistry
 from serverless_vllm.router.limits import Limiter, duration
-from serverless_vllm.router.tenant_gate import scan_events
+from serverless_vllm.router.tenant_gate import scan_events, tokens_of
 from serverless_vllm.schemas import KeyLimits, KeyPatch, KeySpec, KeyTable
 from serverless_vllm.security.auth import install_guard, router_policy
 from serverless_vllm.security.keys import KEY_SCOPE, ActiveKey, KeyRing
@@ -242,6 +242,30 @@ def test_usage_is_read_from_a_stream_and_taken_out_when_the_client_did_not_ask()
     assert stripped == delta + done and seen == [{"prompt_tokens": 3, "completion_tokens": 2}]
     kept, seen = _scan(parts, strip=False)
     assert kept == delta + usage + done and len(seen) == 1
+
+
+def test_usage_is_read_from_anthropic_and_responses_streams_whose_events_are_named() -> None:
+    # As vLLM writes them: an `event:` line before each `data:` line. Anthropic's message_start carries the
+    # prompt's tokens alone, its message_delta all of them (counted once); the prompt includes cached tokens.
+    messages = [
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","type":"message","role":'
+        b'"assistant","content":[],"model":"tiny","usage":{"input_tokens":9,"output_tokens":0}}}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta",'
+        b'"text":"hi"}}\n\n',
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":'
+        b'{"input_tokens":6,"cache_read_input_tokens":3,"output_tokens":5}}\n\n',
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    relayed, seen = _scan(messages, strip=True)
+    assert relayed == b"".join(messages)  # nothing taken out: the client asked for none of it
+    assert [tokens_of(u) for u in seen] == [(9, 5)]
+    responses = [
+        b'event: response.created\ndata: {"type":"response.created","response":{"id":"r","usage":null}}\n\n',
+        b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r","usage":'
+        b'{"input_tokens":4,"output_tokens":7,"total_tokens":11}}}\n\n',
+    ]
+    relayed, seen = _scan(responses, strip=True)
+    assert relayed == b"".join(responses) and [tokens_of(u) for u in seen] == [(4, 7)]
 
 
 def _guarded(ring: KeyRing) -> TestClient:

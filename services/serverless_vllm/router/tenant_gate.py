@@ -33,18 +33,27 @@ _PRIORITY_FAMILIES = frozenset(
 )
 
 
+# Anthropic's `usage` counts the prompt's cached tokens apart from `input_tokens`: the prompt is their sum.
+_ANTHROPIC_PROMPT_PARTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def tokens_of(usage: Any) -> tuple[int, int]:
-    """(prompt, completion) tokens from an OpenAI `usage` (or the Responses API's input/output tokens)."""
+    """(prompt, completion) tokens from an OpenAI `usage`, or from the input/output tokens of the Responses API's
+    and Anthropic's."""
     if not isinstance(usage, dict):
         return 0, 0
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    if "prompt_tokens" in usage:
+        prompt = usage["prompt_tokens"]
+    else:
+        parts = [usage.get(name, 0) for name in _ANTHROPIC_PROMPT_PARTS]
+        prompt = sum(p for p in parts if isinstance(p, int))
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
     return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
 
 
 def usage_of(document: Any) -> Any:
-    if not isinstance(document, dict):
-        return None
+    if not isinstance(document, dict) or document.get("type") == "message_start":
+        return None  # an Anthropic stream's first usage is the prompt's alone: its message_delta has them all
     usage = document.get("usage")
     if usage is None and isinstance(document.get("response"), dict):  # the Responses API's completed event
         usage = document["response"].get("usage")
@@ -89,9 +98,10 @@ async def scan_events(chunks: AsyncIterable[Any], record: Callable[[Any], None],
             continue
         kept = []
         for event in complete.split(b"\n\n")[:-1]:
-            if b'"usage"' in event and event.startswith(b"data: {"):
+            raw = data_of(event) if b'"usage"' in event else None
+            if raw is not None:
                 try:
-                    document = json.loads(event[6:])
+                    document = json.loads(raw)
                 except ValueError:
                     document = None
                 usage = usage_of(document)
@@ -104,6 +114,14 @@ async def scan_events(chunks: AsyncIterable[Any], record: Callable[[Any], None],
             yield b"".join(kept)
     if tail:
         yield tail
+
+
+def data_of(event: bytes) -> bytes | None:
+    """The JSON document of an event (`data: {...}`, after an `event:` line in Anthropic's streams), else None."""
+    if event.startswith(b"data: {"):
+        return event[6:]
+    at = event.find(b"\ndata: {")
+    return event[at + 7 :] if at >= 0 else None
 
 
 def count(row: Usage, usage: Any) -> int:
