@@ -9,6 +9,7 @@ greedy output differs from the base's and from the others'. Tests run in file or
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +117,33 @@ def test_max_loras_one_two_adapters_alternating_unload_the_least_recently_used(s
     after = {name: metric(stack, "svllm_adapter_loads_total", name) for name in first}
     assert after == {name: before[name] + 2 for name in first}  # each unloaded and loaded again, twice
     assert metric(stack, "svllm_adapter_unloads_total", "ad-one") >= 2
+
+
+def test_two_adapters_asked_at_once_on_one_slot_are_all_served(stack: Stack) -> None:
+    """max_loras 1 and both adapters asked without pause for longer than an adapter is held (MIN_HOLD_S): they take
+    turns on the one slot, each load unloading the other while requests for it keep coming. None is lost (a request
+    reaching the engine after its adapter was unloaded would be vLLM's 404, "does not exist")."""
+    expected = {name: complete(stack, name) for name in ("ad-one", "ad-two")}
+    before = {name: metric(stack, "svllm_adapter_loads_total", name) for name in expected}
+    results: dict[str, list[str]] = {name: [] for name in expected}
+    end = time.monotonic() + 14
+
+    def client(name: str) -> None:
+        while time.monotonic() < end:
+            try:
+                results[name].append(complete(stack, name))
+            except Exception as exc:  # recorded: the assertion below shows it, a dying thread would not
+                results[name].append(repr(exc)[:300])
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in expected for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads)
+    assert {name: set(texts) for name, texts in results.items()} == {name: {text} for name, text in expected.items()}
+    loads = {name: metric(stack, "svllm_adapter_loads_total", name) - before[name] for name in expected}
+    assert min(loads.values()) >= 1, loads  # they took turns while both were asked
 
 
 @pytest.mark.parametrize(

@@ -61,3 +61,16 @@ async def test_waiters_wake_on_update() -> None:
     assert not waiter.done()
     table.update(RoutingTable(version=2, epoch="e", models={}))
     await asyncio.wait_for(waiter, 1)
+
+
+def test_a_replica_without_the_adapter_is_skipped_until_the_table_changes() -> None:
+    table = table_with(1)
+    route = table.route("m")
+    assert route is not None and table.pick("m") is not None
+    table.adapter_moved("m", "r0", version=0)  # said about a pick made at an older table: the table knows better
+    assert table.pick("m") is not None
+    table.adapter_moved("m", "r0", version=1)
+    assert table.pick("m") is None and table.pick("other") is None
+    table.update(RoutingTable(version=2, epoch="e", models={"m": route}))  # the manager's newer view
+    picked = table.pick("m")
+    assert picked is not None and picked.replica_id == "r0"

@@ -34,7 +34,7 @@ from ..schemas import Endpoint
 from .policy import RequestKey
 
 if TYPE_CHECKING:
-    from .proxy import Forwarder
+    from .proxy import Forwarder, Tried
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def hold_streaming(
     request: InferenceRequest,
     affinity: RequestKey | None,
     served_by: Callable[[Endpoint], None] | None,
-    tried: set[str],
+    tried: Tried,
     retries: int,
 ) -> Endpoint | Response:
     """Hold a streaming request for a replica. Within the keep-alive interval: the replica (or the hold's error,
@@ -80,7 +80,7 @@ class HeldStream(StreamingResponse):
         request: InferenceRequest,
         affinity: RequestKey | None,
         served_by: Callable[[Endpoint], None] | None,
-        tried: set[str],
+        tried: Tried,
         retries: int,
         hold: asyncio.Future[Endpoint],
         held_since: float,
@@ -116,10 +116,10 @@ class HeldStream(StreamingResponse):
                     async for chunk in _relay(response):
                         yield chunk
                     return
-                self._tried.add(endpoint.replica_id)  # failed before answering: one other replica, as Forwarder
-                if self._retries <= 0:
-                    raise replicas_failed(alias)
-                self._retries -= 1
+                if self._forwarder.failed(endpoint, self._tried):  # one other replica, as Forwarder
+                    if self._retries <= 0:
+                        raise replicas_failed(alias)
+                    self._retries -= 1
                 endpoint = self._forwarder.table.pick(alias, frozenset(self._tried), self._affinity)
                 if endpoint is None:
                     self._hold = asyncio.ensure_future(

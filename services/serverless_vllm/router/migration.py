@@ -33,7 +33,7 @@ from .policy import RequestKey
 from .stream_tap import StreamTap, Usage
 
 if TYPE_CHECKING:
-    from .proxy import Forwarder
+    from .proxy import Forwarder, Tried
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,13 @@ class StreamMigration:
         self._forwarder = forwarder
 
     async def send(
-        self, request: InferenceRequest, endpoint: Endpoint, affinity: RequestKey | None, tried: set[str]
+        self, request: InferenceRequest, endpoint: Endpoint, affinity: RequestKey | None, tried: Tried
     ) -> Response | None:
-        forwarder, path = self._forwarder, request.endpoint.path
+        forwarder, path, alias = self._forwarder, request.endpoint.path, request.alias
         if not_migratable(request.endpoint.family, request.payload) is not None:
-            return await forwarder.send(path, request.body, request.content_type, request.alias, endpoint)
+            return await forwarder.send(path, request.body, request.content_type, alias, endpoint, tried=tried)
         body = upstream_body(request.body, request.payload)
-        response = await forwarder.send(path, body, request.content_type, request.alias, endpoint)
+        response = await forwarder.send(path, body, request.content_type, alias, endpoint, tried=tried)
         if not isinstance(response, RelayResponse):
             return response
         tap = StreamTap(request.endpoint.family == "chat", Usage.of(request.payload))

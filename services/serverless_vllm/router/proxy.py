@@ -18,7 +18,7 @@ from starlette.responses import Response
 from ..config import RouterSettings
 from ..dataplane.body import InferenceRequest
 from ..dataplane.endpoints import InferenceEndpoint
-from ..dataplane.headers import REPLICA_HEADER, RETRY_HEADER
+from ..dataplane.headers import ADAPTER_MOVED, REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.relay import UpstreamClient, UpstreamError
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
@@ -35,6 +35,20 @@ log = logging.getLogger(__name__)
 
 def _unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
     return APIError(503, message, code, {"Retry-After": str(retry_after)})
+
+
+# How many times one request may follow a LoRA adapter that moved off the replica it was sent to (see Tried).
+MAX_ADAPTER_MOVES = 8
+
+
+class Tried(set[str]):
+    """The replicas a request was sent to that failed before answering: not tried again. One whose worker said
+    the LoRA adapter asked for is not loaded in it (any more: unloaded for another between the pick and the
+    request's arrival) is not one of them: the adapter may come back to it, so it is skipped only until the routing
+    table changes (RouteTable.adapter_moved), and the request holds meanwhile, as for a cold start."""
+
+    moved: str | None = None  # the replica whose worker just said so
+    moves = 0
 
 
 class Forwarder:
@@ -76,12 +90,13 @@ class Forwarder:
         alias = request.alias
         self._check_task(alias, request.endpoint)
         self._shed_if_full(alias)
-        tried: set[str] = set()
-        for attempt in range(2):  # the first try, and one retry on another replica
+        tried = Tried()
+        failures = 0
+        while failures < 2:  # the first try, and one retry on another replica
             endpoint = self._table.pick(alias, frozenset(tried), affinity)
             if endpoint is None:
                 if self.keepalive_s and keeps_alive(request):
-                    held = await hold_streaming(self, request, affinity, served_by, tried, retries=1 - attempt)
+                    held = await hold_streaming(self, request, affinity, served_by, tried, retries=1 - failures)
                     if isinstance(held, Response):
                         return held  # held past the interval: the stream has started, and relays what follows
                     endpoint = held
@@ -92,8 +107,18 @@ class Forwarder:
                 if served_by is not None:
                     served_by(endpoint)
                 return response
-            tried.add(endpoint.replica_id)
+            failures += self.failed(endpoint, tried)
         raise replicas_failed(alias)
+
+    @staticmethod
+    def failed(endpoint: Endpoint, tried: Tried) -> bool:
+        """`endpoint` failed before answering: whether that used up a try (it is then not tried again)."""
+        if tried.moved == endpoint.replica_id and tried.moves < MAX_ADAPTER_MOVES:
+            tried.moved = None
+            tried.moves += 1
+            return False
+        tried.add(endpoint.replica_id)
+        return True
 
     def _check_task(self, alias: str, endpoint: InferenceEndpoint) -> None:
         """A model's task decides its endpoints (an embedding model has no chat): refused here with a message that
@@ -118,18 +143,28 @@ class Forwarder:
             )
 
     async def send_request(
-        self, request: InferenceRequest, endpoint: Endpoint, affinity: RequestKey | None, tried: set[str]
+        self, request: InferenceRequest, endpoint: Endpoint, affinity: RequestKey | None, tried: Tried
     ) -> Response | None:
         """`send` for an inference request; a stream that can go on on another replica if its replica dies is
         relayed so (router/migration.py)."""
         if self._migration is not None and keeps_alive(request):  # streams only: nothing more for the others
             return await self._migration.send(request, endpoint, affinity, tried)
-        return await self.send(request.endpoint.path, request.body, request.content_type, request.alias, endpoint)
+        body, content_type = request.body, request.content_type
+        return await self.send(request.endpoint.path, body, content_type, request.alias, endpoint, tried=tried)
 
     async def send(
-        self, path: str, body: bytes, content_type: str, alias: str, endpoint: Endpoint, method: str = "POST"
+        self,
+        path: str,
+        body: bytes,
+        content_type: str,
+        alias: str,
+        endpoint: Endpoint,
+        method: str = "POST",
+        tried: Tried | None = None,
     ) -> Response | None:
-        """Send to one replica. None: it failed before any byte reached the client (retry is safe)."""
+        """Send to one replica. None: it failed before any byte reached the client (retry is safe); `tried` is told
+        when that was its LoRA adapter not being loaded there."""
+        version = self._table.version
         self._table.started(alias, endpoint)
         released = False
 
@@ -151,9 +186,13 @@ class Forwarder:
         except BaseException:  # cancelled (the client left while the answer was awaited): the slot is free again
             done()
             raise
-        if upstream.status == 503 and upstream.headers.get(RETRY_HEADER):
+        if upstream.status == 503 and (retry := upstream.headers.get(RETRY_HEADER)):
             upstream.close()
             done()
+            if retry == ADAPTER_MOVED:
+                self._table.adapter_moved(alias, endpoint.replica_id, version)
+                if tried is not None:
+                    tried.moved = endpoint.replica_id
             return None
         if upstream.status == 401:
             # The worker refused the router's credential: an operator's mistake, not the client's key.

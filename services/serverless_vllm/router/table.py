@@ -43,6 +43,8 @@ class RouteTable:
         self._in_flight: dict[str, int] = defaultdict(int)
         self._models: dict[str, ModelCounters] = defaultdict(ModelCounters)
         self._changed = asyncio.Event()
+        # (alias, replica id) -> the table version at which that replica said the adapter is not loaded in it
+        self._moved: dict[tuple[str, str], int] = {}
         self.on_finished: Callable[[str], None] | None = None
         least = LeastLoaded(rng)
         self.prefix = prefix if prefix is not None else PrefixAffinity(rng=rng)
@@ -70,6 +72,7 @@ class RouteTable:
 
     def update(self, table: RoutingTable) -> None:
         self._table = table
+        self._moved.clear()  # the manager's newer view of where adapters are supersedes what workers said
         live = {e.replica_id for route in table.models.values() for e in route.endpoints}
         for rid in [r for r, n in self._in_flight.items() if n == 0 and r not in live]:
             del self._in_flight[rid]
@@ -107,11 +110,20 @@ class RouteTable:
         if route is None:
             return None
         candidates = route.endpoints
+        if self._moved:
+            exclude = exclude | {rid for (a, rid), v in self._moved.items() if a == alias and v == self.version}
         if exclude:
             candidates = [e for e in candidates if e.replica_id not in exclude]
         if not candidates:
             return None
         return self._policies[route.routing].pick(alias, candidates, self._in_flight, key or NO_KEY)
+
+    def adapter_moved(self, alias: str, replica_id: str, version: int) -> None:
+        """The worker of `replica_id` said adapter `alias` is not loaded in it (any more), on a pick made at table
+        `version`: it is not picked for `alias` until the table changes (the manager's next view says where the
+        adapter is, possibly back there)."""
+        if version == self.version:
+            self._moved[(alias, replica_id)] = version
 
     def prefix_stats(self) -> dict[str, PrefixStats]:
         """Models routed by prefix, with what their routing saw (zeros before a first request): for the metrics."""

@@ -16,7 +16,7 @@ from ..dataplane.app_state import AppState
 from ..dataplane.body import read_inference
 from ..dataplane.disconnect import until_disconnect
 from ..dataplane.endpoints import InferenceEndpoint
-from ..dataplane.headers import DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
+from ..dataplane.headers import ADAPTER_MOVED, DEFAULT_MAX_BODY_BYTES, REPLICA_HEADER, RETRY_HEADER
 from ..dataplane.heap import freeze_startup_heap
 from ..dataplane.inference_lane import install_inference_lane
 from ..dataplane.inference_routes import inference_routes
@@ -40,9 +40,10 @@ class WorkerState:
     relay: UpstreamClient  # inference to the local engines
 
 
-def _not_here(message: str) -> APIError:
-    # Tells the router this replica cannot serve (gone, not ready): it may retry another one.
-    return APIError(503, message, "replica_unavailable", {RETRY_HEADER: "1", "Retry-After": "1"})
+def _not_here(message: str, retry: str = "1") -> APIError:
+    # Tells the router this replica cannot serve (gone, not ready; ADAPTER_MOVED: not with that adapter): it may
+    # retry another one.
+    return APIError(503, message, "replica_unavailable", {RETRY_HEADER: retry, "Retry-After": "1"})
 
 
 def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth: AuthSettings | None = None) -> FastAPI:
@@ -81,7 +82,8 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         replica_id = request.headers.get(REPLICA_HEADER)
         engine = _engine(None if replica_id else inference.alias, replica_id)
         # The router closing its connection (its client left) closes ours to the engine: vLLM aborts the request.
-        relayed = _relay(engine, endpoint.path, inference.body, inference.content_type, "POST", endpoint)
+        body, content_type = inference.body, inference.content_type
+        relayed = _relay(engine, endpoint.path, body, content_type, "POST", endpoint, inference.alias)
         return await until_disconnect(request, relayed)
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
@@ -107,6 +109,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         content_type: str,
         method: str,
         endpoint: InferenceEndpoint | None = None,
+        model: str | None = None,
     ) -> Response:
         worker = state.get()
         relay = worker.relay
@@ -118,7 +121,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         try:
             upstream = await relay.open(engine.base_url, path, body, {"content-type": content_type}, method)
             if upstream.status == 404 and endpoint is not None:
-                return await _route_missing(engine, endpoint, upstream)
+                return await _route_missing(engine, endpoint, upstream, model)
             handed_off = True
             return await relay.respond(upstream, on_done=lambda: inflight.leave(rid))
         except UpstreamError as exc:
@@ -129,14 +132,18 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
                 inflight.leave(rid)
 
     async def _route_missing(
-        engine: EngineProcess, endpoint: InferenceEndpoint, upstream: UpstreamResponse
+        engine: EngineProcess, endpoint: InferenceEndpoint, upstream: UpstreamResponse, model: str | None
     ) -> Response:
         """vLLM registers an endpoint only for models that support it (no transcription route for a text model):
-        its route-level 404 means this model cannot serve the endpoint, which the client is told as such."""
+        its route-level 404 means this model cannot serve the endpoint, which the client is told as such. Its 404
+        for a model other than its own is a LoRA adapter it does not hold (unloaded for another after the router
+        picked this replica): the router is told to look again (ADAPTER_MOVED), the client sees nothing of it."""
         try:
             content = await upstream.read()
         finally:
             upstream.close()
+        if model is not None and model != engine.alias and content.strip() != b'{"detail":"Not Found"}':
+            raise _not_here(f"adapter {model!r} is not loaded in engine {engine.replica_id}", ADAPTER_MOVED)
         if content.strip() == b'{"detail":"Not Found"}':
             task = engine.assignment.engine.task.value
             raise APIError(
