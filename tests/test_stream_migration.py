@@ -2,12 +2,13 @@
 is continued on the other replica, and the client sees one stream that ends well.
 
 Manager, router and two workers, each with a real CPU vLLM engine of the tiny model (one replica per worker);
-clients are the official `openai` client; generations are long (ignore_eos, 600 tokens) so that the kill
-lands mid-stream. For each stream: no error, `[DONE]` (the client's iteration ends without raising), one `id` and
-one `created` on every chunk, the role once, one finish (`length`) at the end, usage with the original request's
-prompt tokens and exactly `max_tokens` completion tokens, and the router's log says the stream was continued. With
-STREAM_MIGRATION=0 the same kill cuts the stream (tests/test_faults.py checks that clean cut). The figures of the
-eight-client kill go to build/reliability/stream_migration.json (docs/reliability.md quotes them).
+clients are the official `openai` client; generations are long (ignore_eos; 1,500 tokens for one stream, 600 each
+for eight) so that the kill lands mid-stream. For each stream: no error, `[DONE]` (the client's iteration ends
+without raising), one `id` and one `created` on every chunk, the role once, one finish (`length`) at the end, usage
+with the original request's prompt tokens and exactly `max_tokens` completion tokens, and the router's log says the
+stream was continued. With STREAM_MIGRATION=0 the same kill cuts
+the stream (tests/test_faults.py checks that clean cut). The figures of the eight-client kill go to
+build/reliability/stream_migration.json (docs/reliability.md quotes them).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from .harness import Stack, alive, session_for, wait_until
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = Path(os.environ.get("SVLLM_OBSERVATIONS_DIR", REPO / "build" / "reliability")) / "stream_migration.json"
 ALIAS = "tiny"
+# Long enough that the engine is still generating when the kill comes: a stream that is whole in the relay's and
+# the kernel's buffers by then ends complete and is never continued (a run under load saw one engine alone write 600
+# tokens before its client had read 10 of them). Eight streams share their engines, which makes each slower.
 MAX_TOKENS = 600
-# Chunks every stream has received when the kill comes: under way on its replica, and few enough that no stream
-# finishes its MAX_TOKENS before the slowest has them (a CI run under load saw one end before all had 40).
-KILL_AFTER_CHUNKS = 10
+ONE_STREAM_TOKENS = 1500
+KILL_AFTER_CHUNKS = 10  # chunks every stream on the victim has received when the kill comes
 ENGINE_START_S = 480  # an engine restart on a loaded 2-core machine (about 30 s when it is idle)
 CONTINUED = "continued on replica"  # the router's log line for each continued stream
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
@@ -90,23 +93,32 @@ class ClientStream:
     stack: Stack
     chat: bool
     worker: str  # the replica it starts on
+    max_tokens: int = MAX_TOKENS
     chunks: list[Any] = field(default_factory=list)
     error: BaseException | None = None
     ended: bool = False
+    client: Any = field(init=False, repr=False)
 
-    def run(self) -> None:
+    def __post_init__(self) -> None:
+        # Made here, before the threads start: made in its thread, a client could be sent seconds after the others
+        # under load (the test process busy parsing their chunks), and theirs end before it began.
+        session = session_for(self.stack, ALIAS, self.worker)
+        self.client = self.stack.openai(default_headers={"x-session-id": session})
+
+    def run(self, ready: threading.Barrier) -> None:
         try:
-            client = self.stack.openai(default_headers={"x-session-id": session_for(self.stack, ALIAS, self.worker)})
+            client, max_tokens = self.client, self.max_tokens
+            ready.wait(30)  # every stream sent at once: a thread started last could be starved by the others' reads
             extra = {"ignore_eos": True}
             options = {"include_usage": True}
             if self.chat:
                 stream: Any = client.chat.completions.create(
-                    model=ALIAS, messages=MESSAGES, max_tokens=MAX_TOKENS, stream=True, stream_options=options,
+                    model=ALIAS, messages=MESSAGES, max_tokens=max_tokens, stream=True, stream_options=options,
                     extra_body=extra,
                 )  # fmt: skip
             else:
                 stream = client.completions.create(
-                    model=ALIAS, prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True, stream_options=options,
+                    model=ALIAS, prompt=PROMPT, max_tokens=max_tokens, stream=True, stream_options=options,
                     extra_body=extra,
                 )  # fmt: skip
             for chunk in stream:
@@ -125,8 +137,8 @@ class ClientStream:
         assert finishes == ["length"] and choices[-1].finish_reason == "length"
         usage = self.chunks[-1].usage
         assert usage is not None and not self.chunks[-1].choices  # the usage event ends the stream
-        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, MAX_TOKENS)
-        assert usage.total_tokens == prompt_tokens + MAX_TOKENS
+        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, self.max_tokens)
+        assert usage.total_tokens == prompt_tokens + self.max_tokens
         assert all(c.usage is None for c in self.chunks[:-1])  # not asked on every chunk: none there
         if self.chat:
             assert [ch.delta.role for ch in choices if ch.delta.role] == ["assistant"]
@@ -134,17 +146,23 @@ class ClientStream:
         return "".join(ch.text for ch in choices)
 
 
-def start(streams: list[ClientStream]) -> list[threading.Thread]:
-    threads = [threading.Thread(target=s.run, daemon=True) for s in streams]
+def start(streams: list[ClientStream], victim: str) -> list[threading.Thread]:
+    """Start the streams together; return once each stream on `victim` (the worker whose engine or process is
+    killed next) is under way and none of them has ended. Streams on the other worker may have ended by then: the
+    client threads share one busy process and read unevenly (a CI run saw one worker's streams read whole while the
+    other's had 36-49 chunks), and they are checked whole afterwards all the same."""
+    ready = threading.Barrier(len(streams))
+    threads = [threading.Thread(target=s.run, args=(ready,), daemon=True) for s in streams]
     for t in threads:
         t.start()
+    doomed = [s for s in streams if s.worker == victim]
     wait_until(
-        lambda: all(len(s.chunks) >= KILL_AFTER_CHUNKS or s.error or s.ended for s in streams),
+        lambda: all(len(s.chunks) >= KILL_AFTER_CHUNKS or s.error or s.ended for s in doomed),
         120,
-        what="every stream under way",
+        what=f"every stream on {victim} under way",
     )
-    assert not any(s.ended or s.error for s in streams), (
-        "a stream ended before the kill",
+    assert not any(s.ended or s.error for s in doomed), (
+        f"a stream on {victim} ended before the kill",
         [(s.worker, len(s.chunks), s.ended, repr(s.error)) for s in streams],
     )
     return threads
@@ -153,8 +171,8 @@ def start(streams: list[ClientStream]) -> list[threading.Thread]:
 def test_engine_killed_mid_chat_stream(stack: Stack) -> None:
     prompt_tokens = reference_prompt_tokens(stack, chat=True)
     before = continued(stack)
-    stream = ClientStream(stack, chat=True, worker="w1")
-    (thread,) = start([stream])
+    stream = ClientStream(stack, chat=True, worker="w1", max_tokens=ONE_STREAM_TOKENS)
+    (thread,) = start([stream], "w1")
     sent_before_kill = len(stream.chunks)
     os.kill(engine_pid(stack, "w1"), signal.SIGKILL)  # the worker's relay sees its engine's stream cut
     thread.join(120)
@@ -172,7 +190,7 @@ def test_worker_killed_under_eight_streams(stack: Stack) -> None:
     prompts = {True: reference_prompt_tokens(stack, chat=True), False: reference_prompt_tokens(stack, chat=False)}
     before = continued(stack)
     streams = [ClientStream(stack, chat=i % 2 == 0, worker=("w1", "w2")[(i // 2) % 2]) for i in range(8)]
-    threads = start(streams)
+    threads = start(streams, "w2")
     killed = time.monotonic()
     stack.workers["w2"].kill()  # kill -9: its connections to the router reset mid-stream
     for t in threads:
