@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,30 @@ def reference_prompt_tokens(stack: Stack, chat: bool) -> int:
     return int(usage.prompt_tokens)
 
 
+class Kill:
+    """The kill, run by the client thread that reads the last of the doomed streams' KILL_AFTER_CHUNKS-th chunks,
+    as it reads it. Run from the test's main thread instead (polling the chunk counts), it came late under load:
+    the reading threads starved that thread, and a 1,500-token stream was once read whole before it saw 10 chunks."""
+
+    def __init__(self, doomed: int, action: Callable[[], None]) -> None:
+        self._left = doomed  # streams still short of KILL_AFTER_CHUNKS
+        self._action = action
+        self._lock = threading.Lock()
+        self.at: float | None = None  # when it ran (monotonic)
+        self.fired = threading.Event()
+
+    def reached(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        try:
+            self._action()
+        finally:
+            self.at = time.monotonic()
+            self.fired.set()
+
+
 @dataclass
 class ClientStream:
     """One streamed request through the openai client; records every chunk, and how it ended."""
@@ -97,6 +121,7 @@ class ClientStream:
     chunks: list[Any] = field(default_factory=list)
     error: BaseException | None = None
     ended: bool = False
+    kill: Kill | None = None  # set on the streams of the worker whose engine or process is killed
     client: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +148,8 @@ class ClientStream:
                 )  # fmt: skip
             for chunk in stream:
                 self.chunks.append(chunk)
+                if self.kill is not None and len(self.chunks) == KILL_AFTER_CHUNKS:
+                    self.kill.reached()
             self.ended = True
         except BaseException as exc:  # recorded, asserted by the test (a thread's exception would be lost)
             self.error = exc
@@ -146,40 +173,40 @@ class ClientStream:
         return "".join(ch.text for ch in choices)
 
 
-def start(streams: list[ClientStream], victim: str) -> list[threading.Thread]:
-    """Start the streams together; return once each stream on `victim` (the worker whose engine or process is
-    killed next) is under way and none of them has ended. Streams on the other worker may have ended by then: the
-    client threads share one busy process and read unevenly (a CI run saw one worker's streams read whole while the
-    other's had 36-49 chunks), and they are checked whole afterwards all the same."""
+def start(streams: list[ClientStream], victim: str, action: Callable[[], None]) -> tuple[list[threading.Thread], Kill]:
+    """Start the streams together; `action` (the kill of `victim`'s engine or process) is run once every stream on
+    `victim` has KILL_AFTER_CHUNKS chunks, by the thread reading the last of them. Returns once it has run, and
+    asserts that none of those streams had ended by then (streams on the other worker may have: the client threads
+    share one busy process and read unevenly; they are checked whole afterwards all the same)."""
+    doomed = [s for s in streams if s.worker == victim]
+    kill = Kill(len(doomed), action)
+    for s in doomed:
+        s.kill = kill
     ready = threading.Barrier(len(streams))
     threads = [threading.Thread(target=s.run, args=(ready,), daemon=True) for s in streams]
     for t in threads:
         t.start()
-    doomed = [s for s in streams if s.worker == victim]
-    wait_until(
-        lambda: all(len(s.chunks) >= KILL_AFTER_CHUNKS or s.error or s.ended for s in doomed),
-        120,
-        what=f"every stream on {victim} under way",
-    )
+    if not kill.fired.wait(120):
+        pytest.fail(f"no kill within 120 s: {[(s.worker, len(s.chunks), s.ended, repr(s.error)) for s in streams]}")
     assert not any(s.ended or s.error for s in doomed), (
         f"a stream on {victim} ended before the kill",
         [(s.worker, len(s.chunks), s.ended, repr(s.error)) for s in streams],
     )
-    return threads
+    return threads, kill
 
 
 def test_engine_killed_mid_chat_stream(stack: Stack) -> None:
     prompt_tokens = reference_prompt_tokens(stack, chat=True)
     before = continued(stack)
     stream = ClientStream(stack, chat=True, worker="w1", max_tokens=ONE_STREAM_TOKENS)
-    (thread,) = start([stream], "w1")
-    sent_before_kill = len(stream.chunks)
-    os.kill(engine_pid(stack, "w1"), signal.SIGKILL)  # the worker's relay sees its engine's stream cut
+    pid = engine_pid(stack, "w1")
+    # The worker's relay sees its engine's stream cut.
+    (thread,), _ = start([stream], "w1", lambda: os.kill(pid, signal.SIGKILL))
     thread.join(120)
     assert not thread.is_alive(), "the stream hung"
     text = stream.check(prompt_tokens)
     assert continued(stack) == before + 1, stack.router.log(40)
-    assert len(stream.chunks) > sent_before_kill and text
+    assert len(stream.chunks) > KILL_AFTER_CHUNKS and text
 
 
 def test_worker_killed_under_eight_streams(stack: Stack) -> None:
@@ -190,9 +217,8 @@ def test_worker_killed_under_eight_streams(stack: Stack) -> None:
     prompts = {True: reference_prompt_tokens(stack, chat=True), False: reference_prompt_tokens(stack, chat=False)}
     before = continued(stack)
     streams = [ClientStream(stack, chat=i % 2 == 0, worker=("w1", "w2")[(i // 2) % 2]) for i in range(8)]
-    threads = start(streams, "w2")
-    killed = time.monotonic()
-    stack.workers["w2"].kill()  # kill -9: its connections to the router reset mid-stream
+    threads, kill = start(streams, "w2", stack.workers["w2"].kill)  # kill -9: its connections reset mid-stream
+    assert kill.at is not None
     for t in threads:
         t.join(180)
     hung = sum(t.is_alive() for t in threads)
@@ -203,7 +229,7 @@ def test_worker_killed_under_eight_streams(stack: Stack) -> None:
         "cut": len(cut),
         "hung": hung,
         "continued": continued(stack) - before,
-        "all_done_after_kill_s": round(time.monotonic() - killed, 1),
+        "all_done_after_kill_s": round(time.monotonic() - kill.at, 1),
         "max_tokens": MAX_TOKENS,
     }
     FIGURES.parent.mkdir(parents=True, exist_ok=True)
