@@ -103,6 +103,17 @@ def engine_pids() -> set[int]:
     return pids
 
 
+def metric_sum(metrics_text: str, name: str) -> float:
+    """The sum of a metric's samples over its labels, from a Prometheus text page (an engine's /metrics)."""
+    prefix = f"{name}{{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefix))
+
+
+def engine_metric(worker_url: str, replica_id: str, name: str) -> float:
+    """`metric_sum` of one engine's metric, read through its worker (GET /engines/{replica}/metrics)."""
+    return metric_sum(httpx.get(f"{worker_url}/engines/{replica_id}/metrics", timeout=10).text, name)
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]

@@ -29,7 +29,7 @@ import httpx
 import openai
 import pytest
 
-from .harness import Service, Stack, free_port, wait_until
+from .harness import Service, Stack, engine_metric, free_port, wait_until
 
 GEN, EMB, CLS = "tiny", "emb", "cls"
 M = [{"role": "user", "content": "hello there"}]
@@ -265,8 +265,7 @@ def _running(stack: Stack, alias: str) -> float:
     for worker in stack.workers_by_id().values():
         for engine in worker["engines"]:
             if engine["alias"] == alias and engine["state"] == "ready":
-                text = httpx.get(f"{worker['url']}/engines/{engine['replica_id']}/metrics", timeout=10).text
-                total += sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+                total += engine_metric(worker["url"], engine["replica_id"], "vllm:num_requests_running")
     return total
 
 

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from serverless_vllm.worker.guard import group_members
 
-from .harness import alive, wait_until
+from .harness import alive, metric_sum, wait_until
 from .harness import session_for as harness_session_for
 from .secure_harness import API_KEY, Observations, SecureStack, bearer, living, rss_kib
 
@@ -357,12 +357,6 @@ def whole_prompt_tokens(stack: SecureStack) -> int:
     )
     resp.raise_for_status()
     return int(resp.json()["usage"]["prompt_tokens"])
-
-
-def metric_sum(metrics_text: str, name: str) -> float:
-    """The sum of a metric's samples over its labels, from an engine's /metrics."""
-    prefix = f"{name}{{"
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefix))
 
 
 def check_retried(requests: list[WholeRequest], fault_at: float) -> None:

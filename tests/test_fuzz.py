@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import socket
 import time
 import zlib
@@ -37,6 +36,7 @@ from serverless_vllm.security.endpoint_checks import (
 )
 from serverless_vllm.security.inference import CHAT_FIELDS, COMPLETION_FIELDS, OPERATOR_FIELDS
 
+from .harness import engine_metric
 from .secure_harness import (
     ADMIN_KEY,
     API_KEY,
@@ -135,9 +135,7 @@ def test_router_field_lists_cover_installed_vllm() -> None:
 
 def running_requests(stack: SecureStack) -> float:
     replica = stack.model(ALIAS)["replicas"][0]["replica_id"]
-    text = httpx.get(f"{stack.workers['w1'].url}/engines/{replica}/metrics", timeout=10).text
-    values = [float(m.group(1)) for m in re.finditer(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M)]
-    return sum(values)
+    return engine_metric(stack.workers["w1"].url, replica, "vllm:num_requests_running")
 
 
 def _send(stack: SecureStack, path: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from .harness import engine_metric
 from .secure_harness import (
     API_KEY,
     SHARED_ALIAS,
@@ -142,8 +143,4 @@ def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observation
     # The router's memory is flat and the engine is idle when the load stops.
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
     replica = stack.model(ALIAS)["replicas"][0]["replica_id"]
-    text = httpx.get(f"{stack.workers['w1'].url}/engines/{replica}/metrics", timeout=10).text
-    running = sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running{")
-    )
-    assert running == 0
+    assert engine_metric(stack.workers["w1"].url, replica, "vllm:num_requests_running") == 0
