@@ -116,7 +116,7 @@ class HeldStream(StreamingResponse):
                     async for chunk in _relay(response):
                         yield chunk
                     return
-                if self._forwarder.failed(endpoint, self._tried):  # one other replica, as Forwarder
+                if self._tried.failed(endpoint):  # one other replica, as Forwarder
                     if self._retries <= 0:
                         raise replicas_failed(alias)
                     self._retries -= 1

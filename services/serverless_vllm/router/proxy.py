@@ -50,6 +50,15 @@ class Tried(set[str]):
     moved: str | None = None  # the replica whose worker just said so
     moves = 0
 
+    def failed(self, endpoint: Endpoint) -> bool:
+        """`endpoint` failed before answering: whether that used up a try (it is then not tried again)."""
+        if self.moved == endpoint.replica_id and self.moves < MAX_ADAPTER_MOVES:
+            self.moved = None
+            self.moves += 1
+            return False
+        self.add(endpoint.replica_id)
+        return True
+
 
 class Forwarder:
     def __init__(
@@ -107,18 +116,8 @@ class Forwarder:
                 if served_by is not None:
                     served_by(endpoint)
                 return response
-            failures += self.failed(endpoint, tried)
+            failures += tried.failed(endpoint)
         raise replicas_failed(alias)
-
-    @staticmethod
-    def failed(endpoint: Endpoint, tried: Tried) -> bool:
-        """`endpoint` failed before answering: whether that used up a try (it is then not tried again)."""
-        if tried.moved == endpoint.replica_id and tried.moves < MAX_ADAPTER_MOVES:
-            tried.moved = None
-            tried.moves += 1
-            return False
-        tried.add(endpoint.replica_id)
-        return True
 
     def _check_task(self, alias: str, endpoint: InferenceEndpoint) -> None:
         """A model's task decides its endpoints (an embedding model has no chat): refused here with a message that
