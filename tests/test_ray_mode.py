@@ -448,6 +448,23 @@ def test_errors_cross_ray_intact(env: Env) -> None:
     asyncio.run(calls())
 
 
+def test_usage_reports_cross_ray_and_are_applied_once(env: Env) -> None:
+    """The calls a router's usage reporter makes (router/usage_report.py), against the manager actor."""
+    from serverless_vllm.ray_mode.client import RayManagerClient
+    from serverless_vllm.schemas import UsageReport, UsageRow
+
+    row = UsageRow(key_id="key-ray", key_name="ray", tenant="t", model=ALIAS, requests=2, prompt_tokens=7)
+
+    async def calls() -> list[tuple[str, int, int]]:
+        manager = RayManagerClient(namespace=NAMESPACE)
+        report = UsageReport(reporter="ray-test/1", seq=1, rows=[row])
+        await manager.report_usage(report)
+        await manager.report_usage(report)  # sent again (its answer lost): applied once
+        return [(r.key_id, r.requests, r.prompt_tokens) for r in await manager.usage("key-ray", "")]
+
+    assert asyncio.run(calls()) == [("key-ray", 2, 7)]
+
+
 def listener_pid(port: int) -> int:
     """The process listening on 127.0.0.1:port (ss is iproute2's, present wherever the tests run)."""
     out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout

@@ -310,6 +310,36 @@ def test_usage_matches_what_the_clients_received(stack: SecureStack) -> None:
     assert secret not in metrics and own[0]["key_id"] not in metrics  # tenants and models only
 
 
+def usage_of(url: str, secret: str) -> list[tuple[str, int, int, int]]:
+    rows = httpx.get(f"{url}/v1/usage", headers=bearer(secret), timeout=10).json()["data"]
+    return [(r["key_name"], r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in rows]
+
+
+def test_usage_is_summed_over_routers_and_outlives_a_router_restart(stack: SecureStack) -> None:
+    """Each router process reports its counts to the manager; GET /v1/usage on either router answers the sum, and
+    what router B counted stays after B restarts (it reports a last time as it stops)."""
+    secret = create_key(stack, name="two-router-usage", tenant="team-s")["secret"]
+    wait_until(lambda: chat(client(stack, secret, router_b(stack)), 2).status_code == 200, 5, what="B has the key")
+    total = [1, 0, 0]  # requests, prompt and completion tokens (the first request's tokens are added below)
+    first = usage_of(router_b(stack), secret)
+    total[1:] = first[0][2:]
+    for url, n in ((stack.router.url, 3), (router_b(stack), 5), (stack.router.url, 2)):
+        usage = chat(client(stack, secret, url), n).parse().usage
+        total = [total[0] + 1, total[1] + usage.prompt_tokens, total[2] + usage.completion_tokens]
+    expected = [("two-router-usage", *total)]
+    assert first == [("two-router-usage", 1, first[0][2], 2)]
+    # Router A's read brings A's counts up to date; B's arrive with its next report (REPORT_INTERVAL, 1 s).
+    wait_until(lambda: usage_of(stack.router.url, secret) == expected, 10, what=f"router A showing {expected}")
+    usage = chat(client(stack, secret, router_b(stack)), 4).parse().usage
+    expected = [("two-router-usage", total[0] + 1, total[1] + usage.prompt_tokens, total[2] + 4)]
+    stack.workers["router-b"].stop()  # at once: this request is counted only in B's last report
+    stack.workers["router-b"].start()
+    assert usage_of(router_b(stack), secret) == expected
+    assert usage_of(stack.router.url, secret) == expected
+    everyone = {r["key_name"]: r["requests"] for r in stack.get("/v1/usage?tenant=team-s").json()["data"]}
+    assert everyone == {"two-router-usage": expected[0][1]}
+
+
 def test_the_keys_command(stack: SecureStack) -> None:
     env = {"SVLLM_ADMIN_KEY": ADMIN_KEY, "ROUTER_URL": stack.router.url, "PATH": str(VENV_BIN)}
     svllm = [str(VENV_BIN / "svllm"), "keys"]

@@ -121,7 +121,7 @@ class RouterSettings(_Settings):
         ge=0,
     )
     report_interval_s: float = _setting(
-        1.0, env="REPORT_INTERVAL", description="seconds between the router's load reports to the manager"
+        1.0, env="REPORT_INTERVAL", description="seconds between the router's load and usage reports to the manager"
     )
     max_body_bytes: int = _setting(
         8 * 1024 * 1024, env="MAX_BODY_BYTES", description="request body limit of the router, in bytes"

@@ -56,6 +56,7 @@ from .registry import ModelRegistry, model_info
 from .replicas import ReplicaIndex
 from .reports import EngineReports
 from .routing_publisher import RoutingPublisher
+from .usage_ledger import UsageLedger
 from .worker_link import WorkerClient, WorkerLink
 from .workers import WorkerRecord, WorkerRegistry
 
@@ -92,6 +93,7 @@ class ManagerCore:
         )
         self.routing.adapters = self.adapters  # adapters' routes follow their bases' replicas
         self.keys = KeyRegistry(settings.db_path, self.epoch, lambda: self.registry.models)  # API keys as data
+        self.usage = UsageLedger(settings.db_path)  # the keys' usage, as the routers report it
         self.worker_link = WorkerLink(
             settings,
             self.registry,
@@ -154,6 +156,7 @@ class ManagerCore:
         await self.worker_link.close()
         self.registry.close()
         self.keys.close()
+        self.usage.close()
 
     async def _run(self) -> None:
         assert self._kick is not None

@@ -28,6 +28,8 @@ from ..schemas import (
     ModelPatch,
     ModelSpec,
     RoutingTable,
+    UsageReport,
+    UsageRow,
     WorkerInfo,
     WorkerRegistration,
 )
@@ -195,5 +197,14 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
     async def demand(report: DemandReport) -> Response:
         await core.report_demand(report)
         return Response(status_code=204)
+
+    @route("report_usage", status_code=204)
+    async def report_usage(report: UsageReport) -> Response:
+        core.usage.apply(report)
+        return Response(status_code=204)
+
+    @route("usage")
+    async def usage(key_id: str = Query("", max_length=128), tenant: str = Query("", max_length=64)) -> list[UsageRow]:
+        return core.usage.rows(key_id, tenant)
 
     return app

@@ -23,6 +23,8 @@ from ..schemas import (
     ModelPatch,
     ModelSpec,
     RoutingTable,
+    UsageReport,
+    UsageRow,
     WorkerInfo,
     WorkerRegistration,
 )
@@ -134,6 +136,12 @@ class HTTPManagerClient:
 
     async def set_tenant_limits(self, ref: str, limits: KeyLimits) -> KeyLimits:
         return await self._call("set_tenant_limits", KeyLimits, ref=ref, body=limits)
+
+    async def report_usage(self, report: UsageReport) -> None:
+        await self._send("report_usage", body=report)
+
+    async def usage(self, key_id: str, tenant: str) -> list[UsageRow]:
+        return await self._call("usage", list[UsageRow], params={"key_id": key_id, "tenant": tenant})
 
     async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
         params = {"after": after_version, "epoch": epoch, "timeout": timeout}

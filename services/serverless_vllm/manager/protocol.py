@@ -30,6 +30,8 @@ from ..schemas import (
     ModelPatch,
     ModelSpec,
     RoutingTable,
+    UsageReport,
+    UsageRow,
     WorkerInfo,
     WorkerRegistration,
 )
@@ -62,6 +64,10 @@ class ManagerService(Protocol):
     async def set_tenant_limits(self, ref: str, limits: KeyLimits) -> KeyLimits: ...
     # Long-poll, as wait_routing: the key table (hashes, limits) once newer than `after_version`.
     async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable: ...
+    # Usage of keys (manager/usage_ledger.py): each router process reports what it counted since its last report;
+    # `usage` sums every report, for one key (`key_id`), one tenant, or all ("" for either: no filter).
+    async def report_usage(self, report: UsageReport) -> None: ...
+    async def usage(self, key_id: str, tenant: str) -> list[UsageRow]: ...
 
 
 class ManagerAPI(ManagerService, Protocol):
@@ -96,6 +102,8 @@ HTTP_ROUTES: dict[str, HTTPRoute] = {
     "revoke_key": HTTPRoute("POST", "/keys/{ref}/revoke"),
     "wait_keys": HTTPRoute("GET", "/key-table"),
     "set_tenant_limits": HTTPRoute("PUT", "/tenants/{ref}"),
+    "report_usage": HTTPRoute("POST", "/usage"),
+    "usage": HTTPRoute("GET", "/usage"),
 }
 
 

@@ -25,6 +25,8 @@ from ..schemas import (
     ModelPatch,
     ModelSpec,
     RoutingTable,
+    UsageReport,
+    UsageRow,
     WorkerInfo,
     WorkerRegistration,
 )
@@ -117,6 +119,12 @@ class ManagerActor:
 
     async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
         return await (await self._started()).keys.wait(after_version, epoch, timeout)
+
+    async def report_usage(self, report: UsageReport) -> None:
+        (await self._started()).usage.apply(report)
+
+    async def usage(self, key_id: str, tenant: str) -> list[UsageRow]:
+        return (await self._started()).usage.rows(key_id, tenant)
 
 
 def get_or_create_manager(

@@ -25,6 +25,8 @@ from ..schemas import (
     ModelPatch,
     ModelSpec,
     RoutingTable,
+    UsageReport,
+    UsageRow,
     WorkerInfo,
     WorkerRegistration,
 )
@@ -57,17 +59,14 @@ class RayManagerClient:
         self._timeout = timeout_s
         self._actor = handle
 
-    async def _handle(self) -> Any:
+    async def _remote(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         if self._actor is None:
             try:
                 # A GCS lookup: off the event loop, it may take a moment while the cluster is busy.
                 self._actor = await asyncio.to_thread(ray.get_actor, self._name, namespace=self._namespace)
             except ValueError:
                 raise _unavailable(f"no actor '{self._name}' in namespace '{self._namespace}'") from None
-        return self._actor
-
-    async def _remote(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        actor = await self._handle()
+        actor = self._actor
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 return await getattr(actor, method).remote(*args)
@@ -147,6 +146,12 @@ class RayManagerClient:
 
     async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
         return await self._call(KeyTable, "wait_keys", after_version, epoch, timeout, timeout=timeout + _POLL_MARGIN_S)
+
+    async def report_usage(self, report: UsageReport) -> None:
+        await self._remote("report_usage", report)
+
+    async def usage(self, key_id: str, tenant: str) -> list[UsageRow]:
+        return await self._call(list[UsageRow], "usage", key_id, tenant)
 
     async def close(self) -> None:
         # The actor belongs to the cluster, not to this router: just drop the handle.

@@ -15,7 +15,6 @@ from ..schemas import KeyCreated, KeyInfo, KeyLimits, KeyPatch, KeySpec
 from ..schemas.keys import NAME_PATTERN
 from ..security.auth import ADMIN_ONLY, Authenticator, bearer_token
 from ..security.keys import KEY_SCOPE, ActiveKey
-from .usage import UsageBook
 
 KeyRef = Annotated[str, Path(max_length=128, description="the key's id or name")]
 TenantName = Annotated[str, Path(pattern=NAME_PATTERN)]
@@ -24,11 +23,12 @@ TenantName = Annotated[str, Path(pattern=NAME_PATTERN)]
 def keys_router(
     manager: Callable[[], ManagerAPI],
     refresh: Callable[[], Awaitable[None]],
-    usage: UsageBook,
+    usage: Callable[[str, str], Awaitable[list[dict[str, Any]]]],
     authenticator: Callable[[], Authenticator | None],
     tenants: Callable[[], dict[str, KeyLimits]],
 ) -> APIRouter:
     """`refresh`: bring this router's key ring up to date (after a change made through it: no wait for the poll);
+    `usage`: the usage rows of one key or one tenant ("": all), summed over every router;
     `tenants`: the tenants' limits from the key table this router has."""
     routes = APIRouter()
 
@@ -73,12 +73,12 @@ def keys_router(
     async def get_usage(request: Request, tenant: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
         key = request.scope.get(KEY_SCOPE)
         if isinstance(key, ActiveKey):  # a key reads its own usage
-            return {"object": "list", "data": usage.rows(key_id=key.id)}
+            return {"object": "list", "data": await usage(key.id, "")}
         auth = authenticator()
         if auth is not None and auth.enabled and not auth.allowed(bearer_token(request.scope), ADMIN_ONLY):
             raise APIError(
                 403, "usage is kept for keys made with /v1/keys: ask with such a key or the admin key", "forbidden"
             )
-        return {"object": "list", "data": usage.rows(tenant=tenant)}
+        return {"object": "list", "data": await usage("", tenant or "")}
 
     return routes

@@ -1,9 +1,11 @@
-"""The router's tenant front door as one object: the key ring the guard checks, the limiter, the usage book, the
-gate requests of keys go through, the key table's long-poll and the key API's routes."""
+"""The router's tenant front door as one object: the key ring the guard checks, the limiter, the usage book and
+its reports to the manager, the gate requests of keys go through, the key table's long-poll and the key API's
+routes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter
 from prometheus_client import Histogram
@@ -21,6 +23,7 @@ from .limits import Limiter
 from .table import RouteTable
 from .tenant_gate import TenantGate
 from .usage import UsageBook, UsageCollector
+from .usage_report import UsageReporter
 
 FAIR_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -45,6 +48,7 @@ class Tenants:
         self.gate.waited = lambda priority, seconds: waits[priority].observe(seconds)
         self.authenticator: Authenticator | None = None  # the guard's, once installed (for GET /v1/usage)
         self._sync: KeySync | None = None
+        self._reporter: UsageReporter | None = None
         self._manager: ManagerAPI | None = None
 
     async def start(self, manager: ManagerAPI, table: RouteTable, settings: RouterSettings) -> None:
@@ -52,6 +56,8 @@ class Tenants:
         self._sync = KeySync(manager, self.ring, self.limiter)
         self.gate.table = table
         await self._sync.start()
+        self._reporter = UsageReporter(manager, self.usage, settings.router_id, settings.report_interval_s)
+        self._reporter.start()
         if settings.fair_queue != "off" and settings.max_in_flight_per_replica > 0:  # no cap: nothing to wait for
             fair = FairQueue(
                 table, settings.max_in_flight_per_replica, settings.max_queue_per_model, settings.fair_queue == "fair"
@@ -61,6 +67,8 @@ class Tenants:
             self.gate.fair = fair
 
     async def stop(self) -> None:
+        if self._reporter is not None:
+            await self._reporter.stop()
         if self._sync is not None:
             await self._sync.stop()
         if self.gate.fair is not None:
@@ -69,6 +77,13 @@ class Tenants:
     async def refresh(self) -> None:
         if self._sync is not None:
             await self._sync.refresh()  # a change made through this router: loaded at once
+
+    async def usage_rows(self, key_id: str = "", tenant: str = "") -> list[dict[str, Any]]:
+        """`GET /v1/usage`: the usage every router reported to the manager, this one's brought up to date first."""
+        if self._reporter is None or self._manager is None:  # credentials off: no key made at run time, no usage
+            return []
+        await self._reporter.flush()
+        return [row.model_dump() for row in await self._manager.usage(key_id, tenant)]
 
     def manager(self) -> ManagerAPI:
         if self._manager is None:  # started only with credentials on (router/app.py)
@@ -80,4 +95,4 @@ class Tenants:
         return self._manager
 
     def routes(self) -> APIRouter:
-        return keys_router(self.manager, self.refresh, self.usage, lambda: self.authenticator, self.ring.tenants)
+        return keys_router(self.manager, self.refresh, self.usage_rows, lambda: self.authenticator, self.ring.tenants)

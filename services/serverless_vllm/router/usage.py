@@ -1,5 +1,6 @@
 """Usage of keys made at run time, counted by this router process: requests, prompt and completion tokens,
-errors and throttled requests per key and model. Served at `GET /v1/usage` (per key) and as Prometheus metrics
+errors and throttled requests per key and model. Reported to the manager, which sums every router's
+(router/usage_report.py; `GET /v1/usage` answers from there), and served as Prometheus metrics of this process,
 summed per tenant and model (bounded labels: tenants and registered aliases, never keys)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..schemas import UsageRow
 from ..security.keys import ActiveKey
 
 
@@ -25,12 +27,14 @@ class Usage:
 # (key id, key name, tenant, model label)
 UsageKey = tuple[str, str, str, str]
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "throttled")
+_ZERO = (0, 0, 0, 0, 0)
 
 
 class UsageBook:
     def __init__(self, model_label: Callable[[str], str]) -> None:
         self._label = model_label  # registered aliases only: a client cannot grow the label set
         self._rows: dict[UsageKey, Usage] = {}
+        self._reported: dict[UsageKey, tuple[int, ...]] = {}  # each row's counts as last handed to a report
 
     def row(self, key: ActiveKey, alias: str) -> Usage:
         where = (key.id, key.name, key.tenant, self._label(alias))
@@ -39,14 +43,18 @@ class UsageBook:
             usage = self._rows[where] = Usage()
         return usage
 
-    def rows(self, key_id: str | None = None, tenant: str | None = None) -> list[dict[str, object]]:
-        """For `GET /v1/usage`: one row per key and model, optionally one key's or one tenant's."""
-        out: list[dict[str, object]] = []
-        for (kid, name, ten, model), usage in self._rows.items():
-            if (key_id is None or kid == key_id) and (tenant is None or ten == tenant):
-                row: dict[str, object] = {"key_id": kid, "key_name": name, "tenant": ten, "model": model}
-                row.update({f: getattr(usage, f) for f in _FIELDS})
-                out.append(row)
+    def take_increments(self) -> list[UsageRow]:
+        """What each row gained since the last call (rows that did not change: none). A pass over every row, made
+        once per report rather than a mark per request on the hot path."""
+        out: list[UsageRow] = []
+        for where, usage in self._rows.items():
+            counts = (usage.requests, usage.prompt_tokens, usage.completion_tokens, usage.errors, usage.throttled)
+            before = self._reported.get(where, _ZERO)
+            if counts != before:
+                self._reported[where] = counts
+                kid, name, tenant, model = where
+                gained = dict(zip(_FIELDS, (now - then for now, then in zip(counts, before, strict=True)), strict=True))
+                out.append(UsageRow(key_id=kid, key_name=name, tenant=tenant, model=model, **gained))
         return out
 
     def per_tenant(self) -> dict[tuple[str, str], Usage]:

@@ -2,7 +2,7 @@
 
 Every message that crosses a process boundary (HTTP or Ray) is one of these models, defined once: models and
 their registrations (models.py), workers, heartbeats and assignments (fleet.py), the routing table and the demand
-routers report (routing.py). Import them from here.
+routers report (routing.py), API keys (keys.py) and the keys' usage routers report (usage.py). Import them from here.
 """
 
 from .fleet import (
@@ -43,6 +43,7 @@ from .models import (
     error_body,
 )
 from .routing import DemandReport, Endpoint, ModelLoad, ModelRoute, PlacementRejection, RoutingTable
+from .usage import UsageReport, UsageRow
 
 __all__ = [
     "ALIAS_PATTERN",
@@ -87,6 +88,8 @@ __all__ = [
     "SchedulingPolicy",
     "StartTimes",
     "Strict",
+    "UsageReport",
+    "UsageRow",
     "WorkerInfo",
     "WorkerRegistration",
     "WorkerState",

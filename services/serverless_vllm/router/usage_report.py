@@ -1,0 +1,69 @@
+"""Sends this router process's usage of keys to the manager, which sums every router's (manager/usage_ledger.py).
+
+Every REPORT_INTERVAL seconds, and before `GET /v1/usage` answers (so that a client reads the requests it has just
+made through this router), the increments since the last report go as one report numbered from 1. A report that
+fails is sent again as it is, under its number, before any newer one: the manager applies each number once, so a
+report whose answer was lost is not counted twice, and nothing counted here is lost while the manager is away.
+At shutdown a last report is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from ..manager.protocol import ManagerAPI
+from ..schemas import UsageReport
+from .usage import UsageBook
+
+log = logging.getLogger(__name__)
+
+FINAL_REPORT_TIMEOUT_S = 5.0
+
+
+class UsageReporter:
+    def __init__(self, manager: ManagerAPI, book: UsageBook, router_id: str, interval_s: float) -> None:
+        self._manager = manager
+        self._book = book
+        self._interval = interval_s
+        self.reporter = f"{router_id}/{uuid.uuid4().hex[:12]}"  # this process, for as long as it runs
+        self._seq = 0
+        self._unsent: UsageReport | None = None  # a report the manager has not acknowledged
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="usage-report")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await asyncio.wait_for(self.flush(), FINAL_REPORT_TIMEOUT_S)
+        except Exception as exc:  # the manager is away: what was not reported is lost with this process
+            log.warning("last usage report not sent: %s", exc)
+
+    async def flush(self) -> None:
+        """Send what was not reported yet (a failed report first); raises if the manager does not take it."""
+        async with self._lock:
+            if self._unsent is not None:
+                await self._manager.report_usage(self._unsent)
+                self._unsent = None
+            rows = self._book.take_increments()
+            if rows:
+                self._seq += 1
+                self._unsent = UsageReport(reporter=self.reporter, seq=self._seq, rows=rows)
+                await self._manager.report_usage(self._unsent)
+                self._unsent = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except Exception as exc:  # kept, and sent again at the next tick
+                log.warning("usage report not taken by the manager (sent again): %s", exc)

@@ -1,0 +1,28 @@
+"""Usage of keys made at run time, as routers report it to the manager and `GET /v1/usage` shows it: per key and
+model, requests, prompt and completion tokens, errors and throttled requests."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class UsageRow(BaseModel):
+    key_id: str = Field(max_length=128)
+    key_name: str = Field(max_length=128)  # as the key was named and filed when the request was counted
+    tenant: str = Field(max_length=128)
+    model: str = Field(max_length=256)
+    requests: int = Field(0, ge=0)
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    errors: int = Field(0, ge=0)  # answered with a status of 400 or more (throttled ones not included)
+    throttled: int = Field(0, ge=0)  # refused with a 429 by the key's limits
+
+
+class UsageReport(BaseModel):
+    """What one router process counted since its previous report (its rows are increments). `seq` numbers the
+    process's reports from 1: the manager applies each (reporter, seq) once, so a report resent after its answer
+    was lost is not counted twice."""
+
+    reporter: str = Field(min_length=1, max_length=128)  # one router process, for as long as it runs
+    seq: int = Field(ge=1)
+    rows: list[UsageRow] = Field(max_length=1_000_000)

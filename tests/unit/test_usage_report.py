@@ -1,0 +1,120 @@
+"""Usage summed over router processes, in process: the manager's ledger (SQLite, each report applied once, kept
+across a reopen of the file) and a router's reporter against it, with faults injected between them (a report the
+manager never got, and one it applied whose answer was lost). tests/test_tenants.py runs it on the real stack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from serverless_vllm.manager.usage_ledger import UsageLedger
+from serverless_vllm.router.usage import UsageBook
+from serverless_vllm.router.usage_report import UsageReporter
+from serverless_vllm.schemas import KeyLimits, Priority, UsageReport, UsageRow
+from serverless_vllm.security.keys import ActiveKey
+
+
+def row(key_id: str = "key-1", model: str = "tiny", tenant: str = "t", **counts: int) -> UsageRow:
+    return UsageRow(key_id=key_id, key_name=f"name-{key_id}", tenant=tenant, model=model, **counts)
+
+
+def counts(ledger: UsageLedger, **where: str) -> list[tuple[str, str, int, int, int, int, int]]:
+    return [
+        (r.key_id, r.model, r.requests, r.prompt_tokens, r.completion_tokens, r.errors, r.throttled)
+        for r in ledger.rows(**where)
+    ]
+
+
+def test_a_report_is_applied_once_and_reporters_are_summed(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "m.db"))
+    first = UsageReport(reporter="r1/a", seq=1, rows=[row(requests=2, prompt_tokens=10, completion_tokens=5)])
+    assert ledger.apply(first)
+    assert not ledger.apply(first)  # sent again after its answer was lost
+    assert not ledger.apply(UsageReport(reporter="r1/a", seq=1, rows=[row(requests=9)]))
+    assert ledger.apply(UsageReport(reporter="r2/b", seq=1, rows=[row(requests=1, errors=1), row("key-2", tenant="u")]))
+    assert ledger.apply(UsageReport(reporter="r1/a", seq=2, rows=[row(requests=1, throttled=3, prompt_tokens=4)]))
+    assert counts(ledger) == [("key-1", "tiny", 4, 14, 5, 1, 3), ("key-2", "tiny", 0, 0, 0, 0, 0)]
+    assert counts(ledger, key_id="key-2") == [("key-2", "tiny", 0, 0, 0, 0, 0)]
+    assert counts(ledger, tenant="t") == [("key-1", "tiny", 4, 14, 5, 1, 3)]
+    assert counts(ledger, tenant="nobody") == []
+    ledger.close()
+    reopened = UsageLedger(str(tmp_path / "m.db"))  # the manager restarted: the sums and the numbering stay
+    assert counts(reopened) == [("key-1", "tiny", 4, 14, 5, 1, 3), ("key-2", "tiny", 0, 0, 0, 0, 0)]
+    assert not reopened.apply(first)
+
+
+def test_reports_refuse_negative_counts_and_numbers_below_one() -> None:
+    with pytest.raises(ValidationError):
+        row(requests=-1)
+    with pytest.raises(ValidationError):
+        UsageReport(reporter="r", seq=0, rows=[])
+
+
+class LedgerManager:
+    """The manager's side of report_usage, over a real ledger, with faults injected: `lose_before` drops the next
+    report before the manager sees it, `lose_answer` applies it and then loses the answer."""
+
+    def __init__(self, ledger: UsageLedger) -> None:
+        self.ledger = ledger
+        self.lose_before = False
+        self.lose_answer = False
+        self.sent: list[tuple[str, int]] = []
+
+    async def report_usage(self, report: UsageReport) -> None:
+        self.sent.append((report.reporter, report.seq))
+        if self.lose_before:
+            self.lose_before = False
+            raise ConnectionError("injected: the report never reached the manager")
+        self.ledger.apply(report)
+        if self.lose_answer:
+            self.lose_answer = False
+            raise ConnectionError("injected: the manager applied the report, its answer was lost")
+
+
+def key(key_id: str) -> ActiveKey:
+    return ActiveKey(key_id, f"name-{key_id}", "t", Priority.NORMAL, KeyLimits(), None, False, frozenset(), ("*",))
+
+
+async def test_a_failed_report_is_sent_again_as_it_was_and_nothing_is_counted_twice(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "m.db"))
+    manager = LedgerManager(ledger)
+    book = UsageBook(lambda alias: alias)
+    reporter = UsageReporter(manager, book, "router-a", 3600.0)  # type: ignore[arg-type]  # report_usage only
+    usage = book.row(key("key-1"), "tiny")
+
+    def serve(prompt: int, completion: int) -> None:
+        usage.requests += 1
+        usage.prompt_tokens += prompt
+        usage.completion_tokens += completion
+
+    serve(10, 5)
+    manager.lose_answer = True
+    with pytest.raises(ConnectionError):
+        await reporter.flush()
+    serve(7, 3)
+    await reporter.flush()  # report 1 again (ignored: applied), then report 2 with the second request
+    manager.lose_before = True
+    serve(1, 1)
+    with pytest.raises(ConnectionError):
+        await reporter.flush()
+    await reporter.flush()  # report 3 again: applied now
+    await reporter.flush()  # nothing new: nothing sent
+    assert counts(ledger) == [("key-1", "tiny", 3, 18, 9, 0, 0)]
+    seqs = [seq for _, seq in manager.sent]
+    assert seqs == [1, 1, 2, 3, 3]
+    assert len({name for name, _ in manager.sent}) == 1 and manager.sent[0][0].startswith("router-a/")
+
+
+async def test_a_new_process_reports_under_a_new_name_and_adds_to_the_sums(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "m.db"))
+    manager = LedgerManager(ledger)
+    sums: list[Any] = []
+    for _ in range(2):  # the same router id, restarted: its second process numbers its reports from 1 again
+        book = UsageBook(lambda alias: alias)
+        book.row(key("key-1"), "tiny").requests += 2
+        await UsageReporter(manager, book, "router-a", 3600.0).flush()  # type: ignore[arg-type]
+        sums.append(counts(ledger))
+    assert sums == [[("key-1", "tiny", 2, 0, 0, 0, 0)], [("key-1", "tiny", 4, 0, 0, 0, 0)]]
+    assert [seq for _, seq in manager.sent] == [1, 1]
