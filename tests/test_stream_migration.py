@@ -91,11 +91,13 @@ class Kill:
     as it reads it. Run from the test's main thread instead (polling the chunk counts), it came late under load:
     the reading threads starved that thread, and a 1,500-token stream was once read whole before it saw 10 chunks."""
 
-    def __init__(self, doomed: int, action: Callable[[], None]) -> None:
-        self._left = doomed  # streams still short of KILL_AFTER_CHUNKS
+    def __init__(self, doomed: list[ClientStream], action: Callable[[], None]) -> None:
+        self._doomed = doomed
+        self._left = len(doomed)  # streams still short of KILL_AFTER_CHUNKS
         self._action = action
         self._lock = threading.Lock()
         self.at: float | None = None  # when it ran (monotonic)
+        self.before: list[tuple[str, int, bool, str]] = []  # each doomed stream as the kill found it
         self.fired = threading.Event()
 
     def reached(self) -> None:
@@ -103,6 +105,7 @@ class Kill:
             self._left -= 1
             if self._left:
                 return
+        self.before = [(s.worker, len(s.chunks), s.ended, repr(s.error)) for s in self._doomed]
         try:
             self._action()
         finally:
@@ -176,10 +179,10 @@ class ClientStream:
 def start(streams: list[ClientStream], victim: str, action: Callable[[], None]) -> tuple[list[threading.Thread], Kill]:
     """Start the streams together; `action` (the kill of `victim`'s engine or process) is run once every stream on
     `victim` has KILL_AFTER_CHUNKS chunks, by the thread reading the last of them. Returns once it has run, and
-    asserts that none of those streams had ended by then (streams on the other worker may have: the client threads
+    asserts that none of those streams had ended when it ran (streams on the other worker may have: the client threads
     share one busy process and read unevenly; they are checked whole afterwards all the same)."""
     doomed = [s for s in streams if s.worker == victim]
-    kill = Kill(len(doomed), action)
+    kill = Kill(doomed, action)
     for s in doomed:
         s.kill = kill
     ready = threading.Barrier(len(streams))
@@ -188,9 +191,9 @@ def start(streams: list[ClientStream], victim: str, action: Callable[[], None]) 
         t.start()
     if not kill.fired.wait(120):
         pytest.fail(f"no kill within 120 s: {[(s.worker, len(s.chunks), s.ended, repr(s.error)) for s in streams]}")
-    assert not any(s.ended or s.error for s in doomed), (
+    assert all(not ended and error == "None" for _, _, ended, error in kill.before), (
         f"a stream on {victim} ended before the kill",
-        [(s.worker, len(s.chunks), s.ended, repr(s.error)) for s in streams],
+        kill.before,
     )
     return threads, kill
 
