@@ -17,9 +17,10 @@ from pydantic import SecretStr, ValidationError
 from serverless_vllm.config import AuthSettings
 from serverless_vllm.errors import APIError, install_error_handlers
 from serverless_vllm.manager.keys import KeyRegistry
+from serverless_vllm.router.key_sync import KeySync
 from serverless_vllm.router.limits import Limiter, duration
 from serverless_vllm.router.tenant_gate import scan_events, tokens_of
-from serverless_vllm.schemas import KeyLimits, KeyPatch, KeySpec, KeyTable
+from serverless_vllm.schemas import KeyLimits, KeyPatch, KeySpec, KeyTable, Priority
 from serverless_vllm.security.auth import install_guard, router_policy
 from serverless_vllm.security.keys import KEY_SCOPE, ActiveKey, KeyRing
 
@@ -123,26 +124,89 @@ def test_the_ring_finds_keys_by_digest_and_refuses_revoked_and_expired_ones(tmp_
     assert isinstance(revoked, APIError) and (revoked.status, revoked.code) == (401, "revoked_api_key")
 
 
-def test_a_reload_keeps_the_objects_of_unchanged_keys(tmp_path: Path) -> None:
-    """Each change reloads the whole table; keys it did not touch stay the same objects (no heap churn, their
-    caches and limit states kept), a changed key, or one whose tenant's limits changed, is made again."""
+@pytest.mark.parametrize("incremental", [False, True], ids=["whole-table", "changes-only"])
+def test_a_reload_keeps_the_objects_of_unchanged_keys(tmp_path: Path, incremental: bool) -> None:
+    """Each change reaches the ring (as the whole table, or as the keys changed since the ring's version); keys it
+    did not touch stay the same objects (no heap churn, their caches and limit states kept), a changed key, or one
+    whose tenant's limits changed, is made again."""
     clock = Clock()
     keys = registry(tmp_path, clock)
     secrets = [keys.create(KeySpec(name=n, tenant=n, limits=KeyLimits(rpm=50))).secret for n in ("a", "b", "c")]
     ring = KeyRing(1.0, clock)
     ring.update(keys.table())
+
+    def load() -> None:
+        ring.update(keys.changes(ring.version) if incremental else keys.table())
+        assert ring.version == keys.table().version
+
     a, b, c = (ring.check(s.encode()) for s in secrets)
     keys.update("b", KeyPatch(limits=KeyLimits(rpm=60)))
     keys.set_tenant_limits("c", KeyLimits(rpm=5))
     keys.create(KeySpec(name="d", tenant="d"))
-    ring.update(keys.table())
+    load()
     a2, b2, c2 = (ring.check(s.encode()) for s in secrets)
     assert a2 is a and len(ring) == 4
     assert isinstance(b2, ActiveKey) and b2 is not b and b2.limits.rpm == 60
     assert isinstance(c2, ActiveKey) and c2 is not c and c2.tenant_limits == KeyLimits(rpm=5)
+    assert ring.tenants() == {"c": KeyLimits(rpm=5)}
+    keys.set_tenant_limits("c", KeyLimits())  # no limits: the tenant's keys lose them
+    load()
+    c3 = ring.check(secrets[2].encode())
+    assert isinstance(c3, ActiveKey) and c3.tenant_limits is None and ring.check(secrets[0].encode()) is a
     keys.revoke("a")
-    ring.update(keys.table())
+    load()
     assert isinstance(ring.check(secrets[0].encode()), APIError)
+    assert ring.by_id(a.id) is not None and ring.by_id(a.id) is not a  # type: ignore[union-attr]
+
+
+def test_a_router_with_a_version_gets_only_the_keys_changed_since(tmp_path: Path) -> None:
+    keys = registry(tmp_path)
+    for name in ("a", "b", "c"):
+        keys.create(KeySpec(name=name, tenant="t"))
+    since = keys.table().version
+    keys.update("b", KeyPatch(priority=Priority.HIGH))
+
+    def wait(after: int, epoch: str = "epoch1") -> KeyTable:
+        return asyncio.run(keys.wait(after, epoch, 0.0))
+
+    changed = wait(since)
+    assert (changed.base, [k.name for k in changed.keys], changed.version) == (since, ["b"], since + 1)
+    quiet = wait(since + 1)  # a long-poll that timed out: nothing to parse again
+    assert (quiet.base, quiet.keys, quiet.version) == (since + 1, [], since + 1)
+    for whole in (wait(-1, ""), wait(since, "another-epoch")):  # a new router, or one of a restarted manager's
+        assert whole.base is None and sorted(k.name for k in whole.keys) == ["a", "b", "c"]
+
+
+class KeyTableManager:
+    """The manager's wait_keys over a real registry, with a fault injected: `skip` versions are added to the next
+    answer's base, as if the router had missed changes (a delta it cannot apply)."""
+
+    def __init__(self, keys: KeyRegistry) -> None:
+        self.keys = keys
+        self.skip = 0
+        self.asked: list[int] = []
+
+    async def wait_keys(self, after_version: int, epoch: str, timeout: float) -> KeyTable:
+        self.asked.append(after_version)
+        table = await self.keys.wait(after_version, epoch, timeout)
+        if self.skip and table.base is not None:
+            table = table.model_copy(update={"base": table.base + self.skip})
+            self.skip = 0
+        return table
+
+
+async def test_the_key_sync_loads_the_whole_table_when_it_cannot_apply_the_changes(tmp_path: Path) -> None:
+    keys = registry(tmp_path)
+    keys.create(KeySpec(name="a", tenant="t"))
+    manager = KeyTableManager(keys)
+    ring = KeyRing()
+    sync = KeySync(manager, ring, Limiter())  # type: ignore[arg-type]  # wait_keys only
+    assert await sync.refresh() and manager.asked == [-1] and len(ring) == 1
+    assert not await sync.refresh()  # nothing new: the empty changes are not applied
+    keys.create(KeySpec(name="b", tenant="t"))
+    manager.skip = 1
+    assert await sync.refresh()
+    assert manager.asked == [-1, 2, 2, -1] and len(ring) == 2 and ring.version == keys.table().version
 
 
 def test_models_by_alias_and_pattern(tmp_path: Path) -> None:

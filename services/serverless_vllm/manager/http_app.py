@@ -188,7 +188,9 @@ def create_app(settings: ManagerSettings, core: ManagerCore | None = None, auth:
         table = await _unless_gone(request, core.keys.wait(after, epoch, timeout))
         if table is None:
             return Response(status_code=204)  # the router left
-        cached = served_keys.get("keys")  # as the routing table: serialized once per version, not per router
+        if table.base is not None:  # the keys changed since the router's version: small, and its own
+            return Response(table.model_dump_json().encode(), media_type="application/json")
+        cached = served_keys.get("keys")  # the whole table, as the routing table: serialized once per version
         if cached is None or cached[0] is not table:
             cached = served_keys["keys"] = (table, table.model_dump_json().encode())
         return Response(cached[1], media_type="application/json")

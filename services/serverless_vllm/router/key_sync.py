@@ -42,8 +42,13 @@ class KeySync:
 
     async def refresh(self, timeout: float = 0.0) -> bool:
         """Load the key table if the manager has a newer one (after up to `timeout` s); True if it did."""
-        table = await self._manager.wait_keys(self._ring.version, self._ring.epoch, timeout)
-        if table.version != self._ring.version or table.epoch != self._ring.epoch:
+        ring = self._ring
+        table = await self._manager.wait_keys(ring.version, ring.epoch, timeout)
+        if table.base is not None and table.epoch == ring.epoch and table.version <= ring.version:
+            return False  # changes this ring has already (another refresh applied them meanwhile)
+        if table.base is not None and (table.epoch != ring.epoch or table.base > ring.version):
+            table = await self._manager.wait_keys(-1, "", 0.0)  # changes since a version this ring lacks: all
+        if table.version != ring.version or table.epoch != ring.epoch:
             self._ring.update(table)
             tenants = self._ring.tenants()
             self._limiter.forget(

@@ -107,9 +107,11 @@ class KeyEntry(KeyInfo):
 
 class KeyTable(BaseModel):
     """Every key (revoked ones too, so a router answers 'revoked' rather than 'invalid'), pushed to routers by
-    long-poll beside the routing table."""
+    long-poll beside the routing table; or, with `base`, only the keys changed since version `base` of the same
+    epoch (keys are never deleted: a revoked one stays, so a change is always an entry)."""
 
     version: int
     epoch: str  # changes when the manager restarts
     keys: list[KeyEntry]
+    base: int | None = None  # None: every key; a version: the keys changed after it, the others as they were
     tenants: dict[str, KeyLimits] = {}  # tenant -> limits shared by all its keys (tenants without limits: absent)

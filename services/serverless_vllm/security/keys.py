@@ -89,7 +89,8 @@ def active(entry: KeyEntry, share: float, tenant_limits: KeyLimits | None = None
 
 
 class KeyRing:
-    """Digest -> key, replaced whole on each key table version (read-only in between: no lock on the hot path).
+    """Digest -> key: new dicts for each key table version, whole or its changes (read-only in between: no lock on
+    the hot path).
 
     A key whose entry (and tenant's limits) did not change keeps its ActiveKey across versions: a table of 10,000
     keys reloaded for each change otherwise makes and frees 10,000 long-lived objects a time, and a router that
@@ -107,9 +108,17 @@ class KeyRing:
         self.epoch = ""
 
     def update(self, table: KeyTable) -> None:
+        """Load a whole table, or apply the keys changed since this ring's version (`table.base`; the caller checks
+        that this ring has that version or a later one)."""
         tenants = table.tenants
         before = self._by_digest
         keys: dict[bytes, ActiveKey] = {}
+        if table.base is not None:
+            keys = dict(before)
+            if tenants != self._tenants:  # a tenant's shared limits changed: its keys are made again
+                for digest, key in before.items():
+                    if key.source is not None and tenants.get(key.tenant) != key.source[1]:
+                        keys[digest] = active(key.source[0], self._share, tenants.get(key.tenant))
         for entry in table.keys:
             digest = bytes.fromhex(entry.digest)
             old = before.get(digest)
