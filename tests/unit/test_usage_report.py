@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from serverless_vllm.manager.usage_ledger import UsageLedger
+from serverless_vllm.router import usage_report
 from serverless_vllm.router.usage import UsageBook
 from serverless_vllm.router.usage_report import UsageReporter
 from serverless_vllm.schemas import KeyLimits, Priority, UsageReport, UsageRow
@@ -61,9 +62,11 @@ class LedgerManager:
         self.lose_before = False
         self.lose_answer = False
         self.sent: list[tuple[str, int]] = []
+        self.rows: list[list[UsageRow]] = []
 
     async def report_usage(self, report: UsageReport) -> None:
         self.sent.append((report.reporter, report.seq))
+        self.rows.append(report.rows)
         if self.lose_before:
             self.lose_before = False
             raise ConnectionError("injected: the report never reached the manager")
@@ -118,3 +121,22 @@ async def test_a_new_process_reports_under_a_new_name_and_adds_to_the_sums(tmp_p
         sums.append(counts(ledger))
     assert sums == [[("key-1", "tiny", 2, 0, 0, 0, 0)], [("key-1", "tiny", 4, 0, 0, 0, 0)]]
     assert [seq for _, seq in manager.sent] == [1, 1]
+
+
+async def test_many_rows_go_as_several_reports_each_sent_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usage_report, "MAX_ROWS_PER_REPORT", 2)
+    ledger = UsageLedger(str(tmp_path / "m.db"))
+    manager = LedgerManager(ledger)
+    book = UsageBook(lambda alias: alias)
+    reporter = UsageReporter(manager, book, "router-a", 3600.0)  # type: ignore[arg-type]  # report_usage only
+    for i in range(5):
+        book.row(key(f"key-{i}"), "tiny").requests += i + 1
+    manager.lose_answer = True  # the first report applied, its answer lost
+    with pytest.raises(ConnectionError):
+        await reporter.flush()
+    book.row(key("key-0"), "tiny").requests += 10  # counted while reports 1-3 wait: sent after them
+    await reporter.flush()
+    assert [seq for _, seq in manager.sent] == [1, 1, 2, 3, 4]
+    assert [len(r) for r in manager.rows] == [2, 2, 2, 1, 1]
+    summed = {r.key_id: r.requests for r in ledger.rows()}
+    assert summed == {"key-0": 11, "key-1": 2, "key-2": 3, "key-3": 4, "key-4": 5}

@@ -1,9 +1,10 @@
 """Sends this router process's usage of keys to the manager, which sums every router's (manager/usage_ledger.py).
 
 Every REPORT_INTERVAL seconds, and before `GET /v1/usage` answers (so that a client reads the requests it has just
-made through this router), the increments since the last report go as one report numbered from 1. A report that
-fails is sent again as it is, under its number, before any newer one: the manager applies each number once, so a
-report whose answer was lost is not counted twice, and nothing counted here is lost while the manager is away.
+made through this router), the increments since the last report go as a report numbered from 1 (several, of at
+most MAX_ROWS_PER_REPORT rows each, when many keys were used). A report that fails is sent again as it is, under its
+number, before any newer one: the manager applies each number once, so a report whose answer was lost is not
+counted twice, and nothing counted here is lost while the manager is away.
 At shutdown a last report is tried.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
 
 from ..manager.protocol import ManagerAPI
 from ..schemas import UsageReport
@@ -21,6 +23,9 @@ from .usage import UsageBook
 log = logging.getLogger(__name__)
 
 FINAL_REPORT_TIMEOUT_S = 5.0
+# Rows (a key and a model each, ~200 bytes of JSON) per report: a second in which many keys were used makes a few
+# reports, each well within the manager's request body limit (MAX_BODY_BYTES), rather than one it would refuse.
+MAX_ROWS_PER_REPORT = 5000
 
 
 class UsageReporter:
@@ -30,7 +35,7 @@ class UsageReporter:
         self._interval = interval_s
         self.reporter = f"{router_id}/{uuid.uuid4().hex[:12]}"  # this process, for as long as it runs
         self._seq = 0
-        self._unsent: UsageReport | None = None  # a report the manager has not acknowledged
+        self._unsent: deque[UsageReport] = deque()  # reports the manager has not acknowledged, oldest first
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -48,17 +53,21 @@ class UsageReporter:
             log.warning("last usage report not sent: %s", exc)
 
     async def flush(self) -> None:
-        """Send what was not reported yet (a failed report first); raises if the manager does not take it."""
+        """Send what was not reported yet (failed reports first); raises if the manager does not take one."""
         async with self._lock:
-            if self._unsent is not None:
-                await self._manager.report_usage(self._unsent)
-                self._unsent = None
-            rows = self._book.take_increments()
-            if rows:
-                self._seq += 1
-                self._unsent = UsageReport(reporter=self.reporter, seq=self._seq, rows=rows)
-                await self._manager.report_usage(self._unsent)
-                self._unsent = None
+            while True:
+                while self._unsent:
+                    await self._manager.report_usage(self._unsent[0])
+                    self._unsent.popleft()
+                # Taken only once the manager has every earlier report: while it is away the counts wait in the
+                # book (one row per key and model), not as a report per tick.
+                rows = self._book.take_increments()
+                if not rows:
+                    return
+                for at in range(0, len(rows), MAX_ROWS_PER_REPORT):
+                    self._seq += 1
+                    chunk = rows[at : at + MAX_ROWS_PER_REPORT]
+                    self._unsent.append(UsageReport(reporter=self.reporter, seq=self._seq, rows=chunk))
 
     async def _loop(self) -> None:
         while True:
