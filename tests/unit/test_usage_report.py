@@ -46,11 +46,16 @@ def test_a_report_is_applied_once_and_reporters_are_summed(tmp_path: Path) -> No
     assert not reopened.apply(first)
 
 
-def test_reports_refuse_negative_counts_and_numbers_below_one() -> None:
-    with pytest.raises(ValidationError):
-        row(requests=-1)
-    with pytest.raises(ValidationError):
-        UsageReport(reporter="r", seq=0, rows=[])
+def test_reports_refuse_counts_and_numbers_the_ledger_cannot_hold() -> None:
+    """Negative, or past SQLite's 64-bit integers (the fuzzer's 2.6e24 prompt tokens were a 500 before)."""
+    for bad in (-1, 2661093074530007456415744):
+        with pytest.raises(ValidationError):
+            row(requests=bad)
+        with pytest.raises(ValidationError):
+            row(prompt_tokens=bad)
+    for seq in (0, 2**63):
+        with pytest.raises(ValidationError):
+            UsageReport(reporter="r", seq=seq, rows=[])
 
 
 class LedgerManager:

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+# Bounds that keep every value and its sums within SQLite's 64-bit integers (the manager's ledger): no router counts
+# 10^15 of anything between two reports.
+MAX_COUNT = 10**15
+MAX_SEQ = 2**62
+
 
 class UsageRow(BaseModel):
     key_id: str = Field(max_length=128)
     key_name: str = Field(max_length=128)  # as the key was named and filed when the request was counted
     tenant: str = Field(max_length=128)
     model: str = Field(max_length=256)
-    requests: int = Field(0, ge=0)
-    prompt_tokens: int = Field(0, ge=0)
-    completion_tokens: int = Field(0, ge=0)
-    errors: int = Field(0, ge=0)  # answered with a status of 400 or more (throttled ones not included)
-    throttled: int = Field(0, ge=0)  # refused with a 429 by the key's limits
+    requests: int = Field(0, ge=0, le=MAX_COUNT)
+    prompt_tokens: int = Field(0, ge=0, le=MAX_COUNT)
+    completion_tokens: int = Field(0, ge=0, le=MAX_COUNT)
+    errors: int = Field(0, ge=0, le=MAX_COUNT)  # answered with a status of 400 or more (throttled ones not included)
+    throttled: int = Field(0, ge=0, le=MAX_COUNT)  # refused with a 429 by the key's limits
 
 
 class UsageReport(BaseModel):
@@ -24,5 +29,5 @@ class UsageReport(BaseModel):
     was lost is not counted twice."""
 
     reporter: str = Field(min_length=1, max_length=128)  # one router process, for as long as it runs
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=MAX_SEQ)
     rows: list[UsageRow] = Field(max_length=1_000_000)
