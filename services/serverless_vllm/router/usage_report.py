@@ -55,19 +55,21 @@ class UsageReporter:
     async def flush(self) -> None:
         """Send what was not reported yet (failed reports first); raises if the manager does not take one."""
         async with self._lock:
-            while True:
-                while self._unsent:
-                    await self._manager.report_usage(self._unsent[0])
-                    self._unsent.popleft()
-                # Taken only once the manager has every earlier report: while it is away the counts wait in the
-                # book (one row per key and model), not as a report per tick.
-                rows = self._book.take_increments()
-                if not rows:
-                    return
-                for at in range(0, len(rows), MAX_ROWS_PER_REPORT):
-                    self._seq += 1
-                    chunk = rows[at : at + MAX_ROWS_PER_REPORT]
-                    self._unsent.append(UsageReport(reporter=self.reporter, seq=self._seq, rows=chunk))
+            await self._send_unsent()
+            # Taken only once the manager has every earlier report (while it is away the counts wait in the book,
+            # one row per key and model, not as a report per tick), and once per flush: requests counted while
+            # these are sent go with the next (a flush that took them too would never end under traffic).
+            rows = self._book.take_increments()
+            for at in range(0, len(rows), MAX_ROWS_PER_REPORT):
+                self._seq += 1
+                chunk = rows[at : at + MAX_ROWS_PER_REPORT]
+                self._unsent.append(UsageReport(reporter=self.reporter, seq=self._seq, rows=chunk))
+            await self._send_unsent()
+
+    async def _send_unsent(self) -> None:
+        while self._unsent:
+            await self._manager.report_usage(self._unsent[0])
+            self._unsent.popleft()
 
     async def _loop(self) -> None:
         while True:
