@@ -32,7 +32,7 @@ def context(d: dict[str, Any]) -> str:
     return (
         f"_{d.get('started', '')}, {m.get('cores')} cores, load at start {q.get('loadavg_at_start')}, "
         f"quiet: {q.get('quiet')} (waited {q.get('waited_s')} s, {q.get('other_vllm_engines_at_start')} other "
-        f"vLLM engines), load at end {[round(x, 2) for x in d.get('loadavg_end', [])]}. "
+        f"vLLM engines), load at end {[round(x, 2) for x in d.get('loadavg_end', d.get('loadavg_at_end', []))]}. "
         f"Command: `{d.get('command')}`_\n"
     )
 
@@ -182,18 +182,27 @@ def control(d: dict[str, Any]) -> list[str]:
 
 def cold(d: dict[str, Any]) -> list[str]:
     s = d["summary"]
+    ref = s["reference_ttft_s"]
     out = [
         "## Cold start\n",
         context(d),
-        "| | n | p50 s | min s | max s |",
-        "|---|---|---|---|---|",
-        f"| vLLM started by hand, then the request | {s['reference_ttft_s']['n']} | {f(s['reference_ttft_s']['p50'], 2)} "
-        f"| {f(s['reference_ttft_s']['min'], 2)} | {f(s['reference_ttft_s']['max'], 2)} |",
-        f"| request to a model at zero replicas | {s['ours_ttft_s']['n']} | {f(s['ours_ttft_s']['p50'], 2)} "
-        f"| {f(s['ours_ttft_s']['min'], 2)} | {f(s['ours_ttft_s']['max'], 2)} |",
-        f"\nRatio (median ours / median reference): **{s['ratio_median']}**; added: {s['added_s_median']} s. "
-        f"Our time split (medians): {s['ours_phases_median_s']}. {d.get('gpu_wake_from_sleep', '')}\n",
+        "Time to the first token of a request to a model at zero replicas, against vLLM started by hand and then "
+        "asked; paired ratios per round (ours / by hand).\n",
+        "| | n | p50 s | min s | max s | paired ratio (median) |",
+        "|---|---|---|---|---|---|",
+        f"| vLLM started by hand, then the request | {ref['n']} | {f(ref['p50'], 2)} | {f(ref['min'], 2)} "
+        f"| {f(ref['max'], 2)} | 1 |",
     ]
+    for way in ("ours", "no_standby", "no_uniproc", "neither"):
+        v = s.get(way)
+        if isinstance(v, dict):
+            t = v["ttft_s"]
+            out.append(
+                f"| {way} | {t['n']} | {f(t['p50'], 2)} | {f(t['min'], 2)} | {f(t['max'], 2)} "
+                f"| {f(v['paired_ratio_median'], 3)} |"
+            )
+    ours = s.get("ours", {})
+    out.append(f"\nOur time split (medians): {ours.get('phases_median_s')}. {d.get('gpu_wake_from_sleep', '')}\n")
     return out
 
 
@@ -263,6 +272,73 @@ def relay(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def lora(d: dict[str, Any]) -> list[str]:
+    s = d["summary"]
+    out = [
+        "## LoRA: first request to an adapter, unloaded against loaded\n",
+        context(d),
+        "| request | n | p50 ms | p90 ms | max ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("base", "unloaded", "loaded"):
+        v = s[name]
+        out.append(f"| {name} | {v['n']} | {f(v['p50'])} | {f(v['p90'])} | {f(v['max'])} |")
+    out.append(f"\nLoading the adapter adds {f(s.get('load_adds_ms_median'))} ms (median).")
+    return out
+
+
+def lora_fleet(d: dict[str, Any]) -> list[str]:
+    s = d["summary"]
+    out = [
+        "## LoRA: 20 adapters on one engine against separate engines\n",
+        context(d),
+        "| | req/s |",
+        "|---|---|",
+        *(f"| {name} | {f(v, 2)} |" for name, v in s["rps"].items()),
+        "",
+        "| memory | RSS MB | PSS MB |",
+        "|---|---|---|",
+    ]
+    for name in ("one_engine_20_adapters_mb", "separate_per_engine_mb", "separate_20_engines_mb_extrapolated"):
+        v = s[name]
+        out.append(f"| {name} | {f(v['rss_mb'], 0)} | {f(v['pss_mb'], 0)} |")
+    return out
+
+
+def tenant_keys(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## Keys made at run time: 10,000 keys with limits against credentials off\n",
+        context(d),
+        "Medians of the rounds' paired ratios; CPU per request in µs (noauth / envkey / keys).\n",
+        "| c | keys / noauth | envkey / noauth | router CPU | whole stack CPU |",
+        "|---|---|---|---|---|",
+    ]
+    for c, v in d["summary"].items():
+        cpu, total = v["router_cpu_us_per_request_median"], v["total_cpu_us_per_request_median"]
+        out.append(
+            f"| {c} | {f(v['keys_over_noauth_median'], 3)} | {f(v['envkey_over_noauth_median'], 3)} "
+            f"| {' / '.join(f(cpu[k], 0) for k in ('noauth', 'envkey', 'keys'))} "
+            f"| {' / '.join(f(total[k], 0) for k in ('noauth', 'envkey', 'keys'))} |"
+        )
+    return out
+
+
+def key_table(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## A key change: the whole key table against the changes\n",
+        context(d),
+        "| per router | bytes | parse ms | apply ms | router ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in d["summary"].items():
+        if isinstance(v, dict):
+            out.append(
+                f"| {name} | {f(v['bytes'], 0)} | {f(v['parse_ms'], 3)} | {f(v['apply_ms'], 3)} "
+                f"| {f(v['router_ms'], 3)} |"
+            )
+    return out
+
+
 def main() -> None:
     suffix = "_quick" if "--quick" in sys.argv else ""
     lines = [
@@ -281,6 +357,10 @@ def main() -> None:
         (f"cold_start{suffix}", cold),
         (f"manager_scale{suffix}", scale),
         (f"relay_client{suffix}", relay),
+        (f"lora{suffix}", lora),
+        (f"lora_fleet{suffix}", lora_fleet),
+        (f"tenant_keys{suffix}", tenant_keys),
+        (f"key_table{suffix}", key_table),
     ):
         d = load(name)
         if d is None and not suffix:
