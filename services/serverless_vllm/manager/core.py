@@ -20,7 +20,6 @@ one component per concern, each a public attribute:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -28,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ..aio import wait_event
+from ..aio import stop_tasks, wait_event
 from ..config import ManagerSettings
 from ..metrics import sd
 from ..metrics.manager import FleetSnapshot, ManagerMetrics, ModelRow, ReplicaRow
@@ -149,10 +148,7 @@ class ManagerCore:
             self._loop_task = asyncio.create_task(self._run(), name="manager-reconcile")
 
     async def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await stop_tasks(self._loop_task)
         await self.worker_link.close()
         self.registry.close()
         self.keys.close()

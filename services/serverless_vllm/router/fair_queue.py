@@ -15,10 +15,10 @@ environment's keys never wait here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..aio import stop_tasks
 from ..errors import APIError
 from ..schemas import Priority
 from .table import RouteTable
@@ -96,10 +96,7 @@ class FairQueue:
         self._task = asyncio.create_task(self._watch(), name="fair-queue")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
 
     def waiting(self, alias: str) -> int:
         queue = self._queues.get(alias)

@@ -4,9 +4,9 @@ key created or revoked reaches every router as soon as the manager has it (well 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from ..aio import stop_tasks
 from ..manager.protocol import ManagerAPI
 from ..security.keys import KeyRing
 from .limits import TENANT, Limiter
@@ -35,10 +35,7 @@ class KeySync:
         self._task = asyncio.create_task(self._poll(), name="key-poll")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
 
     async def refresh(self, timeout: float = 0.0) -> bool:
         """Load the key table if the manager has a newer one (after up to `timeout` s); True if it did."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from ..aio import wait_event
+from ..aio import stop_tasks, wait_event
 from ..errors import APIError
 from ..manager.protocol import ManagerAPI
 from ..schemas import DemandReport, Endpoint
@@ -37,11 +37,7 @@ class ManagerSync:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(*self._tasks)
 
     async def refresh(self) -> None:
         self._table.update(await self._manager.wait_routing(-1, "", 0.0))

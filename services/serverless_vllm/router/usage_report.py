@@ -11,11 +11,11 @@ At shutdown a last report is tried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections import deque
 
+from ..aio import stop_tasks
 from ..manager.protocol import ManagerAPI
 from ..schemas import UsageReport
 from .usage import UsageBook
@@ -43,10 +43,7 @@ class UsageReporter:
         self._task = asyncio.create_task(self._loop(), name="usage-report")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
         try:
             await asyncio.wait_for(self.flush(), FINAL_REPORT_TIMEOUT_S)
         except Exception as exc:  # the manager is away: what was not reported is lost with this process

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -13,7 +12,7 @@ from typing import Any
 import httpx
 
 from .. import __version__
-from ..aio import wait_event
+from ..aio import stop_tasks, wait_event
 from ..config import WorkerSettings
 from ..manager.http_client import HTTPManagerClient
 from ..metrics.worker import WorkerMetrics
@@ -92,10 +91,7 @@ class WorkerAgent:
         self._loop = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_tasks(self._loop)
         await self.draining.close()
         await self.adapters.close()
         await asyncio.gather(*(e.stop() for e in self.engines.values()), return_exceptions=True)
@@ -278,10 +274,7 @@ class WorkerAgent:
             self.draining.drain(self.engines.pop(rid))
         self.nudge()  # a heartbeat now: the manager takes this worker out of routing and placement
         await self.draining.wait()
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_tasks(self._loop)
         beat = Heartbeat(worker_id=self.settings.worker_id, engines=[], leaving=True)
         try:
             await self._manager.heartbeat(beat)  # the last word: nothing runs here any more

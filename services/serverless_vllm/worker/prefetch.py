@@ -12,7 +12,6 @@ asked for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import json
 import logging
@@ -23,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from ..aio import stop_tasks
 from ..schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,7 @@ class Prefetcher:
     async def close(self) -> None:
         if self._current is not None and self._current[1].returncode is None:
             self._current[1].kill()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
 
     # ------------------------------------------------------------------ the downloads, one at a time
 

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
+from ..aio import stop_tasks
 from . import spawn, standby_main
 from .engine_log import pump_lines
 from .spawn import Launch
@@ -128,11 +129,8 @@ class StandbyPool:
             self._task = asyncio.create_task(self._keep(), name="standby-pool")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
         standbys, self._standbys = self._standbys, []
         await asyncio.gather(*(s.release() for s in standbys), return_exceptions=True)
 
