@@ -256,7 +256,7 @@ class LongStream(threading.Thread):
     def run(self) -> None:
         # Long enough to be still generating when the fault hits: a stream short enough to sit whole in the
         # relay's and the kernel's buffers by then would end complete, and the cut would go untested.
-        body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 2000, "stream": True, "ignore_eos": True}
         start = time.monotonic()
         try:
             with (
@@ -348,6 +348,22 @@ def whole_requests_on(stack: SecureStack, worker: str, n: int = 2) -> list[Whole
     return requests
 
 
+def stream_and_whole_requests_on(stack: SecureStack, worker: str) -> tuple[LongStream, list[WholeRequest]]:
+    """A long stream and two whole requests, all running on `worker`'s replica, for a fault to hit. A stream that
+    ended while the whole requests were being begun (a CI run under load saw it: the wait for them is up to 10 s)
+    would prove nothing about the cut; then the whole requests are let end and both are sent again."""
+    for _ in range(3):
+        stream = LongStream(stack.router.url, session_for(stack, worker))
+        stream.start()
+        assert stream.first_chunk.wait(30)
+        whole = whole_requests_on(stack, worker)
+        if stream.is_alive():
+            return stream, whole
+        for r in whole:
+            r.join(CLIENT_TIMEOUT_S + 5)
+    raise AssertionError(f"the long stream on {worker} ended before the whole requests began, three times")
+
+
 def whole_prompt_tokens(stack: SecureStack) -> int:
     resp = httpx.post(
         f"{stack.router.url}/v1/completions",
@@ -420,10 +436,7 @@ def test_kill_9_worker_while_streaming(
     phase = traffic.phase = "kill -9 worker while streaming"
     victim = stack.workers["w1"]
     engine = engine_group(stack, "w1")
-    stream = LongStream(stack.router.url, session_for(stack, "w1"))
-    stream.start()
-    assert stream.first_chunk.wait(30)
-    whole = whole_requests_on(stack, "w1")
+    stream, whole = stream_and_whole_requests_on(stack, "w1")
     started = time.monotonic()
     victim.kill()
     stream.join(CLIENT_TIMEOUT_S + 5)
@@ -457,10 +470,7 @@ def test_kill_9_engine_process(stack: SecureStack, traffic: Traffic, engines_see
     phase = traffic.phase = "kill -9 engine API server"
     before = stack.engines("w2")[0]
     old_group = engine_group(stack, "w2")
-    stream = LongStream(stack.router.url, session_for(stack, "w2"))
-    stream.start()
-    assert stream.first_chunk.wait(30)
-    whole = whole_requests_on(stack, "w2")
+    stream, whole = stream_and_whole_requests_on(stack, "w2")
     started = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
     stream.join(CLIENT_TIMEOUT_S + 5)
