@@ -332,6 +332,16 @@ def test_usage_is_read_from_anthropic_and_responses_streams_whose_events_are_nam
     assert relayed == b"".join(responses) and [tokens_of(u) for u in seen] == [(4, 7)]
 
 
+def test_token_counts_that_no_answer_has_count_nothing() -> None:
+    """An upstream's negative, huge or non-integer counts are not added to a key's usage: such a row would be
+    refused by the manager's ledger (counts of at most 10^15) and its report sent again forever."""
+    assert tokens_of({"prompt_tokens": 7, "completion_tokens": 2**31}) == (7, 2**31)
+    assert tokens_of({"prompt_tokens": -5, "completion_tokens": 10**20}) == (0, 0)
+    assert tokens_of({"prompt_tokens": 3.5, "completion_tokens": True}) == (0, 0)
+    assert tokens_of({"input_tokens": 4, "cache_read_input_tokens": None, "output_tokens": "9"}) == (4, 0)
+    assert tokens_of({"input_tokens": 4, "cache_creation_input_tokens": -4, "output_tokens": 1}) == (4, 1)
+
+
 def _guarded(ring: KeyRing) -> TestClient:
     app = FastAPI()
     install_error_handlers(app)

@@ -37,18 +37,25 @@ _PRIORITY_FAMILIES = frozenset(
 _ANTHROPIC_PROMPT_PARTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
+# More tokens than any one answer has (vLLM's context lengths are far below): a count outside [0, this] is not
+# believed, so an upstream's garbage cannot make a usage row the manager's ledger refuses (schemas/usage.py).
+MAX_ANSWER_TOKENS = 2**31
+
+
 def tokens_of(usage: Any) -> tuple[int, int]:
     """(prompt, completion) tokens from an OpenAI `usage`, or from the input/output tokens of the Responses API's
-    and Anthropic's."""
+    and Anthropic's; a count that is not a plausible number of tokens is 0."""
     if not isinstance(usage, dict):
         return 0, 0
     if "prompt_tokens" in usage:
-        prompt = usage["prompt_tokens"]
+        prompt = _tokens(usage["prompt_tokens"])
     else:
-        parts = [usage.get(name, 0) for name in _ANTHROPIC_PROMPT_PARTS]
-        prompt = sum(p for p in parts if isinstance(p, int))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
+        prompt = sum(_tokens(usage.get(name, 0)) for name in _ANTHROPIC_PROMPT_PARTS)
+    return prompt, _tokens(usage.get("completion_tokens", usage.get("output_tokens", 0)))
+
+
+def _tokens(value: Any) -> int:
+    return value if type(value) is int and 0 <= value <= MAX_ANSWER_TOKENS else 0
 
 
 def usage_of(document: Any) -> Any:
