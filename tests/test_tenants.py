@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from .harness import VENV_BIN, Service, free_port, wait_until
+from .harness import VENV_BIN, Service, free_port, metric_sum, wait_until
 from .secure_harness import ADMIN_KEY, API_KEY, WORKER_TOKEN, SecureStack, bearer
 
 ALIAS = "tiny"
@@ -439,8 +438,8 @@ def test_a_flooding_tenant_does_not_make_a_light_one_wait_behind_it(stack: Secur
     assert fair_ahead <= CAP
 
 
-def engine_waiting(stack: SecureStack) -> float:
-    """Requests waiting in the model's engine, as vLLM counts them."""
+def engine_requests(stack: SecureStack) -> tuple[float, float]:
+    """Requests (running, waiting) in the model's engine, as vLLM counts them."""
     for name, worker in stack.workers.items():
         if name == "router-b":
             continue
@@ -448,8 +447,8 @@ def engine_waiting(stack: SecureStack) -> float:
             if engine["alias"] == ALIAS and engine["state"] == "ready":
                 url = f"{worker.url}/engines/{engine['replica_id']}/metrics"
                 text = httpx.get(url, headers=bearer(WORKER_TOKEN), timeout=10).text
-                return sum(float(v) for v in re.findall(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M))
-    return 0.0
+                return metric_sum(text, "vllm:num_requests_running"), metric_sum(text, "vllm:num_requests_waiting")
+    return 0.0, 0.0
 
 
 def served_first(stack: SecureStack, late_class: str, tag: str) -> list[str]:
@@ -502,9 +501,11 @@ def served_first(stack: SecureStack, late_class: str, tag: str) -> list[str]:
             )
             assert next(running.enter_context(contextlib.closing(stream.iter_bytes()))).startswith(b"data: ")
         futures = [pool.submit(early)]
-        wait_until(lambda: engine_waiting(stack) == 1, 60, interval=0.05, what="the early request waiting")
+        # Both streams still running as well: a running stream preempted back to the waiting queue would count as
+        # a waiter, and the late request might then not be in the engine yet when the slot is freed.
+        wait_until(lambda: engine_requests(stack) == (ENGINE_SEQS, 1), 60, 0.05, what="the early request waiting")
         futures.append(pool.submit(late))
-        wait_until(lambda: engine_waiting(stack) == 2, 60, interval=0.05, what="the late request waiting")
+        wait_until(lambda: engine_requests(stack) == (ENGINE_SEQS, 2), 60, 0.05, what="the late request waiting")
         # One running stream ends: its one slot goes to a waiter, the other to the next once that one ends.
         streams[0].close()
         for f in futures:
