@@ -307,6 +307,11 @@ def test_usage_matches_what_the_clients_received(stack: SecureStack) -> None:
     assert f'svllm_tenant_prompt_tokens_total{{model="{ALIAS}",tenant="team-u"}} {float(prompt)}' in metrics
     assert f'svllm_tenant_completion_tokens_total{{model="{ALIAS}",tenant="team-u"}} {float(completion)}' in metrics
     assert secret not in metrics and own[0]["key_id"] not in metrics  # tenants and models only
+    # The manager's counters: every router's reports summed (the flush before GET /v1/usage sent this one's).
+    summed = httpx.get(f"{stack.router.url}/manager/metrics", timeout=10).text
+    for name, value in (("requests", 6), ("prompt_tokens", prompt), ("completion_tokens", completion), ("errors", 1)):
+        assert f'svllm_usage_{name}_total{{tenant="team-u",model="{ALIAS}"}} {float(value)}' in summed, name
+    assert secret not in summed and own[0]["key_id"] not in summed
 
 
 def usage_of(url: str, secret: str) -> list[tuple[str, int, int, int]]:

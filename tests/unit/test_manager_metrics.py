@@ -9,7 +9,7 @@ from pathlib import Path
 
 from serverless_vllm.config import ManagerSettings
 from serverless_vllm.manager.core import ManagerCore
-from serverless_vllm.schemas import ModelSpec, WorkerRegistration
+from serverless_vllm.schemas import ModelSpec, UsageReport, UsageRow, WorkerRegistration
 
 from .fleet import NOWHERE, Clock
 
@@ -124,3 +124,25 @@ async def test_an_adapters_counters_exist_from_registration(tmp_path: Path) -> N
             "svllm_adapter_load_failures_total",
         ):
             assert series(text, name) == [f'{name}{{model="ad"}} 0.0'], name  # the adapter's only, not the base's
+
+
+async def test_usage_of_keys_is_exported_per_tenant_summed_over_routers(tmp_path: Path) -> None:
+    """svllm_usage_*_total: what every router process reported (the ledger's tenant sums), per tenant and model,
+    and across a manager restart (they are read from the database, not kept in memory)."""
+    rows = [
+        UsageRow(key_id="key-1", key_name="a", tenant="team-a", model="tiny", requests=3, prompt_tokens=12),
+        UsageRow(key_id="key-2", key_name="b", tenant="team-b", model="tiny", requests=1, throttled=2),
+    ]
+    async with one_worker_core(tmp_path) as core:
+        assert series((await core.metrics_text()).decode(), "svllm_usage_requests_total") == []
+        core.usage.apply(UsageReport(reporter="router-1/x", seq=1, rows=rows))
+        core.usage.apply(UsageReport(reporter="router-2/y", seq=1, rows=rows[:1]))
+    async with one_worker_core(tmp_path) as core:
+        text = (await core.metrics_text()).decode()
+    assert series(text, "svllm_usage_requests_total") == [
+        'svllm_usage_requests_total{tenant="team-a",model="tiny"} 6.0',
+        'svllm_usage_requests_total{tenant="team-b",model="tiny"} 1.0',
+    ]
+    assert 'svllm_usage_prompt_tokens_total{tenant="team-a",model="tiny"} 24.0' in text
+    assert 'svllm_usage_throttled_total{tenant="team-b",model="tiny"} 2.0' in text
+    assert "# TYPE svllm_usage_completion_tokens_total counter" in text

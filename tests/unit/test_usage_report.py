@@ -5,6 +5,7 @@ manager never got, and one it applied whose answer was lost). tests/test_tenants
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,32 @@ def test_a_report_is_applied_once_and_reporters_are_summed(tmp_path: Path) -> No
     reopened = UsageLedger(str(tmp_path / "m.db"))  # the manager restarted: the sums and the numbering stay
     assert counts(reopened) == [("key-1", "tiny", 4, 14, 5, 1, 3), ("key-2", "tiny", 0, 0, 0, 0, 0)]
     assert not reopened.apply(first)
+
+
+def test_tenant_sums_stay_with_the_tenant_a_request_was_counted_for(tmp_path: Path) -> None:
+    """The manager's svllm_usage_* counters read these sums: over every reporter, applied once, and never lower
+    than before (a counter that fell would read as a reset to Prometheus), even when a key moves to another
+    tenant; a file from before the sums existed gets them from its keys' rows."""
+    ledger = UsageLedger(str(tmp_path / "m.db"))
+    ledger.apply(
+        UsageReport(reporter="r1/a", seq=1, rows=[row(requests=2, prompt_tokens=10), row("key-2", tenant="u")])
+    )
+    ledger.apply(UsageReport(reporter="r2/b", seq=1, rows=[row(requests=1, completion_tokens=4, errors=1)]))
+    assert not ledger.apply(UsageReport(reporter="r2/b", seq=1, rows=[row(requests=1)]))
+    assert ledger.tenant_totals() == [("t", "tiny", (3, 10, 4, 1, 0)), ("u", "tiny", (0, 0, 0, 0, 0))]
+    # key-1 moved to tenant u: its next requests count for u; t keeps what was counted for it.
+    ledger.apply(UsageReport(reporter="r1/a", seq=2, rows=[row(requests=5, tenant="u", throttled=1)]))
+    assert ledger.tenant_totals() == [("t", "tiny", (3, 10, 4, 1, 0)), ("u", "tiny", (5, 0, 0, 0, 1))]
+    assert counts(ledger, tenant="u") == [("key-1", "tiny", 8, 10, 4, 1, 1), ("key-2", "tiny", 0, 0, 0, 0, 0)]
+    ledger.close()
+    # A file written before the tenant sums: they start from its keys' rows, under each key's current tenant.
+    db = sqlite3.connect(tmp_path / "m.db")
+    db.execute("DROP TABLE tenant_usage")
+    db.commit()
+    db.close()
+    reopened = UsageLedger(str(tmp_path / "m.db"))
+    assert reopened.tenant_totals() == [("u", "tiny", (8, 10, 4, 1, 1))]  # key-1 and key-2, both in u now
+    reopened.close()
 
 
 def test_reports_refuse_counts_and_numbers_the_ledger_cannot_hold() -> None:

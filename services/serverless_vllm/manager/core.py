@@ -322,6 +322,9 @@ class ManagerCore:
             models.append(ModelRow(alias, model_state(alias).value, record.scale.target, replicas))
         return FleetSnapshot(workers, models, dataclasses.replace(self.stats), list(self.model_cache.rows()))
 
+    def usage_totals(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return self.usage.tenant_totals()
+
     def sd_targets(self, kind: sd.SDKind = "engines") -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery: the running engines (or the workers) as scrape targets."""
         return sd.targets(self.list_workers(), kind)

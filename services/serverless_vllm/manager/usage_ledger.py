@@ -5,6 +5,10 @@ Each router process sends what it counted since its previous report (router/usag
 A report is applied once: a router whose report's answer was lost sends the same report again, and the manager,
 which remembers the last number applied per reporter, ignores it. Reporters not heard from for a week are
 forgotten (their usage stays; only the numbering is dropped).
+
+Beside each key's rows, the sums per tenant and model under the tenant each request was counted for: the manager's
+`svllm_usage_*_total` counters, exact over every router process, and never lower than before (a key moved to
+another tenant takes its `GET /v1/usage` rows along, not its old tenant's counts).
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ _ADD = (
 )
 
 
+_ADD_TENANT = (
+    "INSERT INTO tenant_usage (tenant, model, requests, prompt_tokens, completion_tokens, errors, throttled)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tenant, model) DO UPDATE SET"
+    + ",".join(f" {c} = {c} + excluded.{c}" for c in COUNTS)
+)
+_SUMS = ", ".join(f"SUM({c})" for c in COUNTS)
+
+
 class UsageLedger:
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
         self._db = open_db(path)  # its own connection to the registry's file (WAL), as the key store's
@@ -40,6 +52,16 @@ class UsageLedger:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS usage_reporters (reporter TEXT PRIMARY KEY, seq INTEGER, seen_at REAL)"
             )
+            made = not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tenant_usage'").fetchone()
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS tenant_usage (tenant TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER,"
+                " prompt_tokens INTEGER, completion_tokens INTEGER, errors INTEGER, throttled INTEGER,"
+                " PRIMARY KEY (tenant, model))"
+            )
+            if made:  # a file from before the table: its sums start from the keys' rows as they are
+                self._db.execute(
+                    f"INSERT INTO tenant_usage SELECT tenant, model, {_SUMS} FROM key_usage GROUP BY tenant, model"
+                )
 
     def apply(self, report: UsageReport) -> bool:
         """Add a report's rows, once; False if this reporter's report of that number (or a later one) was applied
@@ -54,9 +76,13 @@ class UsageLedger:
                 if seen is not None and seen[0] >= report.seq:
                     self._db.execute("ROLLBACK")
                     return False
+                counts = [tuple(getattr(r, c) for c in COUNTS) for r in report.rows]
                 self._db.executemany(
                     _ADD,
-                    [(r.key_id, r.model, r.key_name, r.tenant, *(getattr(r, c) for c in COUNTS)) for r in report.rows],
+                    [(r.key_id, r.model, r.key_name, r.tenant, *n) for r, n in zip(report.rows, counts, strict=True)],
+                )
+                self._db.executemany(
+                    _ADD_TENANT, [(r.tenant, r.model, *n) for r, n in zip(report.rows, counts, strict=True)]
                 )
                 self._db.execute(
                     "INSERT INTO usage_reporters (reporter, seq, seen_at) VALUES (?, ?, ?) ON CONFLICT(reporter)"
@@ -88,6 +114,14 @@ class UsageLedger:
             UsageRow(key_id=k, model=m, key_name=n, tenant=t, **dict(zip(COUNTS, counts, strict=True)))
             for k, m, n, t, *counts in found
         ]
+
+    def tenant_totals(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(tenant, model, counts in COUNTS' order) for every tenant and model with usage: the metrics."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT tenant, model, " + ", ".join(COUNTS) + " FROM tenant_usage ORDER BY tenant, model"
+            ).fetchall()
+        return [(tenant, model, tuple(counts)) for tenant, model, *counts in found]
 
     def close(self) -> None:
         with self._lock:

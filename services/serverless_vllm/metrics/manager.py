@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.responses import Response
 
+from ..manager.usage_ledger import COUNTS
 from ..schemas import ReplicaState, WorkerState
 from .common import STARTUP_BUCKETS, TextFamily, metrics_response, one_hot, render
 
@@ -49,6 +50,37 @@ class FleetView(Protocol):
     """What the metrics read from ManagerCore (a protocol: core imports this module, not the reverse)."""
 
     def fleet_snapshot(self) -> FleetSnapshot: ...
+
+    def usage_totals(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(tenant, model, counts in the ledger's COUNTS order): the keys' usage every router reported. Called from the
+        formatting thread (the ledger has its own lock and connection)."""
+        ...
+
+
+# What each of the usage ledger's counts (manager/usage_ledger.py COUNTS) counts.
+_USAGE_HELP = {
+    "requests": "Requests of API keys made at run time",
+    "prompt_tokens": "Prompt tokens of those requests, from the engines' usage",
+    "completion_tokens": "Completion tokens of those requests, from the engines' usage",
+    "errors": "Those requests answered with a status of 400 or more (throttled ones not included)",
+    "throttled": "Requests refused with 429 by their key's or tenant's limits",
+}
+
+
+def _usage_text(totals: list[tuple[str, str, tuple[int, ...]]]) -> str:
+    families = [
+        TextFamily(
+            f"svllm_usage_{name}_total",
+            "counter",
+            f"{_USAGE_HELP[name]}, per tenant and model, summed over every router process (their usage reports).",
+            ["tenant", "model"],
+        )
+        for name in COUNTS
+    ]
+    for tenant, model, counts in totals:
+        for family, value in zip(families, counts, strict=True):
+            family.add((tenant, model), value)
+    return "".join(f.text() for f in families)
 
 
 def _fleet_text(fleet: FleetSnapshot) -> str:
@@ -184,7 +216,8 @@ class ManagerMetrics:
         for m in fleet.models:
             counter.add((m.alias,), cold_starts.get(m.alias, 0))
         # prometheus_client's metrics lock their own state, so the histogram may be read from this thread.
-        return (_fleet_text(fleet) + counter.text()).encode() + render(self.registry)
+        usage = _usage_text(self._core.usage_totals())
+        return (_fleet_text(fleet) + counter.text() + usage).encode() + render(self.registry)
 
 
 def install_manager_metrics(app: FastAPI, core: ManagerCore) -> None:
