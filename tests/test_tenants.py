@@ -359,6 +359,9 @@ def test_the_keys_command(stack: SecureStack) -> None:
     listing = run("list")
     line = next(row for row in listing.splitlines() if " cli-key " in row)
     assert " active " in line and "rpm=10" in line and secret not in listing
+    usage = run("usage", "--tenant", "cli").splitlines()
+    assert len(usage) == 2 and usage[1].split()[:4] == ["cli", "cli-key", ALIAS, "1"], usage  # one request so far
+    assert json.loads(run("usage", "--tenant", "cli", "--json"))[0]["completion_tokens"] == 2
     assert "revoked cli-key" in run("revoke", "cli-key")
     assert " revoked " in next(row for row in run("list").splitlines() if " cli-key " in row)
     with pytest.raises(openai.AuthenticationError):

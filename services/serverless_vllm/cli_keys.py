@@ -1,4 +1,4 @@
-"""`svllm keys create|list|revoke`: API keys of a running deployment, through the router's key API (admin key)."""
+"""`svllm keys create|list|revoke|usage`: API keys of a running deployment, through the router's key API (admin key)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,16 @@ from .cli_flags import add_flag, command_parser, flag_values
 from .config import AuthSettings, CliSettings
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def _call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+) -> Any:
     url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url.rstrip("/")
     headers = AuthSettings.from_env().admin_headers()  # SVLLM_ADMIN_KEY
-    resp = httpx.request(method, f"{url}{path}", json=body, headers=headers, timeout=30.0)
+    resp = httpx.request(method, f"{url}{path}", json=body, params=params, headers=headers, timeout=30.0)
     if resp.status_code >= 400:
         raise SystemExit(f"svllm keys {args.keys_command} failed ({resp.status_code}): {resp.text}")
     return resp.json()
@@ -54,6 +60,20 @@ def cmd_revoke(args: argparse.Namespace) -> None:
     print(f"revoked {info['name']} ({info['id']})")
 
 
+def cmd_usage(args: argparse.Namespace) -> None:
+    rows = _call(args, "GET", "/v1/usage", params={"tenant": args.tenant} if args.tenant else None)["data"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    columns = ("REQUESTS", "PROMPT", "COMPLETION", "ERRORS", "THROTTLED")
+    print(f"{'TENANT':16} {'KEY':20} {'MODEL':24} " + " ".join(f"{c:>10}" for c in columns))
+    for r in rows:
+        print(
+            f"{r['tenant']:16} {r['key_name']:20} {r['model']:24} {r['requests']:>10} {r['prompt_tokens']:>10} "
+            f"{r['completion_tokens']:>10} {r['errors']:>10} {r['throttled']:>10}"
+        )
+
+
 def add_parser(sub: Any) -> None:
     keys = command_parser(sub, "keys", "API keys of a running deployment (admin key: SVLLM_ADMIN_KEY)", CliSettings)
     actions = keys.add_subparsers(dest="keys_command", required=True)
@@ -77,6 +97,11 @@ def add_parser(sub: Any) -> None:
     p = actions.add_parser("revoke", help="revoke a key by id or name (every router refuses it within 2 s)")
     p.add_argument("ref", help="the key's id or name")
     p.set_defaults(func=cmd_revoke)
+
+    p = actions.add_parser("usage", help="requests and tokens per key and model, summed over every router")
+    p.add_argument("--tenant", help="only this tenant's keys")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_usage)
 
     for action in actions.choices.values():
         add_flag(action, CliSettings, "router_url", "--url")
