@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-dev.sh
-.venv/bin/ruff check services tests bench
-.venv/bin/ruff format --check services tests bench
+.venv/bin/ruff check services tests bench scripts
+.venv/bin/ruff format --check services tests bench scripts
 .venv/bin/mypy  # strict on services/ (pyproject.toml [tool.mypy])
 # The appliance tests build images and run `docker compose` on a real engine (the slowest part); CI runs
 # them. SVLLM_APPLIANCE_TESTS=0 leaves them out of a quick local run.
