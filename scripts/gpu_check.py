@@ -44,7 +44,6 @@ from tests import harness  # noqa: E402
 from tests.fake_nvml import FakeGPU, FakeNVML  # noqa: E402
 
 SLEEP_ENGINE = ROOT / "tests" / "sleep_engine"
-GPU_WORKER_DOUBLE = ROOT / "tests" / "gpu_worker.py"
 TAKEN_GIB = 20
 
 
@@ -115,23 +114,6 @@ def _version(package: str) -> str:
     return version(package)
 
 
-class GPUWorkerDouble(harness.Service):
-    """`svllm worker` with NVML replaced by the double (tests/gpu_worker.py): the rehearsal without a GPU."""
-
-    def start(self, wait: bool = True, timeout: float = 60) -> harness.Service:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(GPU_WORKER_DOUBLE), *self.args],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if wait:
-            harness.wait_until(self.healthy, timeout, what=f"{self.name} /health")
-        return self
-
-
 def gpu_free_mb(stack: harness.Stack) -> int:
     return int(stack.workers_by_id()["g1"]["gpus"][0]["memory_free_mb"])
 
@@ -155,7 +137,7 @@ def check_stack(tmp: Path, fake_gpu: bool, results: dict[str, Any]) -> dict[str,
         if fake_gpu:
             port = free_port()
             args = ["--worker-id", "g1", "--host", "127.0.0.1", "--port", str(port), "--manager-url", stack.manager.url]
-            stack.workers["g1"] = GPUWorkerDouble("g1", args, port, stack.env, tmp).start()
+            stack.workers["g1"] = harness.GPUWorkerDouble("g1", args, port, stack.env, tmp).start()
         else:
             stack.add_worker("g1")
         worker = stack.workers_by_id()["g1"]

@@ -44,10 +44,13 @@ class Service:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [str(VENV_BIN / "svllm"), *self.args]
+
     def start(self, wait: bool = True, timeout: float = 60) -> Service:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "svllm"), *self.args],
+            self.command(),
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -84,6 +87,17 @@ class Service:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+GPU_WORKER = Path(__file__).resolve().parent / "gpu_worker.py"
+
+
+class GPUWorkerDouble(Service):
+    """`svllm worker` on a GPU machine's test double: tests/gpu_worker.py (the real worker, NVML from
+    tests/fake_nvml.py with one H100)."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(GPU_WORKER), *self.args]
 
 
 def engine_pids() -> set[int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,11 +25,10 @@ from typing import Any
 import httpx
 import pytest
 
-from .harness import Service, Stack, free_port, wait_until
+from .harness import GPUWorkerDouble, Stack, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_ENGINE = REPO / "tests" / "slow_engine"
-GPU_WORKER = REPO / "tests" / "gpu_worker.py"  # `svllm worker` with one test-double GPU (tests/fake_nvml.py)
 TOKEN_MS = 100
 TOKENS = 40  # 4 s a request
 DRAIN_TIMEOUT = 60  # the stack's workers; the drain-timeout test's own worker has SHORT_DRAIN
@@ -62,23 +60,6 @@ def record_figures(name: str, figures: dict[str, Any]) -> None:
     known = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
     known[name] = {**figures, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     FIGURES.write_text(json.dumps(known, indent=2) + "\n")
-
-
-class GPUWorkerDouble(Service):
-    """The worker process of tests/gpu_worker.py."""
-
-    def start(self, wait: bool = True, timeout: float = 60) -> Service:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(GPU_WORKER), *self.args],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if wait:
-            wait_until(self.healthy, timeout, what=f"{self.name} /health")
-        return self
 
 
 # --------------------------------------------------------------------------- the load

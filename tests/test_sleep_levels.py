@@ -10,36 +10,15 @@ reloading its weights. No GPU is needed: vLLM's CPU build refuses sleep mode, so
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from serverless_vllm.worker.host_memory import host_memory
 
-from .harness import Service, Stack, free_port, wait_until
+from .harness import GPUWorkerDouble, Stack, free_port
 
 HERE = Path(__file__).resolve().parent
 ENGINE_DOUBLE = HERE / "sleep_engine"
-GPU_WORKER = HERE / "gpu_worker.py"
-
-
-class GPUWorkerDouble(Service):
-    """The worker process of tests/gpu_worker.py (`svllm worker` with one test-double GPU)."""
-
-    def start(self, wait: bool = True, timeout: float = 60) -> Service:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(GPU_WORKER), *self.args],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if wait:
-            wait_until(self.healthy, timeout, what=f"{self.name} /health")
-        return self
 
 
 def model_folder(path: Path, weights_bytes: int) -> Path:
