@@ -16,6 +16,14 @@ PyTorch for the last step. What it checks, and writes to `--out` as JSON:
     python3 scripts/gpu_check.py --fake-gpu     # a rehearsal without a GPU: the stack part on the test double
 
 Exits 1 if a check fails (each one's result is in the JSON either way).
+
+Where the project's dependencies are not installed (a development session's device machine has PyTorch and
+nvidia-ml-py, but no registry to install from), carry their wheels: here, `pip download --only-binary=:all:
+--python-version 3.12 --platform manylinux2014_x86_64 --implementation cp --abi cp312 --abi none -d .device/wheels
+fastapi==... starlette==... uvicorn==... uvicorn-worker==... httptools==... pydantic==... pydantic-core==...
+pydantic-settings==... gunicorn==...` (the versions of the local .venv; `.device/` in .git/info/exclude); there,
+`python3 -m pip install --no-index --no-deps --target /tmp/site .device/wheels/*.whl` and
+`PYTHONPATH=/tmp/site python3 scripts/gpu_check.py --out $OUT/gpu_check.json`.
 """
 
 from __future__ import annotations
