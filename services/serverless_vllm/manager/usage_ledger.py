@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..schemas import UsageReport, UsageRow
+from ..schemas import USAGE_COUNTS, UsageReport, UsageRow
 from .store import open_db
 
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors", "throttled")
+COUNTS = tuple(USAGE_COUNTS)
 FORGET_REPORTERS_AFTER_S = 7 * 24 * 3600.0
 
 _ADD = (

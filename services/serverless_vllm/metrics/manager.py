@@ -10,8 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.responses import Response
 
-from ..manager.usage_ledger import COUNTS
-from ..schemas import ReplicaState, WorkerState
+from ..schemas import USAGE_COUNTS, ReplicaState, WorkerState
 from .common import STARTUP_BUCKETS, TextFamily, metrics_response, one_hot, render
 
 if TYPE_CHECKING:
@@ -52,19 +51,9 @@ class FleetView(Protocol):
     def fleet_snapshot(self) -> FleetSnapshot: ...
 
     def usage_totals(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(tenant, model, counts in the ledger's COUNTS order): the keys' usage every router reported. Called from the
+        """(tenant, model, counts in USAGE_COUNTS' order): the keys' usage every router reported. Called from the
         formatting thread (the ledger has its own lock and connection)."""
         ...
-
-
-# What each of the usage ledger's counts (manager/usage_ledger.py COUNTS) counts.
-_USAGE_HELP = {
-    "requests": "Requests of API keys made at run time",
-    "prompt_tokens": "Prompt tokens of those requests, from the engines' usage",
-    "completion_tokens": "Completion tokens of those requests, from the engines' usage",
-    "errors": "Those requests answered with a status of 400 or more (throttled ones not included)",
-    "throttled": "Requests refused with 429 by their key's or tenant's limits",
-}
 
 
 def _usage_text(totals: list[tuple[str, str, tuple[int, ...]]]) -> str:
@@ -72,10 +61,10 @@ def _usage_text(totals: list[tuple[str, str, tuple[int, ...]]]) -> str:
         TextFamily(
             f"svllm_usage_{name}_total",
             "counter",
-            f"{_USAGE_HELP[name]}, per tenant and model, summed over every router process (their usage reports).",
+            f"{doc}, per tenant and model, summed over every router process (their usage reports).",
             ["tenant", "model"],
         )
-        for name in COUNTS
+        for name, doc in USAGE_COUNTS.items()
     ]
     for tenant, model, counts in totals:
         for family, value in zip(families, counts, strict=True):

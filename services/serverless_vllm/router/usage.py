@@ -12,7 +12,7 @@ from operator import attrgetter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..schemas import UsageRow
+from ..schemas import USAGE_COUNTS, UsageRow
 from ..security.keys import ActiveKey
 
 
@@ -27,8 +27,9 @@ class Usage:
 
 # (key id, key name, tenant, model label)
 UsageKey = tuple[str, str, str, str]
-_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "throttled")
+_FIELDS = tuple(USAGE_COUNTS)
 _ZERO = (0,) * len(_FIELDS)
+_LABELS = ["tenant", "model"]
 _counts = attrgetter(*_FIELDS)  # a row's counts as a tuple, in _FIELDS' order (one C call a row)
 
 
@@ -71,21 +72,14 @@ class UsageBook:
 class UsageCollector(Collector):
     """The book as Prometheus counters, per tenant and model, and the fair queue's waiters (this router process)."""
 
-    _HELP = {
-        "requests": "Requests of keys made at run time, per tenant and model (this router).",
-        "prompt_tokens": "Prompt tokens of those requests, from the engines' usage (this router).",
-        "completion_tokens": "Completion tokens of those requests, from the engines' usage (this router).",
-        "errors": "Those requests answered with an error status (this router; throttled ones not included).",
-        "throttled": "Requests refused with 429 by their key's limits, per tenant and model (this router).",
-    }
-
     def __init__(self, book: UsageBook, waiting: Callable[[], dict[tuple[str, str], int]]) -> None:
         self._book = book
         self._waiting = waiting  # the fair queue's waiters by model and priority class (FAIR_QUEUE)
 
     def collect(self) -> Iterator[Metric]:
         families = {
-            f: CounterMetricFamily(f"svllm_tenant_{f}", self._HELP[f], labels=["tenant", "model"]) for f in _FIELDS
+            f: CounterMetricFamily(f"svllm_tenant_{f}", f"{doc}, per tenant and model (this router).", labels=_LABELS)
+            for f, doc in USAGE_COUNTS.items()
         }
         for (tenant, model), usage in sorted(self._book.per_tenant().items()):
             for f, family in families.items():

@@ -43,10 +43,11 @@ from .models import (
     error_body,
 )
 from .routing import DemandReport, Endpoint, ModelLoad, ModelRoute, PlacementRejection, RoutingTable
-from .usage import UsageReport, UsageRow
+from .usage import USAGE_COUNTS, UsageReport, UsageRow
 
 __all__ = [
     "ALIAS_PATTERN",
+    "USAGE_COUNTS",
     "Assignment",
     "CacheFault",
     "CacheProgress",

@@ -10,6 +10,16 @@ from pydantic import BaseModel, Field
 MAX_COUNT = 10**15
 MAX_SEQ = 2**62
 
+# A usage row's counts, in this order everywhere (the manager's ledger columns, the routers' and the manager's
+# metrics), and what each counts.
+USAGE_COUNTS: dict[str, str] = {
+    "requests": "Requests of API keys made at run time",
+    "prompt_tokens": "Prompt tokens of those requests, from the engines' usage",
+    "completion_tokens": "Completion tokens of those requests, from the engines' usage",
+    "errors": "Those requests answered with a status of 400 or more (throttled ones not included)",
+    "throttled": "Requests refused with 429 by their key's or tenant's limits",
+}
+
 
 class UsageRow(BaseModel):
     key_id: str = Field(max_length=128)
