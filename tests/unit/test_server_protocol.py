@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from serverless_vllm import cli
-from serverless_vllm.dataplane.server_protocol import CoalescingHttpToolsProtocol
+from serverless_vllm.dataplane.server_protocol import HEAD_LINES, CoalescingHttpToolsProtocol
 from serverless_vllm.testing.ports import free_port
 
 EVENT_GAP_S = 0.05
@@ -38,6 +38,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     while (await receive()).get("more_body"):
         pass
+    if scope["path"] == "/lines":  # header lines the app wrote itself, handed to the server for the head
+        scope[HEAD_LINES].add_head_lines(b"x-ratelimit-limit-requests: 10\r\n")
+        scope[HEAD_LINES].add_head_lines(b"x-ratelimit-remaining-requests: 9\r\n")
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for i in range(4):
@@ -108,3 +111,17 @@ async def test_streamed_events_are_not_held_back(monkeypatch: pytest.MonkeyPatch
         assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"data: 0\n\n\r\n")
         assert [w.split(b"\r\n")[1] for w in writes[1:4]] == [b"data: %d\n\n" % i for i in (1, 2, 3)]
         assert writes[4] == b"0\r\n\r\n"
+
+
+async def test_header_lines_handed_to_the_server_are_in_that_response_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(monkeypatch) as (url, writes), httpx.AsyncClient() as client:
+        resp = await client.post(f"{url}/lines", content=b"{}")
+        assert resp.status_code == 200 and resp.json() == {"ok": True}  # the body and its length are untouched
+        assert resp.headers["x-ratelimit-limit-requests"] == "10"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "9"
+        assert resp.headers["content-type"] == "application/json"  # the response's own headers, before them
+        head = writes[0].split(b"\r\n\r\n")[0].split(b"\r\n")
+        assert head[-2:] == [b"x-ratelimit-limit-requests: 10", b"x-ratelimit-remaining-requests: 9"]
+        again = await client.post(f"{url}/json", content=b"{}")  # the same connection, kept alive: none
+        assert again.json() == {"ok": True} and "x-ratelimit-limit-requests" not in again.headers
+        assert len(writes) == 2

@@ -421,3 +421,72 @@ def test_the_key_api_of_a_router_without_credentials_says_why_it_is_refused() ->
     with pytest.raises(APIError) as refused:
         Tenants(1.0, str).manager()
     assert refused.value.status == 400 and refused.value.code == "keys_disabled"
+
+
+class _Lines:
+    """What the server protocol gives a request under HEAD_LINES (dataplane/server_protocol.py)."""
+
+    def __init__(self) -> None:
+        self.lines = b""
+
+    def add_head_lines(self, lines: bytes) -> None:
+        self.lines += lines
+
+
+def test_a_limited_keys_headers_go_to_the_server_as_lines_or_else_with_the_answer() -> None:
+    """Where the server takes header lines (ours), the x-ratelimit-* headers go to it as one block; elsewhere (Ray
+    Serve's server) they are the answer's own headers. Either way the client gets the same six."""
+    from serverless_vllm.dataplane.body import InferenceRequest
+    from serverless_vllm.dataplane.endpoints import ENDPOINTS
+    from serverless_vllm.router.tenant_gate import TenantGate
+    from serverless_vllm.router.usage import UsageBook
+    from starlette.responses import Response
+
+    completion = next(e for e in ENDPOINTS if e.path == "/v1/completions")
+    request = InferenceRequest(completion, b"{}", {"model": "m", "prompt": "hi"}, "m", "application/json")
+    answer = b'{"choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 5, "completion_tokens": 2}}'
+
+    async def call(_: InferenceRequest) -> Response:
+        return Response(answer, media_type="application/json")
+
+    gate = TenantGate(Limiter(Clock()), UsageBook(lambda alias: alias))
+    key = active_key(KeyLimits(rpm=6, tpm=600, max_concurrent=2))
+    key.limited = True  # as security/keys.active() sets it
+    lines = _Lines()
+    handed = asyncio.run(gate.serve(key, request, call, lines))
+    fields = dict(line.decode().split(": ") for line in lines.lines.split(b"\r\n") if line)
+    assert fields == {
+        "x-ratelimit-limit-requests": "6",
+        "x-ratelimit-remaining-requests": "5",
+        "x-ratelimit-reset-requests": "10s",
+        "x-ratelimit-limit-tokens": "600",
+        "x-ratelimit-remaining-tokens": "600",
+        "x-ratelimit-reset-tokens": "0ms",
+    }
+    assert not any(name.startswith(b"x-ratelimit") for name, _ in handed.raw_headers)
+    plain = asyncio.run(gate.serve(key, request, call))
+    headers = {k.decode(): v.decode() for k, v in plain.raw_headers if k.startswith(b"x-ratelimit")}
+    # The second request: one more request taken, and the first answer's 5 tokens.
+    assert headers == {
+        **fields,
+        "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-remaining-tokens": "595",
+        "x-ratelimit-reset-requests": "20s",
+        "x-ratelimit-reset-tokens": "500ms",
+    }
+
+
+def test_a_keys_usage_row_follows_its_entry() -> None:
+    """Rows are found through the key (one lookup a request); a key whose entry changed (another tenant) is a new
+    ActiveKey and counts in its new tenant's row, and a model that is not registered is not remembered."""
+    from serverless_vllm.router.usage import UsageBook
+
+    book = UsageBook(lambda alias: alias if alias == "m" else "other")
+    key = active_key(KeyLimits())
+    row = book.row(key, "m")
+    assert key.usage_rows == {"m": row} and book.row(key, "m") is row
+    book.row(key, "x")
+    assert list(key.usage_rows) == ["m"]  # counted under "other", not remembered under the name a client sent
+    moved = ActiveKey("id1", "k", "t2", key.priority, KeyLimits(), None, False, frozenset(), ("*",))
+    assert book.row(moved, "m") is not row
+    assert set(book.per_tenant()) == {("t", "m"), ("t", "other"), ("t2", "m")}

@@ -4,7 +4,7 @@ in hybrid mode; only the ManagerAPI implementation handed in differs."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -20,6 +20,7 @@ from ..dataplane.heap import freeze_startup_heap
 from ..dataplane.inference_lane import install_inference_lane
 from ..dataplane.inference_routes import inference_routes
 from ..dataplane.relay import UpstreamClient
+from ..dataplane.server_protocol import HEAD_LINES
 from ..errors import install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
@@ -105,18 +106,19 @@ def create_router_app(
         key = RequestKey(session, payload, endpoint.family)
         api_key = request.scope.get(KEY_SCOPE)  # a key made at run time: its models, limits and usage
         if api_key is not None:
-            return await until_disconnect(request, tenants.gate.serve(api_key, inference, partial(_send, key)))
+            head = request.scope.get(HEAD_LINES)  # the server writes the key's x-ratelimit-* lines as they are
+            return await until_disconnect(request, tenants.gate.serve(api_key, inference, partial(_send, key), head))
         if endpoint.family == "responses":
             return await until_disconnect(request, state.get().responses.create(inference, key))
         # A client that leaves before the first byte (held in a cold start, or waiting for a whole answer) cancels
         # the forward: its queue slot is freed and the upstream connection closed, so vLLM aborts the request.
         return await until_disconnect(request, state.get().forwarder.forward(inference, key))
 
-    async def _send(key: RequestKey, inference: InferenceRequest) -> Response:
+    def _send(key: RequestKey, inference: InferenceRequest) -> Awaitable[Response]:
         """A key's request, past its gate (which may have rewritten it to ask for usage)."""
         if inference.endpoint.family == "responses":
-            return await state.get().responses.create(inference, key)
-        return await state.get().forwarder.forward(inference, key)
+            return state.get().responses.create(inference, key)
+        return state.get().forwarder.forward(inference, key)
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
         following = state.get().responses.follow(response_id, action, request.url.query)

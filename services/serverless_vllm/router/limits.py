@@ -5,6 +5,11 @@ A bucket holds up to a minute's worth and refills continuously (rpm / 60 per sec
 passes at once, then one every 60 / rpm seconds. Tokens are known only once an answer ends, so a request is let in
 while the token bucket is above zero and its tokens are taken afterwards (the bucket may go below zero: the next
 requests wait until it has refilled). Keys without limits never reach this module.
+
+Every request of a limited key passes here, and its answer carries the six x-ratelimit-* headers: the limits are
+copied out of their pydantic model once per key into plain slots, and the headers are written as one block of
+bytes (dataplane/raw_head.py), which costs a router a third of what six headers through the server's own checks did
+(docs/benchmarks.md, keys made at run time).
 """
 
 from __future__ import annotations
@@ -12,39 +17,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import APIError
 from ..schemas import KeyLimits
 from ..security.keys import ActiveKey
 
-
-@dataclass(slots=True)
-class Bucket:
-    level: float
-    stamp: float
-
-    def refill(self, per_minute: int, now: float) -> float:
-        if now > self.stamp:  # a bucket made a moment after `now` was read gains nothing (and loses nothing)
-            self.level = min(float(per_minute), self.level + (now - self.stamp) * per_minute / 60.0)
-            self.stamp = now
-        return self.level
-
-    def reset_in(self, per_minute: int) -> float:
-        """Seconds until the bucket is full again."""
-        return max(0.0, (per_minute - self.level) * 60.0 / per_minute)
-
-
 TENANT = "tenant:"  # a tenant's state is kept under this prefix and its name (key ids start with "key-")
 
-
-@dataclass(slots=True)
-class KeyState:
-    limits: KeyLimits  # what the buckets were made for: new limits (a key updated) start new buckets
-    requests: Bucket
-    tokens: Bucket
-    in_flight: int = 0
-    limit_values: tuple[bytes, bytes] = (b"", b"")  # rpm and tpm as their headers write them (made once)
+_REQUESTS_HEAD = (
+    b"x-ratelimit-limit-requests: %s\r\nx-ratelimit-remaining-requests: %d\r\nx-ratelimit-reset-requests: %s\r\n"
+)
+_TOKENS_HEAD = b"x-ratelimit-limit-tokens: %s\r\nx-ratelimit-remaining-tokens: %d\r\nx-ratelimit-reset-tokens: %s\r\n"
 
 
 def duration(seconds: float) -> str:
@@ -55,89 +38,141 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
-RawHeaders = list[tuple[bytes, bytes]]
+class KeyState:
+    """One key's or tenant's buckets and in-flight count; its limits copied into slots (0: no such limit)."""
+
+    __slots__ = (
+        "_head",
+        "_head_levels",
+        "_requests_limit",
+        "_tokens_limit",
+        "in_flight",
+        "limits",
+        "max_concurrent",
+        "requests",
+        "rpm",
+        "stamp",
+        "tokens",
+        "tpm",
+    )
+
+    def __init__(self, limits: KeyLimits, now: float) -> None:
+        self.limits = limits  # what the buckets were made for: new limits (a key updated) start new buckets
+        self.rpm = limits.rpm or 0
+        self.tpm = limits.tpm or 0
+        self.max_concurrent = limits.max_concurrent or 0
+        self.requests = float(self.rpm)  # bucket levels: full
+        self.tokens = float(self.tpm)
+        self.stamp = now
+        self.in_flight = 0
+        self._requests_limit = b"%d" % self.rpm  # the limits as their headers write them (made once)
+        self._tokens_limit = b"%d" % self.tpm
+        self._head_levels = (-1.0, -1.0)  # the levels its last lines were written for, and those lines
+        self._head = b""
+
+    def ready(self, now: float) -> bool:
+        """The buckets refilled to `now`: whether every limit lets one more request in (nothing is taken)."""
+        elapsed = now - self.stamp
+        if elapsed > 0:  # a state made a moment after `now` was read gains nothing (and loses nothing)
+            self.stamp = now
+            if self.requests < self.rpm:
+                level = self.requests + elapsed * self.rpm / 60.0
+                self.requests = level if level < self.rpm else float(self.rpm)
+            if self.tokens < self.tpm:
+                level = self.tokens + elapsed * self.tpm / 60.0
+                self.tokens = level if level < self.tpm else float(self.tpm)
+        return not (
+            (self.rpm and self.requests < 1.0)
+            or (self.tpm and self.tokens <= 0.0)
+            or (self.max_concurrent and self.in_flight >= self.max_concurrent)
+        )
+
+    def refusal(self, key: ActiveKey) -> APIError:
+        """The 429 of a state that is not ready (with the headers of its limits). The message names the key or its
+        tenant."""
+        if self.rpm and self.requests < 1.0:
+            wait, reached = (1.0 - self.requests) * 60.0 / self.rpm, f"{self.rpm} requests per minute"
+        elif self.tpm and self.tokens <= 0.0:
+            wait, reached = (1.0 - self.tokens) * 60.0 / self.tpm, f"{self.tpm} tokens per minute"
+        else:
+            wait, reached = 1.0, ""
+        who = f"key '{key.name}'" if self.limits is key.limits else f"tenant '{key.tenant}'"
+        if reached:
+            message = f"rate limit reached for {who}: {reached}"
+        else:
+            message = f"{who} has {self.max_concurrent} requests in flight already (its limit)"
+        headers = head_fields(self.head())
+        headers["retry-after"] = str(max(1, math.ceil(wait)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        return APIError(429, message, "rate_limit_exceeded", headers)
+
+    def head(self, tenant: KeyState | None = None) -> bytes:
+        """The x-ratelimit-* lines of these buckets as they are now; the tenant's for a kind this key has none of."""
+        if tenant is None:
+            # A key under its limits finds its buckets full at each request: the same levels after it took its
+            # request, so the same lines as the last time (written once, not per request).
+            levels = (self.requests, self.tokens)
+            if levels != self._head_levels:
+                self._head_levels, self._head = levels, self._lines(None)
+            return self._head
+        return self._lines(tenant)
+
+    def _lines(self, tenant: KeyState | None) -> bytes:
+        out = b""
+        of = self if self.rpm or tenant is None else tenant
+        if of.rpm:
+            level = of.requests
+            out = _REQUESTS_HEAD % (of._requests_limit, level if level > 0.0 else 0, _reset(level, of.rpm))
+        of = self if self.tpm or tenant is None else tenant
+        if of.tpm:
+            level = of.tokens
+            out += _TOKENS_HEAD % (of._tokens_limit, level if level > 0.0 else 0, _reset(level, of.tpm))
+        return out
+
+
+def _reset(level: float, per_minute: int) -> bytes:
+    """Time until a bucket at `level` is full again, as its header writes it."""
+    seconds = (per_minute - level) * 60.0 / per_minute
+    return b"%dms" % math.ceil(seconds * 1000) if seconds < 1.0 else duration(seconds).encode()
+
+
+def head_fields(head: bytes) -> dict[str, str]:
+    """Header lines (`name: value\\r\\n`...) as a dict."""
+    fields = (line.decode().partition(": ") for line in head.split(b"\r\n") if line)
+    return {name: value for name, _, value in fields}
 
 
 class Grant:
     """One admitted request of a limited key: its rate-limit headers, and its slots until `finish`."""
 
-    __slots__ = ("_now", "_open", "_parts", "raw_headers")
+    __slots__ = ("_clock", "_states", "head")
 
-    def __init__(self, parts: list[tuple[KeyState, KeyLimits]], raw_headers: RawHeaders, now: Callable[[], float]):
-        self._parts = parts  # the key's state and limits, and its tenant's
-        self._now = now
-        self._open = True
-        self.raw_headers = raw_headers  # as the response carries them (encoded once, here)
+    def __init__(self, states: tuple[KeyState, ...], head: bytes, clock: Callable[[], float]) -> None:
+        self._states = states  # the key's own, and its tenant's (either may be absent)
+        self._clock = clock
+        self.head = head  # the x-ratelimit-* header lines, as written on the answer
 
     @property
     def headers(self) -> dict[str, str]:
-        return _decoded(self.raw_headers)
+        return head_fields(self.head)
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers as an ASGI message lists them (servers that cannot write a block of lines)."""
+        fields = (line.partition(b": ") for line in self.head.split(b"\r\n") if line)
+        return [(name, value) for name, _, value in fields]
 
     def finish(self, tokens: int) -> None:
         """The request ended (once; later calls do nothing): its slots are free and its tokens are taken."""
-        if not self._open:
+        states = self._states
+        if not states:
             return
-        self._open = False
-        for state, limits in self._parts:
-            if limits.max_concurrent is not None:
+        self._states = ()
+        for state in states:
+            if state.max_concurrent:
                 state.in_flight -= 1
-            if limits.tpm is not None and tokens:
-                state.tokens.refill(limits.tpm, self._now())
-                state.tokens.level -= tokens
-
-
-def _throttled(message: str, retry_after: float, headers: dict[str, str]) -> APIError:
-    headers["retry-after"] = str(max(1, math.ceil(retry_after)))
-    headers["retry-after-ms"] = str(max(1, math.ceil(retry_after * 1000)))
-    return APIError(429, message, "rate_limit_exceeded", headers)
-
-
-_REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
-_TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
-
-
-def _raw_headers(limits: KeyLimits, state: KeyState) -> RawHeaders:
-    """The x-ratelimit-* headers of one set of limits, as the buckets are now (refilled). Every answer of a limited
-    key carries them: written as bytes (the limits' own once per key), not as text encoded again for the response."""
-    out: RawHeaders = []
-    if limits.rpm is not None:
-        _bucket_headers(out, _REQUESTS, state.limit_values[0], state.requests, limits.rpm)
-    if limits.tpm is not None:
-        _bucket_headers(out, _TOKENS, state.limit_values[1], state.tokens, limits.tpm)
-    return out
-
-
-def _bucket_headers(out: RawHeaders, names: tuple[bytes, ...], limit: bytes, bucket: Bucket, per_minute: int) -> None:
-    level = bucket.level
-    reset = bucket.reset_in(per_minute)
-    out.append((names[0], limit))
-    out.append((names[1], b"%d" % level if level >= 1.0 else b"0"))  # %d of a float >= 0: its floor
-    out.append((names[2], b"%dms" % math.ceil(reset * 1000) if reset < 1.0 else duration(reset).encode()))
-
-
-def _decoded(raw: RawHeaders) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw}
-
-
-def _check(limits: KeyLimits, state: KeyState, key: ActiveKey, tenant: bool) -> None:
-    """Raise a 429 (with the headers of these limits) if one of them is reached; nothing is taken. The message
-    names the key or its tenant, written only when refusing."""
-    if limits.rpm is not None and state.requests.level < 1.0:
-        wait = (1.0 - state.requests.level) * 60.0 / limits.rpm
-        message = f"rate limit reached for {_who(key, tenant)}: {limits.rpm} requests per minute"
-    elif limits.tpm is not None and state.tokens.level <= 0.0:
-        wait = (1.0 - state.tokens.level) * 60.0 / limits.tpm
-        message = f"rate limit reached for {_who(key, tenant)}: {limits.tpm} tokens per minute"
-    elif limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
-        wait = 1.0
-        message = f"{_who(key, tenant)} has {limits.max_concurrent} requests in flight already (its limit)"
-    else:
-        return
-    raise _throttled(message, wait, _decoded(_raw_headers(limits, state)))
-
-
-def _who(key: ActiveKey, tenant: bool) -> str:
-    return f"tenant '{key.tenant}'" if tenant else f"key '{key.name}'"
+            if state.tpm and tokens:
+                state.ready(self._clock())  # refilled up to now before the tokens are taken
+                state.tokens -= tokens
 
 
 class Limiter:
@@ -155,13 +190,7 @@ class Limiter:
             else:
                 state = None
         if state is None:
-            now = self._clock()
-            state = self._states[name] = KeyState(
-                limits,
-                Bucket(float(limits.rpm or 0), now),
-                Bucket(float(limits.tpm or 0), now),
-                limit_values=(b"%d" % (limits.rpm or 0), b"%d" % (limits.tpm or 0)),
-            )
+            state = self._states[name] = KeyState(limits, self._clock())
         return state
 
     def forget(self, keep: Callable[[str], bool]) -> None:
@@ -172,26 +201,17 @@ class Limiter:
         """Let one request of `key` in, or raise a 429 with Retry-After and the x-ratelimit-* headers. The key's
         own limits and its tenant's must both allow it; the headers are the key's own limits where it has them."""
         now = self._clock()
-        parts: list[tuple[KeyState, KeyLimits]] = []
-        if key.limits.limited():
-            parts.append((self.state(key.id, key.limits), key.limits))
-        if key.tenant_limits is not None:
-            parts.append((self.state(TENANT + key.tenant, key.tenant_limits), key.tenant_limits))
-        for state, limits in parts:
-            if limits.rpm is not None:
-                state.requests.refill(limits.rpm, now)
-            if limits.tpm is not None:
-                state.tokens.refill(limits.tpm, now)
-            _check(limits, state, key, tenant=limits is key.tenant_limits)
-        raw: RawHeaders = []
-        for state, limits in parts:
-            if limits.rpm is not None:
-                state.requests.level -= 1.0
-            if limits.max_concurrent is not None:
+        own = self._states.get(key.id)
+        if own is None or own.limits is not key.limits:
+            own = self.state(key.id, key.limits)  # a key without limits of its own: a state that limits nothing
+        shared = self.state(TENANT + key.tenant, key.tenant_limits) if key.tenant_limits is not None else None
+        states = (own,) if shared is None else (own, shared)
+        for state in states:
+            if not state.ready(now):
+                raise state.refusal(key)
+        for state in states:
+            if state.rpm:
+                state.requests -= 1.0
+            if state.max_concurrent:
                 state.in_flight += 1
-            if not raw:
-                raw = _raw_headers(limits, state)
-            else:  # the tenant's, where the key has none of its own
-                names = {name for name, _ in raw}
-                raw += [(name, value) for name, value in _raw_headers(limits, state) if name not in names]
-        return Grant(parts, raw, self._clock)
+        return Grant(states, own.head(shared), self._clock)

@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..dataplane.body import InferenceRequest
+from ..dataplane.server_protocol import HeadLines
 from ..errors import APIError
 from ..schemas.keys import ENGINE_PRIORITY, Priority
 from ..security.keys import ActiveKey, hidden_model
@@ -45,13 +46,15 @@ MAX_ANSWER_TOKENS = 2**31
 def tokens_of(usage: Any) -> tuple[int, int]:
     """(prompt, completion) tokens from an OpenAI `usage`, or from the input/output tokens of the Responses API's
     and Anthropic's; a count that is not a plausible number of tokens is 0."""
-    if not isinstance(usage, dict):
+    if type(usage) is not dict:
         return 0, 0
-    if "prompt_tokens" in usage:
-        prompt = _tokens(usage["prompt_tokens"])
-    else:
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
         prompt = sum(_tokens(usage.get(name, 0)) for name in _ANTHROPIC_PROMPT_PARTS)
-    return prompt, _tokens(usage.get("completion_tokens", usage.get("output_tokens", 0)))
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens")
+    return _tokens(prompt), _tokens(completion)
 
 
 def _tokens(value: Any) -> int:
@@ -146,20 +149,24 @@ def body_usage(body: bytes) -> Any:
     if at < 0:
         return None
     try:
-        tail = body[at + 8 :].decode()
-        return _DECODER.raw_decode(tail, len(tail) - len(tail.lstrip()))[0]
-    except ValueError:
+        return _SCAN(body[at + 8 :].lstrip().decode(), 0)[0]
+    except (ValueError, StopIteration):  # not JSON there (the scanner says so with StopIteration)
         return None
 
 
-_DECODER = json.JSONDecoder()
+# raw_decode without its Python frame: this runs for every answer to a key (typeshed lacks the attribute).
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
-def answered(response: Response, grant: Grant | None, row: Usage, strip: bool) -> Response:
-    """The answer to a key's request: its limits' headers added; a whole answer's usage is read now and its slot
-    freed (it is complete), a stream is wrapped to read usage as it passes and free the slot at its end."""
+def answered(response: Response, grant: Grant | None, row: Usage, strip: bool, head: HeadLines | None) -> Response:
+    """The answer to a key's request: its limits' headers added (handed to the server as lines where it takes
+    them); a whole answer's usage is read now and its slot freed (it is complete), a stream is wrapped to read usage
+    as it passes and free the slot at its end."""
     if grant is not None:
-        response.raw_headers.extend(grant.raw_headers)
+        if head is not None:
+            head.add_head_lines(grant.head)
+        else:
+            response.raw_headers.extend(grant.raw_headers())
     if response.status_code >= 400:
         row.errors += 1
     if isinstance(response, StreamingResponse):
@@ -204,12 +211,17 @@ class TenantGate:
         self.waited: Callable[[Priority, float], None] | None = None  # told each fair-queue wait (metrics)
 
     async def serve(
-        self, key: ActiveKey, request: InferenceRequest, call: Callable[[InferenceRequest], Awaitable[Response]]
+        self,
+        key: ActiveKey,
+        request: InferenceRequest,
+        call: Callable[[InferenceRequest], Awaitable[Response]],
+        head: HeadLines | None = None,
     ) -> Response:
+        """`head`: the server's HeadLines for this request, where it has them (dataplane/server_protocol.py)."""
         alias = request.alias
         if not key.allows(alias):
             raise hidden_model(alias)
-        row = self.usage.row(key, alias)
+        row = key.usage_rows.get(alias) or self.usage.row(key, alias)
         grant = None
         if key.limited:
             try:
@@ -221,7 +233,9 @@ class TenantGate:
         route = self.table.route(alias) if self.table is not None else None
         by_priority = route is not None and route.priority_scheduling and request.endpoint.family in _PRIORITY_FAMILIES
         priority = ENGINE_PRIORITY[key.priority] if by_priority else None
-        request, strip = for_engine(request, priority)
+        strip = False
+        if priority is not None or request.payload.get("stream") is True:
+            request, strip = for_engine(request, priority)
         try:
             if self.fair is not None:  # FAIR_QUEUE: wait for a slot of the model, by priority, tenants in turn
                 since = time.perf_counter()
@@ -237,4 +251,4 @@ class TenantGate:
             if grant is not None:
                 grant.finish(0)
             raise
-        return answered(response, grant, row, strip)
+        return answered(response, grant, row, strip, head)

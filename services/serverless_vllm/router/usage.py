@@ -31,6 +31,7 @@ _FIELDS = tuple(USAGE_COUNTS)
 _ZERO = (0,) * len(_FIELDS)
 _LABELS = ["tenant", "model"]
 _counts = attrgetter(*_FIELDS)  # a row's counts as a tuple, in _FIELDS' order (one C call a row)
+_KEY_ROWS = 1024  # rows remembered on each key (security/keys.py)
 
 
 class UsageBook:
@@ -40,10 +41,13 @@ class UsageBook:
         self._reported: dict[UsageKey, tuple[int, ...]] = {}  # each row's counts as last handed to a report
 
     def row(self, key: ActiveKey, alias: str) -> Usage:
-        where = (key.id, key.name, key.tenant, self._label(alias))
+        label = self._label(alias)
+        where = (key.id, key.name, key.tenant, label)
         usage = self._rows.get(where)
         if usage is None:
             usage = self._rows[where] = Usage()
+        if label == alias and len(key.usage_rows) < _KEY_ROWS:  # registered models only: a bounded set
+            key.usage_rows[alias] = usage  # the next request of this key and model finds it there
         return usage
 
     def take_increments(self) -> list[UsageRow]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from ..errors import APIError
 from ..schemas import KeyEntry, KeyLimits, KeyTable, Priority
@@ -45,6 +46,9 @@ class ActiveKey:
     limited: bool = False  # any limit, its own or its tenant's (else the limiter is skipped)
     # What it was made from (its entry, its tenant's limits): a new table with the same keeps this object.
     source: tuple[KeyEntry, KeyLimits | None] | None = None
+    # The router's usage rows of this key by registered model (router/usage.py): found in one lookup per request,
+    # and made anew with the key when its entry changes (another tenant or name counts in other rows).
+    usage_rows: dict[str, Any] = field(default_factory=dict)
     _allowed: dict[str, bool] = field(default_factory=dict)
 
     def allows(self, alias: str) -> bool:
