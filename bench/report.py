@@ -434,6 +434,24 @@ def tenant_keys(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def router_instructions(d: dict[str, Any]) -> list[str]:
+    v = d["summary"]
+    return [
+        "## The router's instructions per request, by client credential (callgrind)\n",
+        context(d),
+        *table(
+            "noauth | envkey | keys | keys / noauth | envkey / noauth",
+            [
+                (
+                    *(f(v["median"][k], 0) for k in ("noauth", "envkey", "keys")),
+                    f(v["keys_over_noauth"], 3),
+                    f(v["envkey_over_noauth"], 3),
+                )
+            ],
+        ),
+    ]
+
+
 def key_table(d: dict[str, Any]) -> list[str]:
     out = [
         "## A key change: the whole key table against the changes\n",
@@ -471,6 +489,7 @@ def main() -> None:
         (f"lora{suffix}", lora),
         (f"lora_fleet{suffix}", lora_fleet),
         (f"tenant_keys{suffix}", tenant_keys),
+        (f"router_instructions{suffix}", router_instructions),
         (f"key_table{suffix}", key_table),
     ):
         d = load(name)

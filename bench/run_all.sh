@@ -17,4 +17,5 @@ $PY bench/lora_fleet.py "${Q[@]}"
 $PY bench/manager_scale.py "${Q[@]}"
 $PY bench/router_scrape.py "${Q[@]}"
 $PY bench/key_table.py "${Q[@]}"
+$PY bench/router_instructions.py "${Q[@]}"
 $PY bench/report.py

@@ -59,9 +59,18 @@ class Router:
         return self.proc.pid
 
 
-def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clients_unchecked: bool = False) -> Router:
+def start_router(
+    setup: Setup,
+    name: str,
+    mport: int,
+    env: dict[str, str],
+    clients_unchecked: bool = False,
+    under: tuple[str, ...] = (),
+    timeout_s: float = 60.0,
+) -> Router:
     """`svllm router`; `clients_unchecked`: the same app with no credential checked on the client side (it still
-    presents the admin key to the manager and the worker token to the worker, which SVLLM_AUTH=off would not)."""
+    presents the admin key to the manager and the worker token to the worker, which SVLLM_AUTH=off would not).
+    `under`: a command to run it under (valgrind, in bench/router_instructions.py)."""
     port = free_port()
     args = [SVLLM, "router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", f"http://127.0.0.1:{mport}"]
     if clients_unchecked:
@@ -75,9 +84,11 @@ def start_router(setup: Setup, name: str, mport: int, env: dict[str, str], clien
             "upstream_headers=a.worker_headers(), auth=AuthSettings(mode='off')); "
             f"_run(_server(app, '127.0.0.1', {port}, 'warning').serve())"
         )
-        args = [sys.executable, "-c", code]
-    router = setup.procs.start(f"router-{name}", args, env)
-    wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), 60, what=f"router {name}")
+        args = ["-c", code]
+    router = setup.procs.start(
+        f"router-{name}", [*under, sys.executable, *args] if under or clients_unchecked else args, env
+    )
+    wait_until(lambda: router.check() or http_ok(f"http://127.0.0.1:{port}/health"), timeout_s, what=f"router {name}")
     return Router(f"http://127.0.0.1:{port}", router)
 
 
