@@ -6,10 +6,10 @@ passes at once, then one every 60 / rpm seconds. Tokens are known only once an a
 while the token bucket is above zero and its tokens are taken afterwards (the bucket may go below zero: the next
 requests wait until it has refilled). Keys without limits never reach this module.
 
-Every request of a limited key passes here, and its answer carries the six x-ratelimit-* headers: the limits are
-copied out of their pydantic model once per key into plain slots, and the headers are written as one block of
-bytes (dataplane/raw_head.py), which costs a router a third of what six headers through the server's own checks did
-(docs/benchmarks.md, keys made at run time).
+Every request of a limited key passes here and its answer carries the six x-ratelimit-* headers, so this is on the
+hot path: the limits are copied out of their pydantic model once per key into plain slots, a key's header lines are
+written again only when its levels changed, and they go to the server as one block (dataplane/server_protocol.py,
+HEAD_LINES) rather than as six headers through uvicorn's checks (docs/benchmarks.md, keys made at run time).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class Grant:
     __slots__ = ("_clock", "_states", "head")
 
     def __init__(self, states: tuple[KeyState, ...], head: bytes, clock: Callable[[], float]) -> None:
-        self._states = states  # the key's own, and its tenant's (either may be absent)
+        self._states = states  # the key's own (which may limit nothing), and its tenant's where it has limits
         self._clock = clock
         self.head = head  # the x-ratelimit-* header lines, as written on the answer
 
