@@ -490,3 +490,48 @@ def test_a_keys_usage_row_follows_its_entry() -> None:
     moved = ActiveKey("id1", "k", "t2", key.priority, KeyLimits(), None, False, frozenset(), ("*",))
     assert book.row(moved, "m") is not row
     assert set(book.per_tenant()) == {("t", "m"), ("t", "other"), ("t2", "m")}
+
+
+def test_a_streams_tokens_and_slot_are_counted_before_its_end_is_sent() -> None:
+    """A client sends its next request once the stream has ended: by then the stream's tokens are taken and its
+    in-flight slot is free (a next request admitted before would pass a limit the stream had reached)."""
+    from serverless_vllm.router.tenant_gate import Metered
+    from serverless_vllm.router.usage import Usage
+    from starlette.responses import StreamingResponse
+
+    limiter = Limiter(Clock())
+    key = active_key(KeyLimits(tpm=100, max_concurrent=1))
+    grant = limiter.admit(key)
+    state = limiter.state(key.id, key.limits)
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+        yield b'data: {"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":96}}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    at_end: list[tuple[int, float]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            at_end.append((state.in_flight, state.tokens))
+
+    async def receive() -> dict[str, object]:
+        await asyncio.sleep(10)  # no disconnect while the stream is sent
+        return {"type": "http.disconnect"}
+
+    stream = Metered(StreamingResponse(events(), media_type="text/event-stream"), grant, Usage(), strip=True)
+    asyncio.run(stream({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))  # type: ignore[arg-type]
+    assert at_end == [(0, 100 - 116)]
+
+
+def test_a_stream_with_a_running_total_of_usage_counts_it_once() -> None:
+    """stream_options.continuous_usage_stats puts the usage so far in every chunk; the usage-only event at the end
+    has the whole: only that one is counted."""
+    parts = [
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":9,"completion_tokens":1}}\n\n',
+        b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    relayed, seen = _scan(parts, strip=False)
+    assert relayed == b"".join(parts) and [tokens_of(u) for u in seen] == [(9, 2)]

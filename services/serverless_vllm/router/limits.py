@@ -161,18 +161,26 @@ class Grant:
         fields = (line.partition(b": ") for line in self.head.split(b"\r\n") if line)
         return [(name, value) for name, _, value in fields]
 
+    def take(self, tokens: int) -> None:
+        """Tokens an answer used, taken from the token buckets now (a stream's as soon as its usage passes, before
+        its client has seen its end)."""
+        if tokens:
+            now = self._clock()
+            for state in self._states:
+                if state.tpm:
+                    state.ready(now)  # refilled up to now before the tokens are taken
+                    state.tokens -= tokens
+
     def finish(self, tokens: int) -> None:
-        """The request ended (once; later calls do nothing): its slots are free and its tokens are taken."""
+        """The request ended (once; later calls do nothing): its tokens are taken and its slots are free."""
         states = self._states
         if not states:
             return
+        self.take(tokens)
         self._states = ()
         for state in states:
             if state.max_concurrent:
                 state.in_flight -= 1
-            if state.tpm and tokens:
-                state.ready(self._clock())  # refilled up to now before the tokens are taken
-                state.tokens -= tokens
 
 
 class Limiter:

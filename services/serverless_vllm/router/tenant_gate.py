@@ -115,7 +115,9 @@ async def scan_events(chunks: AsyncIterable[Any], record: Callable[[Any], None],
                 except ValueError:
                     document = None
                 usage = usage_of(document)
-                if usage:
+                # Counted once: the usage-only event at the end, where a chunk has choices too it is a running
+                # total (stream_options.continuous_usage_stats), which that last event repeats.
+                if usage and not document.get("choices"):
                     record(usage)
                     if strip and document.get("choices") == []:
                         continue
@@ -178,28 +180,39 @@ def answered(response: Response, grant: Grant | None, row: Usage, strip: bool, h
 
 
 class Metered(Response):
-    """A stream answering a key's request: usage read from its events, its limit slot freed at its end."""
+    """A stream answering a key's request: usage read from its events and its tokens taken as its usage passes
+    (before the client sees the stream's end, so that its next request finds them taken), its limit slot freed once
+    its last event is out."""
 
     def __init__(self, inner: StreamingResponse, grant: Grant | None, row: Usage, strip: bool) -> None:
         self._inner = inner
         self._grant = grant
         self._row = row
-        self._tokens = 0
         # What Starlette and the middlewares may read of a response (its __init__ would render a body: not called).
         self.status_code = inner.status_code
         self.raw_headers = inner.raw_headers
         self.background = None
-        inner.body_iterator = scan_events(inner.body_iterator, self._record, strip)
+        inner.body_iterator = self._then_finish(scan_events(inner.body_iterator, self._record, strip))
 
     def _record(self, usage: Any) -> None:
-        self._tokens += count(self._row, usage)
+        tokens = count(self._row, usage)
+        if self._grant is not None:
+            self._grant.take(tokens)
+
+    async def _then_finish(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._grant is not None:
+            self._grant.finish(0)  # once: a second call does nothing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self._inner(scope, receive, send)
         finally:
-            if self._grant is not None:
-                self._grant.finish(self._tokens)
+            self._finish()  # a stream cut short (the client gone, the upstream failed) ends here
 
 
 class TenantGate:
