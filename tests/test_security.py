@@ -8,6 +8,7 @@ vLLM's development endpoints out of reach, engines on loopback only, no secret i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from serverless_vllm.errors import APIError, install_error_handlers
 from serverless_vllm.security.auth import (
     AuthConfigError,
     Authenticator,
+    GuardMiddleware,
     Role,
     install_guard,
     manager_policy,
@@ -31,6 +33,7 @@ from serverless_vllm.security.auth import (
 )
 from serverless_vllm.security.inference import check_inference
 from serverless_vllm.security.models import check_engine_args, check_model_name
+from starlette.exceptions import HTTPException
 
 from .harness import VENV_BIN, free_port, wait_until
 from .secure_harness import (
@@ -249,6 +252,41 @@ def test_guard_limits_body_size(guarded: TestClient) -> None:
     assert guarded.post("/v1/models/register", content=chunks(), headers=headers).status_code == 413
     # Unauthenticated: refused before a byte of the body is read.
     assert guarded.post("/v1/completions", content=b"x" * 5000).status_code == 401
+
+
+def test_only_a_body_not_framed_by_its_length_is_counted_as_it_arrives() -> None:
+    """A body with a Content-Length within the limit cannot grow past it (the server reads no more), so the app gets
+    the server's own `receive`; a chunked one, or one that says both (a server may read it as chunked), is counted
+    as it arrives and refused past the limit."""
+    seen: list[object] = []
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        seen.append(receive)
+        while (await receive())["more_body"]:  # type: ignore[operator]
+            pass
+
+    guard = GuardMiddleware(app, Authenticator(AuthSettings(mode="off"), "router"), router_policy, 1000)
+
+    def body(headers: list[tuple[bytes, bytes]]) -> object:
+        parts = [{"type": "http.request", "body": b"x" * 100, "more_body": True} for _ in range(11)]
+        parts.append({"type": "http.request", "body": b"", "more_body": False})
+
+        async def receive() -> object:
+            return parts.pop(0)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+        asyncio.run(guard(scope, receive, None))  # type: ignore[arg-type]
+        return receive
+
+    own = body([(b"content-length", b"900")])
+    assert seen[-1] is own  # framed: nothing in between
+    for headers in (
+        [(b"transfer-encoding", b"chunked")],
+        [(b"content-length", b"900"), (b"transfer-encoding", b"chunked")],
+    ):
+        with pytest.raises(HTTPException) as too_large:
+            body(headers)
+        assert too_large.value.status_code == 413
 
 
 @pytest.mark.parametrize(
