@@ -492,9 +492,9 @@ def test_a_keys_usage_row_follows_its_entry() -> None:
     assert set(book.per_tenant()) == {("t", "m"), ("t", "other"), ("t2", "m")}
 
 
-def test_a_streams_tokens_and_slot_are_counted_before_its_end_is_sent() -> None:
-    """A client sends its next request once the stream has ended: by then the stream's tokens are taken and its
-    in-flight slot is free (a next request admitted before would pass a limit the stream had reached)."""
+def test_a_streams_tokens_and_slot_are_settled_before_its_last_event_is_sent() -> None:
+    """A client sends its next request once it has seen the stream's last event (the openai client does not wait
+    for the end of the body): by then the stream's tokens are taken and its in-flight slot is free."""
     from serverless_vllm.router.tenant_gate import Metered
     from serverless_vllm.router.usage import Usage
     from starlette.responses import StreamingResponse
@@ -510,10 +510,13 @@ def test_a_streams_tokens_and_slot_are_counted_before_its_end_is_sent() -> None:
         yield b"data: [DONE]\n\n"
 
     at_end: list[tuple[int, float]] = []
+    at_done: list[tuple[int, float]] = []
 
     async def send(message: dict[str, object]) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             at_end.append((state.in_flight, state.tokens))
+        elif b"[DONE]" in message.get("body", b""):  # type: ignore[operator]
+            at_done.append((state.in_flight, state.tokens))
 
     async def receive() -> dict[str, object]:
         await asyncio.sleep(10)  # no disconnect while the stream is sent
@@ -521,7 +524,7 @@ def test_a_streams_tokens_and_slot_are_counted_before_its_end_is_sent() -> None:
 
     stream = Metered(StreamingResponse(events(), media_type="text/event-stream"), grant, Usage(), strip=True)
     asyncio.run(stream({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))  # type: ignore[arg-type]
-    assert at_end == [(0, 100 - 116)]
+    assert at_done == at_end == [(0, 100 - 116)]  # settled when the usage passed, before the last event
 
 
 def test_a_stream_with_a_running_total_of_usage_counts_it_once() -> None:

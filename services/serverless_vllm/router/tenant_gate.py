@@ -180,9 +180,9 @@ def answered(response: Response, grant: Grant | None, row: Usage, strip: bool, h
 
 
 class Metered(Response):
-    """A stream answering a key's request: usage read from its events and its tokens taken as its usage passes
-    (before the client sees the stream's end, so that its next request finds them taken), its limit slot freed once
-    its last event is out."""
+    """A stream answering a key's request: usage read from its events. Its tokens are taken and its limit slot
+    freed when its usage passes (the generation is over then, and its client, which sends its next request once it
+    has seen the stream's last event, finds both settled), or else once its last event is out."""
 
     def __init__(self, inner: StreamingResponse, grant: Grant | None, row: Usage, strip: bool) -> None:
         self._inner = inner
@@ -197,7 +197,7 @@ class Metered(Response):
     def _record(self, usage: Any) -> None:
         tokens = count(self._row, usage)
         if self._grant is not None:
-            self._grant.take(tokens)
+            self._grant.finish(tokens)
 
     async def _then_finish(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
