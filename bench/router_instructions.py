@@ -31,20 +31,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    SVLLM,
-    http_ok,
-    loadavg,
-    log,
-    median,
-    result_header,
-    tiny_model,
-    wait_for_quiet,
-    wait_until,
-    write_result,
-)
-from hot_path import Setup, body
-from tenant_keys import Router, make_keys, start_router
+from common import http_ok, loadavg, log, median, result_header, wait_for_quiet, wait_until, write_result
+from hot_path import Setup
+from tenant_keys import Router, start_keyed_stack, start_router
 
 CONCURRENCY = 8
 
@@ -93,12 +82,7 @@ def main() -> None:
     }
     out = Path(tempfile.mkdtemp(prefix="svb-callgrind-")) / "router"
     try:
-        model = tiny_model(setup.tmp)
-        _, setup.engine_ports, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
-        secret = make_keys(setup, mport)
-        headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
-        body_path = setup.tmp / "body.json"
-        body_path.write_text(json.dumps(body(8)))
+        mport, headers, body_path = start_keyed_stack(setup)
         env = {**setup.env, "REPORT_INTERVAL": "30"}
         result["quiet"] = wait_for_quiet(0, own_marker=str(setup.tmp))  # recorded only: counts do not need quiet
         under = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p")

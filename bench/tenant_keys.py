@@ -106,6 +106,18 @@ def make_keys(setup: Setup, mport: int) -> str:
     return str(secret)
 
 
+def start_keyed_stack(setup: Setup) -> tuple[int, dict[str, dict[str, str]], Path]:
+    """The stack (manager, worker, stand-in engine) with KEYS keys made: the manager's port, each configuration's
+    client headers (noauth, envkey, keys) and the request body's file (a completion of 8 tokens)."""
+    model = tiny_model(setup.tmp)
+    _, setup.engine_ports, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
+    secret = make_keys(setup, mport)
+    headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
+    body_path = setup.tmp / "body.json"
+    body_path.write_text(json.dumps(body(8)))
+    return mport, headers, body_path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -125,14 +137,9 @@ def main() -> None:
         "settings": {"rounds": rounds, "duration_s": duration, "concurrency": concurrencies, "keys": KEYS},
     }
     try:
-        model = tiny_model(setup.tmp)
-        _, setup.engine_ports, mport = setup._start_http_stack("", [SVLLM], setup.env, {}, model)
+        mport, headers, body_path = start_keyed_stack(setup)
         whole = setup.cpu_groups()
         stack_groups = {g: whole[g] for g in ("engine", "worker", "manager")}
-        secret = make_keys(setup, mport)
-        headers = {"noauth": {}, "envkey": setup.headers, "keys": {"authorization": f"Bearer {secret}"}}
-        body_path = setup.tmp / "body.json"
-        body_path.write_text(json.dumps(body(8)))
         configs = list(headers)
         wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 600)
         result["quiet"] = wait_for_quiet(wait, own_marker=str(setup.tmp))
