@@ -569,6 +569,13 @@ def test_serve_delete_and_ray_services_again_restores_the_router(env: Env) -> No
     env.services.append(service)
     service.start(timeout=180)
     wait_until(lambda: "services up" in service.log(), 60, what="ray-services to finish deploying")
+    # The worker heartbeats through the router (its MANAGER_URL): with the tests' 5 s HEARTBEAT_TIMEOUT a redeploy
+    # slower than 10 s has it declared dead, and it registers again with its next heartbeat through the new router.
+    wait_until(
+        lambda: [w["state"] for w in env.get("/workers").json()] == ["healthy"],
+        30,
+        what="the worker back through the new router",
+    )
     assert completion(env) is not None
     assert ray.get(env.manager().pid.remote()) == manager_pid  # the actor is reused, not re-created
     # Stopping the foreground command leaves the detached services running in the cluster.
