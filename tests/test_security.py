@@ -223,6 +223,11 @@ def test_guard_x_api_key_anthropic_shape_and_unknown_routes(guarded: TestClient)
     # Anthropic's clients send the key as x-api-key; on /v1/messages a refusal comes in Anthropic's shape.
     assert guarded.post("/v1/messages", content=b"{}", headers={"x-api-key": API_KEY}).status_code == 200
     assert guarded.post("/v1/completions", content=b"{}", headers={"x-api-key": API_KEY}).status_code == 200
+    # Both: the Authorization header is the credential.
+    both = {"authorization": f"Bearer {API_KEY}", "x-api-key": "wrong"}
+    assert guarded.post("/v1/completions", content=b"{}", headers=both).status_code == 200
+    both = {"authorization": "Bearer wrong", "x-api-key": API_KEY}
+    assert guarded.post("/v1/completions", content=b"{}", headers=both).status_code == 401
     for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": ""}, bearer("wrong"), {"x-api-key": WORKER_TOKEN}):
         resp = guarded.post("/v1/messages", content=b"{}", headers=headers)
         assert resp.status_code == 401, headers
@@ -287,6 +292,47 @@ def test_only_a_body_not_framed_by_its_length_is_counted_as_it_arrives() -> None
         with pytest.raises(HTTPException) as too_large:
             body(headers)
         assert too_large.value.status_code == 413
+
+
+def test_the_guard_remembers_each_routes_roles_by_method_and_path() -> None:
+    """The policy is asked once per method and path (the roles are remembered: a lookup per request), GET and
+    POST of one path keep their own roles, and a client's random paths, once the memory is full, are still asked
+    and answered right, not remembered."""
+    asked: list[tuple[str, str]] = []
+
+    def policy(method: str, path: str) -> frozenset[Role] | None:
+        asked.append((method, path))
+        return router_policy(method, path)
+
+    statuses: list[int] = []
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        statuses.append(200)
+
+    auth = Authenticator(settings(), "router")
+    guard = GuardMiddleware(app, auth, policy, 1000)
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    def call(method: str, path: str, key: str) -> int:
+        headers = [(b"host", b"x"), (b"authorization", f"Bearer {key}".encode())]
+        scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers}
+        asyncio.run(guard(scope, None, send))  # type: ignore[arg-type]
+        return statuses[-1]
+
+    for _ in range(3):
+        assert call("GET", "/v1/models", API_KEY) == 200
+        assert call("POST", "/v1/models", API_KEY) == 401  # registering is the admin's
+        assert call("POST", "/v1/models", ADMIN_KEY) == 200
+        assert call("GET", "/metrics", "wrong") == 200  # public
+    assert asked == [("GET", "/v1/models"), ("POST", "/v1/models"), ("GET", "/metrics")]
+    for i in range(300):  # more routes than it remembers
+        assert call("POST", f"/v1/random-{i}", "wrong") == 401
+    asked.clear()
+    assert call("POST", "/v1/random-299", "wrong") == 401 and asked == [("POST", "/v1/random-299")]
+    assert call("POST", "/v1/models", API_KEY) == 401 and asked == [("POST", "/v1/random-299")]
 
 
 @pytest.mark.parametrize(

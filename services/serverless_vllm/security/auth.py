@@ -5,14 +5,14 @@ router's credential to the manager) and the worker token (workers <-> manager, r
 (method, path) to the roles it accepts; anything not mapped needs the admin key (default deny). Health, metrics
 and service discovery stay open for probes and Prometheus (read-only, no secrets).
 
-Checks are constant time: the presented token is hashed once and compared with hmac.compare_digest against
-every accepted key's digest (fixed length, no early exit). Tokens are never logged.
+The presented token is hashed once (SHA-256) and looked up by its digest, as keys made at run time are
+(security/keys.py): no comparison runs over a secret's characters, so the time taken does not tell how much of a
+guess was right. Tokens are never logged.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 from collections.abc import Callable
 from enum import StrEnum
@@ -125,30 +125,41 @@ class Authenticator:
                             f"a {role.value} credential equals a {owners[value].value} "
                             "credential: every role needs its own secret"
                         )
-        self._digests = {role: tuple(_digest(v) for v in values) for role, values in secrets.items()}
+        # Each secret's role by its digest (every role has its own secrets, checked above).
+        self._roles = {_digest(v): role for role, values in secrets.items() for v in values}
 
     def allowed(self, token: bytes | None, roles: frozenset[Role]) -> bool:
         return token is not None and self.allowed_digest(_digest(token), roles)
 
     def allowed_digest(self, presented: bytes, roles: frozenset[Role]) -> bool:
         """`allowed`, for a token whose SHA-256 the caller has (the guard hashes it once for both kinds of key)."""
-        ok = False
-        for role in roles:
-            for digest in self._digests[role]:
-                ok |= hmac.compare_digest(presented, digest)  # no early exit: time does not tell which key
-        return ok
+        return self._roles.get(presented) in roles
 
 
 def bearer_token(scope: Scope) -> bytes | None:
     """The presented key: `Authorization: Bearer <key>`, or `x-api-key: <key>` as Anthropic's clients send it."""
     for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            token = token.strip()
-            return token if scheme.lower() == b"bearer" and token else None
-        if name == b"x-api-key":
-            return value.strip() or None
+        if name == b"authorization" or name == b"x-api-key":
+            return _token(name, value)
     return None
+
+
+def _token(name: bytes, value: bytes) -> bytes | None:
+    """The key in a credential header (`name`: authorization or x-api-key)."""
+    if name == b"x-api-key":
+        return value.strip() or None
+    scheme, _, token = value.partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
+
+
+def _presented(headers: dict[bytes, bytes]) -> bytes | None:
+    """`bearer_token` from the headers as a dict (Authorization first where a client sent both)."""
+    value = headers.get(b"authorization")
+    if value is not None:
+        return _token(b"authorization", value)
+    value = headers.get(b"x-api-key")
+    return _token(b"x-api-key", value) if value is not None else None
 
 
 def _route_path(scope: Scope) -> str:
@@ -175,6 +186,9 @@ def _unauthorized(token: bytes | None, roles: frozenset[Role]) -> APIError:
     )
 
 
+_KNOWN_ROUTES = 256  # routes whose roles the guard remembers
+
+
 class GuardMiddleware:
     """Authentication (before anything is read) and a request body size limit, for every route of an app."""
 
@@ -191,6 +205,7 @@ class GuardMiddleware:
         self._policy = policy
         self._limit = max_body_bytes
         self._keys = keys  # client keys made at run time (security/keys.py), on the router only
+        self._known_roles: dict[tuple[str, str], frozenset[Role] | None] = {}  # _roles_of
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self._auth.enabled:
@@ -199,10 +214,14 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # The headers as a dict, made in C, then a lookup for each that matters: cheaper than a loop over them in
+        # Python. Two Content-Lengths that differ never get here (the servers refuse them; equal ones h11 merges).
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if self._auth.enabled:
-            roles = self._policy(scope["method"], _route_path(scope))
+            roles = self._roles_of(scope)
             if roles is not None:
-                token = bearer_token(scope)
+                token = _presented(headers)
                 digest = _digest(token) if token is not None else b""
                 # A key made at run time: one dict lookup by the digest (security/keys.py); then the environment's.
                 keys = self._keys
@@ -213,23 +232,29 @@ class GuardMiddleware:
                     error = key if isinstance(key, APIError) else _unauthorized(token, roles)
                     await error.response(_route_path(scope))(scope, receive, send)
                     return
-        framed = chunked = False
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                if not value.isdigit():
-                    await APIError(400, "invalid Content-Length header", "invalid_header").response()(
-                        scope, receive, send
-                    )
-                    return
-                if int(value) > self._limit:
-                    await self._too_large().response()(scope, receive, send)
-                    return
-                framed = True
-            elif name == b"transfer-encoding":
-                chunked = True
+        if length is not None:
+            if not length.isdigit():
+                await APIError(400, "invalid Content-Length header", "invalid_header").response()(scope, receive, send)
+                return
+            if int(length) > self._limit:
+                await self._too_large().response()(scope, receive, send)
+                return
         # A body framed by a Content-Length within the limit cannot grow past it (the server reads no more): only a
         # body without one (chunked) is counted as it arrives, which costs a closure and a coroutine per receive.
-        await self.app(scope, receive if framed and not chunked else self._limited(receive), send)
+        framed = length is not None and b"transfer-encoding" not in headers
+        await self.app(scope, receive if framed else self._limited(receive), send)
+
+    def _roles_of(self, scope: Scope) -> frozenset[Role] | None:
+        """The policy's roles for the request's route, remembered by method and path (a bounded set: a client's
+        random paths are looked up, not remembered, once it is full)."""
+        method, path = scope["method"], scope["path"]  # root_path is the server's, the same for every request
+        try:
+            return self._known_roles[method, path]
+        except KeyError:
+            roles = self._policy(method, _route_path(scope))
+            if len(self._known_roles) < _KNOWN_ROUTES:
+                self._known_roles[method, path] = roles
+            return roles
 
     def _too_large(self) -> APIError:
         return APIError(413, f"request body larger than {self._limit} bytes", "body_too_large")
