@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from serverless_vllm.errors import APIError
 from serverless_vllm.manager.usage_ledger import UsageLedger
 from serverless_vllm.router import usage_report
-from serverless_vllm.router.usage import UsageBook
+from serverless_vllm.router.usage import UsageBook, UsageCollector
 from serverless_vllm.router.usage_report import UsageReporter
 from serverless_vllm.schemas import KeyLimits, Priority, UsageReport, UsageRow
 from serverless_vllm.security.keys import ActiveKey
@@ -195,3 +196,43 @@ async def test_a_flush_under_traffic_ends(tmp_path: Path) -> None:
     await asyncio.wait_for(reporter.flush(), 5.0)
     await asyncio.wait_for(reporter.flush(), 5.0)
     assert [seq for _, seq in traffic.sent] == [1, 2] and [r.requests for r in ledger.rows()] == [2]
+
+
+async def test_a_report_refused_for_good_is_dropped_and_the_next_ones_go_on(tmp_path: Path) -> None:
+    """A 4xx (other than 408 and 429) would be refused again at every try: before, it held back every later report
+    and made every `GET /v1/usage` fail. It is dropped and counted; a 503 or a 429 is still sent again as it was."""
+    ledger = UsageLedger(str(tmp_path / "m.db"))
+    manager = LedgerManager(ledger)
+    refusals: list[APIError] = []
+    apply = manager.report_usage
+
+    async def refusing(report: UsageReport) -> None:
+        if refusals:
+            manager.sent.append((report.reporter, report.seq))
+            raise refusals.pop(0)
+        await apply(report)
+
+    manager.report_usage = refusing  # type: ignore[method-assign]
+    book = UsageBook(lambda alias: alias)
+    reporter = UsageReporter(manager, book, "router-a", 3600.0)  # type: ignore[arg-type]  # report_usage only
+    usage = book.row(key("key-1"), "tiny")
+    for status in (503, 429, 408):  # the manager away, or asking to wait: kept, and sent again
+        usage.requests += 1
+        refusals.append(APIError(status, "injected", "injected"))
+        with pytest.raises(APIError):
+            await reporter.flush()
+    assert reporter.dropped == 0
+    await reporter.flush()
+    assert counts(ledger) == [("key-1", "tiny", 3, 0, 0, 0, 0)]
+    usage.requests += 10
+    refusals.append(APIError(422, "injected: a manager of another version", "invalid_request"))
+    await reporter.flush()  # report 3 refused for good: dropped, and the flush does not fail
+    assert reporter.dropped == 1
+    usage.requests += 100
+    await reporter.flush()  # report 4 goes on
+    assert counts(ledger) == [("key-1", "tiny", 103, 0, 0, 0, 0)]
+    assert [seq for _, seq in manager.sent] == [1, 1, 1, 1, 2, 3, 4]
+    # And Prometheus sees it (router/tenants.py hands the collector the reporter's count).
+    collected = {m.name: m for m in UsageCollector(book, dict, lambda: reporter.dropped).collect()}
+    dropped = collected["svllm_router_usage_reports_dropped"].samples
+    assert [(s.name, s.value) for s in dropped] == [("svllm_router_usage_reports_dropped_total", 1)]

@@ -34,7 +34,11 @@ class Tenants:
         self.limiter = Limiter()
         self.usage = UsageBook(model_label)
         self.gate = TenantGate(self.limiter, self.usage)
-        self.collector = UsageCollector(self.usage, lambda: self.gate.fair.by_class() if self.gate.fair else {})
+        self.collector = UsageCollector(
+            self.usage,
+            lambda: self.gate.fair.by_class() if self.gate.fair else {},
+            lambda: self._reporter.dropped if self._reporter else 0,
+        )
         self.queue_wait = Histogram(
             "svllm_router_fair_queue_wait_seconds",
             "Time requests of keys waited in the fair queue for a slot of their model (0: none), by priority class "

@@ -76,9 +76,12 @@ class UsageBook:
 class UsageCollector(Collector):
     """The book as Prometheus counters, per tenant and model, and the fair queue's waiters (this router process)."""
 
-    def __init__(self, book: UsageBook, waiting: Callable[[], dict[tuple[str, str], int]]) -> None:
+    def __init__(
+        self, book: UsageBook, waiting: Callable[[], dict[tuple[str, str], int]], dropped: Callable[[], int]
+    ) -> None:
         self._book = book
         self._waiting = waiting  # the fair queue's waiters by model and priority class (FAIR_QUEUE)
+        self._dropped = dropped  # usage reports the manager refused for good (router/usage_report.py)
 
     def collect(self) -> Iterator[Metric]:
         families = {
@@ -97,3 +100,8 @@ class UsageCollector(Collector):
         for (model, priority), n in sorted(self._waiting().items()):
             waiting.add_metric([model, priority], n)
         yield waiting
+        yield CounterMetricFamily(
+            "svllm_router_usage_reports_dropped",
+            "Usage reports the manager refused as they were (a 4xx), dropped with their rows (this router).",
+            value=self._dropped(),
+        )

@@ -4,7 +4,10 @@ Every REPORT_INTERVAL seconds, and before `GET /v1/usage` answers (so that a cli
 made through this router), the increments since the last report go as a report numbered from 1 (several, of at
 most MAX_ROWS_PER_REPORT rows each, when many keys were used). A report that fails is sent again as it is, under its
 number, before any newer one: the manager applies each number once, so a report whose answer was lost is not
-counted twice, and nothing counted here is lost while the manager is away.
+counted twice, and nothing counted here is lost while the manager is away. A report the manager refuses as it is
+(a 4xx other than 408 and 429: a manager of another version, a body over its limit) would be refused again at every
+try and hold back every report after it: it is dropped, logged with the manager's reason, and counted
+(`svllm_router_usage_reports_dropped_total`), and the next ones go on.
 At shutdown a last report is tried.
 """
 
@@ -16,6 +19,7 @@ import uuid
 from collections import deque
 
 from ..aio import stop_tasks
+from ..errors import APIError
 from ..manager.protocol import ManagerAPI
 from ..schemas import UsageReport
 from .usage import UsageBook
@@ -26,6 +30,8 @@ FINAL_REPORT_TIMEOUT_S = 5.0
 # Rows (a key and a model each, ~200 bytes of JSON) per report: a second in which many keys were used makes a few
 # reports, each well within the manager's request body limit (MAX_BODY_BYTES), rather than one it would refuse.
 MAX_ROWS_PER_REPORT = 5000
+# A refusal that may pass later: a timeout, or the manager asking to slow down.
+_RETRYABLE_4XX = frozenset({408, 429})
 
 
 class UsageReporter:
@@ -38,6 +44,7 @@ class UsageReporter:
         self._unsent: deque[UsageReport] = deque()  # reports the manager has not acknowledged, oldest first
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.dropped = 0  # reports the manager refused for good (and their rows with them)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="usage-report")
@@ -65,7 +72,21 @@ class UsageReporter:
 
     async def _send_unsent(self) -> None:
         while self._unsent:
-            await self._manager.report_usage(self._unsent[0])
+            report = self._unsent[0]
+            try:
+                await self._manager.report_usage(report)
+            except APIError as exc:
+                if not 400 <= exc.status < 500 or exc.status in _RETRYABLE_4XX:
+                    raise  # the manager is away or failing: sent again, as it is
+                self.dropped += 1
+                log.error(
+                    "usage report %s of %d rows refused by the manager, dropped (%d so far): %s %s",
+                    report.seq,
+                    len(report.rows),
+                    self.dropped,
+                    exc.status,
+                    exc.message,
+                )
             self._unsent.popleft()
 
     async def _loop(self) -> None:
