@@ -96,6 +96,31 @@ async def test_placement_failure_is_explained(core: ManagerCore, clock: Clock) -
     assert "w1" in info.last_error and "tensor_parallel_size=4" in info.last_error
 
 
+async def test_engines_sharing_a_gpu_keep_their_memory_outside_the_claims(core: ManagerCore, clock: Clock) -> None:
+    """Two models of 0.5 on a worker with one GPU: vLLM would refuse to start the second (the memory free at its
+    start is less than half the GPU, with the first engine's CUDA context and its own in use), so it is not placed
+    there; GPU_ENGINE_OVERHEAD_MB=0 packs them by their fractions alone."""
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
+    clock.now += core.settings.heartbeat_timeout_s  # not just started: an unplaceable model fails at once
+    for alias in ("a", "b"):  # `a` kept (min_replicas 1): not evicted to make room for `b`
+        spec = ModelSpec(alias=alias, model_name=f"org/{alias}", gpu_memory_utilization=0.5, min_replicas=1)
+        await core.register_model(spec)
+        await core.reconcile()
+    assert [r.alias for r in core.replicas.values()] == ["a"]
+    info = core.model_info("b")
+    assert info.state == "failed" and "GPU_ENGINE_OVERHEAD_MB" in info.last_error and "gpu0: 0.47" in info.last_error
+
+
+async def test_without_the_overhead_fractions_alone_decide(tmp_path: Path, clock: Clock) -> None:
+    settings = core_settings(tmp_path, 10).model_copy(update={"gpu_engine_overhead_mb": 0})
+    async with running_core(settings, clock) as core:
+        await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
+        for alias in ("a", "b"):
+            await core.register_model(ModelSpec(alias=alias, model_name=f"org/{alias}", gpu_memory_utilization=0.5))
+            await core.reconcile()
+        assert sorted(r.alias for r in core.replicas.values()) == ["a", "b"]
+
+
 async def test_failed_engine_marks_model_failed_with_log(core: ManagerCore) -> None:
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
     await core.register_model(ModelSpec(alias="a", model_name="/nope"))

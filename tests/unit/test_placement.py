@@ -105,3 +105,40 @@ def test_placement_error_names_at_most_ten_workers() -> None:
     assert "w9: not healthy" in message and "w10" not in message
     assert message.endswith("and 5 other worker(s)")
     assert str(PlacementError("big", [])) == "cannot place 'big': no workers registered"
+
+
+# An H100 as NVML reports it, and the default GPU_ENGINE_OVERHEAD_MB: one engine's memory outside its claim.
+H100_MB, OVERHEAD_MB = 81559, 1024
+
+
+def shared_gpu(wid: str = "w1") -> WorkerCapacity:
+    return WorkerCapacity(worker_id=wid, healthy=True, gpu_indices=[0], engine_overhead={0: OVERHEAD_MB / H100_MB})
+
+
+def test_a_shared_gpu_keeps_each_engines_memory_outside_the_claims() -> None:
+    """vLLM starts an engine only if the memory free then, after its own CUDA context and with the other engines'
+    in use, is at least its fraction of the GPU: two engines of 0.5 never both start on one GPU."""
+    workers = [shared_gpu()]
+    claim(workers, place("a", EngineArgs(gpu_memory_utilization=0.5), workers), "a")
+    with pytest.raises(PlacementError) as err:
+        place("b", EngineArgs(gpu_memory_utilization=0.5), workers)
+    assert "GPU_ENGINE_OVERHEAD_MB" in str(err.value) and "gpu0: 0.47" in str(err.value)  # 1 - 0.5 - 2 x 1 GiB
+    assert place("b", EngineArgs(gpu_memory_utilization=0.47), workers).gpus == [0]
+    # One engine's overhead for each engine on the GPU and the newcomer: three of 0.32 fit, a fourth of 0.24 not.
+    workers = [shared_gpu()]
+    for alias in ("a", "b", "c"):
+        claim(workers, place(alias, EngineArgs(gpu_memory_utilization=0.32), workers), alias)
+    assert workers[0].gpu_engines == {0: 3}
+    with pytest.raises(PlacementError):
+        place("d", EngineArgs(gpu_memory_utilization=0.24), workers)  # 0.28 unclaimed, less 4 x 0.0126
+
+
+def test_a_gpu_alone_takes_any_fraction_and_an_eviction_frees_the_overhead() -> None:
+    """A lone engine is checked by vLLM against its own GPU as it would be started by hand: no overhead kept."""
+    workers = [shared_gpu()]
+    p = place("a", EngineArgs(gpu_memory_utilization=1.0), workers)
+    assert p.gpus == [0]
+    claim(workers, p, "a")
+    candidates = [EvictionCandidate("a-1", "w1", [0], 1.0, last_used=1.0)]
+    plan = plan_eviction("b", EngineArgs(gpu_memory_utilization=1.0), workers, candidates)
+    assert plan is not None and plan[1] == ["a-1"]  # the GPU alone again once `a` goes: 1.0 fits

@@ -59,6 +59,13 @@ class ManagerSettings(_Settings):
         description="share of a GPU worker's host memory the weights of its engines asleep at level 1 may take; "
         "an idle engine whose weights do not fit sleeps at level 2 (weights dropped, reloaded from disk on wake)",
     )  # fmt: skip
+    gpu_engine_overhead_mb: int = _setting(
+        1024,
+        env="GPU_ENGINE_OVERHEAD_MB",
+        description="GPU memory an engine holds outside its gpu_memory_utilization (its CUDA context, the driver's "
+        "share): kept free for each engine on a shared GPU, so that vLLM's start-up check passes (0: fractions only)",
+        ge=0,
+    )
     prefetch_workers: int = _setting(
         2,
         env="PREFETCH_WORKERS",

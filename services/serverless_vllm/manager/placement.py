@@ -4,6 +4,11 @@ Memory-aware: a replica asking for gpu_memory_utilization u with tensor_parallel
 worker, each with at least u of its memory not yet claimed by other replicas; several replicas share a GPU
 when their fractions fit. CPU-only workers (no GPU) run a bounded number of engines and are used only
 when no GPU worker fits.
+
+On a shared GPU the fractions are not all: vLLM checks at start that the memory then free, after its own CUDA
+context and with the other engines' contexts in use, is at least u of the GPU (its budget does not hold what was in
+use before it measured). So a GPU with engines on it keeps, for each engine and the newcomer, `engine_overhead` of
+its memory outside the claims (GPU_ENGINE_OVERHEAD_MB); a GPU alone takes any u, as vLLM would started by hand.
 """
 
 from __future__ import annotations
@@ -25,12 +30,18 @@ class WorkerCapacity:
     healthy: bool
     gpu_indices: list[int]
     gpu_claims: dict[int, float] = field(default_factory=dict)  # GPU index -> claimed fraction
+    gpu_engines: dict[int, int] = field(default_factory=dict)  # GPU index -> engines claiming some of it
+    engine_overhead: dict[int, float] = field(default_factory=dict)  # GPU index -> an engine's memory off its claim
     cpu_slots: int = 0
     cpu_used: int = 0
     aliases: set[str] = field(default_factory=set)  # models with a replica here already
 
     def free_fraction(self, gpu: int) -> float:
-        return 1.0 - self.gpu_claims.get(gpu, 0.0)
+        """What a new engine may still ask for on `gpu`: the unclaimed memory, less, on a GPU with engines on it,
+        each engine's memory outside its claim (theirs and the newcomer's: the module's docstring)."""
+        free = 1.0 - self.gpu_claims.get(gpu, 0.0)
+        engines = self.gpu_engines.get(gpu, 0)
+        return free - (engines + 1) * self.engine_overhead.get(gpu, 0.0) if engines else free
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,9 @@ def _gpu_rejection(worker: WorkerCapacity, need: int, fraction: float) -> str:
     if len(worker.gpu_indices) < need:
         return f"has {len(worker.gpu_indices)} GPU(s), model needs tensor_parallel_size={need}"
     free = ", ".join(f"gpu{g}: {worker.free_fraction(g):.2f}" for g in worker.gpu_indices)
-    return f"needs {need} GPU(s) with {fraction:.2f} unclaimed memory each; unclaimed: {free}"
+    shared = any(worker.gpu_engines.get(g) and worker.engine_overhead.get(g) for g in worker.gpu_indices)
+    overhead = " (less each engine's memory outside its claim, GPU_ENGINE_OVERHEAD_MB)" if shared else ""
+    return f"needs {need} GPU(s) with {fraction:.2f} unclaimed memory each; unclaimed{overhead}: {free}"
 
 
 def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Placement:
@@ -121,6 +134,7 @@ def claim(workers: list[WorkerCapacity], placement: Placement, alias: str) -> No
             if placement.gpus:
                 for g in placement.gpus:
                     w.gpu_claims[g] = w.gpu_claims.get(g, 0.0) + placement.fraction
+                    w.gpu_engines[g] = w.gpu_engines.get(g, 0) + 1
             else:
                 w.cpu_used += 1
             w.aliases.add(alias)
@@ -134,6 +148,7 @@ def release(workers: list[WorkerCapacity], worker_id: str, gpus: list[int], frac
             if gpus:
                 for g in gpus:
                     w.gpu_claims[g] = max(0.0, w.gpu_claims.get(g, 0.0) - fraction)
+                    w.gpu_engines[g] = max(0, w.gpu_engines.get(g, 0) - 1)
             else:
                 w.cpu_used = max(0, w.cpu_used - 1)
             return

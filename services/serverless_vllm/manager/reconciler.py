@@ -58,6 +58,7 @@ class Reconciler:
         metrics: ManagerMetrics,
     ) -> None:
         self._settings = settings
+        self._overhead_mb = settings.gpu_engine_overhead_mb
         self._clock = clock
         self._models = registry.models  # the live dict: a pass goes over 10,000 models
         self._failed_recently = registry.failed_recently
@@ -228,6 +229,7 @@ class Reconciler:
             worker_id=record.worker_id,
             healthy=record.state is WorkerState.HEALTHY,
             gpu_indices=[g.index for g in record.gpus],
+            engine_overhead={g.index: self._overhead_mb / g.memory_total_mb for g in record.gpus if g.memory_total_mb},
             cpu_slots=record.registration.cpu_slots,
         )
         for r in self._replicas.of_worker(record.worker_id):
@@ -323,6 +325,7 @@ def _count(cap: WorkerCapacity, replica: Replica) -> None:
     if replica.gpus:
         for g in replica.gpus:
             cap.gpu_claims[g] = cap.gpu_claims.get(g, 0.0) + replica.fraction
+            cap.gpu_engines[g] = cap.gpu_engines.get(g, 0) + 1
     else:
         cap.cpu_used += 1
     cap.aliases.add(replica.alias)
