@@ -60,6 +60,10 @@ TASK_ARGS: dict[ModelTask, list[str]] = {
 }
 
 
+# Put first on a CPU engine's PYTHONPATH: its sitecustomize runs in each of the engine's processes.
+ENGINE_SITE = Path(__file__).resolve().parent / "engine_site"
+
+
 def engine_environment(settings: WorkerSettings, *, has_gpu: bool) -> dict[str, str]:
     """The environment of every engine of this worker (a standby's too): what differs per engine comes on top."""
     env = dict(os.environ)  # HF_HUB_OFFLINE, HF_HOME, tokens ... pass through as the operator set them
@@ -73,6 +77,9 @@ def engine_environment(settings: WorkerSettings, *, has_gpu: bool) -> dict[str, 
         env["VLLM_SERVER_DEV_MODE"] = "1"
     else:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+        # Every process of the engine asks Linux for the AMX state vLLM's CPU attention uses without asking for it
+        # (engine_site/sitecustomize.py: else SIGILL at the first request on CPUs with AMX).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_SITE), env.get("PYTHONPATH", "")) if p)
     return env
 
 
