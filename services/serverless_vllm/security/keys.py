@@ -13,11 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import APIError
 from ..schemas import KeyEntry, KeyLimits, KeyTable, Priority
 from ..schemas.keys import GLOB_CHARS
+
+if TYPE_CHECKING:  # the router's row type, named for the checker only (the router imports this module)
+    from ..router.usage import Usage
 
 # Where the guard puts the verified key in the ASGI scope (absent: an environment key, the admin key, or auth off).
 KEY_SCOPE = "svllm.api_key"
@@ -48,7 +51,7 @@ class ActiveKey:
     source: tuple[KeyEntry, KeyLimits | None] | None = None
     # The router's usage rows of this key by registered model (router/usage.py): found in one lookup per request,
     # and made anew with the key when its entry changes (another tenant or name counts in other rows).
-    usage_rows: dict[str, Any] = field(default_factory=dict)
+    usage_rows: dict[str, Usage] = field(default_factory=dict)
     _allowed: dict[str, bool] = field(default_factory=dict)
 
     def allows(self, alias: str) -> bool:
