@@ -349,10 +349,12 @@ def prune_stale_images() -> None:
 
 
 def prepare_all() -> None:
+    """What the appliance tests build on: the images of compose.test.yaml (head, worker-cpu), not the GPU worker's
+    wheelhouse (`harness.py wheels` makes that for an offline GPU build)."""
     ensure_docker()
     ensure_compose()
     ensure_base_image()
-    ensure_wheelhouse()
+    ensure_wheelhouse(["head", "worker-cpu"])
 
 
 def main() -> None:
