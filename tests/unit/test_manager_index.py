@@ -93,13 +93,13 @@ def reference_assignments(core: ManagerCore, worker_id: str) -> list[Assignment]
 
 
 def reference_capacities(core: ManagerCore) -> dict[str, WorkerCapacity]:
-    overhead_mb = core.settings.gpu_engine_overhead_mb
     capacities = {
         w.worker_id: WorkerCapacity(
             worker_id=w.worker_id,
             healthy=w.state is WorkerState.HEALTHY,
             gpu_indices=[g.index for g in w.gpus],
-            engine_overhead={g.index: overhead_mb / g.memory_total_mb for g in w.gpus},
+            engine_overhead_mb=core.settings.gpu_engine_overhead_mb,
+            gpu_total_mb={g.index: g.memory_total_mb for g in w.gpus},
             cpu_slots=w.registration.cpu_slots,
         )
         for w in core.workers.all()

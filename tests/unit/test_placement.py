@@ -112,7 +112,9 @@ H100_MB, OVERHEAD_MB = 81559, 1024
 
 
 def shared_gpu(wid: str = "w1") -> WorkerCapacity:
-    return WorkerCapacity(worker_id=wid, healthy=True, gpu_indices=[0], engine_overhead={0: OVERHEAD_MB / H100_MB})
+    return WorkerCapacity(
+        worker_id=wid, healthy=True, gpu_indices=[0], engine_overhead_mb=OVERHEAD_MB, gpu_total_mb={0: H100_MB}
+    )
 
 
 def test_a_shared_gpu_keeps_each_engines_memory_outside_the_claims() -> None:

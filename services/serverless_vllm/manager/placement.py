@@ -7,13 +7,14 @@ when no GPU worker fits.
 
 On a shared GPU the fractions are not all: vLLM checks at start that the memory then free, after its own CUDA
 context and with the other engines' contexts in use, is at least u of the GPU (its budget does not hold what was in
-use before it measured). So a GPU with engines on it keeps, for each engine and the newcomer, `engine_overhead` of
-its memory outside the claims (GPU_ENGINE_OVERHEAD_MB); a GPU alone takes any u, as vLLM would started by hand.
+use before it measured). So a GPU with engines on it keeps, for each engine and the newcomer, `engine_overhead_mb`
+of its memory outside the claims (GPU_ENGINE_OVERHEAD_MB); a GPU alone takes any u, as vLLM would started by hand.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..schemas import EngineArgs, PlacementRejection
@@ -31,7 +32,10 @@ class WorkerCapacity:
     gpu_indices: list[int]
     gpu_claims: dict[int, float] = field(default_factory=dict)  # GPU index -> claimed fraction
     gpu_engines: dict[int, int] = field(default_factory=dict)  # GPU index -> engines claiming some of it
-    engine_overhead: dict[int, float] = field(default_factory=dict)  # GPU index -> an engine's memory off its claim
+    # An engine's memory outside its claim (GPU_ENGINE_OVERHEAD_MB), and each GPU's memory as the worker registered it
+    # (its record's own mapping, shared: a snapshot of 3,000 workers copies nothing per GPU).
+    engine_overhead_mb: float = 0.0
+    gpu_total_mb: Mapping[int, int] = field(default_factory=dict)
     cpu_slots: int = 0
     cpu_used: int = 0
     aliases: set[str] = field(default_factory=set)  # models with a replica here already
@@ -41,7 +45,8 @@ class WorkerCapacity:
         each engine's memory outside its claim (theirs and the newcomer's: the module's docstring)."""
         free = 1.0 - self.gpu_claims.get(gpu, 0.0)
         engines = self.gpu_engines.get(gpu, 0)
-        return free - (engines + 1) * self.engine_overhead.get(gpu, 0.0) if engines else free
+        total = self.gpu_total_mb.get(gpu) if engines else None
+        return free - (engines + 1) * self.engine_overhead_mb / total if total else free
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def _gpu_rejection(worker: WorkerCapacity, need: int, fraction: float) -> str:
     if len(worker.gpu_indices) < need:
         return f"has {len(worker.gpu_indices)} GPU(s), model needs tensor_parallel_size={need}"
     free = ", ".join(f"gpu{g}: {worker.free_fraction(g):.2f}" for g in worker.gpu_indices)
-    shared = any(worker.gpu_engines.get(g) and worker.engine_overhead.get(g) for g in worker.gpu_indices)
+    shared = worker.engine_overhead_mb and any(worker.gpu_engines.get(g) for g in worker.gpu_indices)
     overhead = " (less each engine's memory outside its claim, GPU_ENGINE_OVERHEAD_MB)" if shared else ""
     return f"needs {need} GPU(s) with {fraction:.2f} unclaimed memory each; unclaimed{overhead}: {free}"
 

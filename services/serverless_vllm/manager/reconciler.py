@@ -229,7 +229,8 @@ class Reconciler:
             worker_id=record.worker_id,
             healthy=record.state is WorkerState.HEALTHY,
             gpu_indices=[g.index for g in record.gpus],
-            engine_overhead={g.index: self._overhead_mb / g.memory_total_mb for g in record.gpus if g.memory_total_mb},
+            engine_overhead_mb=self._overhead_mb,
+            gpu_total_mb=record.gpu_total_mb,
             cpu_slots=record.registration.cpu_slots,
         )
         for r in self._replicas.of_worker(record.worker_id):

@@ -17,6 +17,8 @@ class WorkerRecord:
     beats: int = 0  # heartbeats received since registration: a probe under way sees the worker is alive
     dead_since: float | None = None  # when it was declared dead (it is forgotten a retention period later)
     host_memory: HostMemory | None = None  # as its last registration or heartbeat measured it
+    # Each GPU's memory by index, as registered (a GPU's size does not change; heartbeats replace `gpus` each beat).
+    gpu_total_mb: dict[int, int] = field(default_factory=dict)
 
     @property
     def worker_id(self) -> str:
@@ -62,6 +64,7 @@ class WorkerRegistry:
             gpus=list(reg.gpus),
             engines={e.replica_id: e for e in reg.engines},
             host_memory=reg.host_memory,
+            gpu_total_mb={g.index: g.memory_total_mb for g in reg.gpus if g.memory_total_mb},
         )
         self._workers[reg.worker_id] = record
         return record
