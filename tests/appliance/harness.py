@@ -236,7 +236,10 @@ def ensure_wheelhouse(which: list[str] | None = None, root: Path = WHEELHOUSE, f
         else:
             dest.mkdir(parents=True, exist_ok=True)
             run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(dest), *reqs], timeout=3600)
-            _keep_wheels(dest, cached, name)
+            try:
+                _keep_wheels(dest, cached, name)
+            except OSError as exc:  # a cache that cannot be written only costs the next clone the resolution
+                log.warning("wheelhouse %s not kept in %s: %s", name, WHEELHOUSE_CACHE, exc)
         stamp.write_text(digest + "\n")
         size = sum(p.stat().st_size for p in dest.glob("*.whl")) / 2**20
         log.info(
