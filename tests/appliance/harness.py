@@ -253,10 +253,11 @@ def ensure_wheelhouse(which: list[str] | None = None, root: Path = WHEELHOUSE, f
 
 
 def _link_wheels(source: Path, dest: Path) -> None:
-    """`dest` holding exactly `source`'s wheels, hard-linked where one file system holds both."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    """`dest` holding exactly `source`'s wheels, hard-linked where one file system holds both (its other files, such
+    as the tracked .gitkeep, stay)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob("*.whl"):
+        stale.unlink()
     for wheel in source.glob("*.whl"):
         try:
             os.link(wheel, dest / wheel.name)
@@ -269,6 +270,7 @@ def _keep_wheels(dest: Path, cached: Path, image: str) -> None:
     for old in WHEELHOUSE_CACHE.glob(f"{image}-*"):
         shutil.rmtree(old, ignore_errors=True)
     partial = cached.with_name(cached.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run that stopped while copying
     _link_wheels(dest, partial)
     (partial / ".complete").touch()
     partial.rename(cached)
