@@ -19,10 +19,11 @@ from serverless_vllm.errors import APIError, install_error_handlers
 from serverless_vllm.manager.keys import KeyRegistry
 from serverless_vllm.router.key_sync import KeySync
 from serverless_vllm.router.limits import Limiter, duration
-from serverless_vllm.router.tenant_gate import scan_events, tokens_of
+from serverless_vllm.router.tenant_gate import _VLLM_USAGE, body_tokens, scan_events, tokens_of
 from serverless_vllm.schemas import KeyLimits, KeyPatch, KeySpec, KeyTable, Priority
 from serverless_vllm.security.auth import install_guard, router_policy
 from serverless_vllm.security.keys import KEY_SCOPE, ActiveKey, KeyRing
+from starlette.responses import JSONResponse
 
 
 class Clock:
@@ -340,6 +341,43 @@ def test_token_counts_that_no_answer_has_count_nothing() -> None:
     assert tokens_of({"prompt_tokens": 3.5, "completion_tokens": True}) == (0, 0)
     assert tokens_of({"input_tokens": 4, "cache_read_input_tokens": None, "output_tokens": "9"}) == (4, 0)
     assert tokens_of({"input_tokens": 4, "cache_creation_input_tokens": -4, "output_tokens": 1}) == (4, 1)
+
+
+def test_a_whole_answers_tokens_are_read_in_vllms_layout_and_in_any_other() -> None:
+    """vLLM's compact layout (UsageInfo's fields in their order, rendered as vLLM's JSONResponse renders them) is
+    read by one search; any other layout is parsed, with the same bounds on the counts. A text that spells a usage
+    object is not one (its quotes are escaped)."""
+    vllm = {
+        "id": "cmpl-1",
+        "choices": [
+            {
+                "index": 0,
+                "text": '"usage":{"prompt_tokens":1,"total_tokens":4,"completion_tokens":3},',
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 26, "total_tokens": 34, "completion_tokens": 8, "prompt_tokens_details": None},
+        "kv_transfer_params": None,
+    }
+    body = bytes(JSONResponse(vllm).body)
+    assert _VLLM_USAGE.search(body) is not None and body_tokens(body) == (26, 8)
+    # The usage's last field, with no details after it: the same.
+    vllm["usage"] = {"prompt_tokens": 3, "total_tokens": 5, "completion_tokens": 2}
+    assert body_tokens(bytes(JSONResponse(vllm).body)) == (3, 2)
+    others = {
+        # pretty-printed, another order, Anthropic's and the Responses API's names, counts beyond any answer's
+        b'{"usage": {"prompt_tokens": 4, "total_tokens": 9, "completion_tokens": 5}}': (4, 5),
+        b'{"usage":{"completion_tokens":6,"prompt_tokens":2,"total_tokens":8}}': (2, 6),
+        b'{"type":"message","usage":{"input_tokens":6,"cache_read_input_tokens":3,"output_tokens":5}}': (9, 5),
+        b'{"object":"response","usage":{"input_tokens":4,"output_tokens":7,"total_tokens":11}}': (4, 7),
+        b'{"usage":{"prompt_tokens":12345678901,"total_tokens":12345678902,"completion_tokens":1}}': (0, 1),
+        b'{"usage":{"prompt_tokens":-3,"total_tokens":1,"completion_tokens":4}}': (0, 4),
+        b'{"id":"x","usage":null}': (0, 0),
+        b'{"error":{"message":"no"}}': (0, 0),
+        b"not json": (0, 0),
+    }
+    for other, tokens in others.items():
+        assert _VLLM_USAGE.search(other) is None and body_tokens(other) == tokens, other
 
 
 def _guarded(ring: KeyRing) -> TestClient:

@@ -9,6 +9,7 @@ class as the request's `priority`. Requests of environment keys never come here.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -138,10 +139,31 @@ def data_of(event: bytes) -> bytes | None:
 
 def count(row: Usage, usage: Any) -> int:
     """Add an answer's usage to its row; its tokens (prompt + completion)."""
-    prompt, completion = tokens_of(usage)
+    return add(row, *tokens_of(usage))
+
+
+def add(row: Usage, prompt: int, completion: int) -> int:
     row.prompt_tokens += prompt
     row.completion_tokens += completion
     return prompt + completion
+
+
+# The usage object as vLLM's compact JSON writes it (its first three fields; counts up to 9 digits are below
+# MAX_ANSWER_TOKENS): nearly every whole answer. Found from the end (an embedding's answer is mostly its vector),
+# matched and two ints taken, against a scan that builds the object's dict (docs/benchmarks.md: 8,500 instructions
+# against 13,000); any other layout is parsed (body_usage).
+_VLLM_USAGE_START = b'"usage":{"prompt_tokens":'
+_VLLM_USAGE = re.compile(rb'"usage":\{"prompt_tokens":(\d{1,9}),"total_tokens":\d+,"completion_tokens":(\d{1,9})[,}]')
+
+
+def body_tokens(body: bytes) -> tuple[int, int]:
+    """(prompt, completion) tokens of a whole JSON answer's `usage` (0, 0 without one)."""
+    at = body.rfind(_VLLM_USAGE_START)
+    found = _VLLM_USAGE.match(body, at) if at >= 0 else None
+    if found is not None:
+        prompt, completion = found.group(1, 2)
+        return int(prompt), int(completion)
+    return tokens_of(body_usage(body))
 
 
 def body_usage(body: bytes) -> Any:
@@ -173,7 +195,7 @@ def answered(response: Response, grant: Grant | None, row: Usage, strip: bool, h
         row.errors += 1
     if isinstance(response, StreamingResponse):
         return Metered(response, grant, row, strip)
-    tokens = count(row, body_usage(bytes(response.body))) if response.status_code < 400 else 0
+    tokens = add(row, *body_tokens(bytes(response.body))) if response.status_code < 400 else 0
     if grant is not None:
         grant.finish(tokens)
     return response
@@ -232,9 +254,11 @@ class TenantGate:
     ) -> Response:
         """`head`: the server's HeadLines for this request, where it has them (dataplane/server_protocol.py)."""
         alias = request.alias
-        if not key.allows(alias):
-            raise hidden_model(alias)
-        row = key.usage_rows.get(alias) or self.usage.row(key, alias)
+        row = key.usage_rows.get(alias)  # only models the key was let use have a row there (a new key, new rows)
+        if row is None:
+            if not key.allows(alias):
+                raise hidden_model(alias)
+            row = self.usage.row(key, alias)
         grant = None
         if key.limited:
             try:
