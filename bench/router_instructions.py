@@ -2,8 +2,10 @@
 
 Requests per second on these shared 2-core machines move by 5-10% between rounds of the same configuration
 (bench/tenant_keys.py), more than the differences it is asked to show. The instructions a router process executes
-for a request do not depend on the machine's load: the same run, repeated, gives the same count to within 0.1%.
-So this benchmark runs each router under callgrind (instrumentation switched on only while `hey` sends a fixed
+for a request depend far less on the machine's load: on a quiet machine the same run, repeated, gives the same count
+to within 0.1%; with another process busy, counts of one configuration moved by up to 2% (2026-12-01: how the
+event loop's turns batch the requests changes). A change to one piece of the tenant gate is counted alone by
+bench/gate_instructions.py. So this benchmark runs each router under callgrind (instrumentation switched on only while `hey` sends a fixed
 number of requests) and divides its instruction count by the requests. What it does not see: cache misses and
 waits, and the work of the other processes (a slower router also makes the worker and the client batch less:
 docs/benchmarks.md). The same stack as bench/tenant_keys.py (the stand-in engine, 10,000 keys made with limits):
