@@ -104,7 +104,7 @@ def test_compose_files_valid() -> None:
             cfg = json.loads(res.stdout)
             services = cfg["services"]
             # (the test override moves grafana, which has no image here, into a profile)
-            expected = {"head", "worker", "init", "prometheus"}
+            expected = {"head", "worker", "cache-init", "init", "prometheus"}
             if files != harness.COMPOSE_FILES:
                 expected.add("grafana")
             assert expected <= set(services)
@@ -116,6 +116,12 @@ def test_compose_files_valid() -> None:
             assert volumes["/cache"] == "model-cache" and volumes["/cache/vllm"] == "compile-cache"
             assert worker["environment"]["HF_HOME"] == "/cache/huggingface"
             assert worker["environment"]["VLLM_CACHE_ROOT"] == "/cache/vllm"
+            # The volumes are filled by one container of the workers' image before any worker is created (workers
+            # created at once each filled them, and all but one could fail).
+            fill = services["cache-init"]
+            assert fill["image"] == worker["image"] and fill.get("restart") == "no"
+            assert {v["target"]: v["source"] for v in fill["volumes"]} == volumes
+            assert worker["depends_on"]["cache-init"]["condition"] == "service_completed_successfully"
             assert cfg["networks"]["backend"].get("internal") is True
             for svc in expected:
                 for port in services[svc].get("ports", []):
