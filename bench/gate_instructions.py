@@ -9,6 +9,7 @@ to its end by hand, and the upstream call returns at once, so the counts are the
   serve      TenantGate.serve, less the upstream call alone
   limits     Limiter.admit and Grant.finish
   answered   the answer's side: its usage read and counted (no limits)
+  guard      the guard's check of the key's bearer token (security/auth.py), the app behind it doing nothing
 
     .venv/bin/python bench/gate_instructions.py                    # this tree, 4,000 calls a piece
     .venv/bin/python bench/gate_instructions.py --quick            # 500 calls
@@ -18,6 +19,7 @@ to its end by hand, and the upstream call returns at once, so the counts are the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -30,7 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_state, log, result_header, write_result
 
-PIECES = ("call", "serve", "limits", "answered")
+SECRET = b"sk-svllm-" + b"x" * 43  # a key's secret as the manager makes them
+PIECES = ("call", "serve", "limits", "answered", "guard")
 # vLLM's answer to a completion of 8 tokens, as its JSONResponse renders it (compact, UsageInfo's field order).
 ANSWER = {
     "id": "cmpl-1",
@@ -61,6 +64,8 @@ class Head:
 
 def pieces() -> dict[str, Callable[[], None]]:
     """Each piece as a call (imports here: the tree counted is the one on sys.path)."""
+    from pydantic import SecretStr
+    from serverless_vllm.config import AuthSettings
     from serverless_vllm.dataplane.body import InferenceRequest
     from serverless_vllm.dataplane.endpoints import ENDPOINTS
     from serverless_vllm.router.limits import Limiter
@@ -68,17 +73,18 @@ def pieces() -> dict[str, Callable[[], None]]:
     from serverless_vllm.router.usage import UsageBook
     from serverless_vllm.schemas import KeyLimits, KeyTable
     from serverless_vllm.schemas.keys import KeyEntry, Priority
+    from serverless_vllm.security.auth import Authenticator, GuardMiddleware, router_policy
     from serverless_vllm.security.keys import ActiveKey, KeyRing
     from starlette.responses import Response
 
     limits = KeyLimits(rpm=10_000_000, tpm=10_000_000_000, max_concurrent=100_000)
     entry = KeyEntry(
         id="key-1", name="k", tenant="t", models=["*"], limits=limits, priority=Priority.NORMAL, created_at=1.0,
-        prefix="sk-x", digest="00" * 32,
+        prefix="sk-x", digest=hashlib.sha256(SECRET).hexdigest(),
     )  # fmt: skip
     ring = KeyRing()
     ring.update(KeyTable(version=1, epoch="e", keys=[entry]))
-    key = ring.check_digest(bytes(32))
+    key = ring.check(SECRET)
     assert isinstance(key, ActiveKey)
     gate = TenantGate(Limiter(), UsageBook(lambda alias: alias))
     endpoint = next(e for e in ENDPOINTS if e.path == "/v1/completions")
@@ -91,11 +97,24 @@ def pieces() -> dict[str, Callable[[], None]]:
     async def call(_: InferenceRequest) -> Response:
         return response
 
+    async def nothing(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    secrets = {"api_keys": (SecretStr("env-key-0123456789"),), "admin_key": SecretStr("admin-key-0123456789")}
+    auth = Authenticator(AuthSettings(mode="on", worker_token=SecretStr("worker-0123456789"), **secrets), "router")
+    guard = GuardMiddleware(nothing, auth, router_policy, keys=ring)
+    headers = [(b"host", b"x"), (b"content-length", b"60"), (b"authorization", b"Bearer " + SECRET)]
+
+    def guarded() -> None:
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "headers": headers}
+        run_to_end(guard(scope, None, None))  # type: ignore[arg-type]
+
     return {
         "call": lambda: run_to_end(call(request)),
         "serve": lambda: run_to_end(gate.serve(key, request, call, head)),
         "limits": lambda: gate.limiter.admit(key).finish(0),
         "answered": lambda: answered(response, None, row, False, None) and None,
+        "guard": guarded,
     }
 
 

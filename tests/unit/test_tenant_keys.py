@@ -21,6 +21,7 @@ from serverless_vllm.router.key_sync import KeySync
 from serverless_vllm.router.limits import Limiter, duration
 from serverless_vllm.router.tenant_gate import _VLLM_USAGE, body_tokens, scan_events, tokens_of
 from serverless_vllm.schemas import KeyLimits, KeyPatch, KeySpec, KeyTable, Priority
+from serverless_vllm.security import auth as auth_module
 from serverless_vllm.security.auth import install_guard, router_policy
 from serverless_vllm.security.keys import KEY_SCOPE, ActiveKey, KeyRing
 from starlette.responses import JSONResponse
@@ -415,6 +416,41 @@ def test_the_guard_accepts_run_time_keys_beside_the_environment_s(tmp_path: Path
     keys.revoke("k")
     ring.update(keys.table())
     assert post(secret) == (401, "revoked_api_key")
+
+
+def test_an_accepted_token_is_hashed_once_and_a_wrong_one_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard remembers the digests of tokens it accepted (a bounded dict), never a wrong token's; a remembered
+    token is still refused once its key is revoked, and still needs its role on each route."""
+    hashed: list[bytes] = []
+    digest = auth_module._digest
+
+    def counting(secret: str | bytes) -> bytes:
+        hashed.append(secret if isinstance(secret, bytes) else secret.encode())
+        return digest(secret)
+
+    monkeypatch.setattr(auth_module, "_digest", counting)
+    monkeypatch.setattr(auth_module, "_KNOWN_TOKENS", 2)
+    ring, secret, keys = ring_with(tmp_path, Clock(1e12))
+    http = _guarded(ring)
+    hashed.clear()  # the environment's secrets, hashed once when the guard was made
+
+    def post(key: str, path: str = "/v1/chat/completions") -> int:
+        return http.post(path, headers={"authorization": f"Bearer {key}"}, json={}).status_code
+
+    env_key, admin_key = "env-client-key-0123456789", "admin-key-0123456789"
+    for _ in range(3):
+        assert post(secret) == 200 and post(env_key) == 200 and post("sk-svllm-wrong") == 401
+    assert hashed == [secret.encode(), env_key.encode(), *[b"sk-svllm-wrong"] * 3]
+    hashed.clear()
+    assert post(secret, "/v1/keys") == 401 and hashed == []  # remembered, and still not the admin's
+    assert post(admin_key, "/v1/keys") != 401 and post(admin_key, "/v1/keys") != 401
+    assert hashed == [admin_key.encode()] * 2  # the memory is full (2 tokens): a third is hashed every time
+    keys.revoke("k")
+    ring.update(keys.table())
+    hashed.clear()
+    assert post(secret) == 401 and hashed == []  # refused by the digest's lookup, as before
 
 
 def test_a_tenants_limits_hold_for_all_its_keys_together(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ and service discovery stay open for probes and Prometheus (read-only, no secrets
 
 The presented token is hashed once (SHA-256) and looked up by its digest, as keys made at run time are
 (security/keys.py): no comparison runs over a secret's characters, so the time taken does not tell how much of a
-guess was right. Tokens are never logged.
+guess was right. Tokens are never logged. The digests of tokens that were accepted are remembered in memory (a
+bounded dict by token: its lookup compares a stored token only with one of the same keyed hash, which a guess cannot
+aim at), so a client's next request skips the hash (6,000 instructions, docs/benchmarks.md); a wrong token is never
+remembered, and revocation is decided by the digest's lookup as before.
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ def _unauthorized(token: bytes | None, roles: frozenset[Role]) -> APIError:
 
 
 _KNOWN_ROUTES = 256  # routes whose roles the guard remembers
+_KNOWN_TOKENS = 16_384  # accepted tokens whose digests the guard remembers (about 2.5 MB; then new ones are hashed)
 
 
 class GuardMiddleware:
@@ -206,6 +210,7 @@ class GuardMiddleware:
         self._limit = max_body_bytes
         self._keys = keys  # client keys made at run time (security/keys.py), on the router only
         self._known_roles: dict[tuple[str, str], frozenset[Role] | None] = {}  # _roles_of
+        self._known_digests: dict[bytes, bytes] = {}  # accepted token -> its SHA-256
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self._auth.enabled:
@@ -222,7 +227,8 @@ class GuardMiddleware:
             roles = self._roles_of(scope)
             if roles is not None:
                 token = _presented(headers)
-                digest = _digest(token) if token is not None else b""
+                known = self._known_digests.get(token) if token is not None else None
+                digest = known or (_digest(token) if token is not None else b"")
                 # A key made at run time: one dict lookup by the digest (security/keys.py); then the environment's.
                 keys = self._keys
                 key = keys.check_digest(digest) if keys is not None and keys.any and Role.CLIENT in roles else None
@@ -232,6 +238,8 @@ class GuardMiddleware:
                     error = key if isinstance(key, APIError) else _unauthorized(token, roles)
                     await error.response(_route_path(scope))(scope, receive, send)
                     return
+                if known is None and token is not None and len(self._known_digests) < _KNOWN_TOKENS:
+                    self._known_digests[token] = digest  # accepted: its next request skips the hash
         if length is not None:
             if not length.isdigit():
                 await APIError(400, "invalid Content-Length header", "invalid_header").response()(scope, receive, send)
