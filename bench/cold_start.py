@@ -8,9 +8,11 @@ arguments, same request, same run; and each lever of the worker's start on its o
               (STANDBY_ENGINES=1: vLLM imported before the request) and the model worker inside vLLM's EngineCore
               (CPU_ENGINE_UNIPROC=1: one process fewer). The model is registered with preload false (state cold):
               time from sending the request to the router to its first streamed token.
-  no_standby  the same, STANDBY_ENGINES=0            (the uniproc lever alone)
-  no_uniproc  the same, CPU_ENGINE_UNIPROC=0          (the standby lever alone)
-  neither     both off: the engine start before issue 18
+              Its EngineCore is forked from the API server, imports done (CPU_ENGINE_CORE_FORK=1).
+  no_fork     the same, CPU_ENGINE_CORE_FORK=0        (vLLM's spawn of the EngineCore: imports again)
+  no_standby  the same, STANDBY_ENGINES=0            (uniproc and fork)
+  no_uniproc  the same, CPU_ENGINE_UNIPROC=0          (the standby lever alone: several processes, vLLM spawns)
+  neither     all off: the engine start before issue 18
 
 Each variant has a stack of its own. Rounds run every kind once, in an order rotated round by round; the summary
 is the median over rounds of each variant's ratio to the reference of the same round. Between rounds each model
@@ -87,9 +89,10 @@ def first_token(url: str, headers: dict[str, str], timeout: float) -> float:
 
 VARIANTS: dict[str, dict[str, str]] = {
     "ours": {},
+    "no_fork": {"CPU_ENGINE_CORE_FORK": "0"},
     "no_standby": {"STANDBY_ENGINES": "0"},
     "no_uniproc": {"CPU_ENGINE_UNIPROC": "0"},
-    "neither": {"STANDBY_ENGINES": "0", "CPU_ENGINE_UNIPROC": "0"},
+    "neither": {"STANDBY_ENGINES": "0", "CPU_ENGINE_UNIPROC": "0", "CPU_ENGINE_CORE_FORK": "0"},
 }
 
 _WEIGHTS = re.compile(r"Loading weights took ([\d.]+) s")

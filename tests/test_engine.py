@@ -133,6 +133,7 @@ def test_cpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     ]  # fmt: skip
     env = eng.environment()
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # vLLM's CPU platform refuses 'uni' without it
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"  # CPU_ENGINE_CORE_FORK: EngineCore forked, not spawned
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["HF_HUB_OFFLINE"] == "1"  # passed through, not forced
     assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -148,6 +149,12 @@ def test_cpu_command_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     ):
         assert off.command(1).count("--distributed-executor-backend") == len(off.assignment.engine.extra_args) // 2
         assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in off.environment()
+        assert "VLLM_WORKER_MULTIPROC_METHOD" not in off.environment()  # several processes: vLLM's spawn
+    # CPU_ENGINE_CORE_FORK=0: vLLM's spawn; an operator's own start method wins over the switch.
+    unforked = EngineProcess(make_assignment("/m"), make_settings(tmp_path, cpu_engine_core_fork=False), has_gpu=False)
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in unforked.environment()
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    assert eng.environment()["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     # ENGINE_ACCESS_LOG=1: vLLM keeps its own line per request.
     with_access_log = make_settings(tmp_path, engine_access_log=True)
     assert "--disable-uvicorn-access-log" not in EngineProcess(
@@ -485,6 +492,32 @@ async def test_engine_ready_and_serves(engine: EngineProcess) -> None:
         assert completion.json()["usage"]["completion_tokens"] == 5
     assert engine.log_path.is_file() and "Starting vLLM" in engine.log_path.read_text()
     assert any("/health" in line for line in engine.log_tail(200))
+
+
+def _proc(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
+@pytestmark_shared
+async def test_the_engine_core_is_forked_from_the_imported_api_server(engine: EngineProcess) -> None:
+    """CPU_ENGINE_CORE_FORK (worker/engine_core_fork.py): vLLM's CPU platform would spawn the EngineCore, a new
+    program that imports torch and vLLM again. A forked EngineCore shares with its parent the memory neither has
+    written since (the imported modules): Shared_Dirty in its smaps_rollup, about 200 MB here. A spawned one, a
+    program of its own, shares no anonymous memory with anyone: 0 kB (seen with CPU_ENGINE_CORE_FORK=0)."""
+    api = engine.pid
+    assert api is not None
+    cores = [p for p in group_members(api) if _proc(p, "cmdline").startswith(b"VLLM::EngineCore")]
+    assert len(cores) == 1, [_proc(p, "cmdline") for p in group_members(api)]
+    core = cores[0]
+    assert int(_proc(core, "stat").decode().rsplit(")", 1)[1].split()[1]) == api  # its parent
+    rollup = dict(line.split(b":", 1) for line in _proc(core, "smaps_rollup").splitlines()[1:])
+    shared_kib = int(rollup[b"Shared_Dirty"].split()[0])
+    assert shared_kib > 50_000, rollup
+    # The libraries a spawned EngineCore would have had preloaded, there since the API server started: PyTorch's
+    # libgomp, which the EngineCore's OpenMP thread binding uses.
+    preload = [lib for lib in engine.environment()["LD_PRELOAD"].split(":") if "torch" in lib and "libgomp" in lib]
+    assert len(preload) == 1 and preload[0].encode() in _proc(core, "maps"), engine.environment()["LD_PRELOAD"]
 
 
 @pytestmark_shared

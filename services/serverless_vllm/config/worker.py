@@ -83,6 +83,12 @@ class WorkerSettings(_Settings):
         description="CPU engines run vLLM's model worker inside its EngineCore process (one process fewer to "
         "start; 1/true/yes/on)",
     )
+    cpu_engine_core_fork: bool = _setting(
+        True,
+        env="CPU_ENGINE_CORE_FORK",
+        description="CPU engines with the model worker inside EngineCore fork that process from the API server, "
+        "which has imported torch and vLLM already, instead of vLLM's spawn that imports them again (1/true/yes/on)",
+    )
 
     # Issue 19: an engine alive but not answering (deadlocked, stopped) is killed and restarted (worker/liveness.py).
     engine_liveness_interval_s: float = _setting(
@@ -112,7 +118,7 @@ class WorkerSettings(_Settings):
     def _split_args(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
 
-    @field_validator("engine_access_log", "cpu_engine_uniproc", mode="before")
+    @field_validator("engine_access_log", "cpu_engine_uniproc", "cpu_engine_core_fork", mode="before")
     @classmethod
     def _truthy(cls, value: Any) -> Any:
         return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else value

@@ -21,6 +21,7 @@ import httpx
 
 from ..config import WorkerSettings
 from ..schemas import Assignment, EngineStatus, LoadFormat, ModelTask, ReplicaState, SchedulingPolicy
+from .engine_core_fork import cpu_engine_environment, fork_engine_core
 from .engine_log import EngineLog
 from .spawn import HOST
 from .standby import StandbyPool
@@ -80,6 +81,8 @@ def engine_environment(settings: WorkerSettings, *, has_gpu: bool) -> dict[str, 
         # Every process of the engine asks Linux for the AMX state vLLM's CPU attention uses without asking for it
         # (engine_site/sitecustomize.py: else SIGILL at the first request on CPUs with AMX).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_SITE), env.get("PYTHONPATH", "")) if p)
+        if settings.cpu_engine_core_fork:
+            cpu_engine_environment(env)  # the libraries vLLM preloads for its EngineCore, which is forked
     return env
 
 
@@ -244,6 +247,8 @@ class EngineProcess:
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         if self.uniproc:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM's CPU platform refuses 'uni' without it
+            if self.settings.cpu_engine_core_fork:
+                fork_engine_core(env)  # EngineCore forked from the imported API server (engine_core_fork.py)
         if self.assignment.engine.enable_lora:
             # The runtime adapter API (worker/adapters.py); on loopback, and the worker relays no such route.
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

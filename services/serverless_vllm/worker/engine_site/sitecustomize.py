@@ -9,12 +9,24 @@ first request, seen on this project's AMX machines (tests/unit/test_amx_permissi
 allows it and allocates the larger state only when a thread uses the tiles; on a CPU without AMX, nothing.
 
 A `sitecustomize` of the environment's own, further on the path, still runs: it is found and executed after this.
+It also keeps an engine's explicit `VLLM_WORKER_MULTIPROC_METHOD=fork`, which vLLM's CPU platform overwrites with
+spawn (worker/engine_core_fork.py says why the worker asks for it): once `vllm.platforms.cpu` is imported, its
+`CpuPlatform.check_and_update_config` is wrapped to put the choice back after it ran.
+
 Standard library only, and quick: every process of the engine (API server, engine core, resource tracker) pays it.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import os
 import sys
+from types import ModuleType
+from typing import Any
+
+_START_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
+_CPU_PLATFORM = "vllm.platforms.cpu"
 
 
 def request_amx() -> bool:
@@ -55,5 +67,47 @@ def _chain() -> None:
     spec.loader.exec_module(module)
 
 
+def keep_start_method(module: ModuleType) -> bool:
+    """Wrap `module.CpuPlatform.check_and_update_config` so that an explicit fork survives it; False when vLLM has no
+    such method (another version: its own behaviour, unchanged)."""
+    platform = getattr(module, "CpuPlatform", None)
+    check = getattr(platform, "__dict__", {}).get("check_and_update_config")
+    if not isinstance(check, classmethod):
+        return False
+    original = check.__func__
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        asked = os.environ.get(_START_METHOD)
+        original(cls, vllm_config)
+        if asked == "fork":
+            os.environ[_START_METHOD] = "fork"
+
+    check_and_update_config.keeps_start_method = True  # type: ignore[attr-defined]
+    platform.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[union-attr]
+    return True
+
+
+class _AfterCpuPlatform(importlib.abc.MetaPathFinder):
+    """Finds `vllm.platforms.cpu` as the path finder does and wraps its platform once the module has run."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _CPU_PLATFORM:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        loader = spec.loader if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            keep_start_method(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 request_amx()
+# Always: a standby imports vLLM before it is adopted, and learns the engine's environment only then.
+sys.meta_path.insert(0, _AfterCpuPlatform())
 _chain()
