@@ -153,6 +153,11 @@ class Stack:
             # vLLM's "auto" binding pins every CPU engine's OpenMP threads to the same core: a busy engine's
             # spinning threads then starve a second engine starting beside it for minutes. Let the OS schedule.
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            # No standby engine: each of a worker's standbys (one at its start, another after each adoption) imports
+            # torch and vLLM (~10 s of CPU), and most stacks here start one engine per worker and stop, leaving the
+            # replacement unused (22 of 46 in one full run), CPU the whole suite is short of. The standby is
+            # tested end to end where it is on: test_e2e_http, test_cold_start_stream, test_engine, the appliance.
+            "STANDBY_ENGINES": "0",
             # Local development settings: no credentials (tests/test_security.py turns them on), and local model
             # paths allowed under the pytest session's temporary root (the tiny model, a missing model).
             "SVLLM_AUTH": "off",

@@ -195,9 +195,9 @@ class EngineProcess:
     @property
     def uniproc(self) -> bool:
         """vLLM's model worker inside the EngineCore process: on CPU with one rank, unless the operator chose an
-        executor. vLLM's CPU platform spawns (never forks) its processes, each importing torch and vLLM again:
-        one process fewer saves one import (about 7 s here) and its memory; metrics, aborts and crash detection
-        are the API server's and unchanged."""
+        executor. vLLM's CPU platform spawns its processes, each importing torch and vLLM again: one process fewer
+        saves one import (about 7 s here) and its memory; metrics, aborts and crash detection are the API server's
+        and unchanged. The one left, EngineCore, is forked instead (CPU_ENGINE_CORE_FORK, engine_core_fork.py)."""
         engine = self.assignment.engine
         chosen = "--distributed-executor-backend" in [*self.settings.engine_extra_args, *engine.extra_args]
         return not self.has_gpu and self.settings.cpu_engine_uniproc and engine.tensor_parallel_size == 1 and not chosen

@@ -13,7 +13,8 @@ It also keeps an engine's explicit `VLLM_WORKER_MULTIPROC_METHOD=fork`, which vL
 spawn (worker/engine_core_fork.py says why the worker asks for it): once `vllm.platforms.cpu` is imported, its
 `CpuPlatform.check_and_update_config` is wrapped to put the choice back after it ran.
 
-Standard library only, and quick: every process of the engine (API server, engine core, resource tracker) pays it.
+Standard library only, and quick: every program an engine starts pays it (the API server; the EngineCore and the
+resource tracker where vLLM spawns them; a forked EngineCore inherits what the API server did).
 """
 
 from __future__ import annotations
