@@ -155,8 +155,9 @@ class Stack:
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             # No standby engine: each of a worker's standbys (one at its start, another after each adoption) imports
             # torch and vLLM (~10 s of CPU), and most stacks here start one engine per worker and stop, leaving the
-            # replacement unused (22 of 46 in one full run), CPU the whole suite is short of. The standby is
-            # tested end to end where it is on: test_e2e_http, test_cold_start_stream, test_engine, the appliance.
+            # replacement unused (22 of 46 in one full run), CPU the whole suite is short of. The modules whose
+            # workers start engines again and again (restarts, cold starts) keep the default, and test the standby
+            # end to end: test_e2e_http, test_cold_start_stream, test_endpoints, test_faults, test_lifecycle.
             "STANDBY_ENGINES": "0",
             # Local development settings: no credentials (tests/test_security.py turns them on), and local model
             # paths allowed under the pytest session's temporary root (the tiny model, a missing model).
