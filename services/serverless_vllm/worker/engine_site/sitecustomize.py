@@ -83,7 +83,6 @@ def keep_start_method(module: ModuleType) -> bool:
         if asked == "fork":
             os.environ[_START_METHOD] = "fork"
 
-    check_and_update_config.keeps_start_method = True  # type: ignore[attr-defined]
     platform.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[union-attr]
     return True
 
