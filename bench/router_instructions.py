@@ -17,6 +17,8 @@ work (per second, not per request: a valgrind-slowed router serves ~50 requests 
 
     .venv/bin/python bench/router_instructions.py              # 504 requests a count, 2 rounds (about a minute)
     .venv/bin/python bench/router_instructions.py --quick      # 104 requests, 1 round
+    .venv/bin/python bench/router_instructions.py --keep DIR   # and keep callgrind's dumps there (one per count,
+                                                               # for callgrind_annotate: which C functions differ)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +77,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, help="requests per count, a multiple of 8 (default 504, quick 104)")
     p.add_argument("--rounds", type=int, help="counts of each configuration (default 2, quick 1)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--keep", type=Path, help="a folder to keep callgrind's dumps in (router.<pid>.<count>)")
     a = p.parse_args()
     a.requests = a.requests or (104 if a.quick else 504)
     a.rounds = a.rounds or (1 if a.quick else 2)
@@ -118,6 +122,9 @@ def main() -> None:
     finally:
         setup.stop()
         for f in out.parent.glob("*"):
+            if a.keep is not None:
+                a.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, a.keep)
             os.remove(f)
         out.parent.rmdir()
     write_result("router_instructions" + ("_quick" if a.quick else ""), result)

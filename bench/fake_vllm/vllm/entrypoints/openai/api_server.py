@@ -21,6 +21,8 @@ INTERVAL_S = float(os.environ.get("FAKE_TOKEN_INTERVAL_MS", "10")) / 1000.0
 
 
 def _completion(model: str, n: int) -> bytes:
+    # As vLLM 0.32 answers (CompletionResponse.model_dump() through Starlette's JSONResponse: compact, every field,
+    # its usage in UsageInfo's order), so that what the router reads of an answer is what it reads of vLLM's.
     return json.dumps(
         {
             "id": "cmpl-fake",
@@ -28,10 +30,33 @@ def _completion(model: str, n: int) -> bytes:
             "created": int(time.time()),
             "model": model,
             "choices": [
-                {"index": 0, "text": " lorem" * n, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+                {
+                    "index": 0,
+                    "text": " lorem" * n,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "token_ids": None,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": None,
+                    "routed_experts": None,
+                }
             ],
-            "usage": {"prompt_tokens": 26, "total_tokens": 26 + n, "completion_tokens": n},
-        }
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": {
+                "prompt_tokens": 26,
+                "total_tokens": 26 + n,
+                "completion_tokens": n,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
+            },
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
     ).encode()
 
 
