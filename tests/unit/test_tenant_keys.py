@@ -280,6 +280,19 @@ def test_new_limits_start_new_buckets() -> None:
     assert limiter.admit(active_key(KeyLimits(rpm=2))).headers["x-ratelimit-remaining-requests"] == "1"
 
 
+def test_a_key_remembers_its_states_for_its_own_limiter_only() -> None:
+    """The states a key object found are remembered on it (no lookup by name per request), for the limiter that
+    made them: another limiter (another router in the same process) keeps its own buckets."""
+    first, second, key = Limiter(Clock()), Limiter(Clock()), active_key(KeyLimits(rpm=1))
+    first.admit(key)
+    assert key.limit_states is not None and key.limit_states[1] == (first.state(key.id, key.limits),)
+    second.admit(key)  # its own full bucket
+    with pytest.raises(APIError):
+        first.admit(key)
+    with pytest.raises(APIError):
+        second.admit(key)
+
+
 def test_durations_as_openai_writes_them() -> None:
     assert [duration(s) for s in (0.0201, 1.5, 59.0, 60.0, 360.0)] == ["21ms", "1.5s", "59s", "1m0s", "6m0s"]
 

@@ -7,9 +7,11 @@ while the token bucket is above zero and its tokens are taken afterwards (the bu
 requests wait until it has refilled). Keys without limits never reach this module.
 
 Every request of a limited key passes here and its answer carries the six x-ratelimit-* headers, so this is on the
-hot path: the limits are copied out of their pydantic model once per key into plain slots, a key's header lines are
-written again only when its levels changed, and they go to the server as one block (dataplane/server_protocol.py,
-HEAD_LINES) rather than as six headers through uvicorn's checks (docs/benchmarks.md, keys made at run time).
+hot path: the limits are copied out of their pydantic model once per key into plain slots (as floats: arithmetic
+mixing an int of more than 30 bits with a float converts it each time), a key object remembers its states (no lookup
+by name per request), a key's header lines are written again only when its levels changed, and they go to the
+server as one block (dataplane/server_protocol.py, HEAD_LINES) rather than as six headers through uvicorn's checks
+(docs/benchmarks.md, keys made at run time).
 """
 
 from __future__ import annotations
@@ -58,15 +60,15 @@ class KeyState:
 
     def __init__(self, limits: KeyLimits, now: float) -> None:
         self.limits = limits  # what the buckets were made for: new limits (a key updated) start new buckets
-        self.rpm = limits.rpm or 0
-        self.tpm = limits.tpm or 0
+        self.rpm = float(limits.rpm or 0)  # per minute (0: no such limit)
+        self.tpm = float(limits.tpm or 0)
         self.max_concurrent = limits.max_concurrent or 0
-        self.requests = float(self.rpm)  # bucket levels: full
-        self.tokens = float(self.tpm)
+        self.requests = self.rpm  # bucket levels: full
+        self.tokens = self.tpm
         self.stamp = now
         self.in_flight = 0
-        self._requests_limit = b"%d" % self.rpm  # the limits as their headers write them (made once)
-        self._tokens_limit = b"%d" % self.tpm
+        self._requests_limit = b"%d" % (limits.rpm or 0)  # the limits as their headers write them (made once)
+        self._tokens_limit = b"%d" % (limits.tpm or 0)
         self._head_levels = (-1.0, -1.0)  # the levels its last lines were written for, and those lines
         self._head = b""
 
@@ -77,10 +79,10 @@ class KeyState:
             self.stamp = now
             if self.requests < self.rpm:
                 level = self.requests + elapsed * self.rpm / 60.0
-                self.requests = level if level < self.rpm else float(self.rpm)
+                self.requests = level if level < self.rpm else self.rpm
             if self.tokens < self.tpm:
                 level = self.tokens + elapsed * self.tpm / 60.0
-                self.tokens = level if level < self.tpm else float(self.tpm)
+                self.tokens = level if level < self.tpm else self.tpm
         return not (
             (self.rpm and self.requests < 1.0)
             or (self.tpm and self.tokens <= 0.0)
@@ -91,9 +93,9 @@ class KeyState:
         """The 429 of a state that is not ready (with the headers of its limits). The message names the key or its
         tenant."""
         if self.rpm and self.requests < 1.0:
-            wait, reached = (1.0 - self.requests) * 60.0 / self.rpm, f"{self.rpm} requests per minute"
+            wait, reached = (1.0 - self.requests) * 60.0 / self.rpm, f"{self.rpm:.0f} requests per minute"
         elif self.tpm and self.tokens <= 0.0:
-            wait, reached = (1.0 - self.tokens) * 60.0 / self.tpm, f"{self.tpm} tokens per minute"
+            wait, reached = (1.0 - self.tokens) * 60.0 / self.tpm, f"{self.tpm:.0f} tokens per minute"
         else:
             wait, reached = 1.0, ""
         who = f"key '{key.name}'" if self.limits is key.limits else f"tenant '{key.tenant}'"
@@ -130,7 +132,7 @@ class KeyState:
         return out
 
 
-def _reset(level: float, per_minute: int) -> bytes:
+def _reset(level: float, per_minute: float) -> bytes:
     """Time until a bucket at `level` is full again, as its header writes it."""
     seconds = (per_minute - level) * 60.0 / per_minute
     return b"%dms" % math.ceil(seconds * 1000) if seconds < 1.0 else duration(seconds).encode()
@@ -161,24 +163,19 @@ class Grant:
         fields = (line.partition(b": ") for line in self.head.split(b"\r\n") if line)
         return [(name, value) for name, _, value in fields]
 
-    def take(self, tokens: int) -> None:
-        """Tokens an answer used, taken from the token buckets now (a stream's as soon as its usage passes, before
-        its client has seen its end)."""
-        if tokens:
-            now = self._clock()
-            for state in self._states:
-                if state.tpm:
-                    state.ready(now)  # refilled up to now before the tokens are taken
-                    state.tokens -= tokens
-
     def finish(self, tokens: int) -> None:
-        """The request ended (once; later calls do nothing): its tokens are taken and its slots are free."""
+        """The request ended (once; later calls do nothing): the tokens its answer used are taken from the token
+        buckets (a stream's as soon as its usage passes, before its client has seen its end) and its slots are
+        free."""
         states = self._states
         if not states:
             return
-        self.take(tokens)
         self._states = ()
+        now = self._clock() if tokens else 0.0
         for state in states:
+            if tokens and state.tpm:
+                state.ready(now)  # refilled up to now before the tokens are taken
+                state.tokens -= tokens
             if state.max_concurrent:
                 state.in_flight -= 1
 
@@ -205,15 +202,22 @@ class Limiter:
         """Drop the state of keys and tenants no longer in the table."""
         self._states = {k: v for k, v in self._states.items() if keep(k)}
 
+    def states_of(self, key: ActiveKey) -> tuple[KeyState, ...]:
+        """The key's own state (which may limit nothing), and its tenant's where it has limits. Remembered on the
+        key object: its limits are fixed (a changed key is a new object), and forget() keeps the states of every
+        key of the table."""
+        if key.limit_states is not None and key.limit_states[0] is self:
+            return key.limit_states[1]
+        own = self.state(key.id, key.limits)
+        states = (own,) if key.tenant_limits is None else (own, self.state(TENANT + key.tenant, key.tenant_limits))
+        key.limit_states = (self, states)
+        return states
+
     def admit(self, key: ActiveKey) -> Grant:
         """Let one request of `key` in, or raise a 429 with Retry-After and the x-ratelimit-* headers. The key's
         own limits and its tenant's must both allow it; the headers are the key's own limits where it has them."""
         now = self._clock()
-        own = self._states.get(key.id)
-        if own is None or own.limits is not key.limits:
-            own = self.state(key.id, key.limits)  # a key without limits of its own: a state that limits nothing
-        shared = self.state(TENANT + key.tenant, key.tenant_limits) if key.tenant_limits is not None else None
-        states = (own,) if shared is None else (own, shared)
+        states = self.states_of(key)
         for state in states:
             if not state.ready(now):
                 raise state.refusal(key)
@@ -222,4 +226,5 @@ class Limiter:
                 state.requests -= 1.0
             if state.max_concurrent:
                 state.in_flight += 1
-        return Grant(states, own.head(shared), self._clock)
+        own = states[0]
+        return Grant(states, own.head(states[1] if len(states) > 1 else None), self._clock)

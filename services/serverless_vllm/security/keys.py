@@ -20,6 +20,7 @@ from ..schemas import KeyEntry, KeyLimits, KeyTable, Priority
 from ..schemas.keys import GLOB_CHARS
 
 if TYPE_CHECKING:  # the router's row type, named for the checker only (the router imports this module)
+    from ..router.limits import KeyState, Limiter
     from ..router.usage import Usage
 
 # Where the guard puts the verified key in the ASGI scope (absent: an environment key, the admin key, or auth off).
@@ -52,6 +53,8 @@ class ActiveKey:
     # The router's usage rows of this key by registered model (router/usage.py): found in one lookup per request,
     # and made anew with the key when its entry changes (another tenant or name counts in other rows).
     usage_rows: dict[str, Usage] = field(default_factory=dict)
+    # Its limit states in the router's limiter, and that limiter (router/limits.py): found without a lookup.
+    limit_states: tuple[Limiter, tuple[KeyState, ...]] | None = None
     _allowed: dict[str, bool] = field(default_factory=dict)
 
     def allows(self, alias: str) -> bool:
