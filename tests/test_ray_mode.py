@@ -604,8 +604,9 @@ def test_proxy_ingress_two_router_replicas_keep_their_own_consistent_tables(env:
     from serverless_vllm.ray_mode.ingress import wait_until_bindable
 
     serve.shutdown()
-    # Serve's proxy binds without SO_REUSEADDR too: wait out the stopped replica's TIME_WAIT connections.
-    wait_until_bindable("127.0.0.1", env.serve_port)
+    # Serve's proxy binds with SO_REUSEADDR, and so did the stopped replica (ingress.reuse_address_on_rebind): only
+    # a replica still listening is waited for, not its closed connections in TIME_WAIT.
+    wait_until_bindable("127.0.0.1", env.serve_port, reuse_address=True)
     env.router_replicas = 2
     env.deploy("--ingress", "proxy")
     status = yaml.safe_load(env.cluster.cli("serve", "status", "-a", env.cluster.dashboard))

@@ -13,6 +13,7 @@ passed as runtime_env variables of those actors, never set in a process's own en
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import socket
 import time
@@ -69,15 +70,56 @@ def deployment_options(ingress: Ingress, num_cpus: float) -> dict[str, Any]:
     }
 
 
-def wait_until_bindable(host: str, port: int, timeout_s: float = 120.0) -> None:
-    """Called by a direct-ingress replica before Serve binds the API port for it. Ray binds that socket without
-    SO_REUSEADDR, so the port of a replica that just stopped stays unusable while its closed connections sit in
-    TIME_WAIT (up to 60 s on Linux), and a failed bind makes the controller block the port for good."""
+def reuse_address_on_rebind() -> bool:
+    """In a direct-ingress replica, before Serve binds the API port: Serve (Ray 2.60) binds it without SO_REUSEADDR,
+    so after a redeploy the port stayed refused while the stopped replica's closed connections sat in TIME_WAIT (up
+    to 60 s on Linux, during which no router answered). Linux lets a socket bind over TIME_WAIT connections only when
+    it and the socket that had them both set SO_REUSEADDR: every replica now binds with it, and a replica that is
+    still listening still refuses the next one (no SO_REUSEPORT: two replicas never share the port). Serve's
+    private names are wrapped here; where they differ (another Ray), False, and the replica only waits
+    (wait_until_bindable)."""
+    try:
+        from ray.serve._private import http_util, replica
+    except ImportError:
+        return False
+    start = getattr(replica, "start_asgi_http_server", None)
+    if getattr(start, "reuses_address", False):
+        return True
+    if (
+        start is None
+        or not hasattr(http_util, "set_socket_reuse_port")
+        or "enable_so_reuseport" not in inspect.signature(start).parameters
+    ):
+        log.warning("Serve's replica server is not the one this was written for: a redeploy waits for TIME_WAIT")
+        return False
+
+    def reuse_address(sock: socket.socket) -> bool:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return True
+
+    async def start_reusing_address(*args: Any, **kwargs: Any) -> Any:
+        kwargs["enable_so_reuseport"] = True  # its socket option step, which now sets SO_REUSEADDR alone
+        return await start(*args, **kwargs)
+
+    start_reusing_address.reuses_address = True  # type: ignore[attr-defined]
+    # Only this replica's process: its one server is the direct-ingress one (Serve's proxy runs elsewhere).
+    http_util.set_socket_reuse_port = reuse_address
+    replica.start_asgi_http_server = start_reusing_address
+    return True
+
+
+def wait_until_bindable(host: str, port: int, timeout_s: float = 120.0, reuse_address: bool = False) -> None:
+    """Called by a direct-ingress replica before Serve binds the API port for it: a failed bind makes the controller
+    block the port for good. The probe binds as Serve will (`reuse_address`: reuse_address_on_rebind() is in
+    effect), so it waits for a replica still listening there and, without SO_REUSEADDR, for a stopped replica's
+    connections in TIME_WAIT (up to 60 s on Linux)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + timeout_s
     waited = False
     while True:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
                 break

@@ -12,7 +12,7 @@ from ..config import AuthSettings, RouterSettings
 from ..router.app import create_router_app
 from . import package_logging
 from .client import RayManagerClient
-from .ingress import Ingress, deployment_options, wait_until_bindable
+from .ingress import Ingress, deployment_options, reuse_address_on_rebind, wait_until_bindable
 
 # Settings that are per process or meaningless under Serve (Serve owns the socket; each replica names itself).
 _PER_REPLICA = {"router_id", "host", "port", "manager_url", "processes"}
@@ -30,7 +30,7 @@ class RouterIngress:
     ) -> None:
         package_logging()
         if api_address is not None:  # direct ingress: Serve binds this port for the replica after this returns
-            wait_until_bindable(*api_address)
+            wait_until_bindable(*api_address, reuse_address=reuse_address_on_rebind())
         # Built here, in the replica: each replica gets its own router_id, table and manager client.
         self._settings = RouterSettings(**settings)
         self._auth = auth  # from the deploying command: a replica's env is the raylet's, not the operator's
