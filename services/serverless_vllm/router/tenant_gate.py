@@ -191,18 +191,11 @@ def answered(response: Response, grant: Grant | None, row: Usage, strip: bool, h
             head.add_head_lines(grant.head)
         else:
             response.raw_headers.extend(grant.raw_headers())
-    if isinstance(response, StreamingResponse):
-        if response.status_code >= 400:
-            row.errors += 1
-        return Metered(response, grant, row, strip)
-    tokens = 0
-    if response.status_code < 400:
-        prompt, completion = body_tokens(bytes(response.body))
-        row.prompt_tokens += prompt
-        row.completion_tokens += completion
-        tokens = prompt + completion
-    else:
+    if response.status_code >= 400:
         row.errors += 1
+    if isinstance(response, StreamingResponse):
+        return Metered(response, grant, row, strip)
+    tokens = add(row, *body_tokens(bytes(response.body))) if response.status_code < 400 else 0
     if grant is not None:
         grant.finish(tokens)
     return response
