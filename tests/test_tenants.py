@@ -29,6 +29,9 @@ from .secure_harness import ADMIN_KEY, API_KEY, WORKER_TOKEN, SecureStack, beare
 ALIAS = "tiny"
 CAP = 2  # requests in flight per replica, per router
 ENGINE_SEQS = 2  # requests the engine runs at once (vLLM's --max-num-seqs)
+# The flood's requests: long enough that one batch of the engine outlasts a loaded machine's delay in the client
+# threads that note each answer (at 8 tokens a CI run saw the FIFO baseline's order blur by 6 answers).
+FLOOD_TOKENS = 32
 LONG_TOKENS = 16000  # the streams that hold slots: minutes of generation, closed (aborted) by the tests
 LATE_TOKENS = 64  # the late request's length: the margin between the two first tokens served_first orders
 CHAT = [{"role": "user", "content": "Tell me a long story about the sea and its ships."}]
@@ -404,7 +407,7 @@ def served_ahead(stack: SecureStack, url: str, tag: str) -> tuple[int, float]:
     answered: list[tuple[str, float]] = []
 
     def one(c: openai.OpenAI, who: str) -> None:
-        chat(c, 8)
+        chat(c, FLOOD_TOKENS)
         answered.append((who, time.monotonic()))
 
     with ThreadPoolExecutor(17) as pool:
