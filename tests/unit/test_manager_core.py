@@ -121,6 +121,62 @@ async def test_without_the_overhead_fractions_alone_decide(tmp_path: Path, clock
         assert sorted(r.alias for r in core.replicas.values()) == ["a", "b"]
 
 
+async def test_memory_others_use_keeps_replicas_off_a_gpu(core: ManagerCore, clock: Clock) -> None:
+    """What the workers' NVML says is used beyond our engines is not placed on: another job's 60 GB on GPU 0 sends a
+    replica of 0.5 to GPU 1 (by the claims alone it would go to GPU 0); and memory another job took while an engine
+    of ours slept stays out of placement, so that the engine can wake (its claim is kept)."""
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0), gpu(1)]))
+    await core.register_worker(
+        WorkerRegistration(worker_id="g1", url="http://127.0.0.1:8", gpus=[gpu(0)], sleep_supported=True)
+    )
+    clock.now += core.settings.heartbeat_timeout_s  # not just started: an unplaceable model fails at once
+    total = gpu(0).memory_total_mb
+    busy = gpu(0).model_copy(update={"memory_free_mb": total - 60_000})
+    await core.heartbeat(Heartbeat(worker_id="w1", gpus=[busy, gpu(1)]))
+    await core.heartbeat(Heartbeat(worker_id="g1", gpus=[busy]))  # no room on g1 either
+    await core.register_model(ModelSpec(alias="a", model_name="org/a", gpu_memory_utilization=0.5))
+    await core.reconcile()
+    assert [(r.worker_id, r.gpus) for r in core.replicas.values()] == [("w1", [1])]
+
+    # g1 freed, then `s` (kept: min_replicas 1) placed there and asleep, holding its context alone.
+    await core.heartbeat(Heartbeat(worker_id="g1", gpus=[gpu(0)]))
+    spec = ModelSpec(alias="s", model_name="org/s", gpu_memory_utilization=0.5, min_replicas=1)
+    await core.register_model(spec)
+    await core.reconcile()
+    (rid,) = [r.replica_id for r in core.replicas.values() if r.alias == "s" and r.worker_id == "g1"]
+    asleep = EngineStatus(replica_id=rid, alias="s", state=ReplicaState.SLEEPING, gpus=[0])
+    taken = gpu(0).model_copy(update={"memory_free_mb": total - 600 - 30_000})  # its context, another job's 30 GB
+    await core.heartbeat(Heartbeat(worker_id="g1", gpus=[taken], engines=[asleep]))
+    await core.heartbeat(Heartbeat(worker_id="w1", gpus=[busy, busy]))  # nor on w1
+    await core.register_model(ModelSpec(alias="b", model_name="org/b", gpu_memory_utilization=0.4))
+    await core.reconcile()
+    info = core.model_info("b")
+    assert info.state == "failed" and info.last_error is not None and "g1: " in info.last_error
+    assert f"gpu0: 0.11 ({600 + 30_000 - 1024} MiB in use outside our engines)" in info.last_error
+
+
+async def test_memory_others_use_stays_seen_while_an_engine_loads_beside_it(core: ManagerCore, clock: Clock) -> None:
+    """A loading engine holds only part of its claim: the reading then says less of the memory is another's than
+    the reading before it did, and that earlier one stands. Evicting `s` (loading beside another job's 30 GB) would
+    not make room for 0.65 of the GPU, so it is not evicted."""
+    await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
+    clock.now += core.settings.heartbeat_timeout_s
+    total = gpu(0).memory_total_mb
+    await core.heartbeat(Heartbeat(worker_id="w1", gpus=[gpu(0).model_copy(update={"memory_free_mb": total - 30_000})]))
+    await core.register_model(ModelSpec(alias="s", model_name="org/s", gpu_memory_utilization=0.3))
+    await core.reconcile()
+    (rid,) = [r.replica_id for r in core.replicas.values()]
+    loading = EngineStatus(replica_id=rid, alias="s", state=ReplicaState.STARTING, gpus=[0])
+    partly = gpu(0).model_copy(update={"memory_free_mb": total - 30_000 - 2_000})  # 2 GB of its 24 loaded so far
+    await core.heartbeat(Heartbeat(worker_id="w1", gpus=[partly], engines=[loading]))
+    await core.register_model(ModelSpec(alias="b", model_name="org/b", gpu_memory_utilization=0.65))
+    await core.reconcile()
+    assert [r.replica_id for r in core.replicas.values()] == [rid]
+    info = core.model_info("b")
+    assert info.state == "failed" and info.last_error is not None
+    assert "gpu0: 0.31 (30000 MiB in use outside our engines)" in info.last_error
+
+
 async def test_failed_engine_marks_model_failed_with_log(core: ManagerCore) -> None:
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
     await core.register_model(ModelSpec(alias="a", model_name="/nope"))

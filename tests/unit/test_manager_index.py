@@ -100,6 +100,8 @@ def reference_capacities(core: ManagerCore) -> dict[str, WorkerCapacity]:
             gpu_indices=[g.index for g in w.gpus],
             engine_overhead_mb=core.settings.gpu_engine_overhead_mb,
             gpu_total_mb={g.index: g.memory_total_mb for g in w.gpus},
+            # No engine reported here: whatever NVML says is used is outside our engines (manager/gpu_memory.py).
+            gpu_foreign_mb={g.index: g.memory_total_mb - g.memory_free_mb for g in w.gpus if not w.engines},
             cpu_slots=w.registration.cpu_slots,
         )
         for w in core.workers.all()

@@ -1,6 +1,7 @@
 """Placement: memory-aware GPU sharing, CPU fallback, explained rejections, LRU eviction."""
 
 import pytest
+from serverless_vllm.manager.gpu_memory import foreign_memory_mb
 from serverless_vllm.manager.placement import (
     EvictionCandidate,
     PlacementError,
@@ -9,7 +10,7 @@ from serverless_vllm.manager.placement import (
     place,
     plan_eviction,
 )
-from serverless_vllm.schemas import EngineArgs, PlacementRejection
+from serverless_vllm.schemas import EngineArgs, EngineStatus, GPUInfo, PlacementRejection, ReplicaState
 
 
 def gpu_worker(wid: str, n: int = 2, claims: dict[int, float] | None = None, healthy: bool = True) -> WorkerCapacity:
@@ -144,3 +145,62 @@ def test_a_gpu_alone_takes_any_fraction_and_an_eviction_frees_the_overhead() -> 
     candidates = [EvictionCandidate("a-1", "w1", [0], 1.0, last_used=1.0)]
     plan = plan_eviction("b", EngineArgs(gpu_memory_utilization=1.0), workers, candidates)
     assert plan is not None and plan[1] == ["a-1"]  # the GPU alone again once `a` goes: 1.0 fits
+
+
+def test_memory_others_use_is_not_free() -> None:
+    """Another job's 60 GB on GPU 0: a replica of 0.5 goes to GPU 1 (by the claims alone, best fit takes GPU 0),
+    a fraction that fits beside it still goes to GPU 0, and a rejection says how much others use."""
+    foreign = WorkerCapacity(
+        worker_id="w1",
+        healthy=True,
+        gpu_indices=[0, 1],
+        engine_overhead_mb=OVERHEAD_MB,
+        gpu_total_mb={0: H100_MB, 1: H100_MB},
+        gpu_foreign_mb={0: 60_000},
+    )
+    assert place("a", EngineArgs(gpu_memory_utilization=0.5), [foreign]).gpus == [1]
+    assert place("a", EngineArgs(gpu_memory_utilization=0.26), [foreign]).gpus == [0]  # 1 - 60,000 / 81,559: 0.264
+    with pytest.raises(PlacementError) as err:
+        place("a", EngineArgs(gpu_memory_utilization=0.5, tensor_parallel_size=2), [foreign])
+    assert "gpu0: 0.26 (60000 MiB in use outside our engines), gpu1: 1.00" in str(err.value)
+
+
+def gpu_at(index: int, used_mb: int) -> GPUInfo:
+    return GPUInfo(
+        index=index, name="NVIDIA H100", uuid=f"GPU-{index}", memory_total_mb=H100_MB, memory_free_mb=H100_MB - used_mb
+    )
+
+
+def test_foreign_memory_is_what_our_engines_cannot_hold() -> None:
+    """NVML's used memory less, per engine of ours on the GPU, its claim and its memory outside it while it may hold
+    them, or only the latter while asleep; an engine the manager does not know counts as another's, a failed one
+    holds nothing."""
+    fractions = {"a": 0.5, "b": 0.25, "failed": 0.2}
+    half = int(0.5 * H100_MB)
+
+    def engine(rid: str, state: ReplicaState, gpus: list[int]) -> EngineStatus:
+        return EngineStatus(replica_id=rid, alias=rid, state=state, gpus=gpus)
+
+    def foreign(gpus: list[GPUInfo], *engines: EngineStatus) -> dict[int, int]:
+        return foreign_memory_mb(gpus, engines, fractions, OVERHEAD_MB)
+
+    # No engine of ours: all of it (here an idle GPU's 500 MiB and another job's 20,000).
+    assert foreign([gpu_at(0, 500), gpu_at(1, 20_500)]) == {0: 500, 1: 20_500}
+    # An engine serving with its whole claim and its context: nothing is another's; 30,000 MiB more is.
+    serving = engine("a", ReplicaState.READY, [0])
+    assert foreign([gpu_at(0, half + 900)], serving) == {}
+    assert foreign([gpu_at(0, half + 900 + 30_000)], serving) == {
+        0: int(half + 900 + 30_000 - 0.5 * H100_MB - OVERHEAD_MB)
+    }
+    # Asleep, it released its claim's memory (which stays claimed): what is used beyond its context is another's.
+    asleep = engine("a", ReplicaState.SLEEPING, [0])
+    assert foreign([gpu_at(0, 800 + 30_000)], asleep) == {0: 800 + 30_000 - OVERHEAD_MB}
+    # Tensor-parallel engines count on each of their GPUs; a stray engine's memory is another's; a failed engine's
+    # process is gone: nothing of it is subtracted.
+    tp = engine("b", ReplicaState.STARTING, [0, 1])
+    stray = engine("stray", ReplicaState.READY, [1])
+    quarter = int(0.25 * H100_MB)
+    used = [gpu_at(0, quarter + 1000), gpu_at(1, quarter + 1000 + 7000)]
+    assert foreign(used, tp, stray, engine("failed", ReplicaState.FAILED, [1])) == {
+        1: int(quarter + 8000 - 0.25 * H100_MB - OVERHEAD_MB)
+    }

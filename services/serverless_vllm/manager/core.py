@@ -45,6 +45,7 @@ from ..schemas import (
     WorkerRegistration,
     WorkerState,
 )
+from . import gpu_memory
 from .adapters import AdapterManager
 from .autoscale import Demand
 from .draining import retire
@@ -239,6 +240,7 @@ class ManagerCore:
             len(reg.engines),
         )
         self.reports.apply(record)
+        gpu_memory.observe(record, self.replicas, self.settings.gpu_engine_overhead_mb)
         self.adapters.fold_reports(record)
         self.model_cache.fold(reg.worker_id, reg.cache)  # after its engines: a serving model is not failed
         self.model_cache.worker_joined(record)
@@ -258,6 +260,7 @@ class ManagerCore:
             self._poke()
         # A worker back to healthy re-enters routing (one leaving leaves it): rebuild even if no replica changed.
         self.reports.apply(record, rebuild=not was_healthy or hb.leaving)
+        gpu_memory.observe(record, self.replicas, self.settings.gpu_engine_overhead_mb)
         self.adapters.fold_reports(record)
         self.model_cache.fold(hb.worker_id, hb.cache)
         if hb.leaving and not self.replicas.of_worker(hb.worker_id):

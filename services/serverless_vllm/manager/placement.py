@@ -9,6 +9,8 @@ On a shared GPU the fractions are not all: vLLM checks at start that the memory 
 context and with the other engines' contexts in use, is at least u of the GPU (its budget does not hold what was in
 use before it measured). So a GPU with engines on it keeps, for each engine and the newcomer, `engine_overhead_mb`
 of its memory outside the claims (GPU_ENGINE_OVERHEAD_MB); a GPU alone takes any u, as vLLM would started by hand.
+Memory that other processes use (another job, an engine a crashed worker left behind) is not free either: it is
+measured from the worker's heartbeats (gpu_memory.py) and left out as well.
 """
 
 from __future__ import annotations
@@ -36,17 +38,23 @@ class WorkerCapacity:
     # (its record's own mapping, shared: a snapshot of 3,000 workers copies nothing per GPU).
     engine_overhead_mb: float = 0.0
     gpu_total_mb: Mapping[int, int] = field(default_factory=dict)
+    # Each GPU's memory in use outside this fleet's engines, from the worker's last heartbeat (gpu_memory.py).
+    gpu_foreign_mb: Mapping[int, int] = field(default_factory=dict)
     cpu_slots: int = 0
     cpu_used: int = 0
     aliases: set[str] = field(default_factory=set)  # models with a replica here already
 
     def free_fraction(self, gpu: int) -> float:
-        """What a new engine may still ask for on `gpu`: the unclaimed memory, less, on a GPU with engines on it,
-        each engine's memory outside its claim (theirs and the newcomer's: the module's docstring)."""
+        """What a new engine may still ask for on `gpu`: the unclaimed memory, less the memory others use there,
+        and, on a GPU with engines on it, each engine's memory outside its claim (theirs and the newcomer's: the
+        module's docstring)."""
         free = 1.0 - self.gpu_claims.get(gpu, 0.0)
+        total = self.gpu_total_mb.get(gpu)
+        if not total:
+            return free
         engines = self.gpu_engines.get(gpu, 0)
-        total = self.gpu_total_mb.get(gpu) if engines else None
-        return free - (engines + 1) * self.engine_overhead_mb / total if total else free
+        outside = self.gpu_foreign_mb.get(gpu, 0) + ((engines + 1) * self.engine_overhead_mb if engines else 0.0)
+        return free - outside / total
 
 
 @dataclass(frozen=True)
@@ -81,10 +89,15 @@ def _fit_gpus(worker: WorkerCapacity, need: int, fraction: float) -> list[int] |
 def _gpu_rejection(worker: WorkerCapacity, need: int, fraction: float) -> str:
     if len(worker.gpu_indices) < need:
         return f"has {len(worker.gpu_indices)} GPU(s), model needs tensor_parallel_size={need}"
-    free = ", ".join(f"gpu{g}: {worker.free_fraction(g):.2f}" for g in worker.gpu_indices)
+    free = ", ".join(f"gpu{g}: {worker.free_fraction(g):.2f}{_foreign(worker, g)}" for g in worker.gpu_indices)
     shared = worker.engine_overhead_mb and any(worker.gpu_engines.get(g) for g in worker.gpu_indices)
     overhead = " (less each engine's memory outside its claim, GPU_ENGINE_OVERHEAD_MB)" if shared else ""
     return f"needs {need} GPU(s) with {fraction:.2f} unclaimed memory each; unclaimed{overhead}: {free}"
+
+
+def _foreign(worker: WorkerCapacity, gpu: int) -> str:
+    mb = worker.gpu_foreign_mb.get(gpu, 0)
+    return f" ({mb} MiB in use outside our engines)" if mb else ""
 
 
 def place(alias: str, engine: EngineArgs, workers: list[WorkerCapacity]) -> Placement:

@@ -231,6 +231,7 @@ class Reconciler:
             gpu_indices=[g.index for g in record.gpus],
             engine_overhead_mb=self._overhead_mb,
             gpu_total_mb=record.gpu_total_mb,
+            gpu_foreign_mb=record.gpu_foreign_mb,
             cpu_slots=record.registration.cpu_slots,
         )
         for r in self._replicas.of_worker(record.worker_id):

@@ -19,6 +19,10 @@ class WorkerRecord:
     host_memory: HostMemory | None = None  # as its last registration or heartbeat measured it
     # Each GPU's memory by index, as registered (a GPU's size does not change; heartbeats replace `gpus` each beat).
     gpu_total_mb: dict[int, int] = field(default_factory=dict)
+    # Each GPU's memory in use outside our engines (gpu_memory.py: what placement leaves out), and the last such
+    # estimate made while no engine of ours there was loading, waking or stopping.
+    gpu_foreign_mb: dict[int, int] = field(default_factory=dict)
+    gpu_foreign_settled_mb: dict[int, int] = field(default_factory=dict)
 
     @property
     def worker_id(self) -> str:

@@ -1,0 +1,76 @@
+"""GPU memory in use outside this fleet's engines, per GPU of a worker, from its registration and heartbeats.
+
+Claims alone (placement.py) assume a GPU holds nothing but our engines. Another team's job, a notebook, or an
+engine left behind by a crashed worker holds memory too, and vLLM refuses to start where the memory free at its
+start is less than its gpu_memory_utilization of the GPU. NVML's used memory (every process) less what this
+fleet's engines on the GPU may hold is that other use:
+
+- an engine that is loading, serving, waking or stopping: its claim of the GPU and its memory outside the claim
+  (GPU_ENGINE_OVERHEAD_MB);
+- an engine asleep: only the memory outside its claim (sleep releases its weights and cache; the claim stays
+  reserved for its wake);
+- an engine the manager does not know (no replica of that id): nothing, so its memory counts as other use; a failed
+  one: nothing (its process is gone).
+
+While an engine is loading, waking or stopping it holds less than that bound, so the estimate would err low on its
+GPUs; there the last estimate made without such an engine on the GPU stands when it is larger (memory others took
+meanwhile is seen once the engine settles). A GPU without an engine of ours is measured exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from ..schemas import EngineStatus, GPUInfo, ReplicaState
+from .replicas import ReplicaIndex
+from .workers import WorkerRecord
+
+# States in which an engine's process may hold its whole claim (the moving ones on their way to or from it).
+_MOVING = frozenset({ReplicaState.STARTING, ReplicaState.WAKING, ReplicaState.STOPPING})
+_HOLDING = _MOVING | {ReplicaState.READY}
+
+
+def foreign_memory_mb(
+    gpus: Iterable[GPUInfo], engines: Iterable[EngineStatus], fractions: Mapping[str, float], overhead_mb: float
+) -> dict[int, int]:
+    """GPU index -> MiB in use outside our engines, as one reading tells it (GPUs with none left out).
+    `fractions`: the claim on each of its GPUs of every replica the manager placed on the worker, by id."""
+    claimed: dict[int, float] = {}  # GPU index -> the claims of our engines that may hold them
+    engines_on: dict[int, int] = {}  # GPU index -> our engines on it
+    for engine in engines:
+        fraction = fractions.get(engine.replica_id)
+        if fraction is None:
+            continue
+        if engine.state not in _HOLDING:
+            if engine.state is not ReplicaState.SLEEPING:
+                continue
+            fraction = 0.0
+        for index in engine.gpus:
+            claimed[index] = claimed.get(index, 0.0) + fraction
+            engines_on[index] = engines_on.get(index, 0) + 1
+    foreign: dict[int, int] = {}
+    for gpu in gpus:
+        total = gpu.memory_total_mb
+        other: float = total - gpu.memory_free_mb
+        if gpu.index in engines_on:
+            other -= claimed[gpu.index] * total + engines_on[gpu.index] * overhead_mb
+        if other >= 1:
+            foreign[gpu.index] = int(other)
+    return foreign
+
+
+def observe(record: WorkerRecord, replicas: ReplicaIndex, overhead_mb: float) -> None:
+    """Update the worker's `gpu_foreign_mb` (what placement reads) from its last report."""
+    if not record.gpus:
+        return  # a CPU worker
+    fractions = {r.replica_id: r.fraction for r in replicas.of_worker(record.worker_id)}
+    engines = record.engines.values()
+    current = foreign_memory_mb(record.gpus, engines, fractions, overhead_mb)
+    moving = {g for e in engines if e.state in _MOVING and e.replica_id in fractions for g in e.gpus}
+    settled = record.gpu_foreign_settled_mb
+    for gpu in record.gpus:
+        if gpu.index not in moving:
+            settled[gpu.index] = current.get(gpu.index, 0)
+        elif settled.get(gpu.index, 0) > current.get(gpu.index, 0):
+            current[gpu.index] = settled[gpu.index]
+    record.gpu_foreign_mb = current
