@@ -38,6 +38,7 @@ def test_memory_another_process_holds_is_not_placed_on(tmp_path: Path) -> None:
         register(stack, "half", folder, 0.5)
         refused = stack.wait_model("half", "failed", timeout=60)
         assert f"gpu0: 0.39 ({FOREIGN_MB} MiB in use outside our engines)" in refused["last_error"], refused
+        assert stack.workers_by_id()["g1"]["foreign_memory_mb"] == {"0": FOREIGN_MB}  # what operators see
         register(stack, "third", folder, 0.3)
         stack.wait_model("third", "ready", timeout=90)
         chat = stack.openai(timeout=60).chat.completions.create(

@@ -87,7 +87,15 @@ def worker_row(info: WorkerInfo) -> dict[str, Any]:
         "url": info.url,
         "state": info.state.value,
         "heartbeat_age_s": round(info.heartbeat_age_s, 1),
-        "gpus": [{"index": g.index, "name": g.name, "memory_total_mb": g.memory_total_mb} for g in info.gpus],
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "memory_total_mb": g.memory_total_mb,
+                "memory_foreign_mb": info.foreign_memory_mb.get(g.index, 0),
+            }
+            for g in info.gpus
+        ],
         "cpu_slots": info.cpu_slots,
         "engines": [{"replica_id": e.replica_id, "alias": e.alias, "state": e.state.value} for e in info.engines],
     }
@@ -125,7 +133,12 @@ def _gpus(row: dict[str, Any]) -> str:
     if not row["gpus"]:
         return f"cpu, {row['cpu_slots']} slot{'s' if row['cpu_slots'] != 1 else ''}"
     names = Counter(g["name"] for g in row["gpus"])
-    return ", ".join(f"{n} x {name}" for name, n in names.items())
+    # Memory others hold (placement leaves it out), from 1 GiB: an idle GPU's driver reserves a few hundred MiB.
+    others = [
+        f"gpu{g['index']} {g['memory_foreign_mb'] / 1024:.1f}" for g in row["gpus"] if g["memory_foreign_mb"] >= 1024
+    ]
+    used = f" (GiB used by others: {', '.join(others)})" if others else ""
+    return ", ".join(f"{n} x {name}" for name, n in names.items()) + used
 
 
 def _age(seconds: float) -> str:

@@ -73,6 +73,7 @@ FLEET = FleetStatus(
             sleep_supported=True,
             heartbeat_age_s=1.234,
             engines=[_engine("qwen-1", "qwen", ReplicaState.READY)],
+            foreign_memory_mb={0: 500, 1: 50_000},  # an idle GPU's driver share; another job's 50,000 MiB
         ),
         WorkerInfo(
             worker_id="cpu-b",
@@ -94,9 +95,9 @@ embed   embed     cold    0/0    -
 qwen    generate  ready   1/2    gpu-a (gpu 0,1) ready, cpu-b (cpu) starting
 broken failed: engine exited with 1
 
-WORKER  HEALTH     HEARTBEAT  GPUS             ENGINES
-cpu-b   unhealthy  5 min ago  cpu, 2 slots     qwen starting
-gpu-a   healthy    1.2 s ago  2 x NVIDIA H100  qwen ready"""
+WORKER  HEALTH     HEARTBEAT  GPUS                                             ENGINES
+cpu-b   unhealthy  5 min ago  cpu, 2 slots                                     qwen starting
+gpu-a   healthy    1.2 s ago  2 x NVIDIA H100 (GiB used by others: gpu1 48.8)  qwen ready"""
 
 
 def test_tables_are_aligned_and_say_what_runs_where() -> None:
@@ -134,6 +135,7 @@ def test_json_document_has_the_rows_of_the_tables() -> None:
     assert [w["worker_id"] for w in doc["workers"]] == ["cpu-b", "gpu-a"]
     gpu_a = doc["workers"][1]
     assert gpu_a["state"] == "healthy" and gpu_a["heartbeat_age_s"] == 1.2 and len(gpu_a["gpus"]) == 2
+    assert [g["memory_foreign_mb"] for g in gpu_a["gpus"]] == [500, 50_000]
     assert gpu_a["engines"] == [{"replica_id": "qwen-1", "alias": "qwen", "state": "ready"}]
 
 

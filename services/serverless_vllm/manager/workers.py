@@ -44,6 +44,7 @@ class WorkerRecord:
             heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
             engines=list(self.engines.values()),
             host_memory=self.host_memory,
+            foreign_memory_mb=dict(self.gpu_foreign_mb),
         )
 
 

@@ -107,6 +107,8 @@ class WorkerInfo(BaseModel):
     heartbeat_age_s: float
     engines: list[EngineStatus]
     host_memory: HostMemory | None = None
+    # Each GPU's memory in use outside this fleet's engines, by GPU index (MiB; placement leaves it out).
+    foreign_memory_mb: dict[int, int] = {}
 
 
 class FleetStatus(BaseModel):
