@@ -293,32 +293,6 @@ async def test_idle_gpu_replica_sleeps_then_wakes_on_demand(core: ManagerCore, c
     assert assignment.replica_id == rid and not assignment.asleep  # woken, not a new cold start
 
 
-async def test_a_sleeping_replica_whose_memory_others_took_is_placed_anew(core: ManagerCore, clock: Clock) -> None:
-    """While `a` slept on g1, another job took 60 GB of that GPU: waking it would fail (vLLM allocates its weights
-    and cache again), so on demand it is stopped and a new replica placed where there is room (w2)."""
-    from serverless_vllm.schemas import DemandReport
-
-    await core.register_worker(WorkerRegistration(worker_id="g1", url=NOWHERE, gpus=[gpu(0)], sleep_supported=True))
-    await core.register_model(ModelSpec(alias="a", model_name="org/a", idle_timeout_s=5, gpu_memory_utilization=0.5))
-    await core.reconcile()
-    rid = (await core.heartbeat(Heartbeat(worker_id="g1"))).assignments[0].replica_id
-    ready = EngineStatus(replica_id=rid, alias="a", state=ReplicaState.READY, gpus=[0])
-    for _ in range(6):  # idle past its timeout: put to sleep, its claim kept
-        clock.now += 1
-        await core.heartbeat(Heartbeat(worker_id="g1", engines=[ready]))
-        await core.reconcile()
-    replica = core.replicas.get(rid)
-    assert replica is not None and replica.asleep
-    asleep = ready.model_copy(update={"state": ReplicaState.SLEEPING})
-    taken = gpu(0).model_copy(update={"memory_free_mb": gpu(0).memory_total_mb - 600 - 60_000})
-    await core.heartbeat(Heartbeat(worker_id="g1", gpus=[taken], engines=[asleep]))
-    await core.register_worker(WorkerRegistration(worker_id="w2", url=NOWHERE, gpus=[gpu(0)]))
-    await core.report_demand(DemandReport(router_id="r1", wake=["a"]))
-    await core.reconcile()
-    assert replica.state is ReplicaState.STOPPING and not replica.asleep
-    assert [r.worker_id for r in core.replicas.values() if r.replica_id != rid] == ["w2"]
-
-
 async def test_cpu_worker_stops_idle_replica(core: ManagerCore, clock: Clock) -> None:
     await core.register_worker(WorkerRegistration(worker_id="c1", url=NOWHERE, cpu_slots=1))
     await core.register_model(ModelSpec(alias="a", model_name="org/a", idle_timeout_s=5))

@@ -172,13 +172,6 @@ def release(workers: list[WorkerCapacity], worker_id: str, gpus: list[int], frac
             return
 
 
-def room_left(worker: WorkerCapacity, gpus: list[int], fraction: float) -> bool:
-    """Whether a replica counted on `worker` (its claim of `fraction` on `gpus`) would be placed there now, as if
-    anew: memory others took meanwhile may have left it none. Releases that claim from `worker` to ask."""
-    release([worker], worker.worker_id, gpus, fraction)
-    return all(worker.free_fraction(g) + _EPS >= fraction for g in gpus)
-
-
 @dataclass(frozen=True)
 class EvictionCandidate:
     replica_id: str

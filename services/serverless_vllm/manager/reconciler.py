@@ -21,7 +21,7 @@ from ..metrics.manager import ManagerMetrics
 from ..schemas import ReplicaState, WorkerState
 from .autoscale import Demand, next_target
 from .draining import freeing, removal_order, retire, serving
-from .placement import EvictionCandidate, PlacementError, WorkerCapacity, place, plan_eviction, room_left
+from .placement import EvictionCandidate, PlacementError, WorkerCapacity, place, plan_eviction
 from .registry import ModelRecord, ModelRegistry
 from .replicas import Replica, ReplicaIndex
 from .routing_publisher import RoutingPublisher
@@ -173,10 +173,6 @@ class Reconciler:
         missing = model.scale.target - len(awake)
         while missing > 0 and asleep:  # the warm tier first: waking takes seconds, a cold start much longer
             replica = asleep.pop(0)
-            if not self._room_to_wake(replica):
-                # Its wake would fail (vLLM allocates its weights and cache again): a new replica is placed instead.
-                retire(replica, now, "other processes took its GPU memory while it slept: placed anew")
-                continue
             replica.asleep = False
             replica.state = ReplicaState.WAKING
             replica.start_at = now
@@ -203,12 +199,6 @@ class Reconciler:
         for replica in asleep:
             if now - replica.asleep_since >= spec.idle_timeout_s:
                 retire(replica, now, "asleep longer than its idle timeout: unloading")
-
-    def _room_to_wake(self, replica: Replica) -> bool:
-        record = self._workers.get(replica.worker_id)
-        if record is None or not replica.gpus:
-            return True
-        return room_left(self._capacity(record), replica.gpus, replica.fraction)
 
     # ------------------------------------------------------------------ replicas and capacity
 
