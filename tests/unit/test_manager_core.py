@@ -10,6 +10,7 @@ from serverless_vllm.config import ManagerSettings
 from serverless_vllm.errors import APIError
 from serverless_vllm.manager.core import ManagerCore
 from serverless_vllm.schemas import (
+    DemandReport,
     EngineStatus,
     Heartbeat,
     ModelSpec,
@@ -123,8 +124,8 @@ async def test_without_the_overhead_fractions_alone_decide(tmp_path: Path, clock
 
 async def test_memory_others_use_keeps_replicas_off_a_gpu(core: ManagerCore, clock: Clock) -> None:
     """What the workers' NVML says is used beyond our engines is not placed on: another job's 60 GB on GPU 0 sends a
-    replica of 0.5 to GPU 1 (by the claims alone it would go to GPU 0); and memory another job took while an engine
-    of ours slept stays out of placement, so that the engine can wake (its claim is kept)."""
+    replica of 0.5 to GPU 1 (by the claims alone it would go to GPU 0); beside an engine of ours serving with its
+    claim, another job's 30 GB leaves no room for 0.4 more (without it, 0.47 would be free)."""
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0), gpu(1)]))
     await core.register_worker(
         WorkerRegistration(worker_id="g1", url="http://127.0.0.1:8", gpus=[gpu(0)], sleep_supported=True)
@@ -138,27 +139,28 @@ async def test_memory_others_use_keeps_replicas_off_a_gpu(core: ManagerCore, clo
     await core.reconcile()
     assert [(r.worker_id, r.gpus) for r in core.replicas.values()] == [("w1", [1])]
 
-    # g1 freed, then `s` (kept: min_replicas 1) placed there and asleep, holding its context alone.
+    # g1 freed, then `s` (kept: min_replicas 1) placed there and serving, with another job's 30 GB beside it.
     await core.heartbeat(Heartbeat(worker_id="g1", gpus=[gpu(0)]))
     spec = ModelSpec(alias="s", model_name="org/s", gpu_memory_utilization=0.5, min_replicas=1)
     await core.register_model(spec)
     await core.reconcile()
     (rid,) = [r.replica_id for r in core.replicas.values() if r.alias == "s" and r.worker_id == "g1"]
-    asleep = EngineStatus(replica_id=rid, alias="s", state=ReplicaState.SLEEPING, gpus=[0])
-    taken = gpu(0).model_copy(update={"memory_free_mb": total - 600 - 30_000})  # its context, another job's 30 GB
-    await core.heartbeat(Heartbeat(worker_id="g1", gpus=[taken], engines=[asleep]))
+    serving = EngineStatus(replica_id=rid, alias="s", state=ReplicaState.READY, gpus=[0])
+    taken = gpu(0).model_copy(update={"memory_free_mb": total - total // 2 - 900 - 30_000})
+    await core.heartbeat(Heartbeat(worker_id="g1", gpus=[taken], engines=[serving]))
     await core.heartbeat(Heartbeat(worker_id="w1", gpus=[busy, busy]))  # nor on w1
     await core.register_model(ModelSpec(alias="b", model_name="org/b", gpu_memory_utilization=0.4))
     await core.reconcile()
     info = core.model_info("b")
     assert info.state == "failed" and info.last_error is not None and "g1: " in info.last_error
-    assert f"gpu0: 0.11 ({600 + 30_000 - 1024} MiB in use outside our engines)" in info.last_error
+    # Used: 40,779 + 900 + 30,000 MiB; ours: 0.5 of 81,559 and its 1,024 outside the claim.
+    assert "gpu0: 0.11 (29875 MiB in use outside our engines)" in info.last_error
 
 
 async def test_memory_others_use_stays_seen_while_an_engine_loads_beside_it(core: ManagerCore, clock: Clock) -> None:
-    """A loading engine holds only part of its claim: the reading then says less of the memory is another's than
-    the reading before it did, and that earlier one stands. Evicting `s` (loading beside another job's 30 GB) would
-    not make room for 0.65 of the GPU, so it is not evicted."""
+    """A loading engine holds only part of its claim, and one asleep too: the readings then say less of the memory is
+    another's than the reading before did, and that earlier one stands. Evicting `s` (loading, then asleep, beside
+    another job's 30 GB) would not make room for 0.65 of the GPU, so it is not evicted."""
     await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, gpus=[gpu(0)]))
     clock.now += core.settings.heartbeat_timeout_s
     total = gpu(0).memory_total_mb
@@ -175,6 +177,20 @@ async def test_memory_others_use_stays_seen_while_an_engine_loads_beside_it(core
     info = core.model_info("b")
     assert info.state == "failed" and info.last_error is not None
     assert "gpu0: 0.31 (30000 MiB in use outside our engines)" in info.last_error
+    # Loaded (0.3 of the GPU and 900 MiB outside it), then asleep keeping 3 GB: the loaded reading stands.
+    ready = loading.model_copy(update={"state": ReplicaState.READY})
+    loaded = gpu(0).model_copy(update={"memory_free_mb": total - 30_000 - int(0.3 * total) - 900})
+    await core.heartbeat(Heartbeat(worker_id="w1", gpus=[loaded], engines=[ready]))
+    asleep = loading.model_copy(update={"state": ReplicaState.SLEEPING})
+    kept = gpu(0).model_copy(update={"memory_free_mb": total - 30_000 - 3_000})
+    await core.heartbeat(Heartbeat(worker_id="w1", gpus=[kept], engines=[asleep]))
+    clock.now += core.settings.failed_retry_after_s
+    await core.report_demand(DemandReport(router_id="r1", wake=["b"]))  # a request for `b` again
+    await core.reconcile()
+    assert [r.replica_id for r in core.replicas.values()] == [rid]
+    info = core.model_info("b")
+    assert info.state == "failed" and info.last_error is not None
+    assert "gpu0: 0.31 (29875 MiB in use outside our engines)" in info.last_error
 
 
 async def test_failed_engine_marks_model_failed_with_log(core: ManagerCore) -> None:

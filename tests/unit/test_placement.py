@@ -172,9 +172,9 @@ def gpu_at(index: int, used_mb: int) -> GPUInfo:
 
 
 def test_foreign_memory_is_what_our_engines_cannot_hold() -> None:
-    """NVML's used memory less, per engine of ours on the GPU, its claim and its memory outside it while it may hold
-    them, or only the latter while asleep; an engine the manager does not know counts as another's, a failed one
-    holds nothing."""
+    """NVML's used memory less, per engine of ours on the GPU, its claim and its memory outside it (asleep too: what it
+    keeps then is not reported); an engine the manager does not know counts as another's, a failed one holds
+    nothing."""
     fractions = {"a": 0.5, "b": 0.25, "failed": 0.2}
     half = int(0.5 * H100_MB)
 
@@ -192,9 +192,10 @@ def test_foreign_memory_is_what_our_engines_cannot_hold() -> None:
     assert foreign([gpu_at(0, half + 900 + 30_000)], serving) == {
         0: int(half + 900 + 30_000 - 0.5 * H100_MB - OVERHEAD_MB)
     }
-    # Asleep, it released its claim's memory (which stays claimed): what is used beyond its context is another's.
+    # Asleep it holds less (and its claim is kept for its wake): counted as its claim all the same.
     asleep = engine("a", ReplicaState.SLEEPING, [0])
-    assert foreign([gpu_at(0, 800 + 30_000)], asleep) == {0: 800 + 30_000 - OVERHEAD_MB}
+    assert foreign([gpu_at(0, 3000 + 30_000)], asleep) == {}
+    assert foreign([gpu_at(0, half + 900 + 30_000)], asleep) == foreign([gpu_at(0, half + 900 + 30_000)], serving)
     # Tensor-parallel engines count on each of their GPUs; a stray engine's memory is another's; a failed engine's
     # process is gone: nothing of it is subtracted.
     tp = engine("b", ReplicaState.STARTING, [0, 1])

@@ -5,16 +5,17 @@ engine left behind by a crashed worker holds memory too, and vLLM refuses to sta
 start is less than its gpu_memory_utilization of the GPU. NVML's used memory (every process) less what this
 fleet's engines on the GPU may hold is that other use:
 
-- an engine that is loading, serving, waking or stopping: its claim of the GPU and its memory outside the claim
-  (GPU_ENGINE_OVERHEAD_MB);
-- an engine asleep: only the memory outside its claim (sleep releases its weights and cache; the claim stays
-  reserved for its wake);
-- an engine the manager does not know (no replica of that id): nothing, so its memory counts as other use; a failed
-  one: nothing (its process is gone).
+- an engine of ours (a replica of that id) in any state but failed: its claim of the GPU and its memory outside the
+  claim (GPU_ENGINE_OVERHEAD_MB);
+- an engine the manager does not know: nothing, so its memory counts as other use; a failed one: nothing (its
+  process is gone).
 
-While an engine is loading, waking or stopping it holds less than that bound, so the estimate would err low on its
-GPUs; there the last estimate made without such an engine on the GPU stands when it is larger (memory others took
-meanwhile is seen once the engine settles). A GPU without an engine of ours is measured exactly.
+An engine that is loading, waking or stopping holds less than that bound, and one asleep too (vLLM releases its
+weights and cache and keeps its CUDA graphs and context, several GB on large models, a figure it does not report;
+its claim stays reserved for its wake). So the estimate errs low on its GPUs, and there the last estimate made
+without such an engine on the GPU stands when it is larger: what others used before it began loading or fell asleep
+is still seen. Memory others take meanwhile is seen once it is serving again; while it sleeps, its wake may then
+fail (the worker tries again at each heartbeat). A GPU without an engine of ours is measured exactly.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from ..schemas import EngineStatus, GPUInfo, ReplicaState
 from .replicas import ReplicaIndex
 from .workers import WorkerRecord
 
-# States in which an engine's process may hold its whole claim (the moving ones on their way to or from it).
-_MOVING = frozenset({ReplicaState.STARTING, ReplicaState.WAKING, ReplicaState.STOPPING})
-_HOLDING = _MOVING | {ReplicaState.READY}
+# States in which an engine holds less than its claim, by an amount nobody reports.
+_UNSETTLED = frozenset({ReplicaState.STARTING, ReplicaState.WAKING, ReplicaState.STOPPING, ReplicaState.SLEEPING})
+_COUNTED = _UNSETTLED | {ReplicaState.READY}
 
 
 def foreign_memory_mb(
@@ -35,16 +36,12 @@ def foreign_memory_mb(
 ) -> dict[int, int]:
     """GPU index -> MiB in use outside our engines, as one reading tells it (GPUs with none left out).
     `fractions`: the claim on each of its GPUs of every replica the manager placed on the worker, by id."""
-    claimed: dict[int, float] = {}  # GPU index -> the claims of our engines that may hold them
+    claimed: dict[int, float] = {}  # GPU index -> the claims of our engines on it
     engines_on: dict[int, int] = {}  # GPU index -> our engines on it
     for engine in engines:
         fraction = fractions.get(engine.replica_id)
-        if fraction is None:
+        if fraction is None or engine.state not in _COUNTED:
             continue
-        if engine.state not in _HOLDING:
-            if engine.state is not ReplicaState.SLEEPING:
-                continue
-            fraction = 0.0
         for index in engine.gpus:
             claimed[index] = claimed.get(index, 0.0) + fraction
             engines_on[index] = engines_on.get(index, 0) + 1
@@ -66,10 +63,10 @@ def observe(record: WorkerRecord, replicas: ReplicaIndex, overhead_mb: float) ->
     fractions = {r.replica_id: r.fraction for r in replicas.of_worker(record.worker_id)}
     engines = record.engines.values()
     current = foreign_memory_mb(record.gpus, engines, fractions, overhead_mb)
-    moving = {g for e in engines if e.state in _MOVING and e.replica_id in fractions for g in e.gpus}
+    unsettled = {g for e in engines if e.state in _UNSETTLED and e.replica_id in fractions for g in e.gpus}
     settled = record.gpu_foreign_settled_mb
     for gpu in record.gpus:
-        if gpu.index not in moving:
+        if gpu.index not in unsettled:
             settled[gpu.index] = current.get(gpu.index, 0)
         elif settled.get(gpu.index, 0) > current.get(gpu.index, 0):
             current[gpu.index] = settled[gpu.index]

@@ -20,7 +20,7 @@ class WorkerRecord:
     # Each GPU's memory by index, as registered (a GPU's size does not change; heartbeats replace `gpus` each beat).
     gpu_total_mb: dict[int, int] = field(default_factory=dict)
     # Each GPU's memory in use outside our engines (gpu_memory.py: what placement leaves out), and the last such
-    # estimate made while no engine of ours there was loading, waking or stopping.
+    # estimate made while no engine of ours there was loading, waking, stopping or asleep.
     gpu_foreign_mb: dict[int, int] = field(default_factory=dict)
     gpu_foreign_settled_mb: dict[int, int] = field(default_factory=dict)
 
