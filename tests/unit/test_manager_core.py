@@ -135,6 +135,8 @@ async def test_memory_others_use_keeps_replicas_off_a_gpu(core: ManagerCore, clo
     busy = gpu(0).model_copy(update={"memory_free_mb": total - 60_000})
     await core.heartbeat(Heartbeat(worker_id="w1", gpus=[busy, gpu(1)]))
     await core.heartbeat(Heartbeat(worker_id="g1", gpus=[busy]))  # no room on g1 either
+    listed = {w.worker_id: w.foreign_memory_mb for w in core.list_workers()}  # as GET /workers shows it
+    assert listed == {"w1": {0: 60_000, 1: 559}, "g1": {0: 60_000}}  # 559: an idle GPU's driver share
     await core.register_model(ModelSpec(alias="a", model_name="org/a", gpu_memory_utilization=0.5))
     await core.reconcile()
     assert [(r.worker_id, r.gpus) for r in core.replicas.values()] == [("w1", [1])]

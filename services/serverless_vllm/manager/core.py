@@ -273,7 +273,8 @@ class ManagerCore:
 
     def list_workers(self) -> list[WorkerInfo]:
         now = self.clock()
-        return [w.info(now) for w in self.workers.all()]
+        overhead = self.settings.gpu_engine_overhead_mb
+        return [w.info(now, gpu_memory.current_of(w, self.replicas, overhead)) for w in self.workers.all()]
 
     def _worker_refused(self, record: WorkerRecord) -> None:
         """A probe found the worker refusing connections: dead now, not after the heartbeat timeout."""

@@ -57,17 +57,45 @@ def foreign_memory_mb(
 
 
 def observe(record: WorkerRecord, replicas: ReplicaIndex, overhead_mb: float) -> None:
-    """Update the worker's `gpu_foreign_mb` (what placement reads) from its last report."""
+    """At each registration and heartbeat. Usually every engine of ours is settled (serving) and nothing is worked
+    out: the reading is kept and estimated when something reads it (`current_of`, placement's capacity). While an
+    engine of ours loads, wakes, stops or sleeps, the estimate is made at each heartbeat, with the figures of the last
+    settled reading standing for that engine's GPUs where they are larger."""
     if not record.gpus:
         return  # a CPU worker
-    fractions = {r.replica_id: r.fraction for r in replicas.of_worker(record.worker_id)}
-    engines = record.engines.values()
-    current = foreign_memory_mb(record.gpus, engines, fractions, overhead_mb)
-    unsettled = {g for e in engines if e.state in _UNSETTLED and e.replica_id in fractions for g in e.gpus}
+    unsettled: set[int] = set()
+    for engine in record.engines.values():
+        if engine.state in _UNSETTLED and engine.replica_id in replicas:
+            unsettled.update(engine.gpus)
+    if not unsettled:
+        record.gpu_foreign_reading = (record.gpus, record.engines)
+        record.gpu_foreign_fresh = False
+        return
     settled = record.gpu_foreign_settled_mb
+    if record.gpu_foreign_reading is not None:  # the first reading with an engine unsettled: the one before stands
+        gpus, engines = record.gpu_foreign_reading
+        settled.clear()
+        settled.update(_estimate(record.worker_id, gpus, engines, replicas, overhead_mb))
+        record.gpu_foreign_reading = None
+    current = _estimate(record.worker_id, record.gpus, record.engines, replicas, overhead_mb)
     for gpu in record.gpus:
         if gpu.index not in unsettled:
             settled[gpu.index] = current.get(gpu.index, 0)
         elif settled.get(gpu.index, 0) > current.get(gpu.index, 0):
             current[gpu.index] = settled[gpu.index]
-    record.gpu_foreign_mb = current
+    record.gpu_foreign_mb, record.gpu_foreign_fresh = current, True
+
+
+def current_of(record: WorkerRecord, replicas: ReplicaIndex, overhead_mb: float) -> dict[int, int]:
+    """The worker's estimate by GPU index, worked out now where its last reading was only kept."""
+    if not record.gpu_foreign_fresh:
+        record.gpu_foreign_mb = _estimate(record.worker_id, record.gpus, record.engines, replicas, overhead_mb)
+        record.gpu_foreign_fresh = True
+    return record.gpu_foreign_mb
+
+
+def _estimate(
+    worker_id: str, gpus: list[GPUInfo], engines: Mapping[str, EngineStatus], replicas: ReplicaIndex, overhead_mb: float
+) -> dict[int, int]:
+    fractions = {r.replica_id: r.fraction for r in replicas.of_worker(worker_id)}
+    return foreign_memory_mb(gpus, engines.values(), fractions, overhead_mb)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..config import ManagerSettings
 from ..metrics.manager import ManagerMetrics
 from ..schemas import ReplicaState, WorkerState
+from . import gpu_memory
 from .autoscale import Demand, next_target
 from .draining import freeing, removal_order, retire, serving
 from .placement import EvictionCandidate, PlacementError, WorkerCapacity, place, plan_eviction
@@ -231,7 +232,7 @@ class Reconciler:
             gpu_indices=[g.index for g in record.gpus],
             engine_overhead_mb=self._overhead_mb,
             gpu_total_mb=record.gpu_total_mb,
-            gpu_foreign_mb=record.gpu_foreign_mb,
+            gpu_foreign_mb=gpu_memory.current_of(record, self._replicas, self._overhead_mb),
             cpu_slots=record.registration.cpu_slots,
         )
         for r in self._replicas.of_worker(record.worker_id):

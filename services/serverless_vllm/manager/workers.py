@@ -19,10 +19,13 @@ class WorkerRecord:
     host_memory: HostMemory | None = None  # as its last registration or heartbeat measured it
     # Each GPU's memory by index, as registered (a GPU's size does not change; heartbeats replace `gpus` each beat).
     gpu_total_mb: dict[int, int] = field(default_factory=dict)
-    # Each GPU's memory in use outside our engines (gpu_memory.py: what placement leaves out), and the last such
-    # estimate made while no engine of ours there was loading, waking, stopping or asleep.
+    # Each GPU's memory in use outside our engines (gpu_memory.py: what placement leaves out; current once `fresh`),
+    # the last such estimate made while no engine of ours there was loading, waking, stopping or asleep, and the
+    # last reading in which none on the worker was (estimated only when read).
     gpu_foreign_mb: dict[int, int] = field(default_factory=dict)
+    gpu_foreign_fresh: bool = False
     gpu_foreign_settled_mb: dict[int, int] = field(default_factory=dict)
+    gpu_foreign_reading: tuple[list[GPUInfo], dict[str, EngineStatus]] | None = None
 
     @property
     def worker_id(self) -> str:
@@ -32,7 +35,7 @@ class WorkerRecord:
     def url(self) -> str:
         return self.registration.url
 
-    def info(self, now: float) -> WorkerInfo:
+    def info(self, now: float, foreign_memory_mb: dict[int, int] | None = None) -> WorkerInfo:
         reg = self.registration
         return WorkerInfo(
             worker_id=reg.worker_id,
@@ -44,7 +47,7 @@ class WorkerRecord:
             heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
             engines=list(self.engines.values()),
             host_memory=self.host_memory,
-            foreign_memory_mb=dict(self.gpu_foreign_mb),
+            foreign_memory_mb=dict(foreign_memory_mb or {}),
         )
 
 
