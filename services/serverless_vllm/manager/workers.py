@@ -35,7 +35,8 @@ class WorkerRecord:
     def url(self) -> str:
         return self.registration.url
 
-    def info(self, now: float, foreign_memory_mb: dict[int, int] | None = None) -> WorkerInfo:
+    def info(self, now: float, foreign_memory_mb: dict[int, int]) -> WorkerInfo:
+        """`foreign_memory_mb`: its GPUs' memory in use outside our engines (gpu_memory.current_of)."""
         reg = self.registration
         return WorkerInfo(
             worker_id=reg.worker_id,
@@ -47,7 +48,7 @@ class WorkerRecord:
             heartbeat_age_s=round(max(0.0, now - self.last_heartbeat), 3),
             engines=list(self.engines.values()),
             host_memory=self.host_memory,
-            foreign_memory_mb=dict(foreign_memory_mb or {}),
+            foreign_memory_mb=foreign_memory_mb,  # validated into a dict of its own
         )
 
 
