@@ -4,21 +4,21 @@ arguments, same request, same run; and each lever of the worker's start on its o
   reference   spawn `python -m vllm.entrypoints.openai.api_server` with the arguments the worker gives its CPU
               engines, poll GET /health every 100 ms, then send the request: time from the spawn to the first
               streamed token.
-  ours        a stack (manager, router, worker; not timed) with the worker's defaults: a standby engine
-              (STANDBY_ENGINES=1: vLLM imported before the request) and the model worker inside vLLM's EngineCore
+  ours        a stack (manager, router, worker; not timed) with the worker's defaults: the engine forked from the
+              fork server (ENGINE_FORK_SERVER=1: vLLM imported before the request), the model worker inside vLLM's EngineCore
               (CPU_ENGINE_UNIPROC=1: one process fewer). The model is registered with preload false (state cold):
               time from sending the request to the router to its first streamed token.
               Its EngineCore is forked from the API server, imports done (CPU_ENGINE_CORE_FORK=1).
   no_fork     the same, CPU_ENGINE_CORE_FORK=0        (vLLM's spawn of the EngineCore: imports again)
-  no_standby  the same, STANDBY_ENGINES=0            (uniproc and fork)
-  no_uniproc  the same, CPU_ENGINE_UNIPROC=0          (the standby lever alone: several processes, vLLM spawns)
+  no_standby  the same, ENGINE_FORK_SERVER=0         (uniproc and fork: a plain start)
+  no_uniproc  the same, CPU_ENGINE_UNIPROC=0          (the fork server alone: several processes, vLLM spawns)
   neither     all off: the engine start before issue 18
 
 Each variant has a stack of its own. Rounds run every kind once, in an order rotated round by round; the summary
 is the median over rounds of each variant's ratio to the reference of the same round. Between rounds each model
-scales back to zero by itself (idle_timeout_s) and the machine settles (a replacement standby imports meanwhile).
+scales back to zero by itself (idle_timeout_s) and the machine settles.
 A side thread polls the worker's GET /engines and the engine's /health, which splits our time into placement and
-spawn (or adoption), engine boot and ready-to-first-token; vLLM's own log lines split the boot further into
+spawn (or fork), engine boot and ready-to-first-token; vLLM's own log lines split the boot further into
 weights, engine init (profile, KV cache, warm-up) and the rest (Python imports and process starts).
 
 On GPU workers a model that idled goes to vLLM sleep first and wakes in seconds; the CPU build refuses sleep
@@ -90,9 +90,9 @@ def first_token(url: str, headers: dict[str, str], timeout: float) -> float:
 VARIANTS: dict[str, dict[str, str]] = {
     "ours": {},
     "no_fork": {"CPU_ENGINE_CORE_FORK": "0"},
-    "no_standby": {"STANDBY_ENGINES": "0"},
+    "no_standby": {"ENGINE_FORK_SERVER": "0"},
     "no_uniproc": {"CPU_ENGINE_UNIPROC": "0"},
-    "neither": {"STANDBY_ENGINES": "0", "CPU_ENGINE_UNIPROC": "0", "CPU_ENGINE_CORE_FORK": "0"},
+    "neither": {"ENGINE_FORK_SERVER": "0", "CPU_ENGINE_UNIPROC": "0", "CPU_ENGINE_CORE_FORK": "0"},
 }
 
 _WEIGHTS = re.compile(r"Loading weights took ([\d.]+) s")
@@ -121,7 +121,7 @@ DECODE = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 128, "temp
 
 def decode_rate(url: str, headers: dict[str, str], requests: int = 3) -> float:
     """Tokens per second of one request at a time, once the engine is up: what a start's levers must not cost
-    (the model worker inside EngineCore, a process that was a standby)."""
+    (the model worker inside EngineCore, a process forked from the fork server)."""
     rates = []
     for _ in range(requests):
         t = time.perf_counter()
@@ -224,7 +224,8 @@ def wait_cold(stack: Stack, admin: dict[str, str], worker_headers: dict[str, str
 
 
 def settle(seconds: float) -> None:
-    """Let a replacement standby finish its imports (a few seconds of CPU) before the next timed start."""
+    """Let the machine settle (the last start's processes, a fork server launched after it) before the next timed
+    start."""
     time.sleep(seconds)
 
 

@@ -135,7 +135,7 @@ def check_stack(tmp: Path, fake_gpu: bool, results: dict[str, Any]) -> dict[str,
     env = {
         "PYTHONPATH": os.pathsep.join([str(SLEEP_ENGINE), str(ROOT / "services"), os.environ.get("PYTHONPATH", "")]),
         "SLEEP_DOUBLE_LOG": str(tmp / "engine-calls.jsonl"),
-        "STANDBY_ENGINES": "0",
+        "ENGINE_FORK_SERVER": "0",
     }
     stack = harness.Stack(tmp, env=env)
     out: dict[str, Any] = {}

@@ -48,7 +48,7 @@ LONG_MODULES = (
     "test_model_cache.py",  # 29
     "test_sleep_levels.py",  # 20
     "test_prefetch.py",  # 15
-    "test_standby.py",  # 8
+    "test_fork_server.py",  # 8
 )
 
 

@@ -110,8 +110,8 @@ def engine_pids() -> set[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"standby_main.py" in cmdline:
-            continue  # a standby nobody adopted yet (worker/standby.py): no engine; an adopted one is retitled
+        if b"fork_server_main.py" in cmdline:
+            continue  # the fork server (worker/fork_server.py): no engine; the engines it forks are retitled
         if b"vllm.entrypoints.openai.api_server" in cmdline or b"VLLM::EngineCore" in cmdline:
             pids.add(int(entry.name))
     return pids
@@ -153,12 +153,6 @@ class Stack:
             # vLLM's "auto" binding pins every CPU engine's OpenMP threads to the same core: a busy engine's
             # spinning threads then starve a second engine starting beside it for minutes. Let the OS schedule.
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            # No standby engine: each of a worker's standbys (one at its start, another after each adoption) imports
-            # torch and vLLM (~10 s of CPU), and most stacks here start one engine per worker and stop, leaving the
-            # replacement unused (22 of 46 in one full run), CPU the whole suite is short of. The modules whose
-            # workers start engines again and again (restarts, cold starts) keep the default, and test the standby
-            # end to end: test_e2e_http, test_cold_start_stream, test_endpoints, test_faults, test_lifecycle.
-            "STANDBY_ENGINES": "0",
             # Local development settings: no credentials (tests/test_security.py turns them on), and local model
             # paths allowed under the pytest session's temporary root (the tiny model, a missing model).
             "SVLLM_AUTH": "off",
@@ -285,7 +279,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def engine_processes(worker_pid: int) -> set[int]:
-    """A worker's engines and everything below them; not its standby (worker/standby.py), which lives as long as
-    the worker, nor the engines' guards."""
+    """A worker's engines and everything below them; not its fork server (worker/fork_server.py), which lives as
+    long as the worker, nor the engines' guards."""
     roots = descendants(worker_pid) & engine_pids()
     return roots.union(*(descendants(root) for root in roots))

@@ -41,7 +41,7 @@ def stack_env(tmp: Path, **more: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(p for p in (str(SLOW_ENGINE), os.environ.get("PYTHONPATH")) if p),
         "SLOW_ENGINE_TOKEN_MS": str(TOKEN_MS),
         "SLOW_ENGINE_LOG": str(tmp / "engine-events.jsonl"),
-        "STANDBY_ENGINES": "0",
+        "ENGINE_FORK_SERVER": "0",
         "DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
         "HEARTBEAT_INTERVAL": "0.5",
         "CPU_SLOTS": "2",

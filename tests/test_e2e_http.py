@@ -21,8 +21,8 @@ ALIAS = "tiny"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    # The worker's default standby engine (the harness turns it off elsewhere): engines start adopting one.
-    s = Stack(tmp_path_factory.mktemp("e2e-http"), env={"STANDBY_ENGINES": "1"}).start(workers=2)
+    # The worker's default fork server: engines start forked from it.
+    s = Stack(tmp_path_factory.mktemp("e2e-http")).start(workers=2)
     yield s
     s.stop()
 
@@ -47,9 +47,9 @@ def test_register_and_serve(stack: Stack, tiny_model: Path) -> None:
     assert resp.json()["alias"] == ALIAS
     info = stack.wait_model(ALIAS, "ready")
     assert len(info["replicas"]) == 1 and info["replicas"][0]["state"] == "ready"
-    # Started by adopting the worker's standby engine, as by default (the one engine of this module's stack).
-    adopted = [w for w in stack.workers.values() if "adopted standby-1" in w.log(100000)]
-    assert len(adopted) == 1, [w.log(20) for w in stack.workers.values()]
+    # Forked by the worker's fork server, as by default (the one engine of this module's stack).
+    forked = [w for w in stack.workers.values() if "forked pid" in w.log(100000)]
+    assert len(forked) == 1, [w.log(20) for w in stack.workers.values()]
 
 
 def test_chat_and_completion(stack: Stack) -> None:

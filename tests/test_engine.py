@@ -24,8 +24,8 @@ from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs, LoadFormat, ReplicaState
 from serverless_vllm.worker import supervisor as supervisor_mod
 from serverless_vllm.worker.engine import ENGINE_MODULE, EngineError, EngineProcess, engine_environment
+from serverless_vllm.worker.fork_server import ForkServer
 from serverless_vllm.worker.guard import group_members
-from serverless_vllm.worker.standby import StandbyPool
 
 START_TIMEOUT = 240.0
 
@@ -440,32 +440,31 @@ def test_no_orphans_when_worker_is_killed_real_engine(tiny_model: Path, tmp_path
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EngineProcess]:
-    """The real engine, adopted from a standby (worker/standby.py) as a worker's engines are by default."""
+    """The real engine, forked from the fork server (worker/fork_server.py) as a worker's engines are by default."""
     settings = make_settings(tmp_path_factory.mktemp("engine"))
     eng: EngineProcess | None = None
-    pool = StandbyPool(
-        1,
+    server = ForkServer(
+        True,
         lambda: engine_environment(settings, has_gpu=False),
         nice=settings.engine_nice,
         busy=lambda: eng is not None and eng.state is ReplicaState.STARTING,
         module=ENGINE_MODULE,
     )
-    pool.start()
+    server.start()
     try:
-        assert await eventually(lambda: any(s.ready for s in pool.standbys), START_TIMEOUT)
-        eng = EngineProcess(make_assignment(tiny_model), settings, has_gpu=False, standbys=pool)
-        standby_pid = pool.standbys[0].pid
+        assert await eventually(lambda: server.ready, START_TIMEOUT), list(server.lines)
+        eng = EngineProcess(make_assignment(tiny_model), settings, has_gpu=False, fork_server=server)
         started = time.monotonic()
         await eng.start()
         try:
             assert await eng.wait_ready(START_TIMEOUT), eng.log_tail(40)
-            print(f"\nvLLM CPU engine ready in {time.monotonic() - started:.1f}s (adopted standby)")
-            assert eng.pid == standby_pid and pool.adoptions == 1
+            print(f"\nvLLM CPU engine ready in {time.monotonic() - started:.1f}s (forked by the fork server)")
+            assert eng.pid is not None and _parent(eng.pid) == server.pid and server.forks == 1
             yield eng
         finally:
             await eng.stop()
     finally:
-        await pool.stop()
+        await server.stop()
 
 
 pytestmark_shared = pytest.mark.asyncio(loop_scope="module")
@@ -499,6 +498,10 @@ def _proc(pid: int, name: str) -> bytes:
         return f.read()
 
 
+def _parent(pid: int) -> int:
+    return int(_proc(pid, "stat").decode().rsplit(")", 1)[1].split()[1])
+
+
 @pytestmark_shared
 async def test_the_engine_core_is_forked_from_the_imported_api_server(engine: EngineProcess) -> None:
     """CPU_ENGINE_CORE_FORK (worker/engine_core_fork.py): vLLM's CPU platform would spawn the EngineCore, a new
@@ -510,7 +513,7 @@ async def test_the_engine_core_is_forked_from_the_imported_api_server(engine: En
     cores = [p for p in group_members(api) if _proc(p, "cmdline").startswith(b"VLLM::EngineCore")]
     assert len(cores) == 1, [_proc(p, "cmdline") for p in group_members(api)]
     core = cores[0]
-    assert int(_proc(core, "stat").decode().rsplit(")", 1)[1].split()[1]) == api  # its parent
+    assert _parent(core) == api
     rollup = dict(line.split(b":", 1) for line in _proc(core, "smaps_rollup").splitlines()[1:])
     shared_kib = int(rollup[b"Shared_Dirty"].split()[0])
     assert shared_kib > 50_000, rollup
@@ -526,16 +529,15 @@ async def test_engine_restarts_after_kill9(engine: EngineProcess) -> None:
     assert pid is not None
     before = group_members(pid)
     assert len(before) >= 2  # API server, EngineCore with the model worker in it (+ resource tracker)
-    # The standby that replaced the adopted one, imports done: the restart adopts it.
-    pool = engine.standbys
-    assert pool is not None and await eventually(lambda: any(s.ready for s in pool.standbys), START_TIMEOUT)
-    fresh = pool.standbys[0].pid
+    # The restart forks from the fork server again.
+    server = engine.fork_server
+    assert server is not None and server.ready
     os.kill(pid, signal.SIGKILL)
     # Out of READY at once, EngineCore swept by the guard, then one restart after 1 s.
     assert await eventually(lambda: engine.state != ReplicaState.READY, 5)
     assert await engine.wait_ready(START_TIMEOUT), engine.log_tail(40)
     assert engine.restarts == 1
-    assert engine.pid == fresh and pool.adoptions == 2
+    assert engine.pid != pid and engine.pid is not None and _parent(engine.pid) == server.pid and server.forks == 2
     assert await wait_until_dead(before, 5) == []
     status = engine.status()
     assert status.restarts == 1 and status.log_tail  # a recent crash: the tail rides along

@@ -178,8 +178,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         tmp_path_factory.mktemp("faults"),
         env={
             "CPU_SLOTS": "1",
-            # The worker's default: each engine killed here restarts by adopting a ready standby.
-            "STANDBY_ENGINES": "1",
             "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
             "FAILED_RETRY_AFTER": "3",
             "COLD_START_TIMEOUT": "30",

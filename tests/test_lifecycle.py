@@ -22,8 +22,8 @@ ALIAS = "lazy"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Stack:
-    # STANDBY_ENGINES=1, the worker's default: its models start again and again here, each adopting a ready standby.
-    env = {"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2", "STANDBY_ENGINES": "1"}
+    # The worker's default fork server: its models start again and again here, each forked from it.
+    env = {"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2"}
     s = Stack(tmp_path_factory.mktemp("lifecycle"), env=env).start(workers=2)
     resp = s.post(
         "/v1/models/register",

@@ -40,7 +40,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, adapters: dict[str, Path]) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("lora"), env={"CPU_SLOTS": "1", "STANDBY_ENGINES": "0"}).start(workers=1)
+    s = Stack(tmp_path_factory.mktemp("lora"), env={"CPU_SLOTS": "1"}).start(workers=1)
     try:
         base = {
             "alias": BASE,

@@ -37,7 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, hub: HubDouble) -> Iterator[
     tmp = tmp_path_factory.mktemp("model-cache")
     env = {
         "CPU_SLOTS": "1",
-        "STANDBY_ENGINES": "0",  # a plain start: no process importing vLLM beside the tests' downloads
+        "ENGINE_FORK_SERVER": "0",  # a plain start: no process importing vLLM beside the tests' downloads
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp / "hf"),
         "HF_HUB_OFFLINE": "0",  # the harness's default is 1: no hub on these machines, but this one is ours

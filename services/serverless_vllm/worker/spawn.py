@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import guard
 from .guard import group_members
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 GUARD_GRACE_S = 5.0  # between the guard's SIGTERM and SIGKILL of a dead worker's engine
 GUARD_SCRIPT = os.path.abspath(guard.__file__)
-_STREAM_LIMIT = 1 << 20  # vLLM prints long lines (engine config); the 64 KiB default would split them
+STREAM_LIMIT = 1 << 20  # vLLM prints long lines (engine config); the 64 KiB default would split them
 
 _PR_SET_PDEATHSIG = 1
 
@@ -78,7 +78,18 @@ def _engine_preexec(parent_pid: int, nice: int) -> Callable[[], None]:
     return preexec
 
 
-async def wait_exit(proc: asyncio.subprocess.Process) -> int:
+class Process(Protocol):
+    """An engine's API server as supervision sees it: a child spawned here (asyncio's Process) or one forked by
+    the fork server (fork_server.py)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+
+async def wait_exit(proc: Process) -> int:
     # Not proc.wait(): since Python 3.11.5/3.12 it also waits for stdout to close, which EngineCore keeps open
     # after the API server died. returncode is set as soon as the child watcher reaps the process.
     while True:
@@ -96,7 +107,7 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
 class Launch:
     """One run of the engine process, with the helpers that live and die with it."""
 
-    proc: asyncio.subprocess.Process
+    proc: Process
     guard: asyncio.subprocess.Process | None
     guard_fd: int | None  # write end of the guard's pipe; closing it makes the guard sweep the group
     exited: asyncio.Task[int]
@@ -160,26 +171,34 @@ async def launch(
     nice: int,
     pump: Callable[[asyncio.StreamReader], Coroutine[Any, Any, None]],
     name: str,
-    stdin_pipe: bool = False,
+    stdin: int | None = None,
 ) -> Launch:
-    """Start `cmd` in a session of its own, with its guard; `pump` reads its stdout and stderr. `stdin_pipe`:
-    a pipe the worker writes to (a standby's order, standby.py), else /dev/null."""
+    """Start `cmd` in a session of its own, with its guard; `pump` reads its stdout and stderr. `stdin`: a
+    descriptor the child gets as its stdin (the fork server's control socket, fork_server.py), else /dev/null."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_engine_preexec(os.getpid(), nice),
+        limit=STREAM_LIMIT,
+    )
+    assert proc.stdout is not None
+    return await supervise(proc, proc.stdout, port=port, pump=pump, name=name)
+
+
+async def supervise(
+    proc: Process,
+    stdout: asyncio.StreamReader,
+    *,
+    port: int,
+    pump: Callable[[asyncio.StreamReader], Coroutine[Any, Any, None]],
+    name: str,
+) -> Launch:
+    """A Launch of `proc`, a session leader already running: its guard started, its output pumped."""
     read_fd, write_fd = os.pipe()  # non-inheritable: only the guard gets the read end, as its stdin
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.PIPE if stdin_pipe else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_engine_preexec(os.getpid(), nice),
-            limit=_STREAM_LIMIT,
-        )
-    except BaseException:
-        os.close(read_fd)
-        os.close(write_fd)
-        raise
     guard_proc: asyncio.subprocess.Process | None = None
     try:
         guard_proc = await asyncio.create_subprocess_exec(
@@ -196,13 +215,12 @@ async def launch(
         write_fd = -1
     finally:
         os.close(read_fd)
-    assert proc.stdout is not None
     return Launch(
         proc=proc,
         guard=guard_proc,
         guard_fd=write_fd if write_fd >= 0 else None,
         exited=asyncio.create_task(wait_exit(proc)),
-        reader=asyncio.create_task(pump(proc.stdout)),
+        reader=asyncio.create_task(pump(stdout)),
         port=port,
         name=name,
     )

@@ -92,7 +92,7 @@ class Supervisor:
         self._stop_timeout = 20.0
         self._crashes: deque[float] = deque()
         self._launches = 0
-        self.via_standby = False  # the current launch is an adopted standby (standby.py)
+        self.via_fork = False  # the current launch was forked by the fork server (fork_server.py)
         settings = engine.settings
         self._liveness = LivenessProbe(
             http.get,
@@ -149,24 +149,29 @@ class Supervisor:
                 await launch.terminate(2)
             await launch.cleanup()  # idempotent; covers a supervisor that was cancelled
 
-    async def _spawn(self, port: int, standby_ok: bool = True) -> Launch:
+    async def _spawn(self, port: int, fork_ok: bool = True) -> Launch:
         self._launches += 1
         cmd = self._engine.command(port)
         env = self._engine.environment()
         self._log.write_launch(self._launches, cmd)
-        pool = self._engine.standbys if standby_ok else None
-        standby = pool.take(cmd[2]) if pool is not None and cmd[1] == "-m" else None
-        if standby is not None:
-            launch = standby.adopt(cmd[3:], env, port=port, name=self._name, sink=self._log.write)
-            self._log.write(f"[serverless-vllm: adopted {standby.name}, pid {launch.proc.pid}: {cmd[2]} imported]")
-        else:
+        server = self._engine.fork_server if fork_ok and cmd[1] == "-m" else None
+        launch: Launch | None = None
+        if server is not None:
+            timeout = self._engine.settings.engine_start_timeout_s
+            launch = await server.fork(
+                cmd[2], cmd[3:], env, port=port, name=self._name, pump=self._log.pump, timeout=timeout
+            )
+            if launch is not None:
+                pid = launch.proc.pid
+                self._log.write(f"[serverless-vllm: forked by the fork server, pid {pid}: {cmd[2]} imported]")
+        self.via_fork = launch is not None
+        if launch is None:
             launch = await spawn.launch(
                 cmd, env, port=port, nice=self._engine.settings.engine_nice, pump=self._log.pump, name=self._name
             )
         self.launch = launch
         self.port = port
-        self.via_standby = standby is not None
-        how = f"adopted {standby.name}," if standby is not None else "spawned"
+        how = "forked" if self.via_fork else "spawned"
         log.info("engine %s: %s pid %d on port %d", self._name, how, launch.proc.pid, port)
         return launch
 
@@ -237,10 +242,10 @@ class Supervisor:
             phase = "while serving" if outcome == "ready" else "before becoming ready"
             reason = wedged or _exit_reason(returncode, phase, self._log)
             if not ever_ready:
-                if self.via_standby:
-                    # Whatever failed in the adopted standby, the plain way is tried once before the engine fails.
-                    log.warning("engine %s: start through a standby failed (%s); plain start", self._name, reason)
-                    launch = await self._spawn(free_port(), standby_ok=False)
+                if self.via_fork:
+                    # Whatever failed in the forked start, the plain way is tried once before the engine fails.
+                    log.warning("engine %s: forked start failed (%s); plain start", self._name, reason)
+                    launch = await self._spawn(free_port(), fork_ok=False)
                     continue
                 if port_retries < PORT_RETRIES and any(_PORT_IN_USE.search(x) for x in self._log.tail(30)):
                     port_retries += 1  # lost the port race to another process: not the engine's fault

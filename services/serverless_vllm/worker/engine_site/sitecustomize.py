@@ -108,6 +108,6 @@ class _AfterCpuPlatform(importlib.abc.MetaPathFinder):
 
 
 request_amx()
-# Always: a standby imports vLLM before it is adopted, and learns the engine's environment only then.
+# Always: the fork server imports vLLM before any order, and its children learn the engine's environment only then.
 sys.meta_path.insert(0, _AfterCpuPlatform())
 _chain()
