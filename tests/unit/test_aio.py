@@ -1,5 +1,5 @@
 """`stop_tasks`: how every background loop of the components is stopped (router syncs, usage reports, the fair
-queue, the manager's loop, the worker's heartbeat, prefetch and standby engines)."""
+queue, the manager's loop, the worker's heartbeat, prefetch and the fork server)."""
 
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ async def test_a_sleep_no_longer_wanted_once_idle_does_not_happen(agent: WorkerA
 def test_quiet_for_is_zero_while_a_request_is_in_flight_then_counts_from_its_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """What lets a worker launch a standby only when its engines are not serving (worker/agent.py)."""
+    """What lets a worker launch its fork server only when its engines are not serving (worker/agent.py)."""
     now = [100.0]
     monkeypatch.setattr("serverless_vllm.worker.drain.time.monotonic", lambda: now[0])
     inflight = InFlight()
@@ -239,10 +239,10 @@ def test_quiet_for_is_zero_while_a_request_is_in_flight_then_counts_from_its_end
     assert inflight.quiet_for() == 1.5
 
 
-def test_a_worker_prepares_no_standby_while_its_engines_serve(tmp_path: Path) -> None:
+def test_a_worker_launches_no_fork_server_while_its_engines_serve(tmp_path: Path) -> None:
     agent = WorkerAgent(WorkerSettings(worker_id="w", log_dir=str(tmp_path)))
-    assert not agent.standby_must_wait()
+    assert not agent.fork_server_must_wait()
     agent.inflight.enter("r-1")
-    assert agent.standby_must_wait()
+    assert agent.fork_server_must_wait()
     agent.inflight.leave("r-1")
-    assert agent.standby_must_wait()  # quiet for less than STANDBY_QUIET_S yet
+    assert agent.fork_server_must_wait()  # quiet for less than FORK_SERVER_QUIET_S yet
