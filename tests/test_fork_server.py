@@ -245,6 +245,38 @@ async def test_a_dead_server_means_plain_starts_and_its_engines_keep_running(
         await forked.stop()
 
 
+# A fork server whose imports take seconds longer (a loaded machine), to see who waits for them.
+_SLOW_IMPORTS = textwrap.dedent(
+    """
+    import time
+    time.sleep(3)
+    from serverless_vllm.worker import fork_server_main
+    fork_server_main.main()
+    """
+)
+
+
+async def test_a_start_during_the_imports_does_not_hold_up_its_caller(settings: WorkerSettings, tmp_path: Path) -> None:
+    program = tmp_path / "slow_imports.py"
+    program.write_text(_SLOW_IMPORTS)
+    s = make_server(settings, program=str(program))
+    s.start()
+    try:
+        assert await eventually(lambda: s.alive, 10)
+        engine = engine_for(settings, s)
+        await engine.start()
+        try:
+            # start() returned while the server still imports: the worker's loop that called it (its heartbeats
+            # to the manager) goes on; the launch waits in the engine's own task.
+            assert not s.ready and engine.state is ReplicaState.STARTING
+            assert await engine.wait_ready(30), engine.log_tail(20)
+            assert s.ready and engine.pid is not None and parent_of(engine.pid) == s.pid
+        finally:
+            await engine.stop()
+    finally:
+        await s.stop()
+
+
 # Fault injection: a fork server whose children, set up as engines, die instead of running the engine module.
 _DIES_IN_THE_FORK = textwrap.dedent(
     """

@@ -258,7 +258,7 @@ class EngineProcess:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Spawn the engine and return; health polling and crash restarts run in a background task."""
+        """Start the engine and return: its launch, health polling and crash restarts run in a background task."""
         if self._runs.task is not None or self._runs.stopping:
             raise EngineError(f"engine {self.replica_id} was already started")
         self.started_at = time.time()

@@ -117,13 +117,10 @@ class Supervisor:
         self._set_state(ReplicaState.FAILED)
 
     async def start(self) -> None:
-        """Spawn the engine and return; health polling and crash restarts run in a background task."""
-        launch: Launch | None = None
-        try:
-            launch = await self._spawn(free_port())
-        except OSError as exc:
-            self.fail(f"cannot start engine: {exc}")
-        self.task = asyncio.create_task(self._supervise(launch), name=f"engine-{self._name}")
+        """Start the engine in a background task, which then polls its health and restarts it after crashes. The
+        launch itself is in the task too: a fork may wait seconds for the fork server's imports, and the worker's
+        loop that called this must not (its heartbeats)."""
+        self.task = asyncio.create_task(self._supervise(), name=f"engine-{self._name}")
 
     def request_stop(self, timeout: float) -> None:
         """No more restarts; a launch spawned from now on is terminated within `timeout`."""
@@ -196,9 +193,16 @@ class Supervisor:
                 await launch.terminate(10)
                 return "timeout"
 
-    async def _supervise(self, launch: Launch | None) -> None:
+    async def _first_launch(self) -> Launch | None:
         try:
-            await self._supervise_loop(launch)
+            return await self._spawn(free_port())
+        except OSError as exc:
+            self.fail(f"cannot start engine: {exc}")
+            return None
+
+    async def _supervise(self) -> None:
+        try:
+            await self._supervise_loop(await self._first_launch())
         except Exception as exc:  # a bug here must not leave a running-looking engine behind
             log.exception("engine %s: supervisor crashed", self._name)
             if not self.stopping:
