@@ -297,6 +297,7 @@ def sample(var: str, info: FieldInfo, tmp_path: Path) -> tuple[str, Any]:
         "ENGINE_NICE": ("7", 7),
         "CPU_ENGINE_UNIPROC": ("off", False),
         "CPU_ENGINE_CORE_FORK": ("no", False),
+        "ENGINE_FORK_SERVER": ("false", False),
         "STREAM_MIGRATION": ("0", False),
         "SLEEP_HOST_MEMORY_FRACTION": ("0.5", 0.5),  # a share: at most 1
     }
