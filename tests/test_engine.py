@@ -317,9 +317,10 @@ async def test_start_timeout_fails_and_kills(tmp_path: Path) -> None:
     eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path, engine_start_timeout_s=1.0), has_gpu=False)
     eng.mode = "mute"
     await eng.start()
-    pid = eng.pid
-    assert pid is not None
     try:
+        assert await eventually(lambda: eng.pid is not None, 5)  # launched by the engine's task
+        pid = eng.pid
+        assert pid is not None
         assert not await eng.wait_ready(20)
         assert eng.state == ReplicaState.FAILED
         assert eng.error is not None and "not ready within" in eng.error
@@ -334,6 +335,7 @@ async def test_engine_runs_at_the_configured_niceness(tmp_path: Path) -> None:
     eng.mode = "mute"
     await eng.start()
     try:
+        assert await eventually(lambda: eng.pid is not None, 5)  # launched by the engine's task
         pid = eng.pid
         assert pid is not None
         assert niceness(pid) == min(19, os.nice(0) + 7)
