@@ -73,9 +73,10 @@ REQUEST = {
 }
 
 
-def first_token(url: str, headers: dict[str, str], timeout: float) -> float:
+def first_token(url: str, headers: dict[str, str], timeout: float, model: str = ALIAS) -> float:
     """Send the streaming request; return the perf_counter time of the first token event."""
-    with httpx.stream("POST", f"{url}/v1/completions", json=REQUEST, headers=headers, timeout=timeout) as resp:
+    body = REQUEST | {"model": model}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=timeout) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"{resp.status_code}: {resp.read()[:500]!r}")
         first = None
@@ -211,6 +212,41 @@ def ours(stack: Stack, headers: dict[str, str], worker_headers: dict[str, str], 
     return out
 
 
+def cold_stacks(
+    procs: Procs,
+    variants: dict[str, dict[str, str]],
+    common_env: dict[str, str],
+    model: Path,
+    aliases: list[str],
+    admin: dict[str, str],
+    idle_timeout: float,
+) -> dict[str, Stack]:
+    """A stack per variant, each with `aliases` registered cold (preload false) and its worker registered."""
+    stacks: dict[str, Stack] = {}
+    for v, overrides in variants.items():
+        (procs.tmp / v).mkdir(exist_ok=True)
+        env = {**base_env(procs.tmp / v), **common_env, **overrides, "SVLLM_MODEL_DIRS": str(procs.tmp)}
+        stack = Stack(procs, v, env)
+        for alias in aliases:
+            spec = {
+                "alias": alias,
+                "model_name": str(model),
+                "max_model_len": 512,
+                "min_replicas": 0,
+                "max_replicas": 1,
+                "idle_timeout_s": idle_timeout,
+                "preload": False,
+            }
+            httpx.post(f"{stack.url}/v1/models/register", json=spec, headers=admin, timeout=60).raise_for_status()
+        wait_until(
+            lambda s=stack: s.worker_id in httpx.get(f"{s.url}/workers", headers=admin, timeout=10).text,
+            60,
+            what=f"{v} worker registered",
+        )
+        stacks[v] = stack
+    return stacks
+
+
 def wait_cold(stack: Stack, admin: dict[str, str], worker_headers: dict[str, str], timeout: float) -> None:
     wait_until(
         lambda: (
@@ -266,27 +302,9 @@ def main() -> None:
     try:
         model = tiny_model(procs.tmp)
         ref_env = {**base_env(procs.tmp), **common_env}
-        stacks: dict[str, Stack] = {}
-        for v in variants:
-            env = {**base_env(procs.tmp / v), **common_env, **VARIANTS[v], "SVLLM_MODEL_DIRS": str(procs.tmp)}
-            (procs.tmp / v).mkdir(exist_ok=True)
-            stack = Stack(procs, v, env)
-            spec = {
-                "alias": ALIAS,
-                "model_name": str(model),
-                "max_model_len": 512,
-                "min_replicas": 0,
-                "max_replicas": 1,
-                "idle_timeout_s": a.idle_timeout,
-                "preload": False,
-            }
-            httpx.post(f"{stack.url}/v1/models/register", json=spec, headers=admin, timeout=60).raise_for_status()
-            wait_until(
-                lambda s=stack: s.worker_id in httpx.get(f"{s.url}/workers", headers=admin, timeout=10).text,
-                60,
-                what=f"{v} worker registered",
-            )
-            stacks[v] = stack
+        stacks = cold_stacks(
+            procs, {v: VARIANTS[v] for v in variants}, common_env, model, [ALIAS], admin, a.idle_timeout
+        )
         # One start per stack first, not timed: the page cache holds vLLM's files for every timed start alike.
         for v, stack in stacks.items():
             log(f"warm-up start of {v} (not timed)")
