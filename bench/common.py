@@ -235,11 +235,12 @@ class CPUMeter:
 
 
 def foreign_engines(own_marker: str | None = None) -> list[str]:
-    """vLLM OpenAI servers on this machine that are not ours (ours carry `own_marker` in their command line)."""
+    """vLLM OpenAI servers on this machine that are not ours (ours carry `own_marker` in their command line). A
+    worker's fork server names the module too, but serves nothing: not counted."""
     out = []
     for pid in pids_matching(ENGINE_MODULE):
         line = cmdline(pid)
-        if own_marker and own_marker in line:
+        if (own_marker and own_marker in line) or "fork_server_main.py" in line:
             continue
         out.append(f"{pid} {line[:160]}")
     return out
