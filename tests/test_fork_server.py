@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs, ReplicaState
+from serverless_vllm.worker import fork_server
 from serverless_vllm.worker.engine import ENGINE_MODULE, EngineProcess, engine_environment
 from serverless_vllm.worker.fork_server import UNKNOWN_EXIT, ForkServer, fork_server_main
 
@@ -333,6 +334,29 @@ async def test_no_server_launch_while_an_engine_is_starting(settings: WorkerSett
         starting = False
         s.nudge()
         await ready_server(s)
+    finally:
+        await s.stop()
+
+
+async def test_a_server_that_keeps_dying_is_given_up(
+    settings: WorkerSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fork_server, "MAX_FAILURES", 2)  # the real backoff (2 s after the first), fewer tries
+    program = tmp_path / "dies_at_once.py"  # fault injection: a server that exits before its imports
+    program.write_text("import sys\nprint('fork server fault injection: exiting', flush=True)\nsys.exit(5)\n")
+    s = make_server(settings, program=str(program))
+    s.start()
+    try:
+        assert await eventually(lambda: s.launches == 2 and s.launch is None, 20)
+        await asyncio.sleep(3)  # past the next backoff: no third launch
+        assert s.launches == 2 and s.pid is None
+        engine = engine_for(settings, s)
+        await engine.start()  # the plain way
+        try:
+            assert await engine.wait_ready(30), engine.log_tail(20)
+            assert engine.pid is not None and parent_of(engine.pid) == os.getpid()
+        finally:
+            await engine.stop()
     finally:
         await s.stop()
 

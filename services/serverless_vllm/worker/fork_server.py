@@ -100,7 +100,7 @@ class ForkServer:
         self._pending: dict[int, asyncio.Future[ForkedProcess | None]] = {}
         self._children: dict[int, ForkedProcess] = {}
         self._orders = 0
-        self._launched = 0
+        self.launches = 0
         self._failures = 0
         self._retry_at = 0.0
         self._wake = asyncio.Event()
@@ -184,7 +184,7 @@ class ForkServer:
                 await self._lost()
             if self.ready:
                 self._failures = 0  # failures count in a row
-            if self.launch is None and not self._busy() and time.monotonic() >= self._retry_at:
+            if self._enabled and self.launch is None and not self._busy() and time.monotonic() >= self._retry_at:
                 await self._launch()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -205,7 +205,7 @@ class ForkServer:
         await self._end()
 
     async def _launch(self) -> None:
-        self._launched += 1
+        self.launches += 1
         self.ready = False
         self.lines.clear()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -216,7 +216,7 @@ class ForkServer:
                 port=0,
                 nice=self._nice,
                 pump=self._pump,
-                name=f"fork-server-{self._launched}",
+                name=f"fork-server-{self.launches}",
                 stdin=theirs.fileno(),
             )
         except OSError as exc:
