@@ -153,6 +153,11 @@ class Stack:
             # vLLM's "auto" binding pins every CPU engine's OpenMP threads to the same core: a busy engine's
             # spinning threads then starve a second engine starting beside it for minutes. Let the OS schedule.
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            # No fork server: it imports torch and vLLM (~12 s of CPU) at each worker's start, and most stacks here
+            # start one engine per worker or none, which saves nothing (a full run with it everywhere took as long,
+            # CPU the suite is short of). The modules whose workers start engines again and again (restarts, cold
+            # starts, several models) turn it on, as the worker's default is, and test it end to end.
+            "ENGINE_FORK_SERVER": "0",
             # Local development settings: no credentials (tests/test_security.py turns them on), and local model
             # paths allowed under the pytest session's temporary root (the tiny model, a missing model).
             "SVLLM_AUTH": "off",

@@ -32,8 +32,8 @@ COMMENT = re.compile(rf"^: loading model '{ALIAS}', (\d+) s(, ready in about (\d
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
-    # The worker's default fork server: cold starts as users get them.
-    env = {"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2", "HOLD_KEEPALIVE_INTERVAL": "1"}
+    # The worker's default fork server (the harness turns it off elsewhere): cold starts as users get them.
+    env = {"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2", "HOLD_KEEPALIVE_INTERVAL": "1", "ENGINE_FORK_SERVER": "1"}
     s = Stack(tmp_path_factory.mktemp("cold-start-stream"), env=env).start(workers=1)
     try:
         # float32: the CPU build's bf16 kernels once crashed on a short first request (../shared/ENVIRONMENT.md).

@@ -21,8 +21,8 @@ ALIAS = "tiny"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    # The worker's default fork server: engines start forked from it.
-    s = Stack(tmp_path_factory.mktemp("e2e-http")).start(workers=2)
+    # The worker's default fork server (the harness turns it off elsewhere): engines start forked from it.
+    s = Stack(tmp_path_factory.mktemp("e2e-http"), env={"ENGINE_FORK_SERVER": "1"}).start(workers=2)
     yield s
     s.stop()
 

@@ -40,8 +40,8 @@ SPEC = {"max_model_len": 2048, "dtype": "float32", "preload": False}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_classifier: Path) -> Iterator[Stack]:
-    # The worker's default fork server: several models start here, each forked from it.
-    env = {"CPU_SLOTS": "2", "SCALE_DOWN_DELAY": "2"}
+    # The worker's default fork server (the harness turns it off elsewhere): several models start here, each forked.
+    env = {"CPU_SLOTS": "2", "SCALE_DOWN_DELAY": "2", "ENGINE_FORK_SERVER": "1"}
     s = Stack(tmp_path_factory.mktemp("endpoints"), env=env).start(workers=2)
     try:
         models = ((GEN, tiny_model, "generate"), (EMB, tiny_model, "embed"), (CLS, tiny_classifier, "classify"))

@@ -181,6 +181,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
             "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
             "FAILED_RETRY_AFTER": "3",
             "COLD_START_TIMEOUT": "30",
+            # The worker's default (the harness turns it off elsewhere): each engine killed here restarts forked.
+            "ENGINE_FORK_SERVER": "1",
             # A wedged engine (SIGSTOP) is killed after 3 health probes in a row failed, 5 s each: fast enough for
             # the test, slow enough that a loaded machine's slow answers are not taken for a wedge.
             "ENGINE_LIVENESS_INTERVAL": "1",

@@ -22,8 +22,8 @@ ALIAS = "lazy"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Stack:
-    # The worker's default fork server: its models start again and again here, each forked from it.
-    env = {"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2"}
+    # The worker's default fork server (the harness turns it off elsewhere): its models start again and again.
+    env = {"CPU_SLOTS": "1", "SCALE_DOWN_DELAY": "2", "ENGINE_FORK_SERVER": "1"}
     s = Stack(tmp_path_factory.mktemp("lifecycle"), env=env).start(workers=2)
     resp = s.post(
         "/v1/models/register",

@@ -45,8 +45,9 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
-    # One CPU slot per worker: the two replicas go to different workers.
-    s = Stack(tmp_path_factory.mktemp("migration"), env={"CPU_SLOTS": "1"}).start(workers=2)
+    # One CPU slot per worker: the two replicas go to different workers. The fork server (the harness turns it off
+    # elsewhere): the engines killed here restart forked from it.
+    s = Stack(tmp_path_factory.mktemp("migration"), env={"CPU_SLOTS": "1", "ENGINE_FORK_SERVER": "1"}).start(workers=2)
     try:
         resp = s.post(
             "/v1/models/register",
