@@ -83,10 +83,12 @@ class Process(Protocol):
     the fork server (fork_server.py)."""
 
     @property
-    def pid(self) -> int: ...
+    def pid(self) -> int:
+        """Its process id, and its process group's: it leads a session of its own."""
 
     @property
-    def returncode(self) -> int | None: ...
+    def returncode(self) -> int | None:
+        """None while it runs, then as asyncio gives it: the exit code, or minus the signal that ended it."""
 
 
 async def wait_exit(proc: Process) -> int:
