@@ -373,7 +373,16 @@ _MINI_WORKER = textwrap.dedent(
         while not server.ready:
             await asyncio.sleep(0.05)
         env = dict(os.environ, ECHO_RUN_S="3600")
-        launch = await server.fork("echo_engine", [], env, port=1, name="r", pump=lambda s: s.read(), timeout=30)
+        printed = asyncio.Event()
+
+        async def pump(stream):
+            while line := await stream.readline():
+                if line.startswith(b"ECHO"):
+                    printed.set()
+
+        launch = await server.fork("echo_engine", [], env, port=1, name="r", pump=pump, timeout=30)
+        # Past its last line: from here a dead worker's closed log pipe (EPIPE) cannot end it, only its guard can.
+        await printed.wait()
         pids = {"server": server.pid, "server_guard": server.launch.guard.pid, "engine": launch.proc.pid,
                 "engine_guard": launch.guard.pid}
         print(json.dumps(pids), flush=True)
