@@ -193,6 +193,16 @@ class Stack:
     def later(self, seconds: float, action: Callable[[], None]) -> None:
         asyncio.get_running_loop().call_later(seconds, action)
 
+    async def routed(self, state: ModelState) -> None:
+        """Wait until the router's table (its /v1/models) has the model in `state`."""
+        async with httpx.AsyncClient() as client:
+            for _ in range(500):
+                models = (await client.get(f"{self.url}/v1/models")).json()["data"]
+                if [m["state"] for m in models] == [state.value]:
+                    return
+                await asyncio.sleep(0.01)
+        raise AssertionError(f"the router's table never had {ALIAS} {state}: {models}")
+
     async def queued(self) -> float:
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"{self.url}/metrics")).text
@@ -295,7 +305,7 @@ async def test_the_anthropic_client_parses_a_held_messages_stream() -> None:
 async def test_the_comments_say_when_the_model_is_expected_ready() -> None:
     async with stack() as s:
         s.manager.publish(ModelRoute(state=ModelState.LOADING, ready_at=time.time() + 30))
-        await asyncio.sleep(0.1)  # the router's long-poll brings it
+        await s.routed(ModelState.LOADING)  # the router's long-poll brought it
         s.later(0.5, s.ready)
         comments = before_first_data((await raw_stream(s.url)).text)
         assert comments and all(re.search(r", ready in about (29|30) s$", c) for c in comments), comments
@@ -305,13 +315,29 @@ async def test_a_stream_started_while_held_that_fails_over_to_another_replica() 
     """The replica picked first refuses before answering: the stream holds on (more comments) for another one."""
     async with stack() as s:
         dead = f"http://127.0.0.1:{free_port()}"
-        s.later(0.4, lambda: s.ready(dead))
-        s.later(1.2, s.ready)
-        response = await raw_stream(s.url)
-        assert response.status_code == 200
-        comments = before_first_data(response.text)
-        assert len(comments) >= 5, comments  # held before the dead replica and again after it
-        assert data_events(response.text)[-1] == "[DONE]"
+        # The stream itself says when to publish (not a timer: a loaded machine sends fewer comments in a time): the
+        # dead replica after the first comment, the live one after three more comments.
+        blocks: list[str] = []
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream("POST", f"{s.url}/v1/chat/completions", json=CHAT) as response,
+        ):
+            assert response.status_code == 200
+            buffer = ""
+            async for text in response.aiter_text():
+                buffer += text
+                *done, buffer = buffer.split("\n\n")
+                for block in done:
+                    blocks.append(block)
+                    comments = [b for b in blocks if b.startswith(":")]
+                    if block.startswith(":") and len(comments) == 1:
+                        s.ready(dead)
+                    elif block.startswith(":") and len(comments) == 4:
+                        s.ready()
+        text = "\n\n".join(blocks) + "\n\n"
+        # Held past the dead replica (an error there would have ended the stream), then the live one's events.
+        assert len(before_first_data(text)) == 4, blocks
+        assert data_events(text)[-1] == "[DONE]"
         assert s.upstream.requests == ["/v1/chat/completions"]
 
 
