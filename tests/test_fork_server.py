@@ -257,25 +257,54 @@ _SLOW_IMPORTS = textwrap.dedent(
 )
 
 
-async def test_a_start_during_the_imports_does_not_hold_up_its_caller(settings: WorkerSettings, tmp_path: Path) -> None:
+@pytest_asyncio.fixture
+async def slow_server(settings: WorkerSettings, tmp_path: Path) -> AsyncIterator[ForkServer]:
+    """A fork server started, still importing (for 3 s more)."""
     program = tmp_path / "slow_imports.py"
     program.write_text(_SLOW_IMPORTS)
     s = make_server(settings, program=str(program))
     s.start()
     try:
         assert await eventually(lambda: s.alive, 10)
-        engine = engine_for(settings, s)
-        await engine.start()
-        try:
-            # start() returned while the server still imports: the worker's loop that called it (its heartbeats
-            # to the manager) goes on; the launch waits in the engine's own task.
-            assert not s.ready and engine.state is ReplicaState.STARTING
-            assert await engine.wait_ready(30), engine.log_tail(20)
-            assert s.ready and engine.pid is not None and parent_of(engine.pid) == s.pid
-        finally:
-            await engine.stop()
+        yield s
     finally:
         await s.stop()
+
+
+async def test_a_start_during_the_imports_does_not_hold_up_its_caller(
+    settings: WorkerSettings, slow_server: ForkServer
+) -> None:
+    s = slow_server
+    engine = engine_for(settings, s)
+    await engine.start()
+    try:
+        # start() returned while the server still imports: the worker's loop that called it (its heartbeats to the
+        # manager) goes on; the launch waits in the engine's own task.
+        assert not s.ready and engine.state is ReplicaState.STARTING
+        assert await engine.wait_ready(30), engine.log_tail(20)
+        assert s.ready and engine.pid is not None and parent_of(engine.pid) == s.pid
+    finally:
+        await engine.stop()
+
+
+async def test_a_stop_during_the_imports_does_not_wait_for_them(
+    settings: WorkerSettings, slow_server: ForkServer
+) -> None:
+    s = slow_server
+    engine = engine_for(settings, s, "r-stopped-early")
+    await engine.start()
+    assert await eventually(lambda: s._pending, 5)  # its order is given, and waits for the server's imports
+    await engine.stop()
+    # Stopped before the server could fork it (its imports take 3 s more): the stop did not wait for them. Seen
+    # failing with the stop not ending that wait (the engine is forked, then stopped).
+    assert not s.ready and engine.state is ReplicaState.STOPPING and engine.pid is None
+    assert "forked by the fork server" not in engine.log_path.read_text()
+    # The child the server forks for that order afterwards ends (killed at its report, and its log pipe has no
+    # reader: test_a_fork_given_up_on_is_killed_when_it_comes checks the first alone): no engine unsupervised.
+    await ready_server(s)
+    await asyncio.sleep(1.0)
+    assert pids_with("tiny-r-stopped-early") == []
+    assert s.alive  # and the server serves on
 
 
 # Fault injection: a fork server whose children, set up as engines, die instead of running the engine module.

@@ -131,10 +131,11 @@ class ForkServer:
 
     async def fork(
         self, module: str, argv: Sequence[str], env: Mapping[str, str], *, port: int, name: str, pump: Pump,
-        timeout: float,
+        timeout: float, stop: asyncio.Event | None = None,
     ) -> Launch | None:  # fmt: skip
-        """Start `python -m module argv` in environment `env` as a child of the server, or None: start plainly.
-        An order given during the server's imports is served after them (still sooner than a plain start)."""
+        """Start `python -m module argv` in environment `env` as a child of the server, or None: start plainly
+        (or not at all, if `stop` was set meanwhile). An order given during the server's imports is served after
+        them (still sooner than a plain start); `stop` ends that wait at once."""
         control = self._control
         if module != self.module or control is None or not self.alive:
             return None
@@ -154,10 +155,10 @@ class ForkServer:
         finally:
             os.close(write_fd)  # the server holds its copy now; the child gets it as stdout and stderr
         try:
-            child = await asyncio.wait_for(reply, timeout)
-        except TimeoutError:
-            child = None  # a child forked after this is killed at its report (_forked)
-            log.warning("fork server: no fork within %.0fs; engine %s starts plainly", timeout, name)
+            child = await self._reply(reply, timeout, stop, name)
+        except asyncio.CancelledError:
+            os.close(read_fd)
+            raise
         if child is None:
             os.close(read_fd)
             return None
@@ -166,6 +167,30 @@ class ForkServer:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
         self.forks += 1
         return await spawn.supervise(child, reader, port=port, pump=pump, name=name)
+
+    async def _reply(
+        self, reply: asyncio.Future[ForkedProcess | None], timeout: float, stop: asyncio.Event | None, name: str
+    ) -> ForkedProcess | None:
+        """The forked child, or None: no fork (the server's error, or its end), none within `timeout`, or `stop`
+        set first. A child forked after its order was given up on is killed at its report (_report)."""
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        waits = [f for f in (reply, stopped) if f is not None]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if reply.done() and not reply.cancelled() and (child := reply.result()) is not None:
+                _kill(child.pid)  # forked in the same moment: nobody would supervise it
+            raise
+        finally:
+            if stopped is not None:
+                stopped.cancel()
+            if not reply.done():
+                reply.cancel()
+        if reply.cancelled():
+            if stop is None or not stop.is_set():
+                log.warning("fork server: no fork within %.0fs; engine %s starts plainly", timeout, name)
+            return None
+        return reply.result()
 
     # ------------------------------------------------------------------ the server process
 
@@ -279,10 +304,7 @@ class ForkServer:
         child = ForkedProcess(int(message["pid"]))
         self._children[child.pid] = child
         if reply is None or reply.done():
-            # Its engine start gave up waiting and started plainly: nobody supervises this one.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(child.pid, signal.SIGKILL)  # perhaps before its setsid(): not only its group
-            spawn.signal_group(child.pid, signal.SIGKILL)
+            _kill(child.pid)  # its engine start gave up waiting (started plainly, or stopped): nobody supervises it
             return
         reply.set_result(child)
 
@@ -294,3 +316,10 @@ class ForkServer:
         for child in self._children.values():
             child.orphaned()
         self._children.clear()
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a forked child and its group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)  # perhaps before its setsid(): not only its group
+    spawn.signal_group(pid, signal.SIGKILL)

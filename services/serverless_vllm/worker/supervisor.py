@@ -146,7 +146,9 @@ class Supervisor:
                 await launch.terminate(2)
             await launch.cleanup()  # idempotent; covers a supervisor that was cancelled
 
-    async def _spawn(self, port: int, fork_ok: bool = True) -> Launch:
+    async def _spawn(self, port: int, fork_ok: bool = True) -> Launch | None:
+        """The next launch, forked if it can be; None if a stop came while the fork server's imports were
+        awaited (nothing started)."""
         self._launches += 1
         cmd = self._engine.command(port)
         env = self._engine.environment()
@@ -156,8 +158,11 @@ class Supervisor:
         if server is not None:
             timeout = self._engine.settings.engine_start_timeout_s
             launch = await server.fork(
-                cmd[2], cmd[3:], env, port=port, name=self._name, pump=self._log.pump, timeout=timeout
-            )
+                cmd[2], cmd[3:], env, port=port, name=self._name, pump=self._log.pump, timeout=timeout,
+                stop=self._stop_event,
+            )  # fmt: skip
+            if launch is None and self.stopping:
+                return None
             if launch is not None:
                 pid = launch.proc.pid
                 self._log.write(f"[serverless-vllm: forked by the fork server, pid {pid}: {cmd[2]} imported]")
