@@ -307,6 +307,32 @@ async def test_a_stop_during_the_imports_does_not_wait_for_them(
     assert s.alive  # and the server serves on
 
 
+# A fork server whose interpreter teardown would take long: an exit handler stands in for the 2 s that tearing
+# down the imported vLLM (torch) takes at a normal exit.
+_SLOW_TEARDOWN = textwrap.dedent(
+    """
+    import atexit, time
+    from serverless_vllm.worker import fork_server_main
+    atexit.register(time.sleep, 60)
+    fork_server_main.main()
+    """
+)
+
+
+async def test_a_released_server_exits_without_its_teardown(settings: WorkerSettings, tmp_path: Path) -> None:
+    program = tmp_path / "slow_teardown.py"
+    program.write_text(_SLOW_TEARDOWN)
+    s = make_server(settings, program=str(program))
+    s.start()
+    await ready_server(s)
+    launch = s.launch
+    assert launch is not None
+    await s.stop()
+    # Exited by itself, at once (0), not stopped with SIGTERM after the 5 s the worker's stop waits for it (-15):
+    # seen failing with a normal return from its main().
+    assert launch.proc.returncode == 0
+
+
 # Fault injection: a fork server whose children, set up as engines, die instead of running the engine module.
 _DIES_IN_THE_FORK = textwrap.dedent(
     """
