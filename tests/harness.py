@@ -79,9 +79,18 @@ class Service:
             self.proc.wait(10)
 
     def stop(self, timeout: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        self.terminate()
+        self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM, if it runs (wait_stopped() then waits for it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 30) -> None:
+        """Its exit, or SIGKILL of its group after `timeout` seconds."""
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -210,6 +219,10 @@ class Stack:
         return self
 
     def stop(self) -> None:
+        # Every worker at once: stopped one by one, the manager would place the replicas of each worker that leaves on
+        # the next one to stop (an engine start for nothing), and the stops' drains would add up.
+        for worker in self.workers.values():
+            worker.terminate()
         for service in [*self.workers.values(), self.router, self.manager]:
             service.stop()
 
