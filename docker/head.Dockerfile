@@ -2,7 +2,8 @@
 #
 #   docker build -f docker/head.Dockerfile -t serverless-vllm/head:0.1.0 .
 #
-# Build context: the repository root (see .dockerignore). No vLLM in this image.
+# Build context: the repository root (see .dockerignore). No vLLM in this image. Needs BuildKit (Docker 23+'s
+# default builder, and `docker compose build`): the wheels are bind-mounted (RUN --mount).
 #
 # Offline / air-gapped builds: put wheels for every dependency in docker/wheelhouse/head/
 # (or point WHEELHOUSE at another directory inside the context); when that directory holds
@@ -17,26 +18,12 @@ FROM ${BASE_IMAGE} AS reqs
 COPY docker/reqs.py pyproject.toml /src/
 RUN python3 /src/reqs.py /src/pyproject.toml ray > /requirements.txt
 
-# ---------------------------------------------------------------- builder: /opt/venv
-FROM ${BASE_IMAGE} AS builder
-
+# ---------------------------------------------------------------- wheels
+# The wheelhouse in a stage of its own, bind-mounted where pip installs (below): no layer holds the wheels, and
+# the installed dependencies are written once (a builder stage's venv would be copied into the image again).
+FROM scratch AS wheels
 ARG WHEELHOUSE=docker/wheelhouse/head
-ARG RAY_VERSION=2.60.0
-ARG PIP_EXTRA_ARGS=
-
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
-
 COPY ${WHEELHOUSE}/ /wheels/
-COPY --from=reqs /requirements.txt /src/requirements.txt
-
-# Dependencies first, in their own layer (they change far less often than the code).
-RUN set -eu; \
-    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
-    python3 -m venv /opt/venv; \
-    /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS \
-        -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
@@ -52,8 +39,17 @@ RUN set -eu; \
     useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
     install -d -o svllm -g svllm /data
 
+ARG RAY_VERSION=2.60.0
+ARG PIP_EXTRA_ARGS=
+
 # Dependencies in one layer that only a change of requirements rebuilds; our package in a small one on top.
-COPY --from=builder /opt/venv /opt/venv
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    --mount=type=bind,from=reqs,source=/requirements.txt,target=/src/requirements.txt \
+    set -eu; \
+    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
+    python3 -m venv /opt/venv; \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 /opt/venv/bin/pip install \
+        $src $PIP_EXTRA_ARGS -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel
 COPY pyproject.toml README* /src/
 COPY services/ /src/services/
 RUN set -eu; \

