@@ -48,7 +48,7 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
     python3 -m venv /opt/venv; \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 /opt/venv/bin/pip install \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install \
         $src $PIP_EXTRA_ARGS -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel
 COPY pyproject.toml README* /src/
 COPY services/ /src/services/

