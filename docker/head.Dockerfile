@@ -19,7 +19,7 @@ COPY docker/reqs.py pyproject.toml /src/
 RUN python3 /src/reqs.py /src/pyproject.toml ray > /requirements.txt
 
 # ---------------------------------------------------------------- wheels
-# The wheelhouse in a stage of its own, bind-mounted where pip installs (below): no layer holds the wheels, and
+# The wheelhouse in a stage of its own, bind-mounted where it is installed (below): no layer holds the wheels, and
 # the installed dependencies are written once (a builder stage's venv would be copied into the image again).
 FROM scratch AS wheels
 ARG WHEELHOUSE=docker/wheelhouse/head
@@ -41,6 +41,7 @@ RUN set -eu; \
 
 ARG RAY_VERSION=2.60.0
 ARG PIP_EXTRA_ARGS=
+ARG UV_VERSION=0.13.9
 
 # Dependencies in one layer that only a change of requirements rebuilds; our package in a small one on top.
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
@@ -48,8 +49,11 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; else src=""; fi; \
     python3 -m venv /opt/venv; \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install \
-        $src $PIP_EXTRA_ARGS -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install $src "uv==${UV_VERSION}"; \
+    export UV_NO_CACHE=1 VIRTUAL_ENV=/opt/venv; \
+    /opt/venv/bin/uv pip install --compile-bytecode \
+        $src $PIP_EXTRA_ARGS -r /src/requirements.txt "ray[serve]==${RAY_VERSION}" "setuptools>=68" wheel; \
+    /opt/venv/bin/uv pip uninstall uv
 COPY pyproject.toml README* /src/
 COPY services/ /src/services/
 RUN set -eu; \

