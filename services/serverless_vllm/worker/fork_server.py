@@ -264,7 +264,7 @@ class ForkServer:
             self._control = None
         await stop_tasks(self._reports)
         self._reports = None
-        self._orphan_all()
+        self._orphan_all()  # the reports task does it as it ends, but not if it was cancelled before it first ran
         launch, self.launch = self.launch, None
         self.ready = False
         if launch is not None:
