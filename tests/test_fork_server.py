@@ -81,6 +81,14 @@ def make_server(settings: WorkerSettings, busy: Callable[[], bool] = lambda: Fal
     )
 
 
+def server_running(settings: WorkerSettings, program: Path, source: str) -> ForkServer:
+    """A fork server started from another program (`source`, written to `program`): faults, slow imports."""
+    program.write_text(source)
+    s = make_server(settings, program=str(program))
+    s.start()
+    return s
+
+
 @pytest_asyncio.fixture
 async def server(settings: WorkerSettings) -> AsyncIterator[ForkServer]:
     s = make_server(settings)
@@ -260,10 +268,7 @@ _SLOW_IMPORTS = textwrap.dedent(
 @pytest_asyncio.fixture
 async def slow_server(settings: WorkerSettings, tmp_path: Path) -> AsyncIterator[ForkServer]:
     """A fork server started, still importing (for 3 s more)."""
-    program = tmp_path / "slow_imports.py"
-    program.write_text(_SLOW_IMPORTS)
-    s = make_server(settings, program=str(program))
-    s.start()
+    s = server_running(settings, tmp_path / "slow_imports.py", _SLOW_IMPORTS)
     try:
         assert await eventually(lambda: s.alive, 10)
         yield s
@@ -320,10 +325,7 @@ _SLOW_TEARDOWN = textwrap.dedent(
 
 
 async def test_a_released_server_exits_without_its_teardown(settings: WorkerSettings, tmp_path: Path) -> None:
-    program = tmp_path / "slow_teardown.py"
-    program.write_text(_SLOW_TEARDOWN)
-    s = make_server(settings, program=str(program))
-    s.start()
+    s = server_running(settings, tmp_path / "slow_teardown.py", _SLOW_TEARDOWN)
     await ready_server(s)
     launch = s.launch
     assert launch is not None
@@ -350,10 +352,7 @@ _DIES_IN_THE_FORK = textwrap.dedent(
 
 
 async def test_a_start_that_fails_in_the_fork_is_retried_plainly(settings: WorkerSettings, tmp_path: Path) -> None:
-    program = tmp_path / "dies_in_the_fork.py"
-    program.write_text(_DIES_IN_THE_FORK)
-    s = make_server(settings, program=str(program))
-    s.start()
+    s = server_running(settings, tmp_path / "dies_in_the_fork.py", _DIES_IN_THE_FORK)
     try:
         server_pid = await ready_server(s)
         engine = engine_for(settings, s)
@@ -397,10 +396,9 @@ async def test_a_server_that_keeps_dying_is_given_up(
     settings: WorkerSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fork_server, "MAX_FAILURES", 2)  # the real backoff (2 s after the first), fewer tries
-    program = tmp_path / "dies_at_once.py"  # fault injection: a server that exits before its imports
-    program.write_text("import sys\nprint('fork server fault injection: exiting', flush=True)\nsys.exit(5)\n")
-    s = make_server(settings, program=str(program))
-    s.start()
+    # Fault injection: a server that exits before its imports.
+    dies = "import sys\nprint('fork server fault injection: exiting', flush=True)\nsys.exit(5)\n"
+    s = server_running(settings, tmp_path / "dies_at_once.py", dies)
     try:
         assert await eventually(lambda: s.launches == 2 and s.launch is None, 20)
         await asyncio.sleep(3)  # past the next backoff: no third launch
