@@ -336,7 +336,7 @@ async def test_a_stream_started_while_held_that_fails_over_to_another_replica() 
                         s.ready()
         text = "\n\n".join(blocks) + "\n\n"
         # Held past the dead replica (an error there would have ended the stream), then the live one's events.
-        assert len(before_first_data(text)) == 4, blocks
+        assert len(before_first_data(text)) >= 4, blocks  # more if the live one took a comment longer to arrive
         assert data_events(text)[-1] == "[DONE]"
         assert s.upstream.requests == ["/v1/chat/completions"]
 
