@@ -276,28 +276,32 @@ async def slow_server(settings: WorkerSettings, tmp_path: Path) -> AsyncIterator
         await s.stop()
 
 
-async def test_a_start_during_the_imports_does_not_hold_up_its_caller(
-    settings: WorkerSettings, slow_server: ForkServer
-) -> None:
-    s = slow_server
-    engine = engine_for(settings, s)
+@pytest_asyncio.fixture
+async def early_engine(settings: WorkerSettings, slow_server: ForkServer) -> AsyncIterator[EngineProcess]:
+    """An engine started while `slow_server` still imports (stopped at the end, if the test did not)."""
+    engine = engine_for(settings, slow_server, "r-early")
     await engine.start()
     try:
-        # start() returned while the server still imports: the worker's loop that called it (its heartbeats to the
-        # manager) goes on; the launch waits in the engine's own task.
-        assert not s.ready and engine.state is ReplicaState.STARTING
-        assert await engine.wait_ready(30), engine.log_tail(20)
-        assert s.ready and engine.pid is not None and parent_of(engine.pid) == s.pid
+        yield engine
     finally:
         await engine.stop()
 
 
-async def test_a_stop_during_the_imports_does_not_wait_for_them(
-    settings: WorkerSettings, slow_server: ForkServer
+async def test_a_start_during_the_imports_does_not_hold_up_its_caller(
+    slow_server: ForkServer, early_engine: EngineProcess
 ) -> None:
-    s = slow_server
-    engine = engine_for(settings, s, "r-stopped-early")
-    await engine.start()
+    s, engine = slow_server, early_engine
+    # start() returned while the server still imports: the worker's loop that called it (its heartbeats to the
+    # manager) goes on; the launch waits in the engine's own task.
+    assert not s.ready and engine.state is ReplicaState.STARTING
+    assert await engine.wait_ready(30), engine.log_tail(20)
+    assert s.ready and engine.pid is not None and parent_of(engine.pid) == s.pid
+
+
+async def test_a_stop_during_the_imports_does_not_wait_for_them(
+    slow_server: ForkServer, early_engine: EngineProcess
+) -> None:
+    s, engine = slow_server, early_engine
     assert await eventually(lambda: s._pending, 5)  # its order is given, and waits for the server's imports
     await engine.stop()
     # Stopped before the server could fork it (its imports take 3 s more): the stop did not wait for them. Seen
@@ -308,7 +312,7 @@ async def test_a_stop_during_the_imports_does_not_wait_for_them(
     # reader: test_a_fork_given_up_on_is_killed_when_it_comes checks the first alone): no engine unsupervised.
     await ready_server(s)
     await asyncio.sleep(1.0)
-    assert pids_with("tiny-r-stopped-early") == []
+    assert pids_with("tiny-r-early") == []
     assert s.alive  # and the server serves on
 
 
