@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import pytest
-from serverless_vllm import cli
 from serverless_vllm.dataplane.disconnect import (
     CLIENT_CLOSED,
     DISCONNECT_HOOK,
@@ -18,9 +17,10 @@ from serverless_vllm.dataplane.disconnect import (
     DisconnectHook,
     until_disconnect,
 )
-from serverless_vllm.testing.ports import free_port
 from starlette.requests import Request
 from starlette.types import Message
+
+from .served import served
 
 
 def request(disconnect_after: float | None, hook: DisconnectHook | None = None) -> Request:
@@ -110,19 +110,9 @@ async def test_our_server_protocol_fires_the_hook_when_the_client_leaves() -> No
             outcome.set_result("cancelled by the hook" if scope[DISCONNECT_HOOK].fired else "cancelled")
             raise
 
-    port = free_port()
-    server = cli._server(app, "127.0.0.1", port, "warning")
-    serving = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):  # up within 5 s
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        sock = socket.create_connection(("127.0.0.1", port))
+    async with served(app) as (server, _):
+        sock = socket.create_connection(("127.0.0.1", server.config.port))
         sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
         await asyncio.sleep(0.2)
         sock.close()
         assert await asyncio.wait_for(outcome, 2.0) == "cancelled by the hook"
-    finally:
-        server.should_exit = True
-        await serving

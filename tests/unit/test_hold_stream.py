@@ -22,7 +22,6 @@ import anthropic
 import httpx
 import openai
 import pytest
-from serverless_vllm import cli
 from serverless_vllm.config import AuthSettings, RouterSettings
 from serverless_vllm.errors import APIError
 from serverless_vllm.router.app import create_router_app
@@ -32,6 +31,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from .served import served
 
 ALIAS = "m"
 CHAT = {"model": ALIAS, "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -166,18 +167,6 @@ class Upstream:
         return JSONResponse({"id": request.path_params["rid"], "object": "response", "status": "completed"})
 
 
-async def _serve(app: Any) -> tuple[Any, asyncio.Task[None], str]:
-    port = free_port()
-    server = cli._server(app, "127.0.0.1", port, "warning")
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
-    return server, task, f"http://127.0.0.1:{port}"
-
-
 @dataclass
 class Stack:
     manager: StandInManager
@@ -219,16 +208,10 @@ class Stack:
 @asynccontextmanager
 async def stack(**settings: Any) -> AsyncIterator[Stack]:
     manager, upstream = StandInManager(), Upstream()
-    up_server, up_task, up_url = await _serve(upstream.app())
     defaults: dict[str, Any] = {"hold_keepalive_s": 0.2, "report_interval_s": 0.1}
     app = create_router_app(RouterSettings(**{**defaults, **settings}), lambda: manager, auth=AuthSettings(mode="off"))
-    server, task, url = await _serve(app)
-    try:
+    async with served(upstream.app()) as (_, up_url), served(app) as (_, url):
         yield Stack(manager, upstream, up_url, url)
-    finally:
-        server.should_exit = up_server.should_exit = True
-        await task
-        await up_task
 
 
 async def raw_stream(url: str, path: str = "/v1/chat/completions", body: dict[str, Any] = CHAT) -> httpx.Response:
