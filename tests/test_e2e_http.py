@@ -8,6 +8,7 @@ one left (that is the story of a deployment: register, serve, fail, lose a worke
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import httpx
@@ -80,13 +81,14 @@ def test_models_list(stack: Stack) -> None:
 
 
 def test_router_scales_out_to_several_processes(stack: Stack) -> None:
-    """`svllm router --workers 2`: gunicorn processes, each with its own table, on one port."""
+    """`svllm router --workers 2`: gunicorn processes, each with its own table, on one port, serving with the
+    services' protocol and its client timeout (CLIENT_TIMEOUT, here 1 s: a head left unfinished is answered 408)."""
     port = free_port()
     router = Service(
         "router-x2",
         ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", stack.manager.url, "--workers", "2"],
         port,
-        stack.env,
+        {**stack.env, "CLIENT_TIMEOUT": "1"},
         stack.tmp,
     )
     router.start()
@@ -95,6 +97,10 @@ def test_router_scales_out_to_several_processes(stack: Stack) -> None:
         for _ in range(4):  # several connections land on both processes
             assert client.completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
         assert len(descendants(router.proc.pid)) >= 2
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+            raw = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert raw.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in raw, raw
     finally:
         router.stop()
 

@@ -9,13 +9,17 @@ vLLM's development endpoints out of reach, engines on loopback only, no secret i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
@@ -35,7 +39,7 @@ from serverless_vllm.security.inference import check_inference
 from serverless_vllm.security.models import check_engine_args, check_model_name
 from starlette.exceptions import HTTPException
 
-from .harness import VENV_BIN, free_port, wait_until
+from .harness import VENV_BIN, Service, free_port, wait_until
 from .secure_harness import (
     ADMIN_KEY,
     API_KEY,
@@ -726,3 +730,48 @@ def test_worker_with_wrong_token_is_refused_by_the_manager(stack: SecureStack) -
     finally:
         intruder.stop()
         del stack.workers["intruder"]
+
+
+def test_clients_that_stall_are_answered_408_and_the_router_serves_on(stack: SecureStack) -> None:
+    """A router process with CLIENT_TIMEOUT=1 (dataplane/server_protocol.py): a request whose body pauses and one
+    whose head comes a line at a time (slowloris) are each answered 408 in the OpenAI shape and their connections
+    closed, while a client of the official SDK is served beside them; nothing is logged as an error."""
+    port = free_port()
+    router = Service(
+        "router-client-timeout",
+        ["router", "--host", "127.0.0.1", "--port", str(port), "--manager-url", stack.manager.url],
+        port,
+        {**stack.env, "CLIENT_TIMEOUT": "1"},
+        stack.tmp,
+    ).start()
+    try:
+        wait_until(
+            lambda: call("GET", f"{router.url}/v1/models/{ALIAS}", API_KEY).json().get("state") == "ready",
+            30,
+            what="the new router's table",
+        )
+        body = json.dumps(CHAT).encode()
+        paused = socket.create_connection(("127.0.0.1", port))
+        paused.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (API_KEY.encode(), len(body), body[:10])
+        )
+        trickled = socket.create_connection(("127.0.0.1", port))
+        trickled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        for i in range(6):  # until 0.9 s: its head is cut off at 1 to 1.25 s however it trickles
+            time.sleep(0.15)
+            trickled.sendall(b"x-slow-%d: y\r\n" % i)
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model=ALIAS, messages=M, max_tokens=2)
+        assert answer.choices[0].finish_reason == "length"
+        for sock in (paused, trickled):
+            sock.settimeout(10)
+            raw = b"".join(iter(lambda s=sock: s.recv(65536), b""))  # until the router closes it
+            sock.close()
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 "), raw
+            assert json.loads(rest)["error"]["code"] == "request_timeout", raw
+        log = router.log()
+        assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    finally:
+        router.stop()

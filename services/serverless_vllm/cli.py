@@ -42,13 +42,13 @@ def _server(
 ) -> uvicorn.Server:
     """`leave`: a worker's drain, run at the first SIGTERM or Ctrl-C before the server stops (worker/shutdown.py)."""
     # The servers log their own access lines only at debug level: the hot path should not pay for logging.
-    # One socket write per response instead of two (server_protocol.py).
+    # One socket write per response instead of two, and a timeout for clients that stall (server_protocol.py).
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=level.lower(),
-        http=CoalescingHttpToolsProtocol,
+        http=CoalescingHttpToolsProtocol.with_client_timeout(CliSettings.from_env().client_timeout_s),
         access_log=level.lower() == "debug",
         timeout_graceful_shutdown=5,
     )

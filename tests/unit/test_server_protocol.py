@@ -5,17 +5,21 @@ layer, so the test sees the writes the kernel gets."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
-from serverless_vllm import cli
 from serverless_vllm.dataplane.server_protocol import HEAD_LINES, CoalescingHttpToolsProtocol
-from serverless_vllm.testing.ports import free_port
+
+from .served import served
 
 EVENT_GAP_S = 0.05
+CLIENT_TIMEOUT_S = 1.0  # the slow-client tests' CLIENT_TIMEOUT
 
 
 class _RecordingTransport:
@@ -68,19 +72,10 @@ async def serving(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, l
         real_connection_made(self, _RecordingTransport(transport, writes))  # type: ignore[arg-type]
 
     monkeypatch.setattr(CoalescingHttpToolsProtocol, "connection_made", connection_made)
-    port = free_port()
-    server = cli._server(app, "127.0.0.1", port, "warning")
-    assert server.config.http is CoalescingHttpToolsProtocol  # what the services run
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):  # uvicorn says nothing when it is up; poll its flag, for 5 s at most
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", writes
-    finally:
-        server.should_exit = True
-        await task
+    async with served(app) as (server, url):
+        assert issubclass(server.config.http, CoalescingHttpToolsProtocol)  # what the services run
+        assert server.config.http.client_timeout_s == 60.0  # CLIENT_TIMEOUT's default
+        yield url, writes
 
 
 async def test_a_response_is_one_socket_write(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,3 +120,140 @@ async def test_header_lines_handed_to_the_server_are_in_that_response_only(monke
         again = await client.post(f"{url}/json", content=b"{}")  # the same connection, kept alive: none
         assert again.json() == {"ok": True} and "x-ratelimit-limit-requests" not in again.headers
         assert len(writes) == 2
+
+
+# ---------------------------------------------------------------- slow clients (CLIENT_TIMEOUT)
+
+
+class Echo:
+    """An app that reads the whole body (what its receive calls returned are kept) and answers its length, after
+    `delay_s`: a slow answer, for which the client rightly sends nothing."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.received: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        size, more = 0, True
+        while more:
+            message = await receive()
+            self.received.append(message["type"])
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await asyncio.sleep(self.delay_s)
+        body = b'{"size": %d}' % size
+        head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+
+@asynccontextmanager
+async def timed_server(monkeypatch: pytest.MonkeyPatch, echo: Echo) -> AsyncIterator[int]:
+    """`echo` served as the services serve their apps (cli._server), with CLIENT_TIMEOUT set short."""
+    monkeypatch.setenv("CLIENT_TIMEOUT", str(CLIENT_TIMEOUT_S))
+    async with served(echo) as (server, _):
+        yield server.config.port
+
+
+async def read_all(reader: asyncio.StreamReader, limit_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection (a test that waits longer has failed)."""
+    return await asyncio.wait_for(reader.read(), limit_s)
+
+
+def timeout_answer(raw: bytes) -> dict[str, Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw
+    assert b"connection: close" in head.lower(), raw
+    return json.loads(body)
+
+
+def within_the_timeout(elapsed: float) -> bool:
+    """A stall is ended between one and 1.25 timeouts after it began (the check runs each quarter timeout); the
+    slack above is for a loaded machine."""
+    return CLIENT_TIMEOUT_S * 0.9 <= elapsed <= CLIENT_TIMEOUT_S * 1.25 + 0.5
+
+
+async def test_a_head_trickled_line_by_line_is_cut_off_at_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slowloris: a header line now and then keeps a connection open for good where only pauses are limited. The
+    lines here come until 0.9 timeouts: a limit on pauses would end it at 1.9 timeouts at the earliest, the limit
+    on the whole head at 1 to 1.25. (They stop before it: a line sent after the server closed would be answered
+    with a reset, which can take the 408 with it.)"""
+    echo = Echo()
+    async with timed_server(monkeypatch, echo) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        for i in range(6):
+            await asyncio.sleep(CLIENT_TIMEOUT_S * 0.15)
+            writer.write(b"x-slow-%d: y\r\n" % i)
+        raw = await read_all(reader)
+        elapsed = time.monotonic() - started
+        writer.close()
+        answer = timeout_answer(raw)
+        assert answer["error"]["code"] == "request_timeout" and answer["error"]["type"] == "invalid_request_error"
+        assert within_the_timeout(elapsed), elapsed
+        assert echo.received == []  # the app never saw it
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/messages"])
+async def test_a_body_that_pauses_is_answered_408_and_the_app_told_its_client_left(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    echo = Echo()
+    async with timed_server(monkeypatch, echo) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n%s" % (path.encode(), b"{" * 10))
+        paused = time.monotonic()
+        raw = await read_all(reader)
+        elapsed = time.monotonic() - paused
+        writer.close()
+        answer = timeout_answer(raw)
+        if path == "/v1/messages":  # Anthropic's clients read their own shape
+            assert answer == {"type": "error", "error": {"type": "invalid_request_error", "message": ANY}}, answer
+        else:
+            assert answer["error"]["code"] == "request_timeout", answer
+        assert within_the_timeout(elapsed), elapsed
+        await asyncio.sleep(0.1)
+        assert echo.received[-1] == "http.disconnect", echo.received  # the waiting app learns it at once
+
+
+async def test_a_connection_that_never_sends_a_byte_is_closed_without_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with timed_server(monkeypatch, Echo()) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        opened = time.monotonic()
+        assert await read_all(reader) == b""
+        assert within_the_timeout(time.monotonic() - opened)
+        writer.close()
+
+
+async def test_a_slow_but_steady_body_and_a_slow_answer_are_not_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body's limit is on its pauses, not its whole time; a client waiting for a slow answer sends nothing
+    and is right to; between requests uvicorn's keep-alive timeout (5 s) applies, not ours."""
+    echo = Echo(delay_s=CLIENT_TIMEOUT_S * 1.5)
+    async with timed_server(monkeypatch, echo) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n")
+        for _ in range(4):  # 4 pauses of half the timeout: two timeouts in all
+            await asyncio.sleep(CLIENT_TIMEOUT_S / 2)
+            writer.write(b"x")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S * 4)
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        assert await reader.readexactly(11) == b'{"size": 4}'
+        await asyncio.sleep(CLIENT_TIMEOUT_S * 1.5)  # idle on a kept-alive connection, then the next request
+        echo.delay_s = 0.0
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        writer.close()
+
+
+def test_no_client_timeout_is_uvicorns_protocol_as_it_was() -> None:
+    assert CoalescingHttpToolsProtocol.with_client_timeout(0) is CoalescingHttpToolsProtocol
+    assert CoalescingHttpToolsProtocol.with_client_timeout(None) is CoalescingHttpToolsProtocol
+    assert CoalescingHttpToolsProtocol.with_client_timeout(5).client_timeout_s == 5

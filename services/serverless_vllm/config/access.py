@@ -146,6 +146,13 @@ class CliSettings(_Settings):
     """The `svllm` command itself."""
 
     log_level: str = _setting("info", env="LOG_LEVEL", description="log level (debug adds a line per request)")
+    client_timeout_s: float = _setting(
+        60.0,
+        env="CLIENT_TIMEOUT",
+        ge=0,
+        description="seconds a client may take to send a request's head, or pause its body, before the service "
+        "answers 408 and closes the connection (HTTP services; 0: no limit)",
+    )
     router_url: str = _setting(
         "http://127.0.0.1:18000", env="ROUTER_URL", description="the router `svllm register` and `svllm status` talk to"
     )

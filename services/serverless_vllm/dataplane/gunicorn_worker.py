@@ -10,9 +10,17 @@ from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
+from ..config import CliSettings
 from .server_protocol import CoalescingHttpToolsProtocol
 
 
 # uvicorn-worker ships no type information, so its class is Any to mypy.
 class CoalescingUvicornWorker(UvicornWorker):  # type: ignore[misc]
-    CONFIG_KWARGS: dict[str, Any] = {**UvicornWorker.CONFIG_KWARGS, "http": CoalescingHttpToolsProtocol}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Read in each worker process (its environment is the router's): not at import.
+        timeout = CliSettings.from_env().client_timeout_s
+        self.CONFIG_KWARGS = {
+            **UvicornWorker.CONFIG_KWARGS,
+            "http": CoalescingHttpToolsProtocol.with_client_timeout(timeout),
+        }
+        super().__init__(*args, **kwargs)

@@ -1,5 +1,5 @@
 """The HTTP server protocol of manager, router and worker: uvicorn's httptools protocol, one socket write per burst,
-and a disconnect hook.
+a disconnect hook, and a timeout for clients that stall while sending a request.
 
 uvicorn writes a response's head and its body with two transport writes. On an idle socket each is its own
 send() (two TCP segments, and the peer wakes and reads twice): on the relay, where a response is small and
@@ -18,15 +18,27 @@ send. They are written as they are, after the response's own headers. uvicorn ch
 two regular expressions and copies it a few times: the six x-ratelimit-* headers of every answer to a limited key
 cost the router more through that loop than the limits themselves (docs/benchmarks.md). Servers without it (Ray
 Serve's) leave the key out of the scope, and the app sends such headers as usual.
+
+Slow clients: uvicorn waits as long as a client likes for a request's head, and for the rest of a body it has begun,
+so a few hundred connections that send a byte now and then (slowloris) hold a file descriptor and a task each for
+good. With a client timeout (CLIENT_TIMEOUT), a request's head must arrive whole within it (counted from its first
+byte, or from the connection's opening for its first request), and a body may not go silent for longer while the
+app waits for it, as nginx's client_header_timeout and client_body_timeout do. A request cut off so is answered 408
+(in the OpenAI shape) and its connection closed; a connection that never sent a byte is closed without an answer
+(browsers open spare ones). Idle time between requests stays uvicorn's keep-alive timeout's. Each connection checks
+itself four times per timeout on one timer (none per request): a stall is ended between one and 1.25 timeouts after
+it began, and the request path pays nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Protocol, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..errors import APIError, anthropic_shape
 from .disconnect import DISCONNECT_HOOK, DisconnectHook
 
 __all__ = ["HEAD_LINES", "CoalescingHttpToolsProtocol", "HeadLines"]
@@ -88,10 +100,23 @@ class _CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """Pass as `uvicorn.Config(http=...)`."""
+    """Pass as `uvicorn.Config(http=...)`; `with_client_timeout(seconds)` for the timeout of slow clients."""
+
+    client_timeout_s: float | None = None  # None: clients may take as long as they like (uvicorn's behaviour)
+    _timeout_answers = (b"", b"")  # (OpenAI's shape, Anthropic's)
+
+    @classmethod
+    def with_client_timeout(cls, seconds: float | None) -> type[CoalescingHttpToolsProtocol]:
+        """This protocol with a timeout for slow clients (None or 0: none)."""
+        if not seconds:
+            return cls
+        return type(cls.__name__, (cls,), {"client_timeout_s": seconds, "_timeout_answers": _timed_out(seconds)})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
+        self._watch: _ClientWatch | None = None
+        if self.client_timeout_s is not None:
+            self._watch = _ClientWatch(self, self.client_timeout_s, self._timeout_answers)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -100,8 +125,81 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
+        if self._watch is not None:
+            self._watch.stop()
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
             hook: DisconnectHook | None = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[assignment]
             if hook is not None:
                 hook.fire()
+
+
+def _timed_out(seconds: float) -> tuple[bytes, bytes]:
+    """What a client that stalled is answered (408, then the connection is closed): in the OpenAI shape, and in
+    Anthropic's for the Messages API."""
+    error = APIError(
+        408,
+        f"request timed out: its head took more than {seconds:g} s to arrive, or its body paused that long",
+        "request_timeout",
+    )
+    head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: "
+    answers = (json.dumps(body).encode() for body in (error.body(), error.anthropic_body()))
+    openai, anthropic = (b"%s%d\r\n\r\n%s" % (head, len(body), body) for body in answers)
+    return openai, anthropic
+
+
+class _ClientWatch:
+    """One connection's check for a client that stalls (the module's docstring): a timer every quarter timeout."""
+
+    __slots__ = ("_answers", "_body_seen", "_conn", "_head_s", "_interval", "_quiet_s", "_timeout", "_timer")
+
+    def __init__(self, conn: CoalescingHttpToolsProtocol, timeout_s: float, answers: tuple[bytes, bytes]) -> None:
+        self._conn = conn
+        self._timeout = timeout_s
+        self._interval = timeout_s / 4
+        self._head_s = 0.0  # how long the head being received (or awaited) has taken so far
+        self._quiet_s = 0.0  # how long a body the app waits for has been silent
+        self._body_seen: bytearray | None = None  # the request's body buffer at the last check (kept alive)
+        self._answers = answers  # the 408, in OpenAI's and Anthropic's shapes
+        self._timer: asyncio.TimerHandle | None = conn.loop.call_later(self._interval, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        conn = self._conn
+        self._timer = None
+        if conn.transport.is_closing():
+            return
+        cycle = conn.cycle
+        if cycle is not None and not cycle.response_complete:  # a request being answered: is its body awaited?
+            self._head_s = 0.0
+            # Nothing came since the last check: uvicorn's receive hands the app what arrived and starts a new
+            # buffer, so the same empty buffer means no byte (counting reads would cost every request a frame).
+            quiet = cycle.body is self._body_seen
+            self._body_seen = cycle.body
+            awaited = cycle.scope is conn.scope and cycle.more_body and not cycle.body
+            awaited = awaited and not cycle.waiting_for_100_continue  # the client waits for the app's go
+            self._quiet_s = self._quiet_s + self._interval if awaited and quiet else 0.0
+        else:
+            self._body_seen = None
+            # A head on its way (or none yet). Between requests uvicorn's keep-alive timer runs instead, until
+            # a byte of the next request stops it.
+            self._quiet_s = 0.0
+            self._head_s = self._head_s + self._interval if conn.timeout_keep_alive_task is None else 0.0
+        if self._head_s >= self._timeout or self._quiet_s >= self._timeout:
+            self._time_out()
+        else:
+            self._timer = conn.loop.call_later(self._interval, self._check)
+
+    def _time_out(self) -> None:
+        conn = self._conn
+        cycle = conn.cycle
+        head_begun = conn.scope is not None and (cycle is None or cycle.scope is not conn.scope)
+        body_begun = cycle is not None and cycle.scope is conn.scope and not cycle.response_started
+        if head_begun or body_begun:  # a request that began is answered (one that never did is not)
+            path = conn.scope.get("path") or conn.url.decode("latin-1")  # the path once the head is whole
+            conn.transport.write(self._answers[anthropic_shape(path)])
+        conn.transport.close()  # the app waiting for the body is told its client is gone
