@@ -19,15 +19,15 @@ two regular expressions and copies it a few times: the six x-ratelimit-* headers
 cost the router more through that loop than the limits themselves (docs/benchmarks.md). Servers without it (Ray
 Serve's) leave the key out of the scope, and the app sends such headers as usual.
 
-Slow clients: uvicorn waits as long as a client likes for a request's head, and for the rest of a body it has begun,
-so a few hundred connections that send a byte now and then (slowloris) hold a file descriptor and a task each for
-good. With a client timeout (CLIENT_TIMEOUT), a request's head must arrive whole within it (counted from its first
-byte, or from the connection's opening for its first request), and a body may not go silent for longer while the
-app waits for it, as nginx's client_header_timeout and client_body_timeout do. A request cut off so is answered 408
-(in the OpenAI shape) and its connection closed; a connection that never sent a byte is closed without an answer
-(browsers open spare ones). Idle time between requests stays uvicorn's keep-alive timeout's. Each connection checks
-itself four times per timeout on one timer (none per request): a stall is ended between one and 1.25 timeouts after
-it began, and the request path pays nothing.
+Slow clients: uvicorn waits as long as a client likes for a request's head, and for the rest of a body it has begun, so
+a few hundred connections that send a byte now and then (slowloris) hold a file descriptor and a task each for good.
+With a client timeout (CLIENT_TIMEOUT), a request's head must arrive whole within it (counted from its first byte, or
+from the connection's opening for its first request), and a body may not go silent for longer while the app waits for
+it, as nginx's client_header_timeout and client_body_timeout do. A request cut off so is answered 408 (in the OpenAI
+shape, Anthropic's on /v1/messages) and its connection closed; a connection that never sent a byte is closed without an
+answer (browsers open spare ones). Idle time between requests stays uvicorn's keep-alive timeout's. Each connection
+checks itself four times per timeout on one timer (none per request): a stall is ended between one and 1.25 timeouts
+after it began, and the request path pays nothing.
 """
 
 from __future__ import annotations
