@@ -771,6 +771,18 @@ def test_clients_that_stall_are_answered_408_and_the_router_serves_on(stack: Sec
             head, _, rest = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 408 "), raw
             assert json.loads(rest)["error"]["code"] == "request_timeout", raw
+
+        # The paused request's handler, waiting for its body, learns that its client left: counted as 499 (the
+        # trickled head never reached the app), and nothing is logged as an error.
+        def counted() -> list[str]:
+            text = httpx.get(f"{router.url}/metrics", timeout=10).text
+            return [line for line in text.splitlines() if line.startswith("svllm_requests_total{")]
+
+        lines = wait_until(lambda: (c := counted()) and any('"499"' in x for x in c) and c, 10, what="a 499")
+        assert sorted(lines) == [
+            'svllm_requests_total{endpoint="chat_completions",model="_unknown",status="499"} 1.0',
+            f'svllm_requests_total{{endpoint="chat_completions",model="{ALIAS}",status="200"}} 1.0',
+        ]
         log = router.log()
         assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
     finally:

@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..errors import APIError
 from ..security.endpoint_checks import check_endpoint
+from .disconnect import ClientDisconnected
 from .endpoints import BodyKind, InferenceEndpoint
 
 _BOUNDARY_RE = re.compile(r'boundary="?([^";,]+)"?', re.I)
@@ -36,11 +37,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body was whole (or cut off as a slow client): a 499, not a 500
+        raise ClientDisconnected() from None
     return b"".join(chunks)
 
 
