@@ -345,9 +345,11 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
     try:
         versions = [core.routing_table()]
         core.routing.listen(versions.append)  # every new table version, as the routers would be told of it
+        placed = 0  # the most replicas the run had at once
         for _ in range(400):
             await fleet.step()
             check_all(core)
+            placed = max(placed, len(core.replicas))
         for previous, table in itertools.pairwise(versions):
             assert table.version == previous.version + 1
             assert table.models != previous.models  # a new version means a real change
@@ -361,7 +363,9 @@ async def test_incremental_state_matches_a_full_recomputation(tmp_path: Path, se
             if record.state is not WorkerState.DEAD:
                 key = core.worker_link.pushed(record.worker_id)
                 assert key == frozenset(core.worker_link.assignment_key(record.worker_id))
-        assert len(versions) > 10 and len(core.replicas) > 0  # the run did exercise something
+        # The run did exercise something. (Not the replicas at its end: a run whose background pushes interleave
+        # with its steps differently on a loaded machine may end with every model deleted or every worker dead.)
+        assert len(versions) > 10 and placed > 0
     finally:
         await core.close()
 
