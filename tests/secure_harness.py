@@ -34,7 +34,7 @@ OBSERVATIONS = Path(os.environ.get("SVLLM_OBSERVATIONS_DIR", REPO / "build" / "r
 # one engine start instead of three. Its settings are the union of what those modules need: one engine slot held
 # by the real model (min_replicas 1, never evicted), so registrations the fuzzer makes cannot start engines; a
 # short cold-start timeout so requests for them end quickly; failed models stay failed; a cap of 8 requests in
-# flight per replica for the load test's overload step.
+# flight per replica for the load test's overload step; a short client timeout for the slow-client test.
 SHARED_ALIAS = "tiny"
 SHARED_MAX_MODEL_LEN = 2048  # long generations: a request that is not aborted is still running when checked
 SHARED_CAP = 8
@@ -43,6 +43,7 @@ SHARED_ENV = {
     "COLD_START_TIMEOUT": "2",
     "FAILED_RETRY_AFTER": "600",
     "MAX_INFLIGHT_PER_REPLICA": str(SHARED_CAP),
+    "CLIENT_TIMEOUT": "3",  # the security tests' slow clients are cut off in seconds
 }
 SHARED_SPEC = {"max_model_len": SHARED_MAX_MODEL_LEN, "min_replicas": 1, "max_replicas": 1}
 
