@@ -257,3 +257,25 @@ def test_no_client_timeout_is_uvicorns_protocol_as_it_was() -> None:
     assert CoalescingHttpToolsProtocol.with_client_timeout(0) is CoalescingHttpToolsProtocol
     assert CoalescingHttpToolsProtocol.with_client_timeout(None) is CoalescingHttpToolsProtocol
     assert CoalescingHttpToolsProtocol.with_client_timeout(5).client_timeout_s == 5
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/messages"])
+async def test_a_request_that_is_not_valid_http_is_answered_in_the_apis_shape(path: str) -> None:
+    """What the parser refuses (here a Content-Length that is not a number) never reaches the app: the protocol
+    answers it 400, as JSON in the shape the path's clients read (uvicorn's own answer is plain text)."""
+    echo = Echo()
+    async with served(echo) as (server, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
+        writer.write(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n{}" % path.encode())
+        raw = await read_all(reader)
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 400 bad request" and b"content-type: application/json" in lines, raw
+    assert b"connection: close" in lines and b"content-length: %d" % len(body) in lines, raw
+    answer = json.loads(body)
+    if path == "/v1/messages":
+        assert answer == {"type": "error", "error": {"type": "invalid_request_error", "message": ANY}}, answer
+    else:
+        assert answer["error"]["code"] == "invalid_http_request" and answer["error"]["type"] == "invalid_request_error"
+    assert "not valid HTTP/1.1" in str(answer) and echo.received == []

@@ -1,5 +1,6 @@
 """The HTTP server protocol of manager, router and worker: uvicorn's httptools protocol, one socket write per burst,
-a disconnect hook, and a timeout for clients that stall while sending a request.
+a disconnect hook, a timeout for clients that stall while sending a request, and errors in the API's shape for
+requests the parser refuses (uvicorn answers those in plain text).
 
 uvicorn writes a response's head and its body with two transport writes. On an idle socket each is its own
 send() (two TCP segments, and the peer wakes and reads twice): on the relay, where a response is small and
@@ -118,6 +119,19 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self.client_timeout_s is not None:
             self._watch = _ClientWatch(self, self.client_timeout_s, self._timeout_answers)
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refused (a malformed head, say a Content-Length that is not a number): uvicorn
+        answers it in plain text; here in the API's shape, like any other bad input. Then the connection closes."""
+        error = APIError(400, f"{msg.rstrip('.')}: the request is not valid HTTP/1.1", "invalid_http_request")
+        self.transport.write(_answer(400, "Bad Request", self._anthropic_path(), error))
+        self.transport.close()
+
+    def _anthropic_path(self) -> bool:
+        """Whether the request being read is to the Messages API (its path as far as it has arrived)."""
+        scope = self.scope
+        path = scope.get("path") if scope is not None else None
+        return anthropic_shape(path or (self.url.decode("latin-1") if scope is not None else ""))
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[DISCONNECT_HOOK] = DisconnectHook()  # type: ignore[literal-required]
@@ -134,6 +148,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
                 hook.fire()
 
 
+def _answer(status: int, reason: str, anthropic: bool, error: APIError) -> bytes:
+    """A whole error response, written by the protocol itself (the app never saw the request), then closed."""
+    body = json.dumps(error.anthropic_body() if anthropic else error.body()).encode()
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+    return head % (status, reason.encode(), len(body)) + body
+
+
 def _timed_out(seconds: float) -> tuple[bytes, bytes]:
     """What a client that stalled is answered (408, then the connection is closed): in the OpenAI shape, and in
     Anthropic's for the Messages API."""
@@ -142,10 +163,7 @@ def _timed_out(seconds: float) -> tuple[bytes, bytes]:
         f"request timed out: its head took more than {seconds:g} s to arrive, or its body paused that long",
         "request_timeout",
     )
-    head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: "
-    answers = (json.dumps(body).encode() for body in (error.body(), error.anthropic_body()))
-    openai, anthropic = (b"%s%d\r\n\r\n%s" % (head, len(body), body) for body in answers)
-    return openai, anthropic
+    return _answer(408, "Request Timeout", False, error), _answer(408, "Request Timeout", True, error)
 
 
 class _ClientWatch:
@@ -200,6 +218,5 @@ class _ClientWatch:
         head_begun = conn.scope is not None and (cycle is None or cycle.scope is not conn.scope)
         body_begun = cycle is not None and cycle.scope is conn.scope and not cycle.response_started
         if head_begun or body_begun:  # a request that began is answered (one that never did is not)
-            path = conn.scope.get("path") or conn.url.decode("latin-1")  # the path once the head is whole
-            conn.transport.write(self._answers[anthropic_shape(path)])
+            conn.transport.write(self._answers[conn._anthropic_path()])
         conn.transport.close()  # the app waiting for the body is told its client is gone
