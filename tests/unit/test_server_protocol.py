@@ -14,7 +14,7 @@ from unittest.mock import ANY
 
 import httpx
 import pytest
-from serverless_vllm.dataplane.server_protocol import HEAD_LINES, CoalescingHttpToolsProtocol
+from serverless_vllm.dataplane.server_protocol import HEAD_LINES, MAX_HEAD_BYTES, CoalescingHttpToolsProtocol
 
 from .served import served
 
@@ -279,3 +279,40 @@ async def test_a_request_that_is_not_valid_http_is_answered_in_the_apis_shape(pa
     else:
         assert answer["error"]["code"] == "invalid_http_request" and answer["error"]["type"] == "invalid_request_error"
     assert "not valid HTTP/1.1" in str(answer) and echo.received == []
+
+
+async def answer_of(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One whole answer with a Content-Length: (its head, its body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length: "))
+    return head, await reader.readexactly(length)
+
+
+async def test_a_head_is_bounded_and_each_head_of_a_connection_counted_alone() -> None:
+    """Three requests on one connection with headers of 0.6 MiB each (1.8 MiB of heads in all) are served, and a
+    body of 2 MiB is no head; a head past MAX_HEAD_BYTES is answered 431 in the API's shape and closed."""
+    echo = Echo()
+    big = b"x-big: " + b"a" * (600 << 10) + b"\r\n"
+    async with served(echo) as (server, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
+        for _ in range(3):
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n%scontent-length: 2\r\n\r\n{}" % big)
+            head, body = await answer_of(reader)
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b'{"size": 2}', head
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (2 << 20))
+        for _ in range(32):
+            writer.write(b"b" * (64 << 10))
+            await writer.drain()
+        head, body = await answer_of(reader)
+        assert head.startswith(b"HTTP/1.1 200 ") and body == b'{"size": %d}' % (2 << 20), head
+        # Past the bound: the head sent in two parts, the second after the server has read the first (so the
+        # server, having read every byte, closes without a reset that could take the answer with it).
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES - 100))
+        await asyncio.sleep(0.2)
+        writer.write(b"a" * 200)
+        raw = await read_all(reader)
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), raw[:200]
+    assert json.loads(body) == {"type": "error", "error": {"type": "invalid_request_error", "message": ANY}}
+    assert echo.received.count("http.request") >= 4 and len(echo.received) == echo.received.count("http.request")

@@ -1,6 +1,6 @@
 """The HTTP server protocol of manager, router and worker: uvicorn's httptools protocol, one socket write per burst,
-a disconnect hook, a timeout for clients that stall while sending a request, and errors in the API's shape for
-requests the parser refuses (uvicorn answers those in plain text).
+a disconnect hook, a timeout for clients that stall while sending a request, a bound on a request's head, and errors
+in the API's shape for requests the parser refuses (uvicorn answers those in plain text).
 
 uvicorn writes a response's head and its body with two transport writes. On an idle socket each is its own
 send() (two TCP segments, and the peer wakes and reads twice): on the relay, where a response is small and
@@ -42,10 +42,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..errors import APIError, anthropic_shape
 from .disconnect import DISCONNECT_HOOK, DisconnectHook
 
-__all__ = ["HEAD_LINES", "CoalescingHttpToolsProtocol", "HeadLines"]
+__all__ = ["HEAD_LINES", "MAX_HEAD_BYTES", "CoalescingHttpToolsProtocol", "HeadLines"]
 
 # The scope key of a request's HeadLines (absent: a server without them).
 HEAD_LINES = "svllm.head_lines"
+
+# The largest request head (request line and headers) a client may send, as Go's net/http allows by default. The
+# parser keeps a header it has not seen the end of by joining its pieces, in time that grows with the square of its
+# size: a 32 MB header took 1.4 s of CPU here (8 MB: 0.1 s), so a few hundred megabytes from one client, minutes.
+MAX_HEAD_BYTES = 1 << 20
 
 
 class HeadLines(Protocol):
@@ -115,9 +120,24 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
+        self._head_bytes = 0  # bytes of the head being read (a bound: MAX_HEAD_BYTES)
+        self._head_of: object = None  # the request cycle they were counted after
         self._watch: _ClientWatch | None = None
         if self.client_timeout_s is not None:
             self._watch = _ClientWatch(self, self.client_timeout_s, self._timeout_answers)
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body:  # not within a body: a head, or the start of one
+            if cycle is not self._head_of:  # a head was parsed since: the next one is counted from here
+                self._head_of, self._head_bytes = cycle, 0
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                error = APIError(431, f"request head larger than {MAX_HEAD_BYTES} bytes", "head_too_large")
+                self.transport.write(_answer(431, "Request Header Fields Too Large", self._anthropic_path(), error))
+                self.transport.close()
+                return
+        super().data_received(data)
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refused (a malformed head, say a Content-Length that is not a number): uvicorn
