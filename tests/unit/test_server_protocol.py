@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -152,10 +153,10 @@ class Echo:
 
 
 @asynccontextmanager
-async def timed_server(monkeypatch: pytest.MonkeyPatch, echo: Echo) -> AsyncIterator[int]:
-    """`echo` served as the services serve their apps (cli._server), with CLIENT_TIMEOUT set short."""
+async def timed_server(monkeypatch: pytest.MonkeyPatch, app: Any) -> AsyncIterator[int]:
+    """`app` served as the services serve theirs (cli._server), with CLIENT_TIMEOUT set short."""
     monkeypatch.setenv("CLIENT_TIMEOUT", str(CLIENT_TIMEOUT_S))
-    async with served(echo) as (server, _):
+    async with served(app) as (server, _):
         yield server.config.port
 
 
@@ -316,3 +317,76 @@ async def test_a_head_is_bounded_and_each_head_of_a_connection_counted_alone() -
     assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), raw[:200]
     assert json.loads(body) == {"type": "error", "error": {"type": "invalid_request_error", "message": ANY}}
     assert echo.received.count("http.request") >= 4 and len(echo.received) == echo.received.count("http.request")
+
+
+class Flood:
+    """An app that streams `chunks` chunks of 64 KiB as fast as the server takes them, and says when it is done."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.done = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        head = [(b"content-type", b"application/octet-stream"), (b"content-length", b"%d" % (self.chunks << 16))]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for _ in range(self.chunks):  # once the connection is gone, each send returns at once
+            await asyncio.sleep(0)  # as a relay awaits its upstream between chunks (the writes of a turn go as one)
+            await send({"type": "http.response.body", "body": b"z" * (1 << 16), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        self.done.set()
+
+
+@asynccontextmanager
+async def flooded(monkeypatch: pytest.MonkeyPatch, chunks: int) -> AsyncIterator[tuple[Flood, socket.socket]]:
+    """A Flood served with CLIENT_TIMEOUT set short, asked for its answer by a client socket with a small receive
+    buffer (so the server's send buffers fill soon when it does not read)."""
+    flood = Flood(chunks)
+    async with timed_server(monkeypatch, flood) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        try:
+            yield flood, sock
+        finally:
+            sock.close()
+
+
+async def test_an_answer_the_client_does_not_read_is_given_up_at_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 MB (more than the kernel's buffers take) to a client that reads nothing: the connection is aborted once
+    the answer has waited a timeout with its buffer full, and the app's stream ends (a relay would close its
+    upstream, and the engine abort the generation)."""
+    loop = asyncio.get_running_loop()
+    async with flooded(monkeypatch, 256) as (flood, sock):
+        asked = time.monotonic()
+        await asyncio.wait_for(flood.done.wait(), CLIENT_TIMEOUT_S * 10)
+        elapsed = time.monotonic() - asked
+        received = 0  # what the kernel had taken of the answer still comes, then the end
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5):
+            received += len(chunk)
+    assert CLIENT_TIMEOUT_S <= elapsed <= CLIENT_TIMEOUT_S * 1.25 + 1.0, elapsed  # + the time to fill the buffers
+    assert received < 16 << 20
+
+
+async def test_an_answer_read_slowly_but_steadily_is_not_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 MB read 256 KiB each third of a timeout (about 0.75 MB/s): the server's buffer is full all along, and the
+    kernel's drains too slowly to let it move before a timeout has passed, but it drains, so the answer is whole."""
+    loop = asyncio.get_running_loop()
+    async with flooded(monkeypatch, 64) as (flood, sock):
+        data, whole = bytearray(), 0
+        while not whole or len(data) < whole:
+            await asyncio.sleep(CLIENT_TIMEOUT_S / 3)
+            goal = len(data) + (1 << 18)
+            while len(data) < goal and not (whole and len(data) >= whole):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 5)
+                assert chunk, "the server closed the connection"
+                data += chunk
+                if not whole and b"\r\n\r\n" in data:
+                    whole = data.index(b"\r\n\r\n") + 4 + (4 << 20)
+        assert flood.done.is_set()
+    assert bytes(data.partition(b"\r\n\r\n")[2]) == b"z" * (4 << 20)

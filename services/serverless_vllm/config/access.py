@@ -150,8 +150,8 @@ class CliSettings(_Settings):
         60.0,
         env="CLIENT_TIMEOUT",
         ge=0,
-        description="seconds a client may take to send a request's head, or pause its body, before the service "
-        "answers 408 and closes the connection (HTTP services; 0: no limit)",
+        description="seconds a client may take to send a request's head, or pause its body (then 408 and the "
+        "connection closed), or leave an answer unread (the connection aborted): slow clients (0: no limit)",
     )
     router_url: str = _setting(
         "http://127.0.0.1:18000", env="ROUTER_URL", description="the router `svllm register` and `svllm status` talk to"

@@ -21,20 +21,25 @@ cost the router more through that loop than the limits themselves (docs/benchmar
 Serve's) leave the key out of the scope, and the app sends such headers as usual.
 
 Slow clients: uvicorn waits as long as a client likes for a request's head, and for the rest of a body it has begun, so
-a few hundred connections that send a byte now and then (slowloris) hold a file descriptor and a task each for good.
+a few hundred connections that send a byte now and then (slowloris) hold a file descriptor and a task each for good; and
+an answer its client does not read holds its handler (and, through a relay, the engine's request) until the client goes.
 With a client timeout (CLIENT_TIMEOUT), a request's head must arrive whole within it (counted from its first byte, or
-from the connection's opening for its first request), and a body may not go silent for longer while the app waits for
-it, as nginx's client_header_timeout and client_body_timeout do. A request cut off so is answered 408 (in the OpenAI
-shape, Anthropic's on /v1/messages) and its connection closed; a connection that never sent a byte is closed without an
-answer (browsers open spare ones). Idle time between requests stays uvicorn's keep-alive timeout's. Each connection
-checks itself four times per timeout on one timer (none per request): a stall is ended between one and 1.25 timeouts
-after it began, and the request path pays nothing.
+from the connection's opening for its first request), a body may not go silent for longer while the app waits for it,
+and an answer may not wait longer for its client to read it, as nginx's client_header_timeout, client_body_timeout and
+send_timeout do. A request cut off so is answered 408 (in the OpenAI shape, Anthropic's on /v1/messages) and its
+connection closed; a connection that never sent a byte is closed without an answer (browsers open spare ones); an unread
+answer's connection is aborted (the app's stream learns its client left). Idle time between requests stays uvicorn's
+keep-alive timeout's. Each connection checks itself four times per timeout on one timer (none per request): a stall is
+ended between one and 1.25 timeouts after it began, and the request path pays nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import struct
+import termios
 from typing import Any, Protocol, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -122,6 +127,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
         self._head_bytes = 0  # bytes of the head being read (a bound: MAX_HEAD_BYTES)
         self._head_of: object = None  # the request cycle they were counted after
+        self._resumed = 0  # times the send buffer drained below its low mark (the client reads)
         self._watch: _ClientWatch | None = None
         if self.client_timeout_s is not None:
             self._watch = _ClientWatch(self, self.client_timeout_s, self._timeout_answers)
@@ -138,6 +144,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
                 return
         super().data_received(data)
+
+    def resume_writing(self) -> None:  # only under backpressure: not on the request path
+        self._resumed += 1
+        super().resume_writing()
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refused (a malformed head, say a Content-Length that is not a number): uvicorn
@@ -186,10 +196,30 @@ def _timed_out(seconds: float) -> tuple[bytes, bytes]:
     return _answer(408, "Request Timeout", False, error), _answer(408, "Request Timeout", True, error)
 
 
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel has not yet sent on the connection's socket (Linux's SIOCOUTQ; 0 where it cannot say)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, AttributeError):
+        return 0
+
+
 class _ClientWatch:
     """One connection's check for a client that stalls (the module's docstring): a timer every quarter timeout."""
 
-    __slots__ = ("_answers", "_body_seen", "_conn", "_head_s", "_interval", "_quiet_s", "_timeout", "_timer")
+    __slots__ = (
+        "_answers",
+        "_body_seen",
+        "_buffered",
+        "_conn",
+        "_head_s",
+        "_interval",
+        "_quiet_s",
+        "_timeout",
+        "_timer",
+        "_unread_s",
+    )
 
     def __init__(self, conn: CoalescingHttpToolsProtocol, timeout_s: float, answers: tuple[bytes, bytes]) -> None:
         self._conn = conn
@@ -198,6 +228,8 @@ class _ClientWatch:
         self._head_s = 0.0  # how long the head being received (or awaited) has taken so far
         self._quiet_s = 0.0  # how long a body the app waits for has been silent
         self._body_seen: bytearray | None = None  # the request's body buffer at the last check (kept alive)
+        self._unread_s = 0.0  # how long the answer has waited for the client to read it, its buffer full
+        self._buffered: tuple[int, int, int] | None = None  # (ours unsent, the kernel's, drains) at the last check
         self._answers = answers  # the 408, in OpenAI's and Anthropic's shapes
         self._timer: asyncio.TimerHandle | None = conn.loop.call_later(self._interval, self._check)
 
@@ -221,13 +253,28 @@ class _ClientWatch:
             awaited = cycle.scope is conn.scope and cycle.more_body and not cycle.body
             awaited = awaited and not cycle.waiting_for_100_continue  # the client waits for the app's go
             self._quiet_s = self._quiet_s + self._interval if awaited and quiet else 0.0
+            # An answer the client does not read: its send buffer full (the app waits to write more), and since
+            # the last check nothing drained, neither our buffer nor the kernel's (which holds megabytes, and lets
+            # ours move only once a third of it is free: a slow reader would look stuck for long by ours alone).
+            if cycle.response_started and conn.flow.write_paused:
+                now = (conn.transport.get_write_buffer_size(), _unsent(conn.transport), conn._resumed)
+                was = self._buffered
+                unread = was is not None and now[2] == was[2] and now[0] >= was[0] and now[1] >= was[1]
+                self._unread_s, self._buffered = self._unread_s + self._interval if unread else 0.0, now
+            else:
+                self._unread_s, self._buffered = 0.0, None
         else:
             self._body_seen = None
+            self._unread_s, self._buffered = 0.0, None
             # A head on its way (or none yet). Between requests uvicorn's keep-alive timer runs instead, until
             # a byte of the next request stops it.
             self._quiet_s = 0.0
             self._head_s = self._head_s + self._interval if conn.timeout_keep_alive_task is None else 0.0
-        if self._head_s >= self._timeout or self._quiet_s >= self._timeout:
+        if self._unread_s >= self._timeout:
+            # Aborted: a close would first wait for the buffer to go out. The app's stream learns its client left,
+            # and a relay closes its upstream (the engine aborts the generation).
+            conn.transport.abort()
+        elif self._head_s >= self._timeout or self._quiet_s >= self._timeout:
             self._time_out()
         else:
             self._timer = conn.loop.call_later(self._interval, self._check)
