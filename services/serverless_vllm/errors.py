@@ -83,10 +83,13 @@ class APIError(Exception):
         kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
+    def body_for(self, path: str) -> dict[str, Any]:
+        """The error in the shape the clients of `path` understand."""
+        return self.anthropic_body() if path and anthropic_shape(path) else self.body()
+
     def response(self, path: str = "") -> JSONResponse:
         """The error as a response, in the shape the clients of `path` understand."""
-        body = self.anthropic_body() if path and anthropic_shape(path) else self.body()
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body_for(path), status_code=self.status, headers=self.headers)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -44,7 +44,7 @@ from typing import Any, Protocol, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..errors import APIError, anthropic_shape
+from ..errors import APIError
 from .disconnect import DISCONNECT_HOOK, DisconnectHook
 
 __all__ = ["HEAD_LINES", "MAX_HEAD_BYTES", "CoalescingHttpToolsProtocol", "HeadLines"]
@@ -114,14 +114,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """Pass as `uvicorn.Config(http=...)`; `with_client_timeout(seconds)` for the timeout of slow clients."""
 
     client_timeout_s: float | None = None  # None: clients may take as long as they like (uvicorn's behaviour)
-    _timeout_answers = (b"", b"")  # (OpenAI's shape, Anthropic's)
 
     @classmethod
     def with_client_timeout(cls, seconds: float | None) -> type[CoalescingHttpToolsProtocol]:
         """This protocol with a timeout for slow clients (None or 0: none)."""
         if not seconds:
             return cls
-        return type(cls.__name__, (cls,), {"client_timeout_s": seconds, "_timeout_answers": _timed_out(seconds)})
+        return type(cls.__name__, (cls,), {"client_timeout_s": seconds})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
@@ -130,7 +129,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._resumed = 0  # times the send buffer drained below its low mark (the client reads)
         self._watch: _ClientWatch | None = None
         if self.client_timeout_s is not None:
-            self._watch = _ClientWatch(self, self.client_timeout_s, self._timeout_answers)
+            self._watch = _ClientWatch(self, self.client_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
@@ -140,8 +139,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 error = APIError(431, f"request head larger than {MAX_HEAD_BYTES} bytes", "head_too_large")
-                self.transport.write(_answer(431, "Request Header Fields Too Large", self._anthropic_path(), error))
-                self.transport.close()
+                self.answer_and_close(error, "Request Header Fields Too Large")
                 return
         super().data_received(data)
 
@@ -153,14 +151,17 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         """A request the parser refused (a malformed head, say a Content-Length that is not a number): uvicorn
         answers it in plain text; here in the API's shape, like any other bad input. Then the connection closes."""
         error = APIError(400, f"{msg.rstrip('.')}: the request is not valid HTTP/1.1", "invalid_http_request")
-        self.transport.write(_answer(400, "Bad Request", self._anthropic_path(), error))
-        self.transport.close()
+        self.answer_and_close(error, "Bad Request")
 
-    def _anthropic_path(self) -> bool:
-        """Whether the request being read is to the Messages API (its path as far as it has arrived)."""
+    def answer_and_close(self, error: APIError, reason: str) -> None:
+        """Answer a request the app never saw with `error`, in the shape of its path's clients (the path as far as
+        it has arrived), and close the connection."""
         scope = self.scope
-        path = scope.get("path") if scope is not None else None
-        return anthropic_shape(path or (self.url.decode("latin-1") if scope is not None else ""))
+        path = (scope.get("path") or self.url.decode("latin-1")) if scope is not None else ""
+        body = json.dumps(error.body_for(path)).encode()
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+        self.transport.write(head % (error.status, reason.encode(), len(body)) + body)
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -178,24 +179,6 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
                 hook.fire()
 
 
-def _answer(status: int, reason: str, anthropic: bool, error: APIError) -> bytes:
-    """A whole error response, written by the protocol itself (the app never saw the request), then closed."""
-    body = json.dumps(error.anthropic_body() if anthropic else error.body()).encode()
-    head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
-    return head % (status, reason.encode(), len(body)) + body
-
-
-def _timed_out(seconds: float) -> tuple[bytes, bytes]:
-    """What a client that stalled is answered (408, then the connection is closed): in the OpenAI shape, and in
-    Anthropic's for the Messages API."""
-    error = APIError(
-        408,
-        f"request timed out: its head took more than {seconds:g} s to arrive, or its body paused that long",
-        "request_timeout",
-    )
-    return _answer(408, "Request Timeout", False, error), _answer(408, "Request Timeout", True, error)
-
-
 def _unsent(transport: asyncio.BaseTransport) -> int:
     """Bytes the kernel has not yet sent on the connection's socket (Linux's SIOCOUTQ; 0 where it cannot say)."""
     sock = transport.get_extra_info("socket")
@@ -209,7 +192,6 @@ class _ClientWatch:
     """One connection's check for a client that stalls (the module's docstring): a timer every quarter timeout."""
 
     __slots__ = (
-        "_answers",
         "_body_seen",
         "_buffered",
         "_conn",
@@ -221,7 +203,7 @@ class _ClientWatch:
         "_unread_s",
     )
 
-    def __init__(self, conn: CoalescingHttpToolsProtocol, timeout_s: float, answers: tuple[bytes, bytes]) -> None:
+    def __init__(self, conn: CoalescingHttpToolsProtocol, timeout_s: float) -> None:
         self._conn = conn
         self._timeout = timeout_s
         self._interval = timeout_s / 4
@@ -230,7 +212,6 @@ class _ClientWatch:
         self._body_seen: bytearray | None = None  # the request's body buffer at the last check (kept alive)
         self._unread_s = 0.0  # how long the answer has waited for the client to read it, its buffer full
         self._buffered: tuple[int, int, int] | None = None  # (ours unsent, the kernel's, drains) at the last check
-        self._answers = answers  # the 408, in OpenAI's and Anthropic's shapes
         self._timer: asyncio.TimerHandle | None = conn.loop.call_later(self._interval, self._check)
 
     def stop(self) -> None:
@@ -284,6 +265,10 @@ class _ClientWatch:
         cycle = conn.cycle
         head_begun = conn.scope is not None and (cycle is None or cycle.scope is not conn.scope)
         body_begun = cycle is not None and cycle.scope is conn.scope and not cycle.response_started
-        if head_begun or body_begun:  # a request that began is answered (one that never did is not)
-            conn.transport.write(self._answers[conn._anthropic_path()])
-        conn.transport.close()  # the app waiting for the body is told its client is gone
+        if not (head_begun or body_begun):  # a connection that never began a request is not answered
+            conn.transport.close()
+            return
+        timeout = f"{self._timeout:g} s"
+        message = f"request timed out: its head took more than {timeout} to arrive, or its body paused that long"
+        # Closed after the answer: the app waiting for the body is told its client is gone.
+        conn.answer_and_close(APIError(408, message, "request_timeout"), "Request Timeout")
