@@ -48,7 +48,7 @@ def _server(
         host=host,
         port=port,
         log_level=level.lower(),
-        http=CoalescingHttpToolsProtocol.with_client_timeout(CliSettings.from_env().client_timeout_s),
+        http=CoalescingHttpToolsProtocol.configured(),
         access_log=level.lower() == "debug",
         timeout_graceful_shutdown=5,
     )

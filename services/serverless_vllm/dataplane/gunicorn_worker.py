@@ -10,17 +10,12 @@ from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
-from ..config import CliSettings
 from .server_protocol import CoalescingHttpToolsProtocol
 
 
 # uvicorn-worker ships no type information, so its class is Any to mypy.
 class CoalescingUvicornWorker(UvicornWorker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Read in each worker process (its environment is the router's): not at import.
-        timeout = CliSettings.from_env().client_timeout_s
-        self.CONFIG_KWARGS = {
-            **UvicornWorker.CONFIG_KWARGS,
-            "http": CoalescingHttpToolsProtocol.with_client_timeout(timeout),
-        }
+        # Built in each worker process (its environment is the router's), not at import.
+        self.CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "http": CoalescingHttpToolsProtocol.configured()}
         super().__init__(*args, **kwargs)

@@ -44,6 +44,7 @@ from typing import Any, Protocol, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..config import CliSettings
 from ..errors import APIError
 from .disconnect import DISCONNECT_HOOK, DisconnectHook
 
@@ -121,6 +122,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if not seconds:
             return cls
         return type(cls.__name__, (cls,), {"client_timeout_s": seconds})
+
+    @classmethod
+    def configured(cls) -> type[CoalescingHttpToolsProtocol]:
+        """The protocol the services serve with: CLIENT_TIMEOUT read from the environment now (not at import)."""
+        return cls.with_client_timeout(CliSettings.from_env().client_timeout_s)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
