@@ -247,6 +247,46 @@ def test_revocation_reaches_the_second_router_within_2_s(stack: SecureStack) -> 
     assert time.monotonic() - revoked_at < 2.0
 
 
+def test_a_key_changed_through_the_router_keeps_what_was_not_given_and_both_routers_apply_it(
+    stack: SecureStack,
+) -> None:
+    expires_at = time.time() + 3600
+    created = create_key(stack, name="changing", tenant="t", limits={"rpm": 100}, priority="low", expires_at=expires_at)
+    secret = created["secret"]
+    c_a, c_b = client(stack, secret), client(stack, secret, router_b(stack))
+    wait_until(lambda: chat(c_b, 2).status_code == 200, 5, what="router B knows the key")
+
+    def patch(body: dict[str, Any]) -> httpx.Response:
+        return httpx.patch(f"{stack.router.url}/v1/keys/changing", json=body, headers=bearer(ADMIN_KEY), timeout=30)
+
+    # Only the limits: the router passes on the fields given, not a null for every other (which would clear the
+    # expiry, and is refused for the tenant and the priority).
+    resp = patch({"limits": {"rpm": 1}})
+    assert resp.status_code == 200, resp.text
+    changed = resp.json()
+    assert changed["limits"] == {"rpm": 1, "tpm": None, "max_concurrent": None}
+    assert (changed["tenant"], changed["priority"], changed["expires_at"]) == ("t", "low", expires_at)
+    assert stack.get("/v1/keys/changing").json() == changed
+    # An explicit null expiry is the way to have none; a null tenant is refused.
+    resp = patch({"expires_at": None})
+    assert resp.status_code == 200 and resp.json()["expires_at"] is None, resp.text
+    resp = patch({"tenant": None})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request", resp.text
+
+    # The new limit, with new buckets: one request a minute on this router, and on router B once the key table
+    # reaches it (it enforces half of each limit, rounded up: one too).
+    assert chat(c_a, 2).headers["x-ratelimit-limit-requests"] == "1"
+    with pytest.raises(openai.RateLimitError):
+        chat(c_a, 2)
+
+    def limit_on_b() -> str:
+        return str(chat(c_b, 2).headers["x-ratelimit-limit-requests"])
+
+    wait_until(lambda: limit_on_b() == "1", 5, interval=0.05, what="router B applying the new limit")
+    with pytest.raises(openai.RateLimitError):
+        chat(c_b, 2)
+
+
 def test_limits_are_split_between_the_routers_that_share_them(stack: SecureStack) -> None:
     """Router B was told two routers share each key's limits: of 4 requests per minute it lets 2 through."""
     secret = create_key(stack, name="split", tenant="t", limits={"rpm": 4})["secret"]

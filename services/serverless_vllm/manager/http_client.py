@@ -22,6 +22,7 @@ from ..schemas import (
     ModelInfo,
     ModelPatch,
     ModelSpec,
+    Patch,
     RoutingTable,
     UsageReport,
     UsageRow,
@@ -60,7 +61,7 @@ class HTTPManagerClient:
                 route.method,
                 path,
                 params=params,
-                content=body.model_dump_json() if body is not None else None,
+                content=body.model_dump_json(exclude_unset=isinstance(body, Patch)) if body is not None else None,
                 headers={"content-type": "application/json"} if body else None,
             )
         except httpx.HTTPError as exc:

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field, field_validator
 
-from .models import Strict
+from .models import Patch, Strict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 # A key's model entry: an alias, or a glob pattern over aliases (`*`, `?`, `[...]`).
@@ -65,7 +65,7 @@ class KeySpec(Strict):
         return _models(value)
 
 
-class KeyPatch(Strict):
+class KeyPatch(Patch):
     """`PATCH /v1/keys/{id}`: the fields given are replaced (limits as a whole)."""
 
     tenant: str | None = Field(None, pattern=NAME_PATTERN)

@@ -21,6 +21,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Patch(Strict):
+    """Base for PATCH bodies: only the fields a client gave change (a null may mean something, as a key's expiry
+    none), so whoever passes one on sends the fields set, not every field (`model_dump_json(exclude_unset=True)`)."""
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -164,7 +169,7 @@ class ModelSpec(ModelPolicy, EngineArgs):
         return self.model_name == other.model_name and self.engine_args() == other.engine_args()
 
 
-class ModelPatch(Strict):
+class ModelPatch(Patch):
     """Body of PATCH /v1/models/{alias}: policy changes only (engine changes need a new registration)."""
 
     min_replicas: Replicas | None = None
