@@ -396,6 +396,16 @@ def test_the_keys_command(stack: SecureStack) -> None:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    # A value given is passed on as given: a limit of 0 is refused by the router, not dropped (a key without it).
+    done = subprocess.run(
+        [*svllm, "create", "--name", "zero", "--tenant", "cli", "--rpm", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "failed (400)" in done.stderr and "limits.rpm" in done.stderr, done.stderr
     secret = run("create", "--name", "cli-key", "--tenant", "cli", "--model", ALIAS, "--rpm", "10").strip()
     assert secret.startswith("sk-svllm-")
     assert chat(client(stack, secret), 2).headers["x-ratelimit-limit-requests"] == "10"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .cli_keys import add_parser as add_keys_parser
 from .cli_lora import add_lora_flags, registration
-from .cli_status import cmd_status
+from .cli_status import cmd_status, unreachable
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
 from .schemas import LoadFormat, ModelTask, SchedulingPolicy
@@ -394,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"svllm {args.command}: {exc}") from None
     except ValidationError as exc:  # a setting's value (flag or environment variable) that does not parse
         raise SystemExit(f"svllm {args.command}: invalid settings: {exc}") from None
-
-
-if __name__ == "__main__":
-    main()
+    except httpx.HTTPError as exc:  # the service a command talks to (keys, register) is not there, or mute
+        where = ""
+        with contextlib.suppress(RuntimeError):  # httpx raises it for an error that has no request
+            where = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
+        raise SystemExit(f"svllm {args.command}: {unreachable(where, exc)}") from None

@@ -29,11 +29,13 @@ def _call(
 
 
 def key_body(args: argparse.Namespace) -> dict[str, Any]:
-    limits = {k: v for k, v in (("rpm", args.rpm), ("tpm", args.tpm), ("max_concurrent", args.max_concurrent)) if v}
+    # A value given is sent as given (a 0 is the router's to refuse, not a limit to drop silently).
+    given = (("rpm", args.rpm), ("tpm", args.tpm), ("max_concurrent", args.max_concurrent))
+    limits = {k: v for k, v in given if v is not None}
     body: dict[str, Any] = {"name": args.name, "tenant": args.tenant, "limits": limits, "priority": args.priority}
     if args.model:
         body["models"] = args.model
-    if args.expires_in:
+    if args.expires_in is not None:
         body["expires_at"] = time.time() + args.expires_in
     return body
 

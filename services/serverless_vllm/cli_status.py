@@ -29,6 +29,13 @@ class StatusError(Exception):
     """Why there is no status to show, in one sentence for the operator."""
 
 
+def unreachable(url: str, exc: httpx.HTTPError) -> str:
+    return (
+        f"cannot reach the router at {url or 'its address'} ({type(exc).__name__}: {str(exc) or 'no answer'}); is it "
+        "running? (--url or ROUTER_URL names it)"
+    )
+
+
 def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10.0) -> FleetStatus:
     """GET /status from the router at `url` with the admin key (SVLLM_ADMIN_KEY); StatusError when it fails."""
     auth = auth or AuthSettings.from_env()
@@ -36,10 +43,7 @@ def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10
     try:
         resp = httpx.get(f"{base}/status", headers=auth.admin_headers(), timeout=timeout)
     except httpx.HTTPError as exc:
-        raise StatusError(
-            f"cannot reach the router at {base} ({type(exc).__name__}: {str(exc) or 'no answer'}); is it running? "
-            "(--url or ROUTER_URL names it)"
-        ) from None
+        raise StatusError(unreachable(base, exc)) from None
     if resp.status_code in (401, 403):
         hint = "set SVLLM_ADMIN_KEY to the router's admin key" if not auth.admin_headers() else "check SVLLM_ADMIN_KEY"
         raise StatusError(f"the router at {base} refused the credentials ({resp.status_code}): {hint}")

@@ -230,8 +230,12 @@ def test_other_answers_are_sentences(router: tuple[str, dict[str, Any]]) -> None
     assert "did not answer with a fleet status" in _refusal(["status", "--url", url])
 
 
-def test_unreachable_router_is_a_sentence() -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["keys", "list"], ["keys", "create", "--name", "k", "--tenant", "t"], ["register", "--model", "m"]],
+)
+def test_unreachable_router_is_a_sentence(command: list[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    message = _refusal(["status", "--url", url])
-    assert message.startswith(f"svllm status: cannot reach the router at {url} (ConnectError")
+    message = _refusal([*command, "--url", url])
+    assert message.startswith(f"svllm {command[0]}: cannot reach the router at {url} (ConnectError"), message
     assert message.endswith("is it running? (--url or ROUTER_URL names it)")
