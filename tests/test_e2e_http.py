@@ -167,6 +167,10 @@ def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path) -> None:
     wait_until(lambda: not [p for p in engine_pids() if b"no-such-model" in _cmdline(p)], 30, what="no failed engine")
     resp = stack.post("/v1/completions", json={"model": "broken", "prompt": "x"})
     assert resp.status_code == 503 and error_of(resp)["code"] == "model_failed"
+    # The client is told the reason, in one line; the engine log's lines (paths, stack frames) are the operator's.
+    reason = info["last_error"].partition("\n")[0]
+    assert "\n" in info["last_error"] and "before becoming ready" in reason
+    assert error_of(resp)["message"] == f"model 'broken' failed to start: {reason}"
     assert resp.headers["retry-after"]
     # Nothing else is disturbed.
     assert stack.model(ALIAS)["state"] == "ready"
