@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -395,8 +394,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"svllm {args.command}: {exc}") from None
     except ValidationError as exc:  # a setting's value (flag or environment variable) that does not parse
         raise SystemExit(f"svllm {args.command}: invalid settings: {exc}") from None
-    except httpx.HTTPError as exc:  # the service a command talks to (keys, register) is not there, or mute
-        where = ""
-        with contextlib.suppress(RuntimeError):  # httpx raises it for an error that has no request
-            where = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
-        raise SystemExit(f"svllm {args.command}: {unreachable(where, exc)}") from None
+    except httpx.HTTPError as exc:  # the router a command talks to (keys, register) is not there, or mute
+        raise SystemExit(f"svllm {args.command}: {unreachable(exc)}") from None

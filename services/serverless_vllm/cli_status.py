@@ -9,6 +9,7 @@ is one clear sentence on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +30,10 @@ class StatusError(Exception):
     """Why there is no status to show, in one sentence for the operator."""
 
 
-def unreachable(url: str, exc: httpx.HTTPError) -> str:
+def unreachable(exc: httpx.HTTPError, url: str = "") -> str:
+    if not url:
+        with contextlib.suppress(RuntimeError):  # httpx raises it for an error that has no request
+            url = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
     return (
         f"cannot reach the router at {url or 'its address'} ({type(exc).__name__}: {str(exc) or 'no answer'}); is it "
         "running? (--url or ROUTER_URL names it)"
@@ -43,7 +47,7 @@ def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10
     try:
         resp = httpx.get(f"{base}/status", headers=auth.admin_headers(), timeout=timeout)
     except httpx.HTTPError as exc:
-        raise StatusError(unreachable(base, exc)) from None
+        raise StatusError(unreachable(exc, base)) from None
     if resp.status_code in (401, 403):
         hint = "set SVLLM_ADMIN_KEY to the router's admin key" if not auth.admin_headers() else "check SVLLM_ADMIN_KEY"
         raise StatusError(f"the router at {base} refused the credentials ({resp.status_code}): {hint}")
