@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from serverless_vllm.config import ManagerSettings
-from serverless_vllm.errors import APIError
+from serverless_vllm.errors import APIError, validation_message
 from serverless_vllm.manager.core import ManagerCore
 from serverless_vllm.schemas import (
     DemandReport,
     EngineStatus,
     Heartbeat,
+    ModelPatch,
     ModelSpec,
     ReplicaState,
     WorkerRegistration,
@@ -322,3 +324,17 @@ async def test_cpu_worker_stops_idle_replica(core: ManagerCore, clock: Clock) ->
         await core.heartbeat(Heartbeat(worker_id="c1", engines=[ready]))
         await core.reconcile()
     assert (await core.heartbeat(Heartbeat(worker_id="c1", engines=[ready]))).assignments == []
+
+
+async def test_a_patch_that_breaks_the_policy_is_a_400_in_one_line(core: ManagerCore) -> None:
+    await core.register_model(ModelSpec(alias="a", model_name="/m", max_replicas=2))
+    with pytest.raises(APIError) as refused:
+        await core.patch_model("a", ModelPatch(min_replicas=3))
+    # The validator's sentence, as the registration's own 400 says it: not pydantic's report of the whole spec.
+    assert (refused.value.status, refused.value.code) == (400, "invalid_policy")
+    assert refused.value.message == "min_replicas must not exceed max_replicas"
+    assert core.model_info("a").policy.min_replicas == 0  # nothing changed
+    # A registration's body is checked by the same words (the router's handler of invalid bodies).
+    with pytest.raises(ValidationError) as invalid:
+        ModelSpec.model_validate({"alias": "b", "model_name": "/m", "min_replicas": 3, "max_replicas": 1})
+    assert validation_message(invalid.value) == "min_replicas must not exceed max_replicas"

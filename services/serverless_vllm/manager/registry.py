@@ -9,8 +9,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from ..config import ManagerSettings
-from ..errors import APIError
+from ..errors import APIError, validation_message
 from ..schemas import (
     EngineArgs,
     ModelInfo,
@@ -127,8 +129,8 @@ class ModelRegistry:
         changes = patch.model_dump(exclude_none=True)
         try:
             spec = ModelSpec.model_validate({**record.spec.model_dump(), **changes})
-        except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_policy") from exc
+        except ValidationError as exc:
+            raise APIError(400, validation_message(exc), "invalid_policy") from exc
         self._store.save(spec, record.created_at)
         record.spec = spec
         record.scale.target = min(max(record.scale.target, spec.min_replicas), spec.max_replicas)
