@@ -165,6 +165,9 @@ class Appliance:
             HF_HUB_OFFLINE="1",
             HEARTBEAT_TIMEOUT="15",
             HEARTBEAT_INTERVAL="2",
+            # On, as the appliance ships: the test session's environment says off (tests/conftest.py), and compose
+            # would pass that on.
+            SVLLM_AUTH="on",
             SVLLM_API_KEYS=API_KEY,
             SVLLM_ADMIN_KEY=ADMIN_KEY,
             SVLLM_WORKER_TOKEN=WORKER_TOKEN,
@@ -356,6 +359,51 @@ def test_openai_chat_and_streaming(appliance: Appliance) -> None:
     assert chunks and any(c.choices and c.choices[0].delta.content for c in chunks)
 
 
+def test_a_key_made_changed_and_revoked_through_serve(appliance: Appliance) -> None:
+    """Keys made at run time in the hybrid deployment: the Serve router passes the key API to the manager actor
+    (the changes cross Ray as objects) and takes the key table from it, as the plain routers do over HTTP."""
+    import openai
+
+    # Credentials are checked (a request without a key is refused; workers take only the worker token).
+    assert httpx.get(appliance.url + "/v1/models", timeout=30).status_code == 401
+    made = appliance.post(
+        "/v1/keys", json={"name": "app-key", "tenant": "team-a", "models": [ALIAS], "limits": {"rpm": 5}}
+    )
+    assert made.status_code == 200, made.text
+    secret = made.json()["secret"]
+    changed = httpx.patch(
+        appliance.url + "/v1/keys/app-key",
+        json={"limits": {"rpm": 1}},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=30,
+    )
+    assert changed.status_code == 200 and changed.json()["tenant"] == "team-a", changed.text
+    client = openai.OpenAI(base_url=appliance.url + "/v1", api_key=secret, max_retries=0, timeout=600)
+
+    def ask() -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model=ALIAS, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+
+    assert ask().headers["x-ratelimit-limit-requests"] == "1"
+    with pytest.raises(openai.RateLimitError):
+        ask()
+    gone = httpx.delete(
+        appliance.url + "/v1/keys/app-key", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
+    )
+    assert gone.status_code == 200 and gone.json()["revoked_at"] is not None
+    with pytest.raises(openai.AuthenticationError) as refused:
+        ask()
+    assert refused.value.code == "revoked_api_key"
+    expected = [("app-key", ALIAS, 1, 1)]  # one request served, one throttled (the refused one is no key's)
+
+    def usage() -> list[tuple[str, str, int, int]]:
+        rows = appliance.get("/v1/usage", params={"tenant": "team-a"}).json()["data"]
+        return [(r["key_name"], r["model"], r["requests"], r["throttled"]) for r in rows]
+
+    _wait(lambda: usage() == expected, 30, f"the key's usage {expected}")
+
+
 def test_register_through_api(appliance: Appliance) -> None:
     resp = appliance.post(
         "/v1/models/register", json={"alias": ALIAS2, "model_name": f"/models/{ALIAS}", "max_model_len": 256}
@@ -413,6 +461,8 @@ def test_down_up_keeps_registrations(appliance: Appliance) -> None:
     app.compose("up", "-d", DEFAULT_MODEL="")
     app.wait_head(300)
     assert {ALIAS, ALIAS2} <= app.model_ids()
+    keys = {k["name"]: k for k in app.get("/v1/keys").json()["data"]}  # keys are in the registry too
+    assert keys["app-key"]["revoked_at"] is not None and keys["app-key"]["limits"]["rpm"] == 1
     _wait(lambda: len(app.healthy_workers()) >= 2, 240, "workers back after restart")
     again = app.openai().chat.completions.create(
         model=ALIAS2, messages=[{"role": "user", "content": "Again"}], max_tokens=4, temperature=0
