@@ -287,6 +287,25 @@ def test_a_key_changed_through_the_router_keeps_what_was_not_given_and_both_rout
         chat(c_b, 2)
 
 
+def test_a_keys_stored_responses_are_its_own(stack: SecureStack) -> None:
+    mine = client(stack, create_key(stack, name="responses-a", tenant="ra")["secret"])
+    other = client(stack, create_key(stack, name="responses-b", tenant="rb")["secret"])
+    made = mine.responses.create(model=ALIAS, input="Tell me about ships.", max_output_tokens=4)
+    assert mine.responses.retrieve(made.id).id == made.id
+    # Another tenant's key is told what it would be told of an id that never was: nothing to read, cancel, continue.
+    with pytest.raises(openai.NotFoundError) as hidden:
+        other.responses.retrieve(made.id)
+    assert hidden.value.code == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        other.responses.cancel(made.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model=ALIAS, input="And then?", previous_response_id=made.id, max_output_tokens=4)
+    # Its maker continues it; an environment key (the operator's) reads every response.
+    more = mine.responses.create(model=ALIAS, input="And then?", previous_response_id=made.id, max_output_tokens=4)
+    assert more.previous_response_id == made.id
+    assert client(stack, API_KEY).responses.retrieve(more.id).id == more.id
+
+
 def test_limits_are_split_between_the_routers_that_share_them(stack: SecureStack) -> None:
     """Router B was told two routers share each key's limits: of 4 requests per minute it lets 2 through."""
     secret = create_key(stack, name="split", tenant="t", limits={"rpm": 4})["secret"]

@@ -14,7 +14,8 @@ from serverless_vllm.errors import APIError
 from serverless_vllm.router.policy import RequestKey
 from serverless_vllm.router.responses import ResponseMap, ResponsesRouter
 from serverless_vllm.router.table import RouteTable
-from serverless_vllm.schemas import Endpoint, ModelRoute, ModelState, ModelTask, RoutingTable
+from serverless_vllm.schemas import Endpoint, KeyLimits, ModelRoute, ModelState, ModelTask, Priority, RoutingTable
+from serverless_vllm.security.keys import ActiveKey
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 # =========================================================================== ResponseMap
@@ -309,3 +310,58 @@ async def test_create_learns_the_id_of_a_streamed_response() -> None:
     relayed = [chunk async for chunk in response.body_iterator]
     assert relayed == events  # passed on unchanged
     assert ids.lookup("resp_streamed") == ("m", "r1")
+
+
+# =========================================================================== whose response it is
+
+
+def key(key_id: str, *models: str) -> ActiveKey:
+    """A key made at run time that may use `models` (aliases)."""
+    return ActiveKey(key_id, key_id, "t", Priority.NORMAL, KeyLimits(), None, False, frozenset(models), ())
+
+
+async def test_a_key_reaches_only_its_own_responses() -> None:
+    forwarder = FakeForwarder(held={"r1": {"resp_a", "resp_a2", "resp_env"}})
+    router, _ = router_for(forwarder, table_with(GENERATE_M))
+    mine, other = key("key-a", "m"), key("key-b", "m")
+    for response_id, maker in (("resp_a", mine), ("resp_env", None)):  # None: an environment key
+        forwarder.created["r1"] = JSONResponse(stored(response_id))
+        forwarder.next = (forwarder.created["r1"], endpoint("r1"))
+        await router.create(responses_request("m"), None, maker)
+    assert (await router.follow("resp_a", "get", viewer=mine)).status_code == 200
+    assert (await router.follow("resp_a", "get")).status_code == 200  # the operator's keys reach every response
+    assert (await router.follow("resp_env", "get")).status_code == 200
+    forwarder.sent.clear()
+    # Another key's, or one made with an environment key: as unknown as an id that never was (and not probed for).
+    for response_id, viewer in (("resp_a", other), ("resp_env", mine), ("resp_env", other)):
+        for action in ("get", "cancel"):
+            with pytest.raises(APIError) as err:
+                await router.follow(response_id, action, viewer=viewer)
+            assert (err.value.status, err.value.code) == (404, "response_not_found"), (response_id, viewer.id)
+        with pytest.raises(APIError) as err:
+            await router.create(responses_request("m", previous_response_id=response_id), None, viewer)
+        assert (err.value.status, err.value.code) == (404, "response_not_found")
+    assert forwarder.sent == []
+    # Continued by its maker: the continuation is the maker's too.
+    forwarder.created["r1"] = JSONResponse(stored("resp_a2"))
+    await router.create(responses_request("m", previous_response_id="resp_a"), None, mine)
+    assert (await router.follow("resp_a2", "get", viewer=mine)).status_code == 200
+    with pytest.raises(APIError):
+        await router.follow("resp_a2", "get", viewer=other)
+
+
+async def test_a_response_found_on_a_replica_is_reached_only_by_keys_of_its_model() -> None:
+    """An id this router did not make (another router process, a restart) has no known maker: a key finds it only
+    among the replicas of models it may use."""
+    models = {**GENERATE_M, "n": (ModelTask.GENERATE, ["r5"])}
+    forwarder = FakeForwarder(held={"r5": {"resp_n"}})
+    router, _ = router_for(forwarder, table_with(models))
+    with pytest.raises(APIError) as err:
+        await router.follow("resp_n", "get", viewer=key("key-m", "m"))
+    assert (err.value.status, err.value.code) == (404, "response_not_found")
+    assert sorted(forwarder.asked()) == ["r1", "r2"]  # the replicas of its own model only
+    assert (await router.follow("resp_n", "get", viewer=key("key-n", "n"))).status_code == 200
+    # Now known here, still without a maker: the model decides, for every key.
+    with pytest.raises(APIError):
+        await router.follow("resp_n", "get", viewer=key("key-m", "m"))
+    assert (await router.follow("resp_n", "get", viewer=key("key-n2", "n"))).status_code == 200

@@ -25,7 +25,7 @@ from ..errors import install_error_handlers
 from ..manager.protocol import ManagerAPI
 from ..metrics.router import MODEL_SCOPE_KEY, RouterMetrics, install_router_metrics
 from ..security.auth import install_guard, router_policy
-from ..security.keys import KEY_SCOPE
+from ..security.keys import KEY_SCOPE, ActiveKey
 from .fleet_api import fleet_router
 from .models_api import models_router
 from .policy import RequestKey
@@ -107,21 +107,23 @@ def create_router_app(
         api_key = request.scope.get(KEY_SCOPE)  # a key made at run time: its models, limits and usage
         if api_key is not None:
             head = request.scope.get(HEAD_LINES)  # the server writes the key's x-ratelimit-* lines as they are
-            return await until_disconnect(request, tenants.gate.serve(api_key, inference, partial(_send, key), head))
+            served = tenants.gate.serve(api_key, inference, partial(_send, key, api_key), head)
+            return await until_disconnect(request, served)
         if endpoint.family == "responses":
             return await until_disconnect(request, state.get().responses.create(inference, key))
         # A client that leaves before the first byte (held in a cold start, or waiting for a whole answer) cancels
         # the forward: its queue slot is freed and the upstream connection closed, so vLLM aborts the request.
         return await until_disconnect(request, state.get().forwarder.forward(inference, key))
 
-    def _send(key: RequestKey, inference: InferenceRequest) -> Awaitable[Response]:
+    def _send(key: RequestKey, api_key: ActiveKey, inference: InferenceRequest) -> Awaitable[Response]:
         """A key's request, past its gate (which may have rewritten it to ask for usage)."""
         if inference.endpoint.family == "responses":
-            return state.get().responses.create(inference, key)
+            return state.get().responses.create(inference, key, api_key)
         return state.get().forwarder.forward(inference, key)
 
     async def _stored_response(request: Request, response_id: str, action: str) -> Response:
-        following = state.get().responses.follow(response_id, action, request.url.query)
+        viewer = request.scope.get(KEY_SCOPE)  # a key made at run time reaches its own responses only
+        following = state.get().responses.follow(response_id, action, request.url.query, viewer)
         return await until_disconnect(request, following)
 
     routes = inference_routes(_inference, _stored_response)

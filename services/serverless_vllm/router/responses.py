@@ -7,6 +7,11 @@ RESPONSES_RETENTION seconds after it was last used, least recently used first ou
 truth: an id it does not know (another router process made it, this router restarted, it aged out) is looked for
 on the ready replicas themselves (a GET to each, at most RESPONSES_PROBE_REPLICAS of them), and a replica that is
 gone takes its responses with it: `404` in the OpenAI shape.
+
+A response belongs to whoever made it: a key made at run time reaches only its own (another's, or one made with an
+environment key, is `404` as an unknown id would be). The map knows who made the responses this router process
+made; one it found on a replica has no known maker, and a key reaches it only if the key may use its model (ids are
+128 random bits: this bounds what a leaked id gives away). Environment keys and the admin key reach every response.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..dataplane.body import InferenceRequest
 from ..dataplane.relay import RelayResponse
 from ..errors import APIError
 from ..schemas import Endpoint, ModelTask
+from ..security.keys import ActiveKey
 from .policy import RequestKey
 from .proxy import Forwarder
 from .table import RouteTable
@@ -34,29 +40,48 @@ _ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,200})"')
 _WATCH_BYTES = 65536  # the id is in the first event (response.created); look no further than this
 
 
+# Who made a response: a key's id, ENVIRONMENT (an environment key, the admin key, or credentials off), or None: not
+# known (found on a replica).
+ENVIRONMENT = ""
+
+
 @dataclass(slots=True)
-class _Held:
+class Held:
     alias: str
     replica_id: str
     used_at: float
+    owner: str | None = None
+
+    def visible_to(self, viewer: ActiveKey | None) -> bool:
+        """Whether `viewer` (a key made at run time; None: the operator's keys) may reach this response."""
+        if viewer is None:
+            return True
+        if self.owner is None:
+            return viewer.allows(self.alias)
+        return self.owner == viewer.id
 
 
 class ResponseMap:
     """Response id -> the replica that holds it; bounded in count and age."""
 
     def __init__(self, max_ids: int, retention_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ids: OrderedDict[str, _Held] = OrderedDict()
+        self._ids: OrderedDict[str, Held] = OrderedDict()
         self._max = max_ids
         self._retention = retention_s
         self._clock = clock
 
-    def remember(self, response_id: str, alias: str, replica_id: str) -> None:
-        self._ids[response_id] = _Held(alias, replica_id, self._clock())
+    def remember(self, response_id: str, alias: str, replica_id: str, owner: str | None = None) -> None:
+        self._ids[response_id] = Held(alias, replica_id, self._clock(), owner)
         self._ids.move_to_end(response_id)
         while len(self._ids) > self._max:
             self._ids.popitem(last=False)
 
     def lookup(self, response_id: str) -> tuple[str, str] | None:
+        held = self.held(response_id)
+        return (held.alias, held.replica_id) if held is not None else None
+
+    def held(self, response_id: str) -> Held | None:
+        """What is known of a response id (its use now counted), or None."""
         held = self._ids.get(response_id)
         if held is None:
             return None
@@ -66,7 +91,7 @@ class ResponseMap:
             return None
         held.used_at = now
         self._ids.move_to_end(response_id)
-        return held.alias, held.replica_id
+        return held
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -89,11 +114,15 @@ class ResponsesRouter:
         self._ids = ids
         self._probe_limit = probe_replicas
 
-    async def create(self, request: InferenceRequest, affinity: RequestKey | None) -> Response:
-        """POST /v1/responses: to the holder of `previous_response_id` if any, else like any request."""
+    async def create(
+        self, request: InferenceRequest, affinity: RequestKey | None, viewer: ActiveKey | None = None
+    ) -> Response:
+        """POST /v1/responses: to the holder of `previous_response_id` if any, else like any request. `viewer`: the
+        key made at run time that asks (None: an environment key), which then owns the response."""
+        owner = viewer.id if viewer is not None else ENVIRONMENT
         previous = request.payload.get("previous_response_id")
         if isinstance(previous, str):
-            endpoint = await self._holder(previous, [request.alias])
+            endpoint = await self._holder(previous, [request.alias], viewer)
             if endpoint.replica_id not in self._ready_ids(request.alias):
                 raise _not_found(previous)
             response = await self._forwarder.send(
@@ -101,16 +130,16 @@ class ResponsesRouter:
             )
             if response is None:
                 raise _not_found(previous)  # the replica failed: what it held is gone with it
-            return self._learn(response, request.alias, [endpoint])
+            return self._learn(response, request.alias, [endpoint], owner)
         # Filled when a replica answers: at once, or later for a stream started while held (router/hold_stream.py).
         served: list[Endpoint] = []
         response = await self._forwarder.forward(request, affinity, served.append)
-        return self._learn(response, request.alias, served)
+        return self._learn(response, request.alias, served, owner)
 
-    async def follow(self, response_id: str, action: str, query: str = "") -> Response:
+    async def follow(self, response_id: str, action: str, query: str = "", viewer: ActiveKey | None = None) -> Response:
         """GET /v1/responses/{id} (its query, e.g. `stream=true`, passed on) or POST /v1/responses/{id}/cancel, at
         the replica that holds it."""
-        endpoint, alias = await self._holder_of_any(response_id)
+        endpoint, alias = await self._holder_of_any(response_id, viewer)
         path = f"/v1/responses/{quote(response_id, safe='')}" + ("/cancel" if action == "cancel" else "")
         path += f"?{query}" if query else ""
         method = "GET" if action == "get" else "POST"
@@ -129,27 +158,28 @@ class ResponsesRouter:
         route = self._table.route(alias)
         return next((e for e in route.endpoints if e.replica_id == replica_id), None) if route else None
 
-    async def _holder(self, response_id: str, aliases: Iterable[str]) -> Endpoint:
-        known = self._ids.lookup(response_id)
-        if known is not None:
-            endpoint = self._endpoint(*known)
-            if endpoint is None:
-                raise _not_found(response_id)
-            return endpoint
-        found = await self._probe(response_id, list(aliases))
-        if found is None:
-            raise _not_found(response_id)
-        return found[0]
+    async def _holder(self, response_id: str, aliases: Iterable[str], viewer: ActiveKey | None) -> Endpoint:
+        return (await self._holder_among(response_id, list(aliases), viewer))[0]
 
-    async def _holder_of_any(self, response_id: str) -> tuple[Endpoint, str]:
-        known = self._ids.lookup(response_id)
-        if known is not None:
-            endpoint = self._endpoint(*known)
+    async def _holder_of_any(self, response_id: str, viewer: ActiveKey | None) -> tuple[Endpoint, str]:
+        generating = [
+            a
+            for a, r in self._table.aliases().items()
+            if r.task is ModelTask.GENERATE and r.endpoints and (viewer is None or viewer.allows(a))
+        ]
+        return await self._holder_among(response_id, generating, viewer)
+
+    async def _holder_among(
+        self, response_id: str, aliases: list[str], viewer: ActiveKey | None
+    ) -> tuple[Endpoint, str]:
+        """The replica that holds a response `viewer` may reach (known here, or else found among `aliases`)."""
+        held = self._ids.held(response_id)
+        if held is not None:
+            endpoint = self._endpoint(held.alias, held.replica_id) if held.visible_to(viewer) else None
             if endpoint is None:
                 raise _not_found(response_id)
-            return endpoint, known[0]
-        generating = [a for a, r in self._table.aliases().items() if r.task is ModelTask.GENERATE and r.endpoints]
-        found = await self._probe(response_id, generating)
+            return endpoint, held.alias
+        found = await self._probe(response_id, aliases)
         if found is None:
             raise _not_found(response_id)
         return found
@@ -174,25 +204,28 @@ class ResponsesRouter:
 
     # ------------------------------------------------------------------ learning new ids
 
-    def _learn(self, response: Response, alias: str, served: list[Endpoint]) -> Response:
-        """Remember which replica (the last of `served`) holds the response id that `response` carries."""
+    def _learn(self, response: Response, alias: str, served: list[Endpoint], owner: str) -> Response:
+        """Remember which replica (the last of `served`) holds the response id that `response` carries, and whose
+        it is."""
         if response.status_code != 200:
             return response
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._watch(response.body_iterator, alias, served)
+            response.body_iterator = self._watch(response.body_iterator, alias, served, owner)
             return response
         match = _ID_RE.search(bytes(response.body[:_WATCH_BYTES]))
         if match is not None:
-            self._ids.remember(match.group(1).decode(), alias, served[-1].replica_id)
+            self._ids.remember(match.group(1).decode(), alias, served[-1].replica_id, owner)
         return response
 
-    async def _watch(self, chunks: AsyncIterable[Any], alias: str, served: list[Endpoint]) -> AsyncIterator[Any]:
+    async def _watch(
+        self, chunks: AsyncIterable[Any], alias: str, served: list[Endpoint], owner: str
+    ) -> AsyncIterator[Any]:
         seen, watching = b"", True
         async for chunk in chunks:
             if watching:
                 seen += chunk if isinstance(chunk, bytes) else str(chunk).encode()
                 match = _ID_RE.search(seen)
                 if match is not None and served:
-                    self._ids.remember(match.group(1).decode(), alias, served[-1].replica_id)
+                    self._ids.remember(match.group(1).decode(), alias, served[-1].replica_id, owner)
                 watching = match is None and len(seen) <= _WATCH_BYTES
             yield chunk
