@@ -66,6 +66,8 @@ class Service:
         return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
 
     def log(self, lines: int = 60) -> str:
+        if not self.log_path.exists():  # never started (an earlier step failed): say so, not FileNotFoundError
+            return f"(no log: {self.name} was not started)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def signal(self, sig: int) -> None:

@@ -29,9 +29,8 @@ log = logging.getLogger("svllm")
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx writes a line at INFO for every request: the control plane's own calls (a heartbeat every few seconds,
-    # long-polls, pushes, health polls of a starting engine) would bury what happens. One line per request at
-    # debug only; httpcore's trace (a dozen lines per request) never, its warnings always.
+    # httpx logs every request at INFO: the control plane's own calls (heartbeats, long-polls, health polls) would
+    # bury what happens. A line per request at debug only; httpcore's trace never, its warnings always.
     debug = level.lower() == "debug"
     logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.INFO if debug else logging.WARNING)
@@ -41,8 +40,8 @@ def _server(
     app: Any, host: str, port: int, level: str, leave: Callable[[], Awaitable[None]] | None = None
 ) -> uvicorn.Server:
     """`leave`: a worker's drain, run at the first SIGTERM or Ctrl-C before the server stops (worker/shutdown.py)."""
-    # The servers log their own access lines only at debug level: the hot path should not pay for logging.
-    # One socket write per response instead of two, and a timeout for clients that stall (server_protocol.py).
+    # Access lines at debug only (the hot path should not pay for logging); one socket write per response, and a
+    # timeout for clients that stall (server_protocol.py).
     config = uvicorn.Config(
         app,
         host=host,
@@ -60,8 +59,7 @@ def _server(
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service's event loop: uvloop when installed (it comes with vLLM and with Ray), whose socket I/O costs
-    less per request on the relay than asyncio's own loop."""
+    """Run a service's event loop: uvloop when installed (with vLLM and Ray): less socket I/O cost per request."""
     try:
         import uvloop
     except ImportError:
@@ -396,3 +394,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"svllm {args.command}: invalid settings: {exc}") from None
     except httpx.HTTPError as exc:  # the router a command talks to (keys, register) is not there, or mute
         raise SystemExit(f"svllm {args.command}: {unreachable(exc)}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,8 @@ when the router cannot be reached, refuses the key or is not a serverless-vllm r
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -239,3 +241,11 @@ def test_unreachable_router_is_a_sentence(command: list[str]) -> None:
     message = _refusal([*command, "--url", url])
     assert message.startswith(f"svllm {command[0]}: cannot reach the router at {url} (ConnectError"), message
     assert message.endswith("is it running? (--url or ROUTER_URL names it)")
+
+
+def test_the_command_runs_as_a_module() -> None:
+    """`python -m serverless_vllm.cli` (how scripts/gpu_check.py runs the services without an installed `svllm`)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "serverless_vllm.cli", "status", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: svllm status"), done.stdout + done.stderr
