@@ -220,7 +220,12 @@ def test_worker_killed_under_eight_streams(stack: Stack) -> None:
         assert warm.chat.completions.create(model=ALIAS, messages=MESSAGES, max_tokens=16).choices
     prompts = {True: reference_prompt_tokens(stack, chat=True), False: reference_prompt_tokens(stack, chat=False)}
     before = continued(stack)
-    streams = [ClientStream(stack, chat=i % 2 == 0, worker=("w1", "w2")[(i // 2) % 2]) for i in range(8)]
+    # The streams on the victim are long: the kill comes once each has reached its client's 10th chunk, and a client
+    # thread that lags behind its stream (8 share this busy process) must not find its upstream already ended then
+    # (at 600 tokens a CI run saw 3 of 4 whole at the router before the kill: nothing of theirs was left to cut).
+    workers = [("w1", "w2")[(i // 2) % 2] for i in range(8)]
+    lengths = {"w1": MAX_TOKENS, "w2": ONE_STREAM_TOKENS}
+    streams = [ClientStream(stack, chat=i % 2 == 0, worker=w, max_tokens=lengths[w]) for i, w in enumerate(workers)]
     threads, kill = start(streams, "w2", stack.workers["w2"].kill)  # kill -9: its connections reset mid-stream
     assert kill.at is not None
     for t in threads:
@@ -234,7 +239,7 @@ def test_worker_killed_under_eight_streams(stack: Stack) -> None:
         "hung": hung,
         "continued": continued(stack) - before,
         "all_done_after_kill_s": round(time.monotonic() - kill.at, 1),
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": lengths,
     }
     FIGURES.parent.mkdir(parents=True, exist_ok=True)
     FIGURES.write_text(json.dumps({**record, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
