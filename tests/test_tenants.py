@@ -172,6 +172,11 @@ def test_a_key_sees_only_its_models_and_an_expired_key_is_refused(stack: SecureS
     inside = client(stack, create_key(stack, name="glob", tenant="t", models=["ti*"])["secret"])
     assert chat(inside, 4).parse().usage.completion_tokens == 4
     assert [m.id for m in inside.models.list()] == [ALIAS]
+    # A tenant's key is shown what it needs of a model, not the fleet's side of it (workers, engine, log lines).
+    shown = inside.models.retrieve(ALIAS)
+    assert (shown.id, shown.owned_by, shown.model_extra["state"]) == (ALIAS, "serverless-vllm", "ready")
+    assert set(shown.model_extra) == {"state", "phase", "expected_ready_s", "task", "base", "last_error"}
+    assert "replicas" in stack.get(f"/v1/models/{ALIAS}").json()  # the admin key's view has them
 
     expiring = create_key(stack, name="short-lived", tenant="t", expires_at=time.time() + 2.0)
     c = client(stack, expiring["secret"])

@@ -28,6 +28,17 @@ def _retrieve_shape(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+# What a key made at run time (a tenant's) is shown of a model: what a client needs to use it and to wait for it. The
+# fleet's side (where it runs, its engine's arguments and log lines, its weights' path) is the operator's.
+_TENANT_FIELDS = ("id", "object", "created", "owned_by", "state", "phase", "expected_ready_s", "task", "base")
+
+
+def _tenant_shape(info: ModelInfo) -> dict[str, Any]:
+    shape = _retrieve_shape(info)
+    reason = info.last_error.partition("\n")[0] if info.last_error else None  # the reason, not the engine's log
+    return {**{name: shape[name] for name in _TENANT_FIELDS}, "last_error": reason}
+
+
 def models_router(state: Callable[[], RouterState]) -> APIRouter:
     """GET /v1/models (from the local table), POST /v1/models/register, GET/PATCH/DELETE /v1/models/{alias}.
     `state`: the router's started state (AppState.get)."""
@@ -66,9 +77,11 @@ def models_router(state: Callable[[], RouterState]) -> APIRouter:
     @routes.get("/v1/models/{alias}")
     async def get_model(alias: Alias, request: Request) -> JSONResponse:
         key = request.scope.get(KEY_SCOPE)
-        if isinstance(key, ActiveKey) and not key.allows(alias):  # as if it did not exist (docs/tenants.md)
+        if not isinstance(key, ActiveKey):  # an environment key, the admin key, or credentials off
+            return JSONResponse(_retrieve_shape(await state().manager.get_model(alias)))
+        if not key.allows(alias):  # as if it did not exist (docs/tenants.md)
             raise hidden_model(alias)
-        return JSONResponse(_retrieve_shape(await state().manager.get_model(alias)))
+        return JSONResponse(_tenant_shape(await state().manager.get_model(alias)))
 
     @routes.patch("/v1/models/{alias}")
     async def patch_model(alias: Alias, patch: ModelPatch) -> JSONResponse:
