@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on
 
 NAMESPACE = "svllm-test"
 ALIAS = "tiny"
+CLIENT_TIMEOUT_S = 3.0  # the services' CLIENT_TIMEOUT in this module (slow clients cut off after it)
 
 
 # --------------------------------------------------------------------------- a Ray cluster of our own
@@ -201,6 +204,7 @@ class Env:
         self.tmp, self.cluster = tmp, cluster
         self.http = Stack(tmp)  # for the plain-HTTP phase; its env (MANAGER_DB, intervals) is shared by all
         self.env = self.http.env
+        self.env["CLIENT_TIMEOUT"] = str(CLIENT_TIMEOUT_S)  # short: test_slow_clients_are_cut_off_by_the_serve_router
         # proxy_port: Serve's own proxy under direct ingress.
         self.serve_port, self.proxy_port, self.worker_port = free_ports(3)
         self.router_replicas = 1
@@ -428,6 +432,27 @@ def test_openai_client_through_serve(env: Env) -> None:
     assert env.forwarder.bytes_forwarded > before
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{env.worker_port}/health", timeout=2)
+
+
+def test_slow_clients_are_cut_off_by_the_serve_router(env: Env) -> None:
+    """Under direct ingress each router replica's server is built by Serve, which names no HTTP protocol: the replica
+    makes uvicorn's default ours, so a client trickling its head is answered 408 after CLIENT_TIMEOUT, and what the
+    parser refuses is a 400 in the OpenAI shape (as in HTTP mode, dataplane/server_protocol.py)."""
+    trickled = socket.create_connection(("127.0.0.1", env.serve_port))
+    trickled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+    for i in range(6):  # until 0.9 timeouts: its head is cut off at 1 to 1.25 however it trickles
+        time.sleep(CLIENT_TIMEOUT_S * 0.15)
+        trickled.sendall(b"x-slow-%d: y\r\n" % i)
+    assert env.openai().models.list().data  # served meanwhile
+    malformed = socket.create_connection(("127.0.0.1", env.serve_port))
+    malformed.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n")
+    for sock, status, code in ((trickled, 408, "request_timeout"), (malformed, 400, "invalid_http_request")):
+        sock.settimeout(CLIENT_TIMEOUT_S * 3)
+        raw = b"".join(iter(lambda s=sock: s.recv(65536), b""))  # until the router closes it
+        sock.close()
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), raw
+        assert json.loads(rest)["error"]["code"] == code, raw
 
 
 def test_errors_cross_ray_intact(env: Env) -> None:

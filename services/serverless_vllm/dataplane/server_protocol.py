@@ -42,6 +42,7 @@ import struct
 import termios
 from typing import Any, Protocol, cast
 
+from uvicorn import config as uvicorn_config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..config import CliSettings
@@ -127,6 +128,14 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def configured(cls) -> type[CoalescingHttpToolsProtocol]:
         """The protocol the services serve with: CLIENT_TIMEOUT read from the environment now (not at import)."""
         return cls.with_client_timeout(CliSettings.from_env().client_timeout_s)
+
+    @classmethod
+    def as_uvicorn_default(cls, client_timeout_s: float | None) -> None:
+        """Make every uvicorn server this process builds from now on that names no protocol speak this one. For a
+        server whose Config is not ours: Ray Serve's direct ingress builds one in each router replica's process and
+        names none (ray_mode/serve_app.py). uvicorn resolves its default, "auto", through this table at the
+        server's start, and takes a class where it finds one."""
+        uvicorn_config.HTTP_PROTOCOLS["auto"] = cls.with_client_timeout(client_timeout_s)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from ..cli_flags import add_flag, command_parser, flag_values
-from ..config import AuthSettings, ManagerSettings, RaySettings, RouterSettings
+from ..config import AuthSettings, CliSettings, ManagerSettings, RaySettings, RouterSettings
 from . import MANAGER_ACTOR_NAME, ROUTER_APP_NAME
 
 # Flags of ray_mode/services.RayServicesSettings fields without an environment variable: None (not given) leaves
@@ -71,6 +71,7 @@ def ray_services_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Man
         "manager_name": args.manager_name,
         "app_name": args.app_name,
         "access_log": args.log_level.lower() == "debug",
+        "client_timeout_s": CliSettings.from_env().client_timeout_s,
         "pin_manager_to_head": not args.no_pin_manager,
     }
     manager = ManagerSettings.from_env(**flag_values(args, ManagerSettings))

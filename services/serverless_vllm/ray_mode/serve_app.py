@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..config import AuthSettings, RouterSettings
+from ..dataplane.server_protocol import CoalescingHttpToolsProtocol
 from ..router.app import create_router_app
 from . import package_logging
 from .client import RayManagerClient
@@ -27,10 +28,14 @@ class RouterIngress:
         manager_name: str,
         namespace: str,
         api_address: tuple[str, int] | None,
+        client_timeout_s: float,
     ) -> None:
         package_logging()
         if api_address is not None:  # direct ingress: Serve binds this port for the replica after this returns
             wait_until_bindable(*api_address, reuse_address=reuse_address_on_rebind())
+            # ... and serves it with uvicorn's default protocol: ours, as in HTTP mode (slow clients' timeout, the
+            # head's bound, errors in the API's shape, one write per response). Serve's proxy is Serve's own.
+            CoalescingHttpToolsProtocol.as_uvicorn_default(client_timeout_s)
         # Built here, in the replica: each replica gets its own router_id, table and manager client.
         self._settings = RouterSettings(**settings)
         self._auth = auth  # from the deploying command: a replica's env is the raylet's, not the operator's
@@ -57,6 +62,7 @@ def router_application(
     ingress: Ingress,
     api_address: tuple[str, int],
     access_log: bool,
+    client_timeout_s: float,
 ) -> Application:
     deployment = serve.deployment(
         RouterIngress,
@@ -75,4 +81,5 @@ def router_application(
         manager_name,
         namespace,
         api_address if ingress == "direct" else None,
+        client_timeout_s,
     )

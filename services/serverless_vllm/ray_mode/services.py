@@ -41,6 +41,7 @@ class RayServicesSettings(BaseModel):
     max_ongoing_requests: int = 1000
     router_num_cpus: float = 0.0
     access_log: bool = False  # Serve's line per request (LOG_LEVEL=debug turns it on, as in HTTP mode)
+    client_timeout_s: float = 60.0  # CLIENT_TIMEOUT, for the router replicas' own servers (direct ingress)
     pin_manager_to_head: bool = True
     # Replace a running manager actor (new settings or credentials, an upgrade); registrations stay in SQLite.
     replace_manager: bool = False
@@ -130,6 +131,7 @@ def deploy(
         ingress=settings.ingress,
         api_address=(settings.host, settings.port),
         access_log=settings.access_log,
+        client_timeout_s=settings.client_timeout_s,
     )
     if settings.ingress == "direct":
         _stop_running_router(settings.app_name)
