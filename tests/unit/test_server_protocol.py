@@ -15,7 +15,9 @@ from unittest.mock import ANY
 
 import httpx
 import pytest
+from serverless_vllm.dataplane.disconnect import DISCONNECT_HOOK
 from serverless_vllm.dataplane.server_protocol import HEAD_LINES, MAX_HEAD_BYTES, CoalescingHttpToolsProtocol
+from uvicorn import config as uvicorn_config
 
 from .served import served
 
@@ -390,3 +392,36 @@ async def test_an_answer_read_slowly_but_steadily_is_not_given_up(monkeypatch: p
                     whole = data.index(b"\r\n\r\n") + 4 + (4 << 20)
         assert flood.done.is_set()
     assert bytes(data.partition(b"\r\n\r\n")[2]) == b"z" * (4 << 20)
+
+
+async def test_a_server_that_names_no_protocol_speaks_ours_once_it_is_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray Serve builds each router replica's server itself, naming no protocol (ray_mode/serve_app.py): the replica
+    makes ours uvicorn's default. Its timeouts hold; the app, run on another thread's loop under Serve, is handed no
+    disconnect hook or header lines (a hook fired here would cancel a task of that loop from this one)."""
+    monkeypatch.setitem(uvicorn_config.HTTP_PROTOCOLS, "auto", uvicorn_config.HTTP_PROTOCOLS["auto"])  # restored after
+    CoalescingHttpToolsProtocol.as_uvicorn_default(CLIENT_TIMEOUT_S)
+    scopes: list[dict[str, Any]] = []
+
+    async def recording(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scopes.append(scope)
+        await app(scope, receive, send)
+
+    async with served(recording, naming_no_protocol=True) as (server, url):
+        protocol = server.config.http_protocol_class
+        assert issubclass(protocol, CoalescingHttpToolsProtocol) and protocol.client_timeout_s == CLIENT_TIMEOUT_S
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/plain")).json() == {"ok": True}
+        assert [s["path"] for s in scopes] == ["/plain"] and not {DISCONNECT_HOOK, HEAD_LINES} & set(scopes[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
+        started = time.monotonic()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        for i in range(6):
+            await asyncio.sleep(CLIENT_TIMEOUT_S * 0.15)
+            writer.write(b"x-slow-%d: y\r\n" % i)
+        raw = await read_all(reader)
+        writer.close()
+        assert timeout_answer(raw)["error"]["code"] == "request_timeout"
+        assert within_the_timeout(time.monotonic() - started)
