@@ -174,6 +174,14 @@ def timeout_answer(raw: bytes) -> dict[str, Any]:
     return json.loads(body)
 
 
+async def trickle_head(writer: asyncio.StreamWriter) -> None:
+    """A head's first lines, then a header line each 0.15 timeouts, until 0.9 timeouts (slowloris)."""
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+    for i in range(6):
+        await asyncio.sleep(CLIENT_TIMEOUT_S * 0.15)
+        writer.write(b"x-slow-%d: y\r\n" % i)
+
+
 def within_the_timeout(elapsed: float) -> bool:
     """A stall is ended between one and 1.25 timeouts after it began (the check runs each quarter timeout); the
     slack above is for a loaded machine."""
@@ -189,10 +197,7 @@ async def test_a_head_trickled_line_by_line_is_cut_off_at_the_timeout(monkeypatc
     async with timed_server(monkeypatch, echo) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = time.monotonic()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-        for i in range(6):
-            await asyncio.sleep(CLIENT_TIMEOUT_S * 0.15)
-            writer.write(b"x-slow-%d: y\r\n" % i)
+        await trickle_head(writer)
         raw = await read_all(reader)
         elapsed = time.monotonic() - started
         writer.close()
@@ -417,10 +422,7 @@ async def test_a_server_that_names_no_protocol_speaks_ours_once_it_is_the_defaul
         assert [s["path"] for s in scopes] == ["/plain"] and not {DISCONNECT_HOOK, HEAD_LINES} & set(scopes[0])
         reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
         started = time.monotonic()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-        for i in range(6):
-            await asyncio.sleep(CLIENT_TIMEOUT_S * 0.15)
-            writer.write(b"x-slow-%d: y\r\n" % i)
+        await trickle_head(writer)
         raw = await read_all(reader)
         writer.close()
         assert timeout_answer(raw)["error"]["code"] == "request_timeout"
