@@ -428,10 +428,14 @@ def test_openai_client_through_serve(env: Env) -> None:
     assert len(chunks) >= 2 and any(c.choices and c.choices[0].delta.content for c in chunks)
     pieces = list(client.completions.create(model=ALIAS, prompt="abc", max_tokens=8, stream=True))
     assert len(pieces) >= 2 and all(p.model == ALIAS for p in pieces)
-    # Only the forwarded address reaches the worker: nothing listens where it would be by its own host/port.
+    # Only the forwarded address reaches the worker: it does not listen where it would be by its own host/port.
+    # (Another process may, by chance: Ray's take random ports after the test chose this one; once, one answered.)
     assert env.forwarder.bytes_forwarded > before
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{env.worker_port}/health", timeout=2)
+    try:
+        elsewhere = httpx.get(f"http://127.0.0.1:{env.worker_port}/health", timeout=2).text
+    except httpx.HTTPError:
+        elsewhere = ""
+    assert '"worker_id":"w1"' not in elsewhere.replace(" ", ""), elsewhere
 
 
 def test_slow_clients_are_cut_off_by_the_serve_router(env: Env) -> None:
