@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from .cli_flags import flag_values
 from .config import AuthSettings, CliSettings
-from .schemas import FleetStatus, ModelInfo, ModelState, ReplicaState, WorkerInfo
+from .schemas import FleetStatus, ModelInfo, ModelState, ReplicaState, WorkerInfo, failure_reason
 
 MODEL_COLUMNS = ("MODEL", "TASK", "STATE", "READY", "WHERE")
 WORKER_COLUMNS = ("WORKER", "HEALTH", "HEARTBEAT", "GPUS", "ENGINES")
@@ -170,7 +170,7 @@ def render(document: dict[str, Any]) -> str:
         )
         for m in models:
             if m["error"]:
-                out.append(f"{m['alias']} failed: {m['error'].strip().splitlines()[0]}")
+                out.append(f"{m['alias']} failed: {failure_reason(m['error'])}")
     else:
         out.append("no models registered (svllm register)")
     out.append("")

@@ -21,6 +21,7 @@ from ..schemas import (
     RoutingTable,
     SchedulingPolicy,
     WorkerState,
+    failure_reason,
 )
 from .draining import serving
 from .registry import ModelRecord, ModelRegistry, expected_ready_at
@@ -202,9 +203,7 @@ def _route(key: RouteKey) -> ModelRoute:
         task=task,
         routing=routing,
         endpoints=[Endpoint(replica_id=rid, worker_id=wid, url=url) for rid, wid, url in endpoints],
-        # Clients are told the reason (its first line); the engine log's lines after it are the operator's, in the
-        # model's `last_error` (GET /v1/models/{alias}): they hold the servers' paths and stack frames.
-        error=error.partition("\n")[0] if error else error,
+        error=failure_reason(error),  # what clients are told; the whole of it is the model's `last_error`
         created=created,
         ready_at=ready_at,
         parent=parent,

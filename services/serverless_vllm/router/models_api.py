@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
-from ..schemas import ALIAS_PATTERN, ModelInfo, ModelPatch, ModelSpec
+from ..schemas import ALIAS_PATTERN, ModelInfo, ModelPatch, ModelSpec, failure_reason
 from ..security.keys import KEY_SCOPE, ActiveKey, hidden_model
 from .state import RouterState
 
@@ -35,8 +35,7 @@ _TENANT_FIELDS = ("id", "object", "created", "owned_by", "state", "phase", "expe
 
 def _tenant_shape(info: ModelInfo) -> dict[str, Any]:
     shape = _retrieve_shape(info)
-    reason = info.last_error.partition("\n")[0] if info.last_error else None  # the reason, not the engine's log
-    return {**{name: shape[name] for name in _TENANT_FIELDS}, "last_error": reason}
+    return {**{name: shape[name] for name in _TENANT_FIELDS}, "last_error": failure_reason(info.last_error)}
 
 
 def models_router(state: Callable[[], RouterState]) -> APIRouter:

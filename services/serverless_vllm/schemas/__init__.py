@@ -42,6 +42,7 @@ from .models import (
     StartTimes,
     Strict,
     error_body,
+    failure_reason,
 )
 from .routing import DemandReport, Endpoint, ModelLoad, ModelRoute, PlacementRejection, RoutingTable
 from .usage import USAGE_COUNTS, UsageReport, UsageRow
@@ -97,4 +98,5 @@ __all__ = [
     "WorkerRegistration",
     "WorkerState",
     "error_body",
+    "failure_reason",
 ]

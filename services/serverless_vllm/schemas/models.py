@@ -286,6 +286,12 @@ class ModelInfo(BaseModel):
     base: str | None = None  # a LoRA adapter: its base model's alias (`replicas`: the base's that hold it)
 
 
+def failure_reason(last_error: str | None) -> str | None:
+    """A failure as clients are told it: its reason, the first line of `last_error` (the engine's log lines after it,
+    with the servers' paths and stack frames, are the operator's)."""
+    return last_error.strip().partition("\n")[0] if last_error else last_error
+
+
 # --------------------------------------------------------------------------- workers
 
 
