@@ -116,11 +116,6 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """Pass as `uvicorn.Config(http=...)`; `with_client_timeout(seconds)` for the timeout of slow clients."""
 
     client_timeout_s: float | None = None  # None: clients may take as long as they like (uvicorn's behaviour)
-    # The app runs on this connection's event loop, so its scope may carry the connection's disconnect hook and header
-    # lines. Not under Ray Serve, whose replicas run the app on another thread's loop: the hook would cancel a task of
-    # that loop from this one. There the app watches `receive` for the disconnect, and adds headers, as it does under
-    # any other server.
-    app_in_this_loop = True
 
     @classmethod
     def with_client_timeout(cls, seconds: float | None) -> type[CoalescingHttpToolsProtocol]:
@@ -140,7 +135,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         app on another thread's loop. For a server whose Config is not ours: Ray Serve's direct ingress builds one in
         each router replica's process and names none (ray_mode/serve_app.py). uvicorn resolves its default, "auto",
         through this table at the server's start, and takes a class where it finds one."""
-        protocol = type(cls.__name__, (cls.with_client_timeout(client_timeout_s),), {"app_in_this_loop": False})
+        protocol = ForAppOnAnotherLoop.with_client_timeout(client_timeout_s)
         uvicorn_config.HTTP_PROTOCOLS["auto"] = protocol  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -186,9 +181,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.app_in_this_loop:
-            self.scope[DISCONNECT_HOOK] = DisconnectHook()  # type: ignore[literal-required]
-            self.scope[HEAD_LINES] = self.transport  # type: ignore[literal-required]
+        self.scope[DISCONNECT_HOOK] = DisconnectHook()  # type: ignore[literal-required]
+        self.scope[HEAD_LINES] = self.transport  # type: ignore[literal-required]
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
@@ -199,6 +193,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             hook: DisconnectHook | None = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[assignment]
             if hook is not None:
                 hook.fire()
+
+
+class ForAppOnAnotherLoop(CoalescingHttpToolsProtocol):
+    """For an app run on another thread's event loop (Ray Serve's replicas run theirs so): its scope carries neither
+    the disconnect hook, which would cancel a task of that loop from this one, nor header lines. The app watches
+    `receive` for the disconnect, and adds headers, as it does under any other server."""
+
+    def on_message_begin(self) -> None:
+        HttpToolsProtocol.on_message_begin(self)
 
 
 def _unsent(transport: asyncio.BaseTransport) -> int:

@@ -13,7 +13,7 @@ import ray
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
-from ..config import AuthSettings, ManagerSettings, RouterSettings
+from ..config import AuthSettings, CliSettings, ManagerSettings, RouterSettings
 from ..security.auth import Authenticator
 from . import DEFAULT_NAMESPACE, MANAGER_ACTOR_NAME, ROUTER_APP_NAME
 from .actor import get_or_create_manager
@@ -41,7 +41,8 @@ class RayServicesSettings(BaseModel):
     max_ongoing_requests: int = 1000
     router_num_cpus: float = 0.0
     access_log: bool = False  # Serve's line per request (LOG_LEVEL=debug turns it on, as in HTTP mode)
-    client_timeout_s: float = 60.0  # CLIENT_TIMEOUT, for the router replicas' own servers (direct ingress)
+    # CLIENT_TIMEOUT, for the router replicas' own servers (direct ingress).
+    client_timeout_s: float = CliSettings.model_fields["client_timeout_s"].default
     pin_manager_to_head: bool = True
     # Replace a running manager actor (new settings or credentials, an upgrade); registrations stay in SQLite.
     replace_manager: bool = False
