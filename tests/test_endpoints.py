@@ -329,6 +329,31 @@ def test_anthropic_client_streams_and_sees_anthropic_errors(stack: Stack) -> Non
     assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
 
 
+def test_the_engines_own_errors_reach_each_client_in_its_apis_shape(stack: Stack) -> None:
+    """Errors only the engine finds (its request validation, a generation longer than the context): vLLM writes them
+    OpenAI-like on every path, with a Python exception's name as the type; the worker rewrites them
+    (worker/engine_errors.py)."""
+    client = _anthropic(stack)
+    with pytest.raises(anthropic.BadRequestError) as role:
+        client.messages.create(model=GEN, max_tokens=4, messages=[{"role": "bogus", "content": "hi"}])  # type: ignore[misc,list-item]
+    assert role.value.body == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "messages.0.role: Input should be 'user', 'assistant' or 'system'",
+        },
+    }
+    with pytest.raises(anthropic.BadRequestError) as long:
+        client.messages.create(model=GEN, max_tokens=100_000, messages=M)  # type: ignore[arg-type]
+    error = long.value.body["error"]  # type: ignore[index]
+    assert error["type"] == "invalid_request_error" and "max_model_len=2048" in error["message"], error
+    chat = openai.OpenAI(base_url=f"{stack.router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        chat.chat.completions.create(model=GEN, messages=M, max_tokens=100_000)  # type: ignore[arg-type]
+    assert (too_long.value.type, too_long.value.code) == ("invalid_request_error", "invalid_request")
+    assert "max_model_len=2048" in too_long.value.message
+
+
 def test_requests_are_counted_by_endpoint(stack: Stack) -> None:
     text = stack.get("/metrics").text
     counted = {

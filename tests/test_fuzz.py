@@ -275,6 +275,8 @@ def test_bad_inputs_get_clear_4xx(stack: SecureStack, obs: Observations) -> None
             continue
         assert 400 <= resp.status_code < 500, (name, resp.status_code, resp.text[:300])
         assert set(body) == {"error"} and body["error"]["message"], (name, body)
+        # The engine's own refusals too (vLLM writes its status as the code): our codes are strings.
+        assert isinstance(body["error"]["code"], str) and body["error"]["type"].endswith("_error"), (name, body)
     more = [  # the admin API too
         ("register: model_name not a string", "POST", "/v1/models/register", {"alias": "x", "model_name": 5}),
         ("register: unknown field", "POST", "/v1/models/register", {"alias": "x", "model_name": "o/x", "gpu": 1}),

@@ -20,12 +20,13 @@ from ..dataplane.headers import ADAPTER_MOVED, DEFAULT_MAX_BODY_BYTES, REPLICA_H
 from ..dataplane.heap import freeze_startup_heap
 from ..dataplane.inference_lane import install_inference_lane
 from ..dataplane.inference_routes import inference_routes
-from ..dataplane.relay import UpstreamClient, UpstreamError, UpstreamResponse, passthrough_headers
+from ..dataplane.relay import UpstreamClient, UpstreamError, UpstreamResponse, is_event_stream
 from ..errors import APIError, install_error_handlers
 from ..metrics.worker import install_worker_metrics
 from ..security.auth import install_guard, worker_policy
 from .agent import WorkerAgent
 from .engine import EngineProcess
+from .engine_errors import reshaped
 from .engines_api import engines_router
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,10 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         handed_off = False
         try:
             upstream = await relay.open(engine.base_url, path, body, {"content-type": content_type}, method)
-            if upstream.status == 404 and endpoint is not None:
-                return await _route_missing(engine, endpoint, upstream, model)
+            if upstream.status >= 400 and not is_event_stream(upstream):
+                if upstream.status == 404 and endpoint is not None:
+                    return await _route_missing(engine, endpoint, upstream, model)
+                return _engine_error(upstream, await _read(upstream), path)
             handed_off = True
             return await relay.respond(upstream, on_done=lambda: inflight.leave(rid))
         except UpstreamError as exc:
@@ -138,10 +141,7 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
         its route-level 404 means this model cannot serve the endpoint, which the client is told as such. Its 404
         for a model other than its own is a LoRA adapter it does not hold (unloaded for another after the router
         picked this replica): the router is told to look again (ADAPTER_MOVED), the client sees nothing of it."""
-        try:
-            content = await upstream.read()
-        finally:
-            upstream.close()
+        content = await _read(upstream)
         if model is not None and model != engine.alias and content.strip() != b'{"detail":"Not Found"}':
             raise _not_here(f"adapter {model!r} is not loaded in engine {engine.replica_id}", ADAPTER_MOVED)
         if content.strip() == b'{"detail":"Not Found"}':
@@ -152,7 +152,17 @@ def create_app(settings: WorkerSettings, agent: WorkerAgent | None = None, auth:
                 "endpoint (the model does not support it)",
                 "unsupported_endpoint",
             )
-        return Response(content, status_code=404, headers=passthrough_headers(upstream))
+        return _engine_error(upstream, content, endpoint.path)
+
+    async def _read(upstream: UpstreamResponse) -> bytes:
+        try:
+            return await upstream.read()
+        finally:
+            upstream.close()
+
+    def _engine_error(upstream: UpstreamResponse, content: bytes, path: str) -> Response:
+        """An engine's error answer, in the shape of the API on `path` (engine_errors.py)."""
+        return Response(reshaped(upstream.status, content, path), upstream.status, media_type="application/json")
 
     routes = inference_routes(_inference, _stored_response)
     app.include_router(routes)
