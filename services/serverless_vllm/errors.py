@@ -78,6 +78,8 @@ class APIError(Exception):
         )
         if self.details is not None:
             body["error"]["details"] = self.details
+            if isinstance(self.details, dict) and isinstance(self.details.get("param"), str):
+                body["error"]["param"] = self.details["param"]  # where OpenAI's clients read it (`e.param`)
         return body
 
     def anthropic_body(self) -> dict[str, Any]:

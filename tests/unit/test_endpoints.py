@@ -113,6 +113,7 @@ def test_bad_bodies_are_400_naming_the_field(path: str, body: dict[str, Any], pa
     with pytest.raises(APIError) as err:
         check_endpoint(path, BY_PATH[path].family, body)
     assert err.value.status == 400 and err.value.details == {"param": param}, err.value.message
+    assert err.value.body()["error"]["param"] == param  # OpenAI's place for it
 
 
 def test_a_bad_model_name_is_404_before_anything() -> None:
