@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .cli_keys import add_parser as add_keys_parser
 from .cli_lora import add_lora_flags, registration
-from .cli_status import cmd_status, unreachable
+from .cli_status import cmd_status, refused, unreachable
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
 from .schemas import LoadFormat, ModelTask, SchedulingPolicy
@@ -136,7 +136,7 @@ async def register_model(url: str, body: dict[str, object], auth: AuthSettings |
     async with httpx.AsyncClient(timeout=60.0) as client:
         resp = await client.post(f"{url.rstrip('/')}/v1/models/register", json=body, headers=headers)
         if resp.status_code >= 400:
-            raise SystemExit(f"registration failed ({resp.status_code}): {resp.text}")
+            raise refused("registration", resp)
         info: dict[str, object] = resp.json()
         return info
 

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from .cli_flags import add_flag, command_parser, flag_values
+from .cli_status import refused
 from .config import AuthSettings, CliSettings
 
 
@@ -24,7 +25,7 @@ def _call(
     headers = AuthSettings.from_env().admin_headers()  # SVLLM_ADMIN_KEY
     resp = httpx.request(method, f"{url}{path}", json=body, params=params, headers=headers, timeout=30.0)
     if resp.status_code >= 400:
-        raise SystemExit(f"svllm keys {args.keys_command} failed ({resp.status_code}): {resp.text}")
+        raise refused(f"svllm keys {args.keys_command}", resp)
     return resp.json()
 
 

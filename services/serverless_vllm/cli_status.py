@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from .cli_flags import flag_values
 from .config import AuthSettings, CliSettings
+from .errors import APIError
 from .schemas import FleetStatus, ModelInfo, ModelState, ReplicaState, WorkerInfo, failure_reason
 
 MODEL_COLUMNS = ("MODEL", "TASK", "STATE", "READY", "WHERE")
@@ -38,6 +39,12 @@ def unreachable(exc: httpx.HTTPError, url: str = "") -> str:
         f"cannot reach the router at {url or 'its address'} ({type(exc).__name__}: {str(exc) or 'no answer'}); is it "
         "running? (--url or ROUTER_URL names it)"
     )
+
+
+def refused(what: str, resp: httpx.Response) -> SystemExit:
+    """The exit of a command the router refused: its status, code and message (not the JSON they came in)."""
+    error = APIError.from_response(resp.status_code, resp.content)
+    return SystemExit(f"{what} failed ({resp.status_code}{f' {error.code}' if error.code else ''}): {error.message}")
 
 
 def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10.0) -> FleetStatus:

@@ -146,7 +146,8 @@ def test_json_document_has_the_rows_of_the_tables() -> None:
 
 @pytest.fixture
 def router() -> Iterator[tuple[str, dict[str, Any]]]:
-    """Answers GET /status with `answer["status"]` and `answer["body"]`; records the Authorization header seen."""
+    """Answers every GET, POST and DELETE with `answer["status"]` and `answer["body"]`; records the Authorization
+    header seen."""
     answer: dict[str, Any] = {"status": 200, "body": FLEET.model_dump_json().encode(), "auth": []}
 
     class Handler(BaseHTTPRequestHandler):
@@ -161,6 +162,12 @@ def router() -> Iterator[tuple[str, dict[str, Any]]]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))  # the whole request read before answering
+            self.do_GET()
+
+        do_DELETE = do_POST
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -249,3 +256,23 @@ def test_the_command_runs_as_a_module() -> None:
         [sys.executable, "-m", "serverless_vllm.cli", "status", "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.startswith("usage: svllm status"), done.stdout + done.stderr
+
+
+def test_a_refused_command_says_the_routers_code_and_message_not_its_json(router: tuple[str, dict[str, Any]]) -> None:
+    url, answer = router
+    answer["status"] = 400
+    answer["body"] = (
+        b'{"error": {"message": "unknown model(s) nope: a key names registered aliases or glob patterns", '
+        b'"type": "invalid_request_error", "param": null, "code": "unknown_model"}}'
+    )
+    assert _refusal(["keys", "create", "--name", "k", "--tenant", "t", "--model", "nope", "--url", url]) == (
+        "svllm keys create failed (400 unknown_model): unknown model(s) nope: a key names registered aliases or glob "
+        "patterns"
+    )
+    answer["status"], answer["body"] = 409, b'{"error": {"message": "alias \'m\' exists", "code": "alias_exists"}}'
+    assert (
+        _refusal(["register", "--model", "m", "--url", url])
+        == "registration failed (409 alias_exists): alias 'm' exists"
+    )
+    answer["status"], answer["body"] = 502, b"Bad Gateway"  # not ours: a proxy in between
+    assert _refusal(["keys", "revoke", "k", "--url", url]) == "svllm keys revoke failed (502): Bad Gateway"
