@@ -117,11 +117,26 @@ class APIError(Exception):
             return cls(status, content.decode("utf-8", "replace")[:500] or f"upstream status {status}")
 
 
+# What pydantic says of a request body that is not an object at all, as the inference routes say it (body.py).
+_BODY_ERRORS = {
+    "missing": "request body must be a JSON object (none was sent)",
+    "model_attributes_type": "request body must be a JSON object",
+    "dict_type": "request body must be a JSON object",
+}
+
+
 def validation_message(exc: RequestValidationError | ValidationError) -> str:
     """Pydantic's errors as one line, `field: what is wrong; ...` (the first five)."""
     parts = []
     for err in exc.errors()[:5]:
+        kind = err.get("type")
+        if kind == "json_invalid":  # FastAPI's: its loc is the body and a character's position, not a field
+            parts.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'cannot parse it')}")
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if not loc and kind in _BODY_ERRORS:
+            parts.append(_BODY_ERRORS[kind])
+            continue
         msg = str(err.get("msg")).removeprefix("Value error, ")  # a validator's own sentence, as it wrote it
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request"

@@ -1,0 +1,54 @@
+"""Request bodies that are not an object of the route's schema, answered in one line by every app's handlers
+(errors.py): what pydantic says of a body that is not an object at all is said as the inference routes say it."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, ConfigDict
+from serverless_vllm.errors import install_error_handlers
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: int = 1
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/things")
+    async def make(spec: Spec) -> dict[str, str]:
+        return {"name": spec.name}
+
+    return TestClient(app)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("null", "request body must be a JSON object (none was sent)"),
+        ("", "request body must be a JSON object (none was sent)"),
+        ("[]", "request body must be a JSON object"),
+        ('"x"', "request body must be a JSON object"),
+        ("{bad", "request body is not valid JSON: Expecting property name enclosed in double quotes"),
+        (
+            '{"size": "big"}',
+            "name: Field required; size: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        ('{"name": "a", "colour": 1}', "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_body_is_one_clear_line(client: TestClient, content: str, message: str) -> None:
+    resp = client.post("/things", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_request",
+    }
