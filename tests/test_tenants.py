@@ -613,3 +613,28 @@ def test_the_engine_serves_a_high_class_first(stack: SecureStack) -> None:
     if orders[0] != ["late started", "early started"]:
         orders.append(served_first(stack, "high", "high-class-again"))
     assert orders[-1] == ["late started", "early started"], orders
+
+
+def test_a_router_started_while_the_manager_is_away_has_tenants_retry_then_serves_them(stack: SecureStack) -> None:
+    """Last in the module: it restarts the manager. Router B, restarted while the manager is down, has no key table:
+    a key made at run time is answered 503 with Retry-After (not 401: it is not known to be wrong), which the openai
+    client retries, and the same client's request is served once the manager is back."""
+    secret = create_key(stack, name="manager-away", tenant="team-m")["secret"]
+    wait_until(lambda: chat(client(stack, secret, router_b(stack)), 2).status_code == 200, 5, what="B has the key")
+    stack.manager.stop()
+    stack.workers["router-b"].stop()
+    stack.workers["router-b"].start()
+    body = {"model": ALIAS, "messages": CHAT, "max_tokens": 2}
+    early = httpx.post(f"{router_b(stack)}/v1/chat/completions", json=body, headers=bearer(secret), timeout=30)
+    assert (early.status_code, early.json()["error"]["code"], early.headers.get("retry-after")) == (
+        503,
+        "keys_not_loaded",
+        "2",
+    ), early.text
+    patient = openai.OpenAI(base_url=f"{router_b(stack)}/v1", api_key=secret, max_retries=15, timeout=120)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: chat(patient, 2))
+        time.sleep(3)  # its first tries are refused while the manager is down
+        assert not waiting.done()
+        stack.manager.start()
+        assert waiting.result(timeout=120).status_code == 200

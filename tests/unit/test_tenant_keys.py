@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
@@ -429,6 +430,34 @@ def test_the_guard_accepts_run_time_keys_beside_the_environment_s(tmp_path: Path
     keys.revoke("k")
     ring.update(keys.table())
     assert post(secret) == (401, "revoked_api_key")
+
+
+def test_before_its_first_key_table_a_router_asks_tenants_to_try_again(tmp_path: Path) -> None:
+    """A router started while the manager is away cannot tell a key made at run time from a wrong token: 503 with
+    Retry-After (the openai client retries it), not a 401 that ends the client. The environment's keys work."""
+    ring = KeyRing()
+    http = _guarded(ring)
+
+    def post(headers: dict[str, str]) -> httpx.Response:
+        return http.post("/v1/chat/completions", headers=headers)
+
+    early = post({"authorization": "Bearer sk-svllm-made-at-run-time"})
+    assert (early.status_code, early.json()["error"]["code"], early.headers["retry-after"]) == (
+        503,
+        "keys_not_loaded",
+        "2",
+    )
+    assert post({"authorization": "Bearer env-client-key-0123456789"}).json() == {"key": None}
+    assert post({"authorization": "Bearer admin-key-0123456789"}).status_code == 200
+    missing = post({})
+    assert (missing.status_code, missing.json()["error"]["code"]) == (401, "missing_api_key")
+    ring.update(registry(tmp_path).table())  # the first table (no keys at all): now a wrong token is one
+    assert post({"authorization": "Bearer sk-svllm-made-at-run-time"}).json()["error"] == {
+        "message": "invalid credentials for this route (it needs an admin or client key)",
+        "type": "authentication_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
 
 
 def test_an_accepted_token_is_hashed_once_and_a_wrong_one_every_time(

@@ -183,7 +183,7 @@ def _unauthorized(token: bytes | None, roles: frozenset[Role]) -> APIError:
         )
     return APIError(
         401,
-        f"invalid credentials for this route (it needs a {needed} key)",
+        f"invalid credentials for this route (it needs {'an' if needed[0] in 'aeiou' else 'a'} {needed} key)",
         "invalid_api_key",
         {"WWW-Authenticate": 'Bearer error="invalid_token"'},
     )
@@ -230,8 +230,9 @@ class GuardMiddleware:
                 known = self._known_digests.get(token) if token is not None else None
                 digest = known or (_digest(token) if token is not None else b"")
                 # A key made at run time: one dict lookup by the digest (security/keys.py); then the environment's.
-                keys = self._keys
-                key = keys.check_digest(digest) if keys is not None and keys.any and Role.CLIENT in roles else None
+                keys, key = self._keys, None
+                if token is not None and keys is not None and keys.any and Role.CLIENT in roles:
+                    key = keys.check_digest(digest)
                 if isinstance(key, ActiveKey):
                     scope[KEY_SCOPE] = key  # its models and limits are applied once the request's model is read
                 elif token is None or not self._auth.allowed_digest(digest, roles):

@@ -98,6 +98,15 @@ def active(entry: KeyEntry, share: float, tenant_limits: KeyLimits | None = None
     )
 
 
+def _not_loaded() -> APIError:
+    return APIError(
+        503,
+        "this router has not loaded its API keys yet (the manager is unreachable): try again shortly",
+        "keys_not_loaded",
+        {"Retry-After": "2"},
+    )
+
+
 class KeyRing:
     """Digest -> key: new dicts for each key table version, whole or its changes (read-only in between: no lock on
     the hot path).
@@ -113,7 +122,10 @@ class KeyRing:
         self._by_digest: dict[bytes, ActiveKey] = {}
         self._by_id: dict[str, ActiveKey] = {}
         self._tenants: dict[str, KeyLimits] = {}
-        self.any = False  # read by the guard on every request: an attribute, not a call
+        # Read by the guard on every request (an attribute, not a call): whether to look a token up here. True until
+        # the first table: a token then is not known to be wrong (check_digest).
+        self.any = True
+        self.loaded = False
         self.version = -1
         self.epoch = ""
 
@@ -142,6 +154,7 @@ class KeyRing:
         self._by_id = {k.id: k for k in keys.values()}
         self._tenants = tenants
         self.version, self.epoch = table.version, table.epoch
+        self.loaded = True
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -161,7 +174,9 @@ class KeyRing:
         """`check`, for a token's SHA-256."""
         key = self._by_digest.get(digest)
         if key is None:
-            return None
+            # Before the first table (a router started while the manager is away) a key made at run time cannot be
+            # told from a wrong one: try again (the openai client does on a 503), rather than a 401 that ends it.
+            return None if self.loaded else _not_loaded()
         if key.revoked:
             return APIError(401, "this API key was revoked", "revoked_api_key", {"WWW-Authenticate": "Bearer"})
         if key.expires_at is not None and self._clock() >= key.expires_at:
