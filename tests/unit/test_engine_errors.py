@@ -94,3 +94,18 @@ def test_plain_text_fastapis_detail_and_an_engines_failure() -> None:
     }
     assert body(503, b"", "/v1/messages")["error"] == {"type": "overloaded_error", "message": "the engine answered 503"}
     assert body(400, b"[1, 2]", "/v1/score")["error"]["message"] == "[1, 2]"
+
+
+def test_a_union_fields_error_repeated_per_branch_is_said_once() -> None:
+    encoding = (
+        "  {'type': 'literal_error', 'loc': 'body.encoding_format', 'msg': \"Input should be 'float', 'base64', "
+        "'bytes' or 'bytes_only'\", 'input': 'hex', 'ctx': {'expected': \"'float', 'base64', 'bytes' or "
+        "'bytes_only'\"}}"
+    )
+    messages = "  {'type': 'missing', 'loc': 'body.messages', 'msg': 'Field required', 'input': '<dict of 3 items>'}"
+    lines = ["13 validation errors:", encoding, encoding, messages, encoding, messages] + [encoding] * 5
+    content = json.dumps({"error": {"message": "\n".join([*lines, "  ...and 3 more errors"]), "code": 400}}).encode()
+    assert body(400, content, "/v1/embeddings")["error"]["message"] == (
+        "encoding_format: Input should be 'float', 'base64', 'bytes' or 'bytes_only'; messages: Field required; "
+        "and 3 more"
+    )

@@ -53,24 +53,36 @@ def _message_of(content: bytes, status: int) -> tuple[str, Any]:
 
 def _validation(message: str) -> str:
     """vLLM's rendering of pydantic's errors (`N validation errors:` then one dict per line) as our own validation
-    messages write them, `field: what is wrong; ...` (the first five, then how many more); any other message as it
-    is."""
+    messages write them, `field: what is wrong; ...` (the first five different ones, then how many more errors); any
+    other message as it is. A field of a union is refused once per branch: the same line is said once."""
     head, _, rest = message.partition("\n")
     count = head.split(" ", 1)[0]
     if not (head.endswith(("validation error:", "validation errors:")) and count.isdigit() and rest):
         return message
     parts: list[str] = []
-    for line in rest.splitlines()[:_MAX_ERRORS]:
+    said = 0  # errors said by the parts so far (repeats included)
+    for line in rest.splitlines():
         line = line.strip()
-        try:
-            error = ast.literal_eval(line)  # a dict's repr, of literals only (vLLM summarises the input)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            error = None
-        if not isinstance(error, dict) or not isinstance(error.get("msg"), str):
-            parts.append(line)  # "...and N more errors", or a line cut at vLLM's bound: as it is
-            continue
-        loc = str(error.get("loc", "")).removeprefix("body").lstrip(".")
-        msg = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    more = int(count) - len(parts)
+        if line.startswith("...and "):  # vLLM's count of the errors it did not list: ours is from the head
+            break
+        part = _one_error(line)
+        if part not in parts:
+            if len(parts) == _MAX_ERRORS:
+                break
+            parts.append(part)
+        said += 1
+    more = int(count) - said
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _one_error(line: str) -> str:
+    """One of vLLM's validation lines (a dict's repr) as `field: what is wrong`; a line it cut short as it is."""
+    try:
+        error = ast.literal_eval(line)  # a dict's repr, of literals only (vLLM summarises the input)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return line
+    if not isinstance(error, dict) or not isinstance(error.get("msg"), str):
+        return line
+    loc = str(error.get("loc", "")).removeprefix("body").lstrip(".")
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
