@@ -87,7 +87,8 @@ def model_row(info: ModelInfo) -> dict[str, Any]:
         "task": info.engine.task.value,
         "state": info.state.value,
         "ready": sum(1 for r in info.replicas if r.state is ReplicaState.READY),
-        "target": info.desired_replicas,
+        # An adapter has no replicas of its own: its targets are its base's replicas that hold it or are asked to.
+        "target": len(info.replicas) if info.base is not None else info.desired_replicas,
         "replicas": [
             {"replica_id": r.replica_id, "worker_id": r.worker_id, "gpus": r.gpus, "state": r.state.value}
             for r in info.replicas

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from serverless_vllm import cli
-from serverless_vllm.cli_status import render, status_document, table
+from serverless_vllm.cli_status import model_row, render, status_document, table
 from serverless_vllm.schemas import (
     EngineArgs,
     EngineStatus,
@@ -104,6 +104,15 @@ gpu-a   healthy    1.2 s ago  2 x NVIDIA H100 (GiB used by others: gpu1 48.8)  q
 
 def test_tables_are_aligned_and_say_what_runs_where() -> None:
     assert render(status_document(FLEET)) == TABLES
+
+
+def test_an_adapter_is_ready_on_the_base_replicas_that_hold_it() -> None:
+    holders = [
+        ReplicaInfo(replica_id="qwen-1", worker_id="gpu-a", gpus=[0, 1], state=ReplicaState.READY),
+        ReplicaInfo(replica_id="qwen-2", worker_id="cpu-b", state=ReplicaState.STARTING),
+    ]
+    adapter = _model("qwen-sql", ModelState.READY, 0, holders, base="qwen")  # an adapter's desired replicas: 0
+    assert (model_row(adapter)["ready"], model_row(adapter)["target"]) == (1, 2)
 
 
 def test_table_pads_every_column_but_the_last() -> None:
