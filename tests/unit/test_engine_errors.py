@@ -94,6 +94,8 @@ def test_plain_text_fastapis_detail_and_an_engines_failure() -> None:
     }
     assert body(503, b"", "/v1/messages")["error"] == {"type": "overloaded_error", "message": "the engine answered 503"}
     assert body(400, b"[1, 2]", "/v1/score")["error"]["message"] == "[1, 2]"
+    deep = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's depth: its text, cut
+    assert body(400, deep, "/v1/score")["error"]["message"] == "[" * 2000
 
 
 def test_a_union_fields_error_repeated_per_branch_is_said_once() -> None:

@@ -39,7 +39,7 @@ def _message_of(content: bytes, status: int) -> tuple[str, Any]:
     """(message, param) of an engine's answer: vLLM's and Anthropic's shapes, FastAPI's `detail`, or plain text."""
     try:
         document = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or nested past the parser's depth): its text
         text = content.decode("utf-8", "replace").strip()
         return text or f"the engine answered {status}", None
     found: Any = document.get("error", document) if isinstance(document, dict) else document
