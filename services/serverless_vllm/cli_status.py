@@ -61,20 +61,14 @@ def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10
     if resp.status_code == 404:
         raise StatusError(f"{base} has no GET /status: is it a serverless-vllm router (of this version)?")
     if resp.status_code >= 400:
-        raise StatusError(f"the router at {base} answered {resp.status_code}: {_message(resp)}")
+        said = APIError.from_response(resp.status_code, resp.content).message
+        raise StatusError(f"the router at {base} answered {resp.status_code}: {said}")
     try:
         return FleetStatus.model_validate_json(resp.content)
     except ValidationError:
         raise StatusError(
             f"{base}/status did not answer with a fleet status: is it a serverless-vllm router?"
         ) from None
-
-
-def _message(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return resp.text[:200] or resp.reason_phrase
 
 
 # --------------------------------------------------------------------------- rows (the JSON document)

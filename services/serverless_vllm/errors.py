@@ -125,10 +125,20 @@ _BODY_ERRORS = {
 }
 
 
+MAX_NAMED_ERRORS = 5  # validation errors a message names (then: how many more, where the count is known)
+
+
+def field_error(loc: str, msg: str) -> str:
+    """One validation error as our messages write it: `field: what is wrong` (a validator's own sentence as it wrote
+    it, without pydantic's `Value error, `)."""
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
 def validation_message(exc: RequestValidationError | ValidationError) -> str:
     """Pydantic's errors as one line, `field: what is wrong; ...` (the first five)."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in exc.errors()[:MAX_NAMED_ERRORS]:
         kind = err.get("type")
         if kind == "json_invalid":  # FastAPI's: its loc is the body and a character's position, not a field
             parts.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'cannot parse it')}")
@@ -137,8 +147,7 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
         if not loc and kind in _BODY_ERRORS:
             parts.append(_BODY_ERRORS[kind])
             continue
-        msg = str(err.get("msg")).removeprefix("Value error, ")  # a validator's own sentence, as it wrote it
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        parts.append(field_error(loc, str(err.get("msg"))))
     return "; ".join(parts) or "invalid request"
 
 

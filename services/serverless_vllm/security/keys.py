@@ -125,8 +125,7 @@ class KeyRing:
         # Read by the guard on every request (an attribute, not a call): whether to look a token up here. True until
         # the first table: a token then is not known to be wrong (check_digest).
         self.any = True
-        self.loaded = False
-        self.version = -1
+        self.version = -1  # the manager's versions start at 1: -1 until the first table
         self.epoch = ""
 
     def update(self, table: KeyTable) -> None:
@@ -154,7 +153,6 @@ class KeyRing:
         self._by_id = {k.id: k for k in keys.values()}
         self._tenants = tenants
         self.version, self.epoch = table.version, table.epoch
-        self.loaded = True
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -176,7 +174,7 @@ class KeyRing:
         if key is None:
             # Before the first table (a router started while the manager is away) a key made at run time cannot be
             # told from a wrong one: try again (the openai client does on a 503), rather than a 401 that ends it.
-            return None if self.loaded else _not_loaded()
+            return None if self.version >= 0 else _not_loaded()
         if key.revoked:
             return APIError(401, "this API key was revoked", "revoked_api_key", {"WWW-Authenticate": "Bearer"})
         if key.expires_at is not None and self._clock() >= key.expires_at:

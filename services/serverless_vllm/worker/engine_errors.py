@@ -15,14 +15,13 @@ import ast
 import json
 from typing import Any
 
-from ..errors import APIError
+from ..errors import MAX_NAMED_ERRORS, APIError, field_error
 
 # Our codes for what an engine refused: the request (as our own checks say it), or a failure of its own.
 _NOT_FOUND = "not_found"
 _INVALID = "invalid_request"
 _ENGINE = "engine_error"
 _MAX_MESSAGE = 2000  # characters of an engine's message passed on (vLLM bounds its own to about 11,000)
-_MAX_ERRORS = 5  # validation errors named, as our own validation messages name them (errors.validation_message)
 
 
 def reshaped(status: int, content: bytes, path: str) -> bytes:
@@ -67,7 +66,7 @@ def _validation(message: str) -> str:
             break
         part = _one_error(line)
         if part not in parts:
-            if len(parts) == _MAX_ERRORS:
+            if len(parts) == MAX_NAMED_ERRORS:
                 break
             parts.append(part)
         said += 1
@@ -83,6 +82,4 @@ def _one_error(line: str) -> str:
         return line
     if not isinstance(error, dict) or not isinstance(error.get("msg"), str):
         return line
-    loc = str(error.get("loc", "")).removeprefix("body").lstrip(".")
-    msg = error["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
+    return field_error(str(error.get("loc", "")).removeprefix("body").lstrip("."), error["msg"])
