@@ -123,6 +123,7 @@ _BODY_ERRORS = {
     "model_attributes_type": "request body must be a JSON object",
     "dict_type": "request body must be a JSON object",
 }
+_NOT_JSON_TYPE = "request body must be sent as JSON, with the header Content-Type: application/json"
 
 
 MAX_NAMED_ERRORS = 5  # validation errors a message names (then: how many more, where the count is known)
@@ -145,7 +146,10 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
             continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         if not loc and kind in _BODY_ERRORS:
-            parts.append(_BODY_ERRORS[kind])
+            # FastAPI hands a body's bytes over unread when its Content-Type is not JSON (`curl -d` sends a form's
+            # type): read as JSON it would let a web page's simple request (no CORS preflight) act on a local API.
+            unread = isinstance(err.get("input"), bytes)
+            parts.append(_NOT_JSON_TYPE if unread else _BODY_ERRORS[kind])
             continue
         parts.append(field_error(loc, str(err.get("msg"))))
     return "; ".join(parts) or "invalid request"

@@ -52,3 +52,16 @@ def test_a_bad_body_is_one_clear_line(client: TestClient, content: str, message:
         "param": None,
         "code": "invalid_request",
     }
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_body_not_sent_as_json_is_told_the_type_it_needs(client: TestClient, content_type: str | None) -> None:
+    # What `curl -d '{...}'` sends without `-H 'content-type: application/json'`: the first type. FastAPI does not
+    # read such a body as JSON (a web page's request without a CORS preflight could otherwise act on a local API);
+    # the message says what to send instead of that a JSON object is not one.
+    headers = {"content-type": content_type} if content_type else {}
+    resp = client.post("/things", content='{"name": "a"}', headers=headers)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"] == (
+        "request body must be sent as JSON, with the header Content-Type: application/json"
+    )
