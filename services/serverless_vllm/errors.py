@@ -144,7 +144,7 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
         if kind == "json_invalid":  # FastAPI's: its loc is the body and a character's position, not a field
             parts.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'cannot parse it')}")
             continue
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        loc = _field(err)
         if not loc and kind in _BODY_ERRORS:
             # FastAPI hands a body's bytes over unread when its Content-Type is not JSON (`curl -d` sends a form's
             # type): read as JSON it would let a web page's simple request (no CORS preflight) act on a local API.
@@ -153,6 +153,19 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
             continue
         parts.append(field_error(loc, str(err.get("msg"))))
     return "; ".join(parts) or "invalid request"
+
+
+def validation_param(exc: RequestValidationError | ValidationError) -> str | None:
+    """The one field the errors are about (`limits.rpm`), as OpenAI's `param` names it; None for several."""
+    fields = {_field(err) for err in exc.errors()}
+    return fields.pop() if len(fields) == 1 and "" not in fields else None
+
+
+def _field(err: Any) -> str:
+    """Where an error is, as `limits.rpm` ("": the body itself; FastAPI's loc of unparsable JSON is a position)."""
+    if err.get("type") == "json_invalid":
+        return ""
+    return ".".join(str(p) for p in err.get("loc", ()) if p != "body")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -164,7 +177,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return APIError(400, validation_message(exc), "invalid_request").response(request.url.path)
+        param = validation_param(exc)
+        details = {"param": param} if param else None
+        return APIError(400, validation_message(exc), "invalid_request", details=details).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
