@@ -156,10 +156,13 @@ def test_duplicate_alias_with_other_settings(stack: Stack, tiny_model: Path) -> 
     assert resp.status_code == 200
 
 
-def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path) -> None:
+def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path, tiny_model: Path) -> None:
     missing = tmp_path / "no-such-model"
     resp = stack.post("/v1/models/register", json={"alias": "broken", "model_name": str(missing)})
     assert resp.status_code == 200
+    # Beside it, a start vLLM's argument check refuses (the tiny model has 2048 positions).
+    too_long = {"alias": "too-long", "model_name": str(tiny_model), "max_model_len": 4096}
+    assert stack.post("/v1/models/register", json=too_long).status_code == 200
     info = stack.wait_model("broken", "failed", timeout=120)
     assert info["last_error"] and "no-such-model" in info["last_error"]  # the engine's own log lines
     assert "before becoming ready" in info["last_error"]
@@ -170,6 +173,10 @@ def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path) -> None:
     # The client is told the reason, in one line; the engine log's lines (paths, stack frames) are the operator's.
     reason = info["last_error"].partition("\n")[0]
     assert "\n" in info["last_error"] and "before becoming ready" in reason
+    # What is wrong, not only that the argument check failed ("1 validation error for ModelConfig", its first line).
+    refused = stack.wait_model("too-long", "failed", timeout=120)["last_error"].partition("\n")[0]
+    assert "1 validation error for ModelConfig: User-specified max_model_len (4096) is greater than" in refused
+    assert httpx.delete(f"{stack.router.url}/v1/models/too-long", timeout=10).status_code == 200
     assert error_of(resp)["message"] == f"model 'broken' failed to start: {reason}"
     assert resp.headers["retry-after"]
     # Nothing else is disturbed.

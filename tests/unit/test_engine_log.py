@@ -1,7 +1,10 @@
-"""An engine's log file is rotated at its size cap: N backups kept, the in-memory tail intact, across reopenings."""
+"""An engine's log file is rotated at its size cap: N backups kept, the in-memory tail intact, across reopenings;
+the reason an engine exited is read from its last error line."""
 
 from pathlib import Path
 
+import pytest
+from pydantic import BaseModel, ValidationError
 from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs
 from serverless_vllm.worker.engine import EngineProcess
@@ -80,3 +83,94 @@ def test_an_engine_rotates_its_log_as_the_worker_settings_say(tmp_path: Path) ->
     assert engine.log_path.read_text().splitlines() == [line(i) for i in range(30, 35)]
     assert engine.log_tail(3) == [line(i) for i in range(32, 35)]
     engine_log.close()
+
+
+# What vLLM 0.32 (CPU) printed here when registered with a max_model_len above the model's (the traceback's end).
+VLLM_REFUSAL = [
+    "    s.__pydantic_validator__.validate_python(ArgsKwargs(args, kwargs), self_instance=s)",
+    "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+    "  Value error, User-specified max_model_len (4096) is greater than the derived max_model_len "
+    "(max_position_embeddings=2048.0 or model_max_length=None in model's config.json). [type=value_error, "
+    "input_value=ArgsKwargs((), {'model': ...}), input_type=ArgsKwargs]",
+    "    For further information visit https://errors.pydantic.dev/2.14/v/value_error",
+]
+
+
+@pytest.mark.parametrize("prefix", ["", "(APIServer pid=4242) "])
+def test_a_validation_errors_reason_says_what_is_wrong_not_only_how_many(prefix: str) -> None:
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    for text in VLLM_REFUSAL:
+        engine_log.write(prefix + text)
+    assert engine_log.last_error() == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: User-specified "
+        "max_model_len (4096) is greater than the derived max_model_len (max_position_embeddings=2048.0 or "
+        "model_max_length=None in model's config.json)."
+    )
+
+
+def test_a_validation_errors_fields_are_named() -> None:
+    class Config(BaseModel):
+        max_num_seqs: int
+        dtype: str
+
+    with pytest.raises(ValidationError) as refused:
+        Config.model_validate({"max_num_seqs": "many", "dtype": 1})
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    for text in f"pydantic_core._pydantic_core.ValidationError: {refused.value}".splitlines():
+        engine_log.write(text)
+    engine_log.write("(APIServer pid=1) INFO shutting down")  # what comes after is not read as an error
+    assert engine_log.last_error() == (
+        "pydantic_core._pydantic_core.ValidationError: 2 validation errors for Config: max_num_seqs: Input should be "
+        "a valid integer, unable to parse string as an integer; dtype: Input should be a valid string"
+    )
+
+
+def test_an_error_line_of_an_earlier_launch_is_not_this_ones_reason() -> None:
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    engine_log.write("RuntimeError: out of memory")
+    engine_log.write_launch(2, ["vllm"])
+    engine_log.write("INFO starting")
+    assert engine_log.last_error() is None
+    engine_log.write("ValueError: no such model")
+    assert engine_log.last_error() == "ValueError: no such model"
+
+
+# What vLLM 0.32 (CPU) printed here for a model whose weights' header is corrupt (lines of the end): the EngineCore
+# process logs its traceback at ERROR (prefixed), prints it again, and the API server's last line points up to it.
+VLLM_ROOT_CAUSE = [
+    '(EngineCore pid=814) ERROR 12-02 14:43:06 [core.py:1510]     with safe_open(st_file, framework="pt") as f:',
+    "(EngineCore pid=814) ERROR 12-02 14:43:06 [core.py:1510]          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "(EngineCore pid=814) ERROR 12-02 14:43:06 [core.py:1510] safetensors._safetensors_rust.SafetensorError: Error "
+    "while deserializing header: invalid JSON in header: expected `,` or `]` at line 1 column 193",
+    "Traceback (most recent call last):",
+    '  File "/venv/lib/python3.11/site-packages/vllm/v1/engine/utils.py", line 1043, in wait_for_engine_startup',
+    "    raise RuntimeError(",
+    "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}",
+]
+
+
+def test_the_reason_is_the_root_cause_vllms_last_line_points_to() -> None:
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    for text in VLLM_ROOT_CAUSE:
+        engine_log.write(text)
+    assert engine_log.last_error() == (
+        "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: invalid JSON in header: "
+        "expected `,` or `]` at line 1 column 193"
+    )
+    engine_log.write_launch(2, ["vllm"])
+    engine_log.write(VLLM_ROOT_CAUSE[-1])  # nothing above it: the pointer is all there is
+    assert engine_log.last_error() == VLLM_ROOT_CAUSE[-1]
+
+
+def test_a_message_logged_as_an_error_is_one_but_the_traceback_logged_with_it_is_not() -> None:
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    engine_log.write("(APIServer pid=7) ERROR 12-02 14:37:01 [async_llm.py:906] AsyncLLM output_handler failed.")
+    assert engine_log.last_error() == "AsyncLLM output_handler failed."
+    engine_log.write("(APIServer pid=7) ERROR 12-02 14:37:01 [async_llm.py:906]     raise self._format_exception(x)")
+    engine_log.write("(APIServer pid=7) WARNING 12-02 14:37:02 [api_server.py:88] shutting down")
+    assert engine_log.last_error() == "AsyncLLM output_handler failed."

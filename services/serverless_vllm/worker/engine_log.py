@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from ..errors import MAX_NAMED_ERRORS, field_error
+
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 200
@@ -25,6 +27,12 @@ LAUNCH_HEADER = "=== serverless-vllm launch"
 
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|\bERROR\b")
 _LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*")
+_LOGGER_HEAD = re.compile(r"^(ERROR|WARNING|INFO|DEBUG|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] ")
+# vLLM's last line when an engine process failed to start: the reason is the error before it.
+_ROOT_CAUSE_ABOVE = "See root cause above"
+_PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")  # the prefix alone: what follows keeps its indentation
+# Pydantic's first line of a ValidationError (vLLM checks its arguments with pydantic): what is wrong follows it.
+_VALIDATION_HEADER = re.compile(r"\b(\d+) validation errors? for \S+$")
 
 
 class EngineLog:
@@ -105,17 +113,57 @@ class EngineLog:
         return list(self._tail)[-n:]
 
     def last_error(self) -> str | None:
-        """The last error line of the current launch, the likely reason it exited."""
-        for line in reversed(self._tail):
+        """The last error line of the current launch, the likely reason it exited: the root cause where vLLM's last
+        line points up to it, and what a validation error's next lines say is wrong (its first line says only how
+        many errors there are)."""
+        lines = list(self._tail)
+        pointer = None  # vLLM's "see root cause above", said when nothing above it says more
+        for i in range(len(lines) - 1, -1, -1):
+            line = lines[i]
             if line.startswith(LAUNCH_HEADER):
                 break  # only this launch's own lines explain this exit
-            if _ERROR_LINE.search(line) and "Traceback (most recent call last)" not in line:
-                return _LOG_PREFIX.sub("", line.strip())
-        return None
+            # An engine's own processes prefix their lines, and its logger writes its level, time and place: a
+            # message it logged as an error is one, but not the frames of a traceback it logged with it.
+            text = _LOG_PREFIX.sub("", line.rstrip())
+            head = _LOGGER_HEAD.match(text)
+            error = text[head.end() :] if head else text
+            logged = head is not None and head[1] in ("ERROR", "CRITICAL") and not error[:1].isspace()
+            if not (logged or _ERROR_LINE.search(error)) or "Traceback (most recent call last)" in error:
+                continue
+            error = error.strip()
+            if _ROOT_CAUSE_ABOVE in error:
+                pointer = pointer or error
+                continue
+            header = _VALIDATION_HEADER.search(error)
+            if header is not None and (wrong := _validation_errors(int(header[1]), lines[i + 1 :])):
+                error += ": " + wrong
+            return error
+        return pointer
 
     async def pump(self, stream: asyncio.StreamReader) -> None:
         """Copy the process's output here, line by line, until it closes."""
         await pump_lines(stream, self.write)
+
+
+def _validation_errors(count: int, lines: list[str]) -> str:
+    """Pydantic's lines after a ValidationError's first one, as `field: what is wrong; ...` (a field's name unindented,
+    its message indented, then a link to pydantic's documentation; an error of the whole object has no name)."""
+    found: list[str] = []
+    field = ""
+    for line in lines[: 3 * count]:
+        text = _PROCESS_PREFIX.sub("", line)
+        if not text.startswith(" "):
+            if field:
+                break  # two names in a row: not pydantic's lines any more
+            field = text.strip()
+            continue
+        text = text.strip()
+        if not text.startswith("For further information"):
+            found.append(field_error(field, text.partition(" [type=")[0]))
+            field = ""
+            if len(found) == min(count, MAX_NAMED_ERRORS):
+                break
+    return "; ".join(found)
 
 
 async def pump_lines(stream: asyncio.StreamReader, write: Callable[[str], None]) -> None:
