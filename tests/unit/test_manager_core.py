@@ -46,6 +46,22 @@ async def test_registration_persists_across_restart(tmp_path: Path) -> None:
     await second.close()
 
 
+async def test_a_registration_repeated_with_preload_loads_the_model_again(tmp_path: Path) -> None:
+    # `svllm up` run again: the registry kept its models, cold after the restart; it registers them again.
+    settings = ManagerSettings(db_path=str(tmp_path / "m.db"))
+    first = ManagerCore(settings)
+    warm, lazy = ModelSpec(alias="a", model_name="org/a"), ModelSpec(alias="b", model_name="org/b", preload=False)
+    for spec in (warm, lazy):
+        await first.register_model(spec)
+    assert (first.model_info("a").desired_replicas, first.model_info("b").desired_replicas) == (1, 0)
+    await first.close()
+    second = ManagerCore(settings)
+    assert (second.model_info("a").desired_replicas, second.model_info("b").desired_replicas) == (0, 0)
+    assert (await second.register_model(warm)).desired_replicas == 1
+    assert (await second.register_model(lazy)).desired_replicas == 0
+    await second.close()
+
+
 async def test_duplicate_and_unknown(core: ManagerCore) -> None:
     spec = ModelSpec(alias="a", model_name="org/a", preload=False)
     await core.register_model(spec)

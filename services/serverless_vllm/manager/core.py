@@ -189,6 +189,8 @@ class ManagerCore:
             self.model_cache.model_registered(spec.alias)
             self.routing.rebuild([spec.alias])
             self._poke()
+        elif self.registry.preload(spec.alias):
+            self._poke()
         return self.model_info(spec.alias)
 
     async def patch_model(self, alias: str, patch: ModelPatch) -> ModelInfo:

@@ -124,6 +124,16 @@ class ModelRegistry:
         log.info("registered model %s -> %s (preload=%s)", spec.alias, spec.model_name, spec.preload)
         return True
 
+    def preload(self, alias: str) -> bool:
+        """A registration repeated with `preload` loads the model again, as its first one did (`svllm up` run again
+        finds its models cold): a replica is asked for when none is. False when nothing changed."""
+        record = self.require(alias)
+        if record.spec.base is not None or not record.spec.preload or record.scale.target > 0:
+            return False
+        record.scale.target = 1
+        record.scale.last_active = self._clock()
+        return True
+
     def patch(self, alias: str, patch: ModelPatch) -> ModelRecord:
         record = self.require(alias)
         changes = patch.model_dump(exclude_none=True)
