@@ -26,11 +26,10 @@ LOG_TAIL_LINES = 200
 LAUNCH_HEADER = "=== serverless-vllm launch"
 
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|\bERROR\b")
-_LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*")
+_PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")  # how an engine's own processes prefix their lines
 _LOGGER_HEAD = re.compile(r"^(ERROR|WARNING|INFO|DEBUG|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] ")
 # vLLM's last line when an engine process failed to start: the reason is the error before it.
 _ROOT_CAUSE_ABOVE = "See root cause above"
-_PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")  # the prefix alone: what follows keeps its indentation
 # Pydantic's first line of a ValidationError (vLLM checks its arguments with pydantic): what is wrong follows it.
 _VALIDATION_HEADER = re.compile(r"\b(\d+) validation errors? for \S+$")
 
@@ -122,9 +121,9 @@ class EngineLog:
             line = lines[i]
             if line.startswith(LAUNCH_HEADER):
                 break  # only this launch's own lines explain this exit
-            # An engine's own processes prefix their lines, and its logger writes its level, time and place: a
-            # message it logged as an error is one, but not the frames of a traceback it logged with it.
-            text = _LOG_PREFIX.sub("", line.rstrip())
+            # vLLM's logger writes its level, time and place: a message it logged as an error is one, but not the
+            # frames of a traceback it logged with it.
+            text = _PROCESS_PREFIX.sub("", line.rstrip())
             head = _LOGGER_HEAD.match(text)
             error = text[head.end() :] if head else text
             logged = head is not None and head[1] in ("ERROR", "CRITICAL") and not error[:1].isspace()
