@@ -368,9 +368,16 @@ def test_usage_matches_what_the_clients_received(stack: SecureStack) -> None:
             "throttled": 0,
         }
     ]
-    # The admin key sees every key; a client key of the environment has no usage of its own to read.
+    # The admin key sees every key, or one by its id or name; a key sees its own only.
     everyone = stack.get("/v1/usage").json()["data"]
     assert {r["key_name"] for r in everyone} >= {"metered", "team-a-app"}
+    assert stack.get("/v1/usage", params={"key": "metered"}).json()["data"] == own
+    assert stack.get("/v1/usage", params={"key": own[0]["key_id"]}).json()["data"] == own
+    assert stack.get("/v1/usage", params={"key": "no-such-key"}).status_code == 404
+    for asked in ({"key": "team-a-app"}, {"tenant": "team-a"}):
+        other = httpx.get(f"{stack.router.url}/v1/usage", params=asked, headers=bearer(secret), timeout=10)
+        assert (other.status_code, other.json()["error"]["code"]) == (403, "forbidden"), asked
+    assert httpx.get(f"{stack.router.url}/v1/usage?key=metered", headers=bearer(secret)).json()["data"] == own
     assert httpx.get(f"{stack.router.url}/v1/usage", headers=bearer(API_KEY)).status_code == 403
     metrics = httpx.get(f"{stack.router.url}/metrics", timeout=10).text
     assert f'svllm_tenant_prompt_tokens_total{{model="{ALIAS}",tenant="team-u"}} {float(prompt)}' in metrics
@@ -441,6 +448,7 @@ def test_the_keys_command(stack: SecureStack) -> None:
     usage = run("usage", "--tenant", "cli").splitlines()
     assert len(usage) == 2 and usage[1].split()[:4] == ["cli", "cli-key", ALIAS, "1"], usage  # one request so far
     assert json.loads(run("usage", "--tenant", "cli", "--json"))[0]["completion_tokens"] == 2
+    assert [r["key_name"] for r in json.loads(run("usage", "--key", "cli-key", "--json"))] == ["cli-key"]
     assert "revoked cli-key" in run("revoke", "cli-key")
     assert " revoked " in next(row for row in run("list").splitlines() if " cli-key " in row)
     with pytest.raises(openai.AuthenticationError):

@@ -64,7 +64,8 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
-    rows = _call(args, "GET", "/v1/usage", params={"tenant": args.tenant} if args.tenant else None)["data"]
+    asked = {"tenant": args.tenant, "key": args.key}
+    rows = _call(args, "GET", "/v1/usage", params={k: v for k, v in asked.items() if v} or None)["data"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -103,6 +104,7 @@ def add_parser(sub: Any) -> None:
 
     p = actions.add_parser("usage", help="requests and tokens per key and model, summed over every router")
     p.add_argument("--tenant", help="only this tenant's keys")
+    p.add_argument("--key", help="only this key (its id or name)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_usage)
 

@@ -70,15 +70,24 @@ def keys_router(
         return {"object": "list", "data": data}
 
     @routes.get("/v1/usage")
-    async def get_usage(request: Request, tenant: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
-        key = request.scope.get(KEY_SCOPE)
-        if isinstance(key, ActiveKey):  # a key reads its own usage
-            return {"object": "list", "data": await usage(key.id, "")}
+    async def get_usage(
+        request: Request,
+        tenant: Annotated[str | None, Query(max_length=64)] = None,
+        key: Annotated[str | None, Query(max_length=128, description="one key's id or name")] = None,
+    ) -> dict[str, Any]:
+        caller = request.scope.get(KEY_SCOPE)
+        if isinstance(caller, ActiveKey):  # a key reads its own usage
+            if tenant is not None or key not in (None, caller.id, caller.name):
+                raise APIError(
+                    403, "a key reads its own usage only (the admin key reads any key's or tenant's)", "forbidden"
+                )
+            return {"object": "list", "data": await usage(caller.id, "")}
         auth = authenticator()
         if auth is not None and auth.enabled and not auth.allowed(bearer_token(request.scope), ADMIN_ONLY):
             raise APIError(
                 403, "usage is kept for keys made with /v1/keys: ask with such a key or the admin key", "forbidden"
             )
-        return {"object": "list", "data": await usage("", tenant or "")}
+        key_id = (await manager().get_key(key)).id if key else ""  # a name is the key's too; unknown: 404
+        return {"object": "list", "data": await usage(key_id, tenant or "")}
 
     return routes
