@@ -508,10 +508,11 @@ async def flood(url: str, heavy_key: str, light_key: str, filler_key: str) -> tu
             await asyncio.sleep(0.05)
         raise AssertionError(f"never {n} requests waiting at {url}")
 
-    def client(key: str) -> openai.AsyncOpenAI:
+    def async_client(key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
-    async with client(heavy_key) as heavy, client(light_key) as light, httpx.AsyncClient(timeout=120) as http:
+    heavy, light = async_client(heavy_key), async_client(light_key)
+    async with heavy, light, httpx.AsyncClient(timeout=120) as http:
         async with contextlib.AsyncExitStack() as fillers:
             for _ in range(CAP):
                 path = f"{url}/v1/chat/completions"
