@@ -91,6 +91,11 @@ async def test_an_adapter_goes_to_the_least_busy_replica_and_is_routed_once_its_
     assert route.state == "ready" and [e.replica_id for e in route.endpoints] == [second.replica_id]
     info = core.model_info("a1")
     assert info.base == "base" and [r.replica_id for r in info.replicas] == [second.replica_id]
+    # What its engines run with: the base's arguments, LoRA on (the base was registered without it), not the
+    # defaults an adapter's registration leaves.
+    base = core.model_info("base")
+    assert base.engine.enable_lora and info.engine == base.engine
+    assert core.registry.require("base").engine().enable_lora is False  # its registration is kept as it was
 
 
 @contextlib.asynccontextmanager

@@ -360,13 +360,18 @@ class AdapterManager:
 
     def annotate(self, info: ModelInfo, record: ModelRecord) -> None:
         """GET /v1/models/{alias}: a base's replicas list their adapters; an adapter's replicas are the base's
-        replicas that hold it or are asked to load it."""
+        replicas that hold it or are asked to load it. `engine`: the arguments its engines run with (a base's with
+        LoRA on once adapters are registered for it; an adapter's are its base's, its registration sets none)."""
         for r in info.replicas:
             r.adapters = self.loaded(r.replica_id)
-        if record.spec.base is None:
-            return
-        info.base = record.spec.base
         base = record.spec.base
+        if base is None:
+            info.engine = self.engine(info.alias, record)
+            return
+        info.base = base
+        base_record = self._models.get(base)
+        if base_record is not None:
+            info.engine = self.engine(base, base_record)
         holders = [
             r
             for r in self._replicas.of_alias(base)
