@@ -360,8 +360,8 @@ class AdapterManager:
 
     def annotate(self, info: ModelInfo, record: ModelRecord) -> None:
         """GET /v1/models/{alias}: a base's replicas list their adapters; an adapter's replicas are the base's
-        replicas that hold it or are asked to load it. `engine`: the arguments its engines run with (a base's with
-        LoRA on once adapters are registered for it; an adapter's are its base's, its registration sets none)."""
+        replicas that hold it or are asked to load it. `engine`: the arguments its engines are started with (a
+        base's with LoRA on once adapters are registered for it; an adapter's are its base's: it sets none)."""
         for r in info.replicas:
             r.adapters = self.loaded(r.replica_id)
         base = record.spec.base
