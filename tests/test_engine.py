@@ -24,6 +24,7 @@ from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs, LoadFormat, ReplicaState
 from serverless_vllm.worker import supervisor as supervisor_mod
 from serverless_vllm.worker.engine import ENGINE_MODULE, EngineError, EngineProcess, engine_environment
+from serverless_vllm.worker.engine_log import CORE_GONE_REASON
 from serverless_vllm.worker.fork_server import ForkServer
 from serverless_vllm.worker.guard import group_members
 
@@ -526,17 +527,22 @@ async def test_the_engine_core_is_forked_from_the_imported_api_server(engine: En
 
 
 @pytestmark_shared
-async def test_engine_restarts_after_kill9(engine: EngineProcess) -> None:
+async def test_engine_restarts_after_its_engine_core_is_killed(engine: EngineProcess) -> None:
+    """kill -9 of the EngineCore (as the kernel's out-of-memory killer does; the API server's kill -9 is
+    tests/test_faults.py's): its API server exits, the worker says why and restarts it."""
     pid = engine.pid
     assert pid is not None
     before = group_members(pid)
     assert len(before) >= 2  # API server, EngineCore with the model worker in it (+ resource tracker)
+    (core,) = [p for p in before if _proc(p, "cmdline").startswith(b"VLLM::EngineCore")]
     # The restart forks from the fork server again.
     server = engine.fork_server
     assert server is not None and server.ready
-    os.kill(pid, signal.SIGKILL)
-    # Out of READY at once, EngineCore swept by the guard, then one restart after 1 s.
-    assert await eventually(lambda: engine.state != ReplicaState.READY, 5)
+    os.kill(core, signal.SIGKILL)
+    # Out of READY once the API server has exited, the rest swept by the guard, then one restart after 1 s. The
+    # reason is the engine core's death, not vLLM's EngineDeadError that points "above" for it.
+    assert await eventually(lambda: engine.state != ReplicaState.READY and engine.error is not None, 30)
+    assert engine.error is not None and engine.error.endswith("while serving: " + CORE_GONE_REASON), engine.error
     assert await engine.wait_ready(START_TIMEOUT), engine.log_tail(40)
     assert engine.restarts == 1
     assert engine.pid != pid and engine.pid is not None and _parent(engine.pid) == server.pid and server.forks == 2

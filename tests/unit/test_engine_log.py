@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs
 from serverless_vllm.worker.engine import EngineProcess
-from serverless_vllm.worker.engine_log import EngineLog
+from serverless_vllm.worker.engine_log import CORE_GONE_REASON, EngineLog
 
 
 def line(i: int) -> str:
@@ -174,3 +174,50 @@ def test_a_message_logged_as_an_error_is_one_but_the_traceback_logged_with_it_is
     engine_log.write("(APIServer pid=7) ERROR 12-02 14:37:01 [async_llm.py:906]     raise self._format_exception(x)")
     engine_log.write("(APIServer pid=7) WARNING 12-02 14:37:02 [api_server.py:88] shutting down")
     assert engine_log.last_error() == "AsyncLLM output_handler failed."
+
+
+# What vLLM 0.32 (CPU) printed here when its EngineCore process was killed (kill -9) while serving (the API server's
+# lines, paths shortened): a warning that the core is gone, then the output handler's EngineDeadError, logged with
+# its traceback, pointing "above" for the root cause.
+VLLM_CORE_KILLED = [
+    "(Worker pid=24798) INFO 12-02 16:25:12 [multiproc_executor.py:843] Parent process exited, terminating worker "
+    "queues",
+    "(APIServer pid=24759) WARNING 12-02 16:25:12 [core_client.py:817] [shutdown] MPClient: engine core exited "
+    "unexpectedly; starting cleanup",
+    "(APIServer pid=24759) INFO 12-02 16:25:12 [core_client.py:777] [shutdown] MPClient: complete",
+    "(APIServer pid=24759) ERROR 12-02 16:25:12 [async_llm.py:906] AsyncLLM output_handler failed.",
+    "(APIServer pid=24759) ERROR 12-02 16:25:12 [async_llm.py:906] Traceback (most recent call last):",
+    '(APIServer pid=24759) ERROR 12-02 16:25:12 [async_llm.py:906]   File "/venv/vllm/v1/engine/core_client.py", line '
+    "1235, in get_output_async",
+    "(APIServer pid=24759) ERROR 12-02 16:25:12 [async_llm.py:906]     raise self._format_exception(outputs) from None",
+    "(APIServer pid=24759) ERROR 12-02 16:25:12 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: "
+    "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+    'INFO:     127.0.0.1:45984 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error',
+    "INFO:     Shutting down",
+]
+
+
+def test_an_engine_core_killed_while_serving_is_the_reason_not_the_dead_engines_pointer() -> None:
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    for text in VLLM_CORE_KILLED:
+        engine_log.write(text)
+    assert engine_log.last_error() == CORE_GONE_REASON
+
+
+def test_an_engine_core_error_while_serving_is_the_reason() -> None:
+    """The EngineCore's own error above the output handler's pointer (its lines written in vLLM's format, as
+    core.py logs a fatal error: no such failure could be caused on purpose here)."""
+    engine_log = EngineLog("r1")
+    engine_log.write_launch(1, ["vllm"])
+    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] EngineCore encountered a fatal error.")
+    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] Traceback (most recent call last):")
+    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512]     raise RuntimeError('bad kernel')")
+    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] RuntimeError: bad kernel")
+    for text in VLLM_CORE_KILLED[3:]:  # the output handler's lines
+        engine_log.write(text)
+    assert engine_log.last_error() == "RuntimeError: bad kernel"
+    engine_log.write_launch(2, ["vllm"])
+    for text in VLLM_CORE_KILLED[3:]:  # nothing above the pointer's own traceback: the pointer is all there is
+        engine_log.write(text)
+    assert engine_log.last_error() == VLLM_CORE_KILLED[-3].partition("[async_llm.py:906] ")[2]

@@ -28,8 +28,14 @@ LAUNCH_HEADER = "=== serverless-vllm launch"
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|\bERROR\b")
 _PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")  # how an engine's own processes prefix their lines
 _LOGGER_HEAD = re.compile(r"^(ERROR|WARNING|INFO|DEBUG|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] ")
-# vLLM's last line when an engine process failed to start: the reason is the error before it.
-_ROOT_CAUSE_ABOVE = "See root cause above"
+# vLLM's last lines when an engine process failed to start ("See root cause above") or its engine core died while
+# serving (EngineDeadError's "See stack trace (above) for the root cause"): the reason is an error before it.
+_POINTS_UP = re.compile(r"See root cause above|See stack trace \(above\)")
+# What the API server logs (as a warning) when its engine core process is gone without a word (killed: the kernel's
+# out-of-memory killer, a signal): the reason of an EngineDeadError where no error of the engine core precedes it.
+_CORE_GONE = "engine core exited unexpectedly"
+CORE_GONE_REASON = "vLLM's engine core process exited unexpectedly (killed, or crashed without a Python error)"
+_TRACEBACK = "Traceback (most recent call last)"
 # Pydantic's first line of a ValidationError (vLLM checks its arguments with pydantic): what is wrong follows it.
 _VALIDATION_HEADER = re.compile(r"\b(\d+) validation errors? for \S+$")
 
@@ -116,21 +122,29 @@ class EngineLog:
         line points up to it, and what a validation error's next lines say is wrong (its first line says only how
         many errors there are)."""
         lines = list(self._tail)
-        pointer = None  # vLLM's "see root cause above", said when nothing above it says more
+        pointer = None  # vLLM's "see ... above", said when nothing above it says more
+        logged_trace = None  # the prefix of the pointer's traceback, logged with a message above it (not a reason)
         for i in range(len(lines) - 1, -1, -1):
             line = lines[i]
             if line.startswith(LAUNCH_HEADER):
                 break  # only this launch's own lines explain this exit
+            if pointer is not None and _CORE_GONE in line:
+                return CORE_GONE_REASON
             # vLLM's logger writes its level, time and place: a message it logged as an error is one, but not the
             # frames of a traceback it logged with it.
             text = _PROCESS_PREFIX.sub("", line.rstrip())
             head = _LOGGER_HEAD.match(text)
             error = text[head.end() :] if head else text
+            if logged_trace is not None and line.startswith(logged_trace) and not error[:1].isspace():
+                logged_trace = None
+                continue  # the message the pointer's traceback was logged with ("AsyncLLM output_handler failed.")
             logged = head is not None and head[1] in ("ERROR", "CRITICAL") and not error[:1].isspace()
-            if not (logged or _ERROR_LINE.search(error)) or "Traceback (most recent call last)" in error:
+            if pointer is not None and error.startswith(_TRACEBACK) and head is not None:
+                logged_trace = line[: len(line) - len(error)]
+            if not (logged or _ERROR_LINE.search(error)) or _TRACEBACK in error:
                 continue
             error = error.strip()
-            if _ROOT_CAUSE_ABOVE in error:
+            if _POINTS_UP.search(error):
                 pointer = pointer or error
                 continue
             header = _VALIDATION_HEADER.search(error)
