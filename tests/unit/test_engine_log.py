@@ -19,6 +19,15 @@ def files(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
 
 
+def launched(*lines: str, launch: int = 1, engine_log: EngineLog | None = None) -> EngineLog:
+    """An engine's log with a launch of these lines (after the earlier launches of `engine_log`)."""
+    engine_log = engine_log or EngineLog("r1")
+    engine_log.write_launch(launch, ["vllm"])
+    for text in lines:
+        engine_log.write(text)
+    return engine_log
+
+
 def test_rotation_at_the_cap_keeps_n_backups_and_the_tail(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "r-1.log"
     engine_log = EngineLog("r-1", max_bytes=510, backups=3)  # 10 lines per file
@@ -153,10 +162,7 @@ VLLM_ROOT_CAUSE = [
 
 
 def test_the_reason_is_the_root_cause_vllms_last_line_points_to() -> None:
-    engine_log = EngineLog("r1")
-    engine_log.write_launch(1, ["vllm"])
-    for text in VLLM_ROOT_CAUSE:
-        engine_log.write(text)
+    engine_log = launched(*VLLM_ROOT_CAUSE)
     assert engine_log.last_error() == (
         "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: invalid JSON in header: "
         "expected `,` or `]` at line 1 column 193"
@@ -198,26 +204,21 @@ VLLM_CORE_KILLED = [
 
 
 def test_an_engine_core_killed_while_serving_is_the_reason_not_the_dead_engines_pointer() -> None:
-    engine_log = EngineLog("r1")
-    engine_log.write_launch(1, ["vllm"])
-    for text in VLLM_CORE_KILLED:
-        engine_log.write(text)
-    assert engine_log.last_error() == CORE_GONE_REASON
+    assert launched(*VLLM_CORE_KILLED).last_error() == CORE_GONE_REASON
 
 
 def test_an_engine_core_error_while_serving_is_the_reason() -> None:
     """The EngineCore's own error above the output handler's pointer (its lines written in vLLM's format, as
     core.py logs a fatal error: no such failure could be caused on purpose here)."""
-    engine_log = EngineLog("r1")
-    engine_log.write_launch(1, ["vllm"])
-    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] EngineCore encountered a fatal error.")
-    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] Traceback (most recent call last):")
-    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512]     raise RuntimeError('bad kernel')")
-    engine_log.write("(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] RuntimeError: bad kernel")
-    for text in VLLM_CORE_KILLED[3:]:  # the output handler's lines
-        engine_log.write(text)
+    core = "(EngineCore pid=9) ERROR 12-02 16:30:01 [core.py:1512] "
+    engine_log = launched(
+        core + "EngineCore encountered a fatal error.",
+        core + "Traceback (most recent call last):",
+        core + "    raise RuntimeError('bad kernel')",
+        core + "RuntimeError: bad kernel",
+        *VLLM_CORE_KILLED[3:],  # the output handler's lines
+    )
     assert engine_log.last_error() == "RuntimeError: bad kernel"
-    engine_log.write_launch(2, ["vllm"])
-    for text in VLLM_CORE_KILLED[3:]:  # nothing above the pointer's own traceback: the pointer is all there is
-        engine_log.write(text)
+    # Nothing above the pointer's own traceback: the pointer is all there is.
+    launched(*VLLM_CORE_KILLED[3:], launch=2, engine_log=engine_log)
     assert engine_log.last_error() == VLLM_CORE_KILLED[-3].partition("[async_llm.py:906] ")[2]
