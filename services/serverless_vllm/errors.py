@@ -119,7 +119,7 @@ class APIError(Exception):
 
 # What pydantic says of a request body that is not an object at all, as the inference routes say it (body.py).
 _BODY_ERRORS = {
-    "missing": "request body must be a JSON object (none was sent)",
+    "missing": "request body must be a JSON object (it was empty or null)",
     "model_attributes_type": "request body must be a JSON object",
     "dict_type": "request body must be a JSON object",
 }

@@ -31,8 +31,8 @@ def client() -> TestClient:
 @pytest.mark.parametrize(
     ("content", "message", "param"),
     [
-        ("null", "request body must be a JSON object (none was sent)", None),
-        ("", "request body must be a JSON object (none was sent)", None),
+        ("null", "request body must be a JSON object (it was empty or null)", None),
+        ("", "request body must be a JSON object (it was empty or null)", None),
         ("[]", "request body must be a JSON object", None),
         ('"x"', "request body must be a JSON object", None),
         ("{bad", "request body is not valid JSON: Expecting property name enclosed in double quotes", None),
