@@ -19,10 +19,11 @@ from pydantic import ValidationError
 from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .cli_keys import add_parser as add_keys_parser
 from .cli_lora import add_lora_flags, registration
+from .cli_policy import add_policy, add_policy_flags
 from .cli_status import cmd_status, refused, unreachable
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
-from .schemas import LoadFormat, ModelTask, SchedulingPolicy
+from .schemas import LoadFormat, ModelTask
 
 log = logging.getLogger("svllm")
 
@@ -200,10 +201,7 @@ def cmd_register(args: argparse.Namespace) -> None:
     body = registration(args, lambda: registration_body(
         args.model, args.alias, args.task, args.max_model_len, args.engine_arg, args.load_format, args.revision
     ))  # fmt: skip
-    if args.scheduling_policy != SchedulingPolicy.FCFS.value:
-        if "adapter" in body:
-            raise SystemExit("svllm register: an adapter is scheduled as its base (--scheduling-policy is the base's)")
-        body["scheduling_policy"] = args.scheduling_policy
+    add_policy(body, args)
     info = asyncio.run(register_model(url, body))
     print(f"registered {_registered(info)} (state: {info['state']})")
 
@@ -353,13 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = [t.value for t in ModelTask]
     p.add_argument("--task", choices=tasks, default="generate", help="what the engine serves (default: generate)")
     p.add_argument("--revision", help="a hub model's branch, tag or commit (default: its default branch)")
-    policies = [s.value for s in SchedulingPolicy]
-    p.add_argument(
-        "--scheduling-policy",
-        choices=policies,
-        default="fcfs",
-        help="vLLM's order of waiting requests: fcfs, or priority (by the priority class of each request's key)",
-    )
+    add_policy_flags(p)
     p.set_defaults(func=cmd_register)
 
     p = command_parser(sub, "status", "models and workers of a running deployment, as tables", CliSettings)

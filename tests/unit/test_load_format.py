@@ -68,7 +68,7 @@ def sent_by(monkeypatch: pytest.MonkeyPatch, *argv: str) -> dict[str, Any]:
 
     async def register(url: str, body: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         sent.append(body)
-        return {"alias": body["alias"], "model_name": body["model_name"], "state": "loading"}
+        return {"alias": body["alias"], "model_name": body.get("model_name", body.get("adapter")), "state": "loading"}
 
     monkeypatch.setattr(cli, "register_model", register)
     cli.main(["register", "--url", "http://r", *argv])
@@ -92,3 +92,30 @@ def test_svllm_up_gives_it_to_the_chat_model() -> None:
         {"alias": "chat", "model_name": "org/chat", "load_format": "runai_streamer"},
         {"alias": "embed", "model_name": "org/bge", "task": "embed"},
     ]
+
+
+def test_svllm_register_takes_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cli_policy.py: each flag given sets its ModelPolicy field; none given leaves them to the manager."""
+    body = sent_by(
+        monkeypatch, "--model", "org/a", "--min-replicas", "1", "--max-replicas", "3", "--idle-timeout", "60",
+        "--target-concurrency", "2.5", "--routing", "least_loaded", "--no-preload",
+    )  # fmt: skip
+    assert body == {
+        "alias": "a",
+        "model_name": "org/a",
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "idle_timeout_s": 60.0,
+        "target_concurrency": 2.5,
+        "routing": "least_loaded",
+        "preload": False,
+    }
+    policy = ModelSpec.model_validate(body).policy()
+    assert (policy.min_replicas, policy.max_replicas, policy.preload, policy.routing) == (1, 3, False, "least_loaded")
+    assert sent_by(monkeypatch, "--model", "org/a") == {"alias": "a", "model_name": "org/a"}
+    assert sent_by(monkeypatch, "--model", "org/a", "--preload")["preload"] is True
+    adapter = sent_by(monkeypatch, "--alias", "ad", "--base", "b", "--adapter", "org/ad", "--idle-timeout", "30")
+    assert adapter == {"alias": "ad", "base": "b", "adapter": "org/ad", "idle_timeout_s": 30.0}
+    ModelSpec.model_validate(adapter)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["register", "--model", "org/a", "--routing", "random"])
