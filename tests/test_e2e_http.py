@@ -150,7 +150,7 @@ def test_invalid_registrations(stack: Stack, body: dict) -> None:
 
 def test_duplicate_alias_with_other_settings(stack: Stack, tiny_model: Path) -> None:
     resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 256})
-    assert resp.status_code == 400 and error_of(resp)["code"] == "alias_exists"
+    assert resp.status_code == 409 and error_of(resp)["code"] == "alias_exists"
     # The same registration again is not an error.
     resp = stack.post("/v1/models/register", json={"alias": ALIAS, "model_name": str(tiny_model), "max_model_len": 512})
     assert resp.status_code == 200

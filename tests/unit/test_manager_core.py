@@ -68,7 +68,7 @@ async def test_duplicate_and_unknown(core: ManagerCore) -> None:
     await core.register_model(spec)  # idempotent
     with pytest.raises(APIError) as err:
         await core.register_model(spec.model_copy(update={"max_model_len": 64}))
-    assert err.value.status == 400
+    assert (err.value.status, err.value.code) == (409, "alias_exists")
     with pytest.raises(APIError) as err:
         core.model_info("missing")
     assert err.value.status == 404

@@ -68,7 +68,7 @@ async def test_registration_carries_routing_to_the_route(core: ManagerCore) -> N
     # Another routing is another registration: the same alias with other settings is refused.
     with pytest.raises(APIError) as err:
         await core.register_model(spec("p", routing="least_loaded"))
-    assert err.value.status == 400
+    assert err.value.status == 409
 
 
 async def test_patch_changes_routing_and_publishes_it_at_once(core: ManagerCore) -> None:

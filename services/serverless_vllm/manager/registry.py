@@ -109,7 +109,7 @@ class ModelRegistry:
             if existing.spec == spec:
                 return False  # idempotent re-registration
             raise APIError(
-                400,
+                409,
                 f"alias '{spec.alias}' is already registered with different settings "
                 "(delete it first, or PATCH its policy)",
                 "alias_exists",
