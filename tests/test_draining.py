@@ -280,8 +280,8 @@ def test_delete_under_load_lets_requests_in_flight_finish(stack: Stack) -> None:
 def test_worker_sigterm_under_load_drains_then_exits(stack: Stack) -> None:
     """`docker compose stop` or `--scale` down of a worker: its requests in flight finish, the others go to the
     replica left and to the one the manager places instead, the worker exits once drained, and no dead worker is
-    left behind. Last of the module: it stops w2. Its requests are longer than uvicorn's own graceful shutdown (5 s),
-    which alone would let shorter ones end."""
+    left behind. It stops w2 (the router's test below runs on w1). Its requests are longer than uvicorn's own graceful
+    shutdown (5 s), which alone would let shorter ones end."""
     register(stack, "term", min_replicas=2, max_replicas=2)
     ready_replicas(stack, "term", 2)
     worker = stack.workers["w2"]
@@ -319,6 +319,47 @@ def test_worker_sigterm_under_load_drains_then_exits(stack: Stack) -> None:
             "exit_after_its_last_request_s": round(exited - last_end, 1),
         },
     )
+
+
+def refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=1)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_router_sigterm_lets_its_requests_finish(stack: Stack) -> None:
+    """`docker compose stop`, a rolling restart or a scale-down of a router: it takes no new connection at once, and
+    the requests it is serving finish (ROUTER_DRAIN_TIMEOUT, 60 s by default) before it exits. uvicorn's own
+    graceful shutdown (5 s, what the router had) cut these 10 s requests. Last of the module's stack: it stops the
+    router."""
+    ready_replicas(stack, "term", 2)  # both on w1 since w2 left
+    router = stack.router
+    proc = router.proc
+    assert proc is not None
+    tokens = 100  # 10 s a request
+    results: list[Result] = []
+
+    def client(stream: bool) -> None:
+        with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as c:
+            results.append(send(c, router.url, "term", stream, tokens))
+
+    threads = [threading.Thread(target=client, args=(stream,)) for stream in (True, True, False)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    signalled = time.time()
+    router.signal(signal.SIGTERM)
+    wait_until(lambda: refused(router.url), 5, interval=0.1, what="the router to stop taking connections")
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+    wait_until(lambda: proc.poll() is not None, 30, interval=0.1, what="the router to exit")
+    exited = time.time()
+    assert len(results) == 3 and cut(results) == [], results
+    assert all(r.begin < signalled for r in results)  # every one was in flight at the signal
+    assert exited - max(r.end for r in results) < 5  # it exits once they are done, not at the end of its timeout
 
 
 # --------------------------------------------------------------------------- the drain timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -38,9 +39,10 @@ def _setup_logging(level: str) -> None:
 
 
 def _server(
-    app: Any, host: str, port: int, level: str, leave: Callable[[], Awaitable[None]] | None = None
+    app: Any, host: str, port: int, level: str, leave: Callable[[], Awaitable[None]] | None = None, drain_s: float = 5.0
 ) -> uvicorn.Server:
-    """`leave`: a worker's drain, run at the first SIGTERM or Ctrl-C before the server stops (worker/shutdown.py)."""
+    """`leave`: a worker's drain, run at the first SIGTERM or Ctrl-C before the server stops (worker/shutdown.py).
+    `drain_s`: how long the server, stopping, waits for the requests in flight (ROUTER_DRAIN_TIMEOUT for a router)."""
     # Access lines at debug only (the hot path should not pay for logging); one socket write per response, and a
     # timeout for clients that stall (server_protocol.py).
     config = uvicorn.Config(
@@ -50,7 +52,7 @@ def _server(
         log_level=level.lower(),
         http=CoalescingHttpToolsProtocol.configured(),
         access_log=level.lower() == "debug",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=math.ceil(drain_s),  # whole seconds (uvicorn's type)
     )
     if leave is None:
         return uvicorn.Server(config)
@@ -118,11 +120,12 @@ def cmd_router(args: argparse.Namespace) -> None:
                 "--bind",
                 f"{settings.host}:{settings.port}",
                 "--graceful-timeout",
-                "10",
+                str(settings.drain_timeout_s),
                 "serverless_vllm.router.app:app_from_env()",
             ],
         )
-    _run(_server(router_app(settings), settings.host, settings.port, args.log_level).serve())
+    app = router_app(settings)
+    _run(_server(app, settings.host, settings.port, args.log_level, drain_s=settings.drain_timeout_s).serve())
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -248,7 +251,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         groups = [
             [_server(manager_app(manager, auth), manager.host, manager.port, args.log_level)],
             [
-                _server(router_app(router, auth), router.host, router.port, args.log_level),
+                _server(
+                    router_app(router, auth), router.host, router.port, args.log_level, drain_s=router.drain_timeout_s
+                ),
                 _server(local_worker, worker.host, worker.port, args.log_level, local_worker.state.leave),
             ],
         ]

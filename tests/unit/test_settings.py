@@ -407,14 +407,18 @@ class Launched:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.settings: dict[str, Any] = {}
         self.levels: list[str] = []
+        self.drains: list[float] = []  # each server's wait for its requests in flight when it stops
         self.execs: list[list[str]] = []
 
         def app(settings: Any, auth: Any = None) -> object:
             self.settings[type(settings).__name__] = settings
             return SimpleNamespace(state=SimpleNamespace(leave=None))  # a worker's app has its drain hook there
 
-        def server(app: object, host: str, port: int, level: str, leave: Any = None) -> SimpleNamespace:
+        def server(
+            app: object, host: str, port: int, level: str, leave: Any = None, drain_s: float = 5.0
+        ) -> SimpleNamespace:
             self.levels.append(level)
+            self.drains.append(drain_s)
             return SimpleNamespace(serve=lambda: None, config=None)
 
         def up_settings(args: argparse.Namespace) -> Any:
@@ -527,6 +531,21 @@ def test_router_processes_get_the_flags_through_the_environment(monkeypatch: pyt
     monkeypatch.setenv("ROUTER_ID", "one")
     with pytest.raises(SystemExit, match="ROUTER_ID"):
         launched("router", "--workers", "2")
+
+
+def test_a_router_stopping_waits_for_its_requests_as_router_drain_timeout_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ROUTER_DRAIN_TIMEOUT: uvicorn's graceful shutdown of `svllm router`, gunicorn's --graceful-timeout with
+    --workers (tests/test_draining.py: a router's SIGTERM with requests in flight)."""
+    launched = Launched(monkeypatch)
+    launched("router")
+    assert launched.drains == [60.0]
+    monkeypatch.setenv("ROUTER_DRAIN_TIMEOUT", "30")
+    launched.drains.clear()
+    launched("router")
+    assert launched.drains == [30.0]
+    launched("router", "--workers", "2")
+    execs = launched.execs[-1]
+    assert execs[execs.index("--graceful-timeout") + 1] == "30.0"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields

@@ -114,6 +114,13 @@ class RouterSettings(_Settings):
     request_timeout_s: float = _setting(
         600.0, env="REQUEST_TIMEOUT", description="seconds an upstream request may take"
     )
+    drain_timeout_s: float = _setting(
+        60.0,
+        env="ROUTER_DRAIN_TIMEOUT",
+        ge=0,
+        description="seconds a router told to stop (SIGTERM) lets its requests in flight finish, streams and requests "
+        "held for a cold start included (it takes no new connection meanwhile); then they are cut",
+    )
     cold_start_timeout_s: float = _setting(
         600.0, env="COLD_START_TIMEOUT", description="seconds a request waits for its model to start"
     )

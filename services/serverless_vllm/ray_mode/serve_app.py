@@ -70,6 +70,9 @@ def router_application(
         num_replicas=replicas,
         # Serve's default (5) would queue requests at the proxy while replicas idle waiting on engines.
         max_ongoing_requests=max_ongoing_requests,
+        # A replica stopping (a redeploy, a scale-down, the cluster's shutdown) lets its requests finish, as an HTTP
+        # router does at SIGTERM (Serve's default gives them 20 s).
+        graceful_shutdown_timeout_s=settings.drain_timeout_s,
         # Serve's log line per request, like uvicorn's in HTTP mode, only at debug level: it is a file write (and a
         # stderr copy) per request; request counts and latencies are in /metrics.
         logging_config={"enable_access_log": access_log},
