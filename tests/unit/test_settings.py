@@ -600,3 +600,18 @@ def test_settings_models_are_pydantic_settings() -> None:
     for model in MODELS:
         assert issubclass(model, BaseSettings) and issubclass(model, BaseModel)
         assert model.model_config.get("frozen") and model.model_config.get("extra") == "forbid"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
+def test_the_serve_router_waits_for_its_requests_as_router_drain_timeout_says() -> None:
+    """Hybrid mode: a router replica stopping (a redeploy, a scale-down) is given ROUTER_DRAIN_TIMEOUT by Serve."""
+    pytest.importorskip("ray")
+    from serverless_vllm.ray_mode.serve_app import router_application
+
+    app = router_application(
+        RouterSettings(drain_timeout_s=42), AuthSettings(mode="off"), manager_name="manager", namespace="ns",
+        replicas=1, max_ongoing_requests=10, num_cpus=0, ingress="proxy", api_address=("127.0.0.1", 1),
+        access_log=False, client_timeout_s=1,
+    )  # fmt: skip
+    # Serve's deployment config (no public reader in Ray 2.60).
+    assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 42
