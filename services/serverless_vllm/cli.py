@@ -120,7 +120,7 @@ def cmd_router(args: argparse.Namespace) -> None:
                 "--bind",
                 f"{settings.host}:{settings.port}",
                 "--graceful-timeout",
-                str(settings.drain_timeout_s),
+                str(math.ceil(settings.drain_timeout_s)),  # gunicorn takes whole seconds
                 "serverless_vllm.router.app:app_from_env()",
             ],
         )

@@ -545,7 +545,7 @@ def test_a_router_stopping_waits_for_its_requests_as_router_drain_timeout_says(m
     assert launched.drains == [30.0]
     launched("router", "--workers", "2")
     execs = launched.execs[-1]
-    assert execs[execs.index("--graceful-timeout") + 1] == "30.0"
+    assert execs[execs.index("--graceful-timeout") + 1] == "30"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
