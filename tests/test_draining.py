@@ -177,7 +177,9 @@ def engines_of(stack: Stack, alias: str) -> dict[str, dict[str, Any]]:
 
 
 def register(stack: Stack, alias: str, **policy: Any) -> None:
-    body = {"alias": alias, "model_name": str(stack.tmp / "stand-in"), "routing": "least_loaded", **policy}
+    folder = stack.tmp / "stand-in"  # what the slow stand-in "loads": a folder that exists
+    folder.mkdir(exist_ok=True)
+    body = {"alias": alias, "model_name": str(folder), "routing": "least_loaded", **policy}
     resp = stack.post("/v1/models/register", json=body)
     assert resp.status_code == 200, resp.text
 

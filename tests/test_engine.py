@@ -272,7 +272,7 @@ async def test_crash_restarts_with_backoff_then_fails(tmp_path: Path, monkeypatc
     def record() -> None:
         changes.append(eng.state)
 
-    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path), has_gpu=False, on_change=record)
+    eng = StandInEngine(make_assignment(tmp_path), make_settings(tmp_path), has_gpu=False, on_change=record)
     await eng.start()
     try:
         assert await eng.wait_ready(20)
@@ -299,7 +299,7 @@ async def test_crash_restarts_with_backoff_then_fails(tmp_path: Path, monkeypatc
 
 
 async def test_exit_before_ready_fails_without_retry(tmp_path: Path) -> None:
-    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path), has_gpu=False)
+    eng = StandInEngine(make_assignment(tmp_path), make_settings(tmp_path), has_gpu=False)
     eng.mode = "die"
     await eng.start()
     try:
@@ -314,8 +314,22 @@ async def test_exit_before_ready_fails_without_retry(tmp_path: Path) -> None:
         await eng.stop()
 
 
+async def test_a_model_path_missing_on_the_worker_fails_at_once_and_says_so(tmp_path: Path) -> None:
+    """vLLM takes a path it cannot find for a hub id: "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'", seconds into its start. The worker says what is wrong, and starts nothing."""
+    missing = tmp_path / "no-such-model"
+    eng = StandInEngine(make_assignment(missing), make_settings(tmp_path), has_gpu=False)
+    await eng.start()
+    try:
+        assert not await eng.wait_ready(5)
+        assert eng.state == ReplicaState.FAILED and eng.pid is None and eng.restarts == 0
+        assert eng.error == f"model path {missing} does not exist on worker {eng.settings.worker_id}"
+    finally:
+        await eng.stop()
+
+
 async def test_start_timeout_fails_and_kills(tmp_path: Path) -> None:
-    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path, engine_start_timeout_s=1.0), has_gpu=False)
+    eng = StandInEngine(make_assignment(tmp_path), make_settings(tmp_path, engine_start_timeout_s=1.0), has_gpu=False)
     eng.mode = "mute"
     await eng.start()
     try:
@@ -332,7 +346,7 @@ async def test_start_timeout_fails_and_kills(tmp_path: Path) -> None:
 
 async def test_engine_runs_at_the_configured_niceness(tmp_path: Path) -> None:
     """ENGINE_NICE lowers the engine's priority below the worker's (so the relay is not starved by it)."""
-    eng = StandInEngine(make_assignment("/m"), make_settings(tmp_path, engine_nice=7), has_gpu=False)
+    eng = StandInEngine(make_assignment(tmp_path), make_settings(tmp_path, engine_nice=7), has_gpu=False)
     eng.mode = "mute"
     await eng.start()
     try:

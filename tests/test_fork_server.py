@@ -99,8 +99,12 @@ async def server(settings: WorkerSettings) -> AsyncIterator[ForkServer]:
     assert pid is None or not alive(pid), "the fork server outlived its stop()"
 
 
+# A folder that exists (the stand-in engine loads nothing; a missing path is refused before any launch).
+MODEL = str(Path(__file__).parent)
+
+
 def engine_for(settings: WorkerSettings, server: ForkServer | None, replica: str = "r-1") -> EngineProcess:
-    assignment = Assignment(replica_id=replica, alias=f"tiny-{replica}", model_name="/m", engine=EngineArgs())
+    assignment = Assignment(replica_id=replica, alias=f"tiny-{replica}", model_name=MODEL, engine=EngineArgs())
     return EngineProcess(assignment, settings, has_gpu=False, fork_server=server)
 
 
@@ -120,7 +124,7 @@ async def test_starts_at_once_each_fork_from_the_server(settings: WorkerSettings
             assert engine.pid is not None and parent_of(engine.pid) == server_pid  # forked: no import of its own
             # Retitled as a plain start: what looks for engines by their command line finds it.
             cmdline = cmdline_of(engine.pid)
-            assert cmdline.startswith(f"{sys.executable} -m {ENGINE_MODULE} --model /m"), cmdline
+            assert cmdline.startswith(f"{sys.executable} -m {ENGINE_MODULE} --model {MODEL}"), cmdline
             async with httpx.AsyncClient(base_url=engine.base_url, timeout=10) as client:
                 models = (await client.get("/v1/models")).json()
             assert [m["id"] for m in models["data"]] == [engine.alias]  # its own arguments reached it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections import deque
@@ -199,6 +200,11 @@ class Supervisor:
                 return "timeout"
 
     async def _first_launch(self) -> Launch | None:
+        model = self._engine.assignment.model_name
+        if os.path.isabs(model) and not await asyncio.to_thread(os.path.exists, model):  # a network file system
+            # vLLM would take it for a hub id and say "Repo id must be in the form 'repo_name'...", seconds later.
+            self.fail(f"model path {model} does not exist on worker {self._engine.settings.worker_id}")
+            return None
         try:
             return await self._spawn(free_port())
         except OSError as exc:
