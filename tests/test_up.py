@@ -103,6 +103,7 @@ def test_up_log_tells_the_start_and_status_shows_the_fleet(tmp_path: Path) -> No
     politely without the admin key."""
     port, manager_port, worker_port = free_port(), free_port(), free_port()
     pythonpath = os.pathsep.join(p for p in (str(FAKE_VLLM), os.environ.get("PYTHONPATH")) if p)
+    (tmp_path / "stand-in-model").mkdir()  # what the stand-in "loads": a folder the worker has
     up = Service(
         "up",
         [

@@ -65,7 +65,7 @@ def test_up_makes_the_tiny_model_and_registers_both_once_serving(
         sent.append(body)
         return {**body, "engine": {"task": body.get("task", "generate")}, "state": "loading"}
 
-    monkeypatch.setattr(cli, "_server", lambda *a: SimpleNamespace(started=True, serve=serve))
+    monkeypatch.setattr(cli, "_server", lambda *a, **kw: SimpleNamespace(started=True, serve=serve))
     for name in ("manager_app", "router_app", "worker_app"):
         # a worker's app has its drain hook in its state
         monkeypatch.setattr(cli, name, lambda settings, auth=None: SimpleNamespace(state=SimpleNamespace(leave=None)))
