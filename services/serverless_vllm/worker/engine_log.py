@@ -140,7 +140,7 @@ class EngineLog:
                 continue  # the message the pointer's traceback was logged with ("AsyncLLM output_handler failed.")
             logged = head is not None and head[1] in ("ERROR", "CRITICAL") and not error[:1].isspace()
             if pointer is not None and error.startswith(_TRACEBACK) and head is not None:
-                logged_trace = line[: len(line) - len(error)]
+                logged_trace = line.rstrip()[: -len(error)]  # the process prefix and the logger's head
             if not (logged or _ERROR_LINE.search(error)) or _TRACEBACK in error:
                 continue
             error = error.strip()
