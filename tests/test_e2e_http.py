@@ -156,6 +156,28 @@ def test_duplicate_alias_with_other_settings(stack: Stack, tiny_model: Path) -> 
     assert resp.status_code == 200
 
 
+def test_svllm_patch_and_delete(
+    stack: Stack, tiny_model: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's model commands against the real router: a policy changed, a refusal in one sentence, a delete."""
+    from serverless_vllm import cli
+
+    monkeypatch.setenv("ROUTER_URL", stack.router.url)
+    body = {"alias": "policy", "model_name": str(tiny_model), "preload": False}
+    assert stack.post("/v1/models/register", json=body).status_code == 200
+    cli.main(["patch", "policy", "--max-replicas", "3", "--idle-timeout", "90", "--routing", "least_loaded"])
+    policy = stack.model("policy")["policy"]
+    assert (policy["max_replicas"], policy["idle_timeout_s"], policy["routing"]) == (3, 90.0, "least_loaded")
+    assert (policy["min_replicas"], policy["preload"]) == (0, False)  # the flags left out: as they were
+    assert capsys.readouterr().out.startswith('policy: {"min_replicas": 0, "max_replicas": 3,')
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["patch", "policy", "--min-replicas", "4"])
+    assert refused.value.code == "svllm patch failed (400 invalid_policy): min_replicas must not exceed max_replicas"
+    cli.main(["delete", "policy"])
+    assert capsys.readouterr().out == "deleted policy\n"
+    assert stack.get("/v1/models/policy").status_code == 404
+
+
 def test_engine_that_fails_to_start(stack: Stack, tmp_path: Path, tiny_model: Path) -> None:
     # A path that is not on the worker: refused by the worker before any engine starts (vLLM would take it for a
     # hub id). Beside it, a start vLLM's argument check refuses (the tiny model has 2048 positions).

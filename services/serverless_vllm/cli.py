@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from .cli_flags import add_flag, command_parser, env_help, flag_values
 from .cli_keys import add_parser as add_keys_parser
 from .cli_lora import add_lora_flags, registration
+from .cli_models import add_parsers as add_model_parsers
 from .cli_policy import add_policy, add_policy_flags
 from .cli_status import cmd_status, refused, unreachable
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(func=cmd_tiny_model)
 
+    add_model_parsers(sub)  # svllm patch|delete
     add_keys_parser(sub)  # svllm keys create|list|revoke
     from .ray_mode.cli import add_parser as add_ray_services_parser  # no Ray import until the command runs
 

@@ -7,11 +7,9 @@ import json
 import time
 from typing import Any
 
-import httpx
-
 from .cli_flags import add_flag, command_parser, flag_values
-from .cli_status import refused
-from .config import AuthSettings, CliSettings
+from .cli_status import admin_call
+from .config import CliSettings
 
 
 def _call(
@@ -21,12 +19,8 @@ def _call(
     body: dict[str, Any] | None = None,
     params: dict[str, str] | None = None,
 ) -> Any:
-    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url.rstrip("/")
-    headers = AuthSettings.from_env().admin_headers()  # SVLLM_ADMIN_KEY
-    resp = httpx.request(method, f"{url}{path}", json=body, params=params, headers=headers, timeout=30.0)
-    if resp.status_code >= 400:
-        raise refused(f"svllm keys {args.keys_command}", resp)
-    return resp.json()
+    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
+    return admin_call(f"svllm keys {args.keys_command}", url, method, path, body, params)
 
 
 def key_body(args: argparse.Namespace) -> dict[str, Any]:

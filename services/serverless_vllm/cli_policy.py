@@ -1,5 +1,6 @@
-"""`svllm register`'s serving flags: the model's serverless policy (schemas.ModelPolicy: replicas, idle timeout,
-routing, preload) and vLLM's scheduling policy. A flag left out leaves its field to the manager's default."""
+"""`svllm register`'s and `svllm patch`'s serving flags: the model's serverless policy (schemas.ModelPolicy:
+replicas, idle timeout, routing, preload) and vLLM's scheduling policy (registration only). A flag left out leaves
+its field as it is (the manager's default at registration)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ _POLICY_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
-def add_policy_flags(p: argparse.ArgumentParser) -> None:
+def add_policy_flags(p: argparse.ArgumentParser, scheduling: bool = True) -> None:
+    """The policy's flags; `scheduling`: and vLLM's scheduling policy (an engine argument: registration only)."""
     for flag, (field, kind, text) in _POLICY_FLAGS.items():
-        p.add_argument(flag, dest=field, type=kind, help=text)
+        p.add_argument(flag, dest=field, type=kind, metavar=flag[2:].upper().replace("-", "_"), help=text)
     p.add_argument(
         "--routing",
         choices=[r.value for r in Routing],
@@ -29,6 +31,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="start one replica at registration (default: yes; --no-preload: at its first request)",
     )
+    if not scheduling:
+        return
     p.add_argument(
         "--scheduling-policy",
         choices=[s.value for s in SchedulingPolicy],
@@ -37,12 +41,15 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def policy_given(args: argparse.Namespace) -> dict[str, object]:
+    """The policy's fields whose flags were given (a PATCH's body)."""
+    fields = (*(f for f, _, _ in _POLICY_FLAGS.values()), "routing", "preload")
+    return {field: value for field in fields if (value := getattr(args, field)) is not None}
+
+
 def add_policy(body: dict[str, object], args: argparse.Namespace) -> None:
     """The flags given, into a registration's body (an adapter's takes its policy, not an engine's scheduling)."""
-    for field in (*(f for f, _, _ in _POLICY_FLAGS.values()), "routing", "preload"):
-        value = getattr(args, field)
-        if value is not None:
-            body[field] = value
+    body.update(policy_given(args))
     if args.scheduling_policy != SchedulingPolicy.FCFS.value:
         if "adapter" in body:
             raise SystemExit("svllm register: an adapter is scheduled as its base (--scheduling-policy is the base's)")

@@ -47,6 +47,22 @@ def refused(what: str, resp: httpx.Response) -> SystemExit:
     return SystemExit(f"{what} failed ({resp.status_code}{f' {error.code}' if error.code else ''}): {error.message}")
 
 
+def admin_call(
+    what: str,
+    url: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+) -> Any:
+    """A command's call of the router's admin API with SVLLM_ADMIN_KEY: its JSON answer, or the command's exit."""
+    headers = AuthSettings.from_env().admin_headers()
+    resp = httpx.request(method, f"{url.rstrip('/')}{path}", json=body, params=params, headers=headers, timeout=30.0)
+    if resp.status_code >= 400:
+        raise refused(what, resp)
+    return resp.json()
+
+
 def fetch_status(url: str, auth: AuthSettings | None = None, timeout: float = 10.0) -> FleetStatus:
     """GET /status from the router at `url` with the admin key (SVLLM_ADMIN_KEY); StatusError when it fails."""
     auth = auth or AuthSettings.from_env()

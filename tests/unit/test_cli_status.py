@@ -250,7 +250,14 @@ def test_other_answers_are_sentences(router: tuple[str, dict[str, Any]]) -> None
 
 @pytest.mark.parametrize(
     "command",
-    [["status"], ["keys", "list"], ["keys", "create", "--name", "k", "--tenant", "t"], ["register", "--model", "m"]],
+    [
+        ["status"],
+        ["keys", "list"],
+        ["keys", "create", "--name", "k", "--tenant", "t"],
+        ["register", "--model", "m"],
+        ["patch", "m", "--max-replicas", "2"],
+        ["delete", "m"],
+    ],
 )
 def test_unreachable_router_is_a_sentence(command: list[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
-from serverless_vllm import cli, cli_flags, cli_status, config, settings_base
+from serverless_vllm import cli, cli_flags, cli_models, cli_status, config, settings_base
 from serverless_vllm.config import (
     AuthSettings,
     CliSettings,
@@ -445,6 +445,12 @@ class Launched:
         monkeypatch.setattr(cli, "up_settings", up_settings)
         monkeypatch.setattr(cli, "register_model", register)
         monkeypatch.setattr(cli_status, "fetch_status", fetch_status)
+
+        def admin_call(what: str, url: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            self.settings["CliSettings"] = SimpleNamespace(router_url=url)
+            return {"alias": "m", "policy": {}}
+
+        monkeypatch.setattr(cli_models, "admin_call", admin_call)
         monkeypatch.setattr(ray_cli, "cmd_ray_services", ray_services)
         monkeypatch.setattr(cli.os, "execvp", lambda file, argv: self.execs.append(argv))
         for var in ("ROUTER_HOST", "ROUTER_PORT", "MANAGER_URL"):  # `router --workers N` exports them
@@ -452,7 +458,8 @@ class Launched:
 
     def __call__(self, *argv: str) -> dict[str, Any]:
         self.settings = {}
-        cli.main([*argv, *(["--model", "m"] if argv[0] == "register" else [])])
+        needs = {"register": ["--model", "m"], "patch": ["m", "--max-replicas", "1"], "delete": ["m"]}
+        cli.main([*argv, *needs.get(argv[0], [])])
         return self.settings
 
 
