@@ -111,7 +111,7 @@ class ModelRegistry:
             raise APIError(
                 409,
                 f"alias '{spec.alias}' is already registered with different settings "
-                "(delete it first, or PATCH its policy)",
+                f"(delete it first; a policy is changed with PATCH /v1/models/{spec.alias} or `svllm patch`)",
                 "alias_exists",
             )
         now = self._clock()
