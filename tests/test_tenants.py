@@ -449,6 +449,14 @@ def test_the_keys_command(stack: SecureStack) -> None:
     assert len(usage) == 2 and usage[1].split()[:4] == ["cli", "cli-key", ALIAS, "1"], usage  # one request so far
     assert json.loads(run("usage", "--tenant", "cli", "--json"))[0]["completion_tokens"] == 2
     assert [r["key_name"] for r in json.loads(run("usage", "--key", "cli-key", "--json"))] == ["cli-key"]
+    # An update changes the flags given: a limit given joins the others (the API replaces limits as a whole).
+    assert run("update", "cli-key", "--tpm", "5000", "--priority", "high").startswith("updated cli-key (key-")
+    shown = json.loads(run("show", "cli-key"))
+    assert (shown["limits"], shown["priority"], shown["tenant"]) == (
+        {"rpm": 10, "tpm": 5000, "max_concurrent": None},
+        "high",
+        "cli",
+    )
     assert "revoked cli-key" in run("revoke", "cli-key")
     assert " revoked " in next(row for row in run("list").splitlines() if " cli-key " in row)
     with pytest.raises(openai.AuthenticationError):

@@ -1,4 +1,5 @@
-"""`svllm keys create|list|revoke|usage`: API keys of a running deployment, through the router's key API (admin key)."""
+"""`svllm keys create|list|show|update|revoke|usage`: API keys of a running deployment, through the router's key API
+(admin key)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,30 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"{k['id']:22} {k['name']:20} {k['tenant']:16} {k['priority']:8} {state:8} {limits}")
 
 
+def cmd_show(args: argparse.Namespace) -> None:
+    print(json.dumps(_call(args, "GET", f"/v1/keys/{args.ref}"), indent=2))
+
+
+def cmd_update(args: argparse.Namespace) -> None:
+    patch: dict[str, Any] = {}
+    given = {"rpm": args.rpm, "tpm": args.tpm, "max_concurrent": args.max_concurrent}
+    if any(v is not None for v in given.values()):
+        # The API replaces limits as a whole: the limits not given stay as they are.
+        limits = _call(args, "GET", f"/v1/keys/{args.ref}")["limits"]
+        patch["limits"] = {**limits, **{k: v for k, v in given.items() if v is not None}}
+    for field in ("tenant", "priority"):
+        if getattr(args, field) is not None:
+            patch[field] = getattr(args, field)
+    if args.model:
+        patch["models"] = args.model
+    if args.expires_in is not None:
+        patch["expires_at"] = time.time() + args.expires_in
+    if not patch:
+        raise SystemExit("svllm keys update: nothing to change (give at least one flag)")
+    info = _call(args, "PATCH", f"/v1/keys/{args.ref}", patch)
+    print(json.dumps(info, indent=2) if args.json else f"updated {info['name']} ({info['id']})")
+
+
 def cmd_revoke(args: argparse.Namespace) -> None:
     info = _call(args, "DELETE", f"/v1/keys/{args.ref}")
     print(f"revoked {info['name']} ({info['id']})")
@@ -91,6 +116,22 @@ def add_parser(sub: Any) -> None:
     p = actions.add_parser("list", help="every key (never their secrets)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
+
+    p = actions.add_parser("show", help="one key by id or name (never its secret)")
+    p.add_argument("ref", help="the key's id or name")
+    p.set_defaults(func=cmd_show)
+
+    p = actions.add_parser("update", help="change a key (the flags given; every router has it within 2 s)")
+    p.add_argument("ref", help="the key's id or name")
+    p.add_argument("--tenant", help="move it to this tenant")
+    p.add_argument("--model", action="append", help="an alias or glob pattern it may use (repeatable; replaces them)")
+    p.add_argument("--rpm", type=int, help="requests per minute (the other limits stay)")
+    p.add_argument("--tpm", type=int, help="prompt + completion tokens per minute (the other limits stay)")
+    p.add_argument("--max-concurrent", type=int, help="requests in flight at once (the other limits stay)")
+    p.add_argument("--priority", choices=["high", "normal", "low"])
+    p.add_argument("--expires-in", type=float, help="seconds from now until the key expires")
+    p.add_argument("--json", action="store_true", help="print the whole key")
+    p.set_defaults(func=cmd_update)
 
     p = actions.add_parser("revoke", help="revoke a key by id or name (every router refuses it within 2 s)")
     p.add_argument("ref", help="the key's id or name")
