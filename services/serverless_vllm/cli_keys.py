@@ -28,7 +28,9 @@ def key_body(args: argparse.Namespace) -> dict[str, Any]:
     # A value given is sent as given (a 0 is the router's to refuse, not a limit to drop silently).
     given = (("rpm", args.rpm), ("tpm", args.tpm), ("max_concurrent", args.max_concurrent))
     limits = {k: v for k, v in given if v is not None}
-    body: dict[str, Any] = {"name": args.name, "tenant": args.tenant, "limits": limits, "priority": args.priority}
+    body: dict[str, Any] = {"name": args.name, "tenant": args.tenant, "limits": limits}
+    if args.priority is not None:
+        body["priority"] = args.priority  # else the API's default, normal
     if args.model:
         body["models"] = args.model
     if args.expires_in is not None:
@@ -97,6 +99,16 @@ def cmd_usage(args: argparse.Namespace) -> None:
         )
 
 
+def _key_flags(p: argparse.ArgumentParser, models: str, limits: str) -> None:
+    """What create and update both set (update: only what is given, so no default)."""
+    p.add_argument("--model", action="append", help=f"an alias or glob pattern it may use {models}")
+    p.add_argument("--rpm", type=int, help="requests per minute" + limits)
+    p.add_argument("--tpm", type=int, help="prompt + completion tokens per minute" + limits)
+    p.add_argument("--max-concurrent", type=int, help="requests in flight at once" + limits)
+    p.add_argument("--priority", choices=["high", "normal", "low"])
+    p.add_argument("--expires-in", type=float, help="seconds from now until the key expires")
+
+
 def add_parser(sub: Any) -> None:
     keys = command_parser(sub, "keys", "API keys of a running deployment (admin key: SVLLM_ADMIN_KEY)", CliSettings)
     actions = keys.add_subparsers(dest="keys_command", required=True)
@@ -104,12 +116,7 @@ def add_parser(sub: Any) -> None:
     p = actions.add_parser("create", help="make a key; prints its secret (shown this once)")
     p.add_argument("--name", required=True, help="unique name of the key")
     p.add_argument("--tenant", required=True, help="the team or customer it belongs to")
-    p.add_argument("--model", action="append", help="an alias or glob pattern it may use (repeatable; default '*')")
-    p.add_argument("--rpm", type=int, help="requests per minute")
-    p.add_argument("--tpm", type=int, help="prompt + completion tokens per minute")
-    p.add_argument("--max-concurrent", type=int, help="requests in flight at once")
-    p.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
-    p.add_argument("--expires-in", type=float, help="seconds until the key expires")
+    _key_flags(p, "(repeatable; default '*')", "")
     p.add_argument("--json", action="store_true", help="print the whole key, not just its secret")
     p.set_defaults(func=cmd_create)
 
@@ -124,12 +131,7 @@ def add_parser(sub: Any) -> None:
     p = actions.add_parser("update", help="change a key (the flags given; every router has it within 2 s)")
     p.add_argument("ref", help="the key's id or name")
     p.add_argument("--tenant", help="move it to this tenant")
-    p.add_argument("--model", action="append", help="an alias or glob pattern it may use (repeatable; replaces them)")
-    p.add_argument("--rpm", type=int, help="requests per minute (the other limits stay)")
-    p.add_argument("--tpm", type=int, help="prompt + completion tokens per minute (the other limits stay)")
-    p.add_argument("--max-concurrent", type=int, help="requests in flight at once (the other limits stay)")
-    p.add_argument("--priority", choices=["high", "normal", "low"])
-    p.add_argument("--expires-in", type=float, help="seconds from now until the key expires")
+    _key_flags(p, "(repeatable; replaces them)", " (the other limits stay)")
     p.add_argument("--json", action="store_true", help="print the whole key")
     p.set_defaults(func=cmd_update)
 
