@@ -33,6 +33,6 @@ def check_no_adapters(alias: str, models: Mapping[str, ModelRecord]) -> None:
         raise APIError(
             409,
             f"model '{alias}' is the base of adapter(s) {', '.join(mine)}: delete them first, or delete with "
-            "?cascade=true",
+            "?cascade=true (`svllm delete --cascade`)",
             "model_has_adapters",
         )
