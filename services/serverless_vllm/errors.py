@@ -123,6 +123,8 @@ _BODY_ERRORS = {
     "model_attributes_type": "request body must be a JSON object",
     "dict_type": "request body must be a JSON object",
 }
+# FastAPI's 400 for a body its JSON parser raised on with something else than a decode error (nested too deeply).
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _NOT_JSON_TYPE = "request body must be sent as JSON, with the header Content-Type: application/json"
 
 
@@ -183,6 +185,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.detail == _FASTAPI_BODY_ERROR and exc.__cause__ is not None:  # JSON its parser could not take
+            message = f"request body is not valid JSON: {exc.__cause__}"
+            return APIError(400, message, "invalid_request").response(request.url.path)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code).response(request.url.path)
 

@@ -64,3 +64,17 @@ def test_a_body_not_sent_as_json_is_told_the_type_it_needs(client: TestClient, c
     assert resp.json()["error"]["message"] == (
         "request body must be sent as JSON, with the header Content-Type: application/json"
     )
+
+
+def test_a_body_nested_deeper_than_the_parser_goes_is_one_clear_line(client: TestClient) -> None:
+    # FastAPI answers it "There was an error parsing the body" (its JSON parser raised RecursionError).
+    body = '{"name": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    resp = client.post("/things", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {
+        "message": "request body is not valid JSON: maximum recursion depth exceeded while decoding a JSON array "
+        "from a unicode string",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_request",
+    }
