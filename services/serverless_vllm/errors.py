@@ -123,6 +123,7 @@ _BODY_ERRORS = {
     "model_attributes_type": "request body must be a JSON object",
     "dict_type": "request body must be a JSON object",
 }
+_LOCATIONS = ("body", "path", "query", "header", "cookie")
 # FastAPI's 400 for a body its JSON parser raised on with something else than a decode error (nested too deeply).
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _NOT_JSON_TYPE = "request body must be sent as JSON, with the header Content-Type: application/json"
@@ -167,7 +168,10 @@ def _field(err: Any) -> str:
     """Where an error is, as `limits.rpm` ("": the body itself; FastAPI's loc of unparsable JSON is a position)."""
     if err.get("type") == "json_invalid":
         return ""
-    return ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    loc = err.get("loc", ())
+    if loc and loc[0] in _LOCATIONS:  # FastAPI's: where in the request, not part of the field's name
+        loc = loc[1:]
+    return ".".join(str(p) for p in loc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Path
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict
 from serverless_vllm.errors import install_error_handlers
@@ -24,6 +26,10 @@ def client() -> TestClient:
     @app.post("/things")
     async def make(spec: Spec) -> dict[str, str]:
         return {"name": spec.name}
+
+    @app.get("/things/{name}")
+    async def show(name: Annotated[str, Path(pattern="^[a-z]+$")], size: int = 1) -> dict[str, str]:
+        return {"name": name}
 
     return TestClient(app)
 
@@ -78,3 +84,18 @@ def test_a_body_nested_deeper_than_the_parser_goes_is_one_clear_line(client: Tes
         "param": None,
         "code": "invalid_request",
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "param", "message"),
+    [
+        ("/things/A1", "name", "name: String should match pattern '^[a-z]+$'"),
+        ("/things/a?size=big", "size", "size: Input should be a valid integer, unable to parse string as an integer"),
+    ],
+)
+def test_a_path_or_query_parameter_is_named_as_the_client_wrote_it(
+    client: TestClient, url: str, param: str, message: str
+) -> None:
+    """`param` names the parameter (`name`), not FastAPI's place of it (`path.name`, `query.size`)."""
+    error = client.get(url).json()["error"]
+    assert (error["param"], error["message"]) == (param, message)
