@@ -22,7 +22,7 @@ from .cli_keys import add_parser as add_keys_parser
 from .cli_lora import add_lora_flags, registration
 from .cli_models import add_parsers as add_model_parsers
 from .cli_policy import add_policy, add_policy_flags
-from .cli_status import cmd_status, refused, unreachable
+from .cli_status import cmd_status, refused, router_url, unreachable
 from .config import AuthSettings, CliSettings, ManagerSettings, RouterSettings, WorkerSettings
 from .dataplane.server_protocol import CoalescingHttpToolsProtocol
 from .schemas import LoadFormat, ModelTask
@@ -201,7 +201,7 @@ def _registered(info: dict[str, object]) -> str:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
+    url = router_url(args)
     body = registration(args, lambda: registration_body(
         args.model, args.alias, args.task, args.max_model_len, args.engine_arg, args.load_format, args.revision
     ))  # fmt: skip

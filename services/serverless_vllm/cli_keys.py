@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .cli_flags import add_flag, command_parser, flag_values
-from .cli_status import admin_call
+from .cli_flags import add_flag, command_parser
+from .cli_status import admin_call, router_url
 from .config import CliSettings
 
 
@@ -20,8 +21,7 @@ def _call(
     body: dict[str, Any] | None = None,
     params: dict[str, str] | None = None,
 ) -> Any:
-    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
-    return admin_call(f"svllm keys {args.keys_command}", url, method, path, body, params)
+    return admin_call(f"svllm keys {args.keys_command}", router_url(args), method, path, body, params)
 
 
 def key_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,37 +113,32 @@ def add_parser(sub: Any) -> None:
     keys = command_parser(sub, "keys", "API keys of a running deployment (admin key: SVLLM_ADMIN_KEY)", CliSettings)
     actions = keys.add_subparsers(dest="keys_command", required=True)
 
-    p = actions.add_parser("create", help="make a key; prints its secret (shown this once)")
+    def command(name: str, text: str, func: Callable[[argparse.Namespace], None], ref: bool = False) -> Any:
+        """A subcommand (with --url); `ref`: it names a key by id or name."""
+        p = actions.add_parser(name, help=text)
+        if ref:
+            p.add_argument("ref", help="the key's id or name")
+        add_flag(p, CliSettings, "router_url", "--url")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("create", "make a key; prints its secret (shown this once)", cmd_create)
     p.add_argument("--name", required=True, help="unique name of the key")
     p.add_argument("--tenant", required=True, help="the team or customer it belongs to")
     _key_flags(p, "(repeatable; default '*')", "")
     p.add_argument("--json", action="store_true", help="print the whole key, not just its secret")
-    p.set_defaults(func=cmd_create)
 
-    p = actions.add_parser("list", help="every key (never their secrets)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_list)
+    command("list", "every key (never their secrets)", cmd_list).add_argument("--json", action="store_true")
+    command("show", "one key by id or name (never its secret)", cmd_show, ref=True)
 
-    p = actions.add_parser("show", help="one key by id or name (never its secret)")
-    p.add_argument("ref", help="the key's id or name")
-    p.set_defaults(func=cmd_show)
-
-    p = actions.add_parser("update", help="change a key (the flags given; every router has it within 2 s)")
-    p.add_argument("ref", help="the key's id or name")
+    p = command("update", "change a key (the flags given; every router has it within 2 s)", cmd_update, ref=True)
     p.add_argument("--tenant", help="move it to this tenant")
     _key_flags(p, "(repeatable; replaces them)", " (the other limits stay)")
     p.add_argument("--json", action="store_true", help="print the whole key")
-    p.set_defaults(func=cmd_update)
 
-    p = actions.add_parser("revoke", help="revoke a key by id or name (every router refuses it within 2 s)")
-    p.add_argument("ref", help="the key's id or name")
-    p.set_defaults(func=cmd_revoke)
+    command("revoke", "revoke a key by id or name (every router refuses it within 2 s)", cmd_revoke, ref=True)
 
-    p = actions.add_parser("usage", help="requests and tokens per key and model, summed over every router")
+    p = command("usage", "requests and tokens per key and model, summed over every router", cmd_usage)
     p.add_argument("--tenant", help="only this tenant's keys")
     p.add_argument("--key", help="only this key (its id or name)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_usage)
-
-    for action in actions.choices.values():
-        add_flag(action, CliSettings, "router_url", "--url")

@@ -7,27 +7,23 @@ import argparse
 import json
 from typing import Any
 
-from .cli_flags import add_flag, command_parser, flag_values
+from .cli_flags import add_flag, command_parser
 from .cli_policy import add_policy_flags, policy_given
-from .cli_status import admin_call
+from .cli_status import admin_call, router_url
 from .config import CliSettings
-
-
-def _url(args: argparse.Namespace) -> str:
-    return CliSettings.from_env(**flag_values(args, CliSettings)).router_url
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
     patch = policy_given(args)
     if not patch:
         raise SystemExit("svllm patch: nothing to change (give at least one of the policy's flags)")
-    info = admin_call("svllm patch", _url(args), "PATCH", f"/v1/models/{args.alias}", patch)
+    info = admin_call("svllm patch", router_url(args), "PATCH", f"/v1/models/{args.alias}", patch)
     print(f"{info['alias']}: {json.dumps(info['policy'])}")
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
     params = {"cascade": "true"} if args.cascade else None
-    admin_call("svllm delete", _url(args), "DELETE", f"/v1/models/{args.alias}", params=params)
+    admin_call("svllm delete", router_url(args), "DELETE", f"/v1/models/{args.alias}", params=params)
     print(f"deleted {args.alias}" + (" and its adapters" if args.cascade else ""))
 
 

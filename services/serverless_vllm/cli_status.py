@@ -47,6 +47,11 @@ def refused(what: str, resp: httpx.Response) -> SystemExit:
     return SystemExit(f"{what} failed ({resp.status_code}{f' {error.code}' if error.code else ''}): {error.message}")
 
 
+def router_url(args: argparse.Namespace) -> str:
+    """The router a command talks to: --url, else ROUTER_URL."""
+    return CliSettings.from_env(**flag_values(args, CliSettings)).router_url
+
+
 def admin_call(
     what: str,
     url: str,
@@ -210,7 +215,7 @@ def render(document: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    url = CliSettings.from_env(**flag_values(args, CliSettings)).router_url
+    url = router_url(args)
     try:
         document = status_document(fetch_status(url))
     except StatusError as exc:
