@@ -379,6 +379,44 @@ async def test_a_start_that_fails_in_the_fork_is_retried_plainly(settings: Worke
         await s.stop()
 
 
+# Fault injection: a fork server whose children refuse their arguments as vLLM's argparse does (usage, then the
+# error, exit code 2), as a start with an argument vLLM does not know would, forked or not.
+_REFUSES_ITS_ARGUMENTS = textwrap.dedent(
+    """
+    import sys, types
+    from serverless_vllm.worker import fork_server_main
+
+    def refuse(*args, **kwargs):
+        print("usage: api_server.py [-h] [--log-level {CRITICAL,ERROR,WARNING,INFO,DEBUG,NOTSET}]", flush=True)
+        print("api_server.py: error: unrecognized arguments: --no-such-flag", flush=True)
+        sys.exit(2)
+
+    fork_server_main.runpy = types.SimpleNamespace(run_module=refuse)
+    fork_server_main.main()
+    """
+)
+
+
+async def test_a_start_refused_for_its_arguments_fails_without_a_plain_retry(
+    settings: WorkerSettings, tmp_path: Path
+) -> None:
+    s = server_running(settings, tmp_path / "refuses_its_arguments.py", _REFUSES_ITS_ARGUMENTS)
+    try:
+        await ready_server(s)
+        engine = engine_for(settings, s)
+        await engine.start()
+        try:
+            assert await eventually(lambda: engine.state is ReplicaState.FAILED, 30), engine.log_tail(20)
+            reason = "engine exited with code 2 before becoming ready: api_server.py: error: unrecognized arguments"
+            assert engine.error == reason + ": --no-such-flag"
+            # The plain way would only be refused again, some 20 s of vLLM's imports later: not tried.
+            assert engine.log_path.read_text().count("=== serverless-vllm launch") == 1
+        finally:
+            await engine.stop()
+    finally:
+        await s.stop()
+
+
 async def test_no_server_launch_while_an_engine_is_starting(settings: WorkerSettings) -> None:
     starting = True
     s = make_server(settings, busy=lambda: starting)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 from serverless_vllm.config import WorkerSettings
 from serverless_vllm.schemas import Assignment, EngineArgs
 from serverless_vllm.worker.engine import EngineProcess
-from serverless_vllm.worker.engine_log import CORE_GONE_REASON, EngineLog
+from serverless_vllm.worker.engine_log import CORE_GONE_REASON, EngineLog, start_fault
 
 
 def line(i: int) -> str:
@@ -222,3 +222,57 @@ def test_an_engine_core_error_while_serving_is_the_reason() -> None:
     # Nothing above the pointer's own traceback: the pointer is all there is.
     launched(*VLLM_CORE_KILLED[3:], launch=2, engine_log=engine_log)
     assert engine_log.last_error() == VLLM_CORE_KILLED[-3].partition("[async_llm.py:906] ")[2]
+
+
+# vLLM 0.32's own last lines for an argument it does not know (`--engine-arg=--no-such-flag`): argparse's usage, one
+# line of which lists ERROR among --log-level's choices, then its refusal.
+VLLM_UNKNOWN_ARGUMENT = [
+    "usage: api_server.py [-h] [--headless] [--api-server-count API_SERVER_COUNT]",
+    "                     [--uvicorn-log-level {critical,debug,error,info,trace,warning}]",
+    "                     [--log-level {CRITICAL,ERROR,WARNING,INFO,DEBUG,NOTSET}]",
+    "                     [--enable-log-requests | --no-enable-log-requests]",
+    "                     [model_tag]",
+    "api_server.py: error: unrecognized arguments: --no-such-flag",
+]
+
+
+def test_an_argument_vllm_refuses_is_the_reason_not_its_usage() -> None:
+    reason = launched(*VLLM_UNKNOWN_ARGUMENT).last_error()
+    assert reason == "api_server.py: error: unrecognized arguments: --no-such-flag"
+
+
+# Reasons the supervisor wrote for starts that failed (seen on this machine with vLLM 0.32, the hub unreachable).
+_FAILED = "engine exited with code {} before becoming ready: "
+START_FAULTS = [
+    _FAILED.format(2) + "api_server.py: error: unrecognized arguments: --no-such-flag",
+    _FAILED.format(1) + "pydantic_core._pydantic_core.ValidationError: 2 validation errors for SchedulerConfig: "
+    "max_num_batched_tokens: Input should be greater than or equal to 1; max_num_seqs: Input should be greater than "
+    "or equal to 1",
+    _FAILED.format(1) + "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Invalid "
+    "repository ID or local directory specified: '/tmp/try/emptydir'.",
+    _FAILED.format(1) + "OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
+    "find them in the cached files.",
+    # transformers' and the hub's words where the hub answers (utils/hub.py, huggingface_hub/errors.py).
+    _FAILED.format(1) + "OSError: someorg/nomodel is not a local folder and is not a valid model identifier listed "
+    "on 'https://huggingface.co/models'",
+    _FAILED.format(1) + "huggingface_hub.errors.RepositoryNotFoundError: 404 Client Error.",
+    _FAILED.format(1) + "OSError: You are trying to access a gated repo.",
+]
+OTHER_FAILURES = [
+    _FAILED.format(1) + "RuntimeError: Cannot re-initialize CUDA in forked subprocess.",
+    _FAILED.format(1) + CORE_GONE_REASON,
+    _FAILED.format(1) + "torch.OutOfMemoryError: CUDA out of memory.",
+    "engine was killed by SIGKILL before becoming ready",
+    "engine exited with code 1 while serving: pydantic_core._pydantic_core.ValidationError: 1 validation error for "
+    "ModelConfig: x",
+]
+
+
+@pytest.mark.parametrize("reason", START_FAULTS)
+def test_a_refused_argument_or_a_missing_model_is_a_start_fault(reason: str) -> None:
+    assert start_fault(reason)
+
+
+@pytest.mark.parametrize("reason", OTHER_FAILURES)
+def test_other_failures_are_not_start_faults(reason: str) -> None:
+    assert not start_fault(reason)

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 200
 LAUNCH_HEADER = "=== serverless-vllm launch"
 
-_ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|\bERROR\b")
+# An exception's line, a line with an ERROR level, or argparse's refusal (`api_server.py: error: unrecognized
+# arguments: ...`, after a usage of hundreds of lines, one of which lists ERROR among --log-level's choices).
+_ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|\bERROR\b|^\S+: error: ")
 _PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")  # how an engine's own processes prefix their lines
 _LOGGER_HEAD = re.compile(r"^(ERROR|WARNING|INFO|DEBUG|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] ")
 # vLLM's last lines when an engine process failed to start ("See root cause above") or its engine core died while
@@ -38,6 +40,15 @@ CORE_GONE_REASON = "vLLM's engine core process exited unexpectedly (killed, or c
 _TRACEBACK = "Traceback (most recent call last)"
 # Pydantic's first line of a ValidationError (vLLM checks its arguments with pydantic): what is wrong follows it.
 _VALIDATION_HEADER = re.compile(r"\b(\d+) validation errors? for \S+$")
+# Reasons a start fails for however the engine is started (forked or plain, see start_fault): vLLM refused its
+# arguments (argparse, or pydantic on one of its *Config classes), or the model is not there (vLLM's, transformers'
+# and the Hugging Face hub's words for a missing folder, repository, revision, file, access or connection).
+_START_FAULT = re.compile(
+    r"^engine exited with code \d+ before becoming ready: (\S+: error: |.*\bvalidation errors? for \w*Config\b"
+    r"|.*(Invalid repository ID or local directory|is not a local folder and is not a valid model identifier"
+    r"|is not a valid git identifier|gated repo|does not appear to have a file named|couldn't connect to '"
+    r"|(RepositoryNotFound|RevisionNotFound|GatedRepo|LocalEntryNotFound|EntryNotFound|HFValidation)Error\b))"
+)
 
 
 class EngineLog:
@@ -177,6 +188,12 @@ def _validation_errors(count: int, lines: list[str]) -> str:
             if len(found) == min(count, MAX_NAMED_ERRORS):
                 break
     return "; ".join(found)
+
+
+def start_fault(reason: str) -> bool:
+    """Whether a start that failed for `reason` (the supervisor's) would fail the same way started again: its
+    arguments or its model, not the way it was started."""
+    return _START_FAULT.match(reason) is not None
 
 
 async def pump_lines(stream: asyncio.StreamReader, write: Callable[[str], None]) -> None:

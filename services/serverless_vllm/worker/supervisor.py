@@ -21,7 +21,7 @@ import httpx
 
 from ..schemas import ReplicaState
 from . import spawn
-from .engine_log import EngineLog
+from .engine_log import EngineLog, start_fault
 from .liveness import LivenessProbe
 from .spawn import GUARD_GRACE_S, HOST, Launch, free_port
 
@@ -257,8 +257,9 @@ class Supervisor:
             phase = "while serving" if outcome == "ready" else "before becoming ready"
             reason = wedged or _exit_reason(returncode, phase, self._log)
             if not ever_ready:
-                if self.via_fork:
-                    # Whatever failed in the forked start, the plain way is tried once before the engine fails.
+                if self.via_fork and not start_fault(reason):
+                    # Whatever else failed in the forked start, the plain way is tried once before the engine fails
+                    # (a refused argument or a missing model would only fail again, some 20 s of imports later).
                     log.warning("engine %s: forked start failed (%s); plain start", self._name, reason)
                     launch = await self._spawn(free_port(), fork_ok=False)
                     continue
