@@ -29,29 +29,35 @@ class Clock:
         return self.now
 
 
+def lookup(ids: ResponseMap, response_id: str) -> tuple[str, str] | None:
+    """(alias, replica) of a response id, as the router finds it (its use counted), or None."""
+    held = ids.held(response_id)
+    return (held.alias, held.replica_id) if held is not None else None
+
+
 def test_map_remembers_and_looks_up() -> None:
     ids = ResponseMap(max_ids=10, retention_s=60)
-    assert ids.lookup("resp_a") is None and len(ids) == 0
+    assert lookup(ids, "resp_a") is None and len(ids) == 0
     ids.remember("resp_a", "m", "r1")
     ids.remember("resp_b", "other", "r2")
-    assert ids.lookup("resp_a") == ("m", "r1")
-    assert ids.lookup("resp_b") == ("other", "r2")
-    assert ids.lookup("resp_c") is None
+    assert lookup(ids, "resp_a") == ("m", "r1")
+    assert lookup(ids, "resp_b") == ("other", "r2")
+    assert lookup(ids, "resp_c") is None
     ids.remember("resp_a", "m", "r3")  # remembered again (a continuation landed elsewhere): the latest wins
-    assert ids.lookup("resp_a") == ("m", "r3") and len(ids) == 2
+    assert lookup(ids, "resp_a") == ("m", "r3") and len(ids) == 2
 
 
 def test_map_evicts_the_least_recently_used_beyond_max_ids() -> None:
     ids = ResponseMap(max_ids=3, retention_s=60)
     for name in ("a", "b", "c"):
         ids.remember(f"resp_{name}", "m", "r1")
-    assert ids.lookup("resp_a") == ("m", "r1")  # used: now the most recent, b the least
+    assert lookup(ids, "resp_a") == ("m", "r1")  # used: now the most recent, b the least
     ids.remember("resp_d", "m", "r1")
     assert len(ids) == 3
-    assert ids.lookup("resp_b") is None
-    assert [ids.lookup(f"resp_{n}") is not None for n in ("a", "c", "d")] == [True, True, True]
+    assert lookup(ids, "resp_b") is None
+    assert [lookup(ids, f"resp_{n}") is not None for n in ("a", "c", "d")] == [True, True, True]
     ids.remember("resp_e", "m", "r1")  # the lookups above used a, c, d in that order: a goes
-    assert ids.lookup("resp_a") is None and len(ids) == 3
+    assert lookup(ids, "resp_a") is None and len(ids) == 3
 
 
 def test_map_forgets_an_id_unused_for_the_retention() -> None:
@@ -60,12 +66,12 @@ def test_map_forgets_an_id_unused_for_the_retention() -> None:
     ids.remember("resp_a", "m", "r1")
     ids.remember("resp_b", "m", "r1")
     clock.now = 10.0
-    assert ids.lookup("resp_a") == ("m", "r1")  # exactly the retention: still kept
+    assert lookup(ids, "resp_a") == ("m", "r1")  # exactly the retention: still kept
     clock.now = 10.5
-    assert ids.lookup("resp_b") is None  # unused for more than the retention: gone
+    assert lookup(ids, "resp_b") is None  # unused for more than the retention: gone
     assert len(ids) == 1
     clock.now = 20.5
-    assert ids.lookup("resp_a") is None and len(ids) == 0
+    assert lookup(ids, "resp_a") is None and len(ids) == 0
 
 
 def test_map_lookup_refreshes_the_use_time() -> None:
@@ -74,9 +80,9 @@ def test_map_lookup_refreshes_the_use_time() -> None:
     ids.remember("resp_a", "m", "r1")
     for now in (8.0, 16.0, 24.0, 32.0):  # each lookup within the retention of the previous one
         clock.now = now
-        assert ids.lookup("resp_a") == ("m", "r1"), now
+        assert lookup(ids, "resp_a") == ("m", "r1"), now
     clock.now = 42.5
-    assert ids.lookup("resp_a") is None
+    assert lookup(ids, "resp_a") is None
 
 
 # =========================================================================== ResponsesRouter
@@ -211,7 +217,7 @@ async def test_an_unknown_id_is_found_by_probing_the_ready_replicas() -> None:
     probes = forwarder.asked("GET")[:-1]  # then the GET itself, to the holder
     assert sorted(probes) == ["r1", "r2", "r3"]
     assert forwarder.sent[-1][:4] == ("GET", "/v1/responses/resp_p", "m", "r2")
-    assert ids.lookup("resp_p") == ("m", "r2")  # remembered: asked directly from now on
+    assert lookup(ids, "resp_p") == ("m", "r2")  # remembered: asked directly from now on
     forwarder.sent.clear()
     await router.follow("resp_p", "get")
     assert forwarder.asked("GET") == ["r2"]
@@ -221,7 +227,7 @@ async def test_an_unknown_id_is_found_by_probing_the_ready_replicas() -> None:
         await router.follow("resp_nowhere", "get")
     assert (err.value.status, err.value.code) == (404, "response_not_found")
     assert sorted(forwarder.asked("GET")) == ["r1", "r2", "r3"]
-    assert ids.lookup("resp_nowhere") is None
+    assert lookup(ids, "resp_nowhere") is None
 
 
 async def test_probing_for_a_previous_response_asks_the_requests_model_only() -> None:
@@ -234,7 +240,7 @@ async def test_probing_for_a_previous_response_asks_the_requests_model_only() ->
     assert response.status_code == 200
     assert sorted(forwarder.asked("GET")) == ["r1", "r2"]
     assert forwarder.sent[-1] == ("POST", "/v1/responses", "m", "r2", request.body)  # the body as it came
-    assert ids.lookup("resp_prev") == ("m", "r2") and ids.lookup("resp_next") == ("m", "r2")
+    assert lookup(ids, "resp_prev") == ("m", "r2") and lookup(ids, "resp_next") == ("m", "r2")
 
 
 async def test_the_probe_is_bounded_by_probe_replicas() -> None:
@@ -245,7 +251,7 @@ async def test_the_probe_is_bounded_by_probe_replicas() -> None:
         await router.follow("resp_far", "get")
     assert (err.value.status, err.value.code) == (404, "response_not_found")
     assert len(forwarder.asked("GET")) == 2 and "r3" not in forwarder.asked("GET")
-    assert ids.lookup("resp_far") is None
+    assert lookup(ids, "resp_far") is None
 
 
 async def test_follow_sends_get_and_cancel_to_the_holder() -> None:
@@ -277,11 +283,11 @@ async def test_create_learns_the_id_of_a_response() -> None:
     answer = JSONResponse({**stored("resp_new1"), "output": [{"id": "msg_1", "type": "message"}]})
     forwarder.next = (answer, table.route("m").endpoints[1])
     assert await router.create(responses_request("m"), "alice") is answer
-    assert ids.lookup("resp_new1") == ("m", "r2")
+    assert lookup(ids, "resp_new1") == ("m", "r2")
     # An error is not a response: nothing learned from it.
     forwarder.next = (JSONResponse({"id": "resp_err", "error": "x"}, status_code=400), table.route("m").endpoints[0])
     assert (await router.create(responses_request("m"), None)).status_code == 400
-    assert ids.lookup("resp_err") is None and len(ids) == 1
+    assert lookup(ids, "resp_err") is None and len(ids) == 1
 
 
 async def test_create_learns_the_id_of_a_streamed_response() -> None:
@@ -309,7 +315,7 @@ async def test_create_learns_the_id_of_a_streamed_response() -> None:
     assert isinstance(response, StreamingResponse)
     relayed = [chunk async for chunk in response.body_iterator]
     assert relayed == events  # passed on unchanged
-    assert ids.lookup("resp_streamed") == ("m", "r1")
+    assert lookup(ids, "resp_streamed") == ("m", "r1")
 
 
 # =========================================================================== whose response it is

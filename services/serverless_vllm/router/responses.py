@@ -76,10 +76,6 @@ class ResponseMap:
         while len(self._ids) > self._max:
             self._ids.popitem(last=False)
 
-    def lookup(self, response_id: str) -> tuple[str, str] | None:
-        held = self.held(response_id)
-        return (held.alias, held.replica_id) if held is not None else None
-
     def held(self, response_id: str) -> Held | None:
         """What is known of a response id (its use now counted), or None."""
         held = self._ids.get(response_id)
