@@ -28,7 +28,7 @@ fi
 need_apt=()
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v dockerd >/dev/null || need_apt+=(docker.io)
-command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

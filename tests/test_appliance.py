@@ -4,8 +4,8 @@
   files (CPU default, GPU override) and the test override validate; Prometheus' config passes
   ``promtool`` when it is installed.
 * the end-to-end tests (opt-in: ``SVLLM_APPLIANCE_TESTS=1``; minutes; root is needed to install
-  Docker on a fresh machine). They share one stack and run in file order: build the images on a
-  debootstrap base with host-side wheelhouses (tests/appliance/harness.py); ``docker compose up``
+  Docker on a fresh machine). They share one stack and run in file order: build the images on an
+  mmdebstrap base with host-side wheelhouses (tests/appliance/harness.py); ``docker compose up``
   with 2 workers, the tiny model registered by the one-shot ``init`` service; chat and streaming
   through the published router port with the official ``openai`` client; ``--scale worker=3``;
   Prometheus targets up; ``--scale worker=1`` leaves no dead worker and no SvllmWorkerDown; ``down`` + ``up``
@@ -47,8 +47,8 @@ def _load_harness() -> Any:
 
 harness = _load_harness()
 
-# A fresh machine installs Docker, debootstraps the base and fills the wheelhouses in the
-# first test's setup (about 10 minutes); later runs reuse all of it.
+# A fresh machine installs Docker, makes the base and fills the wheelhouses in the first test's
+# setup (4-5 minutes with the image builds); later runs reuse all of it.
 pytestmark = pytest.mark.timeout(2400)
 
 API_KEY = "test-client-key"

@@ -1,5 +1,5 @@
 # Test-only stand-in for prom/prometheus (no registry here): Debian's Prometheus on the
-# debootstrap base image. Same flags and config mount as the real image.
+# mmdebstrap base image. Same flags and config mount as the real image.
 ARG BASE_IMAGE=svllm-test/bookworm-python:1
 FROM ${BASE_IMAGE}
 RUN set -eu; apt-get update; \
