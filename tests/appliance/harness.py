@@ -288,19 +288,22 @@ def _fetch_wheels(reqs: list[str], dest: Path) -> None:
         if digest.hexdigest() != wheel["hashes"]["sha256"]:
             raise RuntimeError(f"{target.name}: sha256 {digest.hexdigest()} is not the lock's")
 
+    _emptied(dest)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, picks))
+
+
+def _emptied(dest: Path) -> None:
+    """`dest` without wheels (made if missing; its other files stay)."""
     dest.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob("*.whl"):
         stale.unlink()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(fetch, picks))
 
 
 def _link_wheels(source: Path, dest: Path) -> None:
     """`dest` holding exactly `source`'s wheels, hard-linked where one file system holds both (its other files, such
     as the tracked .gitkeep, stay)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for stale in dest.glob("*.whl"):
-        stale.unlink()
+    _emptied(dest)
     for wheel in source.glob("*.whl"):
         try:
             os.link(wheel, dest / wheel.name)
