@@ -380,8 +380,21 @@ async def test_a_cold_start_timeout_after_the_stream_started_is_an_error_event()
 async def test_an_upstream_error_after_the_stream_started_is_an_error_event() -> None:
     async with stack() as s:
         s.upstream.error = (400, {"error": {"message": "max_tokens is too large", "type": "BadRequestError"}})
-        s.later(0.5, s.ready)
+
+        async def ready_once_streaming() -> None:
+            # Timed from the hold, not from the request's send (seen in CI: a loaded machine sent it after a fixed
+            # 0.5 s timer had made the model ready, and the error came as a plain 400). The router's first keep-alive
+            # (0.2 s after the hold, on this same event loop) starts the stream before this timer ends.
+            for _ in range(1000):
+                if await s.queued() >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+            s.ready()
+
+        readying = asyncio.create_task(ready_once_streaming())
         response = await raw_stream(s.url)
+        await readying
         assert response.status_code == 200
         error = json.loads(data_events(response.text)[0])["error"]
         assert error["message"] == "max_tokens is too large"
