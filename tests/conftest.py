@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 # Set before any engine starts: no hub on these machines, and a small CPU KV cache per engine.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+# One OpenMP thread per CPU engine (the stacks run vLLM's `nobind`, tests/harness.py, where torch would take one per
+# core): the tiny model gains nothing from a second thread, and on two cores shared by two pytest processes a
+# thread waiting at OpenMP's barrier for its descheduled twin spins. 2,000 tokens with a busy loop beside the
+# engine took 40 s and 60 CPU-seconds with two threads, 16 s and 29 with one (idle: 22 s / 43 and 13 s / 26).
+os.environ["OMP_NUM_THREADS"] = "1"
 # Services started by tests without credentials run in local-development mode; tests/test_security.py and the
 # fault and load tests configure keys explicitly.
 os.environ.setdefault("SVLLM_AUTH", "off")
