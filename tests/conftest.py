@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,6 +21,35 @@ os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 # thread waiting at OpenMP's barrier for its descheduled twin spins. 2,000 tokens with a busy loop beside the
 # engine took 40 s and 60 CPU-seconds with two threads, 16 s and 29 with one (idle: 22 s / 43 and 13 s / 26).
 os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _one_default_tls_context() -> None:
+    """Every httpx client (and every `openai.OpenAI`, through its httpx2) loads certifi's CA bundle into a new SSL
+    context: 60 ms of CPU a client, and the tests make one a call (`httpx.get`, each poll of a /health, a client per
+    test). py-spy over a full run put 63% of the pytest processes' CPU there. The tests speak plain HTTP on
+    loopback: the default context is made once per process and shared (any other `verify` is made as asked)."""
+    import functools
+    import importlib
+
+    for name in ("httpx._transports.default", "httpx2._transports.default"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        make = module.create_ssl_context
+        default = functools.cache(make)  # called with no arguments only: the default context
+
+        def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True, *, _make: Any = make,
+                               _default: Any = default) -> Any:  # fmt: skip
+            if verify is True and cert is None and trust_env:
+                return _default()
+            return _make(verify=verify, cert=cert, trust_env=trust_env)
+
+        module.create_ssl_context = create_ssl_context
+
+
+_one_default_tls_context()
+
 # Services started by tests without credentials run in local-development mode; tests/test_security.py and the
 # fault and load tests configure keys explicitly.
 os.environ.setdefault("SVLLM_AUTH", "off")
