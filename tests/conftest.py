@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import time
 from collections.abc import Iterator
@@ -23,29 +25,29 @@ os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def _shared_default(make: Any) -> Any:
+    """`make` (a library's create_ssl_context) with its default context made once and then shared."""
+    default = functools.cache(make)
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is True and cert is None and trust_env:
+            return default()
+        return make(verify=verify, cert=cert, trust_env=trust_env)
+
+    return create_ssl_context
+
+
 def _one_default_tls_context() -> None:
     """Every httpx client (and every `openai.OpenAI`, through its httpx2) loads certifi's CA bundle into a new SSL
-    context: 60 ms of CPU a client, and the tests make one a call (`httpx.get`, each poll of a /health, a client per
-    test). py-spy over a full run put 63% of the pytest processes' CPU there. The tests speak plain HTTP on
-    loopback: the default context is made once per process and shared (any other `verify` is made as asked)."""
-    import functools
-    import importlib
-
+    context: 60 ms of CPU a client, and the tests make a client for each call (`httpx.get`, each poll of a /health,
+    a client per test). py-spy over a full run put 63% of the pytest processes' CPU there. The tests speak plain
+    HTTP on loopback: the default context is made once per process and shared (any other `verify` as asked)."""
     for name in ("httpx._transports.default", "httpx2._transports.default"):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        make = module.create_ssl_context
-        default = functools.cache(make)  # called with no arguments only: the default context
-
-        def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True, *, _make: Any = make,
-                               _default: Any = default) -> Any:  # fmt: skip
-            if verify is True and cert is None and trust_env:
-                return _default()
-            return _make(verify=verify, cert=cert, trust_env=trust_env)
-
-        module.create_ssl_context = create_ssl_context
+        module.create_ssl_context = _shared_default(module.create_ssl_context)
 
 
 _one_default_tls_context()

@@ -140,7 +140,7 @@ def test_load_within_capacity_then_overload(stack: SecureStack, obs: Observation
     assert within["mean_in_flight"] >= 0.75 * CONCURRENCY_OK, within
     assert over["mean_in_flight"] >= 0.75 * CAP, over
     # p95, not p99: the few slowest answers of 24 closed-loop clients in one starved pytest process measure the
-    # client's own event loop (a CI run: p99 3.6 s beside p95 1.6 s, within capacity 0.48 and 0.35 s).
+    # client's own event loop (a full run: p99 3.6 s beside p95 1.6 s, within capacity 0.48 and 0.35 s).
     assert over["latency_s"]["p95"] <= 3 * within["latency_s"]["p95"] + 1.0, (within, over)
     # The router's memory is flat and the engine is idle when the load stops.
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
