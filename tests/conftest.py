@@ -64,13 +64,15 @@ SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
 
 # End-to-end modules by how long they take, longest first: under pytest-xdist (the test command runs two processes,
 # each handed the next module as it finishes one) a long module started last would finish alone while the other
-# process idles. Seconds from SVLLM_TEST_TIMELINE on a fresh clone (2026-11-30, before the cuts of that day).
+# process idles. Seconds from SVLLM_TEST_TIMELINE on a fresh clone (2026-11-30, before the cuts of that day). The
+# appliance's module comes fifth, not first: the test command builds its images ahead, in the background (minutes on
+# a fresh machine), and it would otherwise wait for them in one process while the other ran alone.
 LONG_MODULES = (
     "test_faults.py",  # 314
-    "test_appliance.py",  # 292, with its image builds
     "test_ray_mode.py",  # 285
     "test_lifecycle.py",  # 174
     "test_stream_migration.py",  # 172
+    "test_appliance.py",  # 292 with its image builds, about 230 without
     "test_engine.py",  # 93
     "test_endpoints.py",  # 88
     "test_lora.py",  # 76

@@ -151,8 +151,7 @@ class Appliance:
         self.files = [*harness.COMPOSE_FILES, *extra]
         self.env = harness.test_env(
             COMPOSE_PROJECT_NAME="svllm-apptest",
-            SVLLM_HEAD_IMAGE="svllm-test/head:dev",
-            SVLLM_WORKER_IMAGE="svllm-test/worker-cpu:dev",
+            **harness.APPLIANCE_IMAGES,
             ROUTER_PORT=str(self.router_port),
             PROMETHEUS_PORT=str(self.prom_port),
             RAY_DASHBOARD_PORT=str(self.dashboard_port),
@@ -277,14 +276,10 @@ def models_dir(appliance_enabled: None, tiny_model: Path) -> Iterator[Path]:
 def appliance(models_dir: Path, request: pytest.FixtureRequest) -> Iterator[Appliance]:
     if not harness.docker_ok() and os.geteuid() != 0:
         pytest.skip("no usable Docker engine and not root to install one")
-    harness.prepare_all()
     app = Appliance(models_dir)
+    with harness.after_build_ahead():  # scripts/test.sh builds the images ahead, in the background
+        harness.build_appliance(app.files, app.env)
     app.compose("down", "-v", "--remove-orphans", check=False)
-    t0 = time.monotonic()
-    for svc in ("head", "worker", "prometheus"):
-        app.compose("build", svc)
-    harness.prune_stale_images()
-    log.info("images built in %.0f s", time.monotonic() - t0)
     failed_before = request.session.testsfailed
     try:
         yield app
