@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
@@ -399,10 +402,14 @@ def run_worker_and_kill(kind: str, model: str, tmp_path: Path, how: str, expect:
     out = tmp_path / "engine.json"
     script = tmp_path / "worker.py"
     script.write_text(_WORKER_SCRIPT)
+    # The worker's temporary directory, where its engines' RPC directories are made: short, as /tmp is (vLLM's
+    # socket paths in it must fit a Unix socket's 107 bytes; tmp_path's would not).
+    tmp = Path(tempfile.mkdtemp(prefix="svllm-t-"))
     worker = subprocess.Popen(
         [sys.executable, str(script), kind, model, str(out), how],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     recorded: list[int] = []
     try:
@@ -418,6 +425,9 @@ def run_worker_and_kill(kind: str, model: str, tmp_path: Path, how: str, expect:
             assert any(n.startswith(name) for n in names), names
         assert info["guard"] in recorded
         assert len(group_members(info["pgid"])) >= len(expect)
+        (rpc_dir,) = tmp.glob("svllm-rpc-*")
+        if kind == "vllm":  # vLLM's own ZMQ sockets are in it (a stand-in makes none)
+            assert any(stat.S_ISSOCK(p.stat().st_mode) for p in rpc_dir.iterdir()), sorted(rpc_dir.iterdir())
 
         if how == "exit":
             out.with_suffix(".go").touch()
@@ -429,6 +439,7 @@ def run_worker_and_kill(kind: str, model: str, tmp_path: Path, how: str, expect:
         left = wait_until_dead_sync(recorded, 20)
         assert left == [], [(p, comm(p)) for p in left]
         assert group_members(info["pgid"]) == []
+        assert not rpc_dir.exists()  # removed by the guard after its sweep, however the worker ended
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -436,6 +447,7 @@ def run_worker_and_kill(kind: str, model: str, tmp_path: Path, how: str, expect:
         for pid in recorded:  # never leave an engine behind for the next test, whatever failed
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "exit"])
@@ -540,6 +552,17 @@ async def test_the_engine_core_is_forked_from_the_imported_api_server(engine: En
     assert len(preload) == 1 and preload[0].encode() in _proc(core, "maps"), engine.environment()["LD_PRELOAD"]
 
 
+def rpc_sockets_of(engine: EngineProcess) -> Path:
+    """The running launch's directory for vLLM's ZMQ sockets (VLLM_RPC_BASE_PATH), which vLLM's ipc sockets are in."""
+    launch = engine._runs.launch
+    assert launch is not None and launch.rpc_dir is not None
+    rpc_dir = Path(launch.rpc_dir)
+    assert rpc_dir.parent == Path(tempfile.gettempdir()) and rpc_dir.name.startswith("svllm-rpc-")
+    sockets = [p for p in rpc_dir.iterdir() if stat.S_ISSOCK(p.stat().st_mode)]
+    assert sockets, sorted(rpc_dir.iterdir())  # vLLM took the variable: its sockets are here, not in /tmp itself
+    return rpc_dir
+
+
 @pytestmark_shared
 async def test_engine_restarts_after_its_engine_core_is_killed(engine: EngineProcess) -> None:
     """kill -9 of the EngineCore (as the kernel's out-of-memory killer does; the API server's kill -9 is
@@ -552,6 +575,7 @@ async def test_engine_restarts_after_its_engine_core_is_killed(engine: EnginePro
     # The restart forks from the fork server again.
     server = engine.fork_server
     assert server is not None and server.ready
+    rpc_dir = rpc_sockets_of(engine)
     os.kill(core, signal.SIGKILL)
     # Out of READY once the API server has exited, the rest swept by the guard, then one restart after 1 s. The
     # reason is the engine core's death, not vLLM's EngineDeadError that points "above" for it.
@@ -561,6 +585,8 @@ async def test_engine_restarts_after_its_engine_core_is_killed(engine: EnginePro
     assert engine.restarts == 1
     assert engine.pid != pid and engine.pid is not None and _parent(engine.pid) == server.pid and server.forks == 2
     assert await wait_until_dead(before, 5) == []
+    # The killed run's ZMQ socket files went with its group; the new run has a directory of its own.
+    assert not rpc_dir.exists() and rpc_sockets_of(engine) != rpc_dir
     status = engine.status()
     assert status.restarts == 1 and status.log_tail  # a recent crash: the tail rides along
     async with httpx.AsyncClient(base_url=engine.base_url, timeout=60) as client:
@@ -574,6 +600,7 @@ async def test_engine_stop_leaves_no_process(engine: EngineProcess) -> None:
     assert pgid is not None
     members = group_members(pgid)
     assert members
+    rpc_dir = rpc_sockets_of(engine)
     started = time.monotonic()
     await engine.stop()
     assert time.monotonic() - started < 25
@@ -581,4 +608,5 @@ async def test_engine_stop_leaves_no_process(engine: EngineProcess) -> None:
     assert engine.pid is None
     assert group_members(pgid) == []
     assert [p for p in members if alive(p)] == []
+    assert not rpc_dir.exists()  # vLLM leaves its socket files behind after a clean stop too (three a start)
     await engine.stop()  # idempotent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,12 +47,20 @@ class Procs:
         """Another member of the group `pgid`."""
         return self.start(["sleep", "60"], process_group=pgid)
 
-    def guard(self, pgid: int, grace_s: float) -> tuple[subprocess.Popen[bytes], int]:
+    def guard(self, pgid: int, grace_s: float, rpc_dir: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
         """The guard of group `pgid`, ready (its signals ignored, so past its start-up), and the pipe's write end."""
         read_fd, write_fd = os.pipe()
         try:
             guard = self.start(
-                [sys.executable, "-I", "-S", GUARD_SCRIPT, str(pgid), str(grace_s)],
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    GUARD_SCRIPT,
+                    str(pgid),
+                    str(grace_s),
+                    *([str(rpc_dir)] if rpc_dir else []),
+                ],
                 stdin=read_fd,
                 start_new_session=True,
                 cwd="/",
@@ -156,6 +165,27 @@ def test_guard_outlives_the_signals_that_stop_a_worker(procs: Procs) -> None:
     os.close(write_fd)
     assert leader.wait(10) == -signal.SIGTERM  # still on duty
     assert guard.wait(10) == 0
+
+
+def test_worker_gone_removes_the_rpc_dir_once_the_group_is_gone(procs: Procs, tmp_path: Path) -> None:
+    """The engine's RPC directory (vLLM's ZMQ socket files, VLLM_RPC_BASE_PATH): removed after the sweep, not while
+    a member of the group may still use it (here one that outlives the SIGTERM until the grace ends)."""
+    rpc = tmp_path / "svllm-rpc-x"
+    rpc.mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(rpc / "0b6a4c1e-ipc"))  # as zmq's ipc:// binds: a socket file that outlives a killed owner
+    listener.close()
+    (rpc / "other").write_text("x")
+    leader = procs.group(ignore_sigterm=True)
+    guard, write_fd = procs.guard(leader.pid, grace_s=1.5, rpc_dir=rpc)
+    time.sleep(0.3)
+    assert sorted(p.name for p in rpc.iterdir()) == ["0b6a4c1e-ipc", "other"]  # nothing while the pipe is open
+    os.close(write_fd)
+    time.sleep(0.5)
+    assert leader.poll() is None and rpc.is_dir()  # in the grace: the group is still there, so is the directory
+    assert leader.wait(10) == -signal.SIGKILL
+    assert guard.wait(10) == 0
+    assert not rpc.exists()
 
 
 def test_guard_of_an_empty_group_just_exits(procs: Procs) -> None:

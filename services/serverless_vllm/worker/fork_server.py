@@ -131,11 +131,11 @@ class ForkServer:
 
     async def fork(
         self, module: str, argv: Sequence[str], env: Mapping[str, str], *, port: int, name: str, pump: Pump,
-        timeout: float, stop: asyncio.Event | None = None,
+        timeout: float, stop: asyncio.Event | None = None, rpc_dir: str | None = None,
     ) -> Launch | None:  # fmt: skip
         """Start `python -m module argv` in environment `env` as a child of the server, or None: start plainly
         (or not at all, if `stop` was set meanwhile). An order given during the server's imports is served after
-        them (still sooner than a plain start); `stop` ends that wait at once."""
+        them (still sooner than a plain start); `stop` ends that wait at once. `rpc_dir`: as spawn.launch's."""
         control = self._control
         if module != self.module or control is None or not self.alive:
             return None
@@ -166,7 +166,7 @@ class ForkServer:
         loop = asyncio.get_running_loop()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
         self.forks += 1
-        return await spawn.supervise(child, reader, port=port, pump=pump, name=name)
+        return await spawn.supervise(child, reader, port=port, pump=pump, name=name, rpc_dir=rpc_dir)
 
     async def _reply(
         self, reply: asyncio.Future[ForkedProcess | None], timeout: float, stop: asyncio.Event | None, name: str

@@ -12,10 +12,12 @@ No orphans, whatever happens to the worker (clean exit, SIGTERM, kill -9):
   whole group, waits a grace period and SIGKILLs what is left. The worker also closes the pipe itself after
   every engine exit, so the guard sweeps the leftovers of a crashed engine before a replacement starts.
 
-Run as a script, by path: `python -I -S guard.py PGID GRACE_S` (spawn.py does), stdin the read end of the
-worker's pipe. Hence stdlib only, and no pathlib: without site-packages it starts in ~20 ms. EOF alone (the
+Run as a script, by path: `python -I -S guard.py PGID GRACE_S [RPC_DIR]` (spawn.py does), stdin the read end of
+the worker's pipe. RPC_DIR: the engine's own directory for vLLM's ZMQ socket files (VLLM_RPC_BASE_PATH), removed
+after the sweep (vLLM leaves them behind when it is killed, and after a clean stop too: three a start on 0.32).
+Hence stdlib only, and no pathlib: without site-packages it starts in ~20 ms. EOF alone (the
 worker died): SIGTERM, grace, SIGKILL. A "K" before EOF (the worker sweeps a crashed engine, nothing left worth
-a graceful exit): SIGKILL at once. The worker imports group_members from here.
+a graceful exit): SIGKILL at once. The worker imports group_members and remove_dir from here.
 """
 
 from __future__ import annotations
@@ -76,6 +78,24 @@ def sweep(pgid: int, grace_s: float, kill_now: bool) -> None:
         pass
 
 
+def remove_dir(path: str) -> None:
+    """Remove an engine's RPC directory and the socket files in it (it holds no folders); what is gone already is
+    no error."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     # It must outlive whatever stops the worker.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -83,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     pgid, grace_s = int(args[0]), float(args[1])
     sweep(pgid, grace_s, kill_now=wait_for_eof(0))
+    if len(args) > 2:
+        remove_dir(args[2])
 
 
 if __name__ == "__main__":

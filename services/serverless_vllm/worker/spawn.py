@@ -116,6 +116,7 @@ class Launch:
     reader: asyncio.Task[None]
     port: int
     name: str  # the replica's, for log messages
+    rpc_dir: str | None = None  # its vLLM's ZMQ socket files (VLLM_RPC_BASE_PATH): removed with its group
 
     @property
     def pgid(self) -> int:
@@ -163,6 +164,8 @@ class Launch:
             await asyncio.wait_for(asyncio.shield(self.reader), 5)
         except TimeoutError:
             self.reader.cancel()
+        if self.rpc_dir is not None:
+            guard.remove_dir(self.rpc_dir)  # the guard's sweep removed it already, unless there was no guard
 
 
 async def launch(
@@ -174,9 +177,11 @@ async def launch(
     pump: Callable[[asyncio.StreamReader], Coroutine[Any, Any, None]],
     name: str,
     stdin: int | None = None,
+    rpc_dir: str | None = None,
 ) -> Launch:
     """Start `cmd` in a session of its own, with its guard; `pump` reads its stdout and stderr. `stdin`: a
-    descriptor the child gets as its stdin (the fork server's control socket, fork_server.py), else /dev/null."""
+    descriptor the child gets as its stdin (the fork server's control socket, fork_server.py), else /dev/null.
+    `rpc_dir`: a directory of the launch's own, removed once its group is gone (Launch.rpc_dir)."""
     proc = await asyncio.create_subprocess_exec(
         *cmd,
         stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
@@ -188,7 +193,7 @@ async def launch(
         limit=STREAM_LIMIT,
     )
     assert proc.stdout is not None
-    return await supervise(proc, proc.stdout, port=port, pump=pump, name=name)
+    return await supervise(proc, proc.stdout, port=port, pump=pump, name=name, rpc_dir=rpc_dir)
 
 
 async def supervise(
@@ -198,6 +203,7 @@ async def supervise(
     port: int,
     pump: Callable[[asyncio.StreamReader], Coroutine[Any, Any, None]],
     name: str,
+    rpc_dir: str | None = None,
 ) -> Launch:
     """A Launch of `proc`, a session leader already running: its guard started, its output pumped."""
     read_fd, write_fd = os.pipe()  # non-inheritable: only the guard gets the read end, as its stdin
@@ -205,6 +211,7 @@ async def supervise(
     try:
         guard_proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-S", GUARD_SCRIPT, str(proc.pid), str(GUARD_GRACE_S),
+            *([rpc_dir] if rpc_dir else []),
             stdin=read_fd,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -225,4 +232,5 @@ async def supervise(
         reader=asyncio.create_task(pump(stdout)),
         port=port,
         name=name,
+        rpc_dir=rpc_dir,
     )

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import httpx
 from ..schemas import ReplicaState
 from . import spawn
 from .engine_log import EngineLog, start_fault
+from .guard import remove_dir
 from .liveness import LivenessProbe
 from .spawn import GUARD_GRACE_S, HOST, Launch, free_port
 
@@ -36,6 +38,8 @@ MAX_CRASHES = 5
 CRASH_WINDOW_S = 600.0
 PORT_RETRIES = 3  # a start that lost its port to another process is retried on a new port
 
+# vLLM's ipc:// paths are the directory, "/" and a uuid4 (36): a Unix socket's path holds 107 bytes.
+_RPC_DIR_MAX = 107 - 37
 _PORT_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
 
 
@@ -149,10 +153,30 @@ class Supervisor:
 
     async def _spawn(self, port: int, fork_ok: bool = True) -> Launch | None:
         """The next launch, forked if it can be; None if a stop came while the fork server's imports were
-        awaited (nothing started)."""
+        awaited (nothing started). Each launch has a directory of its own for vLLM's ZMQ socket files, which vLLM
+        leaves behind (in /tmp by default: three a start, thousands on a busy worker); it goes with the launch's
+        process group (Launch.rpc_dir, and the guard's sweep where the worker died)."""
+        made = tempfile.mkdtemp(prefix="svllm-rpc-")
+        rpc_dir: str | None = made
+        if len(made) > _RPC_DIR_MAX:  # a long TMPDIR: vLLM's socket paths would not fit, its default may
+            os.rmdir(made)
+            rpc_dir = None
+        try:
+            launch = await self._spawn_in(port, fork_ok, rpc_dir)
+        except BaseException:
+            if rpc_dir is not None:
+                remove_dir(rpc_dir)
+            raise
+        if launch is None and rpc_dir is not None:
+            remove_dir(rpc_dir)
+        return launch
+
+    async def _spawn_in(self, port: int, fork_ok: bool, rpc_dir: str | None) -> Launch | None:
         self._launches += 1
         cmd = self._engine.command(port)
         env = self._engine.environment()
+        if rpc_dir is not None:
+            env["VLLM_RPC_BASE_PATH"] = rpc_dir
         self._log.write_launch(self._launches, cmd)
         server = self._engine.fork_server if fork_ok and cmd[1] == "-m" else None
         launch: Launch | None = None
@@ -160,7 +184,7 @@ class Supervisor:
             timeout = self._engine.settings.engine_start_timeout_s
             launch = await server.fork(
                 cmd[2], cmd[3:], env, port=port, name=self._name, pump=self._log.pump, timeout=timeout,
-                stop=self._stop_event,
+                stop=self._stop_event, rpc_dir=rpc_dir,
             )  # fmt: skip
             if launch is None and self.stopping:
                 return None
@@ -170,7 +194,13 @@ class Supervisor:
         self.via_fork = launch is not None
         if launch is None:
             launch = await spawn.launch(
-                cmd, env, port=port, nice=self._engine.settings.engine_nice, pump=self._log.pump, name=self._name
+                cmd,
+                env,
+                port=port,
+                nice=self._engine.settings.engine_nice,
+                pump=self._log.pump,
+                name=self._name,
+                rpc_dir=rpc_dir,
             )
         self.launch = launch
         self.port = port
