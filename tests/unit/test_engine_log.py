@@ -242,37 +242,49 @@ def test_an_argument_vllm_refuses_is_the_reason_not_its_usage() -> None:
 
 
 # Reasons the supervisor wrote for starts that failed (seen on this machine with vLLM 0.32, the hub unreachable).
-_FAILED = "engine exited with code {} before becoming ready: "
 START_FAULTS = [
-    _FAILED.format(2) + "api_server.py: error: unrecognized arguments: --no-such-flag",
-    _FAILED.format(1) + "pydantic_core._pydantic_core.ValidationError: 2 validation errors for SchedulerConfig: "
-    "max_num_batched_tokens: Input should be greater than or equal to 1; max_num_seqs: Input should be greater than "
-    "or equal to 1",
-    _FAILED.format(1) + "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Invalid "
-    "repository ID or local directory specified: '/tmp/try/emptydir'.",
-    _FAILED.format(1) + "OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
-    "find them in the cached files.",
+    (2, "api_server.py: error: unrecognized arguments: --no-such-flag"),
+    (
+        1,
+        "pydantic_core._pydantic_core.ValidationError: 2 validation errors for SchedulerConfig: "
+        "max_num_batched_tokens: Input should be greater than or equal to 1; max_num_seqs: Input should be greater "
+        "than or equal to 1",
+    ),
+    (
+        1,
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Invalid repository ID or "
+        "local directory specified: '/tmp/try/emptydir'.",
+    ),
+    (
+        1,
+        "OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+        "cached files.",
+    ),
     # transformers' and the hub's words where the hub answers (utils/hub.py, huggingface_hub/errors.py).
-    _FAILED.format(1) + "OSError: someorg/nomodel is not a local folder and is not a valid model identifier listed "
-    "on 'https://huggingface.co/models'",
-    _FAILED.format(1) + "huggingface_hub.errors.RepositoryNotFoundError: 404 Client Error.",
-    _FAILED.format(1) + "OSError: You are trying to access a gated repo.",
+    (
+        1,
+        "OSError: someorg/nomodel is not a local folder and is not a valid model identifier listed on "
+        "'https://huggingface.co/models'",
+    ),
+    (1, "huggingface_hub.errors.RepositoryNotFoundError: 404 Client Error."),
+    (1, "OSError: You are trying to access a gated repo."),
 ]
 OTHER_FAILURES = [
-    _FAILED.format(1) + "RuntimeError: Cannot re-initialize CUDA in forked subprocess.",
-    _FAILED.format(1) + CORE_GONE_REASON,
-    _FAILED.format(1) + "torch.OutOfMemoryError: CUDA out of memory.",
-    "engine was killed by SIGKILL before becoming ready",
-    "engine exited with code 1 while serving: pydantic_core._pydantic_core.ValidationError: 1 validation error for "
-    "ModelConfig: x",
+    (1, "RuntimeError: Cannot re-initialize CUDA in forked subprocess."),
+    (1, CORE_GONE_REASON),
+    (1, "torch.OutOfMemoryError: CUDA out of memory."),
+    (1, None),  # nothing in its log
+    # Killed by a signal, whatever its log said last.
+    (-9, "api_server.py: error: unrecognized arguments: --no-such-flag"),
+    (-15, "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: x"),
 ]
 
 
-@pytest.mark.parametrize("reason", START_FAULTS)
-def test_a_refused_argument_or_a_missing_model_is_a_start_fault(reason: str) -> None:
-    assert start_fault(reason)
+@pytest.mark.parametrize(("returncode", "error"), START_FAULTS)
+def test_a_refused_argument_or_a_missing_model_is_a_start_fault(returncode: int, error: str) -> None:
+    assert start_fault(returncode, error)
 
 
-@pytest.mark.parametrize("reason", OTHER_FAILURES)
-def test_other_failures_are_not_start_faults(reason: str) -> None:
-    assert not start_fault(reason)
+@pytest.mark.parametrize(("returncode", "error"), OTHER_FAILURES)
+def test_other_failures_are_not_start_faults(returncode: int, error: str | None) -> None:
+    assert not start_fault(returncode, error)

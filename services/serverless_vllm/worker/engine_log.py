@@ -44,7 +44,7 @@ _VALIDATION_HEADER = re.compile(r"\b(\d+) validation errors? for \S+$")
 # arguments (argparse, or pydantic on one of its *Config classes), or the model is not there (vLLM's, transformers'
 # and the Hugging Face hub's words for a missing folder, repository, revision, file, access or connection).
 _START_FAULT = re.compile(
-    r"^engine exited with code \d+ before becoming ready: (\S+: error: |.*\bvalidation errors? for \w*Config\b"
+    r"(\S+: error: |.*\bvalidation errors? for \w*Config\b"
     r"|.*(Invalid repository ID or local directory|is not a local folder and is not a valid model identifier"
     r"|is not a valid git identifier|gated repo|does not appear to have a file named|couldn't connect to '"
     r"|(RepositoryNotFound|RevisionNotFound|GatedRepo|LocalEntryNotFound|EntryNotFound|HFValidation)Error\b))"
@@ -190,10 +190,11 @@ def _validation_errors(count: int, lines: list[str]) -> str:
     return "; ".join(found)
 
 
-def start_fault(reason: str) -> bool:
-    """Whether a start that failed for `reason` (the supervisor's) would fail the same way started again: its
-    arguments or its model, not the way it was started."""
-    return _START_FAULT.match(reason) is not None
+def start_fault(returncode: int, error: str | None) -> bool:
+    """Whether a start that ended before it was ready, its process with `returncode` and its log with `error` (its
+    last_error), would fail the same way started again: its arguments or its model, not the way it was started. An
+    engine killed by a signal says nothing about its arguments."""
+    return returncode >= 0 and error is not None and _START_FAULT.match(error) is not None
 
 
 async def pump_lines(stream: asyncio.StreamReader, write: Callable[[str], None]) -> None:

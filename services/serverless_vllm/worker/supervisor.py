@@ -287,7 +287,7 @@ class Supervisor:
             phase = "while serving" if outcome == "ready" else "before becoming ready"
             reason = wedged or _exit_reason(returncode, phase, self._log)
             if not ever_ready:
-                if self.via_fork and not start_fault(reason):
+                if self.via_fork and not start_fault(returncode, self._log.last_error()):
                     # Whatever else failed in the forked start, the plain way is tried once before the engine fails
                     # (a refused argument or a missing model would only fail again, some 20 s of imports later).
                     log.warning("engine %s: forked start failed (%s); plain start", self._name, reason)
