@@ -15,7 +15,7 @@ from typing import Any
 
 from serverless_vllm.worker.host_memory import host_memory
 
-from .harness import GPUWorkerDouble, Stack, free_port
+from .harness import GPUWorkerDouble, Stack, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 ENGINE_DOUBLE = HERE / "sleep_engine"
@@ -58,10 +58,12 @@ def test_idle_models_sleep_at_the_level_their_worker_can_hold_and_wake(tmp_path:
             body = {"alias": alias, "model_name": str(folder), "gpu_memory_utilization": 0.4, "idle_timeout_s": 15}
             resp = stack.post("/v1/models/register", json=body)
             assert resp.status_code == 200, resp.text
-        # Both start (preload), go idle and are put to sleep: at the level their worker can hold.
+        # Both start (preload), go idle and are put to sleep: at the level their worker can hold. The manager says
+        # `sleeping` as it sends the order (the replica leaves routing first), so the engine's call comes after.
         for alias, level in (("small", 1), ("big", 2)):
             info = stack.wait_model(alias, "sleeping", timeout=90)
             assert [r["sleep_level"] for r in info["replicas"]] == [level], info
+            wait_until(lambda a=alias: calls(log, a), 30, what=f"{alias}'s engine told to sleep")
             assert calls(log, alias) == [{"call": "sleep", "level": level}]
         engines = {e["alias"]: e for e in stack.workers_by_id()["g1"]["engines"]}
         assert engines["big"]["weights_bytes"] == 4 * host_memory().total_bytes
