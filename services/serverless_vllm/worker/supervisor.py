@@ -64,6 +64,16 @@ class EngineClient:
             self._own = None
 
 
+def make_rpc_dir() -> str | None:
+    """A new directory for one launch's ZMQ socket files, or None where TMPDIR is so long that vLLM's socket paths
+    in it would not fit (vLLM's default, TMPDIR itself, may still)."""
+    made = tempfile.mkdtemp(prefix="svllm-rpc-")
+    if len(made) > _RPC_DIR_MAX:
+        os.rmdir(made)
+        return None
+    return made
+
+
 def _exit_reason(returncode: int, phase: str, engine_log: EngineLog) -> str:
     reason = f"engine {spawn.describe_exit(returncode)} {phase}"
     error = engine_log.last_error()  # only this launch's own lines explain this exit
@@ -156,11 +166,7 @@ class Supervisor:
         awaited (nothing started). Each launch has a directory of its own for vLLM's ZMQ socket files, which vLLM
         leaves behind (in /tmp by default: three a start, thousands on a busy worker); it goes with the launch's
         process group (Launch.rpc_dir, and the guard's sweep where the worker died)."""
-        made = tempfile.mkdtemp(prefix="svllm-rpc-")
-        rpc_dir: str | None = made
-        if len(made) > _RPC_DIR_MAX:  # a long TMPDIR: vLLM's socket paths would not fit, its default may
-            os.rmdir(made)
-            rpc_dir = None
+        rpc_dir = make_rpc_dir()
         try:
             launch = await self._spawn_in(port, fork_ok, rpc_dir)
         except BaseException:
