@@ -17,7 +17,6 @@ Command line (from the repository root)::
     python tests/appliance/harness.py docker       # engine + compose plugin
     python tests/appliance/harness.py base         # mmdebstrap base image
     python tests/appliance/harness.py wheels       # wheelhouses
-    python tests/appliance/harness.py build        # docker compose build (test override)
     python tests/appliance/harness.py images       # everything, and the images tests/test_appliance.py runs
 
 ``images`` is what scripts/test.sh starts in the background ahead of the whole suite: a fresh machine's image
@@ -447,18 +446,6 @@ def after_build_ahead() -> Iterator[None]:
         yield
 
 
-def build_images(services: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, float]:
-    """Build each image with the test override; returns seconds per service."""
-    times: dict[str, float] = {}
-    for svc in services or ["head", "worker"]:
-        t0 = time.monotonic()
-        compose("build", svc, env=env)
-        times[svc] = time.monotonic() - t0
-        log.info("built %s in %.0f s", svc, times[svc])
-    prune_stale_images()
-    return times
-
-
 # Each rebuild leaves the image it replaces untagged, and BuildKit keeps every layer it made. Repeated test
 # runs on one machine once filled its disk this way (66 GB), so each build is followed by a cleanup of what
 # only our builds left behind, with the build cache bounded (SVLLM_TEST_BUILD_CACHE_KEEP, docker's units).
@@ -488,7 +475,7 @@ def prepare_all() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["all", "docker", "base", "wheels", "build", "images"])
+    ap.add_argument("step", choices=["all", "docker", "base", "wheels", "images"])
     ap.add_argument("--force", action="store_true", help="rebuild the wheelhouses")
     a = ap.parse_args()
     if a.step == "images":
@@ -497,15 +484,13 @@ def main() -> None:
             return
         build_appliance()
         return
-    if a.step in ("all", "docker", "base", "build"):
+    if a.step in ("all", "docker", "base"):
         ensure_docker()
         ensure_compose()
-    if a.step in ("all", "base", "build"):
+    if a.step in ("all", "base"):
         ensure_base_image()
-    if a.step in ("all", "wheels", "build"):
+    if a.step in ("all", "wheels"):
         ensure_wheelhouse(force=a.force)
-    if a.step == "build":
-        print(build_images())
 
 
 if __name__ == "__main__":
