@@ -65,10 +65,17 @@ def test_idle_models_sleep_at_the_level_their_worker_can_hold_and_wake(tmp_path:
             assert [r["sleep_level"] for r in info["replicas"]] == [level], info
             wait_until(lambda a=alias: calls(log, a), 30, what=f"{alias}'s engine told to sleep")
             assert calls(log, alias) == [{"call": "sleep", "level": level}]
-        engines = {e["alias"]: e for e in stack.workers_by_id()["g1"]["engines"]}
-        assert engines["big"]["weights_bytes"] == 4 * host_memory().total_bytes
-        assert engines["small"]["weights_bytes"] == 1 << 20
-        assert (engines["small"]["sleep_level"], engines["big"]["sleep_level"]) == (1, 2)
+        # The worker's own account reaches the manager with its next heartbeat, after the engine's call.
+        def engines() -> dict[str, dict[str, Any]]:
+            return {e["alias"]: e for e in stack.workers_by_id()["g1"]["engines"]}
+
+        def levels() -> tuple[int | None, int | None]:
+            seen = engines()
+            return seen["small"]["sleep_level"], seen["big"]["sleep_level"]
+
+        wait_until(lambda: levels() == (1, 2), 30, what="the worker's heartbeat to report both levels")
+        assert engines()["big"]["weights_bytes"] == 4 * host_memory().total_bytes
+        assert engines()["small"]["weights_bytes"] == 1 << 20
         # A request wakes each one: level 1 with its memory back; level 2 by reloading its weights from disk, as
         # vLLM's own restore does (the double refuses to answer with discarded weights).
         client = stack.openai(timeout=60)
