@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -277,6 +278,38 @@ def session_for(stack: Stack, alias: str, worker: str) -> str:
         if replicas[best] == worker:
             return key
     raise AssertionError(f"no session key maps to {worker}")
+
+
+# Longer than the official clients' idle expiry (openai's and anthropic's httpx pools drop a connection idle 5 s),
+# which is also uvicorn's default keep-alive: a server closing at that moment races the client's next request.
+CLIENT_IDLE_EXPIRY_S = 5.0
+IDLE_PAST_CLIENTS_S = CLIENT_IDLE_EXPIRY_S + 0.5
+
+
+class IdleConnection:
+    """A keep-alive connection answered once, then reused after an idle spell: the service must have kept it open
+    (KEEP_ALIVE_TIMEOUT), not closed it as a client that still trusts it sends its next request."""
+
+    def __init__(self, port: int, path: str = "/health", headers: dict[str, str] | None = None) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.path, self.headers = path, headers or {}
+        self._get()
+        self.sock = self.conn.sock
+        self.since = time.monotonic()
+
+    def _get(self) -> None:
+        self.conn.request("GET", self.path, headers=self.headers)
+        resp = self.conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200 and not resp.will_close, (resp.status, resp.getheaders(), body)
+
+    def reuse_after(self, idle_s: float = IDLE_PAST_CLIENTS_S) -> None:
+        """Sleep what is left of `idle_s` since the first answer, then ask again on the same socket (a closed one
+        fails: http.client raises RemoteDisconnected or a reset)."""
+        time.sleep(max(0.0, self.since + idle_s - time.monotonic()))
+        self._get()
+        assert self.conn.sock is self.sock
+        self.conn.close()
 
 
 def descendants(pid: int) -> set[int]:

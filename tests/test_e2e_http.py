@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from .harness import Service, Stack, alive, descendants, engine_pids, free_port, wait_until
+from .harness import IdleConnection, Service, Stack, alive, descendants, engine_pids, free_port, wait_until
 
 ALIAS = "tiny"
 
@@ -93,6 +93,7 @@ def test_router_scales_out_to_several_processes(stack: Stack) -> None:
     )
     router.start()
     try:
+        idle = IdleConnection(port)  # gunicorn's own keep-alive (2 s) would close it: KEEP_ALIVE_TIMEOUT reaches it
         client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
         for _ in range(4):  # several connections land on both processes
             assert client.completions.create(model=ALIAS, prompt="x", max_tokens=2).choices
@@ -101,8 +102,17 @@ def test_router_scales_out_to_several_processes(stack: Stack) -> None:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
             raw = b"".join(iter(lambda: sock.recv(65536), b""))
         assert raw.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in raw, raw
+        idle.reuse_after()
     finally:
         router.stop()
+
+
+def test_idle_connections_outlast_the_clients_keep_alive(stack: Stack) -> None:
+    """Each service keeps an idle connection open longer than the official clients do (KEEP_ALIVE_TIMEOUT): closing
+    it at uvicorn's default 5 s, the same as their pools' expiry, resets the request a client sends just then."""
+    idle = [IdleConnection(s.port) for s in (stack.router, stack.manager, *stack.workers.values())]
+    for connection in idle:
+        connection.reuse_after()
 
 
 def test_unknown_model_is_404(stack: Stack) -> None:

@@ -32,7 +32,7 @@ import httpx
 import pytest
 from serverless_vllm.testing.ray_head import ray_head_args
 
-from .harness import VENV_BIN, Service, Stack, alive, descendants, engine_pids, free_ports, wait_until
+from .harness import VENV_BIN, IdleConnection, Service, Stack, alive, descendants, engine_pids, free_ports, wait_until
 
 ray = pytest.importorskip("ray")
 yaml = pytest.importorskip("yaml")
@@ -376,10 +376,12 @@ def test_ray_services_deploy(env: Env) -> None:
     assert listener_pid(env.serve_port) == int(health["router_id"].rsplit("-", 1)[1])
     assert httpx.get(f"http://127.0.0.1:{env.proxy_port}/health", timeout=10).json()["router_id"] == health["router_id"]
     # The dashboard shows both: the Serve application and the named manager actor.
-    apps = httpx.get(
+    details = httpx.get(
         f"{env.cluster.dashboard}/api/serve/applications/", headers=env.cluster.dashboard_headers, timeout=10
-    ).json()["applications"]
-    assert "router" in apps
+    ).json()
+    assert "router" in details["applications"]
+    # KEEP_ALIVE_TIMEOUT (its default, 75 s: Serve's own is 90) is Serve's, for its proxies and the replicas.
+    assert details["http_options"]["keep_alive_timeout_s"] == 75
     from ray.util.state import list_actors
 
     actors = list_actors(address=env.cluster.address, filters=[("name", "=", "manager")])
@@ -441,7 +443,9 @@ def test_openai_client_through_serve(env: Env) -> None:
 def test_slow_clients_are_cut_off_by_the_serve_router(env: Env) -> None:
     """Under direct ingress each router replica's server is built by Serve, which names no HTTP protocol: the replica
     makes uvicorn's default ours, so a client trickling its head is answered 408 after CLIENT_TIMEOUT, and what the
-    parser refuses is a 400 in the OpenAI shape (as in HTTP mode, dataplane/server_protocol.py)."""
+    parser refuses is a 400 in the OpenAI shape (as in HTTP mode, dataplane/server_protocol.py). An idle connection
+    stays open longer than the official clients keep theirs (KEEP_ALIVE_TIMEOUT, through Serve's HTTP options)."""
+    idle = IdleConnection(env.serve_port)
     trickled = socket.create_connection(("127.0.0.1", env.serve_port))
     trickled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
     for i in range(6):  # until 0.9 timeouts: its head is cut off at 1 to 1.25 however it trickles
@@ -457,6 +461,7 @@ def test_slow_clients_are_cut_off_by_the_serve_router(env: Env) -> None:
         head, _, rest = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 %d " % status), raw
         assert json.loads(rest)["error"]["code"] == code, raw
+    idle.reuse_after()
 
 
 def test_errors_cross_ray_intact(env: Env) -> None:
@@ -638,6 +643,7 @@ def test_proxy_ingress_two_router_replicas_keep_their_own_consistent_tables(env:
     wait_until_bindable("127.0.0.1", env.serve_port, reuse_address=True)
     env.router_replicas = 2
     env.deploy("--ingress", "proxy")
+    idle = IdleConnection(env.serve_port)  # Serve's proxy: KEEP_ALIVE_TIMEOUT through its HTTP options
     status = yaml.safe_load(env.cluster.cli("serve", "status", "-a", env.cluster.dashboard))
     assert status["applications"]["router"]["deployments"]["Router"]["replica_states"] == {"RUNNING": 2}
     assert listener_pid(env.serve_port) not in {int(r.rsplit("-", 1)[1]) for r in router_healths(env)}
@@ -667,3 +673,4 @@ def test_proxy_ingress_two_router_replicas_keep_their_own_consistent_tables(env:
     assert len({h["routing_epoch"] for h in healths.values()}) == 1
     for _ in range(6):  # whichever replica answers, the ready model is served
         assert completion(env) is not None
+    idle.reuse_after()

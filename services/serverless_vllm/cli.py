@@ -46,12 +46,14 @@ def _server(
     `drain_s`: how long the server, stopping, waits for the requests in flight (ROUTER_DRAIN_TIMEOUT for a router)."""
     # Access lines at debug only (the hot path should not pay for logging); one socket write per response, and a
     # timeout for clients that stall (server_protocol.py).
+    cli = CliSettings.from_env()
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=level.lower(),
-        http=CoalescingHttpToolsProtocol.configured(),
+        http=CoalescingHttpToolsProtocol.with_client_timeout(cli.client_timeout_s),
+        timeout_keep_alive=cli.keep_alive_s,
         access_log=level.lower() == "debug",
         timeout_graceful_shutdown=math.ceil(drain_s),  # whole seconds (uvicorn's type)
     )
@@ -122,6 +124,8 @@ def cmd_router(args: argparse.Namespace) -> None:
                 f"{settings.host}:{settings.port}",
                 "--graceful-timeout",
                 str(math.ceil(settings.drain_timeout_s)),  # gunicorn takes whole seconds
+                "--keep-alive",  # gunicorn's default is 2 s (its workers' uvicorn takes it)
+                str(CliSettings.from_env().keep_alive_s),
                 "serverless_vllm.router.app:app_from_env()",
             ],
         )

@@ -556,6 +556,32 @@ def test_a_router_stopping_waits_for_its_requests_as_router_drain_timeout_says(m
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
+def test_idle_connections_outlast_the_official_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEEP_ALIVE_TIMEOUT: longer by default than the idle expiry of the official clients' pools (which the services'
+    tests wait out with tests/harness.py's IdleConnection), and handed to gunicorn's processes and Serve's options."""
+    import httpx
+    from anthropic._constants import DEFAULT_CONNECTION_LIMITS as anthropic_limits
+    from openai._constants import DEFAULT_CONNECTION_LIMITS as openai_limits
+    from serverless_vllm.ray_mode.ingress import serve_start_options
+    from serverless_vllm.ray_mode.services import RayServicesSettings
+
+    from ..harness import CLIENT_IDLE_EXPIRY_S
+
+    expiries = {openai_limits.keepalive_expiry, anthropic_limits.keepalive_expiry, httpx.Limits().keepalive_expiry}
+    assert expiries == {CLIENT_IDLE_EXPIRY_S}
+    assert CliSettings().keep_alive_s > CLIENT_IDLE_EXPIRY_S and RayServicesSettings().keep_alive_s == 75
+    monkeypatch.setenv("KEEP_ALIVE_TIMEOUT", "90")
+    launched = Launched(monkeypatch)
+    launched("router", "--workers", "2")
+    execs = launched.execs[-1]
+    assert execs[execs.index("--keep-alive") + 1] == "90"
+    services = vars(launched("ray-services", "--address", "", "--detach")["RaySettings"])
+    assert services["keep_alive_s"] == 90
+    for ingress in ("direct", "proxy"):
+        assert serve_start_options(ingress, "h", 1, 2, 90)["http_options"]["keep_alive_timeout_s"] == 90
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
 def test_ray_services_settings_fit_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
     from serverless_vllm.ray_mode.services import RayServicesSettings

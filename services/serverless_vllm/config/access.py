@@ -153,6 +153,17 @@ class CliSettings(_Settings):
         description="seconds a client may take to send a request's head, or pause its body (then 408 and the "
         "connection closed), or leave an answer unread (the connection aborted): slow clients (0: no limit)",
     )
+    # Longer than the idle expiry of the clients that reuse connections: the official openai and anthropic clients
+    # (httpx) drop a connection idle 5 s, and a server that closes at the same 5 s (uvicorn's default) races them:
+    # a request sent as the server closes is reset (a busy router's loop runs the due close before it reads the
+    # bytes already there). nginx's default; above the 60 s of common load balancers' idle timeouts.
+    keep_alive_s: int = _setting(
+        75,
+        env="KEEP_ALIVE_TIMEOUT",
+        ge=1,
+        description="seconds an idle keep-alive connection stays open between requests: longer than any "
+        "client's or load balancer's idle timeout in front of the service (theirs close first, without a race)",
+    )
     router_url: str = _setting(
         "http://127.0.0.1:18000", env="ROUTER_URL", description="the router `svllm register` and `svllm status` talk to"
     )

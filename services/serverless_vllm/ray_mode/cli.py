@@ -65,13 +65,15 @@ def ray_services_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Man
     """The keyword arguments of RayServicesSettings (from RaySettings and the command's own flags), and the
     manager's settings (the actor's database path made absolute: the actor does not run in this directory)."""
     options = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
+    cli = CliSettings.from_env()
     services = {
         **RaySettings.from_env(**flag_values(args, RaySettings)).model_dump(),
         **options,
         "manager_name": args.manager_name,
         "app_name": args.app_name,
         "access_log": args.log_level.lower() == "debug",
-        "client_timeout_s": CliSettings.from_env().client_timeout_s,
+        "client_timeout_s": cli.client_timeout_s,
+        "keep_alive_s": cli.keep_alive_s,
         "pin_manager_to_head": not args.no_pin_manager,
     }
     manager = ManagerSettings.from_env(**flag_values(args, ManagerSettings))

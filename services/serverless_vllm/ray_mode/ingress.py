@@ -49,13 +49,16 @@ def replica_env() -> dict[str, str]:
     }
 
 
-def serve_start_options(ingress: Ingress, host: str, port: int, proxy_port: int) -> dict[str, Any]:
+def serve_start_options(ingress: Ingress, host: str, port: int, proxy_port: int, keep_alive_s: int) -> dict[str, Any]:
     """Keyword arguments of serve.start(). Under direct ingress Serve still runs one proxy on the head node; it
-    gets `proxy_port`, out of the replicas' way."""
+    gets `proxy_port`, out of the replicas' way. `keep_alive_s` (KEEP_ALIVE_TIMEOUT) reaches the proxies' servers
+    and, under direct ingress, the replicas' (they take the controller's HTTP options)."""
     if ingress == "proxy":
-        return {"http_options": {"host": host, "port": port, "location": "EveryNode"}}
+        return {
+            "http_options": {"host": host, "port": port, "location": "EveryNode", "keep_alive_timeout_s": keep_alive_s}
+        }
     return {
-        "http_options": {"host": host, "port": proxy_port},
+        "http_options": {"host": host, "port": proxy_port, "keep_alive_timeout_s": keep_alive_s},
         "controller_options": {"runtime_env": {"env_vars": controller_env(port)}},
     }
 

@@ -43,6 +43,8 @@ class RayServicesSettings(BaseModel):
     access_log: bool = False  # Serve's line per request (LOG_LEVEL=debug turns it on, as in HTTP mode)
     # CLIENT_TIMEOUT, for the router replicas' own servers (direct ingress).
     client_timeout_s: float = CliSettings.model_fields["client_timeout_s"].default
+    # KEEP_ALIVE_TIMEOUT, for Serve's proxies and the replicas' servers.
+    keep_alive_s: int = CliSettings.model_fields["keep_alive_s"].default
     pin_manager_to_head: bool = True
     # Replace a running manager actor (new settings or credentials, an upgrade); registrations stay in SQLite.
     replace_manager: bool = False
@@ -120,7 +122,11 @@ def deploy(
         health["epoch"],
         health["models"],
     )
-    serve.start(**serve_start_options(settings.ingress, settings.host, settings.port, settings.proxy_port))
+    serve.start(
+        **serve_start_options(
+            settings.ingress, settings.host, settings.port, settings.proxy_port, settings.keep_alive_s
+        )
+    )
     app = router_application(
         router,
         auth,
