@@ -65,6 +65,7 @@ def test_idle_models_sleep_at_the_level_their_worker_can_hold_and_wake(tmp_path:
             assert [r["sleep_level"] for r in info["replicas"]] == [level], info
             wait_until(lambda a=alias: calls(log, a), 30, what=f"{alias}'s engine told to sleep")
             assert calls(log, alias) == [{"call": "sleep", "level": level}]
+
         # The worker's own account reaches the manager with its next heartbeat, after the engine's call.
         def engines() -> dict[str, dict[str, Any]]:
             return {e["alias"]: e for e in stack.workers_by_id()["g1"]["engines"]}
