@@ -110,25 +110,9 @@ def cmd_router(args: argparse.Namespace) -> None:
         # Stateless apart from its table, so N processes each keep their own and share the port. Each reads its
         # settings with from_env: the flags reach it as their environment variables.
         os.environ.update(settings.to_env("host", "port", "manager_url"))
-        os.execvp(
-            sys.executable,
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--workers",
-                str(settings.processes),
-                "--worker-class",
-                "serverless_vllm.dataplane.gunicorn_worker.CoalescingUvicornWorker",
-                "--bind",
-                f"{settings.host}:{settings.port}",
-                "--graceful-timeout",
-                str(math.ceil(settings.drain_timeout_s)),  # gunicorn takes whole seconds
-                "--keep-alive",  # gunicorn's default is 2 s (its workers' uvicorn takes it)
-                str(CliSettings.from_env().keep_alive_s),
-                "serverless_vllm.router.app:app_from_env()",
-            ],
-        )
+        from .dataplane.gunicorn_worker import gunicorn_argv
+
+        os.execvp(sys.executable, gunicorn_argv(settings, CliSettings.from_env().keep_alive_s))
     app = router_app(settings)
     _run(_server(app, settings.host, settings.port, args.log_level, drain_s=settings.drain_timeout_s).serve())
 
