@@ -4,13 +4,17 @@ internet. A hub model registered at zero replicas is prefetched to the worker, w
 `GET /v1/models/{alias}` and the metrics; bad sources (a missing repository, a wrong revision, a model bigger than
 the disk) fail their models with a clear `last_error`, which a client asking for them is told; and the cold start
 of the prefetched model, a real CPU vLLM engine loading `testorg/tiny` by its hub id, takes every file from the
-cache: the stand-in sends none during the start.
+cache: the stand-in sends none during the start. Then the hub goes away (nothing listens at its address): a model
+already whole in the worker's cache still starts, offline.
 
-The tests share one stack and run in file order; the last one starts the engine.
+The tests share one stack and run in file order; the last two start engines.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +26,13 @@ import pytest
 from .harness import Stack, wait_until
 from .hub_double import HubDouble
 
-TINY, HUGE = "testorg/tiny", "testorg/huge"
+TINY, HUGE, COPY = "testorg/tiny", "testorg/huge", "testorg/copy"
 
 
 @pytest.fixture(scope="module")
 def hub(tiny_model: Path) -> Iterator[HubDouble]:
-    double = HubDouble({TINY: tiny_model, HUGE: tiny_model}, claimed_sizes={(HUGE, "model.safetensors"): 2**50})
+    repos = {TINY: tiny_model, HUGE: tiny_model, COPY: tiny_model}
+    double = HubDouble(repos, claimed_sizes={(HUGE, "model.safetensors"): 2**50})
     yield double.start()
     double.stop()
 
@@ -116,3 +121,23 @@ def test_a_cold_start_takes_the_prefetched_files_from_the_cache(stack: Stack, hu
     # files were current), but downloaded none of them.
     assert any(TINY in path for _, path in hub.requests[mark:]), hub.requests[mark:]
     assert hub.downloads(mark) == [], hub.downloads(mark)
+
+
+def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Stack, hub: HubDouble) -> None:
+    """A worker whose hub cannot be reached (a proxy or mirror down, no network) still starts a model its cache holds
+    whole: its prefetch finds it there, and the engine starts with HF_HUB_OFFLINE (worker/hub_download.py). Started
+    online, vLLM retries the hub for each file it looks up and fails after about 107 s, every file on disk."""
+    # The copy reached the worker's cache before the outage, by another way than its prefetch (never asked for).
+    worker_env = {**os.environ, **stack.env}
+    fill = [sys.executable, "-c", f"import huggingface_hub as h; h.snapshot_download({COPY!r})"]
+    subprocess.run(fill, env=worker_env, check=True, capture_output=True, timeout=120)
+    assert httpx.delete(f"{stack.router.url}/v1/models/tiny", timeout=60).status_code == 200  # the one slot
+    hub.stop()
+    register(stack, "copy", COPY)
+    wait_until(lambda: stack.model("copy")["cache"]["w1"]["state"] == "cached", 60, what="the copy found in the cache")
+    client = stack.openai(timeout=600)
+    reply = client.chat.completions.create(
+        model="copy", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+    assert stack.model("copy")["state"] == "ready"

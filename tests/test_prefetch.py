@@ -22,7 +22,7 @@ from serverless_vllm.schemas import CacheFault, CacheState, CacheStatus, Prefetc
 from serverless_vllm.worker.hub_download import describe, ignore_patterns
 from serverless_vllm.worker.prefetch import Prefetcher
 
-from .harness import alive
+from .harness import alive, free_port
 from .hub_double import HubDouble
 
 TINY, HUGE = "testorg/tiny", "testorg/huge"
@@ -162,6 +162,33 @@ async def test_an_offline_worker_only_checks_its_cache(hub: HubDouble, tmp_path:
     assert huge.error is not None and "without its weights" in huge.error and "HF_HUB_OFFLINE" in huge.error
     assert len(hub.requests) == before  # it asked the hub nothing
     await offline.close()
+
+
+async def test_an_unreachable_hub_leaves_a_cached_model_to_start_offline(hub: HubDouble, tmp_path: Path) -> None:
+    """The hub unreachable (nothing listens at its address: a proxy or mirror down, no network): a model whole in the
+    cache is cached `offline`, for its engines to start with HF_HUB_OFFLINE (vLLM started online fails after about
+    107 s of retries, every file on disk); one the cache lacks fails as the hub's to blame."""
+    online = Prefetcher(env=hub_env(hub, tmp_path))
+    online.update([order(TINY)])
+    await until(online, settled)
+    assert not online.offline(TINY, None)
+    await online.close()
+    fetch_config = f"import huggingface_hub as h; h.hf_hub_download({HUGE!r}, 'config.json')"  # no weights
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", fetch_config, env=hub_env(hub, tmp_path))
+    assert await proc.wait() == 0
+    dead = f"http://127.0.0.1:{free_port()}"
+    cut_off = Prefetcher(env={**hub_env(hub, tmp_path), "HF_ENDPOINT": dead})
+    cut_off.update([order(TINY), order(HUGE), order("testorg/other")])
+    await until(cut_off, settled)
+    by_model = {s.model_name: s for s in cut_off.statuses()}
+    tiny = by_model[TINY]
+    assert tiny.state is CacheState.CACHED and tiny.bytes == tiny.total and tiny.bytes > 800_000, tiny
+    assert cut_off.offline(TINY, None) and not cut_off.offline(HUGE, None) and not cut_off.offline(TINY, "v2")
+    for name in (HUGE, "testorg/other"):
+        status = by_model[name]
+        assert status.state is CacheState.FAILED and status.fault is CacheFault.OTHER, status
+        assert status.error is not None and status.error.startswith(f"cannot reach {dead} to download {name!r}")
+    await cut_off.close()
 
 
 async def test_a_model_no_longer_asked_for_stops_downloading(hub: HubDouble, tmp_path: Path) -> None:

@@ -230,6 +230,7 @@ class WorkerAgent:
                         on_change=self.nudge,
                         client=self._engine_client,
                         fork_server=self.fork_server,
+                        hub_offline=self.prefetcher.offline(assignment.model_name, assignment.engine.revision),
                     )
                     self.engines[rid] = engine
                     self.metrics.engine_started(engine)

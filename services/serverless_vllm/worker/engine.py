@@ -104,8 +104,10 @@ class EngineProcess:
         on_change: Callable[[], None] | None = None,
         client: httpx.AsyncClient | None = None,
         fork_server: ForkServer | None = None,
+        hub_offline: bool = False,
     ) -> None:
         self.assignment = assignment
+        self.hub_offline = hub_offline  # its model whole in the cache, the hub unreachable (worker/prefetch.py)
         self.fork_server = fork_server  # starts fork from it when it is there (fork_server.py)
         self.settings = settings
         self.has_gpu = has_gpu
@@ -250,6 +252,8 @@ class EngineProcess:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM's CPU platform refuses 'uni' without it
             if self.settings.cpu_engine_core_fork:
                 fork_engine_core(env)  # EngineCore forked from the imported API server (engine_core_fork.py)
+        if self.hub_offline:
+            env["HF_HUB_OFFLINE"] = "1"  # online, vLLM would retry the hub for minutes, then fail
         if self.assignment.engine.enable_lora:
             # The runtime adapter API (worker/adapters.py); on loopback, and the worker relays no such route.
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

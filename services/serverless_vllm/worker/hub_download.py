@@ -12,8 +12,14 @@ What it tells its parent, one JSON object a line on stdout:
 
     {"event": "listed", "total": N}           the size of the files to have, once listed
     {"event": "progress", "bytes": N}         every PROGRESS_S while downloading: what the cache holds so far
-    {"event": "done", "bytes": N}
+    {"event": "done", "bytes": N}             ("offline": true when the hub could not be reached and the cache
+                                              already held the model: its engines must start offline, see below)
     {"event": "failed", "error": "...", "fault": "source"}   source, worker or other (schemas.CacheFault)
+
+A hub that cannot be reached (no network, a proxy or mirror down) with the model already whole in the cache is not a
+failure: vLLM itself, started online, retries the hub for each file it looks up and then gives up (about 107 s with
+the connection refused, then the engine fails, though every file is on disk). The cache is checked as offline, and
+the worker starts that model's engines with HF_HUB_OFFLINE (worker/prefetch.py, worker/engine.py).
 
 A child process rather than a thread: it is killed when the model is deleted or the worker stops (a thread cannot be
 stopped in the middle of a file), and its downloads never compete with the worker's event loop for the GIL.
@@ -97,6 +103,35 @@ def in_cache(storage: Path, commit: str, files: Iterable[str]) -> int:
     return done
 
 
+def cached_size(repo: str, revision: str | None, why_offline: str) -> int:
+    """The size of the model's snapshot in the cache, found without the hub; Failure when it is not there whole."""
+    from huggingface_hub import snapshot_download
+
+    label = _label(repo, revision)
+    try:
+        folder = snapshot_download(repo, revision=revision, local_files_only=True, ignore_patterns=_NEVER)
+    except Exception as exc:
+        raise Failure(
+            f"{label} is not in this worker's Hugging Face cache, and {why_offline} "
+            f"({type(exc).__name__}): its engines could not download it either",
+            CacheFault.WORKER,
+        ) from exc
+    present = [f for f in Path(folder).rglob("*") if f.is_file()]
+    if not any(f.suffix in (".safetensors", ".bin", ".pt", ".pth") for f in present):  # only a config fetched
+        raise Failure(
+            f"{label} is in this worker's Hugging Face cache without its weights, and {why_offline}: "
+            "its engines could not download them either",
+            CacheFault.WORKER,
+        )
+    return sum(f.stat().st_size for f in present)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The hub could not be reached at all (no answer), as opposed to an answer that refuses."""
+    name = type(exc).__name__
+    return "Connect" in name or "Timeout" in name
+
+
 def describe(exc: BaseException, repo: str, revision: str | None, endpoint: str, cache: str) -> tuple[str, CacheFault]:
     """What went wrong, in one sentence, and whose fault it is."""
     from huggingface_hub import errors
@@ -122,7 +157,7 @@ def describe(exc: BaseException, repo: str, revision: str | None, endpoint: str,
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on this worker's disk for {label} (Hugging Face cache {cache}): {exc}", CacheFault.WORKER
     name = type(exc).__name__
-    if "Connect" in name or "Timeout" in name:
+    if unreachable(exc):
         return f"cannot reach {endpoint} to download {label}: {name}: {exc}", CacheFault.OTHER
     return f"download of {label} failed: {name}: {exc}", CacheFault.OTHER
 
@@ -133,26 +168,22 @@ def fetch(repo: str, revision: str | None, emit: Emit) -> None:
     from huggingface_hub.file_download import repo_folder_name
 
     if constants.HF_HUB_OFFLINE:
-        try:
-            folder = snapshot_download(repo, revision=revision, local_files_only=True, ignore_patterns=_NEVER)
-        except Exception as exc:
-            raise Failure(
-                f"{_label(repo, revision)} is not in this worker's Hugging Face cache, and HF_HUB_OFFLINE is set "
-                f"there ({type(exc).__name__}): its engines could not download it either",
-                CacheFault.WORKER,
-            ) from exc
-        present = [f for f in Path(folder).rglob("*") if f.is_file()]
-        if not any(f.suffix in (".safetensors", ".bin", ".pt", ".pth") for f in present):  # only a config fetched
-            raise Failure(
-                f"{_label(repo, revision)} is in this worker's Hugging Face cache without its weights, and "
-                "HF_HUB_OFFLINE is set there: its engines could not download them either",
-                CacheFault.WORKER,
-            )
-        size = sum(f.stat().st_size for f in present)
+        size = cached_size(repo, revision, "HF_HUB_OFFLINE is set there")
         emit({"event": "listed", "total": size})
         emit({"event": "done", "bytes": size})
         return
-    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        try:
+            size = cached_size(repo, revision, "the hub cannot be reached")
+        except Failure:
+            raise exc from None  # nothing to start from: the hub's error is the one to tell
+        emit({"event": "listed", "total": size})
+        emit({"event": "done", "bytes": size, "offline": True})
+        return
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     ignore = ignore_patterns(sizes)
     files = [f for f in sizes if not any(fnmatch.fnmatch(f, pattern) for pattern in ignore)]  # as snapshot_download

@@ -6,7 +6,9 @@ is reported in the next heartbeats.
 An engine start never waits for its prefetch: vLLM downloads what it lacks itself, and huggingface_hub's file locks
 keep the two from writing the same file twice. A model the manager no longer asks for is forgotten (its download
 killed if under way); its files stay in the cache. A failed download is tried again after RETRY_AFTER_S, if still
-asked for.
+asked for. A model found whole in the cache while the hub could not be reached is cached `offline`: the worker
+starts its engines with HF_HUB_OFFLINE (hub_download.py says why), until the worker restarts or the model is no
+longer asked for.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class _Entry:
     fault: CacheFault | None = None
     failed_at: float | None = None  # monotonic
     started_at: float | None = None
+    offline: bool = False  # cached from the cache alone, the hub unreachable: its engines start offline
 
 
 class Prefetcher:
@@ -100,6 +103,12 @@ class Prefetcher:
             for (model, revision), e in self._entries.items()
         ]
 
+    def offline(self, model: str, revision: str | None) -> bool:
+        """Whether this model's engines must start offline (HF_HUB_OFFLINE): its prefetch found the hub unreachable
+        and the model whole in the cache, where vLLM, started online, would fail after minutes of retries."""
+        entry = self._entries.get((model, revision))
+        return entry is not None and entry.offline
+
     async def close(self) -> None:
         if self._current is not None and self._current[1].returncode is None:
             self._current[1].kill()
@@ -153,6 +162,7 @@ class Prefetcher:
                     entry.total = int(event["total"])
                 elif event.get("event") in ("progress", "done"):
                     entry.bytes = int(event["bytes"])
+                    entry.offline = event.get("offline") is True
                 if event.get("event") in ("done", "failed"):
                     outcome = event
             await proc.wait()
@@ -168,7 +178,8 @@ class Prefetcher:
             entry.state, entry.total = CacheState.CACHED, entry.total if entry.total is not None else entry.bytes
             entry.bytes = max(entry.bytes, entry.total or 0)
             self._on_done(model, "cached", time.monotonic() - (entry.started_at or 0))
-            log.info("prefetched %s: %d bytes in the cache", _label(key), entry.bytes)
+            how = " (the hub unreachable: found whole in the cache, its engines start offline)" if entry.offline else ""
+            log.info("prefetched %s: %d bytes in the cache%s", _label(key), entry.bytes, how)
             self._on_change()
         elif outcome is not None and outcome["event"] == "failed":
             self._finish(key, entry, str(outcome["error"]), _fault(outcome.get("fault")))
