@@ -158,7 +158,9 @@ def echo_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "DROPPED"}
 
 
-async def fork_echo(server: ForkServer, env: dict[str, str], *argv: str, timeout: float = 30) -> list[str] | None:
+async def fork_echo(
+    server: ForkServer, env: dict[str, str], *argv: str, timeout: float = 30, module: str = "echo_engine"
+) -> list[str] | None:
     """Fork the echo module; its output lines once it exited, with its exit code last, or None (no fork)."""
     lines: list[str] = []
 
@@ -166,7 +168,7 @@ async def fork_echo(server: ForkServer, env: dict[str, str], *argv: str, timeout
         while line := await stream.readline():
             lines.append(line.decode().rstrip())
 
-    launch = await server.fork("echo_engine", list(argv), env, port=1, name="r-echo", pump=pump, timeout=timeout)
+    launch = await server.fork(module, list(argv), env, port=1, name="r-echo", pump=pump, timeout=timeout)
     if launch is None:
         return None
     code = await asyncio.wait_for(asyncio.shield(launch.exited), 30)
@@ -189,6 +191,32 @@ async def test_a_fork_runs_the_module_as_main_with_its_arguments_environment_and
         # Another module than the server's: not forked.
         other = await s.fork(ENGINE_MODULE, [], env, port=1, name="r", pump=lambda _: asyncio.sleep(0), timeout=5)
         assert other is None
+    finally:
+        await s.stop()
+
+
+# The echo module, but with huggingface_hub imported by the server, as vLLM's server imports it.
+_HUB_ECHO = "import huggingface_hub.constants as c\nif __name__ == '__main__':\n    print('OFFLINE', c.HF_HUB_OFFLINE)"
+
+
+async def test_an_engine_started_offline_is_not_forked_from_a_server_started_online(
+    echo_env: dict[str, str], tmp_path: Path
+) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: a child forked from a server that imported it online
+    would look the model up on the hub though its environment says offline (with the hub down, vLLM then fails after
+    minutes of retries). Such an engine starts plainly (fork() gives None); one whose value is the server's forks."""
+    (tmp_path / "hub_echo.py").write_text(_HUB_ECHO)
+    online = echo_env | {"HF_HUB_OFFLINE": "0"}
+    s = ForkServer(True, lambda: online, nice=0, busy=lambda: False, module="hub_echo")
+    s.start()
+    try:
+        await ready_server(s)
+        lines = await fork_echo(s, online, module="hub_echo")
+        assert lines is not None and lines[-2:] == ["OFFLINE False", "exit 0"], lines
+        for offline in ({"HF_HUB_OFFLINE": "1"}, {"TRANSFORMERS_OFFLINE": "1"}):
+            lines = await fork_echo(s, online | offline, module="hub_echo")
+            assert lines is None, lines  # forked, it would print OFFLINE False
+        assert s.forks == 1
     finally:
         await s.stop()
 

@@ -40,6 +40,9 @@ PROGRAM = os.path.abspath(fork_server_main.__file__)
 MAX_FAILURES = 5
 UNKNOWN_EXIT = 255  # the status of a child whose fork server died before it: the kernel gave it to init
 _CHECK_S = 1.0
+# What the server's imports read once and keep (huggingface_hub's offline switch, which vLLM and transformers ask):
+# an engine whose value differs, one started offline while the hub is down (prefetch.py), is started plainly.
+READ_AT_IMPORT = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _MAX_REPORT = 1 << 16
 
 Pump = Callable[[asyncio.StreamReader], Coroutine[Any, Any, None]]
@@ -93,6 +96,7 @@ class ForkServer:
         self.module = module
         self._program = program  # another program only to inject faults in tests
         self.launch: Launch | None = None  # the server process
+        self._launched_env: dict[str, str] = {}  # its environment
         self.ready = False  # its imports are done
         self.lines: deque[str] = deque(maxlen=30)  # its own output: why it died, when it does
         self._control: socket.socket | None = None
@@ -138,6 +142,9 @@ class ForkServer:
         them (still sooner than a plain start); `stop` ends that wait at once. `rpc_dir`: as spawn.launch's."""
         control = self._control
         if module != self.module or control is None or not self.alive:
+            return None
+        if any(env.get(name) != self._launched_env.get(name) for name in READ_AT_IMPORT):
+            log.info("engine %s starts plainly: its %s differs from the fork server's", name, "/".join(READ_AT_IMPORT))
             return None
         read_fd, write_fd = os.pipe()
         self._orders += 1
@@ -234,10 +241,11 @@ class ForkServer:
         self.ready = False
         self.lines.clear()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._launched_env = self._environment()
         try:
             self.launch = await spawn.launch(
                 [sys.executable, self._program, self.module],
-                self._environment(),
+                self._launched_env,
                 port=0,
                 nice=self._nice,
                 pump=self._pump,
