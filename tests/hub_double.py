@@ -100,6 +100,12 @@ class HubDouble:
         self._server.shutdown()
         self._server.server_close()
 
+    def resume(self) -> HubDouble:
+        """Listen again at the same address after stop(): the hub back after an outage."""
+        self._server = ThreadingHTTPServer(self._server.server_address[:2], _handler(self))
+        self._server.daemon_threads = True
+        return self.start()
+
     def record(self, method: str, path: str) -> None:
         with self._lock:
             self.requests.append((method, path))

@@ -4,15 +4,17 @@ internet. A hub model registered at zero replicas is prefetched to the worker, w
 `GET /v1/models/{alias}` and the metrics; bad sources (a missing repository, a wrong revision, a model bigger than
 the disk) fail their models with a clear `last_error`, which a client asking for them is told; and the cold start
 of the prefetched model, a real CPU vLLM engine loading `testorg/tiny` by its hub id, takes every file from the
-cache: the stand-in sends none during the start. Then the hub goes away (nothing listens at its address): a model
-already whole in the worker's cache still starts, offline.
+cache: the stand-in sends none during the start. Then the hub goes away (nothing listens at its address): the
+worker's probe finds it down, and that engine, killed, restarts offline; a model whole in the worker's cache but
+registered during the outage starts offline too.
 
-The tests share one stack and run in file order; the last two start engines.
+The tests share one stack and run in file order; the last three start engines.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, hub: HubDouble) -> Iterator[
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp / "hf"),
         "HF_HUB_OFFLINE": "0",  # the harness's default is 1: no hub on these machines, but this one is ours
+        "HUB_PROBE_INTERVAL": "0.5",
     }
     s = Stack(tmp, env=env).start(workers=1)
     try:
@@ -123,16 +126,47 @@ def test_a_cold_start_takes_the_prefetched_files_from_the_cache(stack: Stack, hu
     assert hub.downloads(mark) == [], hub.downloads(mark)
 
 
-def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Stack, hub: HubDouble) -> None:
-    """A worker whose hub cannot be reached (a proxy or mirror down, no network) still starts a model its cache holds
-    whole: its prefetch finds it there, and the engine starts with HF_HUB_OFFLINE (worker/hub_download.py). Started
-    online, vLLM retries the hub for each file it looks up and fails after about 107 s, every file on disk."""
-    # The copy reached the worker's cache before the outage, by another way than its prefetch (never asked for).
+def hub_up(stack: Stack, hub: HubDouble) -> str | None:
+    """What the worker's last probe of the hub found (its svllm_worker_hub_up), or None before the first."""
+    prefix = f'svllm_worker_hub_up{{endpoint="{hub.url}"}} '
+    text = httpx.get(f"{stack.workers['w1'].url}/metrics", timeout=10).text
+    return next((line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)), None)
+
+
+def test_a_cached_model_restarts_offline_once_the_hub_stops_answering(stack: Stack, hub: HubDouble) -> None:
+    """tiny was cached and started while the hub answered. The hub goes away: the worker's probe finds it down, and
+    the engine, killed, restarts offline and serves. Restarted online, vLLM would retry the hub for each file and
+    fail after about 107 s (the restart, and the cold start after a scale to zero, ask the same question)."""
+    wait_until(lambda: hub_up(stack, hub) == "1.0", 30, what="the worker's probe to find the hub up")
+    # For the next test: the copy reaches the worker's cache before the outage, by another way than its prefetch.
     worker_env = {**os.environ, **stack.env}
     fill = [sys.executable, "-c", f"import huggingface_hub as h; h.snapshot_download({COPY!r})"]
     subprocess.run(fill, env=worker_env, check=True, capture_output=True, timeout=120)
-    assert httpx.delete(f"{stack.router.url}/v1/models/tiny", timeout=60).status_code == 200  # the one slot
     hub.stop()
+    wait_until(lambda: hub_up(stack, hub) == "0.0", 30, what="the worker's probe to find the hub down")
+    (engine,) = stack.workers_by_id()["w1"]["engines"]
+    assert engine["alias"] == "tiny" and engine["state"] == "ready" and engine["restarts"] == 0, engine
+    os.killpg(engine["pid"], signal.SIGKILL)  # the engine leads its own process group
+
+    def restarted() -> bool:
+        (now,) = stack.workers_by_id()["w1"]["engines"]
+        assert now["state"] != "failed", now
+        return now["restarts"] == 1 and now["state"] == "ready"
+
+    wait_until(restarted, 300, what="tiny's engine to restart")
+    client = stack.openai(timeout=60)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+
+
+def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Stack, hub: HubDouble) -> None:
+    """A worker whose hub cannot be reached (a proxy or mirror down, no network) still starts a model its cache holds
+    whole: its prefetch finds it there, and the engine starts with HF_HUB_OFFLINE (worker/hub_download.py). Started
+    online, vLLM retries the hub for each file it looks up and fails after about 107 s, every file on disk. (The copy
+    was put in the cache by the test before, while the hub answered.)"""
+    assert httpx.delete(f"{stack.router.url}/v1/models/tiny", timeout=60).status_code == 200  # the one slot
     register(stack, "copy", COPY)
     wait_until(lambda: stack.model("copy")["cache"]["w1"]["state"] == "cached", 60, what="the copy found in the cache")
     client = stack.openai(timeout=600)

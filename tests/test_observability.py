@@ -268,6 +268,7 @@ def test_promtool_checks_config_rules_and_rule_tests(promtool: str) -> None:
         "SvllmModelQueuedWithoutReplica",
         "SvllmHighErrorRate",
         "SvllmHeartbeatAgeHigh",
+        "SvllmHubUnreachable",
     } <= alerts
 
 

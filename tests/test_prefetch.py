@@ -24,6 +24,7 @@ from serverless_vllm.worker.prefetch import Prefetcher
 
 from .harness import alive, free_port
 from .hub_double import HubDouble
+from .test_fork_server import eventually
 
 TINY, HUGE = "testorg/tiny", "testorg/huge"
 
@@ -177,7 +178,8 @@ async def test_an_unreachable_hub_leaves_a_cached_model_to_start_offline(hub: Hu
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", fetch_config, env=hub_env(hub, tmp_path))
     assert await proc.wait() == 0
     dead = f"http://127.0.0.1:{free_port()}"
-    cut_off = Prefetcher(env={**hub_env(hub, tmp_path), "HF_ENDPOINT": dead})
+    # The hub watch off: this is the prefetch's own finding (the watch's is the test below).
+    cut_off = Prefetcher(env={**hub_env(hub, tmp_path), "HF_ENDPOINT": dead}, probe_interval_s=0)
     cut_off.update([order(TINY), order(HUGE), order("testorg/other")])
     await until(cut_off, settled)
     by_model = {s.model_name: s for s in cut_off.statuses()}
@@ -189,6 +191,37 @@ async def test_an_unreachable_hub_leaves_a_cached_model_to_start_offline(hub: Hu
         assert status.state is CacheState.FAILED and status.fault is CacheFault.OTHER, status
         assert status.error is not None and status.error.startswith(f"cannot reach {dead} to download {name!r}")
     await cut_off.close()
+
+
+async def test_cached_models_start_offline_while_the_hub_watch_finds_it_down(hub: HubDouble, tmp_path: Path) -> None:
+    """The hub watch (worker/hub_watch.py): a model cached while the hub answered starts offline once the probe finds
+    the hub down, and online again once it answers; one cached `offline` (its prefetch could not reach the hub) is
+    fetched again then (its revision may have moved meanwhile)."""
+    seen: list[tuple[str, bool]] = []
+    online = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.2, on_hub=lambda url, up: seen.append((url, up)))
+    online.update([order(TINY)])
+    await until(online, settled)
+    assert await eventually(lambda: online.hub.up is True, 10) and not online.offline(TINY, None)
+    hub.stop()
+    assert await eventually(lambda: online.hub.down, 10)
+    assert online.offline(TINY, None) and not online.offline(TINY, "v2")  # only what is cached
+    assert seen == [(hub.url, True), (hub.url, False)]
+    # Another worker asked for the model during the outage: found whole in the cache, cached `offline`.
+    later = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.2)
+    later.update([order(TINY)])
+    await until(later, settled)
+    assert later.statuses()[0].state is CacheState.CACHED and later.offline(TINY, None)
+    mark = len(hub.requests)
+    hub.resume()
+    assert await eventually(lambda: online.hub.up is True and later.hub.up is True, 10)
+    assert not online.offline(TINY, None)
+    await until(later, lambda s: s[0].state is CacheState.CACHED)
+    assert not later.offline(TINY, None)
+    listings = [path for _, path in hub.requests[mark:] if path.startswith(f"/api/models/{TINY}/revision/")]
+    assert len(listings) == 1, hub.requests[mark:]  # `later` fetched its model again; `online` had no need to
+    assert seen[-1] == (hub.url, True)
+    await online.close()
+    await later.close()
 
 
 async def test_a_model_no_longer_asked_for_stops_downloading(hub: HubDouble, tmp_path: Path) -> None:

@@ -38,6 +38,13 @@ class WorkerSettings(_Settings):
     cpu_slots: int = _setting(
         0, env="CPU_SLOTS", description="engines a CPU-only worker runs at once (0: one per 4 GiB of memory)"
     )
+    hub_probe_interval_s: float = _setting(
+        30.0,
+        env="HUB_PROBE_INTERVAL",
+        ge=0,
+        description="seconds between probes of the Hugging Face hub while hub models are cached; models whole in the "
+        "cache start offline while it does not answer (0: never probed)",
+    )
     cpu_kvcache_gib: int = _setting(1, env="VLLM_CPU_KVCACHE_SPACE", description="GiB of KV cache per CPU engine")
     log_dir: str = _setting(
         env="ENGINE_LOG_DIR",

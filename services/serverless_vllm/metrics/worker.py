@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httpx
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.responses import Response
@@ -108,6 +108,13 @@ class WorkerMetrics:
             buckets=STARTUP_BUCKETS,
             registry=r,
         )
+        self._hub_up = Gauge(
+            "svllm_worker_hub_up",
+            "1 if the Hugging Face hub answered the worker's last probe, 0 if not (models whole in the cache then "
+            "start offline); absent until probed.",
+            ["endpoint"],
+            registry=r,
+        )
         self._seen: dict[str, _Seen] = {}
 
     def engine_started(self, engine: EngineView) -> None:
@@ -122,6 +129,9 @@ class WorkerMetrics:
         """A prefetch (worker/prefetch.py) ended: `result` is cached or failed."""
         self._prefetches.labels(model, result).inc()
         self._prefetch_seconds.labels(model).observe(seconds)
+
+    def hub_changed(self, endpoint: str, up: bool) -> None:
+        self._hub_up.labels(endpoint).set(1 if up else 0)
 
     def engines_changed(self, engines: Iterable[EngineView]) -> None:
         now = time.monotonic()

@@ -57,7 +57,12 @@ class WorkerAgent:
         self._starting: dict[str, tuple[float, float]] = {}  # replica -> (seen starting since, last progress line)
         self._weights = WeightSizes()  # each engine's weights on disk: the manager chooses sleep levels with them
         # The hub models the manager wants in this worker's cache before an engine needs them (prefetch.py).
-        self.prefetcher = Prefetcher(on_change=self._nudge.set, on_done=self.metrics.prefetch_done)
+        self.prefetcher = Prefetcher(
+            on_change=self._nudge.set,
+            on_done=self.metrics.prefetch_done,
+            on_hub=self.metrics.hub_changed,
+            probe_interval_s=settings.hub_probe_interval_s,
+        )
         # Requests in flight per engine, counted by the relay (app.py): an engine leaving drains them (drain.py).
         self.inflight = InFlight()
         self.draining = Drainer(self.inflight, settings.drain_timeout_s, on_gone=self.nudge)
@@ -230,7 +235,7 @@ class WorkerAgent:
                         on_change=self.nudge,
                         client=self._engine_client,
                         fork_server=self.fork_server,
-                        hub_offline=self.prefetcher.offline(assignment.model_name, assignment.engine.revision),
+                        hub_offline=partial(self.prefetcher.offline, assignment.model_name, assignment.engine.revision),
                     )
                     self.engines[rid] = engine
                     self.metrics.engine_started(engine)

@@ -104,10 +104,11 @@ class EngineProcess:
         on_change: Callable[[], None] | None = None,
         client: httpx.AsyncClient | None = None,
         fork_server: ForkServer | None = None,
-        hub_offline: bool = False,
+        hub_offline: Callable[[], bool] = lambda: False,
     ) -> None:
         self.assignment = assignment
-        self.hub_offline = hub_offline  # its model whole in the cache, the hub unreachable (worker/prefetch.py)
+        # Asked at each launch (crash restarts too): its model whole in the cache, the hub not answering (prefetch.py)
+        self.hub_offline = hub_offline
         self.fork_server = fork_server  # starts fork from it when it is there (fork_server.py)
         self.settings = settings
         self.has_gpu = has_gpu
@@ -252,7 +253,7 @@ class EngineProcess:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM's CPU platform refuses 'uni' without it
             if self.settings.cpu_engine_core_fork:
                 fork_engine_core(env)  # EngineCore forked from the imported API server (engine_core_fork.py)
-        if self.hub_offline:
+        if self.hub_offline():
             env["HF_HUB_OFFLINE"] = "1"  # online, vLLM would retry the hub for minutes, then fail
         if self.assignment.engine.enable_lora:
             # The runtime adapter API (worker/adapters.py); on loopback, and the worker relays no such route.

@@ -6,9 +6,12 @@ is reported in the next heartbeats.
 An engine start never waits for its prefetch: vLLM downloads what it lacks itself, and huggingface_hub's file locks
 keep the two from writing the same file twice. A model the manager no longer asks for is forgotten (its download
 killed if under way); its files stay in the cache. A failed download is tried again after RETRY_AFTER_S, if still
-asked for. A model found whole in the cache while the hub could not be reached is cached `offline`: the worker
-starts its engines with HF_HUB_OFFLINE (hub_download.py says why), until the worker restarts or the model is no
-longer asked for.
+asked for.
+
+A cached model's engines start offline (HF_HUB_OFFLINE; hub_download.py says why) while the hub does not answer:
+when its prefetch found the hub unreachable and the model whole in the cache (cached `offline`), and whenever the
+hub watch (hub_watch.py) last found the hub down, however the model was cached. When the hub answers again, the
+models cached `offline` are fetched again (their revision may have moved meanwhile) and start online.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from dataclasses import dataclass
 
 from ..aio import stop_tasks
 from ..schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
+from .hub_watch import DEFAULT_ENDPOINT, HubWatch
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 300.0
+PROBE_INTERVAL_S = 30.0  # the default of the worker's HUB_PROBE_INTERVAL
+_TRUE = ("1", "true", "yes", "on")  # huggingface_hub's truthy values for HF_HUB_OFFLINE
 _STDERR_TAIL = 2000  # characters of a failed child's stderr kept for its error
 
 Key = tuple[str, str | None]  # (model name, revision)
@@ -49,25 +55,37 @@ class _Entry:
 
 class Prefetcher:
     """`on_change`: called when a download ends (cached or failed), so the manager hears of it at once.
-    `on_done(model, result, seconds)`: the metrics' hook. `env`: the children's environment (default: the worker's,
-    which its engines get too)."""
+    `on_done(model, result, seconds)` and `on_hub(endpoint, up)`: the metrics' hooks. `env`: the children's
+    environment (default: the worker's, which its engines get too). `probe_interval_s`: seconds between probes of
+    the hub while hub models are asked for (0: never probed)."""
 
     def __init__(
         self,
         *,
         on_change: Callable[[], None] = lambda: None,
         on_done: Callable[[str, str, float], None] = lambda model, result, seconds: None,
+        on_hub: Callable[[str, bool], None] = lambda endpoint, up: None,
         env: Mapping[str, str] | None = None,
         retry_after_s: float = RETRY_AFTER_S,
+        probe_interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
         self._on_change = on_change
         self._on_done = on_done
+        self._on_hub = on_hub
         self._env = dict(os.environ if env is None else env)
         self._env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # its stderr is kept for errors, not for bars
         self._retry_after_s = retry_after_s
         self._entries: dict[Key, _Entry] = {}
         self._task: asyncio.Task[None] | None = None
         self._current: tuple[Key, asyncio.subprocess.Process] | None = None
+        offline = any(
+            self._env.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        )
+        self.hub = HubWatch(
+            self._env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT,
+            0 if offline else probe_interval_s,  # offline by the operator's choice: every engine is already
+            on_change=self._hub_changed,
+        )
 
     def update(self, orders: list[PrefetchOrder]) -> None:
         """The manager's complete list: new models are queued, models no longer listed forgotten."""
@@ -86,6 +104,10 @@ class Prefetcher:
             elif entry.failed_at is not None and now - entry.failed_at >= self._retry_after_s:
                 self._entries[key] = _Entry()
                 log.info("prefetch of %s queued again (it failed %.0f s ago)", _label(key), now - entry.failed_at)
+        self._start()
+        self.hub.watch(next(iter(self._entries), (None, None))[0])
+
+    def _start(self) -> None:
         if self._task is None and any(e.state is CacheState.QUEUED for e in self._entries.values()):
             self._task = asyncio.create_task(self._run(), name="prefetch")
 
@@ -104,15 +126,25 @@ class Prefetcher:
         ]
 
     def offline(self, model: str, revision: str | None) -> bool:
-        """Whether this model's engines must start offline (HF_HUB_OFFLINE): its prefetch found the hub unreachable
-        and the model whole in the cache, where vLLM, started online, would fail after minutes of retries."""
+        """Whether this model's engines must start offline (HF_HUB_OFFLINE) now: it is whole in the cache and the
+        hub does not answer (its prefetch found so, or the watch's latest probe), where vLLM, started online, would
+        fail after minutes of retries."""
         entry = self._entries.get((model, revision))
-        return entry is not None and entry.offline
+        return entry is not None and entry.state is CacheState.CACHED and (entry.offline or self.hub.down)
+
+    def _hub_changed(self, up: bool) -> None:
+        self._on_hub(self.hub.endpoint, up)
+        if up:  # what was cached from the cache alone is fetched again: its revision may have moved
+            for key in [k for k, e in self._entries.items() if e.offline]:
+                self._entries[key] = _Entry()
+                log.info("prefetch of %s queued again (the hub answers)", _label(key))
+            self._start()
 
     async def close(self) -> None:
         if self._current is not None and self._current[1].returncode is None:
             self._current[1].kill()
         await stop_tasks(self._task)
+        await self.hub.close()
 
     # ------------------------------------------------------------------ the downloads, one at a time
 
