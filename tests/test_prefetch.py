@@ -178,8 +178,8 @@ async def test_an_unreachable_hub_leaves_a_cached_model_to_start_offline(hub: Hu
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", fetch_config, env=hub_env(hub, tmp_path))
     assert await proc.wait() == 0
     dead = f"http://127.0.0.1:{free_port()}"
-    # The hub watch off: this is the prefetch's own finding (the watch's is the test below).
-    cut_off = Prefetcher(env={**hub_env(hub, tmp_path), "HF_ENDPOINT": dead}, probe_interval_s=0)
+    # No hub watch (probe_interval_s=0): this is the prefetch's own finding (the watch's is the test below).
+    cut_off = Prefetcher(env={**hub_env(hub, tmp_path), "HF_ENDPOINT": dead})
     cut_off.update([order(TINY), order(HUGE), order("testorg/other")])
     await until(cut_off, settled)
     by_model = {s.model_name: s for s in cut_off.statuses()}

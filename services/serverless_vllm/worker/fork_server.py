@@ -143,7 +143,7 @@ class ForkServer:
         control = self._control
         if module != self.module or control is None or not self.alive:
             return None
-        if any(env.get(name) != self._launched_env.get(name) for name in READ_AT_IMPORT):
+        if any(env.get(var) != self._launched_env.get(var) for var in READ_AT_IMPORT):
             log.info("engine %s starts plainly: its %s differs from the fork server's", name, "/".join(READ_AT_IMPORT))
             return None
         read_fd, write_fd = os.pipe()

@@ -34,7 +34,6 @@ from .hub_watch import DEFAULT_ENDPOINT, HubWatch
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 300.0
-PROBE_INTERVAL_S = 30.0  # the default of the worker's HUB_PROBE_INTERVAL
 _TRUE = ("1", "true", "yes", "on")  # huggingface_hub's truthy values for HF_HUB_OFFLINE
 _STDERR_TAIL = 2000  # characters of a failed child's stderr kept for its error
 
@@ -57,7 +56,7 @@ class Prefetcher:
     """`on_change`: called when a download ends (cached or failed), so the manager hears of it at once.
     `on_done(model, result, seconds)` and `on_hub(endpoint, up)`: the metrics' hooks. `env`: the children's
     environment (default: the worker's, which its engines get too). `probe_interval_s`: seconds between probes of
-    the hub while hub models are asked for (0: never probed)."""
+    the hub while hub models are asked for (the worker's HUB_PROBE_INTERVAL; 0: never probed)."""
 
     def __init__(
         self,
@@ -67,7 +66,7 @@ class Prefetcher:
         on_hub: Callable[[str, bool], None] = lambda endpoint, up: None,
         env: Mapping[str, str] | None = None,
         retry_after_s: float = RETRY_AFTER_S,
-        probe_interval_s: float = PROBE_INTERVAL_S,
+        probe_interval_s: float = 0,
     ) -> None:
         self._on_change = on_change
         self._on_done = on_done
