@@ -162,8 +162,10 @@ class Stack:
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "HF_HUB_OFFLINE": "1",
             "CPU_SLOTS": "2",
-            # vLLM's "auto" binding pins every CPU engine's OpenMP threads to the same core: a busy engine's
-            # spinning threads then starve a second engine starting beside it for minutes. Let the OS schedule.
+            # vLLM's "auto" binding, applied only by its multiprocess executor (CPU_ENGINE_UNIPROC=0), pins every CPU
+            # engine's compute thread to the same core: a busy engine's spinning threads then starve a second one
+            # starting beside it for minutes. The default engines bind nothing (tests/test_engine.py); this keeps
+            # a stack that turns the executor back on from that.
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             # No fork server: it imports torch and vLLM (~12 s of CPU) at each worker's start, and most stacks here
             # start one engine per worker or none, which saves nothing (a full run with it everywhere took as long,

@@ -552,6 +552,40 @@ async def test_the_engine_core_is_forked_from_the_imported_api_server(engine: En
     assert len(preload) == 1 and preload[0].encode() in _proc(core, "maps"), engine.environment()["LD_PRELOAD"]
 
 
+@pytestmark_shared
+async def test_the_engine_pins_no_thread_to_a_core(engine: EngineProcess) -> None:
+    """vLLM's CPU thread binding (VLLM_CPU_OMP_THREADS_BIND, `auto` unless set; unset here, as in the appliance) is
+    applied by its multiprocess executor alone: with the model worker inside EngineCore (CPU_ENGINE_UNIPROC) every
+    thread of the engine may run on every CPU its worker may, so the engines of one worker spread over its cores.
+    With the multiprocess executor, `auto` pinned each engine's compute thread (`VLLM::Worker`) to the first CPU
+    (2026-12-03, two CPUs: allowed 0 only, one left for the scheduler): every engine of a worker on one core."""
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine.environment()
+    api = engine.pid
+    assert api is not None
+    allowed = os.sched_getaffinity(0)
+    pinned = {
+        (pid, _proc(pid, "cmdline")[:40], tid): cpus
+        for pid in group_members(api)
+        for tid in _threads(pid)
+        if (cpus := _affinity(tid)) is not None and cpus != allowed
+    }
+    assert len(group_members(api)) >= 2 and pinned == {}, pinned
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return []
+
+
+def _affinity(tid: int) -> set[int] | None:
+    try:
+        return os.sched_getaffinity(tid)
+    except OSError:  # the thread ended meanwhile
+        return None
+
+
 def rpc_sockets_of(engine: EngineProcess) -> Path:
     """The running launch's directory for vLLM's ZMQ sockets (VLLM_RPC_BASE_PATH), which vLLM's ipc sockets are in."""
     launch = engine._runs.launch
