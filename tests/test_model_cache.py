@@ -14,6 +14,7 @@ The tests share one stack and run in file order; the last three start engines.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, hub: HubDouble) -> Iterator[
     tmp = tmp_path_factory.mktemp("model-cache")
     env = {
         "CPU_SLOTS": "1",
-        "ENGINE_FORK_SERVER": "0",  # a plain start: no process importing vLLM beside the tests' downloads
+        "ENGINE_FORK_SERVER": "1",  # the worker's default: an offline start must not be forked from it (online)
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp / "hf"),
         "HF_HUB_OFFLINE": "0",  # the harness's default is 1: no hub on these machines, but this one is ours
@@ -144,6 +145,9 @@ def test_a_cached_model_restarts_offline_once_the_hub_stops_answering(stack: Sta
     subprocess.run(fill, env=worker_env, check=True, capture_output=True, timeout=120)
     hub.stop()
     wait_until(lambda: hub_up(stack, hub) == "0.0", 30, what="the worker's probe to find the hub down")
+    log = stack.workers["w1"].log_path
+    server_ready = re.compile(r"fork server \(pid \d+\): ready")
+    wait_until(lambda: server_ready.search(log.read_text()), 120, what="the fork server to be ready")  # online
     (engine,) = stack.workers_by_id()["w1"]["engines"]
     assert engine["alias"] == "tiny" and engine["state"] == "ready" and engine["restarts"] == 0, engine
     os.killpg(engine["pid"], signal.SIGKILL)  # the engine leads its own process group
@@ -154,6 +158,8 @@ def test_a_cached_model_restarts_offline_once_the_hub_stops_answering(stack: Sta
         return now["restarts"] == 1 and now["state"] == "ready"
 
     wait_until(restarted, 300, what="tiny's engine to restart")
+    # Not forked: the server's huggingface_hub read HF_HUB_OFFLINE=0 at import, and a child would keep it.
+    assert f"engine {engine['replica_id']} starts plainly: its HF_HUB_OFFLINE" in log.read_text()
     client = stack.openai(timeout=60)
     reply = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
