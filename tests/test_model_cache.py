@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .harness import Stack, wait_until
+from .harness import Stack, metric_sum, wait_until
 from .hub_double import HubDouble
 
 TINY, HUGE, COPY = "testorg/tiny", "testorg/huge", "testorg/copy"
@@ -127,24 +127,24 @@ def test_a_cold_start_takes_the_prefetched_files_from_the_cache(stack: Stack, hu
     assert hub.downloads(mark) == [], hub.downloads(mark)
 
 
-def hub_up(stack: Stack, hub: HubDouble) -> str | None:
-    """What the worker's last probe of the hub found (its svllm_worker_hub_up), or None before the first."""
-    prefix = f'svllm_worker_hub_up{{endpoint="{hub.url}"}} '
+def hub_up(stack: Stack, hub: HubDouble) -> bool:
+    """What the worker's last probe of the hub found (its svllm_worker_hub_up for the stand-in): up."""
     text = httpx.get(f"{stack.workers['w1'].url}/metrics", timeout=10).text
-    return next((line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)), None)
+    assert f'svllm_worker_hub_up{{endpoint="{hub.url}"}}' in text  # probed already, and this hub
+    return metric_sum(text, "svllm_worker_hub_up") == 1
 
 
 def test_a_cached_model_restarts_offline_once_the_hub_stops_answering(stack: Stack, hub: HubDouble) -> None:
     """tiny was cached and started while the hub answered. The hub goes away: the worker's probe finds it down, and
     the engine, killed, restarts offline and serves. Restarted online, vLLM would retry the hub for each file and
     fail after about 107 s (the restart, and the cold start after a scale to zero, ask the same question)."""
-    wait_until(lambda: hub_up(stack, hub) == "1.0", 30, what="the worker's probe to find the hub up")
+    wait_until(lambda: hub_up(stack, hub), 30, what="the worker's probe to find the hub up")
     # For the next test: the copy reaches the worker's cache before the outage, by another way than its prefetch.
     worker_env = {**os.environ, **stack.env}
     fill = [sys.executable, "-c", f"import huggingface_hub as h; h.snapshot_download({COPY!r})"]
     subprocess.run(fill, env=worker_env, check=True, capture_output=True, timeout=120)
     hub.stop()
-    wait_until(lambda: hub_up(stack, hub) == "0.0", 30, what="the worker's probe to find the hub down")
+    wait_until(lambda: not hub_up(stack, hub), 30, what="the worker's probe to find the hub down")
     log = stack.workers["w1"].log_path
     server_ready = re.compile(r"fork server \(pid \d+\): ready")
     wait_until(lambda: server_ready.search(log.read_text()), 120, what="the fork server to be ready")  # online

@@ -21,6 +21,14 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 _READ_ENV: ContextVar[bool] = ContextVar("serverless_vllm_settings_read_env", default=False)
 
 
+TRUTHY = ("1", "true", "yes", "on")
+
+
+def truthy(value: Any) -> Any:
+    """A switch written as text (1/true/yes/on, any case) as a bool; anything else as it is."""
+    return value.strip().lower() in TRUTHY if isinstance(value, str) else value
+
+
 def env_value(name: str, default: Any) -> Any:
     value = os.environ.get(name)
     if value is None or value == "":

@@ -12,6 +12,7 @@ from pydantic import field_validator
 from ..settings_base import Settings as _Settings
 from ..settings_base import default_state_dir as _default_state_dir
 from ..settings_base import setting as _setting
+from ..settings_base import truthy as _text_switch
 
 
 class ManagerSettings(_Settings):
@@ -191,4 +192,4 @@ class RouterSettings(_Settings):
     @field_validator("allow_unknown_fields", mode="before")
     @classmethod
     def _truthy(cls, value: Any) -> Any:
-        return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else value
+        return _text_switch(value)

@@ -10,6 +10,7 @@ from pydantic import field_validator
 from ..settings_base import Settings as _Settings
 from ..settings_base import default_state_dir as _default_state_dir
 from ..settings_base import setting as _setting
+from ..settings_base import truthy as _text_switch
 
 
 class WorkerSettings(_Settings):
@@ -127,7 +128,7 @@ class WorkerSettings(_Settings):
     @field_validator("engine_access_log", "cpu_engine_uniproc", "cpu_engine_core_fork", mode="before")
     @classmethod
     def _truthy(cls, value: Any) -> Any:
-        return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else value
+        return _text_switch(value)
 
     def advertised_url(self) -> str:
         if self.public_url:

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 from ..aio import stop_tasks
 from ..schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
+from ..settings_base import truthy
 from .hub_watch import DEFAULT_ENDPOINT, HubWatch
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 300.0
-_TRUE = ("1", "true", "yes", "on")  # huggingface_hub's truthy values for HF_HUB_OFFLINE
 _STDERR_TAIL = 2000  # characters of a failed child's stderr kept for its error
 
 Key = tuple[str, str | None]  # (model name, revision)
@@ -77,9 +77,7 @@ class Prefetcher:
         self._entries: dict[Key, _Entry] = {}
         self._task: asyncio.Task[None] | None = None
         self._current: tuple[Key, asyncio.subprocess.Process] | None = None
-        offline = any(
-            self._env.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-        )
+        offline = any(truthy(self._env.get(name, "")) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         self.hub = HubWatch(
             self._env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT,
             0 if offline else probe_interval_s,  # offline by the operator's choice: every engine is already
