@@ -6,9 +6,10 @@ the disk) fail their models with a clear `last_error`, which a client asking for
 of the prefetched model, a real CPU vLLM engine loading `testorg/tiny` by its hub id, takes every file from the
 cache: the stand-in sends none during the start. Then the hub goes away (nothing listens at its address): the
 worker's probe finds it down, and that engine, killed, restarts offline; a model whole in the worker's cache but
-registered during the outage starts offline too.
+registered during the outage starts offline too; once the hub is back, a hub LoRA adapter loads into that offline
+engine (the worker fetches it: worker/adapter_fetch.py).
 
-The tests share one stack and run in file order; the last three start engines.
+The tests share one stack and run in file order; the last four start engines or load into them.
 """
 
 from __future__ import annotations
@@ -25,16 +26,22 @@ from typing import Any
 
 import httpx
 import pytest
+from serverless_vllm.testing.tiny_lora import make_tiny_lora
 
 from .harness import Stack, metric_sum, wait_until
 from .hub_double import HubDouble
 
-TINY, HUGE, COPY = "testorg/tiny", "testorg/huge", "testorg/copy"
+TINY, HUGE, COPY, LORA = "testorg/tiny", "testorg/huge", "testorg/copy", "testorg/lora"
 
 
 @pytest.fixture(scope="module")
-def hub(tiny_model: Path) -> Iterator[HubDouble]:
-    repos = {TINY: tiny_model, HUGE: tiny_model, COPY: tiny_model}
+def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_lora(tmp_path_factory.mktemp("adapters") / "lora", seed=1)
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model: Path, lora: Path) -> Iterator[HubDouble]:
+    repos = {TINY: tiny_model, HUGE: tiny_model, COPY: tiny_model, LORA: lora}
     double = HubDouble(repos, claimed_sizes={(HUGE, "model.safetensors"): 2**50})
     yield double.start()
     double.stop()
@@ -173,7 +180,7 @@ def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Sta
     online, vLLM retries the hub for each file it looks up and fails after about 107 s, every file on disk. (The copy
     was put in the cache by the test before, while the hub answered.)"""
     assert httpx.delete(f"{stack.router.url}/v1/models/tiny", timeout=60).status_code == 200  # the one slot
-    register(stack, "copy", COPY)
+    register(stack, "copy", COPY, enable_lora=True, max_loras=1, max_lora_rank=8)  # for the next test
     wait_until(lambda: stack.model("copy")["cache"]["w1"]["state"] == "cached", 60, what="the copy found in the cache")
     client = stack.openai(timeout=600)
     reply = client.chat.completions.create(
@@ -181,3 +188,24 @@ def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Sta
     )
     assert reply.choices[0].message.content is not None
     assert stack.model("copy")["state"] == "ready"
+
+
+def test_a_hub_adapter_loads_into_a_base_started_offline(stack: Stack, hub: HubDouble, lora: Path) -> None:
+    """copy's engine started offline during the outage (the test before): its huggingface_hub stays offline for its
+    life. The hub answers again and an adapter is registered on copy by its hub id: the worker fetches it into its
+    cache and the engine loads the folder. Left to fetch it itself, the engine would refuse it ("No adapter found")
+    until it restarted."""
+    hub.resume()
+    wait_until(lambda: hub_up(stack, hub), 30, what="the worker's probe to find the hub up again")
+    resp = stack.post("/v1/models/register", json={"alias": "copy-lora", "base": "copy", "adapter": LORA})
+    assert resp.status_code == 200, resp.text
+    mark = len(hub.requests)
+    client = stack.openai(timeout=300)
+    prompt = "Hello, how are you"
+    base = client.completions.create(model="copy", prompt=prompt, max_tokens=8, temperature=0)
+    tuned = client.completions.create(model="copy-lora", prompt=prompt, max_tokens=8, temperature=0)
+    assert tuned.model == "copy-lora"
+    assert tuned.choices[0].text != base.choices[0].text  # the adapter's weights change the output
+    files = sorted(f.name for f in lora.iterdir() if f.is_file() and not f.name.startswith("."))
+    assert sorted(hub.downloads(mark)) == [f"/{LORA}/resolve/{HubDouble.commit(LORA)}/{name}" for name in files]
+    assert [r["adapters"] for r in stack.model("copy")["replicas"]] == [["copy-lora"]]

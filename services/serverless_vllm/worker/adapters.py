@@ -17,19 +17,23 @@ from collections.abc import Callable, Mapping
 import httpx
 
 from ..schemas import Assignment, ReplicaState
+from .adapter_fetch import AdapterFetcher, AdapterFetchError
 from .engine import EngineProcess
 
 log = logging.getLogger(__name__)
 
-# A load may fetch a hub adapter first: seconds to minutes. The list and unloads answer at once.
+# A load reads the adapter's files from disk (a hub adapter is fetched by the worker first: adapter_fetch.py). The
+# list and unloads answer at once.
 LOAD_TIMEOUT_S = 300.0
 CALL_TIMEOUT_S = 30.0
 
 
 class AdapterSync:
-    def __init__(self, on_change: Callable[[], None]) -> None:
-        """`on_change`: what an engine holds (or refused) changed: the manager should hear it now."""
+    def __init__(self, on_change: Callable[[], None], fetcher: AdapterFetcher | None = None) -> None:
+        """`on_change`: what an engine holds (or refused) changed: the manager should hear it now. `fetcher`: hub
+        adapters' folders in this worker's cache (adapter_fetch.py)."""
         self._on_change = on_change
+        self._fetcher = fetcher or AdapterFetcher()
         self._client: httpx.AsyncClient | None = None
         self._desired: dict[str, dict[str, str]] = {}  # replica id -> adapter name -> weights
         self._loaded: dict[str, list[str]] = {}  # replica id -> adapters its engine lists
@@ -108,14 +112,18 @@ class AdapterSync:
         for name in sorted(set(loaded) - desired.keys()):
             await self._call(engine, "/v1/unload_lora_adapter", {"lora_name": name}, CALL_TIMEOUT_S)
             log.info("engine %s: unloaded adapter %s", rid, name)
-        for name, path in desired.items():
+        for name, weights in desired.items():
             if name in loaded or name in errors:
                 continue
-            reason = await self._call(
-                engine, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, LOAD_TIMEOUT_S
-            )
+            try:
+                path = await self._fetcher.folder(weights)
+            except AdapterFetchError as exc:
+                reason: str | None = str(exc)
+            else:
+                body = {"lora_name": name, "lora_path": path}
+                reason = await self._call(engine, "/v1/load_lora_adapter", body, LOAD_TIMEOUT_S)
             if reason is None:
-                log.info("engine %s: loaded adapter %s from %s", rid, name, path)
+                log.info("engine %s: loaded adapter %s from %s", rid, name, weights)
             else:
                 errors[name] = reason
                 log.warning("engine %s: adapter %s refused: %s", rid, name, reason)

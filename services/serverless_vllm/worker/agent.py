@@ -17,6 +17,7 @@ from ..config import WorkerSettings
 from ..manager.http_client import HTTPManagerClient
 from ..metrics.worker import WorkerMetrics
 from ..schemas import Assignment, EngineStatus, GPUInfo, Heartbeat, HeartbeatReply, ReplicaState, WorkerRegistration
+from .adapter_fetch import AdapterFetcher
 from .adapters import AdapterSync
 from .drain import Drainer, InFlight
 from .engine import ENGINE_MODULE, EngineProcess, engine_environment
@@ -69,8 +70,10 @@ class WorkerAgent:
         self.leaving = False  # shutting down (leave()): every engine drains, none starts
         self._assigned: dict[str, Assignment] = {}  # the manager's latest assignments, by replica id
         self._no_room: set[str] = set()  # assigned, waiting for engines draining on their GPUs to exit
-        # LoRA adapters loaded into (and unloaded from) engines as their assignments say (adapters.py).
-        self.adapters = AdapterSync(on_change=self._nudge.set)
+        # LoRA adapters loaded into (and unloaded from) engines as their assignments say (adapters.py); hub ones
+        # fetched by the worker, offline while the hub watch finds the hub down (adapter_fetch.py).
+        fetcher = AdapterFetcher(hub_down=lambda: self.prefetcher.hub.down)
+        self.adapters = AdapterSync(on_change=self._nudge.set, fetcher=fetcher)
 
     @property
     def has_gpu(self) -> bool:

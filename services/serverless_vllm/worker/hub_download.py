@@ -103,8 +103,9 @@ def in_cache(storage: Path, commit: str, files: Iterable[str]) -> int:
     return done
 
 
-def cached_size(repo: str, revision: str | None, why_offline: str) -> int:
-    """The size of the model's snapshot in the cache, found without the hub; Failure when it is not there whole."""
+def cached(repo: str, revision: str | None, why_offline: str) -> tuple[int, str]:
+    """The size and folder of the model's snapshot in the cache, found without the hub; Failure when it is not there
+    whole."""
     from huggingface_hub import snapshot_download
 
     label = _label(repo, revision)
@@ -123,7 +124,7 @@ def cached_size(repo: str, revision: str | None, why_offline: str) -> int:
             "its engines could not download them either",
             CacheFault.WORKER,
         )
-    return sum(f.stat().st_size for f in present)
+    return sum(f.stat().st_size for f in present), folder
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -162,28 +163,30 @@ def describe(exc: BaseException, repo: str, revision: str | None, endpoint: str,
     return f"download of {label} failed: {name}: {exc}", CacheFault.OTHER
 
 
-def fetch(repo: str, revision: str | None, emit: Emit) -> None:
-    """Download the model into the cache (or, offline, check that it is there), telling `emit` how it goes."""
+def fetch(repo: str, revision: str | None, emit: Emit, offline: bool = False) -> str:
+    """Download the model into the cache (or, offline, check that it is there), telling `emit` how it goes; its
+    snapshot's folder. `offline`: the caller knows the hub does not answer (the cache alone is looked in)."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
-    if constants.HF_HUB_OFFLINE:
-        size = cached_size(repo, revision, "HF_HUB_OFFLINE is set there")
+    if constants.HF_HUB_OFFLINE or offline:
+        why = "HF_HUB_OFFLINE is set there" if constants.HF_HUB_OFFLINE else "the hub does not answer"
+        size, folder = cached(repo, revision, why)
         emit({"event": "listed", "total": size})
-        emit({"event": "done", "bytes": size})
-        return
+        emit({"event": "done", "bytes": size, **({"offline": True} if offline else {})})
+        return folder
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except Exception as exc:
         if not unreachable(exc):
             raise
         try:
-            size = cached_size(repo, revision, "the hub cannot be reached")
+            size, folder = cached(repo, revision, "the hub cannot be reached")
         except Failure:
             raise exc from None  # nothing to start from: the hub's error is the one to tell
         emit({"event": "listed", "total": size})
         emit({"event": "done", "bytes": size, "offline": True})
-        return
+        return folder
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     ignore = ignore_patterns(sizes)
     files = [f for f in sizes if not any(fnmatch.fnmatch(f, pattern) for pattern in ignore)]  # as snapshot_download
@@ -208,11 +211,12 @@ def fetch(repo: str, revision: str | None, emit: Emit) -> None:
     reporter = threading.Thread(target=report, name="progress", daemon=True)
     reporter.start()
     try:
-        snapshot_download(repo, revision=revision, ignore_patterns=ignore)
+        folder = snapshot_download(repo, revision=revision, ignore_patterns=ignore)
     finally:
         stop.set()
         reporter.join()
     emit({"event": "done", "bytes": total})
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
