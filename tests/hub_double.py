@@ -59,7 +59,7 @@ class _File:
 class HubDouble:
     """`repos`: repository id -> a folder whose files (hidden ones aside) are that repository's. `claimed_sizes`:
     (repository, file) -> the size the listings give instead of the real one (a model too big for a disk).
-    `chunk_delay_s`: a pause after each 64 KiB of a file sent (a download slow enough to watch)."""
+    `chunk_delay_s`: a pause after each 64 KiB of a file sent (a download slow enough to watch). Faults: `fail`."""
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class HubDouble:
                 p: _File(p, (folder / p).read_bytes(), claimed.get((repo, p))) for p in paths if not p.startswith(".")
             }
         self.chunk_delay_s = chunk_delay_s
+        self._failing: tuple[int, str, int | None] | None = None  # fail(): status, where, how many more
         self.requests: list[tuple[str, str]] = []  # (method, path), in arrival order
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -106,6 +107,21 @@ class HubDouble:
         self._server.daemon_threads = True
         return self.start()
 
+    def fail(self, status: int | None, *, where: str = "", times: int | None = None) -> None:
+        """Answer `status` (503: a proxy or mirror whose upstream is gone) to the requests whose path contains
+        `where`: the next `times` of them, or all until fail(None)."""
+        with self._lock:
+            self._failing = None if status is None else (status, where, times)
+
+    def _failure(self, path: str) -> int | None:
+        with self._lock:
+            if self._failing is None or self._failing[1] not in path:
+                return None
+            status, where, times = self._failing
+            if times is not None:
+                self._failing = (status, where, times - 1) if times > 1 else None
+            return status
+
     def record(self, method: str, path: str) -> None:
         with self._lock:
             self.requests.append((method, path))
@@ -118,6 +134,9 @@ class HubDouble:
     # ------------------------------------------------------------------ routing
 
     def route(self, method: str, raw_path: str) -> tuple[int, dict[str, str], bytes | Iterator[bytes]]:
+        failure = self._failure(raw_path)
+        if failure is not None:
+            return _error(failure, None, "upstream unavailable")
         parts = [unquote(p) for p in urlsplit(raw_path).path.strip("/").split("/")]
         if parts[:2] == ["api", "models"]:
             repo, rest = self._repo(parts[2:])

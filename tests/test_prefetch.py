@@ -193,12 +193,32 @@ async def test_an_unreachable_hub_leaves_a_cached_model_to_start_offline(hub: Hu
     await cut_off.close()
 
 
+async def test_a_hub_answering_5xx_leaves_a_cached_model_to_start_offline(hub: HubDouble, tmp_path: Path) -> None:
+    """A 5xx is the hub down, as the hub watch judges it (a proxy or mirror whose upstream is gone, the hub's own
+    outage): a model whole in the cache is cached `offline`, as when nothing answers; one the cache lacks fails with
+    the hub's answer (not the source's fault: the model is not failed for it)."""
+    online = Prefetcher(env=hub_env(hub, tmp_path))
+    online.update([order(TINY)])
+    await until(online, settled)
+    await online.close()
+    hub.fail(503)
+    down = Prefetcher(env=hub_env(hub, tmp_path))
+    down.update([order(TINY), order("testorg/other")])
+    await until(down, settled)
+    by_model = {s.model_name: s for s in down.statuses()}
+    assert by_model[TINY].state is CacheState.CACHED and down.offline(TINY, None), by_model[TINY]
+    other = by_model["testorg/other"]
+    assert other.state is CacheState.FAILED and other.fault is CacheFault.OTHER, other
+    assert other.error is not None and other.error.startswith(f"{hub.url} answered HTTP 503 for 'testorg/other'")
+    await down.close()
+
+
 async def test_cached_models_start_offline_while_the_hub_watch_finds_it_down(hub: HubDouble, tmp_path: Path) -> None:
     """The hub watch (worker/hub_watch.py): a model cached while the hub answered starts offline once the probe finds
     the hub down, and online again once it answers; one cached `offline` (its prefetch could not reach the hub) is
     fetched again then (its revision may have moved meanwhile)."""
     seen: list[tuple[str, bool]] = []
-    online = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.2, on_hub=lambda url, up: seen.append((url, up)))
+    online = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.5, on_hub=lambda url, up: seen.append((url, up)))
     online.update([order(TINY)])
     await until(online, settled)
     assert await eventually(lambda: online.hub.up is True, 10) and not online.offline(TINY, None)
@@ -207,7 +227,7 @@ async def test_cached_models_start_offline_while_the_hub_watch_finds_it_down(hub
     assert online.offline(TINY, None) and not online.offline(TINY, "v2")  # only what is cached
     assert seen == [(hub.url, True), (hub.url, False)]
     # Another worker asked for the model during the outage: found whole in the cache, cached `offline`.
-    later = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.2)
+    later = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.5)
     later.update([order(TINY)])
     await until(later, settled)
     assert later.statuses()[0].state is CacheState.CACHED and later.offline(TINY, None)
@@ -222,6 +242,35 @@ async def test_cached_models_start_offline_while_the_hub_watch_finds_it_down(hub
     assert seen[-1] == (hub.url, True)
     await online.close()
     await later.close()
+
+
+async def test_a_model_cached_offline_by_a_blip_the_watch_never_saw_is_fetched_again(
+    hub: HubDouble, tmp_path: Path
+) -> None:
+    """The prefetch's listing meets a 503 the watch's probes do not (a blip, or a partial outage): the model is cached
+    `offline`, and the next probe that finds the hub up has it fetched again, though the watch never found the hub
+    down (no change of verdict)."""
+    cached = Prefetcher(env=hub_env(hub, tmp_path))
+    cached.update([order(TINY)])
+    await until(cached, settled)
+    await cached.close()
+    hub.fail(503, where="?blobs=true", times=1)  # the listing of model_info(files_metadata=True) alone
+
+    def listings() -> list[str]:
+        return [path for _, path in hub.requests if path == f"/api/models/{TINY}?blobs=true"]
+
+    mark = len(listings())
+    seen: list[tuple[str, bool]] = []
+    blip = Prefetcher(env=hub_env(hub, tmp_path), probe_interval_s=0.5, on_hub=lambda url, up: seen.append((url, up)))
+    blip.update([order(TINY)])
+
+    def fetched_again() -> bool:
+        return len(listings()) - mark == 2 and blip.statuses()[0].state is CacheState.CACHED
+
+    assert await eventually(fetched_again, 20), (listings(), blip.statuses())
+    assert not blip.offline(TINY, None)
+    assert seen == [(hub.url, True)]  # the watch never found the hub down
+    await blip.close()
 
 
 async def test_a_model_no_longer_asked_for_stops_downloading(hub: HubDouble, tmp_path: Path) -> None:

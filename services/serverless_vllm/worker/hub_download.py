@@ -16,10 +16,11 @@ What it tells its parent, one JSON object a line on stdout:
                                               already held the model: its engines must start offline, see below)
     {"event": "failed", "error": "...", "fault": "source"}   source, worker or other (schemas.CacheFault)
 
-A hub that cannot be reached (no network, a proxy or mirror down) with the model already whole in the cache is not a
-failure: vLLM itself, started online, retries the hub for each file it looks up and then gives up (about 107 s with
-the connection refused, then the engine fails, though every file is on disk). The cache is checked as offline, and
-the worker starts that model's engines with HF_HUB_OFFLINE (worker/prefetch.py, worker/engine.py).
+A hub that does not answer (no network, a proxy or mirror down; or a 5xx, as the hub watch judges it) with the model
+already whole in the cache is not a failure: vLLM itself, started online, retries the hub for each file it looks up
+and then gives up (about 107 s with the connection refused, then the engine fails, though every file is on disk).
+The cache is checked as offline, and the worker starts that model's engines with HF_HUB_OFFLINE (worker/prefetch.py,
+worker/engine.py).
 
 A child process rather than a thread: it is killed when the model is deleted or the worker stops (a thread cannot be
 stopped in the middle of a file), and its downloads never compete with the worker's event loop for the GIL.
@@ -128,9 +129,14 @@ def cached(repo: str, revision: str | None, why_offline: str) -> tuple[int, str]
 
 
 def unreachable(exc: BaseException) -> bool:
-    """The hub could not be reached at all (no answer), as opposed to an answer that refuses."""
+    """The hub is down: no answer, or a 5xx (the hub's own outage, a proxy or mirror whose upstream is gone), as
+    the hub watch judges it (hub_watch.py); as opposed to an answer that refuses (a 4xx)."""
     name = type(exc).__name__
-    return "Connect" in name or "Timeout" in name
+    if "Connect" in name or "Timeout" in name:
+        return True
+    response = getattr(exc, "response", None)  # huggingface_hub's HfHubHTTPError carries the answer
+    status = getattr(response, "status_code", None)
+    return isinstance(status, int) and status >= 500
 
 
 def describe(exc: BaseException, repo: str, revision: str | None, endpoint: str, cache: str) -> tuple[str, CacheFault]:

@@ -29,7 +29,8 @@ PROBE_TIMEOUT_S = 10.0  # huggingface_hub's own for such a request (HF_HUB_ETAG_
 
 
 class HubWatch:
-    """`on_change(up)`: called when the verdict changes (the first verdict included)."""
+    """`on_change(up)`: called when the verdict changes (the first verdict included). `on_up()`: after each probe
+    that finds the hub up (a change or not)."""
 
     def __init__(
         self,
@@ -37,12 +38,14 @@ class HubWatch:
         interval_s: float,
         *,
         on_change: Callable[[bool], None] = lambda up: None,
+        on_up: Callable[[], None] = lambda: None,
         timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._interval_s = interval_s
         self._timeout_s = min(timeout_s, interval_s) if interval_s > 0 else timeout_s
         self._on_change = on_change
+        self._on_up = on_up
         self._repo: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.up: bool | None = None  # None: not probed (yet, or not watched)
@@ -82,11 +85,14 @@ class HubWatch:
 
     def _set(self, verdict: tuple[bool, str]) -> None:
         up, why = verdict
-        if up is self.up:
-            return
-        self.up = up
+        if up is not self.up:
+            self.up = up
+            if up:
+                log.info("the hub %s answers (%s): cached models start online", self.endpoint, why)
+            else:
+                log.warning(
+                    "the hub %s does not answer (%s): models whole in the cache start offline", self.endpoint, why
+                )
+            self._on_change(up)
         if up:
-            log.info("the hub %s answers (%s): cached models start online", self.endpoint, why)
-        else:
-            log.warning("the hub %s does not answer (%s): models whole in the cache start offline", self.endpoint, why)
-        self._on_change(up)
+            self._on_up()

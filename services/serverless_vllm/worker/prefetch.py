@@ -10,8 +10,9 @@ asked for.
 
 A cached model's engines start offline (HF_HUB_OFFLINE; hub_download.py says why) while the hub does not answer:
 when its prefetch found the hub unreachable and the model whole in the cache (cached `offline`), and whenever the
-hub watch (hub_watch.py) last found the hub down, however the model was cached. When the hub answers again, the
-models cached `offline` are fetched again (their revision may have moved meanwhile) and start online.
+hub watch (hub_watch.py) last found the hub down, however the model was cached. When a probe finds the hub answering
+(after an outage, or after a blip that only the prefetch met), the models cached `offline` are fetched again (their
+revision may have moved meanwhile) and start online.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class Prefetcher:
         self.hub = HubWatch(
             self._env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT,
             0 if offline else probe_interval_s,  # offline by the operator's choice: every engine is already
-            on_change=self._hub_changed,
+            on_change=lambda up: self._on_hub(self.hub.endpoint, up),
+            on_up=self._fetch_offline_again,
         )
 
     def update(self, orders: list[PrefetchOrder]) -> None:
@@ -129,13 +131,12 @@ class Prefetcher:
         entry = self._entries.get((model, revision))
         return entry is not None and entry.state is CacheState.CACHED and (entry.offline or self.hub.down)
 
-    def _hub_changed(self, up: bool) -> None:
-        self._on_hub(self.hub.endpoint, up)
-        if up:  # what was cached from the cache alone is fetched again: its revision may have moved
-            for key in [k for k, e in self._entries.items() if e.offline]:
-                self._entries[key] = _Entry()
-                log.info("prefetch of %s queued again (the hub answers)", _label(key))
-            self._start()
+    def _fetch_offline_again(self) -> None:
+        """The hub answers: what was cached from the cache alone is fetched again (its revision may have moved)."""
+        for key in [k for k, e in self._entries.items() if e.offline and e.state is CacheState.CACHED]:
+            self._entries[key] = _Entry()
+            log.info("prefetch of %s queued again (the hub answers)", _label(key))
+        self._start()
 
     async def close(self) -> None:
         if self._current is not None and self._current[1].returncode is None:
