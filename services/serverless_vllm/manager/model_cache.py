@@ -50,7 +50,7 @@ class CacheRow(NamedTuple):
 
 def cache_key(spec: ModelSpec) -> Key | None:
     """What a worker downloads for this registration; None for a local path (nothing to download)."""
-    # A LoRA adapter is fetched by its base's engine as it loads it (megabytes), not prefetched.
+    # A LoRA adapter is fetched by the worker when an engine loads it (megabytes; worker/adapter_fetch.py).
     return None if spec.model_name.startswith("/") or spec.base is not None else (spec.model_name, spec.revision)
 
 
