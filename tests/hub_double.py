@@ -59,7 +59,8 @@ class _File:
 class HubDouble:
     """`repos`: repository id -> a folder whose files (hidden ones aside) are that repository's. `claimed_sizes`:
     (repository, file) -> the size the listings give instead of the real one (a model too big for a disk).
-    `chunk_delay_s`: a pause after each 64 KiB of a file sent (a download slow enough to watch). Faults: `fail`."""
+    `chunk_delay_s`: a pause after each 64 KiB of a file sent (a download slow enough to watch). `answer_delay_s`: a
+    pause before each answer (a slow hub). Faults: `fail`."""
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class HubDouble:
                 p: _File(p, (folder / p).read_bytes(), claimed.get((repo, p))) for p in paths if not p.startswith(".")
             }
         self.chunk_delay_s = chunk_delay_s
+        self.answer_delay_s = 0.0
         self._failing: tuple[int, str, int | None] | None = None  # fail(): status, where, how many more
         self.requests: list[tuple[str, str]] = []  # (method, path), in arrival order
         self._lock = threading.Lock()
@@ -218,6 +220,7 @@ def _handler(hub: HubDouble) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, method: str) -> None:
             hub.record(method, self.path)
+            time.sleep(hub.answer_delay_s)
             status, headers, body = hub.route(method, self.path)
             self.send_response(status)
             for name, value in headers.items():

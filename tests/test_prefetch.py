@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from serverless_vllm.schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
 from serverless_vllm.worker.hub_download import describe, ignore_patterns
+from serverless_vllm.worker.hub_watch import HubWatch
 from serverless_vllm.worker.prefetch import Prefetcher
 
 from .harness import alive, free_port
@@ -271,6 +272,18 @@ async def test_a_model_cached_offline_by_a_blip_the_watch_never_saw_is_fetched_a
     assert not blip.offline(TINY, None)
     assert seen == [(hub.url, True)]  # the watch never found the hub down
     await blip.close()
+
+
+async def test_a_slow_hub_is_not_judged_down(hub: HubDouble) -> None:
+    """A probe waits up to MIN_PROBE_TIMEOUT_S (2 s) whatever its interval: a hub that takes a second to answer is up
+    (judged down, the worker would start engines offline for nothing)."""
+    hub.answer_delay_s = 1.0
+    seen: list[bool] = []
+    watch = HubWatch(hub.url, 0.2, on_change=seen.append)
+    watch.watch(TINY)
+    assert await eventually(lambda: len([p for _, p in hub.requests if p == f"/api/models/{TINY}"]) >= 3, 20)
+    assert seen == [True]
+    await watch.close()
 
 
 async def test_a_model_no_longer_asked_for_stops_downloading(hub: HubDouble, tmp_path: Path) -> None:

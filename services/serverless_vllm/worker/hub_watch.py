@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"  # huggingface_hub's, when HF_ENDPOINT is not set
 PROBE_TIMEOUT_S = 10.0  # huggingface_hub's own for such a request (HF_HUB_ETAG_TIMEOUT)
+# A probe's timeout is at most its interval (one probe at a time), but never below this: a hub that takes a second
+# to answer is slow, not down, and judging it down would start engines offline for nothing (a refused connection is
+# found at once whatever the timeout).
+MIN_PROBE_TIMEOUT_S = 2.0
 
 
 class HubWatch:
@@ -43,7 +47,7 @@ class HubWatch:
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._interval_s = interval_s
-        self._timeout_s = min(timeout_s, interval_s) if interval_s > 0 else timeout_s
+        self._timeout_s = min(timeout_s, max(interval_s, MIN_PROBE_TIMEOUT_S))
         self._on_change = on_change
         self._on_up = on_up
         self._repo: str | None = None
