@@ -6,8 +6,8 @@ the disk) fail their models with a clear `last_error`, which a client asking for
 of the prefetched model, a real CPU vLLM engine loading `testorg/tiny` by its hub id, takes every file from the
 cache: the stand-in sends none during the start. Then the hub goes away (nothing listens at its address): the
 worker's probe finds it down, and that engine, killed, restarts offline; a model whole in the worker's cache but
-registered during the outage starts offline too; once the hub is back, a hub LoRA adapter loads into that offline
-engine (the worker fetches it: worker/adapter_fetch.py).
+registered during the outage starts offline too; once the hub is back, a hub LoRA adapter is prefetched and loads
+into that offline engine (the worker hands it the cache's folder: worker/adapter_fetch.py).
 
 The tests share one stack and run in file order; the last four start engines or load into them.
 """
@@ -190,15 +190,27 @@ def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Sta
     assert stack.model("copy")["state"] == "ready"
 
 
-def test_a_hub_adapter_loads_into_a_base_started_offline(stack: Stack, hub: HubDouble, lora: Path) -> None:
+def test_a_hub_adapter_is_prefetched_and_loads_into_a_base_started_offline(
+    stack: Stack, hub: HubDouble, lora: Path
+) -> None:
     """copy's engine started offline during the outage (the test before): its huggingface_hub stays offline for its
-    life. The hub answers again and an adapter is registered on copy by its hub id: the worker fetches it into its
-    cache and the engine loads the folder. Left to fetch it itself, the engine would refuse it ("No adapter found")
-    until it restarted."""
+    life. The hub answers again and an adapter is registered on copy by its hub id: it is prefetched where copy's
+    files are (w1) before any request, and at its first request the worker hands the engine the snapshot's folder
+    (left to fetch it itself, the offline engine refused a hub id: "No adapter found"). An adapter the hub lacks fails
+    at its registration."""
     hub.resume()
     wait_until(lambda: hub_up(stack, hub), 30, what="the worker's probe to find the hub up again")
-    resp = stack.post("/v1/models/register", json={"alias": "copy-lora", "base": "copy", "adapter": LORA})
-    assert resp.status_code == 200, resp.text
+    mark = len(hub.requests)
+    for alias, adapter in (("copy-lora", LORA), ("copy-nope", "testorg/nope")):
+        resp = stack.post("/v1/models/register", json={"alias": alias, "base": "copy", "adapter": adapter})
+        assert resp.status_code == 200, resp.text
+    wait_until(lambda: stack.model("copy-lora")["cache"]["w1"]["state"] == "cached", 60, what="the adapter prefetched")
+    files = sorted(f.name for f in lora.iterdir() if f.is_file() and not f.name.startswith("."))
+    assert sorted(hub.downloads(mark)) == [f"/{LORA}/resolve/{HubDouble.commit(LORA)}/{name}" for name in files]
+    nope = stack.wait_model("copy-nope", "failed", timeout=60)
+    assert nope["last_error"].startswith(
+        f"worker w1 cannot cache testorg/nope: repository 'testorg/nope' not found on {hub.url}"
+    ), nope
     mark = len(hub.requests)
     client = stack.openai(timeout=300)
     prompt = "Hello, how are you"
@@ -206,6 +218,9 @@ def test_a_hub_adapter_loads_into_a_base_started_offline(stack: Stack, hub: HubD
     tuned = client.completions.create(model="copy-lora", prompt=prompt, max_tokens=8, temperature=0)
     assert tuned.model == "copy-lora"
     assert tuned.choices[0].text != base.choices[0].text  # the adapter's weights change the output
-    files = sorted(f.name for f in lora.iterdir() if f.is_file() and not f.name.startswith("."))
-    assert sorted(hub.downloads(mark)) == [f"/{LORA}/resolve/{HubDouble.commit(LORA)}/{name}" for name in files]
+    assert hub.downloads(mark) == []  # in the cache already
     assert [r["adapters"] for r in stack.model("copy")["replicas"]] == [["copy-lora"]]
+    snapshot = Path(stack.env["HF_HOME"]) / "hub" / "models--testorg--lora" / "snapshots" / HubDouble.commit(LORA)
+    assert f"loaded adapter copy-lora ({LORA}) from {snapshot}" in stack.workers["w1"].log_path.read_text()
+    resp = stack.post("/v1/completions", json={"model": "copy-nope", "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 503 and "repository 'testorg/nope' not found" in resp.json()["error"]["message"]

@@ -101,6 +101,23 @@ async def test_gpu_workers_first_and_only_those_that_could_run_it(core: ManagerC
     assert set(core.model_info("m").cache) == {"g1", "g2"}
 
 
+async def test_a_hub_adapter_is_prefetched_where_its_base_runs(core: ManagerCore) -> None:
+    await cpu_workers(core, "c1")
+    await core.register_worker(WorkerRegistration(worker_id="g1", url=NOWHERE, gpus=[gpu(0)]))
+    await core.register_worker(WorkerRegistration(worker_id="g2", url=NOWHERE, gpus=[gpu(0), gpu(1)]))
+    await core.register_model(ModelSpec(alias="base", model_name="org/base", max_replicas=1, preload=False))
+    (base_on,) = core.model_info("base").cache
+    await core.register_model(ModelSpec(alias="ad", base="base", adapter="org/ad"))
+    assert set(core.model_info("ad").cache) == {base_on}  # its base's targets (its own max_replicas is every one)
+    assert ("org/ad", None) in orders(await beat(core, base_on))
+    # A base from a local path has no targets: where placement would put the base (two GPUs: g2 alone).
+    await core.register_model(ModelSpec(alias="tp2", model_name="/models/tp2", tensor_parallel_size=2, preload=False))
+    await core.register_model(ModelSpec(alias="ad2", base="tp2", adapter="org/ad2"))
+    assert set(core.model_info("ad2").cache) == {"g2"}
+    await core.register_model(ModelSpec(alias="ad3", base="base", adapter="/models/ad3"))  # a path: nothing to fetch
+    assert core.model_info("ad3").cache == {}
+
+
 async def test_reports_show_progress_phase_and_metrics(core: ManagerCore) -> None:
     await cpu_workers(core, "w1")
     await core.register_model(ModelSpec(alias="m", model_name="org/m"))  # preload: a replica on w1 at once

@@ -6,7 +6,10 @@ download that cannot succeed does to its model.
   fit now, other healthy workers that could run it fill in. Targets are kept, not re-ranked as load moves; a dead
   target, or one missing at registration (fewer workers than that), is taken by the next worker to register; after a
   manager restart each worker's report of what it was asked for makes it a target again (so a registry of 10,000
-  models is not fetched again). Local paths are not prefetched.
+  models is not fetched again). Local paths are not prefetched. A hub LoRA adapter is prefetched where its base's
+  files go (its base's targets), or, for a base from a local path, where placement would put the base's replicas: an
+  engine's first load of it then finds it cached, and a source at fault fails it at registration, not at its first
+  request.
 - **Orders.** A worker's heartbeat replies carry the (model, revision) of every model it is a target of
   (worker_link.py); the worker (worker/prefetch.py) downloads them one at a time and reports each in its heartbeats.
 - **Failures.** A download whose source is at fault (no such repository or revision, access refused) fails every
@@ -49,9 +52,9 @@ class CacheRow(NamedTuple):
 
 
 def cache_key(spec: ModelSpec) -> Key | None:
-    """What a worker downloads for this registration; None for a local path (nothing to download)."""
-    # A LoRA adapter is fetched by the worker when an engine loads it (megabytes; worker/adapter_fetch.py).
-    return None if spec.model_name.startswith("/") or spec.base is not None else (spec.model_name, spec.revision)
+    """What a worker downloads for this registration (a LoRA adapter's weights too: its model_name); None for a
+    local path (nothing to download)."""
+    return None if spec.model_name.startswith("/") else (spec.model_name, spec.revision)
 
 
 def _label(key: Key) -> str:
@@ -102,7 +105,7 @@ class ModelCache:
         key = self._index(alias, record.spec)
         if key is None or not self._limit:
             return
-        for worker_id in self._rank(alias, record, self._want(record)):
+        for worker_id in self._choose(alias, record, self._want(record)):
             self._add(alias, worker_id)
         if self._room(alias, record):
             self._short.add(alias)  # the next worker to join takes the missing place
@@ -135,7 +138,7 @@ class ModelCache:
             model = self._models.get(alias)
             if model is None or not self._room(alias, model):
                 self._short.discard(alias)
-            elif worker_id not in self._targets.get(alias, []) and _capable(record, model):
+            elif worker_id not in self._targets.get(alias, []) and _capable(record, self._basis(alias, model)[1]):
                 self._add(alias, worker_id)
                 log.info("prefetching model %r to %s, which joined", alias, worker_id)
                 if not self._room(alias, model):
@@ -167,6 +170,19 @@ class ModelCache:
 
     def _room(self, alias: str, model: ModelRecord) -> bool:
         return cache_key(model.spec) is not None and len(self._targets.get(alias, [])) < self._want(model)
+
+    def _basis(self, alias: str, model: ModelRecord) -> tuple[str, ModelRecord]:
+        """The model whose engines the files are for: an adapter's base (it is loaded into them), else itself."""
+        base = self._models.get(model.spec.base) if model.spec.base is not None else None
+        return (model.spec.base, base) if model.spec.base is not None and base is not None else (alias, model)
+
+    def _choose(self, alias: str, model: ModelRecord, want: int) -> list[str]:
+        """A new registration's targets: an adapter goes where its base's files go (its base's targets), or where
+        placement would put its base's replicas (a base from a local path has no targets); a model, see _rank."""
+        basis, record = self._basis(alias, model)
+        if basis != alias and self._targets.get(basis):
+            return self._targets[basis][:want]
+        return self._rank(basis, record, want)
 
     def _rank(self, alias: str, model: ModelRecord, want: int) -> list[str]:
         """The first `want` workers placement would choose for the model's replicas, then other capable ones."""

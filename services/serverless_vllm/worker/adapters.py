@@ -123,7 +123,7 @@ class AdapterSync:
                 body = {"lora_name": name, "lora_path": path}
                 reason = await self._call(engine, "/v1/load_lora_adapter", body, LOAD_TIMEOUT_S)
             if reason is None:
-                log.info("engine %s: loaded adapter %s from %s", rid, name, weights)
+                log.info("engine %s: loaded adapter %s (%s) from %s", rid, name, weights, path)
             else:
                 errors[name] = reason
                 log.warning("engine %s: adapter %s refused: %s", rid, name, reason)
