@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,29 @@ def test_an_adapter_the_hub_lacks_fails_with_the_hubs_reason(hub: HubDouble, tmp
     (got,) = fetch_in_child(hub_env(hub, tmp_path / "hf"), [("testorg/missing", False)])
     assert got["error"].startswith(f"repository 'testorg/missing' not found on {hub.url}"), got
     assert not os.path.exists(tmp_path / "hf" / "hub" / "models--testorg--missing" / "snapshots")
+
+
+# The worker stopping while a fetch is under way: its loop ends with the fetch's waiter cancelled.
+_STOPPING = """
+import asyncio, sys
+from serverless_vllm.worker.adapter_fetch import AdapterFetcher
+
+async def main():
+    fetch = asyncio.ensure_future(AdapterFetcher().folder(sys.argv[1]))
+    await asyncio.sleep(1.0)
+    fetch.cancel()
+
+asyncio.run(main())
+"""
+
+
+def test_a_fetch_under_way_does_not_hold_the_worker_when_it_stops(hub: HubDouble, tmp_path: Path) -> None:
+    """A download cannot be stopped in the middle of a file, so the fetch runs in a daemon thread: a worker that stops
+    meanwhile exits at once, where asyncio's default executor would keep its process until the download ended."""
+    hub.answer_delay_s = 30.0  # the hub takes half a minute to answer
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _STOPPING, LORA], env=hub_env(hub, tmp_path / "hf"), capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - start < 15, "the process waited for the fetch"

@@ -11,14 +11,17 @@ alone is looked in (an adapter fetched before still loads), and the adapter's er
 In a thread of the worker, with worker/hub_download.py's `fetch` (its disk check, its fallback to the cache when the
 hub cannot be reached, its errors' sentences): adapters are small (megabytes), and a load that finds its adapter
 cached costs one request to the hub, as vLLM's own fetch did. Two engines asking for one adapter at once share its
-fetch.
+fetch. A daemon thread of its own, not asyncio's default executor: a download cannot be stopped in the middle of a
+file, and the executor would hold a stopping worker until it ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +52,7 @@ class AdapterFetcher:
             return weights
         running = self._running.get(weights)
         if running is None:
-            running = asyncio.ensure_future(asyncio.to_thread(_fetch, weights, self._hub_down()))
+            running = _in_daemon_thread(_fetch, weights, self._hub_down())
             self._running[weights] = running
             running.add_done_callback(lambda done: self._done(weights, done))
         return await asyncio.shield(running)  # one waiter cancelled (its engine gone) leaves the fetch to the rest
@@ -58,6 +61,31 @@ class AdapterFetcher:
         self._running.pop(weights, None)
         if not done.cancelled():
             done.exception()  # retrieved: its waiters may all be gone
+
+
+def _in_daemon_thread(fetch: Callable[[str, bool], str], repo: str, offline: bool) -> asyncio.Future[str]:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(outcome: str | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def run() -> None:
+        outcome: str | BaseException
+        try:
+            outcome = fetch(repo, offline)
+        except BaseException as exc:
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the worker stopped): nobody waits
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name=f"adapter-fetch {repo}", daemon=True).start()
+    return future
 
 
 def _fetch(repo: str, offline: bool) -> str:
