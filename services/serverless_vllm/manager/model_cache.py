@@ -173,8 +173,10 @@ class ModelCache:
 
     def _basis(self, alias: str, model: ModelRecord) -> tuple[str, ModelRecord]:
         """The model whose engines the files are for: an adapter's base (it is loaded into them), else itself."""
-        base = self._models.get(model.spec.base) if model.spec.base is not None else None
-        return (model.spec.base, base) if model.spec.base is not None and base is not None else (alias, model)
+        base = model.spec.base
+        if base is not None and base in self._models:
+            return base, self._models[base]
+        return alias, model
 
     def _choose(self, alias: str, model: ModelRecord, want: int) -> list[str]:
         """A new registration's targets: an adapter goes where its base's files go (its base's targets), or where

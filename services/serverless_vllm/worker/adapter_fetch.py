@@ -64,6 +64,7 @@ class AdapterFetcher:
 
 
 def _in_daemon_thread(fetch: Callable[[str, bool], str], repo: str, offline: bool) -> asyncio.Future[str]:
+    """`fetch(repo, offline)` in a daemon thread; its outcome in a future of the running loop."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[str] = loop.create_future()
 
