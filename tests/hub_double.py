@@ -89,6 +89,11 @@ class HubDouble:
     def commit(repo: str) -> str:
         return hashlib.sha1(repo.encode()).hexdigest()
 
+    @staticmethod
+    def snapshot(hf_home: Path, repo: str) -> Path:
+        """Where huggingface_hub keeps the repository's files under HF_HOME, at the stand-in's one commit."""
+        return hf_home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / HubDouble.commit(repo)
+
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]

@@ -67,16 +67,12 @@ def fetch_in_child(env: dict[str, str], cases: list[tuple[str, bool]], together:
     return result
 
 
-def snapshot(home: Path, repo: str) -> Path:
-    return home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / HubDouble.commit(repo)
-
-
 def test_a_hub_adapter_is_fetched_into_the_cache_and_a_folder_is_passed_as_it_is(
     hub: HubDouble, lora: Path, tmp_path: Path
 ) -> None:
     home = tmp_path / "hf"
     (got, local) = fetch_in_child(hub_env(hub, home), [(LORA, False), (str(lora), False)])
-    assert got == {"folder": str(snapshot(home, LORA))}
+    assert got == {"folder": str(HubDouble.snapshot(home, LORA))}
     assert model_files(Path(got["folder"])) == model_files(lora)
     assert local == {"folder": str(lora)}  # a path: the engine reads it where it is
     files = sorted(model_files(lora))
@@ -86,7 +82,7 @@ def test_a_hub_adapter_is_fetched_into_the_cache_and_a_folder_is_passed_as_it_is
 def test_two_loads_of_one_adapter_at_once_share_its_fetch(hub: HubDouble, tmp_path: Path) -> None:
     home = tmp_path / "hf"
     together = fetch_in_child(hub_env(hub, home), [], together=LORA)
-    assert together == [{"folder": str(snapshot(home, LORA))}] * 2
+    assert together == [{"folder": str(HubDouble.snapshot(home, LORA))}] * 2
     listings = [path for _, path in hub.requests if path == f"/api/models/{LORA}?blobs=true"]  # one per fetch
     assert len(listings) == 1, hub.requests
 
@@ -100,7 +96,7 @@ def test_with_the_hub_down_a_cached_adapter_is_taken_from_the_cache_and_a_missin
     mark = len(hub.requests)
     # The watch finds the hub down: the cache alone, no request to the hub.
     (cached, missing) = fetch_in_child(env, [(LORA, True), ("testorg/other", True)])
-    assert cached == {"folder": str(snapshot(home, LORA))}
+    assert cached == {"folder": str(HubDouble.snapshot(home, LORA))}
     assert hub.requests[mark:] == []
     assert missing["error"].startswith(
         "'testorg/other' is not in this worker's Hugging Face cache, and the hub does not answer"
@@ -108,7 +104,7 @@ def test_with_the_hub_down_a_cached_adapter_is_taken_from_the_cache_and_a_missin
     # Nothing listens at the hub's address (the watch has not seen it yet): the cache too, after the refusal.
     hub.stop()
     (refused,) = fetch_in_child(env, [(LORA, False)])
-    assert refused == {"folder": str(snapshot(home, LORA))}
+    assert refused == {"folder": str(HubDouble.snapshot(home, LORA))}
 
 
 def test_an_adapter_the_hub_lacks_fails_with_the_hubs_reason(hub: HubDouble, tmp_path: Path) -> None:

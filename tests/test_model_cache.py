@@ -87,7 +87,7 @@ def test_a_registered_hub_model_is_prefetched_with_progress(stack: Stack, hub: H
     total = sum(f.stat().st_size for f in tiny_model.iterdir() if f.is_file() and not f.name.startswith("."))
     assert seen[-1] == {"state": "cached", "bytes": total, "total": total, "error": None}
     assert any(s and s["state"] == "fetching" and 0 < s["bytes"] < total for s in seen), seen
-    snapshot = Path(stack.env["HF_HOME"]) / "hub" / "models--testorg--tiny" / "snapshots" / HubDouble.commit(TINY)
+    snapshot = HubDouble.snapshot(Path(stack.env["HF_HOME"]), TINY)
     assert (snapshot / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     manager = httpx.get(f"{stack.manager.url}/metrics").text
     assert 'svllm_model_cache_state{model="tiny",worker="w1",state="cached"} 1.0' in manager
@@ -220,7 +220,7 @@ def test_a_hub_adapter_is_prefetched_and_loads_into_a_base_started_offline(
     assert tuned.choices[0].text != base.choices[0].text  # the adapter's weights change the output
     assert hub.downloads(mark) == []  # in the cache already
     assert [r["adapters"] for r in stack.model("copy")["replicas"]] == [["copy-lora"]]
-    snapshot = Path(stack.env["HF_HOME"]) / "hub" / "models--testorg--lora" / "snapshots" / HubDouble.commit(LORA)
+    snapshot = HubDouble.snapshot(Path(stack.env["HF_HOME"]), LORA)
     assert f"loaded adapter copy-lora ({LORA}) from {snapshot}" in stack.workers["w1"].log_path.read_text()
     resp = stack.post("/v1/completions", json={"model": "copy-nope", "prompt": "hi", "max_tokens": 2})
     assert resp.status_code == 503 and "repository 'testorg/nope' not found" in resp.json()["error"]["message"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +34,9 @@ class AdapterFetchError(Exception):
 
 
 def is_hub_id(weights: str) -> bool:
-    """A hub id rather than a folder: what vLLM's own fetch takes for one (not absolute, no such local path)."""
-    return not weights.startswith(("/", "~")) and not os.path.exists(weights)
+    """A hub id rather than a folder: a registration's weights are a hub id or an absolute path
+    (security/models.py), the rule the manager's prefetch follows too (manager/model_cache.py, cache_key)."""
+    return not weights.startswith("/")
 
 
 class AdapterFetcher:
