@@ -273,18 +273,20 @@ def test_previous_response_id_follows_its_replica_across_two_workers(stack: Stac
         other.stop()
 
 
-def _engines_sum(stack: Stack, alias: str, metric: str) -> float:
-    """An engine metric summed over the alias's ready engines, as vLLM itself counts it."""
-    total = 0.0
-    for worker in stack.workers_by_id().values():
-        for engine in worker["engines"]:
-            if engine["alias"] == alias and engine["state"] == "ready":
-                total += engine_metric(worker["url"], engine["replica_id"], metric)
-    return total
+def _ready_engines(stack: Stack, alias: str) -> list[tuple[str, str]]:
+    """(worker url, replica id) of each of the alias's ready engines, asked of the manager once."""
+    return [
+        (worker["url"], engine["replica_id"])
+        for worker in stack.workers_by_id().values()
+        for engine in worker["engines"]
+        if engine["alias"] == alias and engine["state"] == "ready"
+    ]
 
 
-def _running(stack: Stack, alias: str) -> float:
-    return _engines_sum(stack, alias, "vllm:num_requests_running")
+def _engines_sum(engines: list[tuple[str, str]], metric: str) -> float:
+    """An engine metric summed over `engines`, as vLLM itself counts it (read through their workers only: a poll
+    that asked the manager each time waited out its loop's stalls on a busy machine)."""
+    return sum(engine_metric(url, replica, metric) for url, replica in engines)
 
 
 def _in_flight(stack: Stack) -> float:
@@ -295,21 +297,34 @@ def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(sta
     """Non-streamed, so no byte reaches the client before the end: the router and the worker must notice the
     departure themselves. What decides is what the engine generated, not how soon it stopped: six requests of
     1,800 tokens each, left once they run, must end with far fewer tokens generated than asked for (the engine
-    makes them in about 15 s here, all 10,800 without the abort; with it, a handful)."""
+    makes them in about 15 s here, all 10,800 without the abort; with it, a handful).
+
+    Counted from the moment they left: of the tokens still to make then, the engine must make few (the abort's
+    way down, router to worker to vLLM). A count from the start judged how fast the test saw the requests run too:
+    a CI run whose manager stalled for 5 s saw them only when 10,531 of the 10,800 tokens were made."""
     bodies = {
         "/v1/completions": {"model": GEN, "prompt": "Once", "max_tokens": 1800, "ignore_eos": True},
         "/v1/chat/completions": {"model": GEN, "messages": M, "max_tokens": 1800, "ignore_eos": True},
     }
+    asked = 6 * 1800
+    warm = httpx.post(
+        f"{stack.router.url}/v1/completions", json={"model": GEN, "prompt": "x", "max_tokens": 1}, timeout=120
+    )
+    assert warm.status_code == 200, warm.text  # its engines ready, so the list below is the one that serves them
+    engines = _ready_engines(stack, GEN)
+    tokens, running = "vllm:generation_tokens_total", "vllm:num_requests_running"
     for path, request in bodies.items():
-        generated = _engines_sum(stack, GEN, "vllm:generation_tokens_total")
+        generated = _engines_sum(engines, tokens)
         socks = [_raw_post(stack, path, request) for _ in range(6)]
-        wait_until(lambda: _running(stack, GEN) >= 1, 60, interval=0.05, what=f"{path} running in the engine")
+        wait_until(lambda: _engines_sum(engines, running) >= 1, 60, interval=0.05, what=f"{path} running")
         for sock in socks:
             sock.close()
+        made_before = _engines_sum(engines, tokens) - generated  # read just after they left: includes the read
+        assert made_before < asked / 2, f"{path}: {made_before:.0f} tokens made before the test saw them run"
         # Long enough for the generation to end by itself, so a missing abort is seen in the count, not a timeout.
-        wait_until(lambda: _running(stack, GEN) == 0, 180, interval=0.05, what=f"{path} idle in the engine")
-        made = _engines_sum(stack, GEN, "vllm:generation_tokens_total") - generated
-        assert made < 6 * 1800 / 4, f"{path}: {made:.0f} tokens generated for clients that left"
+        wait_until(lambda: _engines_sum(engines, running) == 0, 180, interval=0.05, what=f"{path} idle in the engine")
+        made_after = _engines_sum(engines, tokens) - generated - made_before
+        assert made_after < (asked - made_before) / 4, f"{path}: {made_after:.0f} tokens made after the clients left"
         # And the router let go of them: its in-flight count (load reports, backpressure) is back to 0.
         wait_until(lambda: _in_flight(stack) == 0, 10, interval=0.05, what="the router's in-flight count back to 0")
 
