@@ -57,54 +57,72 @@ _one_default_tls_context()
 os.environ.setdefault("SVLLM_AUTH", "off")
 
 
-# The modules that share the session's credentialed stack (`secure_stack`) run last, so that stack (and its engine)
-# is up only while they run (one stack per xdist process that runs one of them).
+# The modules that share the session's credentialed stack (`secure_stack`): one xdist group, so one process starts
+# that stack (and its engine), not each process that runs one of them; it stops after the last of them.
 SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
+SHARED_STACK_GROUP = "secure-stack"
 
 
 # End-to-end modules by how long they take, longest first: under pytest-xdist (the test command runs two processes,
 # each handed the next module as it finishes one) a long module started last would finish alone while the other
-# process idles. Seconds from SVLLM_TEST_TIMELINE on a fresh clone (2026-11-30, before the cuts of that day). The
-# appliance's module comes fifth, not first: the test command builds its images ahead, in the background (minutes on
-# a fresh machine), and it would otherwise wait for them in one process while the other ran alone.
+# process idles. Seconds from SVLLM_TEST_TIMELINE and junit on a fresh clone (2026-12-03 21:26). The appliance's module
+# comes fifth, not first: the test command builds its images ahead, in the background (minutes on a fresh machine),
+# and it would otherwise wait for them in one process while the other ran alone.
 LONG_MODULES = (
-    "test_faults.py",  # 314
-    "test_ray_mode.py",  # 285
-    "test_lifecycle.py",  # 174
-    "test_stream_migration.py",  # 172
-    "test_appliance.py",  # 292 with its image builds, about 230 without
-    "test_engine.py",  # 93
-    "test_endpoints.py",  # 88
-    "test_lora.py",  # 76
-    "test_e2e_http.py",  # 69
-    "test_draining.py",  # 65
-    "test_observability.py",  # 55
-    "test_tenants.py",  # 50
-    "test_prefix_routing.py",  # 46
-    "test_up.py",  # 43
-    "test_cold_start_stream.py",  # 39
-    "test_model_cache.py",  # 29
+    "test_ray_mode.py",  # 203
+    "test_faults.py",  # 189
+    "test_lifecycle.py",  # 112
+    "test_stream_migration.py",  # 83
+    "test_appliance.py",  # 200 with the wait for its images
+    "test_fuzz.py",  # 100, with load (51) and security (13): one group, 165 s and one stack start of 25
+    "test_load.py",
+    "test_security.py",
+    "test_e2e_http.py",  # 85
+    "test_draining.py",  # 78
+    "test_endpoints.py",  # 77
+    "test_engine.py",  # 77
+    "test_lora.py",  # 66
+    "test_tenants.py",  # 62
+    "test_model_cache.py",  # 60
+    "test_up.py",  # 42
+    "test_observability.py",  # 41
+    "test_prefetch.py",  # 34
+    "test_fork_server.py",  # 31
+    "test_cold_start_stream.py",  # 29
+    "test_prefix_routing.py",  # 26
     "test_sleep_levels.py",  # 20
-    "test_prefetch.py",  # 15
-    "test_fork_server.py",  # 8
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Unit tests first (seconds), then the end-to-end ones (minutes each), longest first: a broken module fails
     fast. The test command runs two pytest-xdist processes with `--dist loadfile` (a module's tests, and its
-    module-scoped stack, stay in one process)."""
+    module-scoped stack, stay in one process; the shared stack's modules are one unit: below)."""
 
     def rank(item: pytest.Item) -> tuple[int, int]:
         if "/tests/unit/" in str(item.path):
             return (0, 0)
-        if item.path.name in SHARED_STACK_MODULES:
-            return (3, 0)
         if item.path.name in LONG_MODULES:
             return (1, LONG_MODULES.index(item.path.name))
         return (2, 0)
 
     items.sort(key=rank)  # stable: the file order is kept within each rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, with the modules of the shared stack handed out as one unit (xdist's `loadgroup` would
+    do it by marks, but pytest 9 ignores the node id it rewrites)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedStackTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return SHARED_STACK_GROUP if Path(module).name in SHARED_STACK_MODULES else module
+
+    return SharedStackTogether(config, log)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -139,13 +157,29 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def secure_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SecureStack]:
+def secure_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[SecureStack]:
     """Manager, router and one worker with credentials on, serving the tiny model as `tiny` (tests/secure_harness.py
     says with which settings); shared by the security, fuzz and load tests."""
     from .secure_harness import start_shared_stack
 
     stack = start_shared_stack(tmp_path_factory.mktemp("secure"), tiny_model)
+    request.config.stash[_SHARED_STACK] = stack
     try:
         yield stack
     finally:
         stack.stop()
+
+
+_SHARED_STACK = pytest.StashKey["SecureStack"]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The shared stack stops after the last test of its modules in this process (they run one after the other: one
+    group, and one rank), not at the session's end: the modules that follow do not run beside its engine."""
+    if item.path.name in SHARED_STACK_MODULES and (nextitem is None or nextitem.path.name not in SHARED_STACK_MODULES):
+        stack = item.config.stash.get(_SHARED_STACK, None)
+        if stack is not None:
+            stack.stop()
