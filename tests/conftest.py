@@ -57,8 +57,8 @@ _one_default_tls_context()
 os.environ.setdefault("SVLLM_AUTH", "off")
 
 
-# The modules that share the session's credentialed stack (`secure_stack`): one xdist group, so one process starts
-# that stack (and its engine), not each process that runs one of them; it stops after the last of them.
+# The modules that share the session's credentialed stack (`secure_stack`): handed out as one unit (below), so one
+# process starts that stack (and its engine), not each process that runs one of them; it stops after the last of them.
 SHARED_STACK_MODULES = ("test_fuzz.py", "test_load.py", "test_security.py")
 SHARED_STACK_GROUP = "secure-stack"
 
@@ -177,8 +177,8 @@ _SHARED_STACK = pytest.StashKey["SecureStack"]()
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """The shared stack stops after the last test of its modules in this process (they run one after the other: one
-    group, and one rank), not at the session's end: the modules that follow do not run beside its engine."""
+    """The shared stack stops after the last test of its modules (one unit, and side by side in LONG_MODULES, so
+    they run one after the other), not at the session's end: the modules that follow do not run beside its engine."""
     if item.path.name in SHARED_STACK_MODULES and (nextitem is None or nextitem.path.name not in SHARED_STACK_MODULES):
         stack = item.config.stash.get(_SHARED_STACK, None)
         if stack is not None:
