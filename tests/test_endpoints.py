@@ -307,10 +307,8 @@ def test_a_non_streamed_request_whose_client_leaves_is_aborted_in_the_engine(sta
         "/v1/chat/completions": {"model": GEN, "messages": M, "max_tokens": 1800, "ignore_eos": True},
     }
     asked = 6 * 1800
-    warm = httpx.post(
-        f"{stack.router.url}/v1/completions", json={"model": GEN, "prompt": "x", "max_tokens": 1}, timeout=120
-    )
-    assert warm.status_code == 200, warm.text  # its engines ready, so the list below is the one that serves them
+    # Its engines ready, so the list below is the one that serves the requests.
+    assert stack.openai(timeout=120).completions.create(model=GEN, prompt="x", max_tokens=1).choices
     engines = _ready_engines(stack, GEN)
     tokens, running = "vllm:generation_tokens_total", "vllm:num_requests_running"
     for path, request in bodies.items():
