@@ -94,6 +94,14 @@ def client(stack: SecureStack, secret: str, url: str | None = None) -> openai.Op
     return openai.OpenAI(base_url=f"{url or stack.router.url}/v1", api_key=secret, max_retries=0, timeout=120)
 
 
+def on_router_b(stack: SecureStack, secret: str) -> openai.OpenAI:
+    """A client of router B once B knows the key (learnt by long-poll; no bound is promised but revocation's):
+    its first request served, 2 tokens, which counts against the key's limits and usage there."""
+    c = client(stack, secret, router_b(stack))
+    wait_until(lambda: chat(c, 2).status_code == 200, 30, what="router B knows the key")
+    return c
+
+
 def chat(c: openai.OpenAI, max_tokens: int = 16, **kw: Any) -> Any:
     return c.chat.completions.with_raw_response.create(
         model=ALIAS, messages=CHAT, max_tokens=max_tokens, extra_body=EOS, **kw
@@ -240,8 +248,7 @@ def test_concurrency_limit_holds_while_a_request_is_in_flight(stack: SecureStack
 
 def test_revocation_reaches_the_second_router_within_2_s(stack: SecureStack) -> None:
     secret = create_key(stack, name="two-routers", tenant="t")["secret"]
-    c_b = client(stack, secret, router_b(stack))
-    wait_until(lambda: chat(c_b, 2).status_code == 200, 30, what="router B knows the key")
+    on_router_b(stack, secret)
     resp = httpx.delete(f"{stack.router.url}/v1/keys/two-routers", headers=bearer(ADMIN_KEY), timeout=30)
     assert resp.status_code == 200
     revoked_at = time.monotonic()
@@ -260,8 +267,7 @@ def test_a_key_changed_through_the_router_keeps_what_was_not_given_and_both_rout
     expires_at = time.time() + 3600
     created = create_key(stack, name="changing", tenant="t", limits={"rpm": 100}, priority="low", expires_at=expires_at)
     secret = created["secret"]
-    c_a, c_b = client(stack, secret), client(stack, secret, router_b(stack))
-    wait_until(lambda: chat(c_b, 2).status_code == 200, 30, what="router B knows the key")
+    c_a, c_b = client(stack, secret), on_router_b(stack, secret)
 
     def patch(body: dict[str, Any]) -> httpx.Response:
         return httpx.patch(f"{stack.router.url}/v1/keys/changing", json=body, headers=bearer(ADMIN_KEY), timeout=30)
@@ -316,8 +322,7 @@ def test_a_keys_stored_responses_are_its_own(stack: SecureStack) -> None:
 def test_limits_are_split_between_the_routers_that_share_them(stack: SecureStack) -> None:
     """Router B was told two routers share each key's limits: of 4 requests per minute it lets 2 through."""
     secret = create_key(stack, name="split", tenant="t", limits={"rpm": 4})["secret"]
-    c_b = client(stack, secret, router_b(stack))
-    wait_until(lambda: chat(c_b, 2).status_code == 200, 30, what="router B knows the key")  # 1 of its 2
+    c_b = on_router_b(stack, secret)  # 1 of its 2
     raw = chat(c_b, 2)
     assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(openai.RateLimitError):
@@ -399,7 +404,7 @@ def test_usage_is_summed_over_routers_and_outlives_a_router_restart(stack: Secur
     """Each router process reports its counts to the manager; GET /v1/usage on either router answers the sum, and
     what router B counted stays after B restarts (it reports a last time as it stops)."""
     secret = create_key(stack, name="two-router-usage", tenant="team-s")["secret"]
-    wait_until(lambda: chat(client(stack, secret, router_b(stack)), 2).status_code == 200, 30, what="B has the key")
+    on_router_b(stack, secret)
     total = [1, 0, 0]  # requests, prompt and completion tokens (the first request's tokens are added below)
     first = usage_of(router_b(stack), secret)
     total[1:] = first[0][2:]
@@ -652,7 +657,7 @@ def test_a_router_started_while_the_manager_is_away_has_tenants_retry_then_serve
     a key made at run time is answered 503 with Retry-After (not 401: it is not known to be wrong), which the openai
     client retries, and the same client's request is served once the manager is back."""
     secret = create_key(stack, name="manager-away", tenant="team-m")["secret"]
-    wait_until(lambda: chat(client(stack, secret, router_b(stack)), 2).status_code == 200, 30, what="B has the key")
+    on_router_b(stack, secret)
     stack.manager.stop()
     stack.workers["router-b"].stop()
     stack.workers["router-b"].start()
