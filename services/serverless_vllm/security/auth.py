@@ -53,7 +53,7 @@ WORKER_OR_ADMIN = frozenset({Role.WORKER, Role.ADMIN})
 # Read-only operational endpoints: liveness probes (compose healthchecks) and Prometheus scrapes / discovery.
 OPS_PATHS = frozenset({"/health", "/metrics", "/manager/metrics", "/sd/targets", "/sd/workers"})
 WORKER_CALLS = frozenset({"/workers/register", "/workers/heartbeat"})
-# The router's operator routes (besides writes under /v1/models): tests/unit/test_route_policy.py fails when the
+# The router's operator routes (besides writes under /v1/models): tests/unit/test_endpoints.py fails when the
 # router gains a route that is neither here nor an inference, model, ops or worker route.
 ROUTER_ADMIN_PATHS = frozenset({"/workers", "/status", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
@@ -295,7 +295,8 @@ def install_guard(
     keys: KeyRing | None = None,
 ) -> Authenticator:
     """Add the guard as the outermost middleware of `app`; raises AuthConfigError when credentials are missing.
-    `keys`: the client keys made at run time (the router's key ring), checked after the environment's."""
+    `keys`: the client keys made at run time (the router's key ring), looked up by digest before the
+    environment's."""
     authenticator = Authenticator(settings, service)
     if not authenticator.enabled:
         log.warning("%s: authentication is OFF (SVLLM_AUTH=off): for local development only", service)
