@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -354,3 +355,39 @@ async def test_a_patch_that_breaks_the_policy_is_a_400_in_one_line(core: Manager
     with pytest.raises(ValidationError) as invalid:
         ModelSpec.model_validate({"alias": "b", "model_name": "/m", "min_replicas": 3, "max_replicas": 1})
     assert validation_message(invalid.value) == "min_replicas must not exceed max_replicas"
+
+
+async def test_stored_registrations_are_checked_again_at_start(tmp_path: Path) -> None:
+    """A registration that no longer passes (SVLLM_MODEL_DIRS narrowed, a stored spec the schema now refuses) is
+    not served after a restart, its running engine is not adopted (so its worker stops it), and the manager still
+    starts; registering the alias again or deleting it clears it."""
+    allowed, other = tmp_path / "models", tmp_path / "elsewhere"
+    db = str(tmp_path / "m.db")
+    first = ManagerCore(ManagerSettings(db_path=db, model_dirs=(str(allowed), str(other))))
+    for alias, path in (("inside", allowed / "a"), ("outside", other / "b"), ("broken", allowed / "c")):
+        await first.register_model(ModelSpec(alias=alias, model_name=str(path), preload=False))
+    await first.close()
+    with sqlite3.connect(db) as raw:  # a spec the schema refuses (as after an upgrade that tightened it)
+        raw.execute("UPDATE models SET spec = json_set(spec, '$.max_model_len', -5) WHERE alias = 'broken'")
+
+    core = ManagerCore(ManagerSettings(db_path=db, model_dirs=(str(allowed),)))
+    await core.start()
+    assert [m.alias for m in core.list_models()] == ["inside"]
+    assert sorted(core.registry.refused) == ["broken", "outside"]
+    assert "allowed model directories" in core.registry.refused["outside"]
+    assert core.health()["refused_registrations"] == ["broken", "outside"]
+    with pytest.raises(APIError) as err:
+        core.model_info("outside")
+    assert (err.value.status, err.value.code) == (404, "model_not_found") and "refused" in err.value.message
+    running = EngineStatus(replica_id="outside-1", alias="outside", state=ReplicaState.READY, model_name=str(other))
+    reply = await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=2, engines=[running]))
+    assert reply.assignments == []  # not adopted: the worker stops it
+
+    await core.delete_model("outside")
+    await core.register_model(ModelSpec(alias="broken", model_name=str(allowed / "c2"), preload=False))
+    assert core.registry.refused == {}
+    await core.close()
+    again = ManagerCore(ManagerSettings(db_path=db, model_dirs=(str(allowed),)))
+    assert [m.alias for m in again.list_models()] == ["inside", "broken"]
+    assert again.registry.refused == {}
+    await again.close()

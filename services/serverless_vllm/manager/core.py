@@ -200,6 +200,9 @@ class ManagerCore:
         return self.model_info(alias)
 
     async def delete_model(self, alias: str) -> None:
+        if self.registry.forget_refused(alias):
+            log.info("deleted the refused registration of %s", alias)
+            return
         spec = self.registry.require(alias).spec
         self.registry.delete(alias)
         self.adapters.deleted(alias, spec)  # an adapter leaves every assignment: its workers unload it
@@ -342,6 +345,7 @@ class ManagerCore:
             "epoch": self.epoch,
             "routing_version": self.routing.version,
             "models": len(self.registry.models),
+            "refused_registrations": sorted(self.registry.refused),  # stored, but not passing today's checks
             "replicas": len(self.replicas),
             "workers": {s.value: states.count(s) for s in WorkerState},
         }

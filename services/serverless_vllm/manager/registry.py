@@ -74,9 +74,15 @@ class ModelRegistry:
         self._clock = clock
         self._store = ModelStore(settings.db_path)
         self._models: dict[str, ModelRecord] = {}
+        # Stored registrations that no longer pass (alias -> why): not served, their engines not adopted (so
+        # stopped), kept in the file until registered again or deleted.
+        self.refused: dict[str, str] = {}
         now = clock()
         times = self._store.load_start_times()
-        for spec, created_at in self._store.load():
+        for alias, stored, created_at in self._store.load():
+            spec = self._recheck(alias, stored)
+            if spec is None:
+                continue
             # After a restart every model counts as just used, so adopted engines are not dropped at once.
             self._models[spec.alias] = ModelRecord(
                 spec=spec,
@@ -84,6 +90,26 @@ class ModelRegistry:
                 scale=ScaleState(target=spec.min_replicas, last_active=now),
                 start_times=times.get(spec.alias) or StartTimes(),
             )
+
+    def _recheck(self, alias: str, stored: str) -> ModelSpec | None:
+        """A stored registration checked as a new one would be (the schema, and what a registration may run under
+        this manager's settings: SVLLM_MODEL_DIRS may have narrowed, a flag been denied since); None if refused."""
+        try:
+            spec = ModelSpec.model_validate_json(stored)
+            check_registration(spec, self._settings.model_dirs)
+        except ValidationError as exc:
+            reason = validation_message(exc)
+        except APIError as exc:
+            reason = exc.message
+        else:
+            return spec
+        self.refused[alias] = reason
+        log.error(
+            "stored registration of %s refused: %s; not served, its engines stopped (register it again or delete it)",
+            alias,
+            reason,
+        )
+        return None
 
     @property
     def models(self) -> Mapping[str, ModelRecord]:
@@ -97,7 +123,9 @@ class ModelRegistry:
     def require(self, alias: str) -> ModelRecord:
         record = self._models.get(alias)
         if record is None:
-            raise APIError(404, f"The model '{alias}' does not exist", "model_not_found")
+            why = " (its stored registration was refused at the manager's start: see its log)"
+            why = why if alias in self.refused else ""
+            raise APIError(404, f"The model '{alias}' does not exist{why}", "model_not_found")
         return record
 
     def register(self, spec: ModelSpec) -> bool:
@@ -115,7 +143,8 @@ class ModelRegistry:
                 "alias_exists",
             )
         now = self._clock()
-        created = self._store.save(spec)
+        created = self._store.save(spec)  # over a refused registration's row too
+        self.refused.pop(spec.alias, None)
         # An adapter has no replica of its own (manager/adapters.py puts it on its base's).
         target = 0 if spec.base is not None else max(spec.min_replicas, 1 if spec.preload else 0)
         self._models[spec.alias] = ModelRecord(
@@ -145,6 +174,13 @@ class ModelRegistry:
         record.spec = spec
         record.scale.target = min(max(record.scale.target, spec.min_replicas), spec.max_replicas)
         return record
+
+    def forget_refused(self, alias: str) -> bool:
+        """Delete a refused registration's row; False when `alias` is not one."""
+        if self.refused.pop(alias, None) is None:
+            return False
+        self._store.delete(alias)
+        return True
 
     def delete(self, alias: str) -> None:
         """Forget the model (404 if unknown, 409 for a base with adapters); its replicas are the caller's to remove."""

@@ -3,7 +3,6 @@ worker state is rebuilt live."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -34,10 +33,12 @@ class ModelStore:
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS start_times (alias TEXT PRIMARY KEY, times TEXT NOT NULL)")
 
-    def load(self) -> list[tuple[ModelSpec, float]]:
+    def load(self) -> list[tuple[str, str, float]]:
+        """(alias, the spec as stored (JSON), created_at) in registration order: validated by the registry, which
+        refuses what no longer passes."""
         with self._lock:
-            rows = self._db.execute("SELECT spec, created_at FROM models ORDER BY created_at").fetchall()
-        return [(ModelSpec.model_validate(json.loads(spec)), created) for spec, created in rows]
+            rows = self._db.execute("SELECT alias, spec, created_at FROM models ORDER BY created_at").fetchall()
+        return [(alias, spec, created) for alias, spec, created in rows]
 
     def save(self, spec: ModelSpec, created_at: float | None = None) -> float:
         created = created_at if created_at is not None else time.time()
