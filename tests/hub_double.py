@@ -105,8 +105,13 @@ class HubDouble:
         return self
 
     def stop(self) -> None:
+        """Stop answering (a second stop does nothing: socketserver's shutdown() waits forever for a loop that is
+        not running, which hung a failed test's teardown after its outage)."""
+        if self._thread is None:
+            return
         self._server.shutdown()
         self._server.server_close()
+        self._thread = None
 
     def resume(self) -> HubDouble:
         """Listen again at the same address after stop(): the hub back after an outage."""

@@ -268,6 +268,50 @@ class StandInEngine(EngineProcess):
         return [sys.executable, "-c", _STAND_IN, str(port), self.mode]
 
 
+async def test_a_launch_waits_for_the_hub_verdict_and_a_stop_ends_the_wait(tmp_path: Path) -> None:
+    """Before each launch the engine awaits `hub_judged` (worker/prefetch.py: during a hub outage, until its model's
+    check says whether it is whole in the cache), so `hub_offline` is asked only then: launched earlier, an engine of
+    a cached model would start online and fail after about 107 s. A stop during the wait launches nothing."""
+    released, asked = asyncio.Event(), asyncio.Event()
+    verdict = {"offline": False}
+
+    async def judged() -> None:
+        asked.set()
+        await released.wait()
+
+    eng = StandInEngine(
+        make_assignment(tmp_path),
+        make_settings(tmp_path),
+        has_gpu=False,
+        hub_offline=lambda: verdict["offline"],
+        hub_judged=judged,
+    )
+    await eng.start()
+    try:
+        assert await eventually(asked.is_set, 5)
+        await asyncio.sleep(0.5)
+        assert eng.pid is None and eng.state is ReplicaState.STARTING  # nothing launched while the check runs
+        verdict["offline"] = True  # the check found the model whole in the cache, the hub down
+        released.set()
+        assert await eng.wait_ready(20), eng.log_tail()
+        environ = await asyncio.to_thread(Path(f"/proc/{eng.pid}/environ").read_bytes)
+        assert b"HF_HUB_OFFLINE=1" in environ.split(b"\0")
+    finally:
+        await eng.stop()
+
+    waiting = StandInEngine(
+        make_assignment(tmp_path, replica_id="r-tiny-2"), make_settings(tmp_path), has_gpu=False, hub_judged=judged
+    )
+    released.clear()
+    asked.clear()
+    await waiting.start()
+    assert await eventually(asked.is_set, 5)
+    began = time.monotonic()
+    await waiting.stop()
+    # Not after its stop timeout (20 s) and the supervisor's grace: the wait ended with the stop.
+    assert time.monotonic() - began < 15 and waiting.pid is None and waiting.restarts == 0
+
+
 async def test_crash_restarts_with_backoff_then_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(supervisor_mod, "BACKOFF_MAX_S", 0.2)  # the real 1, 2, 4 ... s backoff, capped for speed
     changes: list[ReplicaState] = []

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from serverless_vllm.testing.tiny_lora import make_tiny_lora
+from serverless_vllm.worker.engine_log import LAUNCH_HEADER
 
 from .harness import Stack, metric_sum, wait_until
 from .hub_double import HubDouble
@@ -178,16 +179,25 @@ def test_with_the_hub_unreachable_a_model_in_the_cache_starts_offline(stack: Sta
     """A worker whose hub cannot be reached (a proxy or mirror down, no network) still starts a model its cache holds
     whole: its prefetch finds it there, and the engine starts with HF_HUB_OFFLINE (worker/hub_download.py). Started
     online, vLLM retries the hub for each file it looks up and fails after about 107 s, every file on disk. (The copy
-    was put in the cache by the test before, while the hub answered.)"""
+    was put in the cache by the test before, while the hub answered.) Registered with `preload`: its engine is
+    launched as the prefetch begins, and waits for the prefetch's check (Prefetcher.judged) to start offline."""
     assert httpx.delete(f"{stack.router.url}/v1/models/tiny", timeout=60).status_code == 200  # the one slot
-    register(stack, "copy", COPY, enable_lora=True, max_loras=1, max_lora_rank=8)  # for the next test
-    wait_until(lambda: stack.model("copy")["cache"]["w1"]["state"] == "cached", 60, what="the copy found in the cache")
+    register(stack, "copy", COPY, enable_lora=True, max_loras=1, max_lora_rank=8, preload=True)  # (the next test's)
     client = stack.openai(timeout=600)
     reply = client.chat.completions.create(
         model="copy", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
     )
     assert reply.choices[0].message.content is not None
-    assert stack.model("copy")["state"] == "ready"
+    copy = stack.model("copy")
+    assert copy["state"] == "ready" and copy["cache"]["w1"]["state"] == "cached"
+    (engine,) = stack.workers_by_id()["w1"]["engines"]
+    assert engine["alias"] == "copy" and engine["restarts"] == 0, engine
+    # One engine, launched once: offline from the first (online, vLLM fails after about 107 s, and the forked start
+    # is tried again plainly, the check done by then: the answer would come, minutes late).
+    logs = re.findall(rf": {re.escape(COPY)} as copy \(its log: ([^)\s]+)\)", stack.workers["w1"].log_path.read_text())
+    assert len(logs) == 1, logs
+    launches = Path(logs[0]).read_text().count(LAUNCH_HEADER)
+    assert launches == 1, Path(logs[0]).read_text()[-3000:]
 
 
 def test_a_hub_adapter_is_prefetched_and_loads_into_a_base_started_offline(

@@ -9,6 +9,7 @@ started from a prefetched cache is tests/test_model_cache.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import subprocess
@@ -192,6 +193,44 @@ async def test_an_unreachable_hub_leaves_a_cached_model_to_start_offline(hub: Hu
         assert status.state is CacheState.FAILED and status.fault is CacheFault.OTHER, status
         assert status.error is not None and status.error.startswith(f"cannot reach {dead} to download {name!r}")
     await cut_off.close()
+
+
+async def test_a_launch_waits_for_its_models_check_only_while_the_hub_is_down(hub: HubDouble, tmp_path: Path) -> None:
+    """`judged` (awaited before each engine launch): with the hub down, a model just assigned is not yet known to be
+    whole in the cache, so `offline` would say no and the engine start online (and fail after about 107 s); judged
+    returns once the check is done, and `offline` then says yes. With the hub up it does not wait for the download
+    (the engine fetches beside it), and without a hub watch it never waits."""
+    async with contextlib.AsyncExitStack() as closing:  # closed however the test ends: a child left would hang it
+
+        def prefetcher(home: Path, probe_interval_s: float = 0.5) -> Prefetcher:
+            made = Prefetcher(env=hub_env(hub, home), probe_interval_s=probe_interval_s)
+            closing.push_async_callback(made.close)
+            return made
+
+        online = prefetcher(tmp_path, 0)
+        online.update([order(TINY)])
+        await until(online, settled)
+        hub.stop()
+        during = prefetcher(tmp_path)
+        during.running([(TINY, None), ("/models/local", None)])  # assigned, not ordered (the orders come later)
+        assert not during.offline(TINY, None)  # not checked yet: a launch now would go online
+        await during.judged(TINY, None)
+        assert during.hub.down and during.statuses()[0].state is CacheState.CACHED and during.offline(TINY, None)
+        during.update([])  # the manager orders nothing here: still had, as it runs
+        assert [s.model_name for s in during.statuses()] == [TINY]
+        during.running([])
+        assert during.statuses() == []
+
+        hub.resume()
+        hub.chunk_delay_s = 0.5  # the weights take about 7 s to come
+        fresh = prefetcher(tmp_path / "fresh")
+        fresh.update([order(TINY)])
+        await fresh.judged(TINY, None)
+        assert fresh.hub.up is True and fresh.statuses()[0].state in (CacheState.QUEUED, CacheState.FETCHING)
+        unwatched = prefetcher(tmp_path / "unwatched", 0)  # no probes: no verdict to wait for
+        unwatched.update([order(TINY)])
+        await asyncio.wait_for(unwatched.judged(TINY, None), 1)
+        assert unwatched.statuses()[0].state in (CacheState.QUEUED, CacheState.FETCHING)
 
 
 async def test_a_hub_answering_5xx_leaves_a_cached_model_to_start_offline(hub: HubDouble, tmp_path: Path) -> None:

@@ -285,33 +285,3 @@ def test_the_engine_loads_the_registered_revision(tmp_path: Path) -> None:
     cmd = command("v2")
     assert cmd[cmd.index("--revision") + 1] == "v2"
     assert "--revision" not in command(None)
-
-
-async def test_a_worker_running_a_replica_is_asked_for_its_model_too(tmp_path: Path, clock: Clock) -> None:
-    """Beyond the targets (PREFETCH_WORKERS), a worker that runs a replica of a hub model gets its order as well: the
-    worker judges only what it was ordered (whole in its cache? the hub down?), so without it that replica would
-    start online during a hub outage and fail, its files in the cache notwithstanding (docs/reliability.md)."""
-    async with running_core(settings(tmp_path, prefetch_workers=1), clock) as core:
-        await cpu_workers(core, "w1", "w2")
-        await core.register_model(ModelSpec(alias="m", model_name="org/m", min_replicas=2, max_replicas=2))
-        (target,) = core.model_info("m").cache
-        other = "w2" if target == "w1" else "w1"
-        assert orders(await beat(core, other)) == []  # a target only, before any replica runs
-        await core.reconcile()
-        assert {r.worker_id for r in core.model_info("m").replicas} == {"w1", "w2"}
-        assert orders(await beat(core, target)) == [("org/m", None)]
-        assert orders(await beat(core, other)) == [("org/m", None)]
-        assert set(core.model_info("m").cache) == {target}  # shown for the other once it reports
-        await beat(core, other, status(CacheState.CACHED, bytes=9))
-        assert core.model_info("m").cache[other].state == "cached"
-        await core.register_model(ModelSpec(alias="local", model_name="/models/local"))  # a path: nothing to fetch
-        await core.reconcile()
-        for worker_id in ("w1", "w2"):
-            assert ("/models/local", None) not in orders(await beat(core, worker_id))
-        await core.delete_model("m")
-        assert orders(await beat(core, other)) == []
-    async with running_core(settings(tmp_path / "off", prefetch_workers=0), clock) as off:
-        await cpu_workers(off, "w1")
-        await off.register_model(ModelSpec(alias="m", model_name="org/m"))
-        await off.reconcile()
-        assert off.model_info("m").replicas and orders(await beat(off, "w1")) == []  # 0: no prefetch at all

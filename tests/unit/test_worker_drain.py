@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from serverless_vllm.config import WorkerSettings
-from serverless_vllm.schemas import Assignment, EngineArgs, EngineStatus, ReplicaState
+from serverless_vllm.schemas import Assignment, CacheState, EngineArgs, EngineStatus, ReplicaState
 from serverless_vllm.worker import agent as agent_module
 from serverless_vllm.worker.agent import WorkerAgent
 from serverless_vllm.worker.drain import Drainer, InFlight
@@ -22,7 +22,7 @@ def assignment(rid: str, gpus: list[int] | None = None, fraction: float = 0.9, a
     return Assignment(
         replica_id=rid,
         alias="a",
-        model_name="org/a",
+        model_name="/models/a",  # a local path: nothing for the prefetcher to have (a hub id: test below)
         engine=EngineArgs(gpu_memory_utilization=fraction),
         gpus=gpus or [],
         asleep=asleep,
@@ -185,6 +185,22 @@ async def test_an_unassigned_engine_is_refused_new_requests_and_stopped_once_idl
     agent.inflight.leave("r1")
     await agent.draining.wait()
     assert e.stopped and agent.statuses() == []
+
+
+async def test_the_hub_models_of_the_engines_assigned_are_had_before_they_launch(
+    agent: WorkerAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager pushes assignments before its prefetch orders arrive: the agent hands the prefetcher its engines'
+    hub models first, so a launch during a hub outage finds its model's check begun (worker/prefetch.py, judged)."""
+    monkeypatch.setattr(agent.prefetcher, "_start", lambda: None)  # no download child: the wiring is what is checked
+    hub = assignment("r1").model_copy(update={"model_name": "org/a"})
+    try:
+        await agent.apply([hub, assignment("r2")])
+        assert [(s.model_name, s.state) for s in agent.prefetcher.statuses()] == [("org/a", CacheState.QUEUED)]
+        await agent.apply([assignment("r2")])
+        assert agent.prefetcher.statuses() == []
+    finally:
+        await agent.prefetcher.close()  # its hub watch
 
 
 async def test_an_engine_on_a_draining_engines_gpu_starts_once_it_is_gone(agent: WorkerAgent) -> None:

@@ -10,9 +10,8 @@ download that cannot succeed does to its model.
   files go (its base's targets), or, for a base from a local path, where placement would put the base's replicas: an
   engine's first load of it then finds it cached, and a source at fault fails it at registration, not at its first
   request.
-- **Orders.** A worker's heartbeat replies carry the (model, revision) of every model it is a target of, or runs a
-  replica of (worker_link.py); the worker (worker/prefetch.py) downloads them one at a time and reports each in its
-  heartbeats.
+- **Orders.** A worker's heartbeat replies carry the (model, revision) of every model it is a target of
+  (worker_link.py); the worker (worker/prefetch.py) downloads them one at a time and reports each in its heartbeats.
 - **Failures.** A download whose source is at fault (no such repository or revision, access refused) fails every
   model with that name and revision, whichever worker says so: FAILED with the worker's sentence as `last_error`, its
   replicas that serve nothing stopped. One whose worker cannot hold or get the files (its disk, offline) fails the
@@ -159,21 +158,12 @@ class ModelCache:
             self._fold_out(worker_id, self._reported_by.pop(worker_id))
 
     def orders(self, worker_id: str) -> tuple[Key, ...]:
-        """The models this worker should have in its cache (its heartbeat replies carry them): those it is a target
-        of, and those it runs a replica of. The latter because the worker judges only what it was ordered (is the
-        model whole in its cache, does the hub answer): a replica beyond the targets, or one moved to a worker that
-        was none, would otherwise start online during a hub outage and fail, though its files were in a cache it
-        shares (worker/prefetch.py). O(the worker's replicas) a reply."""
+        """The models this worker should have in its cache (its heartbeat replies carry them)."""
         orders = self._orders.get(worker_id)
         if orders is None:
             keys = {cache_key(self._models[a].spec) for a in self._by_worker.get(worker_id, ()) if a in self._models}
             orders = self._orders[worker_id] = tuple(sorted((k for k in keys if k is not None), key=str))
-        if not self._limit:
-            return orders
-        running = {r.alias for r in self._replicas.of_worker(worker_id)}
-        known = (cache_key(self._models[a].spec) for a in running if a in self._models)
-        extra = {k for k in known if k is not None and k not in orders}
-        return tuple(sorted((*orders, *extra), key=str)) if extra else orders
+        return orders
 
     def _want(self, model: ModelRecord) -> int:
         return min(self._limit, model.spec.max_replicas)
@@ -298,8 +288,7 @@ class ModelCache:
     # ------------------------------------------------------------------ views
 
     def info(self, alias: str) -> dict[str, CacheProgress]:
-        """GET /v1/models/{alias}'s `cache`: its files on each worker asked for them (queued until a target
-        reports; a worker asked because it runs a replica shows once it reports)."""
+        """GET /v1/models/{alias}'s `cache`: its files on each worker asked for them (queued until it reports)."""
         model = self._models.get(alias)
         key = cache_key(model.spec) if model is not None else None
         if key is None:

@@ -223,6 +223,8 @@ class WorkerAgent:
         async with self._apply_lock:
             wanted = {a.replica_id: a for a in assignments}
             self._assigned = wanted
+            # Before any launch: each finds its hub model's check begun (Prefetcher.judged).
+            self.prefetcher.running((a.model_name, a.engine.revision) for a in assignments)
             self._no_room &= wanted.keys()
             for rid in [rid for rid in self.engines if rid not in wanted]:
                 self.draining.drain(self.engines.pop(rid))  # out of service now, stopped once idle
@@ -239,6 +241,7 @@ class WorkerAgent:
                         client=self._engine_client,
                         fork_server=self.fork_server,
                         hub_offline=partial(self.prefetcher.offline, assignment.model_name, assignment.engine.revision),
+                        hub_judged=partial(self.prefetcher.judged, assignment.model_name, assignment.engine.revision),
                     )
                     self.engines[rid] = engine
                     self.metrics.engine_started(engine)

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -87,6 +87,10 @@ def engine_environment(settings: WorkerSettings, *, has_gpu: bool) -> dict[str, 
     return env
 
 
+async def _nothing_to_wait_for() -> None:
+    return None
+
+
 class EngineProcess:
     """Launches and supervises one vLLM OpenAI server for one Assignment.
 
@@ -105,10 +109,12 @@ class EngineProcess:
         client: httpx.AsyncClient | None = None,
         fork_server: ForkServer | None = None,
         hub_offline: Callable[[], bool] = lambda: False,
+        hub_judged: Callable[[], Awaitable[None]] = _nothing_to_wait_for,
     ) -> None:
         self.assignment = assignment
         # Asked at each launch (crash restarts too): its model whole in the cache, the hub not answering (prefetch.py)
         self.hub_offline = hub_offline
+        self.hub_judged = hub_judged  # awaited before each launch: until hub_offline can be believed (prefetch.py)
         self.fork_server = fork_server  # starts fork from it when it is there (fork_server.py)
         self.settings = settings
         self.has_gpu = has_gpu

@@ -58,6 +58,11 @@ class HubWatch:
     def down(self) -> bool:
         return self.up is False
 
+    @property
+    def watching(self) -> bool:
+        """Whether probes run (a verdict is coming, or has come and is kept up to date)."""
+        return self._task is not None
+
     def watch(self, repo: str | None) -> None:
         """Probe the hub about `repo` from now on; None: there is nothing to watch for (no hub model cached)."""
         self._repo = repo

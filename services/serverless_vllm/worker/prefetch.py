@@ -25,17 +25,23 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..aio import stop_tasks
 from ..schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
 from ..settings_base import truthy
+from .adapter_fetch import is_hub_id
 from .hub_watch import DEFAULT_ENDPOINT, HubWatch
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 300.0
+# A launch waits at most this long for its model's check while the hub is down or not yet probed (Prefetcher.judged):
+# a refused connection is found at once, a silent hub within the probe's timeout (10 s).
+JUDGE_WAIT_S = 60.0
+_JUDGE_POLL_S = 0.1
+_UNDER_WAY = (CacheState.QUEUED, CacheState.FETCHING)
 _STDERR_TAIL = 2000  # characters of a failed child's stderr kept for its error
 
 Key = tuple[str, str | None]  # (model name, revision)
@@ -76,6 +82,8 @@ class Prefetcher:
         self._env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # its stderr is kept for errors, not for bars
         self._retry_after_s = retry_after_s
         self._entries: dict[Key, _Entry] = {}
+        self._ordered: list[Key] = []  # the manager's orders
+        self._running: list[Key] = []  # the hub models of this worker's engines
         self._task: asyncio.Task[None] | None = None
         self._current: tuple[Key, asyncio.subprocess.Process] | None = None
         offline = any(truthy(self._env.get(name, "")) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -87,8 +95,20 @@ class Prefetcher:
         )
 
     def update(self, orders: list[PrefetchOrder]) -> None:
-        """The manager's complete list: new models are queued, models no longer listed forgotten."""
-        wanted = [(o.model_name, o.revision) for o in orders]
+        """The manager's complete list: new models are queued, models no longer listed (nor run here) forgotten."""
+        self._ordered = [(o.model_name, o.revision) for o in orders]
+        self._sync()
+
+    def running(self, models: Iterable[Key]) -> None:
+        """The (model, revision) of every engine assigned here: the hub models among them are had (checked) as if
+        ordered, whether or not this worker is one of the manager's targets. The worker judges a hub outage only for
+        what it has (`offline`), and its assignments come before any order (pushed by the manager): a replica beyond
+        the targets, or one registered with `preload` during an outage, would start online and fail."""
+        self._running = [k for k in dict.fromkeys(models) if is_hub_id(k[0])]
+        self._sync()
+
+    def _sync(self) -> None:
+        wanted = list(dict.fromkeys([*self._ordered, *self._running]))
         for key in [k for k in self._entries if k not in wanted]:
             del self._entries[key]
             if self._current is not None and self._current[0] == key and self._current[1].returncode is None:
@@ -130,6 +150,19 @@ class Prefetcher:
         fail after minutes of retries."""
         entry = self._entries.get((model, revision))
         return entry is not None and entry.state is CacheState.CACHED and (entry.offline or self.hub.down)
+
+    async def judged(self, model: str, revision: str | None, timeout: float = JUDGE_WAIT_S) -> None:
+        """Return once `offline` can be believed for this model's launch: at once, unless its check is still to come
+        (queued or under way) while the hub is down or not yet probed; then when the hub is found up (the engine
+        downloads beside the prefetch, as ever) or the check is done (whole in the cache: offline). Without it a
+        model registered, or placed here, during an outage started online and failed after minutes of vLLM's retries
+        though its files were in the cache. At most `timeout` (then the launch goes on as it would have)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self._entries.get((model, revision))
+            if entry is None or entry.state not in _UNDER_WAY or self.hub.up or not self.hub.watching:
+                return
+            await asyncio.sleep(_JUDGE_POLL_S)
 
     def _fetch_offline_again(self) -> None:
         """The hub answers: what was cached from the cache alone is fetched again (its revision may have moved)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from ..aio import stop_tasks
 from ..schemas import ReplicaState
 from . import spawn
 from .engine_log import EngineLog, start_fault
@@ -178,6 +179,15 @@ class Supervisor:
         return launch
 
     async def _spawn_in(self, port: int, fork_ok: bool, rpc_dir: str | None) -> Launch | None:
+        # Until whether it starts offline is known (worker/prefetch.py: a hub outage), or a stop comes.
+        judged = asyncio.ensure_future(self._engine.hub_judged())
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait((judged, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await stop_tasks(judged, stopped)
+        if self.stopping:
+            return None
         self._launches += 1
         cmd = self._engine.command(port)
         env = self._engine.environment()
