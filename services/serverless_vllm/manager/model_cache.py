@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from ..config import ManagerSettings
 from ..schemas import CacheFault, CacheProgress, CacheState, CacheStatus, ModelSpec, ReplicaState, WorkerState
+from ..security.models import is_hub_id
 from .placement import PlacementError, WorkerCapacity, claim, place
 from .registry import ModelRecord, ModelRegistry
 from .replicas import ReplicaIndex
@@ -54,7 +55,7 @@ class CacheRow(NamedTuple):
 def cache_key(spec: ModelSpec) -> Key | None:
     """What a worker downloads for this registration (a LoRA adapter's weights too: its model_name); None for a
     local path (nothing to download)."""
-    return None if spec.model_name.startswith("/") else (spec.model_name, spec.revision)
+    return (spec.model_name, spec.revision) if is_hub_id(spec.model_name) else None
 
 
 def _label(key: Key) -> str:

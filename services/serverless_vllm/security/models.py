@@ -18,6 +18,14 @@ _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 HUB_ID_PATTERN = rf"^{_PART}(?:/{_PART})?$"
 _HUB_ID_RE = re.compile(HUB_ID_PATTERN)
 
+
+def is_hub_id(weights: str) -> bool:
+    """Whether a registration's weights (a model's or an adapter's) name a hub repository rather than a folder: the
+    one rule for it, which the manager's prefetch and the workers' downloads follow (a registration's weights are a
+    hub id or an absolute path: check_model_name)."""
+    return not weights.startswith("/")
+
+
 # Engine flags a registration may not set. The worker owns the engine's address, name and model; the rest
 # import code, open network connectors or read/write files on the worker chosen by whoever registers.
 # Operators who need one pass it on the worker itself (ENGINE_EXTRA_ARGS), which is trusted.
@@ -91,7 +99,7 @@ def check_model_name(name: str, model_dirs: Iterable[str]) -> None:
     the path exists on this host). No '..' anywhere."""
     if "\x00" in name or any(ord(c) < 32 for c in name):
         raise _refuse("model_name contains control characters", "model_not_allowed")
-    if not name.startswith("/"):
+    if is_hub_id(name):
         if _HUB_ID_RE.match(name) and ".." not in name and "--" not in name:
             return
         raise _refuse(
@@ -144,7 +152,7 @@ def check_registration(spec: ModelSpec, model_dirs: Iterable[str]) -> None:
     check_model_name(spec.model_name, model_dirs)
     check_engine_args(spec.extra_args)
     if spec.revision is not None:
-        if spec.model_name.startswith("/"):
+        if not is_hub_id(spec.model_name):
             raise _refuse("revision applies to Hugging Face models, not to a local path", "revision_not_allowed")
         if ".." in spec.revision:  # it names a file under the cache's refs/
             raise _refuse("revision must not contain '..'", "revision_not_allowed")

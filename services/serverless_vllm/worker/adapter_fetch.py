@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..security.models import is_hub_id
 from . import hub_download
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,6 @@ log = logging.getLogger(__name__)
 
 class AdapterFetchError(Exception):
     """The adapter could not be had, in the sentence its model's `last_error` shows."""
-
-
-def is_hub_id(weights: str) -> bool:
-    """A hub id rather than a folder: a registration's weights are a hub id or an absolute path
-    (security/models.py), the rule the manager's prefetch follows too (manager/model_cache.py, cache_key)."""
-    return not weights.startswith("/")
 
 
 class AdapterFetcher:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ..schemas import HostMemory, ReplicaState
+from ..security.models import is_hub_id
 
 _CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -106,7 +107,7 @@ def weights_bytes(model: str, env: Mapping[str, str], revision: str | None = Non
     """The size of a model's weight files: a local folder's, or the cached copy of a hub id (at `revision`) in the
     Hugging Face cache that `env` (the engine's environment) names. None when there are none to measure (not
     downloaded yet, another layout)."""
-    folder = Path(model) if model.startswith("/") else _snapshot(model, env, revision)
+    folder = _snapshot(model, env, revision) if is_hub_id(model) else Path(model)
     files = _weight_files(folder) if folder is not None else []
     try:
         size = sum(f.stat().st_size for f in files)  # a cache's snapshot holds links to blobs: their size

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from ..aio import stop_tasks
 from ..schemas import CacheFault, CacheState, CacheStatus, PrefetchOrder
+from ..security.models import is_hub_id
 from ..settings_base import truthy
-from .adapter_fetch import is_hub_id
 from .hub_watch import DEFAULT_ENDPOINT, HubWatch
 
 log = logging.getLogger(__name__)
