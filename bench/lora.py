@@ -100,7 +100,7 @@ def main() -> None:
         for r in range(rounds):
             alias = f"ad{r}"
             path = make_tiny_lora(procs.tmp / "adapters" / alias, seed=100 + r)
-            reg = {"alias": alias, "base": BASE, "adapter": str(path)}
+            reg = {"alias": alias, "base": BASE, "adapter": str(path), "preload": False}  # loaded by requests
             httpx.post(f"{stack.url}/v1/models/register", json=reg, headers=admin, timeout=60).raise_for_status()
             run = {"base": ttft(stack.url, BASE, client)}
             run["unloaded"] = ttft(stack.url, alias, client)

@@ -212,7 +212,9 @@ def main() -> None:
         result["quiet"] = wait_for_quiet(wait, own_marker=marker)
         memory: dict[str, Any] = {"base_engine_no_adapter": engines(marker)[BASE]}
         for name, path in zip(names, paths, strict=True):
-            ops.post("/v1/models/register", json={"alias": name, "base": BASE, "adapter": str(path)}).raise_for_status()
+            ops.post(
+                "/v1/models/register", json={"alias": name, "base": BASE, "adapter": str(path), "preload": False}
+            ).raise_for_status()
         lora_text = {n: complete(api, n, a.max_tokens)["choices"][0]["text"] for n in names}  # loads all 20
         [replica] = ops.get(f"/v1/models/{BASE}").json()["replicas"]
         if len(replica["adapters"]) != ADAPTERS:

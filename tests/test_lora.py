@@ -55,7 +55,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, adapters: 
         }
         assert s.post("/v1/models/register", json=base).status_code == 200
         for alias, path in adapters.items():
-            resp = s.post("/v1/models/register", json={"alias": alias, "base": BASE, "adapter": str(path)})
+            body = {"alias": alias, "base": BASE, "adapter": str(path), "preload": False}  # by their first request
+            resp = s.post("/v1/models/register", json=body)
             assert resp.status_code == 200, resp.text
         yield s
     finally:
@@ -215,3 +216,33 @@ def test_deleting_an_adapter_unloads_it_and_a_base_with_adapters_needs_cascade(s
     assert httpx.delete(f"{stack.router.url}/v1/models/{BASE}?cascade=true", timeout=30).status_code == 200
     names = {m.id for m in stack.openai().models.list().data}
     assert not names & {BASE, "ad-two", "ad-rank"}
+
+
+def test_a_preloaded_adapter_is_loaded_before_its_first_request(
+    stack: Stack, tiny_model: Path, adapters: dict[str, Path]
+) -> None:
+    """`preload` (the default for an adapter, as for a model): registered while its base starts, an adapter is put
+    in a free slot once the base is ready, with no request; its first request finds it loaded. max_loras 1: the
+    second one registered finds the slot taken and is left to its first request (a preload unloads nothing)."""
+    base = {
+        "alias": "tiny-lora-pre",
+        "model_name": str(tiny_model),
+        "dtype": "float32",
+        "max_model_len": 512,
+        "enable_lora": True,
+        "max_loras": 1,
+        "max_lora_rank": 8,
+    }
+    assert stack.post("/v1/models/register", json=base).status_code == 200  # preload: it starts now
+    for alias, weights in (("pre-one", adapters["ad-one"]), ("pre-two", adapters["ad-two"])):
+        resp = stack.post(
+            "/v1/models/register", json={"alias": alias, "base": "tiny-lora-pre", "adapter": str(weights)}
+        )
+        assert resp.status_code == 200, resp.text
+    wait_until(lambda: stack.model("pre-one")["state"] == "ready", 240, interval=0.5, what="pre-one preloaded")
+    assert metric(stack, "svllm_adapter_loads_total", "pre-one") == 1
+    assert stack.model("pre-two")["state"] == "cold"
+    first = complete(stack, "pre-one")
+    assert metric(stack, "svllm_adapter_loads_total", "pre-one") == 1  # no load of its own: it was there
+    assert complete(stack, "pre-two") != first  # its first request loads it, unloading pre-one
+    assert metric(stack, "svllm_adapter_loads_total", "pre-two") == 1

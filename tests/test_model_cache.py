@@ -212,7 +212,8 @@ def test_a_hub_adapter_is_prefetched_and_loads_into_a_base_started_offline(
     wait_until(lambda: hub_up(stack, hub), 30, what="the worker's probe to find the hub up again")
     mark = len(hub.requests)
     for alias, adapter in (("copy-lora", LORA), ("copy-nope", "testorg/nope")):
-        resp = stack.post("/v1/models/register", json={"alias": alias, "base": "copy", "adapter": adapter})
+        body = {"alias": alias, "base": "copy", "adapter": adapter, "preload": False}  # loaded by a request
+        resp = stack.post("/v1/models/register", json=body)
         assert resp.status_code == 200, resp.text
     wait_until(lambda: stack.model("copy-lora")["cache"]["w1"]["state"] == "cached", 60, what="the adapter prefetched")
     files = sorted(f.name for f in lora.iterdir() if f.is_file() and not f.name.startswith("."))

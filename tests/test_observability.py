@@ -579,7 +579,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, promtoo
         assert resp.status_code == 200, resp.text
         for seed, adapter in enumerate(ADAPTERS, 1):
             path = make_tiny_lora(tmp / "adapters" / adapter, seed=seed)
-            reg = {"alias": adapter, "base": ALIAS, "adapter": str(path)}
+            reg = {"alias": adapter, "base": ALIAS, "adapter": str(path), "preload": False}  # loaded by traffic
             assert stack.post("/v1/models/register", json=reg, headers=ADMIN).status_code == 200
         # Counters and histograms of the model are scraped at 0 before anything happens to it.
         for expr in (

@@ -29,7 +29,8 @@ def add_policy_flags(p: argparse.ArgumentParser, scheduling: bool = True) -> Non
     p.add_argument(
         "--preload",
         action=argparse.BooleanOptionalAction,
-        help="start one replica at registration (default: yes; --no-preload: at its first request)",
+        help="start one replica at registration, an adapter: load it into a free slot of its base once that is ready "
+        "(default: yes; --no-preload: at its first request)",
     )
     if not scheduling:
         return

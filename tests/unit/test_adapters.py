@@ -8,6 +8,7 @@ import argparse
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serverless_vllm.cli_lora import add_lora_flags, registration
@@ -19,12 +20,18 @@ from serverless_vllm.schemas import (
     EngineStatus,
     Heartbeat,
     ModelLoad,
+    ModelPatch,
     ModelSpec,
     ReplicaState,
     WorkerRegistration,
 )
 
 from .fleet import NOWHERE, Clock, core_settings, running_core
+
+
+def lazy(name: str) -> dict[str, Any]:
+    """An adapter of `base` loaded by its first request (no preload: these tests place adapters by demand)."""
+    return {"alias": name, "base": "base", "adapter": f"org/{name}", "preload": False}
 
 
 @pytest.fixture
@@ -38,7 +45,7 @@ async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[ManagerCore]:
         await c.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=2))
         await c.register_model(ModelSpec(alias="base", model_name="org/base", min_replicas=2, max_replicas=2))
         for name in ("a1", "a2"):
-            await c.register_model(ModelSpec.model_validate({"alias": name, "base": "base", "adapter": f"org/{name}"}))
+            await c.register_model(ModelSpec.model_validate(lazy(name)))
         yield c
 
 
@@ -105,9 +112,7 @@ async def one_slot(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[ManagerC
         await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
         await core.register_model(ModelSpec(alias="base", model_name="org/base", min_replicas=1, max_loras=1))
         for name in ("a1", "a2"):
-            await core.register_model(
-                ModelSpec.model_validate({"alias": name, "base": "base", "adapter": f"org/{name}"})
-            )
+            await core.register_model(ModelSpec.model_validate(lazy(name)))
         await core.reconcile()
         (only,) = await beat(core, {})
         await ask(core, "a1")
@@ -163,6 +168,58 @@ async def test_a_busy_adapter_spreads_to_one_more_replica_and_an_idle_one_is_unl
     clock.now += 400  # past its idle_timeout_s (300) with no request, and the routers' reports expired
     await core.reconcile()
     assert [a.adapters for a in await beat(core, {})] == [{}, {}]
+
+
+async def test_a_preloaded_adapter_takes_a_free_slot_once_its_base_is_ready_and_never_unloads_another(
+    tmp_path: Path,
+) -> None:
+    """`preload` (the default): no request needed. Held back while the base is cold (the preload starts nothing), put
+    in a free slot once it is ready; where every slot is taken, left to its first request (nothing unloaded)."""
+    async with running_core(core_settings(tmp_path), Clock()) as core:
+        await core.register_worker(WorkerRegistration(worker_id="w1", url=NOWHERE, cpu_slots=1))
+        await core.register_model(ModelSpec(alias="base", model_name="org/base", max_loras=1, preload=False))
+        await core.register_model(ModelSpec.model_validate({"alias": "a1", "base": "base", "adapter": "org/a1"}))
+        await core.reconcile()
+        assert await beat(core, {}) == []  # the base stays cold
+        assert core.routing_table().models["a1"].state == "cold"
+
+        await core.register_model(ModelSpec.model_validate({"alias": "a2", "base": "base", "adapter": "org/a2"}))
+        await core.patch_model("base", ModelPatch(min_replicas=1))
+        await core.reconcile()
+        (only,) = await beat(core, {})  # the base's replica made and reported ready
+        await core.reconcile()
+        assigned = await beat(core, {only.replica_id: []})
+        assert [a.adapters for a in assigned] == [{"a1": "org/a1"}]  # one slot: a1 (sorted first), not a2
+        await beat(core, {only.replica_id: ["a1"]})
+        assert core.routing_table().models["a1"].state == "ready"
+        assert core.routing_table().models["a2"].state == "cold"
+
+        # a3, registered while the slot is taken, does not unload a1; and tried once: neither a2 nor a3 is put in
+        # the slot once a1's deletion frees it.
+        await core.register_model(ModelSpec.model_validate({"alias": "a3", "base": "base", "adapter": "org/a3"}))
+        await core.reconcile()
+        assert [a.adapters for a in await beat(core, {only.replica_id: ["a1"]})] == [{"a1": "org/a1"}]
+        await core.delete_model("a1")
+        await core.reconcile()
+        assert [a.adapters for a in await beat(core, {only.replica_id: []})] == [{}]
+        await core.reconcile()
+        assert [a.adapters for a in await beat(core, {only.replica_id: []})] == [{}]
+        await ask(core, "a2")  # its first request loads it
+        assert [a.adapters for a in await beat(core, {only.replica_id: []})] == [{"a2": "org/a2"}]
+
+
+async def test_a_preloaded_adapter_goes_to_the_emptiest_ready_replica_at_registration(core: ManagerCore) -> None:
+    """The base is up: the next pass puts it in a free slot (the replica holding fewer adapters), no request asked."""
+    first, second = await ready_base(core)
+    await ask(core, "a1")
+    holder = next(a.replica_id for a in await beat(core, {}) if a.adapters)
+    await core.register_model(ModelSpec.model_validate({"alias": "a3", "base": "base", "adapter": "org/a3"}))
+    await core.reconcile()
+    assigned = {a.replica_id: a.adapters for a in await beat(core, {holder: ["a1"]})}
+    other = second.replica_id if holder == first.replica_id else first.replica_id
+    assert assigned == {holder: {"a1": "org/a1"}, other: {"a3": "org/a3"}}
+    # Registered again while it is held: nothing more to do.
+    assert core.adapters.preload("a3") is False
 
 
 async def test_after_a_manager_restart_the_adapters_engines_hold_are_kept(tmp_path: Path) -> None:

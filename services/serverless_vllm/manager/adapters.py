@@ -6,7 +6,8 @@ loaded (worker heartbeats carry each engine's own `/v1/models`): those are its r
 asked for and held nowhere is given to the least busy ready base replica with room below `max_loras` (else the
 least recently used adapter there is unloaded); the worker loads it through the engine's runtime adapter API and
 its next heartbeat makes the route ready. Its demand counts toward its base (a base at zero replicas starts).
-A load the engine refuses fails the adapter for `failed_retry_after_s` with the engine's reason.
+A load the engine refuses fails the adapter for `failed_retry_after_s` with the engine's reason. An adapter
+registered with `preload` (the default) is given a free slot ahead of its first request, once (_preload).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from dataclasses import dataclass, field
 
 from ..config import ManagerSettings
 from ..metrics.adapters import adapter_text
-from ..schemas import EngineArgs, ModelInfo, ModelSpec, ModelState, ModelTask, ReplicaState, WorkerState
+from ..schemas import EngineArgs, ModelSpec, ReplicaState, WorkerState
 from .autoscale import Demand
 from .draining import retire, serving
-from .registry import ModelRecord, ModelRegistry, replica_infos
+from .registry import ModelRecord, ModelRegistry
 from .replicas import ACTIVE, Replica, ReplicaIndex
-from .routing_publisher import RouteKey, RoutingPublisher, by_priority
+from .routing_publisher import RoutingPublisher
 from .workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class AdapterManager:
         self._lora: set[str] = set()  # replicas whose engine was started with LoRA on
         self._active: dict[str, tuple[float, bool]] = {}  # adapter -> (load, wake) of the pass under way
         self._lora_args: dict[str, tuple[EngineArgs, EngineArgs]] = {}  # base -> (its args, with LoRA on)
+        self._preloads: set[str] = set()  # registered with `preload`, waiting for a ready replica of their base
         for alias, model in self._models.items():
             self.registered(alias, model.spec)
 
@@ -85,12 +87,20 @@ class AdapterManager:
             self._by_base.pop(alias, None)
             return
         self._by_base.get(spec.base, set()).discard(alias)
+        self._preloads.discard(alias)
         for rid in list(self._wanted):
             self._drop(rid, alias)
 
-    def is_adapter(self, alias: str) -> bool:
+    def preload(self, alias: str) -> bool:
+        """An adapter registered with `preload`: put in a free adapter slot of a ready base replica at the next pass,
+        or at the first pass that finds one of its base ready (its requests would wake the base: a preload does not).
+        Tried once: it unloads no adapter and restarts no engine for it, so where every slot is taken its first
+        request loads it. False when it is held already (a registration repeated)."""
         model = self._models.get(alias)
-        return model is not None and model.spec.base is not None
+        if model is None or model.spec.base is None or not model.spec.preload or _held(self._wanted, alias):
+            return False
+        self._preloads.add(alias)
+        return True
 
     def dependents(self, aliases: Iterable[str]) -> set[str]:
         """The adapters of these bases: their routes follow the base's replicas."""
@@ -156,10 +166,12 @@ class AdapterManager:
         for base, adapters in self._by_base.items():
             if not adapters or base not in self._models:
                 continue
-            ready = self._ready(base)
+            ready = self.ready(base)
             capable = [r for r in ready if r.replica_id in self._lora]
             for alias in sorted(adapters):
                 changed |= self._place_one(alias, capable, busy, now)
+            if capable and self._preloads & adapters:
+                changed |= self._preload(sorted(self._preloads & adapters), capable, now)
             if (
                 ready
                 and not capable
@@ -196,6 +208,23 @@ class AdapterManager:
                 break
             holders.append(chosen)
             changed |= self._give(chosen, alias, now)
+        return changed
+
+    def _preload(self, aliases: list[str], ready: list[Replica], now: float) -> set[str]:
+        """After the adapters with demand: each preload into the emptiest replica with a free slot, if there is one."""
+        changed: set[str] = set()
+        for alias in aliases:
+            self._preloads.discard(alias)
+            if _held(self._wanted, alias) or self._failed_recently(self._models[alias], now):
+                continue
+            free = [r for r in ready if len(self._wanted.get(r.replica_id, {})) < self._max_loras(r)]
+            if free:
+                changed |= self._give(min(free, key=lambda r: len(self._wanted.get(r.replica_id, {}))), alias, now)
+            else:
+                log.info(
+                    "adapter %s not preloaded: every adapter slot of its base is taken (its first request loads it)",
+                    alias,
+                )
         return changed
 
     def _choose(self, candidates: list[Replica], busy: dict[str, int], now: float) -> Replica | None:
@@ -257,7 +286,7 @@ class AdapterManager:
         base = self._models.get(replica.alias)
         return base.engine().max_loras if base is not None else 1
 
-    def _ready(self, base: str) -> list[Replica]:
+    def ready(self, base: str) -> list[Replica]:
         out = []
         for r in serving(self._replicas.of_alias(base)):
             if r.state is ReplicaState.READY and not r.asleep:
@@ -312,8 +341,13 @@ class AdapterManager:
             model.failed_at = now
             log.error("replica %s refused adapter %s: %s", rid, alias, reason)
 
-    def loaded(self, replica_id: str) -> list[str]:
-        return sorted(self._loaded.get(replica_id, ()))
+    def loaded(self, replica_id: str) -> frozenset[str]:
+        """The adapters the replica's engine reports loaded."""
+        return self._loaded.get(replica_id, frozenset())
+
+    def wants(self, replica_id: str, alias: str) -> bool:
+        """Whether the replica is asked to hold the adapter (loaded, or its load asked for)."""
+        return alias in self._wanted.get(replica_id, {})
 
     def metrics_text(self) -> str:
         rows = []
@@ -323,63 +357,10 @@ class AdapterManager:
                 rows.append((replica.alias, rid, len(loaded)))
         return adapter_text(self.stats, rows, (a for adapters in self._by_base.values() for a in adapters))
 
-    # ------------------------------------------------------------------ routes and infos
 
-    def route_key(self, alias: str, model: ModelRecord, now: float) -> RouteKey:
-        """An adapter's route: its base's ready replicas that hold it; loading while one is asked to or the base
-        starts; failed with the engine's reason (or the base's)."""
-        base = model.spec.base
-        assert base is not None
-        created, routing = int(model.created_at), model.policy().routing
-        error: str | None = None
-        endpoints: list[tuple[str, str, str]] = []
-        base_model = self._models.get(base)
-        if self._failed_recently(model, now):
-            state, error = ModelState.FAILED, model.last_error
-        elif base_model is None:
-            state, error = ModelState.FAILED, f"its base '{base}' is not registered"
-        else:
-            mine = serving(self._replicas.of_alias(base))
-            for r in self._ready(base):
-                if alias in self._loaded.get(r.replica_id, ()):
-                    worker = self._workers.get(r.worker_id)
-                    assert worker is not None  # _ready: a healthy worker
-                    endpoints.append((r.replica_id, r.worker_id, worker.url))
-            if endpoints:
-                state = ModelState.READY
-            elif any(alias in self._wanted.get(r.replica_id, {}) for r in mine) or any(
-                r.state in ACTIVE and r.state is not ReplicaState.READY and not r.asleep for r in mine
-            ):  # asked to load it, or the base is starting (a ready base not asked: cold, a request asks)
-                state = ModelState.LOADING
-            elif self._failed_recently(base_model, now):
-                state, error = ModelState.FAILED, f"its base '{base}' failed: {base_model.last_error}"
-            else:
-                state = ModelState.COLD
-        priority = base_model is not None and by_priority(base_model)
-        return state, tuple(endpoints), error, created, ModelTask.GENERATE, None, routing, base, priority
-
-    def annotate(self, info: ModelInfo, record: ModelRecord) -> None:
-        """GET /v1/models/{alias}: a base's replicas list their adapters; an adapter's replicas are the base's
-        replicas that hold it or are asked to load it. `engine`: the arguments its engines are started with (a
-        base's with LoRA on once adapters are registered for it; an adapter's are its base's: it sets none)."""
-        for r in info.replicas:
-            r.adapters = self.loaded(r.replica_id)
-        base = record.spec.base
-        if base is None:
-            info.engine = self.engine(info.alias, record)
-            return
-        info.base = base
-        base_record = self._models.get(base)
-        if base_record is not None:
-            info.engine = self.engine(base, base_record)
-        holders = [
-            r
-            for r in self._replicas.of_alias(base)
-            if info.alias in self._loaded.get(r.replica_id, ()) or info.alias in self._wanted.get(r.replica_id, {})
-        ]
-        info.replicas = replica_infos(holders)
-        for r in info.replicas:
-            r.adapters = self.loaded(r.replica_id)
+def _held(wanted: dict[str, dict[str, float]], alias: str) -> bool:
+    """Whether any replica is asked to hold the adapter (`wanted`: replica id -> its adapters)."""
+    return any(alias in adapters for adapters in wanted.values())
 
 
 def _count(counter: dict[str, int], alias: str) -> None:

@@ -46,6 +46,7 @@ from ..schemas import (
     WorkerState,
 )
 from . import gpu_memory
+from .adapter_views import AdapterViews
 from .adapters import AdapterManager
 from .autoscale import Demand
 from .draining import retire
@@ -91,7 +92,8 @@ class ManagerCore:
         self.adapters = AdapterManager(
             settings, clock, self.registry, self.replicas, self.workers, self.demand, self.routing
         )
-        self.routing.adapters = self.adapters  # adapters' routes follow their bases' replicas
+        self.adapter_views = AdapterViews(self.adapters, self.registry, self.replicas, self.workers)
+        self.routing.adapters = self.adapter_views  # adapters' routes follow their bases' replicas
         self.keys = KeyRegistry(settings.db_path, self.epoch, lambda: self.registry.models)  # API keys as data
         self.usage = UsageLedger(settings.db_path)  # the keys' usage, as the routers report it
         self.worker_link = WorkerLink(
@@ -186,10 +188,11 @@ class ManagerCore:
     async def register_model(self, spec: ModelSpec) -> ModelInfo:
         if self.registry.register(spec):
             self.adapters.registered(spec.alias, spec)
+            self.adapters.preload(spec.alias)
             self.model_cache.model_registered(spec.alias)
             self.routing.rebuild([spec.alias])
             self._poke()
-        elif self.registry.preload(spec.alias):
+        elif self.registry.preload(spec.alias) or self.adapters.preload(spec.alias):
             self._poke()
         return self.model_info(spec.alias)
 
@@ -220,7 +223,7 @@ class ManagerCore:
         mine = self.replicas.of_alias(alias)
         info = model_info(alias, record, mine, self.routing.model_state(alias))
         info.cache = self.model_cache.info(alias)
-        self.adapters.annotate(info, record)
+        self.adapter_views.annotate(info, record)
         starting = (ReplicaState.PENDING, ReplicaState.STARTING)
         if info.phase is ModelPhase.STARTING and any(
             r.state in starting and self.model_cache.fetching(alias, r.worker_id) for r in mine

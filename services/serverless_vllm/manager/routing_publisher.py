@@ -37,7 +37,7 @@ RouteKey = tuple[
 
 
 class AdapterRoutes(Protocol):
-    """The routes of LoRA adapters (manager/adapters.py): they follow their base's replicas."""
+    """The routes of LoRA adapters (manager/adapter_views.py): they follow their base's replicas."""
 
     def dependents(self, aliases: Iterable[str]) -> set[str]: ...
 
