@@ -222,6 +222,22 @@ async def test_a_preloaded_adapter_goes_to_the_emptiest_ready_replica_at_registr
     assert core.adapters.preload("a3") is False
 
 
+async def test_an_adapter_registered_again_once_unloaded_is_preloaded_again(core: ManagerCore, clock: Clock) -> None:
+    """As a model registered again with `preload` starts again (`svllm up` run again finds it cold)."""
+    await ready_base(core)
+    spec = ModelSpec.model_validate({"alias": "a3", "base": "base", "adapter": "org/a3"})
+    await core.register_model(spec)
+    await core.reconcile()
+    holder = next(a.replica_id for a in await beat(core, {}) if a.adapters)
+    await beat(core, {holder: ["a3"]})
+    clock.now += 400  # past its idle_timeout_s (300): unloaded
+    await core.reconcile()
+    assert [a.adapters for a in await beat(core, {})] == [{}, {}]
+    await core.register_model(spec)  # the same registration: nothing new is stored, the adapter is loaded again
+    await core.reconcile()
+    assert [a.adapters for a in await beat(core, {}) if a.adapters] == [{"a3": "org/a3"}]
+
+
 async def test_after_a_manager_restart_the_adapters_engines_hold_are_kept(tmp_path: Path) -> None:
     settings = core_settings(tmp_path)
     async with running_core(settings, Clock()) as core:
