@@ -287,6 +287,7 @@ class AdapterManager:
         return base.engine().max_loras if base is not None else 1
 
     def ready(self, base: str) -> list[Replica]:
+        """The base's replicas that can serve an adapter now: ready, awake, not draining, on a healthy worker."""
         out = []
         for r in serving(self._replicas.of_alias(base)):
             if r.state is ReplicaState.READY and not r.asleep:
