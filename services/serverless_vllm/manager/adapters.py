@@ -217,9 +217,9 @@ class AdapterManager:
             self._preloads.discard(alias)
             if _held(self._wanted, alias) or self._failed_recently(self._models[alias], now):
                 continue
-            free = [r for r in ready if len(self._wanted.get(r.replica_id, {})) < self._max_loras(r)]
-            if free:
-                changed |= self._give(min(free, key=lambda r: len(self._wanted.get(r.replica_id, {}))), alias, now)
+            chosen = self._choose(ready, {}, now, evict=False)  # no load counted: the emptiest with room
+            if chosen is not None:
+                changed |= self._give(chosen, alias, now)
             else:
                 log.info(
                     "adapter %s not preloaded: every adapter slot of its base is taken (its first request loads it)",
@@ -227,9 +227,11 @@ class AdapterManager:
                 )
         return changed
 
-    def _choose(self, candidates: list[Replica], busy: dict[str, int], now: float) -> Replica | None:
-        """The least busy replica with room; with none, the least busy one with an adapter to unload (None: the
-        adapter waits, for a replica to free up or the base to scale up with its demand)."""
+    def _choose(
+        self, candidates: list[Replica], busy: dict[str, int], now: float, evict: bool = True
+    ) -> Replica | None:
+        """The least busy replica with room; with none and `evict`, the least busy one with an adapter to unload (None:
+        the adapter waits, for a replica to free up or the base to scale up with its demand)."""
 
         def order(r: Replica) -> tuple[int, int]:
             return busy.get(r.replica_id, 0), len(self._wanted.get(r.replica_id, {}))
@@ -238,6 +240,8 @@ class AdapterManager:
         for r in candidates:
             if len(self._wanted.get(r.replica_id, {})) < self._max_loras(r):
                 return r
+        if not evict:
+            return None
         return next((r for r in candidates if self._victim(r.replica_id, now) is not None), None)
 
     def _victim(self, rid: str, now: float) -> str | None:
